@@ -1,0 +1,33 @@
+"""The core is its own first plugin: generic components enough for recipes/minimal.toml."""
+
+from ..hookspecs import hookimpl
+from .dynamics import (
+    GaussianNLLObjective,
+    GaussianNLLConfig,
+    LossMetric,
+    LossMetricConfig,
+    MLPGaussianConfig,
+    MLPGaussianHead,
+    SyntheticDynamics,
+    SyntheticDynamicsConfig,
+)
+
+
+@hookimpl
+def engram_datasets(register):
+    register("synthetic_dynamics", SyntheticDynamics, SyntheticDynamicsConfig)
+
+
+@hookimpl
+def engram_heads(register):
+    register("mlp_gaussian", MLPGaussianHead, MLPGaussianConfig, provides=("dynamics",), offers=("residual",))
+
+
+@hookimpl
+def engram_objectives(register):
+    register("gaussian_nll", GaussianNLLObjective, GaussianNLLConfig, requires=("dynamics",))
+
+
+@hookimpl
+def engram_metrics(register):
+    register("loss", LossMetric, LossMetricConfig)

@@ -1,0 +1,211 @@
+"""Command line: ``engram-run`` and ``engram plugins | describe | validate``.
+
+Every user error is one line per problem on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EngramError, RecipeError
+from .registry import KIND_SINGULAR, load_registry
+
+KIND_ALIASES = {
+    "dataset": "datasets", "datasets": "datasets", "data": "datasets",
+    "head": "heads", "heads": "heads",
+    "memory": "memories", "memories": "memories",
+    "objective": "objectives", "objectives": "objectives",
+    "metric": "metrics", "metrics": "metrics",
+}
+
+
+def _fail(exc: EngramError) -> int:
+    lines = exc.lines() if isinstance(exc, RecipeError) else [str(exc)]
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    return exc.exit_code
+
+
+# ---- engram-run ------------------------------------------------------------------------
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="engram-run", description="Run a recipe: train, evaluate, write a run directory.")
+    p.add_argument("recipe", nargs="?", help="recipe TOML file (omit with --resume)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: head.hidden=1024 stages.1.steps=500")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe; train nothing")
+    p.add_argument("--resume", metavar="RUN_DIR", help="resume a run (or sweep) directory from its last checkpoint")
+    p.add_argument("--device", help="override run.device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--out", metavar="DIR", help="override run.out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    args = p.parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        return _run(args, console)
+    except EngramError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args, console: Console) -> int:
+    from .recipe import load_recipe
+    from .sweep import resume_any, run_recipe
+
+    if args.resume:
+        if args.recipe or args.overrides:
+            raise RecipeError([("", "--resume takes only the run directory: its recipe.toml is what resumes")])
+        return resume_any(Path(args.resume), console, device=args.device, quiet=args.quiet)
+    if not args.recipe:
+        raise RecipeError([("", "give a recipe file (or --resume RUN_DIR)")])
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"run.device={json.dumps(args.device)}")
+    if args.out:
+        overrides.append(f"run.out_dir={json.dumps(args.out)}")
+    recipe = load_recipe(args.recipe, overrides)
+    if args.dry_run:
+        console.print(recipe.to_toml(), markup=False, end="")
+        if recipe.sweep:
+            from .recipe import point_recipe, sweep_points
+
+            pts = sweep_points(recipe)
+            for _, point in pts:
+                point_recipe(recipe, point)  # every point must validate
+            console.print(f"# sweep: {len(pts)} points, all valid", markup=False)
+        return 0
+    return run_recipe(recipe, console, quiet=args.quiet)
+
+
+# ---- engram -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="engram", description="Inspect plugins, components and recipes.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("plugins", help="installed plugins, their versions and components")
+    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp.add_argument("--verbose", action="store_true", help="tracebacks of broken plugins")
+    pd = sub.add_parser("describe", help="a component's documentation and config keys")
+    pd.add_argument("kind", help="dataset, head, memory, objective or metric")
+    pd.add_argument("name")
+    pv = sub.add_parser("validate", help="check a recipe without running it")
+    pv.add_argument("recipe")
+    pv.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        if args.cmd == "plugins":
+            return _plugins(console, args.json, args.verbose)
+        if args.cmd == "describe":
+            return _describe(console, args.kind, args.name)
+        return _validate(console, args.recipe, args.overrides)
+    except EngramError as exc:
+        return _fail(exc)
+
+
+def _plugins(console: Console, as_json: bool, verbose: bool) -> int:
+    reg = load_registry()
+    if as_json:
+        out = [
+            {"name": i.name, "module": i.module, "distribution": i.dist, "version": i.version, "broken": i.broken, "error": i.error, "components": i.components}
+            for i in reg.plugins.values()
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    table = Table(title="engram plugins")
+    for col in ("plugin", "version", "status", "components"):
+        table.add_column(col, overflow="fold")
+    for i in reg.plugins.values():
+        status = "[red]broken[/]: " + (i.error or "") if i.broken else "[green]ok[/]"
+        table.add_row(i.name, i.version or "-", status, ", ".join(i.components) or "-")
+    console.print(table)
+    if verbose:
+        for i in reg.plugins.values():
+            if i.detail:
+                console.print(f"[bold]{i.name}[/]\n{i.detail}", markup=True)
+    return 0
+
+
+def _describe(console: Console, kind: str, name: str) -> int:
+    from .config import config_fields
+
+    k = KIND_ALIASES.get(kind)
+    if k is None:
+        raise RecipeError([("", f"unknown kind {kind!r}; kinds: dataset, head, memory, objective, metric")])
+    reg = load_registry()
+    comp = reg.resolve(k, name, f"{KIND_SINGULAR[k]} name")
+    console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})")
+    if comp.doc:
+        console.print(comp.doc, markup=False)
+    caps = []
+    for label, vals in (("provides", comp.provides), ("requires", comp.requires), ("offers", comp.offers)):
+        if vals:
+            caps.append(f"{label}: {', '.join(vals)}")
+    if caps:
+        console.print("; ".join(caps))
+    table = Table(title=f"config keys ({comp.config_cls.__name__})")
+    for col in ("key", "type", "default", "help"):
+        table.add_column(col, overflow="fold")
+    for f in config_fields(comp.config_cls):
+        table.add_row(f["name"], f["type"], f["default"], f["help"])
+    console.print(table)
+    return 0
+
+
+def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
+    from .recipe import load_recipe, point_recipe, sweep_points
+
+    recipe = load_recipe(recipe_path, overrides)
+    n = 1
+    if recipe.sweep:
+        pts = sweep_points(recipe)
+        problems = []
+        for label, point in pts:
+            try:
+                point_recipe(recipe, point)
+            except RecipeError as exc:
+                problems += [(f"sweep point {label}: {p}" if p else f"sweep point {label}", m) for p, m in exc.problems]
+        if problems:
+            raise RecipeError(problems, recipe.file)
+        n = len(pts)
+    console.print(f"{recipe_path}: ok ({len(recipe.stages)} stages, {len(recipe.metrics)} metrics" + (f", sweep of {n} points)" if recipe.sweep else ")"))
+    return 0
+
+
+def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
+    stages = summary.get("stages") or {}
+    if stages:
+        tags: list[str] = []
+        for res in stages.values():
+            for t in res:
+                if t not in tags:
+                    tags.append(t)
+        table = Table(title=f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)")
+        table.add_column("metric")
+        for s in stages:
+            table.add_column(s, justify="right")
+        for t in tags:
+            table.add_row(t, *[_fmt(stages[s].get(t)) for s in stages])
+        console.print(table)
+    console.print(f"run directory: {run_dir}")
+    console.print(f"review it:     tensorboard --logdir {run_dir}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1e5 or (v != 0 and abs(v) < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4f}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

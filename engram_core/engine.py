@@ -1,0 +1,487 @@
+"""The engine: build a recipe's components, run its stages, evaluate, write the run directory.
+
+The only module that knows all five kinds of component. Read it top to bottom:
+`build` → `run` → per stage `_train` / `_fit` / `_eval_stage` → `evaluate` → `summary`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
+from .config import ConfigProblems
+from .errors import ConfigError, NonFiniteLossError, RecipeError
+from .progress import Progress
+from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage, check_fit_options
+from .registry import Registry, load_registry
+from .rundir import MetricsLog, atomic_write_json, atomic_write_text, environment, load_checkpoint, save_checkpoint
+from .tb import RunLogger
+
+EVENT_HOOKS = ("on_step_end", "on_eval_end", "on_stage_end")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError([("run.device", f"'{name}' asked for, but CUDA is not available on this machine (use 'auto' or 'cpu')")])
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Engine:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        registry: Registry | None = None,
+        device: str | None = None,
+        show_progress: bool = True,
+        console: Any = None,
+        hparams: dict | None = None,
+    ):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.registry = registry or load_registry()
+        self.device = pick_device(device or recipe.run.device)
+        self.progress = Progress(console=console, enabled=show_progress)
+        self.console = self.progress.console
+        self.hparams = hparams or {}
+        self.step = 0
+        self.stage_results: dict[str, dict[str, float]] = {}
+
+    # ---- build ------------------------------------------------------------------------
+
+    def _make(self, resolved: Resolved, build: BuildContext) -> Any:
+        try:
+            return resolved.component.factory(resolved.config, build)
+        except ConfigProblems as exc:
+            raise RecipeError([(f"{resolved.path}.{p}" if p else resolved.path, m) for p, m in exc.problems], self.recipe.file) from None
+        except ConfigError as exc:
+            path = f"{resolved.path}.{exc.key}" if exc.key else resolved.path
+            raise RecipeError([(path, exc.message)], self.recipe.file) from None
+
+    def build(self) -> None:
+        r = self.recipe
+        seed_everything(r.run.seed)
+        base = dict(seed=r.run.seed, device=self.device, run_dir=self.run_dir)
+        self.dataset = self._make(r.data, BuildContext(**base))
+        spec = self.dataset.spec
+        bc = BuildContext(spec=spec, dataset=self.dataset, **base)
+        self.head = self._make(r.head, bc)
+        self.memory = None
+        point = None
+        if r.memory is not None:
+            self.memory = self._make(r.memory, BuildContext(spec=spec, dataset=self.dataset, head=self.head, **base))
+            points = [p for p in r.memory.component.provides if p in r.head.component.offers]
+            point = points[0] if points else None
+        self.model = Model(self.head, self.memory, point).to(self.device)
+        ob = BuildContext(spec=spec, dataset=self.dataset, head=self.head, **base)
+        self.objectives = {i: self._make(o, ob).to(self.device) for i, o in r.objectives.items()}
+        self.metrics = [self._make(m, ob) for m in r.metrics]
+        self.metric_types = [(m.component.name, m.type_as_written) for m in r.metrics]
+        for i, st in enumerate(r.stages):
+            if isinstance(st, FitStage):
+                check_fit_options(self._fit_target(st), st, i)
+            if hasattr(st, "split") and st.split not in self.dataset.splits:
+                raise RecipeError([(f"stages.{i}.split", f"data set has no split {st.split!r}; splits: {', '.join(self.dataset.splits)}")], r.file)
+            if isinstance(st, TrainStage) and st.eval_split not in self.dataset.splits:
+                raise RecipeError([(f"stages.{i}.eval_split", f"data set has no split {st.eval_split!r}; splits: {', '.join(self.dataset.splits)}")], r.file)
+        for i, st in enumerate(r.stages):
+            if isinstance(st, TrainStage):
+                self._select_params(st, i)  # unmatched patterns fail now, not mid-run
+
+    def _fit_target(self, st: FitStage) -> Any:
+        return {"head": self.head, "memory": self.memory, "data": self.dataset}[st.target]
+
+    def _components(self, objective=None) -> list[Any]:
+        items = [self.dataset, self.head, self.memory, objective, *self.metrics]
+        return [c for c in items if c is not None]
+
+    def _emit(self, hook: str, event: Event, objective=None) -> None:
+        for comp in self._components(objective):
+            fn = getattr(comp, hook, None)
+            if fn is not None:
+                fn(event)
+
+    # ---- run --------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> dict:
+        r = self.recipe
+        self.t0 = time.time()
+        state = load_checkpoint(self.run_dir) if resume else None
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        if state is None:
+            self.metrics_log.truncate(0)
+        else:
+            self.metrics_log.truncate(state["n_records"])
+            self._restore_common(state)
+            for rec in self.metrics_log.records:
+                if rec.get("stage_end"):
+                    self.stage_results[rec["stage"]] = rec["metrics"]
+        if not resume:
+            atomic_write_text(self.run_dir / "recipe.toml", r.to_toml(include_sweep=False))
+        atomic_write_json(self.run_dir / "env.json", environment(self.registry, self.device))
+        self.logger = RunLogger(self.run_dir, purge_step=(self.step + 1) if state is not None else None)
+        start_stage = 0
+        if state is not None:
+            start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
+        self.status = "running"
+        try:
+            for i in range(start_stage, len(r.stages)):
+                st = r.stages[i]
+                mid = state if (state is not None and state["stage_index"] == i and not state["stage_done"]) else None
+                if isinstance(st, TrainStage):
+                    self._train(i, st, mid)
+                elif isinstance(st, FitStage):
+                    self._fit(i, st)
+                else:
+                    self._eval_stage(i, st)
+            self.status = "completed"
+        except NonFiniteLossError:
+            self.status = "nonfinite"
+            raise
+        except KeyboardInterrupt:
+            self.status = "interrupted"
+            raise
+        finally:
+            self.progress.stop()
+            summary = self.summary()
+            atomic_write_json(self.run_dir / "summary.json", summary)
+            if self.status == "completed":
+                self.logger.layout(self.logger.tags | {k for rec in self.metrics_log.records for k in rec["metrics"]})
+                self.logger.hparams(self.hparams or self._default_hparams(), summary["final"])
+            self.logger.close()
+        return summary
+
+    def _default_hparams(self) -> dict:
+        r = self.recipe
+        hp = {"data.type": r.data.type_as_written, "head.type": r.head.type_as_written, "run.seed": r.run.seed}
+        hp["memory.type"] = r.memory.type_as_written if r.memory else "none"
+        return hp
+
+    # ---- train ------------------------------------------------------------------------
+
+    def _select_params(self, st: TrainStage, index: int) -> list[tuple[str, torch.nn.Parameter]]:
+        named = [(n, p) for n, p in self.model.named_parameters()]
+        if index in self.objectives:
+            named += [(f"objective.{n}", p) for n, p in self.objectives[index].named_parameters()]
+        names = [n for n, _ in named]
+        for j, pat in enumerate(st.train):
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise RecipeError([(f"stages.{index}.train.{j}", f"pattern {pat!r} matches no parameter; names look like: {', '.join(names[:4])}...")], self.recipe.file)
+        for g, grp in enumerate(st.param_groups):
+            for j, pat in enumerate(grp.params):
+                if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                    raise RecipeError([(f"stages.{index}.param_groups.{g}.params.{j}", f"pattern {pat!r} matches no parameter")], self.recipe.file)
+        chosen = []
+        for n, p in named:
+            on = any(fnmatch.fnmatchcase(n, pat) for pat in st.train) and not any(fnmatch.fnmatchcase(n, pat) for pat in st.freeze)
+            p.requires_grad_(on)
+            if on:
+                chosen.append((n, p))
+        if not chosen:
+            raise RecipeError([(f"stages.{index}.train", "no parameter trains in this stage (check train/freeze patterns)")], self.recipe.file)
+        return chosen
+
+    def _optimizers(self, st: TrainStage, chosen) -> list[torch.optim.Optimizer]:
+        groups: dict[str, list[dict]] = {}
+        default = {"params": [], "lr": st.lr, "weight_decay": st.weight_decay}
+        custom = [
+            {"params": [], "lr": g.lr or st.lr, "weight_decay": st.weight_decay if g.weight_decay is None else g.weight_decay, "_opt": g.optimizer or st.optimizer, "_pats": g.params}
+            for g in st.param_groups
+        ]
+        for n, p in chosen:
+            for g in custom:
+                if any(fnmatch.fnmatchcase(n, pat) for pat in g["_pats"]):
+                    g["params"].append(p)
+                    break
+            else:
+                default["params"].append(p)
+        default["_opt"] = st.optimizer
+        for g in [default, *custom]:
+            if g["params"]:
+                groups.setdefault(g.pop("_opt"), []).append({k: v for k, v in g.items() if k != "_pats"})
+        opts = []
+        for kind, pgs in groups.items():
+            if kind == "adamw":
+                opts.append(torch.optim.AdamW(pgs, lr=st.lr, betas=st.betas))
+            elif kind == "adam":
+                opts.append(torch.optim.Adam(pgs, lr=st.lr, betas=st.betas))
+            elif kind == "sgd":
+                opts.append(torch.optim.SGD(pgs, lr=st.lr, momentum=st.momentum))
+            elif kind == "sparse_adam":
+                for pg in pgs:
+                    pg.pop("weight_decay", None)
+                opts.append(torch.optim.SparseAdam(pgs, lr=st.lr, betas=st.betas))
+        return opts
+
+    @staticmethod
+    def _lr_factor(st: TrainStage):
+        def factor(step: int) -> float:
+            if st.warmup_steps and step < st.warmup_steps:
+                return (step + 1) / st.warmup_steps
+            if st.schedule == "constant":
+                return 1.0
+            span = max(1, st.steps - st.warmup_steps)
+            t = min(1.0, (step - st.warmup_steps) / span)
+            if st.schedule == "cosine":
+                return st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+            return st.min_lr_ratio + (1 - st.min_lr_ratio) * (1 - t)
+
+        return factor
+
+    def _train(self, index: int, st: TrainStage, state: dict | None) -> None:
+        objective = self.objectives[index]
+        chosen = self._select_params(st, index)
+        opts = self._optimizers(st, chosen)
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor(st)) for o in opts]
+        params = [p for _, p in chosen]
+        start = 0
+        if state is not None:
+            for o, s in zip(opts, state["optimizers"]):
+                o.load_state_dict(s)
+            for sc, s in zip(scheds, state["schedulers"]):
+                sc.load_state_dict(s)
+            start = state["stage_step"]
+            self._restore_rng(state)
+        self._set_memory(st.memory)
+        self.model.train()
+        objective.train()
+        autocast = self._autocast()
+        step_hooks = [getattr(c, "on_step_end") for c in self._components(objective) if hasattr(c, "on_step_end")]
+        sums: dict[str, float] = {}
+        n_sum = 0
+        t_log = time.perf_counter()
+        steps_since = 0
+        opt_ref = opts[0] if len(opts) == 1 else opts
+        self.progress.start(st.name, st.steps, start)
+        for s in range(start, st.steps):
+            batch = to_device(objective.sample(self.dataset, st.split, st.batch_size, self.sampler), self.device)
+            with autocast:
+                loss, terms = objective(self.model, batch)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                ck = self.run_dir / "checkpoints" / "last.pt"
+                where = f"last good checkpoint: {ck}" if ck.exists() else "no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"stage '{st.name}' step {s + 1}: loss is {loss_value} ({shown}); the run stopped, {where}"
+                )
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            if st.grad_clip > 0:
+                dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+                torch.nn.utils.clip_grad_norm_(dense, st.grad_clip)
+            for o in opts:
+                o.step()
+            for sc in scheds:
+                sc.step()
+            self.step += 1
+            done = s + 1
+            n_sum += 1
+            steps_since += 1
+            sums["loss"] = sums.get("loss", 0.0) + loss_value
+            for k, v in terms.items():
+                if k != "loss":
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            if done % st.log_every == 0 or done == st.steps:
+                now = time.perf_counter()
+                rate = steps_since / max(now - t_log, 1e-9)
+                for k, v in sums.items():
+                    self.logger.scalar(f"train/{k}", v / n_sum, self.step)
+                self.logger.scalar("lr", opts[0].param_groups[0]["lr"], self.step)
+                self.logger.scalar("throughput/steps_per_s", rate, self.step)
+                self.logger.scalar("throughput/samples_per_s", rate * st.batch_size, self.step)
+                self.progress.update(done, sums["loss"] / n_sum)
+                sums, n_sum, steps_since, t_log = {}, 0, 0, now
+            if step_hooks:
+                ev = Event(self.step, st.name, self.model, {"loss": loss_value}, self.logger, opt_ref, self.run_dir, done, st.steps)
+                for fn in step_hooks:
+                    fn(ev)
+            last = done == st.steps
+            if st.eval_every and done % st.eval_every == 0 and not last:
+                self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=False)
+            if st.checkpoint_every and done % st.checkpoint_every == 0 and not last:
+                self._checkpoint(index, done, False, opts, scheds)
+        self.progress.finish()
+        if self.metrics:
+            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=True)
+        self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, opt_ref, self.run_dir, st.steps, st.steps), objective)
+        self._set_memory(True)
+        self._checkpoint(index, st.steps, True, [], [])
+
+    def _autocast(self):
+        if self.recipe.run.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_memory(self, on: bool) -> None:
+        if self.memory is not None:
+            self.memory.enabled = on
+
+    # ---- fit and eval stages ----------------------------------------------------------
+
+    def _fit(self, index: int, st: FitStage) -> None:
+        target = self._fit_target(st)
+        self._set_memory(st.memory)
+        gen = torch.Generator().manual_seed(self.recipe.run.seed * 1000 + index)
+        ctx = FitContext(self.model, self.dataset, self.device, gen, st.batch_size, st.split, self.logger, self.step)
+        self.console.print(f"[bold]stage {st.name}[/]: {st.target}.{st.action}({', '.join(f'{k}={v!r}' for k, v in st.options.items())})")
+        t = time.perf_counter()
+        self.model.eval()
+        try:
+            getattr(target, st.action)(ctx, **st.options)
+        except ConfigError as exc:
+            raise RecipeError([(f"stages.{index}.options" + (f".{exc.key}" if exc.key else ""), exc.message)], self.recipe.file) from None
+        self.model.train()
+        self._set_memory(True)
+        self.console.print(f"  done in {time.perf_counter() - t:.1f}s")
+        self._emit("on_stage_end", Event(self.step, st.name, self.model, {}, self.logger, None, self.run_dir))
+        self._checkpoint(index, 0, True, [], [])
+
+    def _eval_stage(self, index: int, st: EvalStage) -> None:
+        self._set_memory(st.memory)
+        obj = self._last_objective(index)
+        self.evaluate(st.name, st.split, st.batch_size, st.metrics, obj, None, stage_end=True)
+        self._set_memory(True)
+        self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, None, self.run_dir))
+        self._checkpoint(index, 0, True, [], [])
+
+    def _last_objective(self, index: int):
+        for j in range(index, -1, -1):
+            if j in self.objectives:
+                return self.objectives[j]
+        return None
+
+    def evaluate(self, stage: str, split: str, batch_size: int, subset, objective, optimizer, stage_end: bool) -> dict[str, float]:
+        """Run the metrics on `split`; log, record and tell components. Returns {tag: value}."""
+        was_training = self.model.training
+        self.model.eval()
+        if objective is not None:
+            objective.eval()
+        t = time.perf_counter()
+        results: dict[str, float] = {}
+        for metric, (name, written) in zip(self.metrics, self.metric_types):
+            if subset is not None and name not in subset and written not in subset:
+                continue
+            metric.bind(EvalContext(self.model, self.dataset, split, self.step, stage, objective, batch_size, self.device))
+            metric.reset()
+            grad = torch.enable_grad() if getattr(metric, "needs_grad", False) else torch.no_grad()
+            with grad, self._autocast():
+                for batch in metric.batches(self.dataset, split, batch_size):
+                    metric.update(self.model, to_device(batch, self.device))
+            for k, v in metric.compute().items():
+                results[k if "/" in k else f"eval/{k}"] = float(v)
+        if self.memory is not None:
+            for k, v in self.memory.stats().items():
+                results[f"memory/{k}"] = float(v)
+            for k, v in self.memory.histograms().items():
+                self.logger.histogram(f"memory/{k}", v, self.step)
+        for k, v in results.items():
+            self.logger.scalar(k, v, self.step)
+        self.logger.flush()
+        record = {"stage": stage, "step": self.step, "split": split, "stage_end": stage_end, "time_s": round(time.time() - self.t0, 3), "metrics": results}
+        self.metrics_log.append(record)
+        if stage_end:
+            self.stage_results[stage] = results
+        self.latest = results
+        self._emit("on_eval_end", Event(self.step, stage, self.model, results, self.logger, optimizer, self.run_dir), objective)
+        if was_training:
+            self.model.train()
+            if objective is not None:
+                objective.train()
+        self.progress.note(f"eval @ {self.step} ({time.perf_counter() - t:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in list(results.items())[:6]))
+        return results
+
+    # ---- checkpoints ------------------------------------------------------------------
+
+    def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds) -> None:
+        state = {
+            "format": 1,
+            "stage_index": index,
+            "stage_step": stage_step,
+            "stage_done": done,
+            "global_step": self.step,
+            "model": self.model.state_dict(),
+            "objectives": {str(i): o.state_dict() for i, o in self.objectives.items()},
+            "metrics": {str(i): m.state_dict() for i, m in enumerate(self.metrics) if hasattr(m, "state_dict")},
+            "optimizers": [o.state_dict() for o in opts],
+            "schedulers": [s.state_dict() for s in scheds],
+            "n_records": len(self.metrics_log.records),
+            "wall_time_s": time.time() - self.t0 + getattr(self, "prior_wall", 0.0),
+        }
+        state.update(self._rng_state())
+        save_checkpoint(self.run_dir, state)
+
+    def _rng_state(self) -> dict:
+        py = random.getstate()
+        npst = np.random.get_state()
+        out = {
+            "rng_sampler": self.sampler.get_state(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": [py[0], list(py[1]), py[2]],
+            "rng_numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
+        }
+        if self.device.type == "cuda":
+            out["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def _restore_rng(self, state: dict) -> None:
+        self.sampler.set_state(state["rng_sampler"])
+        torch.set_rng_state(state["rng_torch"])
+        py = state["rng_python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npst = state["rng_numpy"]
+        np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+
+    def _restore_common(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for i, o in self.objectives.items():
+            if str(i) in state["objectives"]:
+                o.load_state_dict(state["objectives"][str(i)])
+        for i, m in enumerate(self.metrics):
+            if str(i) in state.get("metrics", {}) and hasattr(m, "load_state_dict"):
+                m.load_state_dict(state["metrics"][str(i)])
+        self.step = state["global_step"]
+        self.prior_wall = state.get("wall_time_s", 0.0)
+        self._restore_rng(state)
+
+    @property
+    def sampler(self) -> torch.Generator:
+        if not hasattr(self, "_sampler"):
+            self._sampler = torch.Generator().manual_seed(self.recipe.run.seed)
+        return self._sampler
+
+    # ---- summary ----------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        recs = self.metrics_log.records if hasattr(self, "metrics_log") else []
+        final = recs[-1]["metrics"] if recs else {}
+        return {
+            "name": self.recipe.name,
+            "status": getattr(self, "status", "failed"),
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "wall_time_s": round(time.time() - self.t0 + getattr(self, "prior_wall", 0.0), 3),
+            "device": str(self.device),
+            "final": final,
+            "stages": dict(self.stage_results),
+        }

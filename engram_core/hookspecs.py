@@ -1,0 +1,42 @@
+"""Hook specifications of the pluggy project ``engram``: one hook per kind of component.
+
+A plugin is a module with functions marked ``@hookimpl``; each receives a
+``register(name, factory, config_cls, *, provides=(), requires=(), offers=())``
+callback. Plugins are found through the entry-point group ``engram``::
+
+    [project.entry-points.engram]
+    my-plugin = "my_package.plugin"
+"""
+
+import pluggy
+
+PROJECT = "engram"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+KINDS = ("datasets", "heads", "memories", "objectives", "metrics")
+
+
+@hookspec
+def engram_datasets(register):
+    """Register data sets: ``register("zdyn", ZdynDataset, ZdynConfig)``."""
+
+
+@hookspec
+def engram_heads(register):
+    """Register heads; pass ``provides=("dynamics",)`` and ``offers=("residual",)``."""
+
+
+@hookspec
+def engram_memories(register):
+    """Register memory types; ``provides`` names the attachment points they fit."""
+
+
+@hookspec
+def engram_objectives(register):
+    """Register objectives; ``requires`` names capabilities the head/memory must provide."""
+
+
+@hookspec
+def engram_metrics(register):
+    """Register metrics; ``requires`` as for objectives."""

@@ -1,0 +1,225 @@
+"""Registries of components, filled by plugins through the pluggy hooks.
+
+Loading is per entry point, so one broken plugin is reported (with its error) and
+every other plugin still works. ``ENGRAM_PLUGINS`` (comma-separated entry-point
+names; empty means none) limits which third-party plugins load, so tests can run
+hermetically; the core's own components always load.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, RecipeError, did_you_mean
+
+ENTRY_POINT_GROUP = "engram"
+CORE = "core"
+
+KIND_SINGULAR = {
+    "datasets": "data set",
+    "heads": "head",
+    "memories": "memory",
+    "objectives": "objective",
+    "metrics": "metric",
+}
+
+
+@attrs.frozen
+class Component:
+    kind: str
+    name: str
+    plugin: str
+    factory: Callable[..., Any]
+    config_cls: type
+    provides: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    offers: tuple[str, ...] = ()
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.plugin}:{self.name}"
+
+    @property
+    def doc(self) -> str:
+        import inspect
+
+        return inspect.getdoc(self.factory) or ""
+
+
+@attrs.define
+class PluginInfo:
+    name: str
+    module: str
+    dist: str | None = None
+    version: str | None = None
+    error: str | None = None  # one line; the plugin is broken when set
+    detail: str | None = None  # the traceback, for --verbose
+    components: list[str] = attrs.field(factory=list)
+
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
+
+
+class Registry:
+    """All registered components, by kind, plus what happened to each plugin."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, dict[str, Component]] = {k: {} for k in hookspecs.KINDS}
+        self.plugins: dict[str, PluginInfo] = {}
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+
+    # -- loading ------------------------------------------------------------------
+
+    def add_plugin(self, name: str, module: Any, info: PluginInfo) -> None:
+        """Register one plugin module and call its hooks; failures mark it broken."""
+        self.plugins[name] = info
+        try:
+            self.pm.register(module, name=name)
+        except Exception as exc:  # pluggy raises on bad hookimpl signatures
+            info.error = f"cannot register: {exc}"
+            return
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in hookspecs.KINDS)})"
+            return
+        staged: list[Component] = []
+        try:
+            for kind in hookspecs.KINDS:
+                caller = getattr(self.pm.hook, f"engram_{kind}")
+                for impl in caller.get_hookimpls():
+                    if impl.plugin_name != name:
+                        continue
+                    impl.function(register=self._registrar(kind, name, staged))
+        except PluginError as exc:
+            self.pm.unregister(name=name)
+            raise exc
+        except Exception as exc:
+            self.pm.unregister(name=name)
+            info.error = f"{type(exc).__name__}: {exc}"
+            info.detail = traceback.format_exc()
+            return
+        for comp in staged:
+            self.components[comp.kind][comp.qualified] = comp
+            info.components.append(f"{KIND_SINGULAR[comp.kind]} {comp.name}")
+
+    def _registrar(self, kind: str, plugin: str, staged: list[Component]):
+        def register(name, factory, config_cls, *, provides=(), requires=(), offers=()):
+            if not attrs.has(config_cls):
+                raise PluginError(f"plugin {plugin}: {KIND_SINGULAR[kind]} '{name}': config class must be an attrs class")
+            comp = Component(kind, name, plugin, factory, config_cls, tuple(provides), tuple(requires), tuple(offers))
+            clash = self.components[kind].get(comp.qualified) or next(
+                (c for c in staged if c.kind == kind and c.qualified == comp.qualified), None
+            )
+            if clash is not None:
+                a = _dist_of(clash.factory)
+                b = _dist_of(factory)
+                raise PluginError(
+                    f"{KIND_SINGULAR[kind]} '{comp.qualified}' is registered twice: by {a} and by {b}"
+                )
+            staged.append(comp)
+
+        return register
+
+    # -- lookup -------------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def resolve(self, kind: str, name: str, path: str) -> Component:
+        """Find a component by short or qualified name; errors carry the recipe path."""
+        table = self.components[kind]
+        what = KIND_SINGULAR[kind]
+        if ":" in name:
+            if name in table:
+                return table[name]
+            plugin = name.split(":", 1)[0]
+            info = self.plugins.get(plugin)
+            if info is not None and info.broken:
+                raise RecipeError([(path, f"{what} '{name}' comes from plugin '{plugin}', which is broken: {info.error}")])
+            raise RecipeError([(path, f"unknown {what} '{name}'{did_you_mean(name, table)}; known: {', '.join(sorted(table)) or 'none'}")])
+        matches = [c for c in table.values() if c.name == name]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            both = " or ".join(f"'{c.qualified}'" for c in sorted(matches, key=lambda c: c.qualified))
+            raise RecipeError([(path, f"{what} '{name}' is ambiguous: write {both}")])
+        broken = [p for p in self.plugins.values() if p.broken]
+        short = sorted({c.name for c in table.values()})
+        hint = did_you_mean(name, short)
+        msg = f"unknown {what} '{name}'{hint}; known: {', '.join(short) or 'none'}"
+        if broken:
+            msg += "; broken plugins that may provide it: " + ", ".join(f"{p.name} ({p.error})" for p in broken)
+        raise RecipeError([(path, msg)])
+
+
+def _dist_of(obj: Any) -> str:
+    mod = getattr(obj, "__module__", "?") or "?"
+    top = mod.split(".")[0]
+    try:
+        dists = metadata.packages_distributions().get(top)
+    except Exception:
+        dists = None
+    return f"{dists[0]} ({mod})" if dists else mod
+
+
+def _enabled_filter() -> set[str] | None:
+    raw = os.environ.get("ENGRAM_PLUGINS")
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+_cached: Registry | None = None
+
+
+def load_registry(refresh: bool = False, extra: dict[str, Any] | None = None) -> Registry:
+    """The registry with the core and every installed plugin (cached per process).
+
+    `extra` maps names to plugin modules registered in addition (tests use it).
+    """
+    global _cached
+    if _cached is not None and not refresh and extra is None:
+        return _cached
+    reg = Registry()
+    from .builtin import plugin as core_plugin
+    from . import __version__
+
+    reg.add_plugin(CORE, core_plugin, PluginInfo(CORE, core_plugin.__name__, "engram-core", __version__))
+    wanted = _enabled_filter()
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name == CORE or (wanted is not None and ep.name not in wanted):
+            continue
+        dist = ep.dist.name if ep.dist else None
+        version = ep.dist.version if ep.dist else None
+        if ep.name in reg.plugins:
+            if reg.plugins[ep.name].dist == dist:  # one distribution seen twice on sys.path
+                continue
+            raise PluginError(
+                f"plugin name '{ep.name}' is registered twice: by {reg.plugins[ep.name].dist} and by {dist}"
+            )
+        info = PluginInfo(ep.name, ep.value, dist, version)
+        try:
+            module = ep.load()
+        except Exception as exc:
+            info.error = f"import failed: {type(exc).__name__}: {exc}"
+            info.detail = traceback.format_exc()
+            reg.plugins[ep.name] = info
+            continue
+        reg.add_plugin(ep.name, module, info)
+    for name, module in (extra or {}).items():
+        reg.add_plugin(name, module, PluginInfo(name, getattr(module, "__name__", str(module))))
+    if extra is None:
+        _cached = reg
+    return reg
