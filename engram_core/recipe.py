@@ -145,6 +145,7 @@ class Recipe:
         stages = []
         for i, st in enumerate(self.stages):
             d = unstructure(st)
+            d = {"name": d.pop("name"), "kind": d.pop("kind"), **d}
             if isinstance(st, TrainStage):
                 d["objective"] = self.objectives[i].to_table()
             stages.append(d)
@@ -155,7 +156,37 @@ class Recipe:
         return out
 
     def to_toml(self, include_sweep: bool = True) -> str:
-        return tomli_w.dumps(self.to_dict(include_sweep))
+        return to_toml(self.to_dict(include_sweep))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }" if v else "{}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return tomli_w.dumps({"v": v})[4:].strip()
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else tomli_w.dumps({k: 0}).split(" = ")[0]
+
+
+def to_toml(data: dict) -> str:
+    """A recipe as a user would write it: [tables], [[stages]], [[metrics]], inline sub-tables."""
+    out: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, list) and all(isinstance(x, dict) for x in value):
+            for item in value:
+                out.append(f"[[{key}]]")
+                out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
+                out.append("")
+        elif isinstance(value, dict):
+            out.append(f"[{key}]")
+            out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+            out.append("")
+        else:
+            out.insert(0, f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(out)
 
 
 # ---- overrides ------------------------------------------------------------------------

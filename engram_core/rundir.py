@@ -22,10 +22,12 @@ import torch
 CHECKPOINT = "last.pt"
 
 
-def new_run_dir(out_dir: str | Path, name: str, suffix: str = "") -> Path:
+def new_run_dir(out_dir: str | Path, name: str, suffix: str = "", create: bool = True) -> Path:
+    """runs/<name>/<timestamp>-<short id><suffix>/ (created unless create=False)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(out_dir) / name / f"{stamp}-{secrets.token_hex(3)}{suffix}"
-    path.mkdir(parents=True, exist_ok=False)
+    if create:
+        path.mkdir(parents=True, exist_ok=False)
     return path
 
 

@@ -20,7 +20,7 @@ SWEEP_FILE = "sweep.json"
 def run_recipe(recipe: Recipe, console: Console, quiet: bool = False) -> int:
     if recipe.sweep:
         return run_sweep(recipe, console, quiet)
-    run_dir = new_run_dir(recipe.run.out_dir, recipe.name)
+    run_dir = new_run_dir(recipe.run.out_dir, recipe.name, create=False)  # made once the build succeeded
     return _run_one(recipe, run_dir, console, quiet, resume=False)
 
 
@@ -28,8 +28,9 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
     from .cli import print_summary
 
     engine = Engine(recipe, run_dir, console=console, show_progress=not quiet, hparams=hparams, device=device)
-    console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})")
     engine.build()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})")
     try:
         summary = engine.run(resume=resume)
     except NonFiniteLossError:

@@ -47,9 +47,7 @@ class RunLogger:
         fw = self.writer.file_writer
         fw.add_summary(exp)
         fw.add_summary(ssi)
-        fw.add_summary(sei)
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, float(v))
+        fw.add_summary(sei)  # the metric values themselves are the run's own eval/* scalars
 
     def layout(self, tags: set[str]) -> None:
         """Custom scalars: teacher-forced (eval/X) beside rollout (rollout/X), training curves."""

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..components import BuildContext, DataSpec, Dataset, EvalContext, Head, Metric, Objective
-from ..config import field, in_range, positive
+from ..config import existing_path, field, in_range, positive
+from ..errors import ConfigError
 from ..nn import gaussian_nll
 
 
@@ -22,6 +23,7 @@ class SyntheticDynamicsConfig:
     length: int = field(64, help="frames per sequence", validator=in_range(2, None))
     noise: float = field(0.02, help="std of the per-step process noise", validator=in_range(0.0, None))
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
+    path: str = field("", help="an .npy file of trajectories (N, T, D) to use instead of generating", validator=existing_path)
 
 
 class SyntheticDynamics(Dataset):
@@ -29,22 +31,9 @@ class SyntheticDynamics(Dataset):
 
     def __init__(self, cfg: SyntheticDynamicsConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
-        d = cfg.dim
-        omega = 0.1 + 0.3 * torch.rand(d // 2 or 1, generator=g)
-        z = torch.randn(cfg.n_sequences, d, generator=g)
-        seq = [z]
-        for _ in range(cfg.length - 1):
-            z = seq[-1]
-            nxt = z.clone()
-            for i in range(d // 2):
-                a, b = z[:, 2 * i], z[:, 2 * i + 1]
-                c, s = math.cos(omega[i]), math.sin(omega[i])
-                nxt[:, 2 * i], nxt[:, 2 * i + 1] = c * a - s * b, s * a + c * b
-            nxt = nxt - 0.05 * nxt.pow(3) + cfg.noise * torch.randn(z.shape, generator=g)
-            seq.append(nxt)
-        traj = torch.stack(seq, 1)  # (N, T, D)
-        n_eval = max(1, cfg.n_sequences // 4)
+        traj = _load_trajectories(cfg.path) if cfg.path else _generate(cfg)  # (N, T, D)
+        d = traj.shape[-1]
+        n_eval = max(1, traj.shape[0] // 4)
         self._split = {"train": traj[n_eval:], "eval": traj[:n_eval]}
         self.spec = DataSpec("synthetic_dynamics", dim=d)
 
@@ -61,6 +50,35 @@ class SyntheticDynamics(Dataset):
         z, dz = self._pairs(split)
         for i in range(0, z.shape[0], batch_size):
             yield {"z": z[i : i + batch_size], "dz": dz[i : i + batch_size]}
+
+
+def _generate(cfg: SyntheticDynamicsConfig) -> torch.Tensor:
+    """Rotations in 2-D planes at random frequencies, a cubic pull to the origin, noise."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    d = cfg.dim
+    omega = 0.1 + 0.3 * torch.rand(max(d // 2, 1), generator=g)
+    seq = [torch.randn(cfg.n_sequences, d, generator=g)]
+    for _ in range(cfg.length - 1):
+        z = seq[-1]
+        nxt = z.clone()
+        for i in range(d // 2):
+            a, b = z[:, 2 * i], z[:, 2 * i + 1]
+            c, s = math.cos(omega[i]), math.sin(omega[i])
+            nxt[:, 2 * i], nxt[:, 2 * i + 1] = c * a - s * b, s * a + c * b
+        seq.append(nxt - 0.05 * nxt.pow(3) + cfg.noise * torch.randn(z.shape, generator=g))
+    return torch.stack(seq, 1)
+
+
+def _load_trajectories(path: str) -> torch.Tensor:
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("path", f"cannot read {path} as an .npy array: {exc}") from None
+    if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise ConfigError("path", f"{path}: expected an array of shape (sequences, frames, dim), got {arr.shape}")
+    return torch.from_numpy(arr.astype("float32"))
 
 
 @attrs.frozen
