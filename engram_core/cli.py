@@ -44,6 +44,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="override run.device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--out", metavar="DIR", help="override run.out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
     args = p.parse_args(argv)
     console = Console(highlight=False)
     try:
@@ -80,8 +81,27 @@ def _run(args, console: Console) -> int:
             for _, point in pts:
                 point_recipe(recipe, point)  # every point must validate
             console.print(f"# sweep: {len(pts)} points, all valid", markup=False)
+        if args.params:
+            _print_params(console, recipe)
         return 0
     return run_recipe(recipe, console, quiet=args.quiet)
+
+
+def _print_params(console: Console, recipe) -> None:
+    """Parameter names (what `train`, `freeze` and `param_groups` globs match) and shapes."""
+    from .engine import Engine
+
+    eng = Engine(recipe, Path(recipe.run.out_dir) / "_params", show_progress=False)
+    eng.build()
+    table = Table(title="parameters")
+    for col in ("name", "shape", "count"):
+        table.add_column(col)
+    total = 0
+    for name, p in eng.model.named_parameters():
+        table.add_row(name, "×".join(map(str, p.shape)), f"{p.numel():,}")
+        total += p.numel()
+    console.print(table)
+    console.print(f"{total:,} parameters")
 
 
 # ---- engram -------------------------------------------------------------------------------

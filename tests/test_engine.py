@@ -198,3 +198,19 @@ def test_dry_run_prints_a_recipe_that_validates(tmp_path):
     assert "hidden = 32" in r.stdout
     v = engram("validate", p, tool="main")
     assert v.returncode == 0 and "ok" in v.stdout
+
+
+def test_weighted_sum_objective_composes_registered_objectives(small_recipe, tmp_path):
+    out = tmp_path / "runs"
+    obj = 'stages.0.objective={type="weighted_sum", terms=[{type="gaussian_nll", weight=1.0}, {type="gaussian_nll", weight=0.5, name="half"}]}'
+    r = engram(small_recipe, obj, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    acc = EventAccumulator(str(only_run(out)))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/gaussian_nll.loss", "train/half.loss", "train/half.nll"} <= tags
+    loss = acc.Scalars("train/loss")[-1].value
+    parts = acc.Scalars("train/gaussian_nll.loss")[-1].value + 0.5 * acc.Scalars("train/half.loss")[-1].value
+    assert loss == pytest.approx(parts, rel=1e-5)
+    bad = engram(small_recipe, 'stages.0.objective={type="weighted_sum", terms=[{type="gausian_nll"}]}', "--out", out)
+    assert bad.returncode == 2 and "stages.0.objective.terms.0.type" in bad.stderr and "gaussian_nll" in bad.stderr

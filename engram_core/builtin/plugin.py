@@ -1,6 +1,7 @@
 """The core is its own first plugin: generic components enough for recipes/minimal.toml."""
 
 from ..hookspecs import hookimpl
+from .composite import WeightedSumConfig, WeightedSumObjective
 from .dynamics import (
     GaussianNLLObjective,
     GaussianNLLConfig,
@@ -26,6 +27,7 @@ def engram_heads(register):
 @hookimpl
 def engram_objectives(register):
     register("gaussian_nll", GaussianNLLObjective, GaussianNLLConfig, requires=("dynamics",))
+    register("weighted_sum", WeightedSumObjective, WeightedSumConfig)
 
 
 @hookimpl
