@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 from .components import (  # noqa: E402
     Batch,
     BuildContext,
-    DataSpec,
     Dataset,
+    DataSpec,
     EvalContext,
     Event,
     FitContext,

@@ -263,7 +263,7 @@ class Engine:
         self.model.train()
         objective.train()
         autocast = self._autocast()
-        step_hooks = [getattr(c, "on_step_end") for c in self._components(objective) if hasattr(c, "on_step_end")]
+        step_hooks = [c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")]
         sums: dict[str, float] = {}
         n_sum = 0
         t_log = time.perf_counter()

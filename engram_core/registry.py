@@ -193,8 +193,8 @@ def load_registry(refresh: bool = False, extra: dict[str, Any] | None = None) ->
     if _cached is not None and not refresh and extra is None:
         return _cached
     reg = Registry()
-    from .builtin import plugin as core_plugin
     from . import __version__
+    from .builtin import plugin as core_plugin
 
     reg.add_plugin(CORE, core_plugin, PluginInfo(CORE, core_plugin.__name__, "engram-core", __version__))
     wanted = _enabled_filter()

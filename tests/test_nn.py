@@ -4,7 +4,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram_core.nn import ByteTokenizer, CausalTransformer, CausalTransformerConfig, gaussian_nll, soft_topk, soft_topk_weights
+from engram_core.nn import (
+    ByteTokenizer,
+    CausalTransformer,
+    CausalTransformerConfig,
+    gaussian_nll,
+    soft_topk,
+    soft_topk_weights,
+)
 from engram_core.testing import tensors
 
 

@@ -8,7 +8,7 @@ import attrs
 import torch
 from torch import nn
 
-from ..components import BuildContext, DataSpec, Dataset, EvalContext, Head, Metric, Objective
+from ..components import BuildContext, Dataset, DataSpec, EvalContext, Head, Metric, Objective
 from ..config import existing_path, field, in_range, positive
 from ..errors import ConfigError
 from ..nn import gaussian_nll

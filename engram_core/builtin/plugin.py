@@ -3,8 +3,8 @@
 from ..hookspecs import hookimpl
 from .composite import WeightedSumConfig, WeightedSumObjective
 from .dynamics import (
-    GaussianNLLObjective,
     GaussianNLLConfig,
+    GaussianNLLObjective,
     LossMetric,
     LossMetricConfig,
     MLPGaussianConfig,

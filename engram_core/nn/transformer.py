@@ -187,7 +187,7 @@ class CausalTransformer(nn.Module):
             return torch.cat([mask.new_ones(mask.shape[0], prefix_embeds.shape[1]), mask], dim=1)
 
         mask = attention_mask
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if use_cache:
                 if cache is None and prefix_embeds is None:
                     logits, cache = self(input_ids=ids, attention_mask=mask, use_cache=True)

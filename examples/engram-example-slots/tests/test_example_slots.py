@@ -1,12 +1,12 @@
 """The example memory passes engram's contract kit, plus invariants of its own."""
 
 import torch
+from engram_example_slots import KeyValueSlotsConfig, KeyValueSlotsMemory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram_core import BuildContext, DataSpec
 from engram_core.testing import MemoryContract, tensors
-from engram_example_slots import KeyValueSlotsConfig, KeyValueSlotsMemory
 
 DIM = 6
 
