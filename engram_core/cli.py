@@ -56,9 +56,18 @@ def run_main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _warn_broken() -> None:
+    """A broken plugin is never silent: say so at start-up (the recipe may not need it)."""
+    for info in load_registry().plugins.values():
+        if info.broken:
+            print(f"warning: plugin '{info.name}' is broken and its components are unavailable: {info.error}", file=sys.stderr)
+
+
 def _run(args, console: Console) -> int:
     from .recipe import load_recipe
     from .sweep import resume_any, run_recipe
+
+    _warn_broken()
 
     if args.resume:
         if args.recipe or args.overrides:

@@ -76,7 +76,9 @@ def test_recipe_needing_a_broken_plugin_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())", str(recipe), "--dry-run"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "plugin 'broken', which is broken" in r.stderr
+    warning, error = r.stderr.strip().splitlines()
+    assert warning.startswith("warning: plugin 'broken' is broken")
+    assert "plugin 'broken', which is broken" in error
 
 
 def test_misspelled_hook_is_a_start_up_error():
