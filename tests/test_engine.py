@@ -214,3 +214,21 @@ def test_weighted_sum_objective_composes_registered_objectives(small_recipe, tmp
     assert loss == pytest.approx(parts, rel=1e-5)
     bad = engram(small_recipe, 'stages.0.objective={type="weighted_sum", terms=[{type="gausian_nll"}]}', "--out", out)
     assert bad.returncode == 2 and "stages.0.objective.terms.0.type" in bad.stderr and "gaussian_nll" in bad.stderr
+
+
+def test_sweep_resume_runs_only_unfinished_points(small_recipe, tmp_path):
+    p = tmp_path / "sweep.toml"
+    p.write_text(small_recipe.read_text() + '\n[sweep]\n"memory" = ["none"]\n"run.seed" = [0, 1]\n')
+    out = tmp_path / "runs"
+    assert engram(p, "--out", out, "--quiet").returncode == 0
+    (sweep,) = (out / "minimal").iterdir()
+    done = json.loads((sweep / "000" / "summary.json").read_text())
+    (sweep / "001" / "summary.json").unlink()  # as if killed before the point finished
+    import shutil
+
+    shutil.rmtree(sweep / "001" / "checkpoints")
+    r = engram("--resume", sweep, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((sweep / "000" / "summary.json").read_text()) == done  # untouched
+    assert json.loads((sweep / "001" / "summary.json").read_text())["status"] == "completed"
+    assert (sweep / "sweep.csv").read_text().count(",completed,") == 2
