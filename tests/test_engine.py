@@ -13,7 +13,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import MINIMAL, engram
+from engram_core.testing.cli import run_cli
+
+MINIMAL = Path(__file__).resolve().parents[1] / "recipes" / "minimal.toml"
 
 
 def only_run(out: Path, name="minimal") -> Path:
@@ -23,7 +25,7 @@ def only_run(out: Path, name="minimal") -> Path:
 
 def test_minimal_writes_the_run_directory(small_recipe, tmp_path):
     out = tmp_path / "runs"
-    r = engram(small_recipe, "--out", out, "--quiet")
+    r = run_cli(small_recipe, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     run = only_run(out)
     for f in ("recipe.toml", "env.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
@@ -43,7 +45,7 @@ def test_minimal_writes_the_run_directory(small_recipe, tmp_path):
 
 def test_tensorboard_tags_hparams_and_layout(small_recipe, tmp_path):
     out = tmp_path / "runs"
-    assert engram(small_recipe, "--out", out, "--quiet").returncode == 0
+    assert run_cli(small_recipe, "--out", out, "--quiet").returncode == 0
     run = only_run(out)
     assert not [p for p in run.iterdir() if p.is_dir() and p.name not in ("checkpoints",)], "stray hparams run folder"
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
@@ -63,10 +65,10 @@ def test_tensorboard_tags_hparams_and_layout(small_recipe, tmp_path):
 
 def test_resolved_recipe_runs_again_with_the_same_results(small_recipe, tmp_path):
     out = tmp_path / "runs"
-    assert engram(small_recipe, "--out", out, "--quiet").returncode == 0
+    assert run_cli(small_recipe, "--out", out, "--quiet").returncode == 0
     first = only_run(out)
     again = tmp_path / "again"
-    assert engram(first / "recipe.toml", "--out", again, "--quiet").returncode == 0
+    assert run_cli(first / "recipe.toml", "--out", again, "--quiet").returncode == 0
     a = json.loads((first / "summary.json").read_text())["final"]
     b = json.loads((only_run(again) / "summary.json").read_text())["final"]
     assert a == b
@@ -76,16 +78,16 @@ def test_same_seed_same_metrics_other_seed_differs(small_recipe, tmp_path):
     finals = []
     for i, seed in enumerate([0, 0, 1]):
         out = tmp_path / f"r{i}"
-        assert engram(small_recipe, f"run.seed={seed}", "--out", out, "--quiet").returncode == 0
+        assert run_cli(small_recipe, f"run.seed={seed}", "--out", out, "--quiet").returncode == 0
         finals.append(json.loads((only_run(out) / "summary.json").read_text())["final"])
     assert finals[0] == finals[1]
     assert finals[0] != finals[2]
 
 
 def test_kill_and_resume_ends_with_the_same_metrics(tmp_path):
-    args = ["stages.0.steps=1000", "stages.0.eval_every=250", "stages.0.checkpoint_every=100"]
+    args = ["stages.0.steps=600", "stages.0.eval_every=150", "stages.0.checkpoint_every=50"]
     ref = tmp_path / "ref"
-    assert engram(MINIMAL, *args, "--out", ref, "--quiet").returncode == 0
+    assert run_cli(MINIMAL, *args, "--out", ref, "--quiet").returncode == 0
     expected = json.loads((only_run(ref) / "summary.json").read_text())
 
     out = tmp_path / "killed"
@@ -106,7 +108,7 @@ def test_kill_and_resume_ends_with_the_same_metrics(tmp_path):
     assert ckpt is not None, "the run never wrote a checkpoint"
     run = ckpt.parents[1]
     assert json.loads((run / "summary.json").read_text()).get("status") != "completed" if (run / "summary.json").exists() else True
-    r = engram("--resume", run, "--quiet")
+    r = run_cli("--resume", run, "--quiet")
     assert r.returncode == 0, r.stderr
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["status"] == "completed"
@@ -118,17 +120,17 @@ def test_kill_and_resume_ends_with_the_same_metrics(tmp_path):
 
 def test_resume_of_a_completed_run_changes_nothing(small_recipe, tmp_path):
     out = tmp_path / "runs"
-    assert engram(small_recipe, "--out", out, "--quiet").returncode == 0
+    assert run_cli(small_recipe, "--out", out, "--quiet").returncode == 0
     run = only_run(out)
     before = (run / "summary.json").read_text()
-    r = engram("--resume", run)
+    r = run_cli("--resume", run)
     assert r.returncode == 0 and "already completed" in r.stdout
     assert (run / "summary.json").read_text() == before
 
 
 def test_non_finite_loss_stops_with_a_clear_message(small_recipe, tmp_path):
     out = tmp_path / "runs"
-    r = engram(small_recipe, 'stages.0.optimizer="sgd"', "stages.0.lr=1e12", "stages.0.grad_clip=0.0",
+    r = run_cli(small_recipe, 'stages.0.optimizer="sgd"', "stages.0.lr=1e12", "stages.0.grad_clip=0.0",
                "stages.0.warmup_steps=0", 'stages.0.schedule="constant"', "--out", out, "--quiet")
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
@@ -143,7 +145,7 @@ def test_sweep_writes_one_run_per_point_and_tables(small_recipe, tmp_path):
     p = tmp_path / "sweep.toml"
     p.write_text(text)
     out = tmp_path / "runs"
-    r = engram(p, "--out", out, "--quiet")
+    r = run_cli(p, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     (sweep,) = (out / "minimal").iterdir()
     points = sorted(d for d in sweep.iterdir() if d.is_dir())
@@ -191,19 +193,19 @@ def test_param_groups_and_freezing(small_recipe, tmp_path):
 
 
 def test_dry_run_prints_a_recipe_that_validates(tmp_path):
-    r = engram(MINIMAL, "head.hidden=32", "--dry-run")
+    r = run_cli(MINIMAL, "head.hidden=32", "--dry-run")
     assert r.returncode == 0
     p = tmp_path / "resolved.toml"
     p.write_text(r.stdout)
     assert "hidden = 32" in r.stdout
-    v = engram("validate", p, tool="main")
+    v = run_cli("validate", p, tool="engram")
     assert v.returncode == 0 and "ok" in v.stdout
 
 
 def test_weighted_sum_objective_composes_registered_objectives(small_recipe, tmp_path):
     out = tmp_path / "runs"
     obj = 'stages.0.objective={type="weighted_sum", terms=[{type="gaussian_nll", weight=1.0}, {type="gaussian_nll", weight=0.5, name="half"}]}'
-    r = engram(small_recipe, obj, "--out", out, "--quiet")
+    r = run_cli(small_recipe, obj, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     acc = EventAccumulator(str(only_run(out)))
     acc.Reload()
@@ -212,7 +214,7 @@ def test_weighted_sum_objective_composes_registered_objectives(small_recipe, tmp
     loss = acc.Scalars("train/loss")[-1].value
     parts = acc.Scalars("train/gaussian_nll.loss")[-1].value + 0.5 * acc.Scalars("train/half.loss")[-1].value
     assert loss == pytest.approx(parts, rel=1e-5)
-    bad = engram(small_recipe, 'stages.0.objective={type="weighted_sum", terms=[{type="gausian_nll"}]}', "--out", out)
+    bad = run_cli(small_recipe, 'stages.0.objective={type="weighted_sum", terms=[{type="gausian_nll"}]}', "--out", out)
     assert bad.returncode == 2 and "stages.0.objective.terms.0.type" in bad.stderr and "gaussian_nll" in bad.stderr
 
 
@@ -220,14 +222,14 @@ def test_sweep_resume_runs_only_unfinished_points(small_recipe, tmp_path):
     p = tmp_path / "sweep.toml"
     p.write_text(small_recipe.read_text() + '\n[sweep]\n"memory" = ["none"]\n"run.seed" = [0, 1]\n')
     out = tmp_path / "runs"
-    assert engram(p, "--out", out, "--quiet").returncode == 0
+    assert run_cli(p, "--out", out, "--quiet").returncode == 0
     (sweep,) = (out / "minimal").iterdir()
     done = json.loads((sweep / "000" / "summary.json").read_text())
     (sweep / "001" / "summary.json").unlink()  # as if killed before the point finished
     import shutil
 
     shutil.rmtree(sweep / "001" / "checkpoints")
-    r = engram("--resume", sweep, "--quiet")
+    r = run_cli("--resume", sweep, "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads((sweep / "000" / "summary.json").read_text()) == done  # untouched
     assert json.loads((sweep / "001" / "summary.json").read_text())["status"] == "completed"

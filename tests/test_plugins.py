@@ -148,11 +148,11 @@ def test_capability_mismatch_is_one_line_naming_both():
 
 
 def test_describe_lists_every_config_key():
-    from conftest import engram
+    from engram_core.testing.cli import run_cli
 
-    r = engram("describe", "head", "mlp_gaussian", tool="main")
+    r = run_cli("describe", "head", "mlp_gaussian", tool="engram")
     assert r.returncode == 0
     for key in ("hidden", "layers", "min_log_sigma", "width of each hidden layer", "128"):
         assert key in r.stdout
-    bad = engram("describe", "head", "mlp", tool="main")
+    bad = run_cli("describe", "head", "mlp", tool="engram")
     assert bad.returncode == 2 and "unknown head" in bad.stderr
