@@ -1,0 +1,235 @@
+"""`zdyn`: per-utterance latent sequences with speakers, split speaker-disjointly.
+
+Views of a split:
+- one-step pairs `{"z": z_t, "dz": Δz_t}` (`sample`, `eval_batches`);
+- K-step rollout segments `{"z0": z_s, "dz": Δz[s:s+K]}` (`sample_segments`,
+  `eval_segments`), never crossing an utterance boundary.
+
+z is normalised with statistics fitted on the train split only (`normalize`). The spec
+carries `dim`, the unconditional Gaussian baseline of Δz fitted on train
+(`dz_mean`, `dz_log_std`, used by the dnll metrics) and `min_frames`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+
+from engram_core.components import BuildContext, Dataset, DataSpec, default_cache_dir
+from engram_core.config import ConfigError, field, in_range, one_of
+
+from .store import read_store
+from .synthetic import SyntheticZdynConfig, cached_store
+
+
+@attrs.frozen
+class ZdynConfig:
+    """A zdyn zarr store (or the embedded synthetic default) split by speaker."""
+
+    path: str = field("", help="zdyn zarr store written by engram-audio-export; empty = the embedded synthetic default")
+    split_file: str = field(
+        "", help='JSON file {"train": (speaker ids), "eval": (speaker ids)} as lists; empty = random speaker split from split_seed'
+    )
+    eval_fraction: float = field(
+        0.2, help="fraction of speakers held out for eval (without split_file)", validator=in_range(0.0, 1.0)
+    )
+    split_seed: int = field(0, help="seed of the random speaker split")
+    normalize: str = field(
+        "per_dim",
+        help="z normalisation fitted on train: per_dim | global | none",
+        validator=one_of("per_dim", "global", "none"),
+    )
+    synthetic: SyntheticZdynConfig = field(
+        factory=SyntheticZdynConfig, help="the embedded synthetic process (when path is empty)"
+    )
+
+
+class _Split:
+    """Concatenated frames of one split, with utterance offsets and speaker indices."""
+
+    def __init__(self, arrays: list[np.ndarray], speakers: list[int]):
+        lengths = [a.shape[0] for a in arrays]
+        self.frames = torch.from_numpy(np.concatenate(arrays, 0))
+        self.offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)
+        self.lengths = torch.tensor(lengths, dtype=torch.long)
+        self.speakers = torch.tensor(speakers, dtype=torch.long)
+        # one-step pair t -> t+1 inside each utterance
+        starts = [torch.arange(int(o), int(o) + n - 1) for o, n in zip(self.offsets[:-1], lengths)]
+        self.pair_index = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)
+        utt = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths) - 1)
+        self.pair_speaker = self.speakers[utt]
+        self._segment_starts: dict[int, torch.Tensor] = {}
+
+    def segment_starts(self, k: int) -> torch.Tensor:
+        if k not in self._segment_starts:
+            parts = [
+                torch.arange(int(o), int(o) + int(n) - k) for o, n in zip(self.offsets[:-1], self.lengths) if n > k
+            ]
+            self._segment_starts[k] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return self._segment_starts[k]
+
+
+class ZdynDataset(Dataset):
+    """Speaker-disjoint split of a zdyn store; one-step pairs and K-step rollout segments."""
+
+    splits = ("train", "eval")
+
+    def __init__(self, cfg: ZdynConfig, build: BuildContext | None = None):
+        self.cfg = cfg
+        cache = build.cache_dir if build is not None else default_cache_dir()
+        if cfg.path:
+            path, key = Path(cfg.path).expanduser(), "path"
+        else:
+            path, key = cached_store(cfg.synthetic, cache), "synthetic"
+        self.store_path = path
+        ids, speakers, arrays, attrs_ = read_store(path, key)
+        self.frame_rate = attrs_.get("frame_rate")
+        train_spk, eval_spk = self._split_speakers(sorted(set(speakers)))
+        spk_index = {s: i for i, s in enumerate(sorted(set(speakers)))}
+        self.speaker_names = sorted(set(speakers))
+        by_split: dict[str, tuple[list, list]] = {"train": ([], []), "eval": ([], [])}
+        for _utt, spk, arr in zip(ids, speakers, arrays):
+            if arr.shape[0] < 2:
+                continue
+            side = "train" if spk in train_spk else "eval" if spk in eval_spk else None
+            if side is not None:
+                by_split[side][0].append(arr)
+                by_split[side][1].append(spk_index[spk])
+        for side in ("train", "eval"):
+            if not by_split[side][0]:
+                raise ConfigError(
+                    "split_file" if cfg.split_file else "eval_fraction",
+                    f"the {side} split has no utterances of at least 2 frames",
+                )
+        train_frames = np.concatenate(by_split["train"][0], 0).astype(np.float64)
+        mean = train_frames.mean(0)
+        if cfg.normalize == "per_dim":
+            std = train_frames.std(0)
+        elif cfg.normalize == "global":
+            std = np.full(train_frames.shape[1], train_frames.std(0).mean())
+        else:
+            mean, std = np.zeros(train_frames.shape[1]), np.ones(train_frames.shape[1])
+        std = np.where(std > 1e-8, std, 1.0)
+        self.z_mean = torch.tensor(mean, dtype=torch.float32)
+        self.z_std = torch.tensor(std, dtype=torch.float32)
+        self._splits = {
+            side: _Split([((a - mean) / std).astype(np.float32) for a in arrs], spks)
+            for side, (arrs, spks) in by_split.items()
+        }
+        tr = self._splits["train"]
+        dz = tr.frames[tr.pair_index + 1] - tr.frames[tr.pair_index]
+        dz64 = dz.double()
+        self.dim = int(tr.frames.shape[1])
+        self.min_frames = int(min(int(s.lengths.min()) for s in self._splits.values()))
+        self.spec = DataSpec(
+            "zdyn",
+            dim=self.dim,
+            dz_mean=dz64.mean(0).float(),
+            dz_log_std=dz64.std(0).clamp_min(1e-6).log().float(),
+            min_frames=self.min_frames,
+            frame_rate=self.frame_rate,
+            n_speakers=len(self.speaker_names),
+        )
+
+    # ---- split ---------------------------------------------------------------------
+
+    def _split_speakers(self, speakers: list[str]) -> tuple[set[str], set[str]]:
+        cfg = self.cfg
+        if cfg.split_file:
+            p = Path(cfg.split_file).expanduser()
+            if not p.exists():
+                raise ConfigError("split_file", f"file does not exist: {p}")
+            try:
+                table = json.loads(p.read_text())
+                train, evals = set(map(str, table["train"])), set(map(str, table["eval"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(
+                    "split_file", f'{p}: expected JSON {{"train": [...], "eval": [...]}} ({exc})'
+                ) from None
+            both = sorted(train & evals)
+            if both:
+                raise ConfigError(
+                    "split_file",
+                    f"speakers on both sides of the split: {', '.join(both[:5])}"
+                    + (f" and {len(both) - 5} more" if len(both) > 5 else ""),
+                )
+            unknown = sorted((train | evals) - set(speakers))
+            if unknown:
+                raise ConfigError("split_file", f"speakers not in the store: {', '.join(unknown[:5])}")
+            return train, evals
+        if len(speakers) < 2:
+            raise ConfigError(
+                "path", f"a speaker-disjoint split needs at least 2 speakers, the store has {len(speakers)}"
+            )
+        rng = np.random.default_rng(cfg.split_seed)
+        order = [speakers[i] for i in rng.permutation(len(speakers))]
+        n_eval = min(len(speakers) - 1, max(1, round(cfg.eval_fraction * len(speakers))))
+        return set(order[n_eval:]), set(order[:n_eval])
+
+    def split(self, name: str) -> _Split:
+        if name not in self._splits:
+            raise ConfigError("split", f"zdyn has splits 'train' and 'eval', got {name!r}")
+        return self._splits[name]
+
+    # ---- one-step pairs --------------------------------------------------------------
+
+    def pairs(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All one-step pairs of a split: z (N, D), Δz (N, D), speaker index (N,)."""
+        s = self.split(split)
+        z = s.frames[s.pair_index]
+        return z, s.frames[s.pair_index + 1] - z, s.pair_speaker
+
+    def sample(self, split: str, batch_size: int, generator: torch.Generator) -> dict:
+        s = self.split(split)
+        pick = s.pair_index[torch.randint(0, len(s.pair_index), (batch_size,), generator=generator)]
+        z = s.frames[pick]
+        return {"z": z, "dz": s.frames[pick + 1] - z}
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[dict]:
+        s = self.split(split)
+        for i in range(0, len(s.pair_index), batch_size):
+            pick = s.pair_index[i : i + batch_size]
+            z = s.frames[pick]
+            yield {"z": z, "dz": s.frames[pick + 1] - z, "speaker": s.pair_speaker[i : i + batch_size]}
+
+    # ---- rollout segments ------------------------------------------------------------
+
+    def check_horizon(self, k: int, key: str = "horizon") -> None:
+        """K must leave at least one segment in every utterance: K ≤ shortest utterance − 1."""
+        if k > self.min_frames - 1:
+            raise ConfigError(
+                key,
+                f"K = {k} is longer than the shortest utterance allows "
+                f"({self.min_frames} frames, so K <= {self.min_frames - 1})",
+            )
+
+    def _segments(self, s: _Split, starts: torch.Tensor, k: int) -> dict:
+        idx = starts[:, None] + torch.arange(k + 1)[None, :]
+        win = s.frames[idx]  # (B, K+1, D)
+        return {"z0": win[:, 0], "dz": win[:, 1:] - win[:, :-1], "z": win[:, :-1]}
+
+    def sample_segments(self, split: str, batch_size: int, k: int, generator: torch.Generator) -> dict:
+        """Random K-step segments: z0 (B, D), dz (B, K, D), and the true states z (B, K, D)."""
+        self.check_horizon(k)
+        s = self.split(split)
+        starts = s.segment_starts(k)
+        pick = starts[torch.randint(0, len(starts), (batch_size,), generator=generator)]
+        return self._segments(s, pick, k)
+
+    def eval_segments(self, split: str, k: int, count: int, batch_size: int, seed: int = 0) -> Iterator[dict]:
+        """`count` segments spread evenly over the split (the same ones at every evaluation)."""
+        self.check_horizon(k)
+        s = self.split(split)
+        starts = s.segment_starts(k)
+        if count >= len(starts):
+            chosen = starts
+        else:
+            g = torch.Generator().manual_seed(seed)
+            chosen = starts[torch.randperm(len(starts), generator=g)[:count]].sort().values
+        for i in range(0, len(chosen), batch_size):
+            yield self._segments(s, chosen[i : i + batch_size], k)

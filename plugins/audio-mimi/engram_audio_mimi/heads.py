@@ -1,0 +1,257 @@
+"""Dynamics heads for p(Δz | z): a diagonal Gaussian MLP and vMF direction × log-normal magnitude.
+
+Both implement the protocol the objectives and metrics of this plugin use:
+
+    head.nll(z, dz)            per-item NLL of Δz in nats (summed over D), shape (B,)
+    head.mean_step(z)          E[Δz | z], the step of a mean rollout, (B, D)
+    head.sample_step(z, g)     a reparameterised draw of Δz (g: torch.Generator or None)
+
+The NLLs of both heads are densities of Δz in R^D, so they compare directly (the vMF
+head includes the Jacobian of the polar change of variables, D·log m).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+from torch import nn
+
+from engram_core.builtin.dynamics import MLPGaussianConfig, MLPGaussianHead
+from engram_core.components import BuildContext, Head
+from engram_core.config import ConfigError, field, non_negative, positive
+from engram_core.nn import diagonal_gaussian_nll_per_item
+
+from .distributions import VonMisesFisher, vmf_log_normalizer_and_resultant, vmf_mean_resultant
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _check_dim(cfg_dim: int, build: BuildContext) -> int:
+    data_dim = int(build.spec.dim)
+    if cfg_dim and cfg_dim != data_dim:
+        raise ConfigError(
+            "dim",
+            f"head dimension {cfg_dim} does not match the data's D = {data_dim} (leave dim = 0 to take it from the data)",
+        )
+    return data_dim
+
+
+def _mlp(d_in: int, hidden: int, layers: int) -> tuple[nn.Sequential, int]:
+    mods: list[nn.Module] = []
+    width = d_in
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.GELU()]
+        width = hidden
+    return nn.Sequential(*mods), width
+
+
+@attrs.frozen
+class GaussianMLPConfig:
+    hidden: int = field(256, help="width of each hidden layer", validator=positive)
+    layers: int = field(2, help="number of hidden layers", validator=positive)
+    min_log_sigma: float = field(-7.0, help="floor on predicted log σ (keeps the NLL finite)")
+    dim: int = field(
+        0, help="D of z; 0 = take it from the data (a different value is an error)", validator=non_negative
+    )
+
+
+class GaussianMLPHead(MLPGaussianHead):
+    """μ(z) and diagonal log σ(z) of Δz from an MLP. A `residual` memory edits (μ, log σ)."""
+
+    def __init__(self, cfg: GaussianMLPConfig, build: BuildContext):
+        _check_dim(cfg.dim, build)
+        super().__init__(
+            MLPGaussianConfig(hidden=cfg.hidden, layers=cfg.layers, min_log_sigma=cfg.min_log_sigma), build
+        )
+        self.dim = int(build.spec.dim)
+
+    def predict_param(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parametric prediction alone (no memory)."""
+        h = self.trunk(z)
+        return self.mu(h), self.log_sigma(h).clamp_min(self.min_log_sigma)
+
+    def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_sigma = self.predict_param(z)
+        if self.memory_active:
+            mu, log_sigma = self.memory(z, mu, log_sigma)
+        return mu, log_sigma
+
+    def nll(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        mu, log_sigma = self.predict(z)
+        return diagonal_gaussian_nll_per_item(mu, log_sigma, dz)
+
+    def mean_step(self, z: torch.Tensor) -> torch.Tensor:
+        return self.predict(z)[0]
+
+    def nll_and_step(self, z, dz, mode: str = "mean", generator=None):
+        """(NLL of dz | z, the rollout step from z) from one forward pass."""
+        mu, log_sigma = self.predict(z)
+        nll = diagonal_gaussian_nll_per_item(mu, log_sigma, dz)
+        if mode == "mean":
+            return nll, mu
+        return nll, mu + log_sigma.exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+
+    def sample_step(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mu, log_sigma = self.predict(z)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + log_sigma.exp() * eps
+
+
+@attrs.frozen
+class VMFMagnitudeConfig:
+    hidden: int = field(256, help="width of each hidden layer of the shared trunk", validator=positive)
+    layers: int = field(2, help="number of hidden layers", validator=positive)
+    min_log_kappa: float = field(math.log(1e-3), help="floor on log κ")
+    max_log_kappa: float = field(math.log(1e5), help="ceiling on log κ")
+    init_log_kappa: float = field(0.0, help="initial log κ offset; 0 = log D (a moderate concentration)")
+    min_log_sigma: float = field(-5.0, help="floor on the log-normal magnitude's log σ")
+    kappa_coupling: str = field(
+        "none",
+        help="couple log κ to the predicted log magnitude: none | learned "
+        "(log κ += c · E(log m), c a learned scalar, so small steps get vaguer directions)",
+        validator=lambda i, a, v: _choice(a, v, ("none", "learned")),
+    )
+    min_magnitude: float = field(
+        1e-6, help="‖Δz‖ below this is clamped before taking its direction", validator=positive
+    )
+    dim: int = field(0, help="D of z; 0 = take it from the data", validator=non_negative)
+
+
+def _choice(attribute, value, choices):
+    if value not in choices:
+        raise ConfigError(attribute.name, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+class VMFMagnitudeHead(Head):
+    """Δz = m·u: u ~ vMF(μ_dir(z), κ(z)) on S^{D−1}, log m ~ N(μ_m(z), σ_m(z)²)."""
+
+    def __init__(self, cfg: VMFMagnitudeConfig, build: BuildContext):
+        super().__init__()
+        d = _check_dim(cfg.dim, build)
+        self.cfg = cfg
+        self.dim = d
+        self.trunk, width = _mlp(d, cfg.hidden, cfg.layers)
+        self.direction = nn.Linear(width, d)
+        self.log_kappa = nn.Linear(width, 1)
+        self.log_m = nn.Linear(width, 2)  # (μ_m, log σ_m)
+        nn.init.constant_(self.log_kappa.bias, cfg.init_log_kappa or math.log(d))
+        if cfg.kappa_coupling == "learned":
+            self.coupling = nn.Parameter(torch.zeros(()))
+        else:
+            self.register_parameter("coupling", None)
+
+    def components(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(z)
+        direction = self.direction(h)
+        mu_m, log_sigma_m = self.log_m(h).unbind(-1)
+        log_kappa = self.log_kappa(h).squeeze(-1)
+        if self.coupling is not None:
+            log_kappa = log_kappa + self.coupling * mu_m
+        log_kappa = log_kappa.clamp(self.cfg.min_log_kappa, self.cfg.max_log_kappa)
+        return {
+            "direction": direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12),
+            "kappa": log_kappa.exp(),
+            "log_kappa": log_kappa,
+            "mu_log_m": mu_m,
+            "log_sigma_log_m": log_sigma_m.clamp_min(self.cfg.min_log_sigma),
+        }
+
+    def distribution(self, z: torch.Tensor) -> tuple[VonMisesFisher, torch.distributions.Normal, dict]:
+        c = self.components(z)
+        vmf = VonMisesFisher(c["direction"], c["kappa"], validate_args=False)
+        lognorm = torch.distributions.Normal(c["mu_log_m"], c["log_sigma_log_m"].exp(), validate_args=False)
+        return vmf, lognorm, c
+
+    def _nll(self, vmf, lognorm, dz):
+        m = dz.norm(dim=-1).clamp_min(self.cfg.min_magnitude)
+        u = dz / m.unsqueeze(-1)
+        log_m = m.log()
+        # density of Δz in R^D: p(log m) · p(u) / m^D (polar Jacobian m^{D−1} and d log m = dm / m)
+        return -lognorm.log_prob(log_m) - vmf.log_prob(u) + self.dim * log_m
+
+    def nll(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        vmf, lognorm, _ = self.distribution(z)
+        return self._nll(vmf, lognorm, dz)
+
+    def _mean_step(self, c):
+        mean_m = torch.exp(c["mu_log_m"] + 0.5 * (2 * c["log_sigma_log_m"]).exp())
+        resultant = vmf_mean_resultant(self.dim, c["kappa"]).to(c["direction"].dtype)
+        return (mean_m * resultant).unsqueeze(-1) * c["direction"]
+
+    def mean_step(self, z: torch.Tensor) -> torch.Tensor:
+        return self._mean_step(self.components(z))
+
+    def _sample_step(self, vmf, c, generator):
+        u = vmf.rsample(generator=generator)
+        eps = torch.randn(c["mu_log_m"].shape, generator=generator, device=u.device, dtype=u.dtype)
+        m = torch.exp(c["mu_log_m"] + c["log_sigma_log_m"].exp() * eps)
+        return m.unsqueeze(-1) * u
+
+    def nll_and_step(self, z, dz, mode: str = "mean", generator=None):
+        """(NLL of dz | z, the rollout step from z) from one forward pass."""
+        if mode == "mean":  # share the Bessel evaluation between log C_D(κ) and A_D(κ)
+            c = self.components(z)
+            log_c, resultant = vmf_log_normalizer_and_resultant(self.dim, c["kappa"])
+            m = dz.norm(dim=-1).clamp_min(self.cfg.min_magnitude)
+            log_m = m.log()
+            cos = (c["direction"] * dz).sum(-1) / m
+            sigma_m = c["log_sigma_log_m"].exp()
+            nll_m = 0.5 * ((log_m - c["mu_log_m"]) / sigma_m) ** 2 + c["log_sigma_log_m"] + _HALF_LOG_2PI
+            nll = nll_m - (log_c.to(z.dtype) + c["kappa"] * cos) + self.dim * log_m
+            mean_m = torch.exp(c["mu_log_m"] + 0.5 * sigma_m**2)
+            return nll, (mean_m * resultant.to(z.dtype)).unsqueeze(-1) * c["direction"]
+        vmf, lognorm, c = self.distribution(z)
+        step = self._mean_step(c) if mode == "mean" else self._sample_step(vmf, c, generator)
+        return self._nll(vmf, lognorm, dz), step
+
+    def sample_step(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        vmf, lognorm, c = self.distribution(z)
+        return self._sample_step(vmf, c, generator)
+
+    def forward(self, z):
+        return self.mean_step(z)
+
+
+# ---- protocol helpers that also accept the core's mlp_gaussian head -----------------------
+
+
+def step_nll(head: nn.Module, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    if hasattr(head, "nll"):
+        return head.nll(z, dz)
+    mu, log_sigma = head.predict(z)
+    return diagonal_gaussian_nll_per_item(mu, log_sigma, dz)
+
+
+def mean_step(head: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    if hasattr(head, "mean_step"):
+        return head.mean_step(z)
+    return head.predict(z)[0]
+
+
+def nll_and_step(
+    head: nn.Module, z: torch.Tensor, dz: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-item NLL of dz | z, the rollout step from z: the mean or a reparameterised draw)."""
+    if hasattr(head, "nll_and_step"):
+        return head.nll_and_step(z, dz, mode, generator)
+    mu, log_sigma = head.predict(z)
+    nll = diagonal_gaussian_nll_per_item(mu, log_sigma, dz)
+    if mode == "mean":
+        return nll, mu
+    return nll, mu + log_sigma.exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+
+
+def sample_step(head: nn.Module, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if hasattr(head, "sample_step"):
+        return head.sample_step(z, generator)
+    mu, log_sigma = head.predict(z)
+    return mu + log_sigma.exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+
+
+def baseline_nll(spec, dz: torch.Tensor) -> torch.Tensor:
+    """Per-item NLL of Δz under the unconditional diagonal Gaussian fitted on train."""
+    mu = spec.dz_mean.to(dz.device, dz.dtype)
+    ls = spec.dz_log_std.to(dz.device, dz.dtype)
+    return diagonal_gaussian_nll_per_item(mu, ls, dz)

@@ -1,0 +1,69 @@
+"""Registration of the audio-mimi components (entry point `audio-mimi` in group `engram`)."""
+
+from engram_core.hookspecs import hookimpl
+
+from .data import ZdynConfig, ZdynDataset
+from .heads import GaussianMLPConfig, GaussianMLPHead, VMFMagnitudeConfig, VMFMagnitudeHead
+from .memories import (
+    BasisMemory,
+    BasisMemoryConfig,
+    GatedResidualConfig,
+    GatedResidualMemory,
+    HybridMemory,
+    KMeansMemory,
+    KMeansMemoryConfig,
+    ResidualTopKConfig,
+    ResidualTopKMemory,
+)
+from .metrics import (
+    ArchetypesConfig,
+    ArchetypesMetric,
+    DirectionCosConfig,
+    DirectionCosMetric,
+    DnllConfig,
+    DnllMetric,
+    GateMeanConfig,
+    GateMeanMetric,
+    KappaStatsConfig,
+    KappaStatsMetric,
+    RolloutMetric,
+    RolloutMetricConfig,
+)
+from .objectives import MixedConfig, MixedObjective, OneStepNLL, OneStepNLLConfig, RolloutNLL, RolloutNLLConfig
+
+
+@hookimpl
+def engram_datasets(register):
+    register("zdyn", ZdynDataset, ZdynConfig, provides=("segments",))
+
+
+@hookimpl
+def engram_heads(register):
+    register("gaussian_mlp", GaussianMLPHead, GaussianMLPConfig, provides=("dynamics",), offers=("residual",))
+    register("vmf_magnitude", VMFMagnitudeHead, VMFMagnitudeConfig, provides=("dynamics", "vmf"))
+
+
+@hookimpl
+def engram_memories(register):
+    register("kmeans", KMeansMemory, KMeansMemoryConfig, provides=("residual",))
+    register("residual_topk", ResidualTopKMemory, ResidualTopKConfig, provides=("residual",))
+    register("gated_residual", GatedResidualMemory, GatedResidualConfig, provides=("residual",))
+    register("hybrid", HybridMemory, GatedResidualConfig, provides=("residual",))
+    register("basis", BasisMemory, BasisMemoryConfig, provides=("residual",))
+
+
+@hookimpl
+def engram_objectives(register):
+    register("one_step_nll", OneStepNLL, OneStepNLLConfig, requires=("dynamics",))
+    register("rollout_nll", RolloutNLL, RolloutNLLConfig, requires=("dynamics", "segments"))
+    register("mixed", MixedObjective, MixedConfig, requires=("dynamics", "segments"))
+
+
+@hookimpl
+def engram_metrics(register):
+    register("dnll", DnllMetric, DnllConfig, requires=("dynamics",))
+    register("direction_cos", DirectionCosMetric, DirectionCosConfig, requires=("dynamics",))
+    register("rollout", RolloutMetric, RolloutMetricConfig, requires=("dynamics", "segments"))
+    register("gate_mean", GateMeanMetric, GateMeanConfig)
+    register("kappa_stats", KappaStatsMetric, KappaStatsConfig, requires=("vmf",))
+    register("archetypes", ArchetypesMetric, ArchetypesConfig, requires=("dynamics",))

@@ -1,0 +1,112 @@
+"""The embedded default: a synthetic speech-like latent process, written as a zdyn store.
+
+Per speaker and utterance an 8-dimensional state s_t evolves as
+
+    s_{t+1} = s_t + (R(ω_spk) − I) s_t − γ s_t³ + β_spk · m_t · a_{c_t} + σ_s ε_t
+
+- R(ω_spk): rotations in four 2-D planes at speaker-specific frequencies;
+- a_c: one of `archetypes` shared unit directions, the current one c_t switching with
+  probability `switch_prob` per frame (to a draw from a speaker-specific preference);
+- m_t ~ LogNormal(0, `magnitude_spread`): the step size is much less predictable than
+  its direction;
+- −γ s³: cubic damping keeps the true process bounded.
+
+The state is embedded in D dimensions by a random orthonormal map Q (D × 8), and
+`off_manifold_noise` i.i.d. Gaussian noise is added to z in all D dimensions. A
+one-step model learns to cancel that noise (a large teacher-forced gain) but, rolled
+out freely, steers off the 8-dimensional manifold it never saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import attrs
+import numpy as np
+
+from engram_core.config import field, in_range, non_negative, positive
+
+from .store import write_store
+
+
+@attrs.frozen
+class SyntheticZdynConfig:
+    """Parameters of the embedded synthetic latent process (used when `path` is empty)."""
+
+    dim: int = field(64, help="latent dimension D of z (Mimi's is 512)", validator=in_range(8, 4096))
+    speakers: int = field(40, help="number of speakers", validator=in_range(2, None))
+    utterances: int = field(12, help="utterances per speaker", validator=positive)
+    frames: int = field(160, help="frames per utterance", validator=in_range(4, None))
+    archetypes: int = field(16, help="shared step-direction archetypes", validator=positive)
+    switch_prob: float = field(
+        0.1, help="per-frame probability that the archetype switches", validator=in_range(0.0, 1.0)
+    )
+    pull: float = field(0.3, help="mean strength β of the push along the current archetype", validator=non_negative)
+    magnitude_spread: float = field(0.4, help="σ of the log-normal step magnitude m_t", validator=non_negative)
+    damping: float = field(0.3, help="cubic damping γ", validator=non_negative)
+    state_noise: float = field(0.01, help="σ_s of the process noise on the 8-d state", validator=non_negative)
+    off_manifold_noise: float = field(
+        0.01, help="std of i.i.d. noise added to z in all D dimensions", validator=non_negative
+    )
+    seed: int = field(0, help="seed of the process (independent of run.seed)")
+
+
+STATE_DIM = 8
+
+
+def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
+    """(utterance id, speaker id, z (frames, dim) float32) for every utterance."""
+    rng = np.random.default_rng(cfg.seed)
+    arche = rng.standard_normal((cfg.archetypes, STATE_DIM))
+    arche /= np.linalg.norm(arche, axis=1, keepdims=True)
+    q, _ = np.linalg.qr(rng.standard_normal((cfg.dim, STATE_DIM)))  # D × 8, orthonormal columns
+    base_omega = rng.uniform(0.1, 0.4, STATE_DIM // 2)
+    out = []
+    burn_in = 20
+    for spk in range(cfg.speakers):
+        omega = base_omega * rng.uniform(0.75, 1.25, STATE_DIM // 2)
+        beta = cfg.pull * rng.uniform(0.8, 1.2)
+        pref = rng.dirichlet(np.full(cfg.archetypes, 0.7))
+        cos, sin = np.cos(omega), np.sin(omega)
+        n = cfg.utterances
+        s = 0.5 * rng.standard_normal((n, STATE_DIM))
+        c = rng.choice(cfg.archetypes, size=n, p=pref)
+        frames = []
+        for t in range(burn_in + cfg.frames):
+            a, b = s[:, 0::2], s[:, 1::2]
+            rot = np.empty_like(s)
+            rot[:, 0::2] = cos * a - sin * b
+            rot[:, 1::2] = sin * a + cos * b
+            switch = rng.random(n) < cfg.switch_prob
+            c = np.where(switch, rng.choice(cfg.archetypes, size=n, p=pref), c)
+            m = np.exp(cfg.magnitude_spread * rng.standard_normal(n))
+            s = rot - cfg.damping * s**3 + beta * m[:, None] * arche[c] + cfg.state_noise * rng.standard_normal(s.shape)
+            if t >= burn_in:
+                frames.append(s)
+        states = np.stack(frames, 1)  # (n, frames, 8)
+        z = states @ q.T + cfg.off_manifold_noise * rng.standard_normal((n, cfg.frames, cfg.dim))
+        for u in range(n):
+            out.append((f"spk{spk:03d}_utt{u:03d}", f"spk{spk:03d}", z[u].astype(np.float32)))
+    return out
+
+
+def cached_store(cfg: SyntheticZdynConfig, cache_dir: Path) -> Path:
+    """The synthetic store for `cfg` under `<cache_dir>/audio-mimi/`, generated once."""
+    payload = json.dumps(attrs.asdict(cfg), sort_keys=True) + "|v1"
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "audio-mimi"
+    path = folder / f"zdyn-synthetic-{digest}.zarr"
+    if (path / "zarr.json").exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    write_store(tmp, generate(cfg), frame_rate=12.5, source=f"synthetic {payload}")
+    try:
+        os.replace(tmp, path)  # atomic: concurrent runs never see a half-written store
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,233 @@
+"""Locally generated, seeded tasks: `needle` (key/value retrieval) and `listops_lite`.
+
+Both are generated deterministically from their `seed` and cached as a ``.pt`` file under
+``<cache_dir>/deq-hrr/`` (written atomically), named by a hash of the config.
+
+needle — vocabulary: 0 pad, 1 query marker (unused by needle), then `n_fillers` filler
+tokens, `n_keys` key tokens and `n_values` value tokens. A sequence of length L holds
+`n_pairs` adjacent ``key value`` pairs with distinct keys at random non-overlapping places
+among fillers; its last token is the query: one of the pairs' keys. The label is that
+pair's value (a class in [0, n_values)). `needle_pos` is the position of that value token.
+
+listops_lite — prefix expressions ``[OP a b ...]`` over digits with MAX, MIN, MED (median)
+and SM (sum mod 10), nested up to `max_depth`, padded to `seq_len`; the label is the
+value (10 classes). The sequence ends with a query marker so the last state reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import torch
+
+from engram_core.components import BuildContext, Dataset, DataSpec
+from engram_core.config import ConfigError, field, in_range, positive
+
+PAD, QUERY = 0, 1
+# bump when a generator changes: the cache key includes it, so stale caches are never reused
+DATA_FORMAT = 2
+
+
+def _cache_path(build: BuildContext | None, name: str, cfg) -> Path | None:
+    if build is None or build.cache_dir is None:
+        return None
+    payload = {"format": DATA_FORMAT, "config": attrs.asdict(cfg)}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(build.cache_dir) / "deq-hrr" / f"{name}-{key}.pt"
+
+
+def _load_or_make(path: Path | None, make) -> dict:
+    if path is not None and path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a damaged cache is regenerated, never trusted
+            pass
+    data = make()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    return data
+
+
+class _TensorSplits(Dataset):
+    """Splits of equal-keyed tensors; `sample` draws rows with the caller's generator."""
+
+    _splits: dict[str, dict[str, torch.Tensor]]
+    splits = ("train", "eval")
+
+    def _split(self, split: str) -> dict[str, torch.Tensor]:
+        if split not in self._splits:
+            raise ConfigError("split", f"unknown split {split!r} (this data set has: {', '.join(self._splits)})")
+        return self._splits[split]
+
+    def sample(self, split, batch_size, generator):
+        data = self._split(split)
+        n = next(iter(data.values())).shape[0]
+        idx = torch.randint(0, n, (batch_size,), generator=generator)
+        return {k: v[idx] for k, v in data.items()}
+
+    def eval_batches(self, split, batch_size) -> Iterator[dict]:
+        data = self._split(split)
+        n = next(iter(data.values())).shape[0]
+        for i in range(0, n, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in data.items()}
+
+
+# ---- needle ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class NeedleConfig:
+    """Key/value pairs hidden among fillers; the query at the end asks for one pair's value."""
+
+    seq_len: int = field(256, help="tokens per sequence (the seed used 256-1024)", validator=in_range(3, None))
+    n_pairs: int = field(4, help="key/value pairs written into each sequence", validator=positive)
+    n_keys: int = field(64, help="distinct key tokens", validator=positive)
+    n_values: int = field(16, help="distinct value tokens = classes", validator=in_range(2, None))
+    n_fillers: int = field(32, help="distinct filler tokens", validator=positive)
+    n_train: int = field(4096, help="training sequences", validator=positive)
+    n_eval: int = field(512, help="evaluation sequences", validator=positive)
+    seed: int = field(0, help="seed of the generator (independent of run.seed)")
+
+    def __attrs_post_init__(self):
+        layout = 2 * self.n_pairs + 1
+        if self.seq_len < layout:
+            raise ConfigError(
+                "seq_len",
+                f"{self.seq_len} is shorter than the needle layout: {self.n_pairs} pairs need at least {layout} tokens "
+                "(2 per pair + the query key)",
+            )
+        if self.n_pairs > self.n_keys:
+            raise ConfigError("n_pairs", f"{self.n_pairs} pairs need distinct keys but n_keys is {self.n_keys}")
+
+
+def generate_needle(cfg: NeedleConfig, n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    L, P = cfg.seq_len, cfg.n_pairs
+    key0 = 2 + cfg.n_fillers
+    val0 = key0 + cfg.n_keys
+    tokens = torch.randint(2, 2 + cfg.n_fillers, (n, L), generator=g)
+    keys = torch.rand(n, cfg.n_keys, generator=g).argsort(-1)[:, :P]  # distinct keys per sequence
+    vals = torch.randint(0, cfg.n_values, (n, P), generator=g)
+    # place P pairs in the first L-1 slots without overlap: choose P of the (free + P)
+    # items (fillers and pairs) to be pairs, then spread them ("stars and bars")
+    free = L - 1 - 2 * P  # filler tokens left over
+    starts = torch.rand(n, free + P, generator=g).argsort(-1)[:, :P].sort(-1).values
+    starts = starts + torch.arange(P)[None] * 1  # each earlier pair shifts later ones by one more slot
+    rows = torch.arange(n)[:, None]
+    tokens[rows, starts] = key0 + keys
+    tokens[rows, starts + 1] = val0 + vals
+    which = torch.randint(0, P, (n,), generator=g)
+    tokens[:, L - 1] = key0 + keys[torch.arange(n), which]
+    label = vals[torch.arange(n), which]
+    needle_pos = starts[torch.arange(n), which] + 1
+    return {"tokens": tokens, "label": label, "needle_pos": needle_pos}
+
+
+class NeedleDataset(_TensorSplits):
+    """Needle retrieval: `n_pairs` key/value pairs, the query key at the end, label = its value."""
+
+    def __init__(self, cfg: NeedleConfig, build: BuildContext | None = None):
+        self.cfg = cfg
+        path = _cache_path(build, "needle", cfg)
+        data = _load_or_make(path, lambda: {
+            "train": generate_needle(cfg, cfg.n_train, cfg.seed * 2 + 1),
+            "eval": generate_needle(cfg, cfg.n_eval, cfg.seed * 2 + 2),
+        })
+        self._splits = data
+        self.spec = DataSpec("needle", vocab_size=2 + cfg.n_fillers + cfg.n_keys + cfg.n_values, n_classes=cfg.n_values,
+                             seq_len=cfg.seq_len, n_pairs=cfg.n_pairs, task="needle")
+
+
+# ---- listops-lite ------------------------------------------------------------------------
+
+OPS = ("MAX", "MIN", "MED", "SM")
+
+
+@attrs.frozen
+class ListOpsLiteConfig:
+    """Shallow ListOps: nested MAX/MIN/MED/SM over digits, 10 classes."""
+
+    seq_len: int = field(128, help="tokens per sequence (expressions are padded to it)", validator=in_range(8, None))
+    max_depth: int = field(2, help="maximum nesting depth of operators", validator=in_range(1, 6))
+    max_args: int = field(4, help="maximum arguments per operator", validator=in_range(2, 10))
+    n_train: int = field(4096, help="training sequences", validator=positive)
+    n_eval: int = field(512, help="evaluation sequences", validator=positive)
+    seed: int = field(0, help="seed of the generator (independent of run.seed)")
+
+    def __attrs_post_init__(self):
+        # the deepest expression with the most arguments must fit, plus the query marker
+        longest = _max_len(self.max_depth, self.max_args) + 1
+        if self.seq_len < longest:
+            raise ConfigError("seq_len", f"{self.seq_len} is shorter than the longest expression ({longest} tokens for "
+                                         f"max_depth={self.max_depth}, max_args={self.max_args})")
+
+
+def _max_len(depth: int, args: int) -> int:
+    # "[OP" + args children + "]": a leaf is one token
+    if depth == 0:
+        return 1
+    return 2 + args * _max_len(depth - 1, args)
+
+
+# token ids: 0 pad, 1 query, 2..11 digits, 12..15 ops, 16 close bracket
+_DIGIT0, _OP0, _CLOSE = 2, 12, 16
+LISTOPS_VOCAB = 17
+
+
+def _expr(rng: random.Random, depth: int, cfg: ListOpsLiteConfig) -> tuple[list[int], int]:
+    if depth == 0 or (depth < cfg.max_depth and rng.random() < 0.3):
+        d = rng.randrange(10)
+        return [_DIGIT0 + d], d
+    op = rng.randrange(len(OPS))
+    toks, vals = [_OP0 + op], []
+    for _ in range(rng.randint(2, cfg.max_args)):
+        t, v = _expr(rng, depth - 1, cfg)
+        toks += t
+        vals.append(v)
+    toks.append(_CLOSE)
+    name = OPS[op]
+    if name == "MAX":
+        val = max(vals)
+    elif name == "MIN":
+        val = min(vals)
+    elif name == "MED":
+        val = sorted(vals)[len(vals) // 2]
+    else:
+        val = sum(vals) % 10
+    return toks, val
+
+
+def generate_listops(cfg: ListOpsLiteConfig, n: int, seed: int) -> dict[str, torch.Tensor]:
+    rng = random.Random(seed)
+    tokens = torch.zeros(n, cfg.seq_len, dtype=torch.long)
+    lengths = torch.zeros(n, dtype=torch.long)
+    labels = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        toks, val = _expr(rng, cfg.max_depth, cfg)
+        toks = toks + [QUERY]
+        tokens[i, : len(toks)] = torch.tensor(toks)
+        lengths[i], labels[i] = len(toks), val
+    mask = torch.arange(cfg.seq_len)[None] < lengths[:, None]
+    return {"tokens": tokens, "label": labels, "lengths": lengths, "mask": mask}
+
+
+class ListOpsLiteDataset(_TensorSplits):
+    """ListOps-lite classification (use the head's `forward_classify`)."""
+
+    def __init__(self, cfg: ListOpsLiteConfig, build: BuildContext | None = None):
+        self.cfg = cfg
+        path = _cache_path(build, "listops_lite", cfg)
+        self._splits = _load_or_make(path, lambda: {
+            "train": generate_listops(cfg, cfg.n_train, cfg.seed * 2 + 1),
+            "eval": generate_listops(cfg, cfg.n_eval, cfg.seed * 2 + 2),
+        })
+        self.spec = DataSpec("listops_lite", vocab_size=LISTOPS_VOCAB, n_classes=10, seq_len=cfg.seq_len, task="listops")

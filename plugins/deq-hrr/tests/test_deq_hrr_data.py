@@ -1,0 +1,97 @@
+"""Needle and ListOps-lite: determinism, layout, caching, bad input."""
+
+import pytest
+import torch
+from engram_deq_hrr.data import (
+    QUERY,
+    ListOpsLiteConfig,
+    ListOpsLiteDataset,
+    NeedleConfig,
+    NeedleDataset,
+    generate_listops,
+    generate_needle,
+)
+
+from engram_core.components import BuildContext
+from engram_core.config import ConfigError, structure
+
+
+def test_needle_layout_and_labels():
+    cfg = NeedleConfig(seq_len=40, n_pairs=3, n_keys=8, n_values=5, n_fillers=4)
+    d = generate_needle(cfg, 64, 0)
+    key0 = 2 + cfg.n_fillers
+    val0 = key0 + cfg.n_keys
+    toks = d["tokens"]
+    assert toks.shape == (64, 40)
+    for i in range(64):
+        row = toks[i]
+        is_key = (row[:-1] >= key0) & (row[:-1] < val0)
+        assert int(is_key.sum()) == 3  # exactly n_pairs keys before the query
+        kpos = is_key.nonzero().flatten()
+        assert (row[kpos + 1] >= val0).all()  # each key is followed by its value
+        assert len(set(row[kpos].tolist())) == 3  # distinct keys
+        q = row[-1]
+        hit = kpos[row[kpos] == q]
+        assert len(hit) == 1
+        assert int(row[hit + 1]) - val0 == int(d["label"][i])
+        assert int(d["needle_pos"][i]) == int(hit + 1)
+
+
+def test_needle_is_deterministic_and_cached(tmp_path):
+    cfg = NeedleConfig(seq_len=32, n_train=20, n_eval=10)
+    a = NeedleDataset(cfg, BuildContext(cache_dir=tmp_path))
+    assert list((tmp_path / "deq-hrr").glob("needle-*.pt"))
+    b = NeedleDataset(cfg, BuildContext(cache_dir=tmp_path / "other"))
+    assert torch.equal(a._splits["train"]["tokens"], b._splits["train"]["tokens"])
+    c = NeedleDataset(NeedleConfig(seq_len=32, n_train=20, n_eval=10, seed=1), BuildContext(cache_dir=tmp_path))
+    assert not torch.equal(a._splits["train"]["tokens"], c._splits["train"]["tokens"])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(a.sample("train", 4, g1)["tokens"], a.sample("train", 4, g2)["tokens"])
+    assert sum(len(x["label"]) for x in a.eval_batches("eval", 3)) == 10
+    assert a.spec.n_classes == 16 and a.spec.vocab_size == 2 + 32 + 64 + 16
+
+
+def test_needle_shorter_than_layout_is_a_config_error():
+    with pytest.raises(ConfigError, match="shorter than the needle layout"):
+        structure({"seq_len": 8, "n_pairs": 4}, NeedleConfig)
+    with pytest.raises(ConfigError, match="distinct keys"):
+        structure({"n_pairs": 5, "n_keys": 4}, NeedleConfig)
+
+
+def test_listops_values_are_correct():
+    cfg = ListOpsLiteConfig(seq_len=64, max_depth=2, max_args=3)
+    d = generate_listops(cfg, 50, 0)
+    names = {12: max, 13: min}
+    for i in range(50):
+        toks = d["tokens"][i, : d["lengths"][i]].tolist()
+        assert toks[-1] == QUERY
+
+        assert _evaluate(toks, 0, names)[0] == int(d["label"][i])
+    assert d["mask"].sum(1).tolist() == d["lengths"].tolist()
+
+
+def test_listops_dataset_and_errors(tmp_path):
+    ds = ListOpsLiteDataset(ListOpsLiteConfig(n_train=10, n_eval=5), BuildContext(cache_dir=tmp_path))
+    assert ds.spec.n_classes == 10
+    with pytest.raises(ConfigError, match="shorter than the longest expression"):
+        structure({"seq_len": 16, "max_depth": 3, "max_args": 4}, ListOpsLiteConfig)
+    with pytest.raises(ConfigError, match="unknown split"):
+        ds.sample("test", 2, torch.Generator())
+
+
+def _evaluate(toks, pos, names):
+    """Reference evaluator of a prefix expression (independent of the generator)."""
+    t = toks[pos]
+    if 2 <= t <= 11:
+        return t - 2, pos + 1
+    args, pos = [], pos + 1
+    while toks[pos] != 16:
+        v, pos = _evaluate(toks, pos, names)
+        args.append(v)
+    if t in names:
+        val = names[t](args)
+    elif t == 14:
+        val = sorted(args)[len(args) // 2]
+    else:
+        val = sum(args) % 10
+    return val, pos + 1

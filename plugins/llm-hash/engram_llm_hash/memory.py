@@ -1,0 +1,391 @@
+"""Engram memory blocks and the `engram_hash` / `hybrid_hash_content` memory types.
+
+One `EngramBlock` sits after one decoder layer. Its forward takes the hidden states of
+the positions being processed (B, t, d) and ALL token ids so far (B, L >= t); only the
+ids decide which rows are read, so a generation step with a KV cache (t = 1) reads
+exactly what a full forward reads at that position.
+
+    rows  = hasher.addresses(ids)                 (B, L, H)  ids only
+    e     = concat_h table[rows]                  (B, L, H*slot_dim)
+    v     = W_v e ;  v += SiLU(conv(RMSNorm(v)))  optional short causal depthwise conv
+    k     = W_k e
+    g     = σ(signed_sqrt(RMSNorm(h)·RMSNorm(k)/√d) + b)      gate "context" (paper)
+          | σ(w·[h; v] + b), b starts at -5                   gate "learned" (seed)
+          | σ(b), b fixed                                     gate "fixed"
+    out   = h + g * v                            pure residual, no extra norm
+
+Departure from the demo: the short convolution runs on the ungated values (which depend
+on ids only) and the gate multiplies its output. The demo gates first and convolves
+the gated values, which depend on hidden states of earlier positions and would need a
+convolution state inside the KV cache; ours recomputes the few earlier positions from
+ids alone, so cached generation stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram_core.components import BuildContext, FitContext, Memory
+from engram_core.config import ConfigError, field, non_negative, one_of, positive
+
+from .hashing import NgramHasher, byte_token_texts, canonical_map
+
+GATES = ("context", "learned", "fixed")
+
+
+def _orders_ok(inst, attribute, value):
+    if not value or any((not isinstance(n, int)) or n < 1 or n > 16 for n in value):
+        raise ConfigError(attribute.name, f"must be a non-empty list of n-gram orders in [1, 16], got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(attribute.name, f"orders must be distinct, got {value!r}")
+
+
+def _layers_ok(inst, attribute, value):
+    if not value or any((not isinstance(n, int)) or n < 0 for n in value):
+        raise ConfigError(attribute.name, f"must be a non-empty list of layer indices >= 0, got {value!r}")
+
+
+@attrs.frozen
+class EngramHashConfig:
+    """Hashed n-gram memory injected after chosen decoder layers (one table per layer)."""
+
+    memory_size: int = field(
+        65536, help="rows of each layer's table, split over all hash heads (1 = one shared row: the control)", validator=positive
+    )
+    layers: list[int] = field(factory=lambda: [1], help="decoder layers (0-based) after which a memory block is added", validator=_layers_ok)
+    orders: list[int] = field(factory=lambda: [2, 3], help="n-gram orders hashed at each position", validator=_orders_ok)
+    heads_per_order: int = field(8, help="hash heads (distinct prime slices) per order", validator=positive)
+    slot_dim: int = field(32, help="width of one table row; a position reads len(orders)*heads rows", validator=positive)
+    gate: str = field("context", help="'context' σ(RMSNorm(h)·RMSNorm(k)/√d), 'learned' σ(w·(h, v) + b) (seed), 'fixed' σ(b)", validator=one_of(*GATES))
+    gate_bias: float = field(0.0, help="initial gate bias (the seed's learned gate used -5: memory ignored until trained)")
+    conv_kernel: int = field(4, help="short causal depthwise conv kernel over values (0 = off)", validator=non_negative)
+    canonical: bool = field(False, help="hash canonical ids (case-folded, normalised token text) instead of raw ids")
+    sparse: bool = field(False, help="sparse table gradients (nn.Embedding(sparse=True)); train the table with sparse_adam")
+    init_std: float = field(0.02, help="std of the table's initial rows", validator=non_negative)
+    hash_seed: int = field(0, help="seed of the hash multipliers (layer index is mixed in)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class EngramBlock(nn.Module):
+    """The memory after one layer: hash → gather → project → conv → gate → residual."""
+
+    def __init__(self, cfg: EngramHashConfig, dim: int, vocab_size: int, layer: int, canonical: torch.Tensor | None):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = dim
+        self.hasher = NgramHasher(
+            vocab_size, cfg.memory_size, cfg.orders, cfg.heads_per_order, seed=cfg.hash_seed * 1000003 + layer, canonical=canonical
+        )
+        h = self.hasher.n_heads
+        self.table = nn.Embedding(self.hasher.total_rows, cfg.slot_dim, sparse=cfg.sparse)
+        nn.init.normal_(self.table.weight, std=cfg.init_std)
+        self.value_proj = nn.Linear(h * cfg.slot_dim, dim, bias=False)
+        self.key_proj = nn.Linear(h * cfg.slot_dim, dim, bias=False) if cfg.gate == "context" else None
+        self.norm_h = RMSNorm(dim) if cfg.gate == "context" else None
+        self.norm_k = RMSNorm(dim) if cfg.gate == "context" else None
+        self.gate_proj = nn.Linear(2 * dim, 1) if cfg.gate == "learned" else None
+        if self.gate_proj is not None:
+            nn.init.normal_(self.gate_proj.weight, std=0.02)
+        self.gate_bias = nn.Parameter(torch.tensor(float(cfg.gate_bias)), requires_grad=cfg.gate != "fixed")
+        self.conv_kernel = cfg.conv_kernel
+        self.dilation = max(cfg.orders)
+        if cfg.conv_kernel > 0:
+            self.conv_norm = RMSNorm(dim)
+            self.conv = nn.Conv1d(dim, dim, cfg.conv_kernel, groups=dim, dilation=self.dilation, bias=False)
+            nn.init.zeros_(self.conv.weight)  # starts as identity: v + SiLU(0) = v
+        # telemetry (not saved in checkpoints)
+        self.register_buffer("usage", torch.zeros(self.hasher.total_rows, dtype=torch.long), persistent=False)
+        self.last_gate: torch.Tensor | None = None
+        self.track = True
+
+    @property
+    def receptive(self) -> int:
+        """Earlier positions whose values the conv reads."""
+        return (self.conv_kernel - 1) * self.dilation if self.conv_kernel > 0 else 0
+
+    def values_and_keys(self, ids: torch.Tensor, t: int):
+        """Values/keys of the last t positions from ids only: (B, t, d) each (keys None if unused)."""
+        total = ids.shape[1]
+        start = max(0, total - t - self.receptive)  # first position whose value is needed
+        # hash only a window: each needed position's n-gram reaches max_order-1 ids back,
+        # so generation costs O(1) per token however long the history
+        hash_start = max(0, start - (self.hasher.max_order - 1))
+        rows = self.hasher.addresses(ids[:, hash_start:])[:, start - hash_start :]
+        if self.track:
+            with torch.no_grad():
+                self.usage.index_add_(0, rows[:, -t:].reshape(-1), torch.ones_like(rows[:, -t:].reshape(-1)))
+        e = self.table(rows).flatten(2)  # (B, t', H*slot)
+        v = self.value_proj(e)
+        if self.conv_kernel > 0:
+            x = self.conv_norm(v).transpose(1, 2)
+            x = F.pad(x, (self.receptive, 0))
+            v = v + F.silu(self.conv(x)).transpose(1, 2)
+        k = self.key_proj(e) if self.key_proj is not None else None
+        v = v[:, -t:]
+        k = k[:, -t:] if k is not None else None
+        return v, k
+
+    def gate(self, hidden: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.gate == "context":
+            s = (self.norm_h(hidden) * self.norm_k(k)).sum(-1, keepdim=True) / math.sqrt(self.dim)
+            s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
+            return torch.sigmoid(s + self.gate_bias)
+        if self.cfg.gate == "learned":
+            return torch.sigmoid(self.gate_proj(torch.cat([hidden, v], -1)) + self.gate_bias)
+        return torch.sigmoid(self.gate_bias).expand(hidden.shape[:-1] + (1,))
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        t = hidden.shape[1]
+        v, k = self.values_and_keys(ids, t)
+        g = self.gate(hidden, v.to(hidden.dtype), None if k is None else k.to(hidden.dtype))
+        if self.track:
+            self.last_gate = g.detach().flatten().float()
+        return hidden + g * v.to(hidden.dtype)
+
+
+def memory_dims(build: BuildContext) -> tuple[int, int, int]:
+    """(width, vocabulary, number of layers) of the head the memory attaches to."""
+    head = build.head
+    if head is None:
+        raise ConfigError(None, "engram memories need a head (build.head is None)")
+    dims = getattr(head, "memory_dims", None)
+    if dims is None:
+        raise ConfigError(None, f"head {type(head).__name__} does not expose memory_dims() (width, vocab, layers)")
+    return dims()
+
+
+def check_layers(layers, n_layers: int, key: str = "layers") -> None:
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(key, f"layer index {bad[0]} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+
+
+def build_canonical(head) -> torch.Tensor:
+    texts = head.token_texts() if hasattr(head, "token_texts") else byte_token_texts()
+    return canonical_map(texts)
+
+
+class EngramHashMemory(Memory):
+    """Engram: hashed suffix n-grams (K heads per order, prime slices of one table per
+    layer), projected to keys and values, context-gated, added as a pure residual after
+    the chosen decoder layers. Addresses come from token ids only (`addresses(ids)`)."""
+
+    independent_batch_items = True
+
+    def __init__(self, cfg: EngramHashConfig, build: BuildContext):
+        super().__init__()
+        dim, vocab, n_layers = memory_dims(build)
+        check_layers(cfg.layers, n_layers)
+        self.cfg = cfg
+        canon = build_canonical(build.head) if cfg.canonical else None
+        self.blocks = nn.ModuleDict({str(i): self._make_block(cfg, dim, vocab, i, canon) for i in sorted(set(cfg.layers))})
+        self._unique: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
+
+    def _make_block(self, cfg, dim, vocab, layer, canon):
+        return EngramBlock(cfg, dim, vocab, layer, canon)
+
+    # -- the injection point -------------------------------------------------------
+    def apply_layer(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far."""
+        key = str(layer)
+        if not self.enabled or key not in self.blocks:
+            return hidden
+        if ids is None:
+            raise RuntimeError("engram memory needs token ids (the forward was given only embeddings)")
+        block = self.blocks[key]
+        if block.track:
+            self._observe(key, block, ids, hidden.shape[1])
+        return block(hidden, ids)
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        layer = int(next(iter(self.blocks))) if layer is None else layer
+        return self.apply_layer(layer, hidden, ids)
+
+    def addresses(self, ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """(B, T, H) table rows read at every position; computable ahead of the forward."""
+        key = next(iter(self.blocks)) if layer is None else str(layer)
+        return self.blocks[key].hasher.addresses(ids)
+
+    # -- telemetry ---------------------------------------------------------------
+    def _observe(self, key: str, block: EngramBlock, ids: torch.Tensor, t: int) -> None:
+        """Record the n-grams of the last t positions (with their full history)."""
+        with torch.no_grad():
+            lo = max(0, ids.shape[1] - t - (block.hasher.max_order - 1))
+            mixes = block.hasher.mixes(ids[:, lo:])[:, -t:].flatten(0, 1)  # (N, O)
+            buf = self._unique[key]
+            buf.append(mixes)
+            if sum(m.shape[0] for m in buf) > 200_000:
+                # keep memory bounded: deduplicate; beyond 150k distinct n-grams keep a
+                # subset (the collision estimate then covers those, still unbiased per head)
+                uniq = torch.unique(torch.cat(buf), dim=0)
+                keep = torch.randperm(uniq.shape[0], generator=torch.Generator().manual_seed(0))[:150_000]
+                self._unique[key] = [uniq[keep.to(uniq.device)]]
+
+    def collision_rate(self, layer: str | None = None) -> tuple[float, float]:
+        """(observed, birthday expectation) fraction of distinct n-grams sharing their slot
+        with another distinct n-gram, averaged over heads, since the last `stats()`."""
+        key = layer or next(iter(self.blocks))
+        buf = self._unique.get(key) or []
+        if not buf:
+            return float("nan"), float("nan")
+        return collision_stats(torch.cat(buf), self.blocks[key].hasher)
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        many = len(self.blocks) > 1
+        for key, block in self.blocks.items():
+            sfx = f"_l{key}" if many else ""
+            out[f"slot_utilisation{sfx}"] = float((block.usage > 0).float().mean())
+            obs, exp = self.collision_rate(key)
+            if math.isfinite(obs):
+                out[f"collision_rate{sfx}"] = obs
+                out[f"collision_rate_expected{sfx}"] = exp
+            if block.last_gate is not None:
+                out[f"gate_mean{sfx}"] = float(block.last_gate.mean())
+            self._unique[key] = []
+        return out
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Gate values of the last forward and per-row usage counts. The engine reads
+        `stats()` then `histograms()` at each evaluation; the gate record is cleared here,
+        so an evaluation with the memory knocked out reports no stale gate."""
+        out = {}
+        for key, block in self.blocks.items():
+            if block.last_gate is not None:
+                out["gate" if len(self.blocks) == 1 else f"gate_l{key}"] = block.last_gate
+            out["slot_usage" if len(self.blocks) == 1 else f"slot_usage_l{key}"] = block.usage.float()
+            block.last_gate = None
+            if hasattr(block, "last_content_gate"):
+                block.last_content_gate = None
+        return out
+
+    def reset(self) -> None:
+        for key, block in self.blocks.items():
+            block.usage.zero_()
+            block.last_gate = None
+            self._unique[key] = []
+
+    # -- pre-population ------------------------------------------------------------
+    def fit(self, ctx: FitContext, phrases: list[str] | None = None, from_split: str = "", scale: float = 1.0, max_phrases: int = 100000) -> dict[str, float]:
+        """Write embeddings of phrases at their hash addresses (the seed's pre-population).
+
+        Each position's rows receive the head's token embedding of that position's token,
+        projected into slot space by the least-squares inverse of the value projection, so
+        that reading the rows back gives (about) the token embedding. Rows hit by several
+        phrases get the mean. `phrases` is a list of texts, or `from_split` takes every
+        example's full text (prompt + completion) of that data split.
+        """
+        head = ctx.model.head
+        texts = list(phrases or [])
+        if from_split:
+            texts += [ex.prompt + ex.completion for ex in ctx.dataset.examples(from_split)]
+        if not texts:
+            raise ConfigError("options.phrases", "give phrases = [...] or from_split = '<split>' to pre-populate from")
+        texts = texts[:max_phrases]
+        written = 0
+        with torch.no_grad():
+            for block in self.blocks.values():
+                W = block.value_proj.weight  # (d, H*slot)
+                pinv = torch.linalg.pinv(W.float())  # (H*slot, d)
+                acc = torch.zeros_like(block.table.weight)
+                cnt = torch.zeros(block.table.weight.shape[0], device=acc.device)
+                for text in texts:
+                    ids = head.encode_text(text).to(acc.device)[None]
+                    emb = head.token_embeddings(ids)[0]  # (T, d)
+                    rows = block.hasher.addresses(ids)[0]  # (T, H)
+                    target = (emb.float() @ pinv.T) * scale  # (T, H*slot)
+                    target = target.view(rows.shape[0], rows.shape[1], -1)
+                    acc.index_add_(0, rows.reshape(-1), target.reshape(-1, target.shape[-1]))
+                    cnt.index_add_(0, rows.reshape(-1), torch.ones(rows.numel(), device=acc.device))
+                hit = cnt > 0
+                block.table.weight[hit] = (acc[hit] / cnt[hit, None]).to(block.table.weight.dtype)
+                written += int(hit.sum())
+        return {"prepopulated_rows": float(written), "prepopulated_phrases": float(len(texts))}
+
+
+def collision_stats(mixes: torch.Tensor, hasher: NgramHasher) -> tuple[float, float]:
+    """Observed vs birthday-bound collision fraction for distinct n-grams `mixes` (N, O)."""
+    rates, expected = [], []
+    for o in range(mixes.shape[1]):
+        uniq = torch.unique(mixes[:, o])
+        m = uniq.numel()
+        for j in range(hasher.heads_per_order):
+            h = o * hasher.heads_per_order + j
+            p = int(hasher.moduli[h])
+            slots = torch.remainder(uniq, p)
+            _, inverse, counts = torch.unique(slots, return_inverse=True, return_counts=True)
+            rates.append(float((counts[inverse] > 1).float().mean()))
+            expected.append(1.0 - (1.0 - 1.0 / p) ** (m - 1))
+    return sum(rates) / len(rates), sum(expected) / len(expected)
+
+
+# ---------------------------------------------------------------------------------
+@attrs.frozen
+class HybridHashContentConfig(EngramHashConfig):
+    """engram_hash plus content retrieval: the k table rows most similar to a query of the
+    hidden state, softly weighted, projected and gated separately, both added."""
+
+    top_k: int = field(8, help="rows retrieved by content similarity", validator=positive)
+    tau: float = field(1.0, help="softmax temperature over the k nearest rows' distances", validator=positive)
+
+
+class HybridBlock(EngramBlock):
+    def __init__(self, cfg: HybridHashContentConfig, dim, vocab, layer, canonical):
+        super().__init__(cfg, dim, vocab, layer, canonical)
+        self.query = nn.Linear(dim, cfg.slot_dim, bias=False)
+        self.content_value = nn.Linear(cfg.slot_dim, dim, bias=False)
+        self.content_gate = nn.Linear(2 * dim, 1)
+        nn.init.normal_(self.content_gate.weight, std=0.02)
+        nn.init.constant_(self.content_gate.bias, -2.0)
+        self.top_k = cfg.top_k
+        self.tau = cfg.tau
+        self.last_content_gate: torch.Tensor | None = None
+
+    def forward(self, hidden, ids):
+        from engram_core.nn import soft_topk
+
+        out = super().forward(hidden, ids)
+        q = self.query(hidden)
+        table = self.table.weight
+        retrieved, _ = soft_topk(q, table, table, self.top_k, self.tau)  # (B, t, slot)
+        c = self.content_value(retrieved)
+        g = torch.sigmoid(self.content_gate(torch.cat([hidden, c], -1)))
+        if self.track:
+            self.last_content_gate = g.detach().flatten().float()
+        return out + g * c
+
+
+class HybridHashContentMemory(EngramHashMemory):
+    """Hash retrieval (ids) plus content retrieval (top-k table rows nearest a query of the
+    hidden state), each projected and gated, both added as residuals. Content retrieval
+    scans the whole table: use it with tables of ~10^5 rows or fewer. Dense gradients."""
+
+    def __init__(self, cfg: HybridHashContentConfig, build: BuildContext):
+        if cfg.sparse:
+            raise ConfigError("sparse", "hybrid_hash_content reads the whole table by similarity; sparse gradients do not apply")
+        super().__init__(cfg, build)
+
+    def _make_block(self, cfg, dim, vocab, layer, canon):
+        return HybridBlock(cfg, dim, vocab, layer, canon)
+
+    def stats(self):
+        out = super().stats()
+        for key, block in self.blocks.items():
+            if block.last_content_gate is not None:
+                out["content_gate_mean" + (f"_l{key}" if len(self.blocks) > 1 else "")] = float(block.last_content_gate.mean())
+        return out
+

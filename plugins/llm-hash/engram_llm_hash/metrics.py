@@ -1,0 +1,85 @@
+"""Exact-match accuracy by greedy generation, overall and per category, with latency."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import attrs
+import torch
+
+from engram_core.components import BuildContext, Metric
+from engram_core.config import field, in_range, non_negative
+
+
+@attrs.frozen
+class ExactMatchMetricConfig:
+    """Greedy generation from each prompt; a hit when the text up to EOS equals the answer."""
+
+    use_cache: bool = field(True, help="generate with the KV cache")
+    max_examples: int = field(0, help="evaluate at most this many examples of the split (0 = all)", validator=non_negative)
+    max_new_tokens: int = field(0, help="generation budget; 0 = longest answer + 2", validator=non_negative)
+    batch_size: int = field(0, help="prompts per generate call (0 = the stage's batch size)", validator=in_range(0, None))
+
+
+class ExactMatchMetric(Metric):
+    """`exact_match`, `exact_match_<category>` (for long_recall the categories are the
+    distraction buckets), `gen_ms_per_token` and `gen_ms_per_example`. Prompts are
+    grouped by token length, so no prompt is padded (padding would shift learned
+    positions and make results depend on batch composition)."""
+
+    def __init__(self, cfg: ExactMatchMetricConfig, build: BuildContext):
+        self.cfg = cfg
+
+    def batches(self, dataset, split, batch_size):
+        codec = dataset.codec
+        exs = dataset.examples(split)
+        if self.cfg.max_examples:
+            exs = exs[: self.cfg.max_examples]
+        bs = self.cfg.batch_size or batch_size
+        groups: dict[int, list] = defaultdict(list)
+        for ex in exs:
+            groups[len(codec.prompt_ids(ex.prompt))].append(ex)
+        budget = self.cfg.max_new_tokens or (max(len(codec.encode(e.completion)) for e in exs) + 2 if exs else 1)
+        for n in sorted(groups):
+            g = groups[n]
+            for i in range(0, len(g), bs):
+                chunk = g[i : i + bs]
+                ids = torch.tensor([codec.prompt_ids(e.prompt) for e in chunk], dtype=torch.long)
+                yield {"prompt_ids": ids, "answers": [e.completion for e in chunk], "category": [e.category for e in chunk], "budget": budget}
+
+    def reset(self):
+        self.hits: dict[str, int] = defaultdict(int)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.gen_s = 0.0
+        self.gen_tokens = 0
+        self.n = 0
+
+    def update(self, model, batch):
+        codec = self.ctx.dataset.codec if self.ctx is not None else None
+        head = model.head
+        ids = batch["prompt_ids"]
+        dev = next(head.parameters()).device
+        ids = ids.to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        out = head.generate(ids, batch["budget"], use_cache=self.cfg.use_cache, eos_id=codec.eos_id)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.gen_s += time.perf_counter() - t
+        self.gen_tokens += out.shape[0] * out.shape[1]
+        self.n += out.shape[0]
+        for row, ans, cat in zip(out, batch["answers"], batch["category"]):
+            hit = int(codec.decode(row.tolist()) == ans)
+            self.hits[cat] += hit
+            self.counts[cat] += 1
+
+    def compute(self):
+        total = sum(self.counts.values())
+        out = {"exact_match": sum(self.hits.values()) / total if total else 0.0}
+        for cat in sorted(self.counts):
+            out[f"exact_match_{cat}"] = self.hits[cat] / self.counts[cat]
+        out["gen_ms_per_token"] = 1000 * self.gen_s / max(self.gen_tokens, 1)
+        out["gen_ms_per_example"] = 1000 * self.gen_s / max(self.n, 1)
+        return out

@@ -1,0 +1,194 @@
+"""Metrics: answer accuracy per mode and budget (with chance beside), collapse
+diagnostics of the memory, and the seed's gradient check."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from engram_core.components import BuildContext, Metric
+from engram_core.config import ConfigError, field, positive
+
+from .objectives import _check_modes, answer_ce, oracle_target
+from .reader import MODES
+
+
+def _dataset_budgets(dataset, budgets):
+    return list(budgets) if budgets else list(dataset.spec.budgets)
+
+
+@attrs.frozen
+class DigitAccuracyConfig:
+    """Accuracy of the answer digit (argmax over the ten digit tokens) per mode and budget."""
+
+    modes: list[str] = field(factory=lambda: ["discard", "summary", "latent", "oracle_kv"],
+                             help=f"reader modes to evaluate: {', '.join(MODES)}")
+    budgets: list[int] = field(factory=list, help="budgets (kept context tokens); [] = the data set's `budgets`")
+    max_examples: int = field(512, help="evaluation episodes used (the first ones of the split)", validator=positive)
+
+
+class DigitAccuracy(Metric):
+    """`acc/<mode>_b<budget>` for every mode × budget, and `acc/chance` (0.1) beside them."""
+
+    def __init__(self, cfg: DigitAccuracyConfig, build: BuildContext):
+        _check_modes(cfg.modes, build)
+        if build.spec is not None:
+            for b in cfg.budgets:
+                if b >= build.spec.min_context_len:
+                    raise ConfigError("budgets", f"budget {b} is larger than the prompt allows "
+                                                 f"(shortest context {build.spec.min_context_len} tokens)")
+        self.cfg = cfg
+        self.chance = build.spec.chance if build.spec is not None else 0.1
+
+    def batches(self, dataset, split, batch_size):
+        n = min(self.cfg.max_examples, dataset.num_examples(split))
+        for budget in _dataset_budgets(dataset, self.cfg.budgets):
+            for i in range(0, n, batch_size):
+                yield dataset.make_batch(dataset.episodes(split, range(i, min(n, i + batch_size))), budget)
+
+    def reset(self):
+        self.correct: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def update(self, model, batch):
+        budget = int(batch["budget"][0])
+        for mode in self.cfg.modes:
+            if mode == "latent" and not model.head.memory_active:
+                continue  # memory knocked out (stage memory = false) or absent: no latent column
+            logits = model.head.answer_logits(batch, mode)
+            hit = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float().sum()
+            key = f"acc/{mode}_b{budget}"
+            self.correct[key] = self.correct.get(key, 0.0) + float(hit)
+            self.count[key] = self.count.get(key, 0) + int(batch["digit"].shape[0])
+
+    def compute(self):
+        out = {k: self.correct[k] / max(self.count[k], 1) for k in self.correct}
+        out["acc/chance"] = float(self.chance)
+        return out
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of (N, F) — Roy & Vetterli 2007.
+    Uncentred on purpose: a constant memory has effective rank ~1."""
+    s = torch.linalg.svdvals(x.double())
+    p = s / s.sum().clamp_min(1e-12)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@attrs.frozen
+class CollapseConfig:
+    """Collapse diagnostics of the memory over the first `max_examples` eval episodes."""
+
+    budget: int = field(0, help="budget the memory input is cut at; 0 = the data set's training budget")
+    max_examples: int = field(256, help="episodes used", validator=positive)
+
+
+class Collapse(Metric):
+    """The seed's conditioning check, in numbers:
+
+    collapse/batch_cos        mean pairwise cosine of flattened memory across episodes (≈1: constant)
+    collapse/consecutive_cos  cosine between the memories of consecutive episodes
+    collapse/erank            effective rank of the (episodes × K·D) memory matrix
+    collapse/rel_spread       mean across-episode std per coordinate / RMS of the memory
+    collapse/centroid_acc     nearest-digit-centroid accuracy (first half fits, second half
+                              tests): does the memory carry the answer digit at all?
+    collapse/oracle_cos_digit, collapse/oracle_cos_kv   cosine of slot-pooled memory to each oracle target
+    """
+
+    def __init__(self, cfg: CollapseConfig, build: BuildContext):
+        self.cfg = cfg
+
+    def batches(self, dataset, split, batch_size):
+        n = min(self.cfg.max_examples, dataset.num_examples(split))
+        budget = self.cfg.budget or dataset.spec.budget
+        for i in range(0, n, batch_size):
+            yield dataset.make_batch(dataset.episodes(split, range(i, min(n, i + batch_size))), budget)
+
+    def reset(self):
+        self.mem, self.digits, self.cos_digit, self.cos_kv = [], [], [], []
+
+    def update(self, model, batch):
+        head = model.head
+        if not head.memory_active:
+            raise ConfigError("type", "the collapse metric needs an active memory (a [memory] table, stage memory = true)")
+        prefix = head.write_memory(batch).float()
+        self.mem.append(prefix.cpu())
+        self.digits.append(batch["digit"].cpu())
+        pooled = prefix.mean(1)
+        if "gold_digit_ids" in batch:
+            self.cos_digit.append(F.cosine_similarity(pooled, oracle_target(head, batch, "gold_digit"), dim=-1).cpu())
+            self.cos_kv.append(F.cosine_similarity(pooled, oracle_target(head, batch, "gold_kv"), dim=-1).cpu())
+
+    def compute(self):
+        mem = torch.cat(self.mem)  # (N, K, D)
+        digits = torch.cat(self.digits)
+        flat = mem.flatten(1)
+        z = F.normalize(flat, dim=-1)
+        n = z.shape[0]
+        sim = z @ z.t()
+        out = {
+            "collapse/batch_cos": float((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)),
+            "collapse/consecutive_cos": float((z[1:] * z[:-1]).sum(-1).mean()) if n > 1 else 1.0,
+            "collapse/erank": effective_rank(flat),
+            "collapse/rel_spread": float(flat.std(0).mean() / flat.pow(2).mean().sqrt().clamp_min(1e-12)),
+        }
+        half = n // 2
+        fit_x, fit_y, test_x, test_y = flat[:half], digits[:half], flat[half:], digits[half:]
+        present = [d for d in range(10) if bool((fit_y == d).any())]
+        if present and len(test_y):
+            cents = torch.stack([fit_x[fit_y == d].mean(0) for d in present])
+            pred = torch.tensor(present)[torch.cdist(test_x, cents).argmin(1)]
+            out["collapse/centroid_acc"] = float((pred == test_y).float().mean())
+        if self.cos_digit:
+            out["collapse/oracle_cos_digit"] = float(torch.cat(self.cos_digit).mean())
+            out["collapse/oracle_cos_kv"] = float(torch.cat(self.cos_kv).mean())
+        return out
+
+
+@attrs.frozen
+class GradCheckConfig:
+    """The seed's gradient check: how much gradient of the answer CE reaches the encoder."""
+
+    n_batches: int = field(2, help="eval batches the gradient is averaged over", validator=positive)
+    mode: str = field("latent", help="reader mode whose answer CE is differentiated")
+
+
+class GradCheck(Metric):
+    """`debug/encoder_grad_norm` (memory parameters) and `debug/reader_grad_norm` (head
+    parameters that currently train), of the answer CE; training gradients are left intact."""
+
+    needs_grad = True
+
+    def __init__(self, cfg: GradCheckConfig, build: BuildContext):
+        _check_modes([cfg.mode], build, "mode")
+        self.cfg = cfg
+
+    def batches(self, dataset, split, batch_size):
+        n = dataset.num_examples(split)
+        for j in range(self.cfg.n_batches):
+            lo = (j * batch_size) % n
+            yield dataset.make_batch(dataset.episodes(split, range(lo, min(n, lo + batch_size))), dataset.spec.budget)
+
+    def reset(self):
+        self.enc, self.rdr, self.n = 0.0, 0.0, 0
+
+    def update(self, model, batch):
+        params = [p for p in model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        ce, _, _ = answer_ce(model.head, batch, self.cfg.mode, digits_only=False)
+        ce.backward()
+        mem = model.memory
+        enc = [p.grad for p in (mem.parameters() if mem is not None else []) if p.grad is not None]
+        rdr = [p.grad for p in model.head.parameters() if p.grad is not None]
+        self.enc += float(torch.sqrt(sum((g.float().pow(2).sum() for g in enc), torch.tensor(0.0))))
+        self.rdr += float(torch.sqrt(sum((g.float().pow(2).sum() for g in rdr), torch.tensor(0.0))))
+        self.n += 1
+        for p, g in zip(params, saved):
+            p.grad = g
+
+    def compute(self):
+        return {"debug/encoder_grad_norm": self.enc / max(self.n, 1), "debug/reader_grad_norm": self.rdr / max(self.n, 1)}

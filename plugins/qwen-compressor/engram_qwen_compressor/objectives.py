@@ -1,0 +1,235 @@
+"""Objectives of the compressor: answer CE through the reader, oracle-target cosine,
+contrastive anti-collapse (supervised InfoNCE, positives by answer digit), and a
+weighted combination of them (`compressor_loss`).
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from engram_core.components import BuildContext, Objective
+from engram_core.config import ConfigError, field, non_negative, one_of, positive
+
+from .reader import MODES, ORACLE_MODES
+
+ORACLE_TARGETS = ("gold_digit", "gold_kv")
+
+
+def _check_modes(modes, build: BuildContext, key: str = "modes") -> None:
+    if not modes:
+        raise ConfigError(key, "needs at least one mode")
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(key, f"unknown mode {m!r}; modes: {', '.join(MODES)}")
+        if m in ORACLE_MODES and build.spec is not None and not build.spec.gold_fields:
+            raise ConfigError(key, f"mode {m!r} needs gold fields: set data.gold_fields = true")
+
+
+def _check_budgets(budgets, build: BuildContext) -> None:
+    if build.spec is None:
+        return
+    for b in budgets:
+        if b <= 0 or b >= build.spec.min_context_len:
+            raise ConfigError("budgets", f"budget {b} is larger than the prompt allows "
+                                         f"(shortest context {build.spec.min_context_len} tokens) or not positive")
+
+
+def _sample(cfg, dataset, split, batch_size, generator):
+    """A batch at a random one of `cfg.budgets` (else the data set's budget); with
+    `overfit_one`, `batch_size` copies of the split's first episode (the seed's debug mode)."""
+    budget = None
+    if cfg.budgets:
+        budget = cfg.budgets[int(torch.randint(0, len(cfg.budgets), (1,), generator=generator))]
+    if getattr(cfg, "overfit_one", False):
+        return dataset.make_batch(dataset.episodes(split, [0] * batch_size), budget or dataset.spec.budget)
+    return dataset.sample(split, batch_size, generator, budget=budget)
+
+
+def _check_target(target: str, build: BuildContext) -> None:
+    if build.spec is not None and not build.spec.gold_fields:
+        raise ConfigError("oracle_target", f"oracle target {target!r} needs gold fields: set data.gold_fields = true")
+
+
+def answer_ce(head, batch: dict, mode: str, digits_only: bool):
+    """(mean CE, accuracy over digits, prefix or None) of the answer token under `mode`."""
+    logits, prefix = head.answer_logits(batch, mode, return_prefix=True)
+    digit_logits = head.digit_logits(logits)
+    if digits_only:
+        ce = F.cross_entropy(digit_logits, batch["digit"])
+    else:
+        ce = F.cross_entropy(logits, batch["answer"])
+    acc = (digit_logits.argmax(-1) == batch["digit"]).float().mean()
+    return ce, acc, prefix
+
+
+def oracle_target(head, batch: dict, target: str) -> torch.Tensor:
+    """The reader-space vector the memory is pulled towards: the gold digit's token
+    embedding, or the mean token embedding of the gold statement (template-dominated)."""
+    if target == "gold_digit":
+        if "gold_digit_ids" not in batch:
+            raise ConfigError("oracle_target", "needs gold fields: set data.gold_fields = true")
+        return head.embed(batch["gold_digit_ids"])[:, 0]
+    if "gold_kv_ids" not in batch:
+        raise ConfigError("oracle_target", "needs gold fields: set data.gold_fields = true")
+    emb = head.embed(batch["gold_kv_ids"])
+    m = batch["gold_kv_mask"].to(emb.dtype)[..., None]
+    return (emb * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def oracle_cosine(prefix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between the slot-pooled memory and the (detached) oracle target."""
+    return F.cosine_similarity(prefix.mean(1), target.detach(), dim=-1).mean()
+
+
+def supervised_info_nce(vectors: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupCon / InfoNCE over the batch: each item's positives are the other items with the
+    same label; items with no positive are skipped. Zero when no item has a positive."""
+    z = F.normalize(vectors.flatten(1), dim=-1)
+    sim = z @ z.t() / temperature
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    n_pos = pos.sum(1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return vectors.sum() * 0.0
+    per_item = -(log_prob.masked_fill(~pos, 0.0).sum(1)[has] / n_pos[has])
+    return per_item.mean()
+
+
+@attrs.frozen
+class AnswerCEConfig:
+    """Cross-entropy of the answer digit through the reader, averaged over `modes`."""
+
+    modes: list[str] = field(factory=lambda: ["latent"], help=f"reader input modes, each a forward pass: {', '.join(MODES)}")
+    digits_only: bool = field(False, help="softmax over the ten digit tokens only (else over the whole vocabulary)")
+    budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")
+
+
+class AnswerCE(Objective):
+    """Answer CE; `modes = ["full", "summary"]` pretrains the reader, `["latent"]` trains the memory."""
+
+    def __init__(self, cfg: AnswerCEConfig, build: BuildContext):
+        super().__init__()
+        _check_modes(cfg.modes, build)
+        _check_budgets(cfg.budgets, build)
+        self.cfg = cfg
+
+    def sample(self, dataset, split, batch_size, generator):
+        return _sample(self.cfg, dataset, split, batch_size, generator)
+
+    def forward(self, model, batch):
+        total, terms = 0.0, {}
+        for mode in self.cfg.modes:
+            ce, acc, _ = answer_ce(model.head, batch, mode, self.cfg.digits_only)
+            total = total + ce
+            terms[f"ce_{mode}"] = ce.detach()
+            terms[f"acc_{mode}"] = acc.detach()
+        return total / len(self.cfg.modes), terms
+
+
+@attrs.frozen
+class CompressorLossConfig:
+    """Weighted sum of answer CE, oracle-target cosine and contrastive terms on `mode`'s memory."""
+
+    mode: str = field("latent", help="reader mode the terms are computed in (memory terms need 'latent')", validator=one_of(*MODES))
+    ce_weight: float = field(1.0, help="weight of the answer cross-entropy", validator=non_negative)
+    cosine_weight: float = field(0.0, help="weight of (1 - cos(memory, oracle target))", validator=non_negative)
+    oracle_target: str = field("gold_digit", help="'gold_digit' (digit embedding) or 'gold_kv' (mean statement embedding)",
+                               validator=one_of(*ORACLE_TARGETS))
+    contrastive_weight: float = field(0.0, help="weight of the supervised InfoNCE on memory vectors", validator=non_negative)
+    temperature: float = field(0.1, help="InfoNCE temperature", validator=positive)
+    digits_only: bool = field(False, help="answer CE over the ten digit tokens only")
+    budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")
+    overfit_one: bool = field(False, help="debug (overfit-one): every batch is the split's first episode, repeated")
+
+    def __attrs_post_init__(self):
+        if self.ce_weight + self.cosine_weight + self.contrastive_weight <= 0:
+            raise ConfigError("ce_weight", "at least one of ce_weight, cosine_weight, contrastive_weight must be > 0")
+        if (self.cosine_weight or self.contrastive_weight) and self.mode != "latent":
+            raise ConfigError("mode", f"cosine/contrastive terms act on learned memory: mode must be 'latent', got {self.mode!r}")
+
+
+class CompressorLoss(Objective):
+    """`ce_weight·CE + cosine_weight·(1 − cos(memory, target)) + contrastive_weight·InfoNCE`.
+
+    Every term is logged (also those with weight 0, as diagnostics): `train/ce`,
+    `train/acc`, `train/oracle_cos`, `train/info_nce`.
+    """
+
+    def __init__(self, cfg: CompressorLossConfig, build: BuildContext):
+        super().__init__()
+        _check_modes([cfg.mode], build, "mode")
+        if cfg.cosine_weight > 0:
+            _check_target(cfg.oracle_target, build)
+        _check_budgets(cfg.budgets, build)
+        self.cfg = cfg
+
+    def sample(self, dataset, split, batch_size, generator):
+        return _sample(self.cfg, dataset, split, batch_size, generator)
+
+    def forward(self, model, batch):
+        c = self.cfg
+        ce, acc, prefix = answer_ce(model.head, batch, c.mode, c.digits_only)
+        loss = c.ce_weight * ce
+        terms = {"ce": ce.detach(), "acc": acc.detach()}
+        if prefix is not None and c.mode == "latent":
+            gold_key = "gold_digit_ids" if c.oracle_target == "gold_digit" else "gold_kv_ids"
+            if c.cosine_weight > 0 or gold_key in batch:  # logged as a diagnostic whenever gold fields exist
+                cos = oracle_cosine(prefix, oracle_target(model.head, batch, c.oracle_target))
+                terms["oracle_cos"] = cos.detach()
+                if c.cosine_weight > 0:
+                    loss = loss + c.cosine_weight * (1.0 - cos)
+            nce = supervised_info_nce(prefix, batch["digit"], c.temperature)
+            terms["info_nce"] = nce.detach()
+            if c.contrastive_weight > 0:
+                loss = loss + c.contrastive_weight * nce
+        return loss, terms
+
+
+@attrs.frozen
+class OracleCosineConfig:
+    """Only the oracle-target cosine (the seed's "oracle target" training)."""
+
+    oracle_target: str = field("gold_digit", help="'gold_digit' or 'gold_kv' (reproduces the template false positive)",
+                               validator=one_of(*ORACLE_TARGETS))
+
+
+class OracleCosine(Objective):
+    """`1 − cos(mean-pooled memory, oracle target)`; also logs the answer accuracy it gives."""
+
+    def __init__(self, cfg: OracleCosineConfig, build: BuildContext):
+        super().__init__()
+        _check_target(cfg.oracle_target, build)
+        self.cfg = cfg
+
+    def forward(self, model, batch):
+        logits, prefix = model.head.answer_logits(batch, "latent", return_prefix=True)
+        cos = oracle_cosine(prefix, oracle_target(model.head, batch, self.cfg.oracle_target))
+        acc = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float().mean()
+        return 1.0 - cos, {"oracle_cos": cos.detach(), "acc": acc.detach()}
+
+
+@attrs.frozen
+class ContrastiveConfig:
+    """Only the supervised InfoNCE on memory vectors (positives: same answer digit)."""
+
+    temperature: float = field(0.1, help="InfoNCE temperature", validator=positive)
+
+
+class Contrastive(Objective):
+    def __init__(self, cfg: ContrastiveConfig, build: BuildContext):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, model, batch):
+        head = model.head
+        if not head.memory_active:
+            raise ConfigError("type", "the contrastive objective needs a memory table")
+        prefix = head.write_memory(batch)
+        nce = supervised_info_nce(prefix, batch["digit"], self.cfg.temperature)
+        return nce, {"info_nce": nce.detach()}

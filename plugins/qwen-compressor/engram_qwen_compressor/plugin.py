@@ -1,0 +1,49 @@
+"""Hook implementations of the `qwen-compressor` plugin."""
+
+from engram_core.hookspecs import hookimpl
+
+from .data import DigitKVConfig, DigitKVDataset
+from .memory import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
+from .metrics import Collapse, CollapseConfig, DigitAccuracy, DigitAccuracyConfig, GradCheck, GradCheckConfig
+from .objectives import (
+    AnswerCE,
+    AnswerCEConfig,
+    CompressorLoss,
+    CompressorLossConfig,
+    Contrastive,
+    ContrastiveConfig,
+    OracleCosine,
+    OracleCosineConfig,
+)
+from .reader import CompressorReader, ReaderConfig
+
+
+@hookimpl
+def engram_datasets(register):
+    register("digit_kv", DigitKVDataset, DigitKVConfig, provides=("digit_kv",))
+
+
+@hookimpl
+def engram_heads(register):
+    register("reader", CompressorReader, ReaderConfig, provides=("reader", "causal_lm"), offers=("context",))
+
+
+@hookimpl
+def engram_memories(register):
+    register("mem_encoder", MemEncoder, MemEncoderConfig, provides=("context",), requires=("digit_kv",))
+    register("reader_encoder", ReaderEncoder, ReaderEncoderConfig, provides=("context",), requires=("reader",))
+
+
+@hookimpl
+def engram_objectives(register):
+    register("answer_ce", AnswerCE, AnswerCEConfig, requires=("reader", "digit_kv"))
+    register("compressor_loss", CompressorLoss, CompressorLossConfig, requires=("reader", "digit_kv"))
+    register("oracle_cosine", OracleCosine, OracleCosineConfig, requires=("reader", "context", "digit_kv"))
+    register("contrastive", Contrastive, ContrastiveConfig, requires=("reader", "context", "digit_kv"))
+
+
+@hookimpl
+def engram_metrics(register):
+    register("digit_accuracy", DigitAccuracy, DigitAccuracyConfig, requires=("reader", "digit_kv"))
+    register("collapse", Collapse, CollapseConfig, requires=("reader", "context", "digit_kv"))
+    register("grad_check", GradCheck, GradCheckConfig, requires=("reader", "digit_kv"))
