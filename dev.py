@@ -36,10 +36,18 @@ def packages() -> list[str]:
     """Core (with test extras), every plugin under plugins/, and the example plugin."""
     pkgs = ["-e", ".[test]"]
     for d in sorted((ROOT / "plugins").glob("*/pyproject.toml")):
-        pkgs += ["-e", str(d.parent.relative_to(ROOT))]
+        extra = "[test]" if _has_test_extra(d) else ""  # e.g. transformers for audio-mimi's export tests
+        pkgs += ["-e", f"{d.parent.relative_to(ROOT)}{extra}"]
     for d in sorted((ROOT / "examples").glob("*/pyproject.toml")):
         pkgs += ["-e", str(d.parent.relative_to(ROOT))]
     return pkgs
+
+
+def _has_test_extra(pyproject: Path) -> bool:
+    import tomllib
+
+    data = tomllib.loads(pyproject.read_text())
+    return "test" in data.get("project", {}).get("optional-dependencies", {})
 
 
 def setup() -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EngramError, RecipeError
@@ -184,7 +185,7 @@ def _describe(console: Console, kind: str, name: str) -> int:
     for col in ("key", "type", "default", "help"):
         table.add_column(col, overflow="fold")
     for f in config_fields(comp.config_cls):
-        table.add_row(f["name"], f["type"], f["default"], f["help"])
+        table.add_row(escape(f["name"]), escape(f["type"]), escape(f["default"]), escape(f["help"]))
     console.print(table)
     return 0
 
@@ -210,7 +211,7 @@ def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
 
 
 def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
-    stages = summary.get("stages") or {}
+    stages = {k: v for k, v in (summary.get("stages") or {}).items() if v}
     if stages:
         tags: list[str] = []
         for res in stages.values():

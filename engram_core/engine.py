@@ -269,6 +269,7 @@ class Engine:
         t_log = time.perf_counter()
         steps_since = 0
         opt_ref = opts[0] if len(opts) == 1 else opts
+        evaluates = bool(self.metrics) and st.metrics != ()  # `metrics = []`: this stage does not evaluate
         self.progress.start(st.name, st.steps, start)
         for s in range(start, st.steps):
             batch = to_device(objective.sample(self.dataset, st.split, st.batch_size, self.sampler), self.device)
@@ -315,12 +316,12 @@ class Engine:
                 for fn in step_hooks:
                     fn(ev)
             last = done == st.steps
-            if st.eval_every and done % st.eval_every == 0 and not last:
+            if evaluates and st.eval_every and done % st.eval_every == 0 and not last:
                 self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=False)
             if st.checkpoint_every and done % st.checkpoint_every == 0 and not last:
                 self._checkpoint(index, done, False, opts, scheds)
         self.progress.finish()
-        if self.metrics:
+        if evaluates:
             self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=True)
         self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, opt_ref, self.run_dir, st.steps, st.steps), objective)
         self._set_memory(True)

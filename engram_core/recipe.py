@@ -210,9 +210,23 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, parse_value(value.strip())
 
 
+def split_key(path: str) -> list[str]:
+    """Dotted key parts, TOML-style: `sweep."stages.2.steps"` is two parts."""
+    try:
+        node: Any = tomllib.loads(f"{path} = 0")
+    except tomllib.TOMLDecodeError:
+        return path.split(".")
+    parts = []
+    while isinstance(node, dict) and len(node) == 1:
+        key = next(iter(node))
+        parts.append(key)
+        node = node[key]
+    return parts
+
+
 def apply_override(raw: dict, path: str, value: Any, what: str = "override") -> None:
     """Set `path` (dotted, 0-based list indices) in the raw recipe, or raise RecipeError."""
-    parts = path.split(".")
+    parts = split_key(path)
     head = parts[0]
     label = f"{what} {path}"
     if head not in SECTIONS:
@@ -248,6 +262,9 @@ def _step(node: Any, part: str, where: str, label: str, create: bool) -> Any:
     if isinstance(node, dict):
         if part not in node:
             if where.count(".") == 0 and part in ("run", "sweep"):
+                node[part] = {}
+                return node[part]
+            if where.count(".") > 0:  # a nested config table left to its defaults
                 node[part] = {}
                 return node[part]
             raise RecipeError([(where, f"{label}: the recipe has no '{where}'{did_you_mean(part, node.keys())}")])

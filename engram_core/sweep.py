@@ -85,25 +85,37 @@ def write_sweep_tables(sweep_dir: Path, plan: list[dict]) -> str:
     for entry in plan:
         sp = sweep_dir / entry["dir"] / "summary.json"
         summary = json.loads(sp.read_text()) if sp.exists() else {"status": "not run", "final": {}}
-        for k in summary.get("final", {}):
+        values = _columns(summary)
+        for k in values:
             if k not in metric_cols:
                 metric_cols.append(k)
-        rows.append((entry, summary))
+        rows.append((entry, values | {"status": summary.get("status", "?")}))
     keys = list(plan[0]["point"]) if plan else []
     header = ["point", *keys, "status", *metric_cols]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry, summary in rows:
-        vals = [entry["dir"], *[value_label(entry["point"][k]) for k in keys], summary.get("status", "?")]
-        mvals = [summary.get("final", {}).get(c) for c in metric_cols]
+    for entry, values in rows:
+        vals = [entry["dir"], *[value_label(entry["point"][k]) for k in keys], values["status"]]
+        mvals = [values.get(c) for c in metric_cols]
         w.writerow(vals + ["" if v is None else v for v in mvals])
         md.append("| " + " | ".join(vals + ["-" if v is None else f"{v:.4g}" for v in mvals]) + " |")
     atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
     text = "\n".join(md) + "\n"
     atomic_write_text(sweep_dir / "sweep.md", text)
     return text
+
+
+def _columns(summary: dict) -> dict[str, float]:
+    """Final metrics, then every earlier stage's as `<stage>:<tag>` (pre vs post in one row)."""
+    out = dict(summary.get("final", {}))
+    stages = {k: v for k, v in summary.get("stages", {}).items() if v}
+    last = list(stages)[-1] if stages else None
+    for name, res in stages.items():
+        if name != last:
+            out.update({f"{name}:{tag}": v for tag, v in res.items()})
+    return out
 
 
 def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet: bool = False) -> int:

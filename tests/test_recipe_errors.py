@@ -118,3 +118,13 @@ def test_unmatched_parameter_glob_fails_before_training(tmp_path):
 ])
 def test_more_bad_values(override, needle):
     one_line_error(run_cli(MINIMAL, override, "--dry-run"), needle)
+
+
+def test_override_keys_follow_toml_dotted_key_rules():
+    from engram_core.recipe import apply_override, split_key
+
+    assert split_key('sweep."stages.2.steps"') == ["sweep", "stages.2.steps"]
+    raw = {"data": {"type": "x"}, "stages": [{"steps": 1}]}
+    apply_override(raw, "data.synthetic.dim", 512)  # nested table left to its defaults
+    apply_override(raw, 'sweep."stages.0.steps"', [1, 2])
+    assert raw["data"]["synthetic"] == {"dim": 512} and raw["sweep"] == {"stages.0.steps": [1, 2]}

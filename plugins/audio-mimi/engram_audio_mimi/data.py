@@ -33,7 +33,8 @@ class ZdynConfig:
 
     path: str = field("", help="zdyn zarr store written by engram-audio-export; empty = the embedded synthetic default")
     split_file: str = field(
-        "", help='JSON file {"train": (speaker ids), "eval": (speaker ids)} as lists; empty = random speaker split from split_seed'
+        "",
+        help='JSON file {"train": (speaker ids), "eval": (speaker ids)} as lists; empty = random speaker split from split_seed',
     )
     eval_fraction: float = field(
         0.2, help="fraction of speakers held out for eval (without split_file)", validator=in_range(0.0, 1.0)

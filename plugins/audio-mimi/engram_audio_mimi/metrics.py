@@ -198,7 +198,8 @@ class KappaStatsConfig:
 
 class KappaStatsMetric(Metric):
     """`vmf/kappa_mean`, `vmf/kappa_median`, `vmf/log_kappa_std`, `vmf/expected_cos` (mean A_D(κ)),
-    `vmf/true_cos` (mean cos(μ_dir, true direction)), `vmf/log_m_error` (mean |E[log m] − log ‖Δz‖|)."""
+    `vmf/log_m_error` (mean |E[log m] − log ‖Δz‖|). Compare `vmf/expected_cos` with
+    `eval/direction_cos` (the measured cosine of μ_dir with Δz) to check κ's calibration."""
 
     def __init__(self, cfg: KappaStatsConfig, build: BuildContext):
         head = build.head
@@ -208,7 +209,6 @@ class KappaStatsMetric(Metric):
     def reset(self):
         self.log_kappa = []
         self.expected = 0.0
-        self.true_cos = 0.0
         self.log_m_err = 0.0
         self.n = 0
 
@@ -220,7 +220,6 @@ class KappaStatsMetric(Metric):
         dz = batch["dz"]
         self.log_kappa.append(c["log_kappa"].detach().double().cpu())
         self.expected += float(vmf_mean_resultant(head.dim, c["kappa"]).sum())
-        self.true_cos += float(F.cosine_similarity(c["direction"], dz, dim=-1).double().sum())
         self.log_m_err += float((c["mu_log_m"] - dz.norm(dim=-1).clamp_min(1e-12).log()).abs().double().sum())
         self.n += dz.shape[0]
 

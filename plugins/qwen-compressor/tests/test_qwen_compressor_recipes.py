@@ -10,16 +10,21 @@ from engram_core.testing.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 NAMES = ["budget_sweep", "collapse_debug", "template_oracle", "lora_reader", "contrastive", "overfit_one", "reader_as_encoder"]
-SHRINK = [
-    "data.n_train=48", "data.n_eval=8",
-    "stages.0.options={steps = 2, lr = 1e-3, batch_size = 4, modes = [\"summary\"], budgets = [64]}",
-    "stages.1.steps=2", "stages.1.batch_size=4", "stages.1.eval_every=0",
-    "metrics.0.max_examples=8", "metrics.1.max_examples=8",
-]
+TRAIN_STAGE = {"collapse_debug": 2}  # index of the training stage (1 elsewhere)
+
+
+def shrink(name):
+    i = TRAIN_STAGE.get(name, 1)
+    return [
+        "data.n_train=48", "data.n_eval=8",
+        "stages.0.options={steps = 2, lr = 1e-3, batch_size = 4, modes = [\"summary\"], budgets = [64]}",
+        f"stages.{i}.steps=2", f"stages.{i}.batch_size=4", f"stages.{i}.eval_every=0",
+        "metrics.0.max_examples=8", "metrics.1.max_examples=8",
+    ]
 
 
 def run(name, tmp_path, *extra):
-    return run_cli(RECIPES / f"{name}.toml", *SHRINK, *extra, "--out", tmp_path / "runs", "--quiet",
+    return run_cli(RECIPES / f"{name}.toml", *shrink(name), *extra, "--out", tmp_path / "runs", "--quiet",
                    plugins="qwen-compressor", env={"ENGRAM_CACHE": str(tmp_path / "cache")})
 
 
