@@ -13,11 +13,11 @@ import json
 import time
 
 import torch
-
-from engram_core.components import BuildContext, FitContext, Model, default_cache_dir
 from engram_qwen_compressor.data import DigitKVConfig, DigitKVDataset
 from engram_qwen_compressor.metrics import DigitAccuracy, DigitAccuracyConfig
 from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
+
+from engram_core.components import BuildContext, FitContext, Model, default_cache_dir
 
 
 def main() -> None:

@@ -25,14 +25,14 @@ token and gold statement tokens (oracle modes and oracle-target objectives).
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 from collections.abc import Iterator
 
 import attrs
 import torch
 
-from engram_core.components import BuildContext, DataSpec, Dataset
+from engram_core.components import BuildContext, Dataset, DataSpec
 from engram_core.config import ConfigError, field, in_range, positive
 from engram_core.nn import ByteTokenizer
 

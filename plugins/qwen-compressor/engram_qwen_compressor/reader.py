@@ -70,8 +70,6 @@ class ReaderConfig:
     def __attrs_post_init__(self):
         if self.backend == "hf" and not self.hf_path:
             raise ConfigError("hf_path", "backend 'hf' needs hf_path, a local directory with a saved causal LM")
-        if self.backend == "core" and self.lora_impl == "peft":
-            raise ConfigError("lora_impl", "'peft' applies to backend 'hf'; the core reader uses 'builtin'")
         if self.dim % self.n_heads:
             raise ConfigError("n_heads", f"must divide dim ({self.dim}), got {self.n_heads}")
 
@@ -120,10 +118,13 @@ class CompressorReader(Head):
         if cfg.lora_rank > 0:
             impl = cfg.lora_impl if cfg.lora_impl != "auto" else ("peft" if cfg.backend == "hf" else "builtin")
             if impl == "peft":
-                from peft import LoraConfig, get_peft_model
+                from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
-                self.lm = get_peft_model(self.lm, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                                             target_modules=self.lora_targets, lora_dropout=0.0))
+                lora_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=self.lora_targets, lora_dropout=0.0)
+                if cfg.backend == "hf":
+                    self.lm = get_peft_model(self.lm, lora_cfg)
+                else:  # peft also adapts a plain nn.Module (checked: identical outputs before training)
+                    self.lm = inject_adapter_in_model(lora_cfg, self.lm)
                 # peft freezes the base model; the recipe's train/freeze globs decide instead
                 for p in self.lm.parameters():
                     p.requires_grad_(True)

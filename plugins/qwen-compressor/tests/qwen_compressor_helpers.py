@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-
-from engram_core.components import BuildContext, Model
 from engram_qwen_compressor.data import DigitKVConfig, DigitKVDataset
 from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig
 from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
+
+from engram_core.components import BuildContext, Model
 
 _DATA_CACHE: dict = {}
 

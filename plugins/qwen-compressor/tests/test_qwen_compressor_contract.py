@@ -1,12 +1,12 @@
 """Both memories pass the core's memory contract kit (engram_core.testing.MemoryContract)."""
 
 import torch
+from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
+from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
 from qwen_compressor_helpers import small_data
 
 from engram_core.components import BuildContext
 from engram_core.testing import MemoryContract
-from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
-from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
 
 DS = small_data()
 

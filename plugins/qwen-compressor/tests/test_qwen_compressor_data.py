@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from engram_qwen_compressor.data import DIGIT_IDS, DigitKVConfig, DigitKVDataset
 from qwen_compressor_helpers import batch, small_data
 
 from engram_core.components import BuildContext
 from engram_core.config import ConfigError, structure
 from engram_core.nn import ByteTokenizer
-from engram_qwen_compressor.data import DIGIT_IDS, DigitKVConfig, DigitKVDataset
 
 TOK = ByteTokenizer()
 
