@@ -46,7 +46,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="override run.out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come between overrides
     console = Console(highlight=False)
     try:
         return _run(args, console)

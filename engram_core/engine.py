@@ -184,10 +184,8 @@ class Engine:
         for j, pat in enumerate(st.train):
             if not any(fnmatch.fnmatchcase(n, pat) for n in names):
                 raise RecipeError([(f"stages.{index}.train.{j}", f"pattern {pat!r} matches no parameter; names look like: {', '.join(names[:4])}...")], self.recipe.file)
-        for g, grp in enumerate(st.param_groups):
-            for j, pat in enumerate(grp.params):
-                if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                    raise RecipeError([(f"stages.{index}.param_groups.{g}.params.{j}", f"pattern {pat!r} matches no parameter")], self.recipe.file)
+        # param_groups patterns may match nothing (a sweep point with memory = "none" keeps
+        # the table's group); such a group is simply empty.
         chosen = []
         for n, p in named:
             on = any(fnmatch.fnmatchcase(n, pat) for pat in st.train) and not any(fnmatch.fnmatchcase(n, pat) for pat in st.freeze)

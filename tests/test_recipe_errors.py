@@ -128,3 +128,8 @@ def test_override_keys_follow_toml_dotted_key_rules():
     apply_override(raw, "data.synthetic.dim", 512)  # nested table left to its defaults
     apply_override(raw, 'sweep."stages.0.steps"', [1, 2])
     assert raw["data"]["synthetic"] == {"dim": 512} and raw["sweep"] == {"stages.0.steps": [1, 2]}
+
+
+def test_options_may_come_between_overrides(tmp_path):
+    r = run_cli(MINIMAL, "--dry-run", "head.hidden=32")
+    assert r.returncode == 0 and "hidden = 32" in r.stdout
