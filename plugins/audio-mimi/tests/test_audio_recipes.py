@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+
+from engram_core.testing.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 NAMES = [
@@ -26,31 +25,11 @@ NAMES = [
 TINY_DATA = ["data.synthetic={ dim = 12, speakers = 5, utterances = 2, frames = 70 }"]
 
 
-@contextlib.contextmanager
-def hermetic(tmp_path):
-    from engram_core import registry
-
-    saved = {k: os.environ.get(k) for k in ("ENGRAM_PLUGINS", "ENGRAM_CACHE")}
-    os.environ.update({"ENGRAM_PLUGINS": "audio-mimi", "ENGRAM_CACHE": str(tmp_path / "cache")})
-    registry._cached = None
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        registry._cached = None
-
-
 def engram_run(tmp_path, *args) -> tuple[int, str]:
-    from engram_core.cli import run_main
-
-    out = io.StringIO()
-    with hermetic(tmp_path), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        rc = run_main([*args, "--quiet", "--out", str(tmp_path / "runs")])
-    return rc, out.getvalue()
+    """engram-run in-process with only this plugin and a private data cache."""
+    r = run_cli(*args, "--quiet", "--out", str(tmp_path / "runs"), plugins="audio-mimi",
+                env={"ENGRAM_CACHE": str(tmp_path / "cache")})
+    return r.returncode, r.stdout + r.stderr
 
 
 def shrink(name: str) -> list[str]:
