@@ -234,3 +234,16 @@ def test_sweep_resume_runs_only_unfinished_points(small_recipe, tmp_path):
     assert json.loads((sweep / "000" / "summary.json").read_text()) == done  # untouched
     assert json.loads((sweep / "001" / "summary.json").read_text())["status"] == "completed"
     assert (sweep / "sweep.csv").read_text().count(",completed,") == 2
+
+
+def test_loss_metric_does_not_depend_on_the_eval_batch_size(small_recipe, tmp_path):
+    """The same weights give the same eval/loss whatever the evaluating stage's batch size:
+    the metric evaluates one fixed eval set, weighted per example."""
+    finals = []
+    for bs in (16, 100, 1024):
+        out = tmp_path / f"bs{bs}"
+        r = run_cli(small_recipe, "--out", out, "--quiet", f"stages.1.batch_size={bs}")
+        assert r.returncode == 0, r.stderr
+        summary = json.loads((only_run(out) / "summary.json").read_text())
+        finals.append(summary["stages"]["final"]["eval/loss"])
+    assert finals[0] == pytest.approx(finals[1], rel=1e-5) and finals[0] == pytest.approx(finals[2], rel=1e-5)

@@ -134,24 +134,31 @@ class GaussianNLLObjective(Objective):
 
 @attrs.frozen
 class LossMetricConfig:
-    num_batches: int = field(8, help="batches drawn from the eval split (fixed seed)", validator=positive)
-    seed: int = field(1234, help="seed of the eval draws, so every evaluation sees the same batches")
+    num_examples: int = field(1024, help="size of the fixed eval set drawn once from the eval split (fixed seed)", validator=positive)
+    seed: int = field(1234, help="seed of the eval draw, so every evaluation sees the same examples")
 
 
 class LossMetric(Metric):
-    """The current training objective evaluated on the eval split (`eval/loss`)."""
+    """The current training objective on a fixed eval set (`eval/loss`), weighted per example.
+
+    The eval set is `num_examples` items drawn once with `seed` (through the objective's own
+    sampler, so rollout objectives get segments), then cut into the stage's batches: the value
+    does not depend on the evaluating stage's batch size, only on the weights.
+    """
 
     def __init__(self, cfg: LossMetricConfig, build: BuildContext):
         self.cfg = cfg
 
     def batches(self, dataset, split, batch_size):
         g = torch.Generator().manual_seed(self.cfg.seed)
-        sampler = self.ctx.objective.sample if self.ctx and self.ctx.objective is not None else dataset.sample
-        for _ in range(self.cfg.num_batches):
-            if self.ctx and self.ctx.objective is not None:
-                yield sampler(dataset, split, batch_size, g)
-            else:
-                yield dataset.sample(split, batch_size, g)
+        objective = self.ctx.objective if self.ctx is not None else None
+        if objective is not None:
+            fixed = objective.sample(dataset, split, self.cfg.num_examples, g)
+        else:
+            fixed = dataset.sample(split, self.cfg.num_examples, g)
+        n = _batch_len(fixed)
+        for i in range(0, n, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in fixed.items()}
 
     def reset(self):
         self.total = 0.0
@@ -161,11 +168,19 @@ class LossMetric(Metric):
         if self.ctx is None or self.ctx.objective is None:
             raise RuntimeError("the loss metric needs a train stage's objective to evaluate")
         loss, _ = self.ctx.objective(model, batch)
-        self.total += float(loss)
-        self.count += 1
+        n = _batch_len(batch)
+        self.total += float(loss) * n  # objectives are means over items: weight by items
+        self.count += n
 
     def compute(self):
         return {"loss": self.total / max(self.count, 1)}
+
+
+def _batch_len(batch: dict) -> int:
+    lens = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(lens) != 1:
+        raise ConfigError("metrics.loss", f"the loss metric slices batches along dim 0; got leading sizes {sorted(lens)}")
+    return lens.pop()
 
 
 _ = EvalContext  # documented in components
