@@ -1,0 +1,584 @@
+"""The results pipeline: every number on a results page is made by this file from the repository.
+
+A results page is two files under `docs/results/`:
+
+- `<page>.toml`, the page's spec: which recipes run, with which overrides and seeds (`[[rows]]`),
+  and which tables and figures show them (`[[tables]]`, `[[figures]]`);
+- `<page>.md`, hand-written prose with generated blocks between markers
+  `<!-- results:table ID -->` … `<!-- results:end -->` (and `results:figure ID`).
+
+Three commands (`engram results …`, or `python -m engram_core.results …`):
+
+    run PAGE [--rows ID ...] [--jobs N]   run the page's rows from an EMPTY cache (a new
+                                          ENGRAM_CACHE folder), write one JSON per row
+                                          under docs/results/data/<page>/
+    render PAGE                           fill the page's tables and figures from its JSON
+    check [PAGE ...]                      every generated block equals what its JSON renders,
+                                          every JSON names a recipe that exists and validates
+
+A row's JSON holds the recipe, overrides, sweep point, seeds, commit, device, torch and
+transformers versions, wall times, every final metric of every seed, the aggregate
+(mean, sd, n, values) and each seed's eval curves. Tables show mean ± sd over seeds; the single
+values stay in the JSON (and in the table with `values = true`).
+
+A row whose recipe has a `[sweep]` expands into one row per grid point, `<id>.<NN>`; a sweep
+over `run.seed` becomes the rows' seeds instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import fnmatch
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import attrs
+
+from .errors import EngramError, RecipeError
+from .rundir import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+SEED_KEY = "run.seed"
+
+
+# ---- the page spec ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Row:
+    id: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0, 1, 2)
+    label: str = ""
+    timeout_s: int = 0  # 0 = none
+
+
+@attrs.frozen
+class Page:
+    name: str
+    spec_file: Path
+    md_file: Path
+    data_dir: Path
+    rows: tuple[Row, ...]
+    tables: tuple[dict, ...]
+    figures: tuple[dict, ...]
+
+
+def load_page(name_or_path: str | Path, results_dir: Path = RESULTS) -> Page:
+    p = Path(name_or_path)
+    spec = p if p.suffix == ".toml" else results_dir / f"{p.name.removesuffix('.md')}.toml"
+    if not spec.is_file():
+        raise RecipeError([("", f"no results page spec {spec}; pages: {', '.join(list_pages(results_dir)) or 'none'}")])
+    raw = tomllib.loads(spec.read_text())
+    name = spec.stem
+    allowed = {"rows", "tables", "figures", "description"}
+    extra = set(raw) - allowed
+    if extra:
+        raise RecipeError([(", ".join(sorted(extra)), f"unknown key(s) in {spec}; expected {', '.join(sorted(allowed))}")])
+    rows = []
+    for i, r in enumerate(raw.get("rows", [])):
+        try:
+            rows.append(Row(id=r["id"], recipe=r["recipe"], overrides=tuple(r.get("overrides", ())),
+                            seeds=tuple(r.get("seeds", (0, 1, 2))), label=r.get("label", ""),
+                            timeout_s=int(r.get("timeout_s", 0))))
+        except (KeyError, TypeError) as exc:
+            raise RecipeError([(f"rows.{i}", f"a row needs id and recipe (and optional overrides, seeds, label): {exc}")]) from None
+    return Page(name, spec, spec.with_suffix(".md"), spec.parent / "data" / name, tuple(rows),
+                tuple(raw.get("tables", ())), tuple(raw.get("figures", ())))
+
+
+def list_pages(results_dir: Path = RESULTS) -> list[str]:
+    return sorted(p.stem for p in results_dir.glob("*.toml"))
+
+
+# ---- expanding rows into jobs -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Job:
+    row_id: str  # expanded id: `<row>` or `<row>.<NN>` for sweep point NN
+    row: Row
+    point: dict | None
+    point_label: str
+    seed: int
+
+
+def expand(row: Row) -> list[tuple[str, dict | None, str, tuple[int, ...]]]:
+    """(expanded id, sweep point or None, point label, seeds) for a row; validates the recipe."""
+    from .recipe import load_recipe, point_recipe, sweep_points, value_label
+
+    recipe = load_recipe(ROOT / row.recipe, list(row.overrides))
+    if not recipe.sweep:
+        return [(row.id, None, "", row.seeds)]
+    groups: dict[str, tuple[dict, list[int]]] = {}
+    for _, point in sweep_points(recipe):
+        rest = {k: v for k, v in point.items() if k != SEED_KEY}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        groups.setdefault(key, (rest, []))
+        if SEED_KEY in point:
+            groups[key][1].append(int(point[SEED_KEY]))
+    out = []
+    for i, (rest, seeds) in enumerate(groups.values()):
+        point_recipe(recipe, rest)  # every point must validate before anything runs
+        out.append((f"{row.id}.{i:02d}", rest, ",".join(f"{k}={value_label(v)}" for k, v in rest.items()),
+                    tuple(seeds) or row.seeds))
+    return out
+
+
+def jobs_of(page: Page, only: list[str] | None = None) -> list[Job]:
+    jobs = []
+    for row in page.rows:
+        if only and not any(fnmatch.fnmatch(row.id, pat) for pat in only):
+            continue
+        for rid, point, label, seeds in expand(row):
+            jobs += [Job(rid, row, point, label, s) for s in seeds]
+    return jobs
+
+
+# ---- running --------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def source_commit() -> tuple[str, bool]:
+    """(commit, dirty). Outside a git checkout (a copy of it on another machine) the commit comes
+    from ENGRAM_RESULTS_COMMIT, which the copying command sets."""
+    commit = _git("rev-parse", "HEAD") or os.environ.get("ENGRAM_RESULTS_COMMIT", "")
+    status = _git("status", "--porcelain")
+    dirty = any(not line[3:].startswith("docs/results/") for line in status.splitlines())
+    return commit, dirty
+
+
+def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int | None, deadline: float | None) -> dict:
+    from .recipe import load_recipe, point_recipe
+
+    jdir = work / job.row_id / f"seed{job.seed}"
+    jdir.mkdir(parents=True, exist_ok=True)
+    recipe_file = ROOT / job.row.recipe
+    overrides = list(job.row.overrides)
+    if job.point is not None:  # the grid point as a recipe of its own, written by the recipe code itself
+        point = point_recipe(load_recipe(recipe_file, overrides), job.point)
+        recipe_file = jdir / "point.toml"
+        atomic_write_text(recipe_file, point.to_toml())
+        overrides = []
+    cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, f"run.seed={job.seed}",
+           "--out", str(jdir / "runs"), "--quiet"]
+    if device:
+        cmd += ["--device", device]
+    env = dict(os.environ, ENGRAM_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
+    t0 = time.perf_counter()
+    with open(jdir / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=max(1.0, min(limits)) if limits else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+    wall = time.perf_counter() - t0
+    run_dirs = sorted((jdir / "runs").glob("*/*/summary.json"))
+    if rc != 0 or not run_dirs:
+        tail = (jdir / "log.txt").read_text()[-1500:]
+        return {"seed": job.seed, "status": "timeout" if rc is None else "failed", "returncode": rc,
+                "wall_time_s": round(wall, 1), "log_tail": tail}
+    rd = run_dirs[-1].parent
+    summary = json.loads((rd / "summary.json").read_text())
+    env_json = json.loads((rd / "env.json").read_text())
+    return {
+        "seed": job.seed,
+        "status": summary.get("status"),
+        "wall_time_s": summary.get("wall_time_s", round(wall, 1)),
+        "device": env_json.get("device_name") or env_json.get("device"),
+        "torch_threads": env_json.get("torch_threads"),
+        "metrics": flatten_summary(summary),
+        "curves": _curves(rd / "metrics.jsonl"),
+    }
+
+
+def flatten_summary(summary: dict) -> dict[str, float]:
+    """Final metrics under their tag (`eval/loss`), every stage's under `<stage>:<tag>`."""
+    out = {k: v for k, v in summary.get("final", {}).items() if isinstance(v, (int, float))}
+    for stage, res in summary.get("stages", {}).items():
+        out.update({f"{stage}:{k}": v for k, v in (res or {}).items() if isinstance(v, (int, float))})
+    return out
+
+
+def _curves(path: Path) -> dict[str, list[list[float]]]:
+    """Eval metrics against the global step, `<stage>:<tag>` → [[step, value], ...]."""
+    out: dict[str, list[list[float]]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        for k, v in rec.get("metrics", {}).items():
+            if isinstance(v, (int, float)):
+                out.setdefault(f"{rec.get('stage')}:{k}", []).append([rec["step"], v])
+    return out
+
+
+def aggregate(values: list[float]) -> dict:
+    """mean, sample sd (0 for one value), n and the values themselves; non-finite values count in n
+    and make the mean non-finite, as they should."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "n": n, "values": values}
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("torch", "transformers", "peft"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _host() -> dict:
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: str | None = None,
+             allow_dirty: bool = False, keep: Path | None = None, deadline_s: float | None = None) -> list[Path]:
+    """Run the page's rows from an empty cache and write each row's JSON as soon as its seeds are
+    done. Runs still going at `deadline_s` are stopped and recorded as "timeout"."""
+    commit, dirty = source_commit()
+    if dirty and not allow_dirty:
+        raise EngramError("the work tree has uncommitted changes outside docs/results/: results come from a commit "
+                          "(commit first, or --allow-dirty for a trial run whose JSON says so)")
+    all_jobs = jobs_of(page, only)
+    if not all_jobs:
+        raise RecipeError([("rows", f"no row of {page.spec_file} matches {only}")])
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=f"engram-results-{page.name}-"))
+    cache = work / "cache"  # empty: nothing made by other code can be picked up
+    cache.mkdir(parents=True, exist_ok=True)
+    if any(cache.iterdir()):
+        raise EngramError(f"{cache} is not empty: the pipeline runs from an empty cache")
+    threads = 1 if jobs > 1 else None
+    deadline = time.time() + deadline_s if deadline_s else None
+    print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time, cache {cache}", flush=True)
+    context = {"commit": commit, "dirty": dirty, "versions": _versions(), "host": _host()}
+    expected = {}
+    for j in all_jobs:
+        expected[j.row_id] = expected.get(j.row_id, 0) + 1
+    results: dict[str, list[dict]] = {}
+    written = []
+    t0 = time.perf_counter()
+    with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        todo = {pool.submit(_run_job, j, work, cache, device, threads, deadline): j for j in all_jobs}
+        for fut in futures.as_completed(todo):
+            j = todo[fut]
+            res = fut.result()
+            results.setdefault(j.row_id, []).append(res)
+            print(f"  {j.row_id} seed {j.seed}: {res['status']} in {res['wall_time_s']} s "
+                  f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
+            if len(results[j.row_id]) == expected[j.row_id]:
+                written.append(_write_row(page, j, results[j.row_id], context))
+    print(f"{page.name}: wrote {len(written)} JSON files in {time.perf_counter() - t0:.0f} s")
+    return written
+
+
+def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
+    runs.sort(key=lambda r: r["seed"])
+    ok = [r for r in runs if r["status"] == "completed"]
+    keys = sorted({k for r in ok for k in r["metrics"]})
+    label = j.row.label + (f" ({j.point_label})" if j.point_label and j.row.label else j.point_label)
+    data = {
+        "page": page.name,
+        "row": j.row_id,
+        "label": label,
+        "recipe": j.row.recipe,
+        "overrides": list(j.row.overrides),
+        "point": j.point,
+        "seeds": [r["seed"] for r in runs],
+        **context,
+        "cache": "empty at the start of the page run (a new ENGRAM_CACHE folder)",
+        "device": sorted({r.get("device") or "?" for r in runs}),
+        "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": f"python -m engram_core.results run {page.name} --rows {j.row.id}",
+        "wall_time_s": [r["wall_time_s"] for r in runs],
+        "status": [r["status"] for r in runs],
+        "metrics": {k: aggregate([r["metrics"][k] for r in ok if k in r["metrics"]]) for k in keys},
+        "runs": runs,
+    }
+    page.data_dir.mkdir(parents=True, exist_ok=True)
+    path = page.data_dir / f"{j.row_id}.json"
+    atomic_write_json(path, data)
+    return path
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+
+def load_data(page: Page) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(page.data_dir.glob("*.json"))} if page.data_dir.is_dir() else {}
+
+
+def fmt_cell(agg: dict | None, fmt: str, values: bool = False) -> str:
+    if not agg or not agg["n"]:
+        return "—"
+    mean, sd, n = agg["mean"], agg["sd"], agg["n"]
+    text = format(mean, fmt) if n == 1 else f"{format(mean, fmt)} ± {format(sd, fmt)}"
+    if values and n > 1:
+        text += " (" + ", ".join(format(v, fmt) for v in agg["values"]) + ")"
+    return text
+
+
+def _rows_matching(data: dict[str, dict], patterns: list[str]) -> list[str]:
+    out = []
+    for pat in patterns:
+        hits = [rid for rid in data if fnmatch.fnmatch(rid, pat)]
+        out += [h for h in sorted(hits) if h not in out]
+    return out
+
+
+def _resolve(ref: str, data: dict[str, dict]) -> dict | None:
+    rid, _, key = ref.partition(":")
+    return data.get(rid, {}).get("metrics", {}).get(key)
+
+
+def render_table(spec: dict, data: dict[str, dict]) -> str:
+    """A Markdown table. Two forms:
+    - `rows` (row ids or globs) × `columns` ({key, label, fmt}): one table row per JSON row;
+    - `cells`: an explicit grid, each cell a literal or `@<row>:<metric key>`."""
+    fmt = spec.get("fmt", ".3f")
+    values = bool(spec.get("values", False))
+    if "cells" in spec:
+        header = spec["header"]
+        body = [[fmt_cell(_resolve(c[1:], data), spec.get("fmt", fmt), values) if isinstance(c, str) and c.startswith("@") else str(c)
+                 for c in line] for line in spec["cells"]]
+    else:
+        cols = spec["columns"]
+        header = [spec.get("row_header", "run")] + [c.get("label", c["key"]) for c in cols] + (["seeds"] if spec.get("seeds", True) else [])
+        body = []
+        for rid in _rows_matching(data, spec["rows"]):
+            d = data[rid]
+            line = [d.get("label") or rid]
+            line += [fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values) for c in cols]
+            if spec.get("seeds", True):
+                line.append(str(len([s for s in d["status"] if s == "completed"])))
+            body.append(line)
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in body]
+    return "\n".join(out)
+
+
+def figure_png(page: Page, spec: dict) -> Path:
+    return page.md_file.parent / "figures" / f"{page.name}-{spec['id']}.png"
+
+
+def figure_link(page: Page, spec: dict) -> str:
+    rel = os.path.relpath(figure_png(page, spec), page.md_file.parent)
+    return f"![{spec.get('title', spec['id'])}]({Path(rel).as_posix()})"
+
+
+def render_figure(spec: dict, data: dict[str, dict], out_png: Path) -> None:
+    """`kind = "bars"`: one metric per row, mean ± sd with the single seeds as dots;
+    `kind = "curves"`: an eval curve per row (mean over seeds against the step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows_matching(data, spec["rows"])
+    fig, ax = plt.subplots(figsize=(spec.get("width", 7.0), spec.get("height", 3.6)), dpi=110)
+    if spec.get("kind", "bars") == "bars":
+        key = spec["key"]
+        for i, rid in enumerate(rows):
+            agg = data[rid]["metrics"].get(key)
+            if not agg or not agg["n"]:
+                continue
+            ax.bar(i, agg["mean"], yerr=agg["sd"] if agg["n"] > 1 else None, color="#8fb3d9", capsize=4)
+            ax.scatter([i] * agg["n"], agg["values"], color="#1f3b5c", s=12, zorder=3)
+        ax.set_xticks(range(len(rows)), [data[r].get("label") or r for r in rows], rotation=spec.get("rotation", 20), ha="right", fontsize=8)
+        ax.set_ylabel(spec.get("ylabel", key))
+    else:
+        key = spec["key"]
+        for rid in rows:
+            per_seed = [r["curves"].get(key, []) for r in data[rid]["runs"] if r.get("status") == "completed"]
+            if not per_seed or not per_seed[0]:
+                continue
+            steps = [s for s, _ in per_seed[0]]
+            n = min(len(c) for c in per_seed)
+            mean = [sum(c[i][1] for c in per_seed) / len(per_seed) for i in range(n)]
+            ax.plot(steps[:n], mean, marker="o", ms=3, label=data[rid].get("label") or rid)
+        ax.set_xlabel("step")
+        ax.set_ylabel(spec.get("ylabel", key))
+        ax.legend(fontsize=7)
+    if spec.get("title"):
+        ax.set_title(spec["title"], fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, metadata={"Software": None})  # no timestamp/version: same data, same file
+    plt.close(fig)
+
+
+BLOCK = re.compile(r"(<!-- results:(table|figure) ([\w.-]+) -->\n)(.*?)(<!-- results:end -->)", re.S)
+
+
+def _blocks(page: Page, data: dict[str, dict], draw: bool) -> dict[tuple[str, str], str]:
+    out = {}
+    for t in page.tables:
+        out[("table", t["id"])] = render_table(t, data) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data)
+    for f in page.figures:
+        if draw and data:
+            render_figure(f, data, figure_png(page, f))
+        out[("figure", f["id"])] = figure_link(page, f)
+    return out
+
+
+def _cell_rows(spec: dict) -> list[str]:
+    return sorted({c[1:].partition(":")[0] for line in spec.get("cells", []) for c in line if isinstance(c, str) and c.startswith("@")})
+
+
+def _provenance(patterns: list[str], data: dict[str, dict]) -> str:
+    rows = _rows_matching(data, patterns)
+    if not rows:
+        return "\n*(no data yet: `python -m engram_core.results run` writes it)*\n"
+    seeds = sorted({len(data[r]["seeds"]) for r in rows})
+    devices = sorted({d for r in rows for d in data[r]["device"]})
+    commits = sorted({data[r]["commit"][:10] for r in rows})
+    wall = sum(sum(data[r]["wall_time_s"]) for r in rows)
+    return (f"\n<sub>{len(rows)} rows, {'/'.join(map(str, seeds))} seeds each (mean ± sd over seeds); "
+            f"device {', '.join(devices)}; commit {', '.join(commits)}; {wall / 60:.1f} min of runs; "
+            f"data: `docs/results/data/{data[rows[0]]['page']}/`</sub>\n")
+
+
+def render_page(page: Page, draw: bool = True) -> str:
+    data = load_data(page)
+    blocks = _blocks(page, data, draw)
+    text = page.md_file.read_text() if page.md_file.exists() else f"# {page.name}\n"
+    seen = set()
+
+    def sub(m: re.Match) -> str:
+        key = (m.group(2), m.group(3))
+        seen.add(key)
+        if key not in blocks:
+            raise EngramError(f"{page.md_file}: block {key[0]} {key[1]} is not in {page.spec_file}")
+        return m.group(1) + blocks[key] + "\n" + m.group(5)
+
+    text = BLOCK.sub(sub, text)
+    missing = [f"{k} {i}" for (k, i) in blocks if (k, i) not in seen]
+    if missing:  # a table the spec defines but the page forgot: append it, visibly
+        text += "".join(f"\n<!-- results:{k} -->\n{blocks[tuple(k.split(' ', 1))]}\n<!-- results:end -->\n" for k in missing)
+    return text
+
+
+def check_page(page: Page) -> list[str]:
+    """Problems, one line each: a generated block that differs from its JSON, JSON whose recipe is
+    missing or does not validate, a table cell that names a row with no JSON."""
+    from .recipe import load_recipe
+
+    problems = []
+    if not page.md_file.exists():
+        return [f"{page.md_file}: missing"]
+    current = page.md_file.read_text()
+    expected = render_page(page, draw=False)
+    if current != expected:
+        for (a, b) in zip(BLOCK.finditer(current), BLOCK.finditer(expected)):
+            if a.group(0) != b.group(0):
+                problems.append(f"{page.md_file}: block {a.group(2)} {a.group(3)} differs from what its JSON renders "
+                                f"(hand-edited? run: python -m engram_core.results render {page.name})")
+        if not problems:
+            problems.append(f"{page.md_file}: generated blocks differ from the spec (run: python -m engram_core.results render {page.name})")
+    for f in page.figures:
+        png = figure_png(page, f)
+        if load_data(page) and not png.exists():
+            problems.append(f"{png}: missing (run: python -m engram_core.results render {page.name})")
+    for rid, d in load_data(page).items():
+        recipe = ROOT / d["recipe"]
+        if not recipe.is_file():
+            problems.append(f"{page.data_dir / (rid + '.json')}: recipe {d['recipe']} does not exist")
+            continue
+        try:
+            r = load_recipe(recipe, list(d["overrides"]))
+            if d.get("point"):
+                from .recipe import point_recipe
+
+                point_recipe(r, d["point"])
+        except EngramError as exc:
+            problems.append(f"{page.data_dir / (rid + '.json')}: {d['recipe']} with {d['overrides']} does not validate: {exc}")
+    return problems
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="engram results", description="Run, render and check the results pages.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a page's rows from an empty cache and write their JSON")
+    r.add_argument("page")
+    r.add_argument("--rows", nargs="*", help="row ids or globs (default: all)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1 when > 1)")
+    r.add_argument("--device", help="force run.device (cpu, cuda)")
+    r.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (the JSON says so)")
+    r.add_argument("--keep", metavar="DIR", help="work folder to keep run directories and logs in (must be new)")
+    r.add_argument("--deadline", type=float, metavar="SECONDS", help="stop runs still going after this long (recorded as timeout)")
+    r.add_argument("--no-render", action="store_true")
+    d = sub.add_parser("render", help="fill a page's tables and figures from its JSON")
+    d.add_argument("pages", nargs="*")
+    c = sub.add_parser("check", help="generated blocks equal their JSON; JSON recipes validate")
+    c.add_argument("pages", nargs="*")
+    sub.add_parser("list", help="the pages and their rows")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            page = load_page(args.page)
+            run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline)
+            if not args.no_render:
+                atomic_write_text(page.md_file, render_page(page))
+            return 0
+        if args.cmd == "render":
+            for name in args.pages or list_pages():
+                page = load_page(name)
+                atomic_write_text(page.md_file, render_page(page))
+                print(f"rendered {page.md_file}")
+            return 0
+        if args.cmd == "check":
+            problems = [line for name in (args.pages or list_pages()) for line in check_page(load_page(name))]
+            for line in problems:
+                print(f"error: {line}", file=sys.stderr)
+            return 1 if problems else 0
+        for name in list_pages():
+            page = load_page(name)
+            print(f"{name}: " + ", ".join(f"{r.id} ({r.recipe}, {len(r.seeds)} seeds)" for r in page.rows))
+        return 0
+    except EngramError as exc:
+        lines = exc.lines() if isinstance(exc, RecipeError) else [str(exc)]
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
