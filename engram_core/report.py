@@ -106,7 +106,12 @@ def load_run(run_dir: str | Path) -> dict:
         raise ReportError(f"no such directory: {d}")
     if not is_run_dir(d):
         raise ReportError(f"{d} is not a run directory (no summary.json or metrics.jsonl)")
-    recipe = tomllib.loads((d / "recipe.toml").read_text(encoding="utf-8")) if (d / "recipe.toml").exists() else {}
+    recipe = {}
+    if (d / "recipe.toml").exists():
+        try:
+            recipe = tomllib.loads((d / "recipe.toml").read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ReportError(f"{d / 'recipe.toml'}: not valid TOML ({exc})") from None
     summary = _read_json(d / "summary.json") if (d / "summary.json").exists() else {}
     env = _read_json(d / "env.json") if (d / "env.json").exists() else {}
     name = summary.get("name") or recipe.get("run", {}).get("name") or d.name
