@@ -1,4 +1,4 @@
-"""Command line: ``engram-run`` and ``engram plugins | describe | validate``.
+"""Command line: ``engram-run`` and ``engram plugins | describe | validate | report``.
 
 Every user error is one line per problem on stderr and exit status 2, never a traceback.
 """
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     pv = sub.add_parser("validate", help="check a recipe without running it")
     pv.add_argument("recipe")
     pv.add_argument("overrides", nargs="*")
+    pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
+    pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
+    pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
     args = p.parse_args(argv)
     console = Console(highlight=False)
     try:
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plugins(console, args.json, args.verbose)
         if args.cmd == "describe":
             return _describe(console, args.kind, args.name)
+        if args.cmd == "report":
+            return _report(console, args.dir, args.out)
         return _validate(console, args.recipe, args.overrides)
     except EngramError as exc:
         return _fail(exc)
@@ -207,6 +212,14 @@ def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
             raise RecipeError(problems, recipe.file)
         n = len(pts)
     console.print(f"{recipe_path}: ok ({len(recipe.stages)} stages, {len(recipe.metrics)} metrics" + (f", sweep of {n} points)" if recipe.sweep else ")"))
+    return 0
+
+
+def _report(console: Console, target: str, out: str | None) -> int:
+    from .report import write_report
+
+    path = write_report(Path(target), Path(out) if out else None)
+    console.print(f"report: {path}", markup=False)
     return 0
 
 

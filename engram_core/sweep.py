@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.console import Console
 from .engine import Engine
 from .errors import EngramError, NonFiniteLossError, RecipeError
 from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
+from .report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
 from .rundir import atomic_write_json, atomic_write_text, new_run_dir
 
 SWEEP_FILE = "sweep.json"
@@ -79,43 +81,58 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
 
 
 def write_sweep_tables(sweep_dir: Path, plan: list[dict]) -> str:
-    """sweep.csv and sweep.md: one row per point, swept values then final metrics."""
-    rows = []
+    """Write sweep.csv and sweep.md (see `sweep_tables`); returns the Markdown."""
+    csv_text, md_text = sweep_tables(sweep_dir, plan)
+    atomic_write_text(sweep_dir / "sweep.csv", csv_text)
+    atomic_write_text(sweep_dir / "sweep.md", md_text)
+    return md_text
+
+
+def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
+    """(sweep.csv, sweep.md) texts: one row per point, swept values then final metrics.
+
+    When `run.seed` is swept, points that differ only in the seed are one configuration:
+    sweep.md gets a second table, one row per configuration with each metric as
+    `mean ± sd (n: values)`, and every CSV row gets its configuration's `<metric>_mean`,
+    `<metric>_sd` and `<metric>_n` (the same `report.aggregate_seeds`).
+    """
+    summaries = []
     metric_cols: list[str] = []
     for entry in plan:
-        sp = sweep_dir / entry["dir"] / "summary.json"
+        sp = Path(sweep_dir) / entry["dir"] / "summary.json"
         summary = json.loads(sp.read_text()) if sp.exists() else {"status": "not run", "final": {}}
-        values = _columns(summary)
-        for k in values:
+        summaries.append(summary)
+        for k in final_metrics(summary):
             if k not in metric_cols:
                 metric_cols.append(k)
-        rows.append((entry, values | {"status": summary.get("status", "?")}))
     keys = list(plan[0]["point"]) if plan else []
+    seeded = SEED_KEY in keys
+    agg_of: dict[int, dict] = {}
+    if seeded:
+        for _, idx in config_groups(plan):
+            agg = aggregate_seeds([summaries[i] for i in idx])
+            agg_of.update({i: agg for i in idx})
     header = ["point", *keys, "status", *metric_cols]
+    agg_header = [f"{m}_{s}" for m in metric_cols for s in ("mean", "sd", "n")] if seeded else []
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(header)
+    w.writerow(header + agg_header)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for entry, values in rows:
-        vals = [entry["dir"], *[value_label(entry["point"][k]) for k in keys], values["status"]]
+    for i, (entry, summary) in enumerate(zip(plan, summaries)):
+        values = final_metrics(summary)
+        vals = [entry["dir"], *[value_label(entry["point"][k]) for k in keys], summary.get("status", "?")]
         mvals = [values.get(c) for c in metric_cols]
-        w.writerow(vals + ["" if v is None else v for v in mvals])
+        extra = []
+        for m in metric_cols if seeded else []:
+            mean, sd, n, _ = agg_of[i].get(m, (None, None, 0, []))
+            extra += ["" if mean is None else mean, "" if sd is None or math.isnan(sd) else sd, n]
+        w.writerow(vals + ["" if v is None else v for v in mvals] + extra)
         md.append("| " + " | ".join(vals + ["-" if v is None else f"{v:.4g}" for v in mvals]) + " |")
-    atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
     text = "\n".join(md) + "\n"
-    atomic_write_text(sweep_dir / "sweep.md", text)
-    return text
-
-
-def _columns(summary: dict) -> dict[str, float]:
-    """Final metrics, then every earlier stage's as `<stage>:<tag>` (pre vs post in one row)."""
-    out = dict(summary.get("final", {}))
-    stages = {k: v for k, v in summary.get("stages", {}).items() if v}
-    last = list(stages)[-1] if stages else None
-    for name, res in stages.items():
-        if name != last:
-            out.update({f"{name}:{tag}": v for tag, v in res.items()})
-    return out
+    if seeded:
+        text += f"\n## Across seeds\n\nPoints that differ only in `{SEED_KEY}` are one configuration: mean ± sd (sample, n-1) over its completed points, then n and the single values.\n\n"
+        text += seed_table_md(plan, summaries)
+    return buf.getvalue(), text
 
 
 def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet: bool = False) -> int:

@@ -1,0 +1,477 @@
+"""`engram report`: one run or one sweep as Markdown plus PNG figures.
+
+Read it top to bottom: load (`load_run`, `load_sweep`) → aggregate (`final_metrics`,
+`config_groups`, `aggregate_seeds`) → plot (`plot_curves`, `plot_sweep`) → write
+(`write_report`). Every function is usable on its own (the results pipeline imports them);
+`sweep.py` uses the same aggregation for the across-seeds table of `sweep.md`.
+
+Where the numbers come from: `train/*` curves only exist in the TensorBoard event files
+(metrics.jsonl has one line per *evaluation*), so they are read with EventAccumulator;
+evaluation curves come from metrics.jsonl (the same values TensorBoard has, and present
+even without event files); final metrics from summary.json.
+
+matplotlib is imported inside the plotting functions (Agg backend), so loading and
+aggregating — and `engram-run`, which writes sweep.md — never import it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .errors import EngramError
+
+SEED_KEY = "run.seed"
+CURVE_PREFIXES = ("train/", "eval/", "rollout/")
+REPORT_DIR = "report"
+
+
+class ReportError(EngramError):
+    """The directory is not a run or sweep directory (one line on stderr, exit 2)."""
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def is_sweep_dir(path: str | Path) -> bool:
+    return (Path(path) / "sweep.json").is_file()
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "summary.json").is_file() or (p / "metrics.jsonl").is_file()
+
+
+def load_records(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl: one dict per evaluation (stage, step, split, stage_end, time_s, metrics)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a kill
+    return out
+
+
+def load_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of the run's TensorBoard event files: {tag: [(step, value), ...]}."""
+    run_dir = Path(run_dir)
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        return {}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def stage_spans(recipe: dict) -> list[dict]:
+    """Each stage's global step range from the resolved recipe: {name, kind, start, end}.
+
+    Train stages advance the global step by their `steps`; fit and eval stages take none
+    (start == end), as in the engine.
+    """
+    spans, step = [], 0
+    for i, st in enumerate(recipe.get("stages", [])):
+        kind = st.get("kind", "train")
+        n = int(st.get("steps", 0)) if kind == "train" else 0
+        spans.append({"name": st.get("name", f"stage{i}"), "kind": kind, "start": step, "end": step + n})
+        step += n
+    return spans
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything a report needs about one run directory.
+
+    Returns {"dir", "name", "recipe" (the resolved recipe.toml as a dict), "env", "summary",
+    "records" (metrics.jsonl), "scalars" ({tag: [(step, value)]} from TensorBoard),
+    "stages" (`stage_spans`)}. Missing files give empty values; a directory with neither
+    summary.json nor metrics.jsonl raises ReportError.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise ReportError(f"no such directory: {d}")
+    if not is_run_dir(d):
+        raise ReportError(f"{d} is not a run directory (no summary.json or metrics.jsonl)")
+    recipe = {}
+    if (d / "recipe.toml").exists():
+        try:
+            recipe = tomllib.loads((d / "recipe.toml").read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ReportError(f"{d / 'recipe.toml'}: not valid TOML ({exc})") from None
+    summary = _read_json(d / "summary.json") if (d / "summary.json").exists() else {}
+    env = _read_json(d / "env.json") if (d / "env.json").exists() else {}
+    name = summary.get("name") or recipe.get("run", {}).get("name") or d.name
+    return {
+        "dir": d,
+        "name": name,
+        "recipe": recipe,
+        "env": env,
+        "summary": summary,
+        "records": load_records(d),
+        "scalars": load_scalars(d),
+        "stages": stage_spans(recipe),
+    }
+
+
+def load_sweep(sweep_dir: str | Path) -> dict:
+    """A sweep directory: {"dir", "name", "keys", "plan" (sweep.json's points), "summaries"
+    (one summary.json dict per point, {"status": "not run"} where there is none)}."""
+    d = Path(sweep_dir)
+    if not d.is_dir():
+        raise ReportError(f"no such directory: {d}")
+    if not is_sweep_dir(d):
+        raise ReportError(f"{d} is not a sweep directory (no sweep.json)")
+    meta = _read_json(d / "sweep.json")
+    plan = meta.get("points", [])
+    summaries = []
+    for entry in plan:
+        sp = d / entry["dir"] / "summary.json"
+        summaries.append(_read_json(sp) if sp.exists() else {"status": "not run", "final": {}, "stages": {}})
+    return {"dir": d, "name": meta.get("name", d.name), "keys": list(plan[0]["point"]) if plan else [], "plan": plan, "summaries": summaries}
+
+
+# ---- aggregate ------------------------------------------------------------------------------
+
+
+def final_metrics(summary: dict) -> dict[str, float]:
+    """A summary's final metrics, then every earlier stage's as `<stage>:<tag>`.
+
+    These are the metric columns of sweep.csv / sweep.md (pre vs post in one row).
+    """
+    out = dict(summary.get("final", {}))
+    stages = {k: v for k, v in summary.get("stages", {}).items() if v}
+    last = list(stages)[-1] if stages else None
+    for name, res in stages.items():
+        if name != last:
+            out.update({f"{name}:{tag}": v for tag, v in res.items()})
+    return out
+
+
+def config_groups(plan: list[dict], seed_key: str = SEED_KEY) -> list[tuple[dict, list[int]]]:
+    """Group sweep points that differ only in `seed_key`: [(configuration, [plan indices])].
+
+    The configuration is the point without the seed key ({} when the seed is the only
+    swept key); groups keep the order of their first point. Without the seed key among
+    the swept keys every point is a group of one.
+    """
+    groups: dict[str, tuple[dict, list[int]]] = {}
+    for i, entry in enumerate(plan):
+        config = {k: v for k, v in entry["point"].items() if k != seed_key}
+        key = json.dumps(config, sort_keys=True, default=str)
+        groups.setdefault(key, (config, []))[1].append(i)
+    return list(groups.values())
+
+
+def aggregate_seeds(summaries: list[dict], completed_only: bool = True) -> dict[str, tuple[float, float, int, list[float]]]:
+    """Mean, sample sd (n-1; NaN when n < 2), n and the single values of each metric.
+
+    `summaries`: summary.json dicts (their `final_metrics` are used, so stage-prefixed
+    columns aggregate too) or plain {metric: value} dicts. With `completed_only`, summaries
+    whose status is not "completed" are left out (a dict without a status counts).
+    Metrics are in order of first appearance; n may differ between metrics.
+    """
+    values: dict[str, list[float]] = {}
+    for s in summaries:
+        if "final" in s or "stages" in s or "status" in s:
+            if completed_only and s.get("status", "completed") != "completed":
+                continue
+            metrics = final_metrics(s)
+        else:
+            metrics = s
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                values.setdefault(k, []).append(float(v))
+    out = {}
+    for k, vs in values.items():
+        n = len(vs)
+        mean = math.fsum(vs) / n
+        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vs) / (n - 1)) if n > 1 else math.nan
+        out[k] = (mean, sd, n, vs)
+    return out
+
+
+def fmt(v: float | None) -> str:
+    """4 significant digits, '-' for a missing value (the sweep table's format)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.4g}"
+
+
+def fmt_agg(mean: float, sd: float, n: int, values: list[float]) -> str:
+    """`mean ± sd (n=3: v1, v2, v3)`; `mean (n=1)` when there is one value."""
+    singles = ", ".join(fmt(v) for v in values)
+    if n < 2:
+        return f"{fmt(mean)} (n={n})"
+    return f"{fmt(mean)} ± {fmt(sd)} (n={n}: {singles})"
+
+
+def seed_table(plan: list[dict], summaries: list[dict], seed_key: str = SEED_KEY) -> tuple[list[str], list[dict]]:
+    """The across-seeds table: (metric names, rows); each row {"config", "points" (dirs),
+    "seeds", "n" (completed points), "agg" (`aggregate_seeds` of the group)}."""
+    from .recipe import value_label
+
+    rows, metrics = [], []
+    for config, idx in config_groups(plan, seed_key):
+        agg = aggregate_seeds([summaries[i] for i in idx])
+        for m in agg:
+            if m not in metrics:
+                metrics.append(m)
+        done = [i for i in idx if summaries[i].get("status") == "completed"]
+        rows.append({
+            "config": {k: value_label(v) for k, v in config.items()},
+            "points": [plan[i]["dir"] for i in idx],
+            "seeds": [value_label(plan[i]["point"].get(seed_key)) for i in idx],
+            "n": len(done),
+            "agg": agg,
+        })
+    return metrics, rows
+
+
+def seed_table_md(plan: list[dict], summaries: list[dict], seed_key: str = SEED_KEY) -> str:
+    """Markdown of `seed_table`: one row per configuration, each metric `mean ± sd (n: values)`."""
+    metrics, rows = seed_table(plan, summaries, seed_key)
+    keys = [k for k in (plan[0]["point"] if plan else {}) if k != seed_key]
+    header = [*keys, "points", seed_key, "n", *metrics]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["config"][k] for k in keys] + [", ".join(r["points"]), ", ".join(r["seeds"]), str(r["n"])]
+        cells += [fmt_agg(*r["agg"][m]) if m in r["agg"] else "-" for m in metrics]
+        md.append("| " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+# ---- plot -----------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curve_series(run: dict, prefixes: tuple[str, ...] = CURVE_PREFIXES) -> dict[str, list[tuple[int, float, str]]]:
+    """{tag: [(step, value, stage), ...]} for the tags a learning-curve figure shows.
+
+    Training tags come from TensorBoard; evaluation tags from metrics.jsonl (TensorBoard
+    for a tag that metrics.jsonl lacks). The stage of a TensorBoard point is the train
+    stage whose step range holds it.
+    """
+    spans = [s for s in run["stages"] if s["kind"] == "train"]
+
+    def stage_of(step: int) -> str:
+        for s in spans:
+            if s["start"] < step <= s["end"]:
+                return s["name"]
+        return spans[-1]["name"] if spans else ""
+
+    series: dict[str, list[tuple[int, float, str]]] = {}
+    for rec in run["records"]:
+        for tag, v in rec["metrics"].items():
+            if tag.startswith(prefixes):
+                series.setdefault(tag, []).append((rec["step"], v, rec["stage"]))
+    for tag, points in run["scalars"].items():
+        if tag.startswith(prefixes) and tag not in series:
+            series[tag] = [(step, v, stage_of(step)) for step, v in points]
+    return dict(sorted(series.items(), key=lambda kv: (not kv[0].startswith("train/"), kv[0])))
+
+
+def plot_curves(run: dict, path: str | Path, prefixes: tuple[str, ...] = CURVE_PREFIXES) -> Path | None:
+    """Learning curves of a `load_run` dict: one panel per tag, coloured by stage, stage
+    boundaries as dashed lines. Writes a PNG; returns its path (None: nothing to plot)."""
+    series = curve_series(run, prefixes)
+    if not series:
+        return None
+    plt = _pyplot()
+    n = len(series)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    stage_names = [s["name"] for s in run["stages"]] or sorted({p[2] for pts in series.values() for p in pts})
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(stage_names)}
+    boundaries = sorted({s["end"] for s in run["stages"] if s["kind"] == "train"})[:-1]
+    for ax, (tag, points) in zip(axes.flat, series.items()):
+        for stage in dict.fromkeys(p[2] for p in points):
+            pts = [(s, v) for s, v, st in points if st == stage]
+            xs, ys = zip(*pts)
+            kind = next((s["kind"] for s in run["stages"] if s["name"] == stage), "train")
+            style = dict(marker="o", markersize=3) if len(pts) < 30 and kind == "train" else {}
+            if kind == "train" and len(pts) > 1:
+                ax.plot(xs, ys, color=colours.get(stage), label=stage, linewidth=1.2, **style)
+            else:
+                ax.scatter(xs, ys, color=colours.get(stage), label=stage, marker="D" if kind != "train" else "o", s=24, zorder=3)
+        for b in boundaries:
+            ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
+        for s in run["stages"]:
+            if s["kind"] == "train" and len(boundaries):
+                ax.text((s["start"] + s["end"]) / 2, 1.0, s["name"], transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7, color="grey")
+        ax.set_title(tag, fontsize=10, pad=12 if boundaries else 6)
+        ax.set_xlabel("global step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{run['name']}: learning curves (dashed: stage boundaries)", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _config_label(config: dict) -> str:
+    from .recipe import value_label
+
+    return "\n".join(f"{k}={value_label(v)}" for k, v in config.items()) or "all points"
+
+
+def plot_sweep(sweep: dict, path: str | Path, metrics: list[str] | None = None, seed_key: str = SEED_KEY) -> Path | None:
+    """Final metrics of a `load_sweep` dict per configuration: mean with ±sd error bars
+    across seeds, the single seeds as dots. One panel per metric (default: the `final`
+    metrics). Writes a PNG; returns its path (None: no completed point)."""
+    groups = config_groups(sweep["plan"], seed_key)
+    aggs = [aggregate_seeds([sweep["summaries"][i] for i in idx]) for _, idx in groups]
+    if metrics is None:
+        metrics = []
+        for s in sweep["summaries"]:
+            if s.get("status") == "completed":
+                metrics += [m for m in s.get("final", {}) if m not in metrics]
+    metrics = [m for m in metrics if any(m in a for a in aggs)]
+    if not metrics:
+        return None
+    plt = _pyplot()
+    n = len(metrics)
+    cols = min(2, n)
+    rows = math.ceil(n / cols)
+    width = max(5.5, 0.9 * len(groups) + 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.6 * rows), squeeze=False)
+    labels = [_config_label(c) for c, _ in groups]
+    xs = list(range(len(groups)))
+    for ax, m in zip(axes.flat, metrics):
+        for x, agg in zip(xs, aggs):
+            if m not in agg:
+                continue
+            mean, sd, k, values = agg[m]
+            ax.errorbar([x], [mean], yerr=[0.0 if math.isnan(sd) else sd], fmt="o", color="C0", capsize=5, markersize=6, zorder=3)
+            ax.scatter([x + 0.12] * k, values, color="C1", s=12, alpha=0.8, zorder=2)
+            ax.annotate(f"n={k}", (x, mean), textcoords="offset points", xytext=(8, -10), fontsize=7)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_xlim(-0.5, len(groups) - 0.5)
+        ax.set_title(m, fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"{sweep['name']}: final metrics\nmean ± sd across {seed_key} (dots: single runs)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- write ----------------------------------------------------------------------------------
+
+
+def stage_table_md(run: dict) -> str:
+    """Each stage's final metrics (summary.json's `stages`): one row per metric, a column per stage."""
+    spans = {s["name"]: s for s in run["stages"]}
+    results = run["summary"].get("stages") or {}
+    names = list(dict.fromkeys([*spans, *results]))
+    md = ["| stage | kind | global steps | evaluated |", "|---|---|---|---|"]
+    for name in names:
+        s = spans.get(name, {})
+        steps = f"{s['start']}–{s['end']}" if s.get("kind") == "train" else (str(s["end"]) if s else "-")
+        md.append(f"| {name} | {s.get('kind', '?')} | {steps} | {'yes' if results.get(name) else 'no'} |")
+    evaluated = [n for n in names if results.get(n)]
+    if evaluated:
+        tags = list(dict.fromkeys(t for n in evaluated for t in results[n]))
+        md += ["", "| metric | " + " | ".join(evaluated) + " |", "|" + "---|" * (len(evaluated) + 1)]
+        for t in tags:
+            md.append(f"| {t} | " + " | ".join(fmt(results[n].get(t)) for n in evaluated) + " |")
+    return "\n".join(md) + "\n"
+
+
+def run_report_md(run: dict, figure: str | None) -> str:
+    s, env = run["summary"], run["env"]
+    lines = [f"# Run report: {run['name']}", ""]
+    facts = [
+        ("directory", f"`{run['dir']}`"),
+        ("status", s.get("status", "?")),
+        ("steps", s.get("steps", "?")),
+        ("wall time", f"{s['wall_time_s']:.1f} s" if "wall_time_s" in s else "?"),
+        ("device", env.get("device_name") or s.get("device", "?")),
+        ("seed", run["recipe"].get("run", {}).get("seed", "?")),
+        ("engram-core / torch", f"{env.get('engram_core', '?')} / {env.get('torch', '?')}"),
+        ("git commit", env.get("git_commit") or "?"),
+    ]
+    lines += [f"- {k}: {v}" for k, v in facts]
+    lines += ["", "## Learning curves", ""]
+    lines += [f"![learning curves]({figure})" if figure else "(no scalars to plot)", ""]
+    lines += ["## Stages", "", stage_table_md(run)]
+    return "\n".join(lines)
+
+
+def sweep_report_md(sweep: dict, figure: str | None, seed_key: str = SEED_KEY) -> str:
+    from .sweep import sweep_tables
+
+    statuses: dict[str, int] = {}
+    for s in sweep["summaries"]:
+        statuses[s.get("status", "?")] = statuses.get(s.get("status", "?"), 0) + 1
+    lines = [f"# Sweep report: {sweep['name']}", ""]
+    lines += [f"- directory: `{sweep['dir']}`", f"- points: {len(sweep['plan'])} ({', '.join(f'{v} {k}' for k, v in statuses.items())})"]
+    lines += [f"- swept: {', '.join(f'`{k}`' for k in sweep['keys'])}", ""]
+    lines += ["## Final metrics per configuration", ""]
+    lines += [f"![final metrics per configuration]({figure})" if figure else "(no completed point)", ""]
+    _, md = sweep_tables(sweep["dir"], sweep["plan"])
+    lines += ["## Sweep table", "", md]
+    return "\n".join(lines)
+
+
+def write_report(target: str | Path, out: str | Path | None = None) -> Path:
+    """Report a run or sweep directory into `out` (default `<target>/report/`): report.md
+    and its PNG figures. Returns the path of report.md."""
+    target = Path(target)
+    if not target.is_dir():
+        raise ReportError(f"no such directory: {target}")
+    if not (is_sweep_dir(target) or is_run_dir(target)):
+        raise ReportError(f"{target} is neither a run directory (summary.json, metrics.jsonl) nor a sweep directory (sweep.json)")
+    out = Path(out) if out is not None else target / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    if is_sweep_dir(target):
+        sweep = load_sweep(target)
+        fig = plot_sweep(sweep, out / "sweep.png")
+        text = sweep_report_md(sweep, fig.name if fig else None)
+    else:
+        run = load_run(target)
+        fig = plot_curves(run, out / "curves.png")
+        text = run_report_md(run, fig.name if fig else None)
+    from .rundir import atomic_write_text
+
+    atomic_write_text(out / "report.md", text)
+    return out / "report.md"
+
+
+__all__ = [
+    "ReportError", "load_run", "load_sweep", "load_records", "load_scalars", "stage_spans",
+    "final_metrics", "config_groups", "aggregate_seeds", "seed_table", "seed_table_md",
+    "curve_series", "plot_curves", "plot_sweep", "stage_table_md", "write_report",
+]
