@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     pv = sub.add_parser("validate", help="check a recipe without running it")
     pv.add_argument("recipe")
     pv.add_argument("overrides", nargs="*")
+    _add_cache_parser(sub)
     args = p.parse_args(argv)
     console = Console(highlight=False)
     try:
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plugins(console, args.json, args.verbose)
         if args.cmd == "describe":
             return _describe(console, args.kind, args.name)
+        if args.cmd == "cache":
+            return _cache(console, args)
         return _validate(console, args.recipe, args.overrides)
     except EngramError as exc:
         return _fail(exc)
@@ -207,6 +210,60 @@ def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
             raise RecipeError(problems, recipe.file)
         n = len(pts)
     console.print(f"{recipe_path}: ok ({len(recipe.stages)} stages, {len(recipe.metrics)} metrics" + (f", sweep of {n} points)" if recipe.sweep else ")"))
+    return 0
+
+
+# ---- engram cache ---------------------------------------------------------------------------
+
+
+def _add_cache_parser(sub) -> None:
+    pc = sub.add_parser("cache", help="list or clear cached artefacts (generated data, pretrained readers)")
+    pc.add_argument("--dir", help="the cache folder (default: $ENGRAM_CACHE, else ~/.cache/engram)")
+    cs = pc.add_subparsers(dest="cache_cmd", required=True)
+    cl = cs.add_parser("list", help="every entry: plugin, kind, key, size, created, config")
+    cl.add_argument("--json", action="store_true", help="machine-readable output (the full sidecars)")
+    cc = cs.add_parser("clear", help="remove entries matching PATTERN (all without one)")
+    cc.add_argument("pattern", nargs="?", help="glob on plugin/kind-key, e.g. 'qwen-compressor/reader-*' or 'deq-hrr'")
+    cc.add_argument("--yes", "-y", action="store_true", help="do not ask (a non-terminal is never asked)")
+
+
+def _cache(console: Console, args) -> int:
+    from . import cache
+    from .components import default_cache_dir
+
+    root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    items = cache.scan(root)
+    if args.cache_cmd == "list":
+        if args.json:
+            out = [{"plugin": i.plugin, "kind": i.kind, "key": i.key, "path": str(i.path), "size": i.size,
+                    "damaged": i.damaged, "created": (i.meta or {}).get("created"), "meta": i.meta} for i in items]
+            print(json.dumps({"cache_dir": str(root), "entries": out, "total_size": sum(i.size for i in items)}, indent=2))
+            return 0
+        table = Table(title=f"engram cache: {root}")
+        for col in ("plugin", "kind", "key", "size", "created", "config"):
+            table.add_column(col, overflow="fold", justify="right" if col == "size" else "left")
+        for i in items:
+            summary = cache.config_summary(i.meta) + (" [red](damaged: rebuilt on next use)[/]" if i.damaged and i.meta else "")
+            created = ((i.meta or {}).get("created") or "-")[:19].replace("T", " ")
+            table.add_row(i.plugin, i.kind, i.key, cache.human_size(i.size), created, summary)
+        console.print(table)
+        console.print(f"{len(items)} entries, {cache.human_size(sum(i.size for i in items))} in total")
+        return 0
+    chosen = cache.select(items, args.pattern)
+    what = f"matching {args.pattern!r}" if args.pattern else "(everything)"
+    if not chosen:
+        console.print(f"nothing to remove {what} in {root}")
+        return 0
+    for i in chosen:
+        console.print(f"remove {i.stem}  {cache.human_size(i.size)}", markup=False)
+    total = sum(i.size for i in chosen)
+    if not args.yes and sys.stdin.isatty():
+        answer = input(f"remove {len(chosen)} entries {what}, {cache.human_size(total)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            console.print("nothing removed")
+            return 1
+    freed = cache.clear(chosen)
+    console.print(f"removed {len(chosen)} entries, freed {cache.human_size(freed)} ({freed} bytes)")
     return 0
 
 
