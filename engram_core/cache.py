@@ -45,7 +45,7 @@ names the same full key and the artefact has the recorded size. Anything else (a
 writer, a truncated file, a sidecar from another key, a load that raises) is a damaged entry:
 it is rebuilt, never trusted.
 
-Every lookup logs one line on stderr: ``cache hit <plugin>/<kind> <key16>`` or
+Every lookup logs one line on stdout: ``cache hit <plugin>/<kind> <key16>`` or
 ``cache miss ... (building)``. `ENGRAM_CACHE` chooses the folder
 (`engram_core.components.default_cache_dir`); ``engram cache list`` and ``engram cache clear``
 inspect and prune it.
@@ -62,7 +62,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 import types
@@ -310,7 +309,8 @@ def entry(
 
 
 def log(msg: str) -> None:
-    print(f"cache {msg}", file=sys.stderr, flush=True)
+    # stdout, beside the run's progress: stderr is kept for errors (one line per problem)
+    print(f"cache {msg}", flush=True)
 
 
 def load_or_build(
@@ -458,16 +458,19 @@ def human_size(n: float) -> str:
 
 
 def config_summary(meta: dict | None, width: int = 60) -> str:
-    """A short `key=value, ...` line of an entry's scalar config values, then the seed."""
+    """A short `key=value, ...` line of an entry's scalar config values (nested keys dotted), then the seed."""
     if not meta:
         return "(no sidecar: incomplete, or left by an older engram)"
-    cfg = meta.get("config") or {}
-    parts = []
-    if isinstance(cfg, dict):
-        for k, v in cfg.items():
-            if isinstance(v, (dict, list)):
-                continue
-            parts.append(f"{k}={v}")
+    parts: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif not isinstance(value, list) or len(value) <= 4:
+            parts.append(f"{prefix[:-1]}={json.dumps(value) if isinstance(value, list) else value}")
+
+    walk("", meta.get("config") or {})
     parts.append(f"seed={meta.get('seed')}")
     text = ", ".join(parts)
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -239,14 +239,19 @@ def _cache(console: Console, args) -> int:
                     "damaged": i.damaged, "created": (i.meta or {}).get("created"), "meta": i.meta} for i in items]
             print(json.dumps({"cache_dir": str(root), "entries": out, "total_size": sum(i.size for i in items)}, indent=2))
             return 0
-        table = Table(title=f"engram cache: {root}")
-        for col in ("plugin", "kind", "key", "size", "created", "config"):
-            table.add_column(col, overflow="fold", justify="right" if col == "size" else "left")
+        # plain aligned lines (greppable, and readable in 80 columns), the config summary last
+        rows = [("plugin", "kind", "key", "size", "created", "config")]
         for i in items:
-            summary = cache.config_summary(i.meta) + (" [red](damaged: rebuilt on next use)[/]" if i.damaged and i.meta else "")
-            created = ((i.meta or {}).get("created") or "-")[:19].replace("T", " ")
-            table.add_row(i.plugin, i.kind, i.key, cache.human_size(i.size), created, summary)
-        console.print(table)
+            summary = cache.config_summary(i.meta, 10_000) + (" (damaged: rebuilt on next use)" if i.damaged and i.meta else "")
+            created = ((i.meta or {}).get("created") or "-")[:16].replace("T", " ")
+            rows.append((i.plugin, i.kind, i.key, cache.human_size(i.size), created, summary))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        console.print(f"cache folder {root}", markup=False, highlight=False)
+        for r in rows if items else []:
+            head = "  ".join(r[c].rjust(widths[c]) if c == 3 else r[c].ljust(widths[c]) for c in range(5))
+            room = max(20, console.width - len(head) - 2)
+            tail = r[5] if len(r[5]) <= room else r[5][: room - 1] + "…"
+            console.print(f"{head}  {tail}", markup=False, highlight=False, soft_wrap=True)
         console.print(f"{len(items)} entries, {cache.human_size(sum(i.size for i in items))} in total")
         return 0
     chosen = cache.select(items, args.pattern)
