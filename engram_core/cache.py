@@ -46,13 +46,14 @@ writer, a truncated file, a sidecar from another key, a load that raises) is a d
 it is rebuilt, never trusted.
 
 Every lookup logs one line on stdout: ``cache hit <plugin>/<kind> <key16>`` or
-``cache miss ... (building)``. `ENGRAM_CACHE` chooses the folder
+``cache miss ... (building)`` (not under ``engram-run --quiet`` or ``--dry-run``). `ENGRAM_CACHE` chooses the folder
 (`engram_core.components.default_cache_dir`); ``engram cache list`` and ``engram cache clear``
 inspect and prune it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fnmatch
 import hashlib
@@ -308,9 +309,23 @@ def entry(
     return Entry(Path(cache_dir) if cache_dir is not None else None, plugin, kind, key, ext.lstrip("."), meta)
 
 
+_LOG = [True]
+
+
 def log(msg: str) -> None:
     # stdout, beside the run's progress: stderr is kept for errors (one line per problem)
-    print(f"cache {msg}", flush=True)
+    if _LOG[-1]:
+        print(f"cache {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def logging_to_stdout(on: bool):
+    """Print (or not) the hit/miss lines inside the block; `engram-run --quiet` turns them off."""
+    _LOG.append(bool(on))
+    try:
+        yield
+    finally:
+        _LOG.pop()
 
 
 def load_or_build(

@@ -48,8 +48,11 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
     args = p.parse_intermixed_args(argv)  # options may come between overrides
     console = Console(highlight=False)
+    from .cache import logging_to_stdout
+
     try:
-        return _run(args, console)
+        with logging_to_stdout(not (args.quiet or args.dry_run)):  # cache hit/miss lines
+            return _run(args, console)
     except EngramError as exc:
         return _fail(exc)
     except KeyboardInterrupt:

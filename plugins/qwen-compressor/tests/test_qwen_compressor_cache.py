@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engram_core.components import BuildContext, FitContext
-from engram_core.testing.cli import run_cli
 from engram_qwen_compressor import reader as reader_mod
 from engram_qwen_compressor.data import DigitKVConfig, DigitKVDataset
 from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
+
+from engram_core.components import BuildContext, FitContext
+from engram_core.testing.cli import run_cli
 
 RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "budget_sweep.toml"
 SHRINK = [
@@ -22,7 +22,7 @@ SHRINK = [
 
 
 def run(tmp_path, *extra):
-    r = run_cli(RECIPE, *SHRINK, *extra, "--out", tmp_path / "runs", "--quiet",
+    r = run_cli(RECIPE, *SHRINK, *extra, "--out", tmp_path / "runs",  # not --quiet: it hides the cache lines
                 plugins="qwen-compressor", env={"ENGRAM_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r
