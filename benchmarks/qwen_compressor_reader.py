@@ -5,7 +5,8 @@ print its accuracy per mode and budget as JSON.
     OMP_NUM_THREADS=1 python benchmarks/qwen_compressor_reader.py --token-shift 0 # no token shift
 
 Uses the engram cache ($ENGRAM_CACHE or ~/.cache/engram): a reader the recipes already
-trained with the same settings is loaded, not trained again.
+trained is loaded only when everything that determines its weights agrees (configs, options,
+generator state and initial weights, code); otherwise it is trained again.
 """
 
 import argparse

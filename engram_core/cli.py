@@ -48,8 +48,11 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
     args = p.parse_intermixed_args(argv)  # options may come between overrides
     console = Console(highlight=False)
+    from .cache import logging_to_stdout
+
     try:
-        return _run(args, console)
+        with logging_to_stdout(not (args.quiet or args.dry_run)):  # cache hit/miss lines
+            return _run(args, console)
     except EngramError as exc:
         return _fail(exc)
     except KeyboardInterrupt:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
+    _add_cache_parser(sub)
     args = p.parse_args(argv)
     console = Console(highlight=False)
     try:
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             return _describe(console, args.kind, args.name)
         if args.cmd == "report":
             return _report(console, args.dir, args.out)
+        if args.cmd == "cache":
+            return _cache(console, args)
         return _validate(console, args.recipe, args.overrides)
     except EngramError as exc:
         return _fail(exc)
@@ -220,6 +226,65 @@ def _report(console: Console, target: str, out: str | None) -> int:
 
     path = write_report(Path(target), Path(out) if out else None)
     console.print(f"report: {path}", markup=False)
+    return 0
+
+
+# ---- engram cache ---------------------------------------------------------------------------
+
+
+def _add_cache_parser(sub) -> None:
+    pc = sub.add_parser("cache", help="list or clear cached artefacts (generated data, pretrained readers)")
+    pc.add_argument("--dir", help="the cache folder (default: $ENGRAM_CACHE, else ~/.cache/engram)")
+    cs = pc.add_subparsers(dest="cache_cmd", required=True)
+    cl = cs.add_parser("list", help="every entry: plugin, kind, key, size, created, config")
+    cl.add_argument("--json", action="store_true", help="machine-readable output (the full sidecars)")
+    cc = cs.add_parser("clear", help="remove entries matching PATTERN (all without one)")
+    cc.add_argument("pattern", nargs="?", help="glob on plugin/kind-key, e.g. 'qwen-compressor/reader-*' or 'deq-hrr'")
+    cc.add_argument("--yes", "-y", action="store_true", help="do not ask (a non-terminal is never asked)")
+
+
+def _cache(console: Console, args) -> int:
+    from . import cache
+    from .components import default_cache_dir
+
+    root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    items = cache.scan(root)
+    if args.cache_cmd == "list":
+        if args.json:
+            out = [{"plugin": i.plugin, "kind": i.kind, "key": i.key, "path": str(i.path), "size": i.size,
+                    "damaged": i.damaged, "created": (i.meta or {}).get("created"), "meta": i.meta} for i in items]
+            print(json.dumps({"cache_dir": str(root), "entries": out, "total_size": sum(i.size for i in items)}, indent=2))
+            return 0
+        # plain aligned lines (greppable, and readable in 80 columns), the config summary last
+        rows = [("plugin", "kind", "key", "size", "created", "config")]
+        for i in items:
+            summary = cache.config_summary(i.meta, 10_000) + (" (damaged: rebuilt on next use)" if i.damaged and i.meta else "")
+            created = ((i.meta or {}).get("created") or "-")[:16].replace("T", " ")
+            rows.append((i.plugin, i.kind, i.key, cache.human_size(i.size), created, summary))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        console.print(f"cache folder {root}", markup=False, highlight=False)
+        for r in rows if items else []:
+            head = "  ".join(r[c].rjust(widths[c]) if c == 3 else r[c].ljust(widths[c]) for c in range(5))
+            room = max(20, console.width - len(head) - 2)
+            tail = r[5] if len(r[5]) <= room else r[5][: room - 1] + "…"
+            console.print(f"{head}  {tail}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{len(items)} entries, {cache.human_size(sum(i.size for i in items))} in total")
+        return 0
+    chosen = cache.select(items, args.pattern)
+    what = f"matching {args.pattern!r}" if args.pattern else "(everything)"
+    if not chosen:
+        console.print(f"nothing to remove {what} in {root}")
+        return 0
+    for i in chosen:
+        console.print(f"remove {i.stem}  {cache.human_size(i.size)}", markup=False)
+    total = sum(i.size for i in chosen)
+    if not args.yes and sys.stdin.isatty():
+        answer = input(f"remove {len(chosen)} entries {what}, {cache.human_size(total)}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            console.print("nothing removed")
+            return 1
+    freed = cache.clear(chosen)
+    console.print(f"removed {len(chosen)} entries, freed {cache.human_size(freed)} ({freed} bytes)")
     return 0
 
 

@@ -19,15 +19,14 @@ out freely, steers off the 8-dimensional manifold it never saw.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import attrs
 import numpy as np
 
+from engram_core import cache
 from engram_core.config import field, in_range, non_negative, positive
 
 from .store import write_store
@@ -94,19 +93,34 @@ def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
     return out
 
 
-def cached_store(cfg: SyntheticZdynConfig, cache_dir: Path) -> Path:
-    """The synthetic store for `cfg` under `<cache_dir>/audio-mimi/`, generated once."""
-    payload = json.dumps(attrs.asdict(cfg), sort_keys=True) + "|v1"
-    digest = hashlib.sha256(payload.encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / "audio-mimi"
-    path = folder / f"zdyn-synthetic-{digest}.zarr"
-    if (path / "zarr.json").exists():
+# bump when `generate` (or the store layout it is written in) produces something else; the
+# cache key also holds the source of this module and of `store`
+VERSION = 1
+
+
+def cached_store(cfg: SyntheticZdynConfig, cache_dir: Path | None) -> Path:
+    """The synthetic store for `cfg` under `<cache_dir>/audio-mimi/`, generated once.
+
+    Keyed (`engram_core.cache`) by the full config, its seed, `VERSION` and the source of
+    this module and `store.py`. Without a cache folder it is generated into a temporary one.
+    """
+    if cache_dir is None:
+        path = Path(tempfile.mkdtemp(prefix="engram-zdyn-")) / "zdyn-synthetic.zarr"
+        write_store(path, generate(cfg), frame_rate=12.5, source="synthetic (uncached)")
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    write_store(tmp, generate(cfg), frame_rate=12.5, source=f"synthetic {payload}")
-    try:
-        os.replace(tmp, path)  # atomic: concurrent runs never see a half-written store
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    from . import store
+
+    e = cache.entry(cache_dir, plugin="audio-mimi", kind="zdyn-synthetic", config=cfg, seed=cfg.seed,
+                    version=VERSION, builder=[sys.modules[__name__], store], ext="zarr")
+
+    def load(path: Path) -> Path:
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError("no zarr.json in the store")
+        return path
+
+    cache.load_or_build(  # the value is the utterances when built, the path when loaded: use the path
+        e, lambda: generate(cfg),
+        save_fn=lambda utts, tmp: write_store(tmp, utts, frame_rate=12.5, source=f"synthetic {e.key[:16]}"),
+        load_fn=load,
+    )
+    return e.path

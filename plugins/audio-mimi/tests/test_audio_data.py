@@ -30,7 +30,8 @@ def test_synthetic_is_deterministic_and_cached(tmp_path):
     ids, speakers, arrays, attrs_ = read_store(stores[0])
     assert len(ids) == 6 * 3 and arrays[0].shape == (40, 16) and attrs_["format"] == "engram-zdyn"
     ZdynDataset(ZdynConfig(eval_fraction=0.34, synthetic=tiny_synthetic()), BuildContext(cache_dir=tmp_path))
-    assert len(list((tmp_path / "audio-mimi").iterdir())) == 1  # reused, not regenerated
+    names = sorted(p.name for p in (tmp_path / "audio-mimi").iterdir())
+    assert names == [stores[0].name, stores[0].name + ".meta.json"]  # reused, not regenerated
 
 
 def test_dimension_512_works(tmp_path):

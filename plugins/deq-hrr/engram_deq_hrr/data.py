@@ -1,7 +1,8 @@
 """Locally generated, seeded tasks: `needle` (key/value retrieval) and `listops_lite`.
 
-Both are generated deterministically from their `seed` and cached as a ``.pt`` file under
-``<cache_dir>/deq-hrr/`` (written atomically), named by a hash of the config.
+Both are generated deterministically from their `seed` and cached through
+`engram_core.cache` as ``<cache_dir>/deq-hrr/<name>-<key>.pt``, keyed by the full config,
+the seed, `DATA_FORMAT` and the source of the generator.
 
 needle — vocabulary: 0 pad, 1 query marker (unused by needle), then `n_fillers` filler
 tokens, `n_keys` key tokens and `n_values` value tokens. A sequence of length L holds
@@ -16,45 +17,30 @@ value (10 classes). The sequence ends with a query marker so the last state read
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
+import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import attrs
 import torch
 
+from engram_core import cache
 from engram_core.components import BuildContext, Dataset, DataSpec
 from engram_core.config import ConfigError, field, in_range, positive
 
 PAD, QUERY = 0, 1
-# bump when a generator changes: the cache key includes it, so stale caches are never reused
+# bump when a generator's output changes (the cache key also holds this module's source)
 DATA_FORMAT = 2
 
 
-def _cache_path(build: BuildContext | None, name: str, cfg) -> Path | None:
-    if build is None or build.cache_dir is None:
-        return None
-    payload = {"format": DATA_FORMAT, "config": attrs.asdict(cfg)}
-    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(build.cache_dir) / "deq-hrr" / f"{name}-{key}.pt"
-
-
-def _load_or_make(path: Path | None, make) -> dict:
-    if path is not None and path.exists():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # a damaged cache is regenerated, never trusted
-            pass
-    data = make()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    return data
+def _load_or_make(build: BuildContext | None, name: str, cfg, make) -> dict:
+    """The data for `cfg`, from the cache (keyed by the full config, seed, DATA_FORMAT and
+    the source of this module, which holds every generator) or made by `make()` and cached."""
+    root = build.cache_dir if build is not None else None
+    e = cache.entry(root, plugin="deq-hrr", kind=name, config=cfg, seed=cfg.seed, version=DATA_FORMAT,
+                    builder=sys.modules[__name__], ext="pt")
+    return cache.load_or_build(e, make, save_fn=lambda d, p: torch.save(d, p),
+                               load_fn=lambda p: torch.load(p, weights_only=True))
 
 
 class _TensorSplits(Dataset):
@@ -137,8 +123,7 @@ class NeedleDataset(_TensorSplits):
 
     def __init__(self, cfg: NeedleConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        path = _cache_path(build, "needle", cfg)
-        data = _load_or_make(path, lambda: {
+        data = _load_or_make(build, "needle", cfg, lambda: {
             "train": generate_needle(cfg, cfg.n_train, cfg.seed * 2 + 1),
             "eval": generate_needle(cfg, cfg.n_eval, cfg.seed * 2 + 2),
         })
@@ -225,8 +210,7 @@ class ListOpsLiteDataset(_TensorSplits):
 
     def __init__(self, cfg: ListOpsLiteConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        path = _cache_path(build, "listops_lite", cfg)
-        self._splits = _load_or_make(path, lambda: {
+        self._splits = _load_or_make(build, "listops_lite", cfg, lambda: {
             "train": generate_listops(cfg, cfg.n_train, cfg.seed * 2 + 1),
             "eval": generate_listops(cfg, cfg.n_eval, cfg.seed * 2 + 2),
         })

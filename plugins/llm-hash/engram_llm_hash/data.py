@@ -4,8 +4,9 @@
 Both yield batches of ``input_ids`` (BOS + prompt + completion + EOS, right-padded),
 ``attention_mask`` and ``labels`` (-100 except on the completion and its EOS, so the
 objective is cross-entropy on completion tokens only), plus ``category`` (list of str).
-Examples are generated deterministically from `seed` and cached as JSONL under
-``<cache_dir>/llm-hash/``.
+Examples are generated deterministically from `seed` and cached as JSONL through
+`engram_core.cache` (``<cache_dir>/llm-hash/<name>-<key>.jsonl``), keyed by the full config,
+the seed, `DATA_VERSION`, this module's source and a digest of the shipped tables.
 
 Splits of `exact_match`, per category, disjoint by key:
   pretrain  facts the base model learns in its own first stage (its "world knowledge";
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from engram_core import cache
 from engram_core.components import BuildContext, Dataset, DataSpec
 from engram_core.config import ConfigError, field, in_range, positive
 
@@ -158,23 +161,32 @@ class TextCompletionDataset(Dataset):
         return max(len(self.codec.prompt_ids(e.prompt)) + len(self.codec.encode(e.completion)) + 1 for exs in self._splits.values() for e in exs)
 
 
-def _cache_file(build: BuildContext | None, name: str, cfg) -> Path | None:
-    if build is None:
-        return None
-    key = hashlib.sha256(json.dumps(attrs.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(build.cache_dir) / "llm-hash" / f"{name}-{key}.jsonl"
+# bump when a generator's output changes (the cache key also holds this module's source)
+DATA_VERSION = 1
 
 
-def _save(path: Path | None, splits: dict[str, list[Example]]) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+def _tables_digest() -> str:
+    """sha256 over the shipped fact tables: editing a table changes the generated data."""
+    h = hashlib.sha256()
+    for f in sorted(resources.files("engram_llm_hash").joinpath("tables").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".tsv"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _cached_splits(build: BuildContext | None, name: str, cfg, generate) -> dict[str, list[Example]]:
+    """The splits for `cfg`: from the cache, or generated and cached (JSONL)."""
+    inputs = {"tables": _tables_digest()} if name == "exact_match" else {}
+    e = cache.entry(build.cache_dir if build is not None else None, plugin="llm-hash", kind=name, config=cfg,
+                    seed=cfg.seed, version=DATA_VERSION, builder=sys.modules[__name__], ext="jsonl", inputs=inputs)
+    return cache.load_or_build(e, lambda: generate(cfg), save_fn=_save, load_fn=_load)
+
+
+def _save(splits: dict[str, list[Example]], path: Path) -> None:
+    with path.open("w") as f:
         for split, exs in splits.items():
             for e in exs:
                 f.write(json.dumps({"split": split, "input": e.prompt, "output": e.completion, "category": e.category}) + "\n")
-    tmp.replace(path)
 
 
 def _load(path: Path, field_key: str = "path", default_split: str | None = None) -> dict[str, list[Example]]:
@@ -284,12 +296,7 @@ class ExactMatchDataset(TextCompletionDataset):
             if "train" not in splits:
                 raise ConfigError("path", f"{p}: no example has split 'train' (splits found: {', '.join(splits) or 'none'})")
         else:
-            cache = _cache_file(build, "exact_match", cfg)
-            if cache is not None and cache.exists():
-                splits = _load(cache)
-            else:
-                splits = self._generate(cfg)
-                _save(cache, splits)
+            splits = _cached_splits(build, "exact_match", cfg, self._generate)
         splits.setdefault("pretrain", [])
         splits.setdefault("valid", [])
         splits.setdefault("test", [])
@@ -370,12 +377,7 @@ class LongRecallDataset(TextCompletionDataset):
     def __init__(self, cfg: LongRecallConfig, build: BuildContext | None = None):
         self.cfg = cfg
         self.codec = TextCodec(cfg.tokenizer)
-        cache = _cache_file(build, "long_recall", cfg)
-        if cache is not None and cache.exists():
-            splits = _load(cache)
-        else:
-            splits = self._generate(cfg)
-            _save(cache, splits)
+        splits = _cached_splits(build, "long_recall", cfg, self._generate)
         self._splits = splits
         self.splits = tuple(splits)
         self.spec = self._make_spec("long_recall", self._max_len())

@@ -24,19 +24,20 @@ token and gold statement tokens (oracle modes and oracle-target objectives).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import sys
 from collections.abc import Iterator
 
 import attrs
 import torch
 
+from engram_core import cache
 from engram_core.components import BuildContext, Dataset, DataSpec
 from engram_core.config import ConfigError, field, in_range, positive
 from engram_core.nn import ByteTokenizer
 
 PLUGIN = "qwen-compressor"
+# bump when the episodes generated for a config change (the cache key also holds this module's source)
+DATA_VERSION = 3
 
 # Statement templates. The first is the seed's rigid one; the others vary the words,
 # the punctuation and the order (digit first) so that a pooled embedding of a gold
@@ -179,29 +180,21 @@ class DigitKVDataset(Dataset):
 
     # ---- generation and cache ------------------------------------------------------
 
-    def _key(self) -> str:
-        c = attrs.asdict(self.cfg)
-        c.pop("gold_fields")
-        c.pop("budget")
-        c["budgets"] = sorted(set(self.cfg.budgets + [self.cfg.budget]))
-        c["version"] = 3
-        return hashlib.sha1(json.dumps(c, sort_keys=True).encode()).hexdigest()[:12]
+    def cache_entry(self, cache_dir=None) -> cache.Entry:
+        """The episodes' cache entry: the full config, its seed, DATA_VERSION, this module's source."""
+        return cache.entry(cache_dir, plugin=PLUGIN, kind="digit_kv", config=self.cfg, seed=self.cfg.seed,
+                           version=DATA_VERSION, builder=sys.modules[__name__], ext="pt")
 
     def _load(self, cache_dir) -> dict[str, list[Episode]]:
-        path = None
-        if cache_dir is not None:
-            path = cache_dir / PLUGIN / f"digit_kv-{self._key()}.pt"
-            if path.exists():
-                raw = torch.load(path, weights_only=True)
-                return {s: [Episode(**e) for e in raw[s]] for s in raw}
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        eps = {"train": _generate(self.cfg, self.cfg.n_train, g), "eval": _generate(self.cfg, self.cfg.n_eval, g)}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs may generate at once
-            torch.save({s: [attrs.asdict(e) for e in v] for s, v in eps.items()}, tmp)
-            tmp.replace(path)
-        return eps
+        def build():
+            g = torch.Generator().manual_seed(self.cfg.seed)
+            return {"train": _generate(self.cfg, self.cfg.n_train, g), "eval": _generate(self.cfg, self.cfg.n_eval, g)}
+
+        return cache.load_or_build(
+            self.cache_entry(cache_dir), build,
+            save_fn=lambda eps, p: torch.save({s: [attrs.asdict(e) for e in v] for s, v in eps.items()}, p),
+            load_fn=lambda p: {s: [Episode(**e) for e in v] for s, v in torch.load(p, weights_only=True).items()},
+        )
 
     # ---- batches -------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ A prefix is inserted right after BOS as `inputs_embeds`.
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import attrs
@@ -41,6 +41,9 @@ VIEW = {
     "oracle_kv": "kept",
 }
 ORACLE_MODES = ("oracle_digit", "oracle_kv")
+# bump when pretraining produces other weights for the same inputs (the cache key also holds
+# the source of this module and of the code it trains through)
+READER_VERSION = 3
 
 
 @attrs.frozen
@@ -139,7 +142,7 @@ class CompressorReader(Head):
         if n == 0:
             raise ConfigError("lora_targets", f"no linear layer named {targets or self.lora_targets} in the reader")
 
-    # ---- pretraining (a `fit` stage), cached by content ------------------------------
+    # ---- pretraining (a `fit` stage), cached by everything that determines the weights ------------------------------
 
     def _base_state(self) -> dict[str, torch.Tensor]:
         """The reader's own weights under LoRA-independent names (no adapters, no `.base.`)."""
@@ -151,20 +154,52 @@ class CompressorReader(Head):
         missing = set(by_plain) - set(state)
         if missing:
             raise ConfigError("head", f"cached reader does not match this reader ({len(missing)} tensors missing)")
+        wrong = [k for k in by_plain if tuple(state[k].shape) != tuple(own[by_plain[k]].shape)]
+        if wrong:  # checked before anything is copied, so a bad file leaves the reader as it was
+            raise ConfigError("head", f"cached reader does not match this reader (shape of {wrong[0]})")
         self.load_state_dict({by_plain[k]: v for k, v in state.items() if k in by_plain}, strict=False)
+
+    def pretrain_cache_entry(self, ctx, opts: dict, cache: bool = True):
+        """The cache entry of the reader `pretrain(ctx, **opts)` would make.
+
+        Keyed by everything that determines the weights: the full reader config, the full
+        data config and the key of its episodes (data config, seed, data code), the
+        pretraining options, the split, the seed and the full state of `ctx.generator`, a
+        digest of the reader's weights before pretraining (its initialisation, or the loaded
+        HF weights), the device type, READER_VERSION and the source of the modules that
+        build it (this one, the objectives, the data set, LoRA switch, the core transformer).
+        """
+        from engram_core import cache as cache_mod
+        from engram_core.nn import transformer
+
+        from . import data, lora, objectives
+
+        dataset = ctx.dataset
+        config = {  # the pretraining options first: they are what `engram cache list` shows
+            "pretrain": {**opts, "split": ctx.split},
+            "reader": self.cfg,
+            "data": getattr(dataset, "cfg", None),
+        }
+        data_key = dataset.cache_entry().key if hasattr(dataset, "cache_entry") else None
+        inputs = {
+            "data_key": data_key,
+            "init_weights": cache_mod.tensors_digest(self._base_state()),
+            "generator_state": cache_mod.generator_digest(ctx.generator),
+            "device": torch.device(ctx.device).type,
+        }
+        root = getattr(self, "_cache_dir", None) if cache else None
+        return cache_mod.entry(root, plugin="qwen-compressor", kind="reader", config=config,
+                               seed=int(ctx.generator.initial_seed()), version=READER_VERSION,
+                               builder=[sys.modules[__name__], objectives, data, lora, transformer],
+                               ext="pt", inputs=inputs)
 
     def pretrain(self, ctx, steps: int = 1200, lr: float = 3e-3, batch_size: int = 32, modes: list | None = None,
                  budgets: list | None = None, warmup: int = 50, grad_clip: float = 1.0, cache: bool = True) -> None:
         """Train the reader (not its adapters) on answer CE in `modes` (default: the summary view
         at random budgets), so the summary baseline is near 100 %. The result is cached under
-        `<cache_dir>/qwen-compressor/reader-<hash>.pt`: every recipe with the same data, reader
-        and options reuses it instead of training again."""
-        import hashlib
-        import json
-        import math
-        import time
-
-        from .objectives import answer_ce
+        `<cache_dir>/qwen-compressor/reader-<key>.pt` (see `pretrain_cache_entry` for what the key
+        covers): a recipe reuses it only when everything that determines the weights is equal."""
+        from engram_core import cache as cache_mod
 
         modes = list(modes or ["summary"])
         for m in modes:
@@ -174,21 +209,23 @@ class CompressorReader(Head):
         budgets = list(budgets or dataset.spec.budgets)
         if steps <= 0 or lr <= 0 or batch_size <= 0:
             raise ConfigError("steps", "steps, lr and batch_size must be > 0")
-        key_data = {
-            "data": dataset._key(),  # the episodes' content hash
-            "reader": {k: v for k, v in attrs.asdict(self.cfg).items() if not k.startswith("lora")},
-            "opts": [steps, lr, batch_size, modes, budgets, warmup, grad_clip, int(ctx.generator.initial_seed())],
-            "version": 2,
-        }
-        digest = hashlib.sha1(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = None
-        cache_dir = getattr(self, "_cache_dir", None)
-        if cache and cache_dir is not None:
-            path = Path(cache_dir) / "qwen-compressor" / f"reader-{digest}.pt"
-            if path.exists():
-                self._load_base_state(torch.load(path, weights_only=True, map_location=ctx.device))
-                print(f"  reader loaded from cache {path}")
-                return
+        opts = {"steps": steps, "lr": lr, "batch_size": batch_size, "modes": modes, "budgets": budgets,
+                "warmup": warmup, "grad_clip": grad_clip}
+        e = self.pretrain_cache_entry(ctx, opts, cache)
+
+        def load(path):
+            self._load_base_state(torch.load(path, weights_only=True, map_location=ctx.device))
+
+        cache_mod.load_or_build(e, lambda: self._pretrain(ctx, **opts),
+                                save_fn=lambda _, p: torch.save(self._base_state(), p), load_fn=load)
+
+    def _pretrain(self, ctx, steps, lr, batch_size, modes, budgets, warmup, grad_clip) -> None:
+        import math
+        import time
+
+        from .objectives import answer_ce
+
+        dataset = ctx.dataset
         params = [p for n, p in self.named_parameters() if ".lora." not in n and "lora_" not in n]
         for p in params:
             p.requires_grad_(True)
@@ -222,11 +259,6 @@ class CompressorReader(Head):
                           f"{time.perf_counter() - t0:.0f}s", flush=True)
                     run_ce, run_acc, n = 0.0, 0.0, 0
         self.eval()
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(self._base_state(), tmp)
-            tmp.replace(path)
 
     # ---- the LM ---------------------------------------------------------------------
 

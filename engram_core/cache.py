@@ -1,0 +1,491 @@
+"""Cached artefacts that cannot lie: one keyed, atomic, self-describing cache for every plugin.
+
+Generated data sets, pretrained readers, synthetic stores: anything a plugin builds once and
+reuses across runs goes through `entry` + `load_or_build`::
+
+    from engram_core import cache
+
+    e = cache.entry(build.cache_dir, plugin="deq-hrr", kind="needle", config=cfg, seed=cfg.seed,
+                    version=2, builder=generate_needle, ext="pt")
+    data = cache.load_or_build(e, make, save_fn=lambda d, p: torch.save(d, p),
+                               load_fn=lambda p: torch.load(p, weights_only=True))
+
+The key
+-------
+An entry's key is the sha256 of the canonical JSON (sorted keys, no whitespace, no NaN) of
+
+    kind       what the artefact is ("needle", "reader", ...), plus the plugin
+    config     the builder's FULL resolved config (an attrs instance or plain data), every key
+               included, defaults too: a setting the key leaves out is a setting under which
+               one recipe can be handed another's artefact
+    seed       the seed (or None where the builder is deterministic without one)
+    inputs     anything else that determines the content and is not in the config: a digest
+               of a model's initial weights, of a generator's state, of a data file, the key
+               of the upstream cached artefact it was built from
+    version    an explicit integer the builder declares; bump it in the same commit that
+               changes what the builder produces
+    source     a sha256 of the builder's source code (`inspect.getsource` of each function,
+               class or module passed as `builder`)
+
+The explicit version says "the output changed" on purpose; the source digest is the safety
+net for a forgotten bump: any edit of the builder's code (a comment too) misses the cache.
+A spurious miss costs one rebuild; a false hit costs a wrong result, so we accept the misses.
+What the source digest cannot see (code the builder calls but was not listed, the versions of
+torch or numpy) is recorded in the sidecar, not keyed: list every module whose code shapes
+the artefact in `builder`.
+
+Files
+-----
+``<cache>/<plugin>/<kind>-<key16>.<ext>`` (a file or a folder, e.g. a zarr store) and the
+sidecar ``<same>.meta.json``: plugin, kind, the full key, config, seed, inputs, version,
+source digest, created time, size, torch/python versions. The artefact is written to a
+temporary name and moved into place with `os.replace`, then the sidecar (atomically, with
+`engram_core.rundir.atomic_write_json`); an entry counts as present only when its sidecar
+names the same full key and the artefact has the recorded size. Anything else (a killed
+writer, a truncated file, a sidecar from another key, a load that raises) is a damaged entry:
+it is rebuilt, never trusted.
+
+Every lookup logs one line on stdout: ``cache hit <plugin>/<kind> <key16>`` or
+``cache miss ... (building)`` (not under ``engram-run --quiet`` or ``--dry-run``). `ENGRAM_CACHE` chooses the folder
+(`engram_core.components.default_cache_dir`); ``engram cache list`` and ``engram cache clear``
+inspect and prune it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fnmatch
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .rundir import atomic_write_json
+
+META_SUFFIX = ".meta.json"
+KEY_CHARS = 16  # of the sha256 hex digest, in file names (the sidecar holds all 64)
+
+
+# ---- canonical JSON and digests ----------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """Plain JSON data for `obj`; raises TypeError for anything without an exact encoding."""
+    if attrs.has(type(obj)):
+        return {f.name: _plain(getattr(obj, f.name)) for f in attrs.fields(type(obj))}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"cache key: dict keys must be str or int, got {type(k).__name__}")
+            out[str(k)] = _plain(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_plain(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return repr(obj)  # "nan", "inf": JSON has no literal for them
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return _plain(obj.value)
+    if hasattr(obj, "item") and hasattr(obj, "ndim") and obj.ndim == 0:  # numpy / torch scalars
+        return _plain(obj.item())
+    raise TypeError(f"cache key: cannot encode {type(obj).__name__} exactly; pass plain data or a digest")
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace, attrs instances as dicts: equal data, equal text."""
+    return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_hex(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def source_digest(builder: Any) -> str:
+    """sha256 of the source of a function, class or module (or a list of them), in order."""
+    items = list(builder) if isinstance(builder, (list, tuple)) else [builder]
+    if not items:
+        raise ValueError("cache: `builder` must name the code that builds the artefact")
+    h = hashlib.sha256()
+    for b in items:
+        if isinstance(b, (types.FunctionType, types.MethodType, type, types.ModuleType)):
+            try:
+                src = inspect.getsource(b)
+            except (OSError, TypeError):  # no source shipped: the compiled code still tells edits apart
+                src = _compiled(b)
+            name = getattr(b, "__qualname__", None) or b.__name__
+            h.update(f"{getattr(b, '__module__', b.__name__)}:{name}\n".encode())
+            h.update(src.encode())
+        else:
+            raise TypeError(f"cache: builder must be a function, class or module, got {type(b).__name__}")
+    return h.hexdigest()
+
+
+def _compiled(b: Any) -> str:
+    if isinstance(b, types.ModuleType) and getattr(b, "__file__", None):
+        return sha256_hex(Path(b.__file__).read_bytes())
+    code = getattr(b, "__code__", None)
+    if code is not None:
+        return sha256_hex(code.co_code + repr(code.co_consts).encode())
+    raise TypeError(f"cache: cannot read the source of {b!r}")
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 of a state_dict (names, dtypes, shapes and bytes of every tensor), name-sorted."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{name}={canonical_json(t)}\n".encode())
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def generator_digest(generator) -> str:
+    """sha256 of a torch.Generator's full state (not just its initial seed)."""
+    return sha256_hex(generator.get_state().numpy().tobytes())
+
+
+def file_digest(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- entries -----------------------------------------------------------------------------
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@attrs.define
+class Entry:
+    """One cached artefact. `root` None means caching is off: `path` is None, nothing is kept."""
+
+    root: Path | None
+    plugin: str
+    kind: str
+    key: str  # full sha256 hex
+    ext: str
+    meta: dict  # what the key was made of (written to the sidecar)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.key[:KEY_CHARS]}" + (f".{self.ext}" if self.ext else "")
+
+    @property
+    def label(self) -> str:
+        return f"{self.plugin}/{self.kind} {self.key[:KEY_CHARS]}"
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.root is None else Path(self.root) / self.plugin / self.name
+
+    @property
+    def meta_path(self) -> Path | None:
+        return None if self.root is None else Path(self.root) / self.plugin / (self.name + META_SUFFIX)
+
+    def read_meta(self) -> dict | None:
+        if self.meta_path is None or not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def exists(self) -> bool:
+        """True only for a complete entry: the sidecar names this key and the size matches."""
+        if self.path is None or not self.path.exists():
+            return False
+        meta = self.read_meta()
+        if meta is None or meta.get("key") != self.key:
+            return False
+        try:
+            return _size(self.path) == meta.get("size")
+        except OSError:
+            return False
+
+    def remove(self) -> None:
+        if self.path is not None:
+            _remove(self.path)
+            self.meta_path.unlink(missing_ok=True)
+
+    def commit(self, tmp: Path) -> None:
+        """Move a finished artefact at `tmp` (same folder) into place, then write the sidecar."""
+        path = self.path
+        if path.exists() and path.is_dir():  # a folder cannot be replaced in one step
+            _remove(path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            # another process put a folder there first; keep theirs if it is complete
+            _remove(tmp)
+            if self.exists():
+                return
+            raise
+        import torch
+
+        meta = dict(self.meta)
+        meta.update(
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            size=_size(path),
+            torch=torch.__version__,
+            python=platform.python_version(),
+        )
+        atomic_write_json(self.meta_path, meta)
+
+
+def entry(
+    cache_dir: Path | str | None,
+    *,
+    plugin: str,
+    kind: str,
+    config: Any,
+    seed: int | None,
+    version: int,
+    builder: Any,
+    ext: str,
+    inputs: dict | None = None,
+) -> Entry:
+    """The cache entry for one artefact (see the module doc for what the key covers).
+
+    `config` is the builder's full resolved config (attrs instance or plain data); `builder`
+    the function(s), class(es) or module(s) whose source builds it; `inputs` further
+    content-determining values (digests). `cache_dir` None: caching off, the key is still made.
+    """
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TypeError("cache: `version` must be an int (bump it when the builder changes)")
+    for label, value in (("plugin", plugin), ("kind", kind)):
+        if not value or any(c in value for c in "/\\*?[] ") or value.startswith("."):
+            raise ValueError(f"cache: bad {label} {value!r} (a plain name is needed)")
+    meta = {
+        "plugin": plugin,
+        "kind": kind,
+        "config": _plain(config),
+        "seed": seed,
+        "inputs": _plain(inputs or {}),
+        "version": version,
+        "source": source_digest(builder),
+    }
+    key = sha256_hex(canonical_json(meta))
+    meta = {"key": key, **meta}
+    return Entry(Path(cache_dir) if cache_dir is not None else None, plugin, kind, key, ext.lstrip("."), meta)
+
+
+_LOG = [True]
+
+
+def log(msg: str) -> None:
+    # stdout, beside the run's progress: stderr is kept for errors (one line per problem)
+    if _LOG[-1]:
+        print(f"cache {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def logging_to_stdout(on: bool):
+    """Print (or not) the hit/miss lines inside the block; `engram-run --quiet` turns them off."""
+    _LOG.append(bool(on))
+    try:
+        yield
+    finally:
+        _LOG.pop()
+
+
+def load_or_build(
+    e: Entry,
+    build_fn: Callable[[], Any],
+    save_fn: Callable[[Any, Path], None],
+    load_fn: Callable[[Path], Any],
+) -> Any:
+    """Load `e` if it is present and sound, else build, save (atomically) and return it.
+
+    `save_fn(value, tmp_path)` writes the artefact to `tmp_path` (a file or a folder it
+    creates); `load_fn(path)` reads it back. A load that raises counts as a damaged entry
+    and is rebuilt. With caching off (`e.root` None) this is just `build_fn()`.
+    """
+    if e.path is None:
+        return build_fn()
+    if e.exists():
+        try:
+            value = load_fn(e.path)
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+            log(f"damaged {e.label} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), rebuilding")
+        else:
+            log(f"hit {e.label}")
+            return value
+    elif e.path.exists() or e.meta_path.exists():
+        log(f"damaged {e.label} (incomplete entry), rebuilding")
+    else:
+        log(f"miss {e.label} (building)")
+    value = build_fn()
+    save(e, value, save_fn)
+    return value
+
+
+def save(e: Entry, value: Any, save_fn: Callable[[Any, Path], None]) -> None:
+    """Write `value` as entry `e` (temp name, then os.replace, then the sidecar)."""
+    if e.path is None:
+        return
+    folder = e.path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{e.name}.", suffix=".tmp")) / ("artefact." + (e.ext or "bin"))
+    try:
+        save_fn(value, tmp)
+        if not tmp.exists():
+            raise RuntimeError(f"cache: save_fn wrote nothing for {e.label}")
+        e.meta_path.unlink(missing_ok=True)  # a sidecar never outlives the artefact it describes
+        e.commit(tmp)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+# ---- listing and clearing ----------------------------------------------------------------
+
+
+@attrs.define
+class Listed:
+    """An artefact found on disk, with its sidecar's contents (None where it has none)."""
+
+    plugin: str
+    name: str  # <kind>-<key16>[.<ext>]
+    path: Path
+    meta: dict | None
+    size: int  # bytes on disk, sidecar included
+    damaged: bool = False  # no sidecar, an unreadable one, a size that disagrees, a left-over temp
+
+    @property
+    def kind(self) -> str:
+        if self.name.startswith("."):
+            return "(temp)"
+        return (self.meta or {}).get("kind") or self.name.rsplit("-", 1)[0]
+
+    @property
+    def key(self) -> str:
+        if self.name.startswith("."):
+            return self.name
+        return (self.meta or {}).get("key", "")[:KEY_CHARS] or self.name.rsplit("-", 1)[-1].split(".")[0]
+
+    @property
+    def stem(self) -> str:
+        """`plugin/kind-key16`, what `engram cache clear PATTERN` matches."""
+        if self.name.startswith("."):
+            return f"{self.plugin}/{self.name}"
+        return f"{self.plugin}/{self.kind}-{self.key}"
+
+    def files(self) -> list[Path]:
+        return [self.path, self.path.parent / (self.path.name + META_SUFFIX)]
+
+
+def scan(cache_dir: Path | str) -> list[Listed]:
+    """Every artefact under `cache_dir/<plugin>/`, with its sidecar where it has one."""
+    root = Path(cache_dir)
+    out: list[Listed] = []
+    if not root.is_dir():
+        return out
+    for plugin_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for p in sorted(plugin_dir.iterdir()):
+            if p.name.endswith(META_SUFFIX):
+                art = plugin_dir / p.name[: -len(META_SUFFIX)]
+                if not art.exists():  # a sidecar whose artefact is gone
+                    out.append(Listed(plugin_dir.name, art.name, art, None, p.stat().st_size, True))
+                continue
+            side = plugin_dir / (p.name + META_SUFFIX)
+            meta = None
+            try:
+                meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+            except (OSError, ValueError):
+                meta = None
+            meta = meta if isinstance(meta, dict) else None
+            try:
+                art = _size(p)
+                size = art + (side.stat().st_size if side.exists() else 0)
+            except OSError:
+                continue
+            damaged = p.name.startswith(".") or meta is None or meta.get("size") != art
+            out.append(Listed(plugin_dir.name, p.name, p, meta, size, damaged))
+    return out
+
+
+def select(items: Iterable[Listed], pattern: str | None) -> list[Listed]:
+    """Items whose `plugin/kind-key16` (or plugin/file name) matches the glob `pattern`."""
+    if not pattern:
+        return list(items)
+    pat = pattern.rstrip("/")
+    if "/" not in pat:
+        pat = pat + "/*" if not any(c in pat for c in "*?[") else pat
+    return [i for i in items if fnmatch.fnmatchcase(i.stem, pat) or fnmatch.fnmatchcase(f"{i.plugin}/{i.name}", pat)]
+
+
+def clear(items: Iterable[Listed]) -> int:
+    """Remove the items (artefact and sidecar); returns the bytes freed."""
+    freed = 0
+    for i in items:
+        freed += i.size
+        for f in i.files():
+            if f.exists() or f.is_symlink():
+                _remove(f)
+    return freed
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def config_summary(meta: dict | None, width: int = 60) -> str:
+    """A short `key=value, ...` line of an entry's scalar config values (nested keys dotted), then the seed."""
+    if not meta:
+        return "(no sidecar: incomplete, or left by an older engram)"
+    parts: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif not isinstance(value, list) or len(value) <= 4:
+            parts.append(f"{prefix[:-1]}={json.dumps(value) if isinstance(value, list) else value}")
+
+    walk("", meta.get("config") or {})
+    parts.append(f"seed={meta.get('seed')}")
+    text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 1] + "…"
