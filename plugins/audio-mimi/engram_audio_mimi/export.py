@@ -7,7 +7,8 @@
   downloaded `kyutai/mimi` snapshot). Nothing is downloaded.
 - `--speakers`: CSV with a header row and columns `file,speaker` (file relative to --wavs).
 - Each wav is mixed to mono, converted to float in [-1, 1], resampled to the model's
-  sampling rate, and encoded with ``model.encoder(x).latents``: the continuous latents
+  sampling rate, and encoded with ``model.encoder(x)`` (its ``.latents`` where the
+  transformers version wraps them in an output object): the continuous latents
   before quantisation, (latent_dim, frames) at Mimi's frame rate (12.5 Hz for the
   released model). The store holds one float32 (frames, latent_dim) array per file.
 """
@@ -76,8 +77,20 @@ def encode_latents(model, audio: np.ndarray, device: str = "cpu") -> np.ndarray:
 
     x = torch.from_numpy(audio).to(device)[None, None, :]
     with torch.no_grad():
-        latents = model.encoder(x).latents  # (1, latent_dim, frames)
+        latents = encoder_latents(model, x)  # (1, latent_dim, frames)
     return latents[0].T.float().cpu().numpy()
+
+
+def encoder_latents(model, x):
+    """`model.encoder(x)` as a tensor (B, latent_dim, frames): some transformers versions
+    return the tensor itself (e.g. 5.17), others an output object with `.latents` (e.g. 5.24)."""
+    import torch
+
+    out = model.encoder(x)
+    latents = out if isinstance(out, torch.Tensor) else out.latents
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 3:
+        raise ExportError(f"the Mimi encoder returned {type(out).__name__}, not (batch, latent_dim, frames) latents")
+    return latents
 
 
 def export(
