@@ -3,7 +3,7 @@
 
 The first step (`python3 dev.py test` in a fresh venv) resolves the newest releases the open
 ranges admit. This step reads the lower bounds from every plugin's pyproject.toml (its
-dependencies and its `test` extra), pins them exactly, and runs only that plugin's test files
+dependencies and extras), pins them exactly, and runs only that plugin's test files
 that use transformers or peft. Plugins with the same bounds share one install; one venv
 (ENGRAM_OLDEST_VENV, default ./.venv-ci-oldest) is reused, with torch pinned as everywhere.
 Only the standard library is used.
@@ -27,9 +27,12 @@ HF = ("transformers", "peft")
 
 
 def floors(pyproject: Path) -> dict[str, str]:
-    """{package: lower bound} for the HF packages among the dependencies and the test extra."""
+    """{package: lower bound} for the HF packages among the dependencies and every extra
+    (an extra that asked for another bound than the rest would be untested: refused)."""
     proj = tomllib.loads(pyproject.read_text())["project"]
-    reqs = list(proj.get("dependencies", [])) + list(proj.get("optional-dependencies", {}).get("test", []))
+    reqs = list(proj.get("dependencies", []))
+    for extra in proj.get("optional-dependencies", {}).values():
+        reqs += list(extra)
     out: dict[str, str] = {}
     for req in reqs:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[[^]]*\])?\s*(.*)", req)
@@ -39,6 +42,8 @@ def floors(pyproject: Path) -> dict[str, str]:
         low = re.search(r">=\s*([0-9][0-9A-Za-z.]*)", spec)
         if low is None:
             sys.exit(f"oldest_hf: {pyproject}: {req!r} has no lower bound (>=) to test")
+        if out.get(name, low.group(1)) != low.group(1):
+            sys.exit(f"oldest_hf: {pyproject}: {name} has two lower bounds ({out[name]}, {low.group(1)}); use one")
         out[name] = low.group(1)
     return out
 
