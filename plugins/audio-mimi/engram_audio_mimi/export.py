@@ -7,7 +7,8 @@
   downloaded `kyutai/mimi` snapshot). Nothing is downloaded.
 - `--speakers`: CSV with a header row and columns `file,speaker` (file relative to --wavs).
 - Each wav is mixed to mono, converted to float in [-1, 1], resampled to the model's
-  sampling rate, and encoded with ``model.encoder(x).latents``: the continuous latents
+  sampling rate, and encoded to the continuous latents (``encoder_latents``: the Mimi
+  encoder's output, on every transformers layout of `MimiModel`): the continuous latents
   before quantisation, (latent_dim, frames) at Mimi's frame rate (12.5 Hz for the
   released model). The store holds one float32 (frames, latent_dim) array per file.
 """
@@ -76,8 +77,30 @@ def encode_latents(model, audio: np.ndarray, device: str = "cpu") -> np.ndarray:
 
     x = torch.from_numpy(audio).to(device)[None, None, :]
     with torch.no_grad():
-        latents = model.encoder(x).latents  # (1, latent_dim, frames)
+        latents = encoder_latents(model, x)  # (1, latent_dim, frames)
     return latents[0].T.float().cpu().numpy()
+
+
+def encoder_latents(model, x):
+    """Mimi's continuous latents before quantisation, (B, latent_dim, frames) at the frame rate.
+
+    transformers has two layouts of `MimiModel`, told apart by what `model.encoder(x)` returns:
+    - an output with `.latents` (e.g. 5.24): `encoder` is the whole encoder (SEANet
+      convolutions, encoder transformer, downsampling to the frame rate);
+    - a plain tensor (e.g. 5.0 to 5.17): `encoder` is the SEANet convolutions alone, at twice
+      the frame rate; the encoder transformer and the downsampling are the model's sibling
+      modules `encoder_transformer` and `downsample`, applied here in the model's own order.
+    Either way the result quantises to exactly `model.encode(x).audio_codes` (the tests check it).
+    """
+    import torch
+
+    out = model.encoder(x)
+    if not isinstance(out, torch.Tensor):
+        return out.latents
+    hidden = model.encoder_transformer(out.transpose(1, 2))[0].transpose(1, 2)
+    if getattr(model, "downsample", None) is not None:
+        hidden = model.downsample(hidden)
+    return hidden
 
 
 def export(

@@ -88,15 +88,21 @@ def test_export_writes_a_zdyn_store(tmp_path, mimi_dir):
         assert arr.shape[1] == cfg.hidden_size
         assert abs(arr.shape[0] - secs * frame_rate) <= 1
         assert np.isfinite(arr).all()
-    # the latents equal what the model's encoder gives directly
+    # the latents are the model's own pre-quantisation latents: quantised, they give exactly
+    # the codes of the public `model.encode` (on every transformers layout of MimiModel)
     import torch
 
     model = transformers.MimiModel.from_pretrained(str(model_dir)).eval()
-    from engram_audio_mimi.export import load_wav
+    from engram_audio_mimi.export import encoder_latents, load_wav
 
     audio = load_wav(tmp_path / "wavs" / "utt0.wav", cfg.sampling_rate)
+    x = torch.from_numpy(audio)[None, None]
     with torch.no_grad():
-        ref = model.encoder(torch.from_numpy(audio)[None, None]).latents[0].T.numpy()
+        codes = model.encode(x).audio_codes  # (1, n_q, frames)
+        mine = model.quantizer.encode(torch.from_numpy(arrays[0].T.copy())[None]).transpose(0, 1)
+        ref = encoder_latents(model, x)[0].T.numpy()
+    assert codes.shape[-1] == arrays[0].shape[0]
+    assert torch.equal(mine, codes)
     np.testing.assert_allclose(arrays[0], ref, rtol=1e-5, atol=1e-5)
     # and the data set reads it (2 speakers: one per side)
     ds = ZdynDataset(ZdynConfig(path=str(out), eval_fraction=0.5))

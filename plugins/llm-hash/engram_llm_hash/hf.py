@@ -6,15 +6,20 @@
     model.save_engram("engram_weights/")      # only the memory's parameters
     model.load_engram("engram_weights/")
 
-How ids reach the memory under a KV cache: a forward pre-hook on the decoder stack
-(`model.get_decoder()`) sees every call's `input_ids` and `past_key_values`; it keeps the
-ids of the cached prefix and appends the new ones, so the memory after decoder layer i
-always hashes the complete history. Greedy `generate(use_cache=True)` therefore gives
-exactly the tokens of `use_cache=False`, trained memory or not.
+How ids reach the memory under a KV cache: the model's own `forward` (what `model(...)`,
+`generate` and peft call) first hands its public arguments to the injector: `input_ids`
+and the KV cache, found by type (`transformers.Cache`, whatever the keyword is called)
+and measured with its public `get_seq_length()`. The injector keeps the ids of the cached
+prefix and appends the new ones, so the memory after decoder layer i always hashes the
+complete history. Nothing layer-internal is read (the keyword decoder layers receive for
+the cache was renamed in transformers 5.24). Greedy `generate(use_cache=True)` therefore
+gives exactly the tokens of `use_cache=False`, trained memory or not.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import types
 from pathlib import Path
@@ -69,52 +74,103 @@ def hf_token_texts(tokenizer, vocab_size: int) -> list[str | None]:
     return texts
 
 
+def _cache_length(args, kwargs) -> int:
+    """Positions held by the KV cache among a top-level forward's arguments (0: none).
+
+    Found by type, not by keyword: the keyword is `past_key_values` up to transformers 5.23
+    and `cache` from 5.24. `transformers.Cache` and its `get_seq_length()` are public on
+    every version the plugin admits; the tuple-of-(key, value) format is transformers 4.x's
+    documented legacy form of the same argument."""
+    from transformers import Cache
+
+    values = list(args) + list(kwargs.values())
+    for v in values:
+        if isinstance(v, Cache):
+            return int(v.get_seq_length())
+    legacy = kwargs.get("past_key_values")
+    if isinstance(legacy, (tuple, list)) and legacy and legacy[0] is not None:
+        return int(legacy[0][0].shape[-2])
+    return 0
+
+
 class HFInjector:
-    """Installs hooks that run `memory.apply_layer(i, hidden, ids)` after decoder layer i."""
+    """Runs `memory.apply_layer(i, hidden, ids)` after decoder layer i (a forward hook).
+
+    The ids come from the public arguments of the model's own forward: the injector takes
+    the place of `model.forward` (an instance attribute, so `model(...)`, `generate`, and
+    peft's tuner, which calls `model.forward(...)` directly before peft 0.15 and so skips
+    forward pre-hooks, all pass through it), reads `input_ids` and the length of the KV cache
+    it is given, then calls the model's own forward. It keeps the ids of the cached prefix
+    and appends the new ones, so the memory always hashes the complete history."""
 
     def __init__(self, model: nn.Module, memory: EngramHashMemory):
         self.memory = memory
         self.ids: torch.Tensor | None = None
+        self.live = 0  # > 0 while the model's forward runs
         self.handles = []
+        self.model = model
+        self.own_forward = model.__dict__.get("forward")  # someone else's instance forward: kept, restored
+        self.inner_forward = model.forward
         dec = decoder_of(model)
-        self.handles.append(dec.register_forward_pre_hook(self._track_ids, with_kwargs=True))
         for key in memory.blocks:
-            self.handles.append(dec.layers[int(key)].register_forward_hook(self._make_layer_hook(int(key))))
+            self.handles.append(dec.layers[int(key)].register_forward_hook(functools.partial(self._layer_hook, int(key))))
+        object.__setattr__(model, "_engram_injector", self)
+        object.__setattr__(model, "forward", self)
 
-    def _track_ids(self, module, args, kwargs):
+    @property
+    def __signature__(self):
+        """`generate` inspects `model.forward`'s parameters: show the model's own."""
+        return inspect.signature(self.inner_forward)
+
+    def __call__(self, *args, **kwargs):
+        self.see_inputs(args, kwargs)
+        self.live += 1
+        try:
+            return self.inner_forward(*args, **kwargs)
+        finally:
+            self.live -= 1
+
+    def see_inputs(self, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
+        if not isinstance(ids, torch.Tensor):
             self.ids = None  # embeddings only: the memory cannot address, apply_layer says so
-            return None
-        past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
-        if past_len == 0 or self.ids is None:
+            return
+        past_len = _cache_length(args, kwargs)
+        if past_len == 0:
             self.ids = ids
-        else:
-            if self.ids.shape[1] < past_len or self.ids.shape[0] != ids.shape[0]:
-                raise RuntimeError(
-                    f"engram: the KV cache holds {past_len} positions but only {self.ids.shape[1]} ids were seen; "
-                    "call the model with input_ids from the start of the sequence"
-                )
-            self.ids = torch.cat([self.ids[:, :past_len], ids], dim=1)
-        return None
+            return
+        if self.ids is None or self.ids.shape[1] < past_len or self.ids.shape[0] != ids.shape[0]:
+            seen = 0 if self.ids is None else self.ids.shape[1]
+            raise RuntimeError(
+                f"engram: the KV cache holds {past_len} positions but only {seen} ids were seen; "
+                "call the model with input_ids from the start of the sequence"
+            )
+        self.ids = torch.cat([self.ids[:, :past_len], ids.to(self.ids.device)], dim=1)
 
-    def _make_layer_hook(self, layer: int):
-        def hook(module, args, output):
-            if not self.memory.enabled:
-                return output
-            hidden = output[0] if isinstance(output, tuple) else output
-            new = self.memory.apply_layer(layer, hidden, self.ids)
-            if isinstance(output, tuple):
-                return (new,) + tuple(output[1:])
-            return new
-
-        return hook
+    def _layer_hook(self, layer: int, module, args, output):
+        if not self.memory.enabled:
+            return output
+        if not self.live:
+            raise RuntimeError(
+                "engram: a decoder layer ran outside the model's forward, so its token ids are unknown; "
+                "call the model itself (model(...) or model.generate)"
+            )
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = self.memory.apply_layer(layer, hidden, self.ids)
+        if isinstance(output, tuple):
+            return (new,) + tuple(output[1:])
+        return new
 
     def remove(self):
         for h in self.handles:
             h.remove()
         self.handles = []
+        model = self.model
+        if self.own_forward is not None:
+            object.__setattr__(model, "forward", self.own_forward)
+        else:
+            model.__dict__.pop("forward", None)
+        model.__dict__.pop("_engram_injector", None)
 
 
 def engram_config(memory_size: int, inject_layers, gate_type: str, **kwargs) -> EngramHashConfig:
@@ -169,8 +225,7 @@ def add_engram(
         for p in model.parameters():
             p.requires_grad_(False)
     model.add_module("engram", memory)
-    injector = HFInjector(model, memory)
-    object.__setattr__(model, "_engram_injector", injector)
+    HFInjector(model, memory)
     model.save_engram = types.MethodType(save_engram, model)
     model.load_engram = types.MethodType(load_engram, model)
     model.remove_engram = types.MethodType(remove_engram, model)
@@ -233,10 +288,9 @@ def load_causal_lm(model_dir: str, key: str = "model_dir", dtype=None):
     if conf.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(key, f"{model_dir} holds a '{conf.model_type}' model, which is not a decoder-only causal LM")
     try:
-        kwargs = {"local_files_only": True}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
+        if dtype is not None:  # `.to()`, not the keyword: `torch_dtype` before transformers 4.56, `dtype` after
+            model = model.to(dtype)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(key, f"cannot load a causal LM from {model_dir}: {str(exc).splitlines()[0]}") from None
     try:

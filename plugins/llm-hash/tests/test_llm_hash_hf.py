@@ -1,5 +1,6 @@
 """add_engram on tiny random transformers causal LMs that the test builds and saves."""
 
+import inspect
 import json
 
 import pytest
@@ -46,6 +47,93 @@ def test_cached_generation_equals_uncached_with_trained_memory(tmp_path, family)
         uncached = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, plain), "the trained memory should change generation"
+
+
+def _cache_keyword(model) -> str:
+    """The public name of the top-level KV-cache argument: `cache` from transformers 5.24,
+    `past_key_values` before."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_stepwise_cached_calls_equal_one_uncached_call(tmp_path, family):
+    """Prefill, then one token a call with the KV cache on the top-level model (as generate
+    does): the logits at every position equal one uncached call over the whole sequence."""
+    model = add_engram(load(save_tiny(tmp_path, family)).eval(), memory_size=5000, inject_layers=[0, 1], slot_dim=8)
+    perturb(model.engram, 1.0)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    prefill = 5
+    kw = _cache_keyword(model)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = transformers.DynamicCache()
+        steps = [model(input_ids=ids[:, :prefill], use_cache=True, **{kw: cache}).logits]
+        for t in range(prefill, ids.shape[1]):
+            steps.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{kw: cache}).logits)
+        assert cache.get_seq_length() == ids.shape[1]
+        stepped = torch.cat(steps, dim=1)
+        model.engram.enabled = False
+        bare = model(input_ids=ids, use_cache=False).logits
+        model.engram.enabled = True
+    assert stepped.shape == full.shape
+    assert torch.allclose(stepped, full, atol=1e-5), (stepped - full).abs().max()
+    assert (full - bare).abs().max() > 1e-2, "the memory should change the logits"
+
+
+def test_cached_generation_with_left_padding(tmp_path):
+    model = add_engram(load(save_tiny(tmp_path, "llama")).eval(), memory_size=5000, inject_layers=[0, 1], slot_dim=8)
+    perturb(model.engram, 1.0)
+    prompt = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    prompt[0, :3], mask[0, :3] = 2, 0  # left padding
+    prompt[2, :1], mask[2, :1] = 2, 0
+    opts = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **opts)
+        uncached = model.generate(prompt, use_cache=False, **opts)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_generation_through_a_peft_model(tmp_path):
+    """get_peft_model wraps the model after add_engram; peft < 0.15 calls model.forward
+    directly, so the ids must be taken there, not in a forward pre-hook."""
+    peft = pytest.importorskip("peft")
+    model = add_engram(load(save_tiny(tmp_path, "qwen2")).eval(), memory_size=5000, inject_layers=[0, 1], slot_dim=8)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    perturb(model.engram, 1.0)
+    prompt = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    opts = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        cached = wrapped.generate(input_ids=prompt, use_cache=True, **opts)
+        uncached = wrapped.generate(input_ids=prompt, use_cache=False, **opts)
+        logits = wrapped(input_ids=prompt).logits
+        model.engram.enabled = False
+        bare = wrapped(input_ids=prompt).logits
+    assert torch.equal(cached, uncached)
+    assert (logits - bare).abs().max() > 1e-2, "the memory should act through the peft wrapper"
+
+
+def test_remove_engram_restores_the_model(tmp_path):
+    model = load(save_tiny(tmp_path, "llama")).eval()
+    ids = torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+    add_engram(model, memory_size=500, inject_layers=[0], slot_dim=8)
+    assert "input_ids" in inspect.signature(model.forward).parameters  # generate inspects it
+    perturb(model.engram, 1.0)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before)
+    model.remove_engram()
+    assert "forward" not in model.__dict__ and not hasattr(model, "engram")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_decoder_called_alone_is_an_error(tmp_path):
+    model = add_engram(load(save_tiny(tmp_path, "llama")).eval(), memory_size=500, inject_layers=[0], slot_dim=8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="outside the model's forward"):
+        model.get_decoder()(input_ids=torch.randint(3, 128, (1, 4)))
 
 
 def test_freeze_save_load_only_memory(tmp_path):

@@ -111,7 +111,9 @@ class CompressorReader(Head):
         else:
             from transformers import AutoModelForCausalLM
 
-            self.lm = AutoModelForCausalLM.from_pretrained(Path(cfg.hf_path).expanduser(), dtype=torch.float32)
+            # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
+            # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
+            self.lm = AutoModelForCausalLM.from_pretrained(Path(cfg.hf_path).expanduser()).to(torch.float32)
             hf_vocab = self.lm.config.vocab_size
             if hf_vocab < spec.vocab_size:
                 raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data's byte tokens ({spec.vocab_size})")
