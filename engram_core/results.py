@@ -31,7 +31,6 @@ import argparse
 import concurrent.futures as futures
 import fnmatch
 import json
-import math
 import os
 import re
 import subprocess
@@ -44,6 +43,7 @@ from pathlib import Path
 import attrs
 
 from .errors import EngramError, RecipeError
+from .report import aggregate_seeds, final_metrics
 from .rundir import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,13 +156,13 @@ def _git(*args: str) -> str:
         return ""
 
 
-def source_commit() -> tuple[str, bool]:
-    """(commit, dirty). Outside a git checkout (a copy of it on another machine) the commit comes
+def source_commit() -> tuple[str, list[str]]:
+    """(commit, files changed against it outside docs/results/). Outside a git checkout (a copy of it on another machine) the commit comes
     from ENGRAM_RESULTS_COMMIT, which the copying command sets."""
     commit = _git("rev-parse", "HEAD") or os.environ.get("ENGRAM_RESULTS_COMMIT", "")
-    status = _git("status", "--porcelain")
-    dirty = any(not line[3:].startswith("docs/results/") for line in status.splitlines())
-    return commit, dirty
+    status = _git("-c", "core.fileMode=false", "status", "--porcelain")
+    changed = [line[3:] for line in status.splitlines() if not line[3:].startswith("docs/results/")]
+    return commit, changed
 
 
 def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int | None, deadline: float | None) -> dict:
@@ -209,17 +209,9 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int
         "wall_time_s": summary.get("wall_time_s", round(wall, 1)),
         "device": env_json.get("device_name") or env_json.get("device"),
         "torch_threads": env_json.get("torch_threads"),
-        "metrics": flatten_summary(summary),
+        "metrics": final_metrics(summary),
         "curves": _curves(rd / "metrics.jsonl"),
     }
-
-
-def flatten_summary(summary: dict) -> dict[str, float]:
-    """Final metrics under their tag (`eval/loss`), every stage's under `<stage>:<tag>`."""
-    out = {k: v for k, v in summary.get("final", {}).items() if isinstance(v, (int, float))}
-    for stage, res in summary.get("stages", {}).items():
-        out.update({f"{stage}:{k}": v for k, v in (res or {}).items() if isinstance(v, (int, float))})
-    return out
 
 
 def _curves(path: Path) -> dict[str, list[list[float]]]:
@@ -235,13 +227,11 @@ def _curves(path: Path) -> dict[str, list[list[float]]]:
     return out
 
 
-def aggregate(values: list[float]) -> dict:
-    """mean, sample sd (0 for one value), n and the values themselves; non-finite values count in n
-    and make the mean non-finite, as they should."""
-    n = len(values)
-    mean = sum(values) / n if n else float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "sd": sd, "n": n, "values": values}
+def aggregate(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+    """{metric: {mean, sd, n, values}} over the seeds' final metrics (the report's aggregation;
+    sd is None for a single value)."""
+    return {k: {"mean": m, "sd": None if n < 2 else sd, "n": n, "values": vs}
+            for k, (m, sd, n, vs) in aggregate_seeds(per_seed).items()}
 
 
 def _versions() -> dict[str, str]:
@@ -271,8 +261,8 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     done. Runs still going at `deadline_s` are stopped and recorded as "timeout"."""
     commit, dirty = source_commit()
     if dirty and not allow_dirty:
-        raise EngramError("the work tree has uncommitted changes outside docs/results/: results come from a commit "
-                          "(commit first, or --allow-dirty for a trial run whose JSON says so)")
+        raise EngramError(f"the work tree has uncommitted changes outside docs/results/ ({', '.join(dirty[:5])}): results "
+                          "come from a commit (commit first, or --allow-dirty for a trial run whose JSON lists them)")
     all_jobs = jobs_of(page, only)
     if not all_jobs:
         raise RecipeError([("rows", f"no row of {page.spec_file} matches {only}")])
@@ -308,7 +298,6 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
 def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
     runs.sort(key=lambda r: r["seed"])
     ok = [r for r in runs if r["status"] == "completed"]
-    keys = sorted({k for r in ok for k in r["metrics"]})
     label = j.row.label + (f" ({j.point_label})" if j.point_label and j.row.label else j.point_label)
     data = {
         "page": page.name,
@@ -325,7 +314,7 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
         "command": f"python -m engram_core.results run {page.name} --rows {j.row.id}",
         "wall_time_s": [r["wall_time_s"] for r in runs],
         "status": [r["status"] for r in runs],
-        "metrics": {k: aggregate([r["metrics"][k] for r in ok if k in r["metrics"]]) for k in keys},
+        "metrics": dict(sorted(aggregate([r["metrics"] for r in ok]).items())),
         "runs": runs,
     }
     page.data_dir.mkdir(parents=True, exist_ok=True)
