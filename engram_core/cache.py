@@ -250,8 +250,16 @@ class Entry:
     def commit(self, tmp: Path) -> None:
         """Move a finished artefact at `tmp` (same folder) into place, then write the sidecar."""
         path = self.path
-        if path.exists() and path.is_dir():  # a folder cannot be replaced in one step
-            _remove(path)
+        if path.exists():
+            if self.exists():  # another process finished first: keep its entry, others may be reading it
+                _remove(tmp)
+                return
+            # an incomplete left-over: move it aside in one step (a folder cannot be replaced), then drop it;
+            # its sidecar goes first, so it never describes the artefact that replaces it
+            self.meta_path.unlink(missing_ok=True)
+            trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, trash)
+            _remove(trash)
         try:
             os.replace(tmp, path)
         except OSError:
@@ -347,6 +355,7 @@ def load_or_build(
             value = load_fn(e.path)
         except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
             log(f"damaged {e.label} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}), rebuilding")
+            e.meta_path.unlink(missing_ok=True)  # it looked complete but cannot be read: no longer an entry
         else:
             log(f"hit {e.label}")
             return value
@@ -370,7 +379,6 @@ def save(e: Entry, value: Any, save_fn: Callable[[Any, Path], None]) -> None:
         save_fn(value, tmp)
         if not tmp.exists():
             raise RuntimeError(f"cache: save_fn wrote nothing for {e.label}")
-        e.meta_path.unlink(missing_ok=True)  # a sidecar never outlives the artefact it describes
         e.commit(tmp)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)

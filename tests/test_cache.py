@@ -203,3 +203,19 @@ def test_cli_cache_lists_and_clears_orphans(tmp_path):
     assert item["damaged"] and item["kind"] == "exact_match" and item["key"] == "0123456789abcdef"
     r = run_cli("cache", "clear", "llm-hash/exact_match-*", tool="engram", env=env)
     assert "removed 1 entries" in r.stdout and not list((tmp_path / "llm-hash").iterdir())
+
+
+def test_a_second_builder_keeps_the_first_complete_entry(tmp_path):
+    """Two runs that miss at once both build; the one that finishes second must not remove the
+    entry the first is already reading (it did, for folder stores: a KeyError mid-read)."""
+    e = make(tmp_path, ext="store")
+
+    def save_dir(value, path):
+        path.mkdir()
+        (path / "a.txt").write_text(value)
+
+    cache.save(e, "first", save_dir)
+    inode = (e.path / "a.txt").stat().st_ino
+    cache.save(e, "second", save_dir)  # the late builder
+    assert (e.path / "a.txt").read_text() == "first" and (e.path / "a.txt").stat().st_ino == inode
+    assert e.exists() and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
