@@ -157,9 +157,15 @@ def _git(*args: str) -> str:
 
 
 def source_commit() -> tuple[str, list[str]]:
-    """(commit, files changed against it outside docs/results/). Outside a git checkout (a copy of it on another machine) the commit comes
-    from ENGRAM_RESULTS_COMMIT, which the copying command sets."""
-    commit = _git("rev-parse", "HEAD") or os.environ.get("ENGRAM_RESULTS_COMMIT", "")
+    """(commit, files changed against it outside docs/results/).
+
+    A copy of the work tree on another machine (the GPU box) may carry a stale `.git` or none:
+    the command that copied it names the commit in ENGRAM_RESULTS_COMMIT, which then wins, and
+    the check for changes is left to the machine that made the copy."""
+    named = os.environ.get("ENGRAM_RESULTS_COMMIT", "")
+    if named:
+        return named, []
+    commit = _git("rev-parse", "HEAD")
     status = _git("-c", "core.fileMode=false", "status", "--porcelain")
     changed = [line[3:] for line in status.splitlines() if not line[3:].startswith("docs/results/")]
     return commit, changed
