@@ -43,7 +43,7 @@ from pathlib import Path
 import attrs
 
 from .errors import EngramError, RecipeError
-from .report import aggregate_seeds, final_metrics
+from .report import aggregate_seeds, final_metrics, load_scalars, stage_spans
 from .rundir import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,9 +215,25 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int
         "wall_time_s": summary.get("wall_time_s", round(wall, 1)),
         "device": env_json.get("device_name") or env_json.get("device"),
         "torch_threads": env_json.get("torch_threads"),
-        "metrics": final_metrics(summary),
+        "metrics": final_metrics(summary) | _last_train_values(rd),
         "curves": _curves(rd / "metrics.jsonl"),
     }
+
+
+def _last_train_values(run_dir: Path) -> dict[str, float]:
+    """The last logged value of each `train/` tag within each train stage, as
+    `<stage>:last:train/<term>` (what a run trained to, e.g. overfit-one's train accuracy)."""
+    scalars = load_scalars(run_dir)
+    spans = stage_spans(tomllib.loads((run_dir / "recipe.toml").read_text()))
+    out = {}
+    for sp in spans:
+        if sp["kind"] != "train":
+            continue
+        for tag, points in scalars.items():
+            inside = [v for step, v in points if sp["start"] < step <= sp["end"]]
+            if tag.startswith("train/") and inside:
+                out[f"{sp['name']}:last:{tag}"] = inside[-1]
+    return out
 
 
 def _curves(path: Path) -> dict[str, list[list[float]]]:
