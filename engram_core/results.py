@@ -431,9 +431,11 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path) -> None:
         ax.set_xticks(range(len(rows)), [data[r].get("label") or r for r in rows], rotation=spec.get("rotation", 20), ha="right", fontsize=8)
         ax.set_ylabel(spec.get("ylabel", key))
     else:
-        key = spec["key"]
+        keys = [spec["key"]] if isinstance(spec["key"], str) else list(spec["key"])  # first one a row has
         for rid in rows:
-            per_seed = [r["curves"].get(key, []) for r in data[rid]["runs"] if r.get("status") == "completed"]
+            runs = [r for r in data[rid]["runs"] if r.get("status") == "completed"]
+            key = next((k for k in keys if runs and k in runs[0]["curves"]), keys[0])
+            per_seed = [r["curves"].get(key, []) for r in runs]
             if not per_seed or not per_seed[0]:
                 continue
             steps = [s for s, _ in per_seed[0]]
@@ -441,8 +443,12 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path) -> None:
             mean = [sum(c[i][1] for c in per_seed) / len(per_seed) for i in range(n)]
             ax.plot(steps[:n], mean, marker="o", ms=3, label=data[rid].get("label") or rid)
         ax.set_xlabel("step")
-        ax.set_ylabel(spec.get("ylabel", key))
+        ax.set_ylabel(spec.get("ylabel", keys[0]))
         ax.legend(fontsize=7)
+    if "hline" in spec:  # a reference level, e.g. chance
+        ax.axhline(spec["hline"], color="grey", ls="--", lw=1, label=spec.get("hline_label"))
+        if spec.get("hline_label"):
+            ax.legend(fontsize=7)
     if spec.get("title"):
         ax.set_title(spec["title"], fontsize=10)
     ax.grid(alpha=0.3)
