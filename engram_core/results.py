@@ -151,7 +151,7 @@ def jobs_of(page: Page, only: list[str] | None = None) -> list[Job]:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -165,7 +165,7 @@ def source_commit() -> tuple[str, list[str]]:
     named = os.environ.get("ENGRAM_RESULTS_COMMIT", "")
     if named:
         return named, []
-    commit = _git("rev-parse", "HEAD")
+    commit = _git("rev-parse", "HEAD").strip()
     status = _git("-c", "core.fileMode=false", "status", "--porcelain")
     changed = [line[3:] for line in status.splitlines() if not line[3:].startswith("docs/results/")]
     return commit, changed
