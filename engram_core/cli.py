@@ -121,8 +121,14 @@ def _print_params(console: Console, recipe) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["results"]:  # the results pipeline has its own sub-commands (run, render, check, list)
+        from .results import main as results_main
+
+        return results_main(argv[1:])
     p = argparse.ArgumentParser(prog="engram", description="Inspect plugins, components and recipes.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("results", help="run, render and check the results pages (engram results --help)", add_help=False)
     pp = sub.add_parser("plugins", help="installed plugins, their versions and components")
     pp.add_argument("--json", action="store_true", help="machine-readable output")
     pp.add_argument("--verbose", action="store_true", help="tracebacks of broken plugins")

@@ -550,7 +550,7 @@ def check_page(page: Page) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="engram results", description="Run, render and check the results pages.")
+    p = argparse.ArgumentParser(prog="engram results", description="Run, render and check the results pages (docs/results/).")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a page's rows from an empty cache and write their JSON")
     r.add_argument("page")

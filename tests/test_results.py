@@ -1,0 +1,168 @@
+"""The results pipeline: published tables equal their JSON, JSON names recipes that validate,
+and a page runs from an empty cache into JSON, tables and figures."""
+
+import json
+import shutil
+
+import pytest
+
+from engram_core import results as R
+from engram_core.testing.cli import run_cli
+
+SPEC = """
+[[rows]]
+id = "mlp"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=30", "stages.0.eval_every=15", "stages.0.warmup_steps=5"]
+seeds = [0, 1]
+label = "MLP"
+
+[[rows]]
+id = "width"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=30", "stages.0.eval_every=15", "stages.0.warmup_steps=5",
+             'sweep."head.hidden"=[16, 32]', 'sweep."run.seed"=[3, 4]']
+
+[[tables]]
+id = "main"
+rows = ["mlp", "width.*"]
+columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
+
+[[tables]]
+id = "grid"
+header = ["what", "loss"]
+cells = [["mlp", "@mlp:eval/loss"], ["narrow", "@width.00:train:eval/loss"]]
+
+[[figures]]
+id = "bars"
+rows = ["mlp", "width.*"]
+key = "eval/loss"
+"""
+
+PAGE_MD = """# trial
+
+Prose stays as written.
+
+<!-- results:table main -->
+<!-- results:end -->
+
+<!-- results:table grid -->
+<!-- results:end -->
+
+<!-- results:figure bars -->
+<!-- results:end -->
+"""
+
+
+@pytest.mark.parametrize("name", R.list_pages())
+def test_every_published_page_equals_what_its_json_renders(name):
+    """A hand-edited number, a table the JSON does not back, or JSON whose recipe no longer
+    exists or validates fails here (and so in CI)."""
+    problems = R.check_page(R.load_page(name))
+    assert not problems, "\n".join(problems)
+
+
+def test_every_page_has_data_behind_its_tables():
+    for name in R.list_pages():
+        page = R.load_page(name)
+        data = R.load_data(page)
+        for t in page.tables:
+            refs = t.get("rows") or R._cell_rows(t)
+            assert R._rows_matching(data, refs), f"{name}: table {t['id']} has no JSON behind it"
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    """A two-row page (one with a sweep over a width and run.seed) run by the pipeline."""
+    root = tmp_path_factory.mktemp("results")
+    (root / "trial.toml").write_text(SPEC)
+    (root / "trial.md").write_text(PAGE_MD)
+    page = R.load_page(root / "trial.toml")
+    written = R.run_page(page, jobs=2, allow_dirty=True)
+    (root / "trial.md").write_text(R.render_page(page))
+    return page, written
+
+
+def test_a_page_runs_into_one_json_per_row(trial):
+    page, written = trial
+    assert sorted(p.name for p in written) == ["mlp.json", "width.00.json", "width.01.json"]
+    d = json.loads((page.data_dir / "mlp.json").read_text())
+    for key in ("recipe", "overrides", "seeds", "commit", "device", "versions", "wall_time_s", "metrics", "runs", "host"):
+        assert key in d, key
+    assert d["seeds"] == [0, 1] and d["status"] == ["completed", "completed"]
+    assert d["versions"]["torch"] and "transformers" in d["versions"]
+    agg = d["metrics"]["eval/loss"]
+    values = [r["metrics"]["eval/loss"] for r in d["runs"]]
+    assert agg["values"] == values and agg["n"] == 2
+    assert agg["mean"] == pytest.approx(sum(values) / 2)
+    assert d["runs"][0]["curves"]["train:eval/loss"][0][0] == 15  # eval curve against the step
+    assert "train:last:train/loss" in d["metrics"]  # what the stage trained to
+    # a sweep over run.seed becomes the rows' seeds, the other key the rows
+    w = json.loads((page.data_dir / "width.00.json").read_text())
+    assert w["point"] == {"head.hidden": 16} and w["seeds"] == [3, 4]
+
+
+def test_tables_and_figures_are_rendered_from_the_json(trial):
+    page, _ = trial
+    text = page.md_file.read_text()
+    assert "Prose stays as written." in text
+    d = json.loads((page.data_dir / "mlp.json").read_text())["metrics"]["eval/loss"]
+    assert f"{d['mean']:.4f} ± {d['sd']:.4f}" in text
+    assert "| head.hidden=16 |" in text and "![bars](figures/trial-bars.png)" in text
+    assert (page.md_file.parent / "figures" / "trial-bars.png").stat().st_size > 1000
+    assert R.check_page(page) == []
+
+
+def test_a_hand_edited_number_fails_the_check(trial, tmp_path):
+    page, _ = trial
+    copy = tmp_path / "page"
+    shutil.copytree(page.spec_file.parent, copy)
+    page2 = R.load_page(copy / "trial.toml")
+    d = json.loads((page2.data_dir / "mlp.json").read_text())["metrics"]["eval/loss"]
+    shown = f"{d['mean']:.4f}"
+    md = page2.md_file.read_text()
+    page2.md_file.write_text(md.replace(shown, f"{d['mean'] - 0.5:.4f}", 1))
+    problems = R.check_page(page2)
+    assert any("block table main differs" in p for p in problems), problems
+
+
+def test_json_naming_a_missing_or_invalid_recipe_fails_the_check(trial, tmp_path):
+    page, _ = trial
+    copy = tmp_path / "page"
+    shutil.copytree(page.spec_file.parent, copy)
+    page2 = R.load_page(copy / "trial.toml")
+    f = page2.data_dir / "width.01.json"
+    d = json.loads(f.read_text())
+    f.write_text(json.dumps(d | {"recipe": "recipes/gone.toml"}))
+    f2 = page2.data_dir / "mlp.json"
+    f2.write_text(json.dumps(json.loads(f2.read_text()) | {"overrides": ["head.hiden=3"]}))
+    problems = "\n".join(R.check_page(page2))
+    assert "recipes/gone.toml does not exist" in problems
+    assert "does not validate" in problems and "hiden" in problems
+
+
+def test_the_pipeline_refuses_uncommitted_code(monkeypatch, tmp_path):
+    (tmp_path / "p.toml").write_text(SPEC)
+    monkeypatch.setattr(R, "source_commit", lambda: ("abc", ["engram_core/engine.py"]))
+    with pytest.raises(R.EngramError, match="uncommitted changes .*engram_core/engine.py"):
+        R.run_page(R.load_page(tmp_path / "p.toml"))
+
+
+def test_engram_results_cli(tmp_path):
+    r = run_cli("results", "check", str(tmp_path / "nope.toml"), tool="engram")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no results page spec" in r.stderr
+    r = run_cli("results", "list", tool="engram", plugins=None)
+    assert r.returncode == 0 and "qwen-compressor" in r.stdout
+
+
+def test_a_failed_run_is_recorded_not_hidden(tmp_path):
+    spec = SPEC.split("[[rows]]")[1].replace('"stages.0.steps=30"', '"stages.0.steps=30", "stages.0.lr=1e9"')
+    (tmp_path / "f.toml").write_text("[[rows]]" + spec.replace("seeds = [0, 1]", "seeds = [0]"))
+    page = R.load_page(tmp_path / "f.toml")
+    R.run_page(page, allow_dirty=True)
+    d = json.loads((page.data_dir / "mlp.json").read_text())
+    assert d["status"] == ["failed"] and d["metrics"] == {} and "log_tail" in d["runs"][0]
+    assert R.fmt_cell(d["metrics"].get("eval/loss"), ".3f") == "—"
+
+
+
