@@ -375,6 +375,14 @@ def _resolve(ref: str, data: dict[str, dict]) -> dict | None:
     return data.get(rid, {}).get("metrics", {}).get(key)
 
 
+def _cell(c, data: dict[str, dict], fmt: str, values: bool) -> str:
+    """A literal, or `@<row>:<metric key>` with an optional `|<format>` (`@r:eval/acc|.3f`)."""
+    if not (isinstance(c, str) and c.startswith("@")):
+        return str(c)
+    ref, _, own = c[1:].partition("|")
+    return fmt_cell(_resolve(ref, data), own or fmt, values)
+
+
 def render_table(spec: dict, data: dict[str, dict]) -> str:
     """A Markdown table. Two forms:
     - `rows` (row ids or globs) × `columns` ({key, label, fmt}): one table row per JSON row;
@@ -383,8 +391,7 @@ def render_table(spec: dict, data: dict[str, dict]) -> str:
     values = bool(spec.get("values", False))
     if "cells" in spec:
         header = spec["header"]
-        body = [[fmt_cell(_resolve(c[1:], data), spec.get("fmt", fmt), values) if isinstance(c, str) and c.startswith("@") else str(c)
-                 for c in line] for line in spec["cells"]]
+        body = [[_cell(c, data, fmt, values) for c in line] for line in spec["cells"]]
     else:
         cols = spec["columns"]
         header = [spec.get("row_header", "run")] + [c.get("label", c["key"]) for c in cols] + (["seeds"] if spec.get("seeds", True) else [])
