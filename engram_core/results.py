@@ -349,7 +349,15 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
 
 
 def load_data(page: Page) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(page.data_dir.glob("*.json"))} if page.data_dir.is_dir() else {}
+    """The page's rows, each with `wall_time_s` (of the completed seeds) as a metric too."""
+    out = {}
+    for path in sorted(page.data_dir.glob("*.json")) if page.data_dir.is_dir() else []:
+        d = json.loads(path.read_text())
+        done = [r["wall_time_s"] for r in d["runs"] if r.get("status") == "completed"]
+        if done:
+            d["metrics"]["wall_time_s"] = aggregate([{"wall_time_s": w} for w in done])["wall_time_s"]
+        out[path.stem] = d
+    return out
 
 
 def fmt_cell(agg: dict | None, fmt: str, values: bool = False) -> str:
@@ -487,11 +495,11 @@ def _provenance(patterns: list[str], data: dict[str, dict]) -> str:
     rows = _rows_matching(data, patterns)
     if not rows:
         return "\n*(no data yet: `python -m engram_core.results run` writes it)*\n"
-    seeds = sorted({len(data[r]["seeds"]) for r in rows})
-    devices = sorted({d for r in rows for d in data[r]["device"]})
+    seeds = sorted({sum(s == "completed" for s in data[r]["status"]) for r in rows})
+    devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
     commits = sorted({data[r]["commit"][:10] for r in rows})
     wall = sum(sum(data[r]["wall_time_s"]) for r in rows)
-    return (f"\n<sub>{len(rows)} rows, {'/'.join(map(str, seeds))} seeds each (mean ± sd over seeds); "
+    return (f"\n<sub>{len(rows)} rows, {'/'.join(map(str, seeds))} completed seeds each (mean ± sd over seeds); "
             f"device {', '.join(devices)}; commit {', '.join(commits)}; {wall / 60:.1f} min of runs; "
             f"data: `docs/results/data/{data[rows[0]]['page']}/`</sub>\n")
 
