@@ -158,7 +158,7 @@ class LossMetric(Metric):
             fixed = dataset.sample(split, self.cfg.num_examples, g)
         n = _batch_len(fixed)
         for i in range(0, n, batch_size):
-            yield {k: v[i : i + batch_size] for k, v in fixed.items()}
+            yield _slice(fixed, i, i + batch_size)
 
     def reset(self):
         self.total = 0.0
@@ -176,11 +176,33 @@ class LossMetric(Metric):
         return {"loss": self.total / max(self.count, 1)}
 
 
-def _batch_len(batch: dict) -> int:
-    lens = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+def _leading_sizes(batch) -> set[int]:
+    """Leading sizes of every tensor in a batch, through nested dicts and lists (a composite
+    objective's batch is {"terms": [batch, ...]})."""
+    if isinstance(batch, torch.Tensor):
+        return {int(batch.shape[0])} if batch.dim() > 0 else set()
+    if isinstance(batch, dict):
+        return set().union(*(_leading_sizes(v) for v in batch.values())) if batch else set()
+    if isinstance(batch, (list, tuple)):
+        return set().union(*(_leading_sizes(v) for v in batch)) if batch else set()
+    return set()
+
+
+def _batch_len(batch) -> int:
+    lens = _leading_sizes(batch)
     if len(lens) != 1:
         raise ConfigError("metrics.loss", f"the loss metric slices batches along dim 0; got leading sizes {sorted(lens)}")
     return lens.pop()
+
+
+def _slice(batch, i: int, j: int):
+    if isinstance(batch, torch.Tensor):
+        return batch[i:j] if batch.dim() > 0 else batch
+    if isinstance(batch, dict):
+        return {k: _slice(v, i, j) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, i, j) for v in batch)
+    return batch
 
 
 _ = EvalContext  # documented in components
