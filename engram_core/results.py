@@ -391,7 +391,18 @@ def _cell(c, data: dict[str, dict], fmt: str, values: bool) -> str:
     return fmt_cell(_resolve(ref, data), own or fmt, values)
 
 
-def render_table(spec: dict, data: dict[str, dict]) -> str:
+def row_label(rid: str, d: dict, labels: dict[str, str]) -> str:
+    """The spec's label of the row (the page's current wording), with the sweep point after it."""
+    from .recipe import value_label
+
+    base = labels.get(rid.rsplit(".", 1)[0] if d.get("point") else rid, "")
+    point = ",".join(f"{k}={value_label(v)}" for k, v in (d.get("point") or {}).items())
+    if base:
+        return f"{base} ({point})" if point else base
+    return d.get("label") or point or rid
+
+
+def render_table(spec: dict, data: dict[str, dict], labels: dict[str, str] | None = None) -> str:
     """A Markdown table. Two forms:
     - `rows` (row ids or globs) × `columns` ({key, label, fmt}): one table row per JSON row;
     - `cells`: an explicit grid, each cell a literal or `@<row>:<metric key>`."""
@@ -406,7 +417,7 @@ def render_table(spec: dict, data: dict[str, dict]) -> str:
         body = []
         for rid in _rows_matching(data, spec["rows"]):
             d = data[rid]
-            line = [d.get("label") or rid]
+            line = [row_label(rid, d, labels or {})]
             line += [fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values) for c in cols]
             if spec.get("seeds", True):
                 line.append(str(len([s for s in d["status"] if s == "completed"])))
@@ -425,7 +436,7 @@ def figure_link(page: Page, spec: dict) -> str:
     return f"![{spec.get('title', spec['id'])}]({Path(rel).as_posix()})"
 
 
-def render_figure(spec: dict, data: dict[str, dict], out_png: Path) -> None:
+def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict[str, str] | None = None) -> None:
     """`kind = "bars"`: one metric per row, mean ± sd with the single seeds as dots;
     `kind = "curves"`: an eval curve per row (mean over seeds against the step)."""
     import matplotlib
@@ -443,7 +454,7 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path) -> None:
                 continue
             ax.bar(i, agg["mean"], yerr=agg["sd"] if agg["n"] > 1 else None, color="#8fb3d9", capsize=4)
             ax.scatter([i] * agg["n"], agg["values"], color="#1f3b5c", s=12, zorder=3)
-        ax.set_xticks(range(len(rows)), [data[r].get("label") or r for r in rows], rotation=spec.get("rotation", 20), ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), [row_label(r, data[r], labels or {}) for r in rows], rotation=spec.get("rotation", 20), ha="right", fontsize=8)
         ax.set_ylabel(spec.get("ylabel", key))
     else:
         keys = [spec["key"]] if isinstance(spec["key"], str) else list(spec["key"])  # first one a row has
@@ -456,7 +467,7 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path) -> None:
             steps = [s for s, _ in per_seed[0]]
             n = min(len(c) for c in per_seed)
             mean = [sum(c[i][1] for c in per_seed) / len(per_seed) for i in range(n)]
-            ax.plot(steps[:n], mean, marker="o", ms=3, label=data[rid].get("label") or rid)
+            ax.plot(steps[:n], mean, marker="o", ms=3, label=row_label(rid, data[rid], labels or {}))
         ax.set_xlabel("step")
         ax.set_ylabel(spec.get("ylabel", keys[0]))
         ax.legend(fontsize=7)
@@ -479,10 +490,11 @@ BLOCK = re.compile(r"(<!-- results:(table|figure) ([\w.-]+) -->\n)(.*?)(<!-- res
 def _blocks(page: Page, data: dict[str, dict], draw: bool) -> dict[tuple[str, str], str]:
     out = {}
     for t in page.tables:
-        out[("table", t["id"])] = render_table(t, data) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data)
+        labels = {r.id: r.label for r in page.rows}
+        out[("table", t["id"])] = render_table(t, data, labels) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data)
     for f in page.figures:
         if draw and data:
-            render_figure(f, data, figure_png(page, f))
+            render_figure(f, data, figure_png(page, f), {r.id: r.label for r in page.rows})
         out[("figure", f["id"])] = figure_link(page, f)
     return out
 
