@@ -504,8 +504,8 @@ def sweep_points(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
 
 
 def value_label(v: Any) -> str:
-    if isinstance(v, dict):
-        return str(v.get("type", "table"))
+    if isinstance(v, dict):  # a component by its type, a stage by its name
+        return str(v.get("type") or v.get("name") or "table")
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
