@@ -359,13 +359,42 @@ def load_or_build(
         else:
             log(f"hit {e.label}")
             return value
-    elif e.path.exists() or e.meta_path.exists():
-        log(f"damaged {e.label} (incomplete entry), rebuilding")
-    else:
-        log(f"miss {e.label} (building)")
-    value = build_fn()
-    save(e, value, save_fn)
-    return value
+    with _build_lock(e):  # concurrent runs build an entry once: the others wait, then load it
+        if e.exists():
+            try:
+                value = load_fn(e.path)
+            except Exception:  # noqa: BLE001 - rebuilt below
+                e.meta_path.unlink(missing_ok=True)
+            else:
+                log(f"hit {e.label} (built by another run)")
+                return value
+        elif e.path.exists() or e.meta_path.exists():
+            log(f"damaged {e.label} (incomplete entry), rebuilding")
+        else:
+            log(f"miss {e.label} (building)")
+        value = build_fn()
+        save(e, value, save_fn)
+        return value
+
+
+@contextlib.contextmanager
+def _build_lock(e: Entry):
+    """An exclusive advisory lock (flock) on `<cache>/.locks/<plugin>-<entry>.lock`, held while it is
+    checked, built and written; where flock does not exist (Windows) builds may race, and the
+    atomic commit still keeps whichever complete entry came first."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    locks = Path(e.root) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{e.plugin}-{e.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save(e: Entry, value: Any, save_fn: Callable[[Any, Path], None]) -> None:
@@ -427,7 +456,7 @@ def scan(cache_dir: Path | str) -> list[Listed]:
     out: list[Listed] = []
     if not root.is_dir():
         return out
-    for plugin_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for plugin_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for p in sorted(plugin_dir.iterdir()):
             if p.name.endswith(META_SUFFIX):
                 art = plugin_dir / p.name[: -len(META_SUFFIX)]

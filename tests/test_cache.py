@@ -219,3 +219,30 @@ def test_a_second_builder_keeps_the_first_complete_entry(tmp_path):
     cache.save(e, "second", save_dir)  # the late builder
     assert (e.path / "a.txt").read_text() == "first" and (e.path / "a.txt").stat().st_ino == inode
     assert e.exists() and not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def test_concurrent_builders_build_once(tmp_path):
+    """Runs that miss at once wait on the entry's lock: one builds, the others load it (the
+    zarr store race: a second builder removed the store a first run was reading)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with ctx.Pool(3) as pool:
+        out = pool.map(_build_slowly, [str(tmp_path)] * 3)
+    assert sorted(out) == ["built", "loaded", "loaded"]
+    assert [p.name for p in cache.scan(tmp_path)] == [make(tmp_path).name]
+
+
+def _build_slowly(root):
+    import time
+
+    e = make(root)
+    built = []
+
+    def build():
+        built.append(1)
+        time.sleep(0.5)
+        return [1, 2]
+
+    cache.load_or_build(e, build, save_json, load_json)
+    return "built" if built else "loaded"
