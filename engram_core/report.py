@@ -302,7 +302,7 @@ def plot_curves(run: dict, path: str | Path, prefixes: tuple[str, ...] = CURVE_P
     n = len(series)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     stage_names = [s["name"] for s in run["stages"]] or sorted({p[2] for pts in series.values() for p in pts})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(stage_names)}
     boundaries = sorted({s["end"] for s in run["stages"] if s["kind"] == "train"})[:-1]
@@ -318,9 +318,11 @@ def plot_curves(run: dict, path: str | Path, prefixes: tuple[str, ...] = CURVE_P
                 ax.scatter(xs, ys, color=colours.get(stage), label=stage, marker="D" if kind != "train" else "o", s=24, zorder=3)
         for b in boundaries:
             ax.axvline(b, color="grey", linestyle="--", linewidth=0.8)
+        lo, hi = ax.get_xlim()
         for s in run["stages"]:
-            if s["kind"] == "train" and len(boundaries):
-                ax.text((s["start"] + s["end"]) / 2, 1.0, s["name"], transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7, color="grey")
+            mid = (s["start"] + s["end"]) / 2
+            if s["kind"] == "train" and len(boundaries) and lo <= mid <= hi:  # only stages this panel shows
+                ax.text(mid, 1.0, s["name"], transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7, color="grey")
         ax.set_title(tag, fontsize=10, pad=12 if boundaries else 6)
         ax.set_xlabel("global step", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -329,7 +331,6 @@ def plot_curves(run: dict, path: str | Path, prefixes: tuple[str, ...] = CURVE_P
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"{run['name']}: learning curves (dashed: stage boundaries)", fontsize=11)
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
