@@ -62,6 +62,7 @@ class Row:
     seeds: tuple[int, ...] = (0, 1, 2)
     label: str = ""
     timeout_s: int = 0  # 0 = none
+    point_labels: tuple[str, ...] = ()  # names of a sweep row's points, in grid order
 
 
 @attrs.frozen
@@ -91,7 +92,7 @@ def load_page(name_or_path: str | Path, results_dir: Path = RESULTS) -> Page:
         try:
             rows.append(Row(id=r["id"], recipe=r["recipe"], overrides=tuple(r.get("overrides", ())),
                             seeds=tuple(r.get("seeds", (0, 1, 2))), label=r.get("label", ""),
-                            timeout_s=int(r.get("timeout_s", 0))))
+                            timeout_s=int(r.get("timeout_s", 0)), point_labels=tuple(r.get("point_labels", ()))))
         except (KeyError, TypeError) as exc:
             raise RecipeError([(f"rows.{i}", f"a row needs id and recipe (and optional overrides, seeds, label): {exc}")]) from None
     return Page(name, spec, spec.with_suffix(".md"), spec.parent / "data" / name, tuple(rows),
@@ -395,6 +396,8 @@ def row_label(rid: str, d: dict, labels: dict[str, str]) -> str:
     """The spec's label of the row (the page's current wording), with the sweep point after it."""
     from .recipe import value_label
 
+    if rid in labels and d.get("point"):  # the spec names this grid point
+        return labels[rid]
     base = labels.get(rid.rsplit(".", 1)[0] if d.get("point") else rid, "")
     point = ",".join(f"{k}={value_label(v)}" for k, v in (d.get("point") or {}).items())
     if base:
@@ -487,14 +490,22 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
 BLOCK = re.compile(r"(<!-- results:(table|figure) ([\w.-]+) -->\n)(.*?)(<!-- results:end -->)", re.S)
 
 
+def page_labels(page: Page) -> dict[str, str]:
+    """Row id → the spec's label, and `<id>.<NN>` → the spec's name for grid point NN."""
+    out = {r.id: r.label for r in page.rows}
+    for r in page.rows:
+        out.update({f"{r.id}.{i:02d}": name for i, name in enumerate(r.point_labels)})
+    return out
+
+
 def _blocks(page: Page, data: dict[str, dict], draw: bool) -> dict[tuple[str, str], str]:
     out = {}
     for t in page.tables:
-        labels = {r.id: r.label for r in page.rows}
+        labels = page_labels(page)
         out[("table", t["id"])] = render_table(t, data, labels) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data)
     for f in page.figures:
         if draw and data:
-            render_figure(f, data, figure_png(page, f), {r.id: r.label for r in page.rows})
+            render_figure(f, data, figure_png(page, f), page_labels(page))
         out[("figure", f["id"])] = figure_link(page, f)
     return out
 
