@@ -527,8 +527,8 @@ def _provenance(patterns: list[str], data: dict[str, dict]) -> str:
             f"data: `docs/results/data/{data[rows[0]]['page']}/`</sub>\n")
 
 
-def render_page(page: Page, draw: bool = True) -> str:
-    data = load_data(page)
+def render_page(page: Page, draw: bool = True, data: dict[str, dict] | None = None) -> str:
+    data = load_data(page) if data is None else data
     blocks = _blocks(page, data, draw)
     text = page.md_file.read_text() if page.md_file.exists() else f"# {page.name}\n"
     seen = set()
@@ -550,13 +550,14 @@ def render_page(page: Page, draw: bool = True) -> str:
 def check_page(page: Page) -> list[str]:
     """Problems, one line each: a generated block that differs from its JSON, JSON whose recipe is
     missing or does not validate, a table cell that names a row with no JSON."""
-    from .recipe import load_recipe
+    from .recipe import load_recipe, point_recipe
 
     problems = []
     if not page.md_file.exists():
         return [f"{page.md_file}: missing"]
+    data = load_data(page)  # read once: the render and the recipe checks below share it
     current = page.md_file.read_text()
-    expected = render_page(page, draw=False)
+    expected = render_page(page, draw=False, data=data)
     if current != expected:
         for (a, b) in zip(BLOCK.finditer(current), BLOCK.finditer(expected)):
             if a.group(0) != b.group(0):
@@ -566,9 +567,9 @@ def check_page(page: Page) -> list[str]:
             problems.append(f"{page.md_file}: generated blocks differ from the spec (run: python -m engram_core.results render {page.name})")
     for f in page.figures:
         png = figure_png(page, f)
-        if load_data(page) and not png.exists():
+        if data and not png.exists():
             problems.append(f"{png}: missing (run: python -m engram_core.results render {page.name})")
-    for rid, d in load_data(page).items():
+    for rid, d in data.items():
         recipe = ROOT / d["recipe"]
         if not recipe.is_file():
             problems.append(f"{page.data_dir / (rid + '.json')}: recipe {d['recipe']} does not exist")
@@ -576,8 +577,6 @@ def check_page(page: Page) -> list[str]:
         try:
             r = load_recipe(recipe, list(d["overrides"]))
             if d.get("point"):
-                from .recipe import point_recipe
-
                 point_recipe(r, d["point"])
         except EngramError as exc:
             problems.append(f"{page.data_dir / (rid + '.json')}: {d['recipe']} with {d['overrides']} does not validate: {exc}")
