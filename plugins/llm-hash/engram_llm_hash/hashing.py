@@ -147,6 +147,9 @@ class NgramHasher(nn.Module):
 
     def addresses(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T, H) absolute rows of the shared table; head order: order-major."""
-        mix = self.mixes(ids)  # (B, T, O)
-        mix = mix.repeat_interleave(self.heads_per_order, dim=-1)  # (B, T, H)
+        return self.addresses_from_mixes(self.mixes(ids))
+
+    def addresses_from_mixes(self, mix: torch.Tensor) -> torch.Tensor:
+        """(..., H) rows from (..., O) mixes (what `mixes` returns)."""
+        mix = mix.repeat_interleave(self.heads_per_order, dim=-1)  # (..., H)
         return torch.remainder(mix, self.moduli) + self.offsets

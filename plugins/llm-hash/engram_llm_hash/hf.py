@@ -22,6 +22,7 @@ import functools
 import inspect
 import json
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -50,17 +51,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class _DimsOnly:
-    """The part of a head a memory needs to be built: width, vocabulary, layer count."""
+    """The part of a head a memory needs to be built: width, vocabulary, layer count (and
+    the canonical-id map, where the memory hashes canonical ids)."""
 
-    def __init__(self, dim: int, vocab: int, n_layers: int, texts=None):
+    def __init__(self, dim: int, vocab: int, n_layers: int, texts=None, canonical: torch.Tensor | None = None):
         self._dims = (dim, vocab, n_layers)
         self._texts = texts
+        self._canonical = canonical
 
     def memory_dims(self):
         return self._dims
 
     def token_texts(self):
         return self._texts
+
+    def canonical_ids(self):
+        if self._canonical is None:
+            raise ConfigError("canonical", "canonical ids need the model's tokenizer: add_engram(..., tokenizer=tok)")
+        return self._canonical
 
 
 def hf_token_texts(tokenizer, vocab_size: int) -> list[str | None]:
@@ -93,36 +101,95 @@ def _cache_length(args, kwargs) -> int:
     return 0
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")
+
+
+def engram_memory(model: nn.Module) -> EngramHashMemory:
+    """The memory that runs: `model.engram`, or the trained copy where peft's
+    `modules_to_save=["engram"]` wrapped it (its active adapter's)."""
+    mem = getattr(model, "engram", None)
+    if mem is None:
+        raise ConfigError("model", "this model has no Engram memory (add_engram(model, ...) first)")
+    if isinstance(mem, EngramHashMemory):
+        return mem
+    copies = getattr(mem, "modules_to_save", None)  # peft's ModulesToSaveWrapper
+    if copies is not None:
+        active = getattr(mem, "active_adapters", None) or [getattr(mem, "active_adapter", None)]
+        for name in active if isinstance(active, (list, tuple)) else [active]:
+            if name in copies and not getattr(mem, "disable_adapters", False):
+                return copies[name]
+        return mem.original_module
+    raise ConfigError("model", f"model.engram is a {type(mem).__name__}, not Engram memory")
+
+
 class HFInjector:
-    """Runs `memory.apply_layer(i, hidden, ids)` after decoder layer i (a forward hook).
+    """Runs the memory after each chosen decoder layer (a forward hook on the layer).
 
-    The ids come from the public arguments of the model's own forward: the injector takes
-    the place of `model.forward` (an instance attribute, so `model(...)`, `generate`, and
-    peft's tuner, which calls `model.forward(...)` directly before peft 0.15 and so skips
-    forward pre-hooks, all pass through it), reads `input_ids` and the length of the KV cache
-    it is given, then calls the model's own forward. It keeps the ids of the cached prefix
-    and appends the new ones, so the memory always hashes the complete history."""
+    Token ids and the padding mask come from the public arguments of the model's own
+    forward: the injector takes the place of `model.forward` (an instance attribute, so
+    `model(...)`, `generate`, and peft's tuner, which calls `model.forward(...)` directly
+    before peft 0.15 and so skips forward pre-hooks, all pass through it). Under a KV
+    cache the history comes from one of two public places:
 
-    def __init__(self, model: nn.Module, memory: EngramHashMemory):
-        self.memory = memory
+    - `generate` calls `model.prepare_inputs_for_generation(input_ids, ...)` with the
+      whole running sequence before each forward (after beams were reordered, candidates
+      appended, ...); the injector wraps that method too and takes the ids and the 2-D
+      attention mask from there. Greedy, sampling, beam search and a StaticCache therefore
+      see exactly the history of `use_cache=False`.
+    - a direct call `model(input_ids=new, past_key_values=cache)`: the KV cache, found by
+      type (`transformers.Cache`, whatever the keyword is called) and measured with its
+      public `get_seq_length()`; the ids of the cached prefix are kept and the new ones
+      appended.
+
+    Gradient checkpointing re-runs a layer (and so this hook) during backward, after the
+    model's forward returned: the ids are found again by the layer's input tensor (the
+    recomputation is given the same storage) and the telemetry is not counted twice."""
+
+    RECOMPUTE_SLOTS = 512
+
+    def __init__(self, model: nn.Module, memory: EngramHashMemory | None = None):
         self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
+        self.pending = None  # (ids, mask) that generate's prepare_inputs_for_generation saw last
         self.live = 0  # > 0 while the model's forward runs
+        self.recompute: OrderedDict = OrderedDict()  # (layer, input data_ptr, shape) -> (ids, mask)
         self.handles = []
         self.model = model
+        self.peft_seen = hasattr(model, "peft_config")
         self.own_forward = model.__dict__.get("forward")  # someone else's instance forward: kept, restored
         self.inner_forward = model.forward
+        self.own_prepare = model.__dict__.get("prepare_inputs_for_generation")
+        self.inner_prepare = getattr(model, "prepare_inputs_for_generation", None)
         dec = decoder_of(model)
-        for key in memory.blocks:
-            self.handles.append(dec.layers[int(key)].register_forward_hook(functools.partial(self._layer_hook, int(key))))
+        for key in engram_memory(model).blocks:
+            layer = dec.layers[int(key)]
+            self.handles.append(layer.register_forward_hook(functools.partial(self._layer_hook, int(key)), with_kwargs=True))
         object.__setattr__(model, "_engram_injector", self)
         object.__setattr__(model, "forward", self)
+        if self.inner_prepare is not None:
+            object.__setattr__(model, "prepare_inputs_for_generation", self._prepare_wrapper())
 
     @property
     def __signature__(self):
-        """`generate` inspects `model.forward`'s parameters: show the model's own."""
+        """`generate` and Trainer inspect `model.forward`'s parameters: show the model's own."""
         return inspect.signature(self.inner_forward)
 
+    def _prepare_wrapper(self):
+        inner = self.inner_prepare
+
+        @functools.wraps(inner)  # generate inspects its parameters (followed through __wrapped__)
+        def prepare_inputs_for_generation(input_ids, *args, **kwargs):
+            mask = kwargs.get("attention_mask")
+            if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+                mask = None
+            self.pending = (input_ids, mask) if isinstance(input_ids, torch.Tensor) else None
+            return inner(input_ids, *args, **kwargs)
+
+        return prepare_inputs_for_generation
+
     def __call__(self, *args, **kwargs):
+        self._keep_memory_trainable()
         self.see_inputs(args, kwargs)
         self.live += 1
         try:
@@ -130,33 +197,72 @@ class HFInjector:
         finally:
             self.live -= 1
 
+    def _keep_memory_trainable(self):
+        """peft's get_peft_model freezes every parameter that is not an adapter's, the
+        memory included: once, when peft has wrapped the model since add_engram, give the
+        memory back the trainability it had (its own `requires_grad_` records the choice)."""
+        if self.peft_seen or not hasattr(self.model, "peft_config"):
+            return
+        self.peft_seen = True
+        mem = engram_memory(self.model)
+        if mem.trainable and not any(p.requires_grad for p in mem.parameters()):
+            for block in mem.blocks.values():
+                for name, p in block.named_parameters():
+                    p.requires_grad_(name != "gate_bias" or block.cfg.gate != "fixed")
+
     def see_inputs(self, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        pending, self.pending = self.pending, None
         if not isinstance(ids, torch.Tensor):
-            self.ids = None  # embeddings only: the memory cannot address, apply_layer says so
+            self.ids = self.mask = None  # embeddings only: the memory cannot address, apply_layer says so
             return
-        past_len = _cache_length(args, kwargs)
-        if past_len == 0:
-            self.ids = ids
-            return
-        if self.ids is None or self.ids.shape[1] < past_len or self.ids.shape[0] != ids.shape[0]:
-            seen = 0 if self.ids is None else self.ids.shape[1]
-            raise RuntimeError(
-                f"engram: the KV cache holds {past_len} positions but only {seen} ids were seen; "
-                "call the model with input_ids from the start of the sequence"
-            )
-        self.ids = torch.cat([self.ids[:, :past_len], ids.to(self.ids.device)], dim=1)
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # a 4-D mask says nothing of padding
+        t = ids.shape[1]
+        if pending is not None and pending[0].shape[0] == ids.shape[0] and pending[0].shape[1] >= t and torch.equal(pending[0][:, -t:], ids):
+            history, mask = pending[0], pending[1]
+        else:
+            past_len = _cache_length(args, kwargs)
+            if past_len == 0:
+                history = ids
+            else:
+                if self.ids is None or self.ids.shape[1] < past_len or self.ids.shape[0] != ids.shape[0]:
+                    seen = 0 if self.ids is None else self.ids.shape[1]
+                    raise RuntimeError(
+                        f"engram: the KV cache holds {past_len} positions but only {seen} ids were seen; "
+                        "call the model with input_ids from the start of the sequence"
+                    )
+                history = torch.cat([self.ids[:, :past_len], ids.to(self.ids.device)], dim=1)
+                if mask is None or mask.shape[1] < history.shape[1]:
+                    old = self.mask[:, :past_len] if self.mask is not None else torch.ones_like(self.ids[:, :past_len])
+                    mask = torch.cat([old, torch.ones_like(ids)], dim=1)
+        if mask is not None:
+            mask = mask[:, : history.shape[1]].to(history.device)
+            if mask.shape[1] < history.shape[1] or bool(mask.all()):
+                mask = None  # one check a forward; no padding: the fast path
+        self.ids, self.mask = history, mask
 
-    def _layer_hook(self, layer: int, module, args, output):
-        if not self.memory.enabled:
+    def _layer_hook(self, layer: int, module, args, kwargs, output):
+        mem = self.model.engram
+        if not engram_memory(self.model).enabled:
             return output
-        if not self.live:
+        hidden = output[0] if isinstance(output, tuple) else output
+        inp = args[0] if args else kwargs.get("hidden_states")
+        slot = (layer, inp.data_ptr(), tuple(inp.shape)) if isinstance(inp, torch.Tensor) else None
+        if self.live:
+            ids, mask, record = self.ids, self.mask, True
+            if self.model.training and slot is not None:  # gradient checkpointing may re-run this layer in backward
+                self.recompute[slot] = (ids, mask)
+                while len(self.recompute) > self.RECOMPUTE_SLOTS:
+                    self.recompute.popitem(last=False)
+        elif slot in self.recompute:
+            (ids, mask), record = self.recompute[slot], False
+        else:
             raise RuntimeError(
                 "engram: a decoder layer ran outside the model's forward, so its token ids are unknown; "
                 "call the model itself (model(...) or model.generate)"
             )
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = self.memory.apply_layer(layer, hidden, self.ids)
+        new = mem(hidden, ids, layer=layer, attention_mask=mask, record=record)
         if isinstance(output, tuple):
             return (new,) + tuple(output[1:])
         return new
@@ -166,10 +272,11 @@ class HFInjector:
             h.remove()
         self.handles = []
         model = self.model
-        if self.own_forward is not None:
-            object.__setattr__(model, "forward", self.own_forward)
-        else:
-            model.__dict__.pop("forward", None)
+        for name, own in (("forward", self.own_forward), ("prepare_inputs_for_generation", self.own_prepare)):
+            if own is not None:
+                object.__setattr__(model, name, own)
+            else:
+                model.__dict__.pop(name, None)
         model.__dict__.pop("_engram_injector", None)
 
 
@@ -185,6 +292,24 @@ def engram_config(memory_size: int, inject_layers, gate_type: str, **kwargs) -> 
         raise ConfigError(None, str(exc)) from None
 
 
+ENGRAM_CONFIG = "engram_config.json"
+ENGRAM_WEIGHTS = "engram.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError("table_dtype", f"must be one of {', '.join(DTYPES)} (or a torch dtype), got {dtype!r}")
+        return dtype
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ConfigError("table_dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 def add_engram(
     model: nn.Module,
     memory_size: int = 65536,
@@ -192,35 +317,54 @@ def add_engram(
     gate_type: str = "context",
     freeze_base: bool = True,
     tokenizer=None,
+    table_dtype=None,
     **memory_options,
 ) -> nn.Module:
     """Add Engram memory after `inject_layers` of a transformers causal LM, in place.
 
-    The memory is registered as ``model.engram`` (so optimisers, `.to()` and peft see it);
-    the model gains ``save_engram(path)``, ``load_engram(path)`` and ``remove_engram()``.
-    `memory_options` are further `engram_hash` config keys (orders, heads_per_order,
-    slot_dim, conv_kernel, canonical, sparse, ...). `canonical=True` needs `tokenizer`.
-    Returns the model.
+    The memory is registered as ``model.engram`` (so optimisers, `.to()` and peft see it)
+    on the model's device and in its dtype (a bf16 model gets a bf16 memory);
+    `table_dtype` ("float32", torch.float32, ...) keeps the tables (the master rows) in
+    another dtype, read in the model's. The model gains ``save_engram(path)``,
+    ``load_engram(path)`` and ``remove_engram()``, and its ``save_pretrained`` writes the
+    memory beside the weights (`engram_llm_hash.from_pretrained` loads both).
+    A peft model (`get_peft_model(...)`) is accepted: the memory goes on its base model and
+    peft's choice of trainable parameters is kept. `memory_options` are further
+    `engram_hash` config keys (orders, heads_per_order, slot_dim, conv_kernel, canonical,
+    sparse, ...). `canonical=True` needs `tokenizer`. Returns the model.
     """
-    if hasattr(model, "engram"):
+    target = model.get_base_model() if _is_peft_model(model) else model
+    if hasattr(target, "engram"):
         raise ConfigError("model", "this model already has Engram memory (call model.remove_engram() first)")
     if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 1:
         raise ConfigError("memory_size", f"must be an integer >= 1, got {memory_size!r}")
-    layers = decoder_layers(model)
+    layers = decoder_layers(target)
     inject_layers = list(inject_layers)
     check_layers(inject_layers, len(layers), key="inject_layers")
     cfg = engram_config(memory_size, inject_layers, gate_type, **memory_options)
-    conf = model.config
-    dim = int(conf.hidden_size)
-    vocab = int(conf.vocab_size)
-    texts = None
+    canonical = None
     if cfg.canonical:
         if tokenizer is None:
             raise ConfigError("canonical", "canonical ids need the model's tokenizer: add_engram(..., tokenizer=tok)")
-        texts = hf_token_texts(tokenizer, vocab)
-    memory = EngramHashMemory(cfg, BuildContext(head=_DimsOnly(dim, vocab, len(layers), texts)))
+        from .canonical import tokenizer_canonical_ids
+
+        canonical = tokenizer_canonical_ids(tokenizer, int(target.config.vocab_size))
+    attach_engram(target, cfg, canonical=canonical, freeze_base=freeze_base and not _is_peft_model(model), table_dtype=table_dtype)
+    return model
+
+
+def attach_engram(model: nn.Module, cfg: EngramHashConfig, canonical=None, freeze_base: bool = True, table_dtype=None) -> EngramHashMemory:
+    """Build the memory of `cfg` on the transformers model `model` (no peft wrapper) and
+    hook it in. What `add_engram` and `from_pretrained` share."""
+    conf = model.config
+    memory = EngramHashMemory(
+        cfg, BuildContext(head=_DimsOnly(int(conf.hidden_size), int(conf.vocab_size), len(decoder_layers(model)), canonical=canonical))
+    )
     ref = next(model.parameters())
-    memory.to(device=ref.device)
+    memory.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    memory.table_dtype = _dtype_name(table_dtype)
+    if memory.table_dtype is not None:
+        memory.set_table_dtype(DTYPES[memory.table_dtype])
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -229,20 +373,45 @@ def add_engram(
     model.save_engram = types.MethodType(save_engram, model)
     model.load_engram = types.MethodType(load_engram, model)
     model.remove_engram = types.MethodType(remove_engram, model)
-    return model
+    own_save = model.save_pretrained
+
+    @functools.wraps(own_save)
+    def save_pretrained(save_directory, *args, state_dict=None, **kwargs):
+        """The model's own save_pretrained without the memory, then the memory beside it."""
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("engram.")}
+        out = own_save(save_directory, *args, state_dict=state_dict, **kwargs)
+        save_engram(model, save_directory)
+        return out
+
+    model.save_pretrained = save_pretrained
+    return memory
 
 
 def save_engram(model: nn.Module, path) -> Path:
-    """Write only the memory: `engram_config.json` and `engram.safetensors` in `path`."""
+    """Write only the memory: `engram_config.json` and `engram.safetensors` in `path`.
+    The canonical-id map (if any) is saved with it, so loading needs no tokenizer."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    mem: EngramHashMemory = model.engram
+    mem = engram_memory(model)
     state = {k: v.detach().contiguous().cpu() for k, v in mem.state_dict().items()}
-    save_file(state, str(path / "engram.safetensors"))
-    (path / "engram_config.json").write_text(json.dumps(unstructure(mem.cfg), indent=2))
+    if mem.cfg.canonical:
+        state["canonical_ids"] = next(iter(mem.blocks.values())).hasher.canonical.cpu()
+    save_file(state, str(path / ENGRAM_WEIGHTS))
+    meta = {"engram_hash": unstructure(mem.cfg), "table_dtype": getattr(mem, "table_dtype", None)}
+    (path / ENGRAM_CONFIG).write_text(json.dumps(meta, indent=2))
     return path
+
+
+def _read_engram_config(path: Path) -> tuple[dict, str | None]:
+    if not (path / ENGRAM_WEIGHTS).is_file() or not (path / ENGRAM_CONFIG).is_file():
+        raise ConfigError("path", f"{path} holds no {ENGRAM_WEIGHTS} and {ENGRAM_CONFIG} (written by save_engram or save_pretrained)")
+    meta = json.loads((path / ENGRAM_CONFIG).read_text())
+    if "engram_hash" not in meta:  # written before the table dtype was saved: the config alone
+        meta = {"engram_hash": meta, "table_dtype": None}
+    return meta["engram_hash"], meta.get("table_dtype")
 
 
 def load_engram(model: nn.Module, path) -> nn.Module:
@@ -250,52 +419,131 @@ def load_engram(model: nn.Module, path) -> nn.Module:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "engram.safetensors").is_file():
-        raise ConfigError("path", f"{path} holds no engram.safetensors (written by save_engram)")
-    saved = json.loads((path / "engram_config.json").read_text())
-    mem: EngramHashMemory = model.engram
+    saved, _ = _read_engram_config(path)
+    mem = engram_memory(model)
     mine = unstructure(mem.cfg)
     diff = [k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)]
     if diff:
         k = sorted(diff)[0]
         raise ConfigError(k, f"saved Engram has {k}={saved.get(k)!r}, this model's has {mine.get(k)!r}")
-    state = load_file(str(path / "engram.safetensors"), device=str(next(mem.parameters()).device))
+    state = load_file(str(path / ENGRAM_WEIGHTS), device=str(next(mem.parameters()).device))
+    state.pop("canonical_ids", None)
     mem.load_state_dict(state)
     return model
+
+
+def from_pretrained(path, **kwargs) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, then the Engram memory that
+    `model.save_pretrained(path)` wrote beside the weights (same config, same rows). A
+    directory without memory gives the plain model. The base is frozen as add_engram does
+    (pass `freeze_base=False` to keep it trainable)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    freeze_base = kwargs.pop("freeze_base", True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    path = Path(path)
+    if not (path / ENGRAM_CONFIG).is_file():
+        return model
+    saved, table_dtype = _read_engram_config(path)
+    cfg = structure(saved, EngramHashConfig)
+    canonical = load_file(str(path / ENGRAM_WEIGHTS)).get("canonical_ids") if cfg.canonical else None
+    attach_engram(model, cfg, canonical=canonical, freeze_base=freeze_base, table_dtype=table_dtype)
+    return load_engram(model, path)
 
 
 def remove_engram(model: nn.Module) -> nn.Module:
     model._engram_injector.remove()
     del model._modules["engram"]
-    for name in ("save_engram", "load_engram", "remove_engram", "_engram_injector"):
+    for name in ("save_engram", "load_engram", "remove_engram", "save_pretrained", "_engram_injector"):
         model.__dict__.pop(name, None)
     return model
 
 
+def engram_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, table_lr_scale: float = 5.0) -> list[dict]:
+    """Optimiser parameter groups for a model with Engram memory, as the paper trains it:
+    the tables at `table_lr_scale` × lr (5×) without weight decay, the memory's other
+    parameters at lr, then every other trainable parameter (LoRA, an unfrozen base) at
+    lr with `weight_decay` on matrices (not on biases and norms, as Trainer does).
+
+        opt = torch.optim.AdamW(engram_param_groups(model, lr=2e-4, weight_decay=0.01))
+        Trainer(model, args, ..., optimizers=(opt, None))
+
+    Asking for the groups is asking to train the memory: its parameters are made
+    trainable (peft's get_peft_model freezes them). Sparse tables (`sparse=True`) need
+    torch.optim.SparseAdam and are refused here."""
+    mem = engram_memory(model.get_base_model() if _is_peft_model(model) else model)
+    if mem.cfg.sparse:
+        raise ConfigError("sparse", "sparse tables need torch.optim.SparseAdam; engram_param_groups is for dense optimisers (AdamW, Adam)")
+    mem.requires_grad_(True)
+    for block in mem.blocks.values():
+        if block.cfg.gate == "fixed":
+            block.gate_bias.requires_grad_(False)
+    tables = [b.table.weight for b in mem.blocks.values()]
+    ids = {id(p) for p in tables}
+    memory_rest = [p for p in mem.parameters() if p.requires_grad and id(p) not in ids]
+    ids |= {id(p) for p in memory_rest}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [
+        {"params": tables, "lr": lr * table_lr_scale, "weight_decay": 0.0, "name": "engram_tables"},
+        {"params": memory_rest, "lr": lr, "weight_decay": 0.0, "name": "engram"},
+        {"params": [p for p in others if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for p in others if p.dim() < 2], "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _quiet_transformers():
+    """transformers' own logging and warnings silenced for a structural check."""
+    import contextlib
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def quiet():
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            hf_logging.set_verbosity(level)
+
+    return quiet()
+
+
 def load_causal_lm(model_dir: str, key: str = "model_dir", dtype=None):
-    """`AutoModelForCausalLM.from_pretrained` of a local directory, with one-line errors."""
+    """`AutoModelForCausalLM.from_pretrained` of a local directory, with one-line errors.
+
+    Whether the directory holds a decoder-only causal LM is decided first, on a model built
+    from its config on the meta device with transformers' logging silenced, so a directory
+    that is not one gives one line and no loading noise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(model_dir).expanduser()
     if not p.is_dir():
         raise ConfigError(key, f"model directory does not exist: {model_dir}")
-    try:
-        conf = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError(key, f"{model_dir} is not a transformers model directory: {str(exc).splitlines()[0]}") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if conf.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(key, f"{model_dir} holds a '{conf.model_type}' model, which is not a decoder-only causal LM")
+    with _quiet_transformers():
+        try:
+            conf = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(key, f"{model_dir} is not a transformers model directory: {str(exc).splitlines()[0]}") from None
+        not_causal = ConfigError(key, f"{model_dir} holds a '{conf.model_type}' model, which is not a decoder-only causal LM (Llama, Qwen2, Mistral, ...)")
+        if getattr(conf, "is_encoder_decoder", False):
+            raise not_causal
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(conf)
+            decoder_layers(skeleton)
+        except Exception:  # noqa: BLE001 - not in the causal-LM mapping, or no decoder stack
+            raise not_causal from None
+        del skeleton
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True)
         if dtype is not None:  # `.to()`, not the keyword: `torch_dtype` before transformers 4.56, `dtype` after
             model = model.to(dtype)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(key, f"cannot load a causal LM from {model_dir}: {str(exc).splitlines()[0]}") from None
-    try:
-        decoder_layers(model)
-    except ConfigError:
-        raise ConfigError(key, f"{model_dir} holds a '{conf.model_type}' model, which is not a decoder-only causal LM (Llama, Qwen2, Mistral, ...)") from None
     return model
-

@@ -77,7 +77,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # in fp32 whatever the compute dtype (as transformers' own RMSNorms): bf16 squares lose too much
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
 
 
 class EngramBlock(nn.Module):
@@ -110,6 +112,7 @@ class EngramBlock(nn.Module):
         # telemetry (not saved in checkpoints)
         self.register_buffer("usage", torch.zeros(self.hasher.total_rows, dtype=torch.long), persistent=False)
         self.last_gate: torch.Tensor | None = None
+        self.seen_mixes: torch.Tensor | None = None  # n-gram mixes of the last recorded forward (collision telemetry)
         self.track = True
 
     @property
@@ -117,27 +120,54 @@ class EngramBlock(nn.Module):
         """Earlier positions whose values the conv reads."""
         return (self.conv_kernel - 1) * self.dilation if self.conv_kernel > 0 else 0
 
-    def values_and_keys(self, ids: torch.Tensor, t: int):
-        """Values/keys of the last t positions from ids only: (B, t, d) each (keys None if unused)."""
-        total = ids.shape[1]
-        start = max(0, total - t - self.receptive)  # first position whose value is needed
-        # hash only a window: each needed position's n-gram reaches max_order-1 ids back,
-        # so generation costs O(1) per token however long the history
-        hash_start = max(0, start - (self.hasher.max_order - 1))
-        rows = self.hasher.addresses(ids[:, hash_start:])[:, start - hash_start :]
-        if self.track:
-            with torch.no_grad():
-                self.usage.index_add_(0, rows[:, -t:].reshape(-1), torch.ones_like(rows[:, -t:].reshape(-1)))
-        e = self.table(rows).flatten(2)  # (B, t', H*slot)
+    def _window(self, seq: torch.Tensor, lo: int, hi: int):
+        """Rows, n-gram mixes, values and keys of positions [lo, hi) of the id sequence `seq`.
+
+        Each position's n-gram reaches max_order-1 ids back and the conv `receptive`
+        positions back; callers pass lo early enough for the positions they keep, so
+        generation costs O(1) per token however long the history."""
+        hash_lo = max(0, lo - (self.hasher.max_order - 1))
+        mixes = self.hasher.mixes(seq[:, hash_lo:hi])[:, lo - hash_lo :]
+        rows = self.hasher.addresses_from_mixes(mixes)
+        compute = self.value_proj.weight.dtype
+        e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
         v = self.value_proj(e)
         if self.conv_kernel > 0:
             x = self.conv_norm(v).transpose(1, 2)
             x = F.pad(x, (self.receptive, 0))
             v = v + F.silu(self.conv(x)).transpose(1, 2)
         k = self.key_proj(e) if self.key_proj is not None else None
-        v = v[:, -t:]
-        k = k[:, -t:] if k is not None else None
-        return v, k
+        return rows, mixes, v, k
+
+    def values_and_keys(self, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None):
+        """Values/keys of the last t positions from ids only: (B, t, d) each (keys None if
+        unused), plus what telemetry needs: rows (N, H) and mixes (N, O) of the kept
+        positions among those t.
+
+        `attention_mask` (B, L) like ids, 0 = padding: a padded position never enters an
+        n-gram or the conv. The kept ids of each row are moved to its front, in order (a
+        row then reads exactly what the unpadded sequence reads), the window is computed
+        there and each kept position takes its value back; padded positions get 0."""
+        total = ids.shape[1]
+        if attention_mask is None:
+            lo = max(0, total - t - self.receptive)  # first position whose value is needed
+            rows, mixes, v, k = self._window(ids, lo, total)
+            v, k = v[:, -t:], (k[:, -t:] if k is not None else None)
+            return v, k, rows[:, -t:].flatten(0, 1), mixes[:, -t:].flatten(0, 1)
+        keep = attention_mask.bool()
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept positions first, in order
+        packed = ids.gather(1, order)
+        where = (keep.long().cumsum(1) - 1).clamp(min=0)[:, -t:]  # packed index of each of the last t positions
+        kept = keep[:, -t:]
+        lo_hi = torch.stack([where.min(), where.max()]).tolist()  # one sync for the padded path only
+        lo, hi = max(0, lo_hi[0] - self.receptive), lo_hi[1] + 1
+        rows, mixes, v, k = self._window(packed, lo, hi)
+        at = (where - lo)[..., None]
+        take = lambda x: x.gather(1, at.expand(-1, -1, x.shape[-1]))  # noqa: E731
+        zero = kept[..., None].to(v.dtype)
+        v = take(v) * zero
+        k = take(k) if k is not None else None
+        return v, k, take(rows)[kept], take(mixes)[kept]
 
     def gate(self, hidden: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.gate == "context":
@@ -148,13 +178,20 @@ class EngramBlock(nn.Module):
             return torch.sigmoid(self.gate_proj(torch.cat([hidden, v], -1)) + self.gate_bias)
         return torch.sigmoid(self.gate_bias).expand(hidden.shape[:-1] + (1,))
 
-    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record: bool = True) -> torch.Tensor:
+        """`record=False` leaves the telemetry alone (a gradient-checkpointing recomputation
+        of a forward that was already counted)."""
         t = hidden.shape[1]
-        v, k = self.values_and_keys(ids, t)
-        g = self.gate(hidden, v.to(hidden.dtype), None if k is None else k.to(hidden.dtype))
-        if self.track:
-            self.last_gate = g.detach().flatten().float()
-        return hidden + g * v.to(hidden.dtype)
+        v, k, rows, mixes = self.values_and_keys(ids, t, attention_mask)
+        dtype = v.dtype
+        g = self.gate(hidden.to(dtype), v, k)
+        if self.track and record:
+            with torch.no_grad():
+                self.usage.index_add_(0, rows.reshape(-1), torch.ones_like(rows.reshape(-1)))
+                gates = g if attention_mask is None else g[attention_mask[:, -t:].bool()]
+                self.last_gate = gates.detach().flatten().float()
+                self.seen_mixes = mixes
+        return hidden + (g * v).to(hidden.dtype)
 
 
 def memory_dims(build: BuildContext) -> tuple[int, int, int]:
@@ -175,6 +212,16 @@ def check_layers(layers, n_layers: int, key: str = "layers") -> None:
 
 
 def build_canonical(head) -> torch.Tensor:
+    """Canonical ids of the head's vocabulary: the head's own map where it has one; a
+    transformers tokenizer through its normaliser (byte-fallback tokens kept apart);
+    otherwise the token texts (the byte tokenizer)."""
+    if hasattr(head, "canonical_ids"):
+        return head.canonical_ids()
+    tokenizer = getattr(getattr(head, "codec", None), "hf", None)
+    if tokenizer is not None:
+        from .canonical import tokenizer_canonical_ids
+
+        return tokenizer_canonical_ids(tokenizer, memory_dims(BuildContext(head=head))[1])
     texts = head.token_texts() if hasattr(head, "token_texts") else byte_token_texts()
     return canonical_map(texts)
 
@@ -194,38 +241,60 @@ class EngramHashMemory(Memory):
         canon = build_canonical(build.head) if cfg.canonical else None
         self.blocks = nn.ModuleDict({str(i): self._make_block(cfg, dim, vocab, i, canon) for i in sorted(set(cfg.layers))})
         self._unique: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
+        self.trainable = True
+        # vocabulary / distinct canonical ids (1.0 without canonical ids): the tokenizer compression
+        self.vocab_compression = float(vocab / (int(canon.max()) + 1)) if canon is not None else 1.0
 
     def _make_block(self, cfg, dim, vocab, layer, canon):
         return EngramBlock(cfg, dim, vocab, layer, canon)
 
     # -- the injection point -------------------------------------------------------
-    def apply_layer(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far."""
+    def apply_layer(
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record: bool = True
+    ) -> torch.Tensor:
+        """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far;
+        attention_mask (B, L) or None, 0 = a padded position (never hashed, never convolved)."""
         key = str(layer)
         if not self.enabled or key not in self.blocks:
             return hidden
         if ids is None:
             raise RuntimeError("engram memory needs token ids (the forward was given only embeddings)")
         block = self.blocks[key]
-        if block.track:
-            self._observe(key, block, ids, hidden.shape[1])
-        return block(hidden, ids)
+        out = block(hidden, ids, attention_mask, record)
+        if block.track and record and block.seen_mixes is not None:
+            self._observe(key, block.seen_mixes)
+            block.seen_mixes = None
+        return out
 
-    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, ids: torch.Tensor, layer: int | None = None, attention_mask: torch.Tensor | None = None, record: bool = True
+    ) -> torch.Tensor:
         layer = int(next(iter(self.blocks))) if layer is None else layer
-        return self.apply_layer(layer, hidden, ids)
+        return self.apply_layer(layer, hidden, ids, attention_mask, record)
 
     def addresses(self, ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B, T, H) table rows read at every position; computable ahead of the forward."""
         key = next(iter(self.blocks)) if layer is None else str(layer)
         return self.blocks[key].hasher.addresses(ids)
 
+    # -- dtype and trainability ------------------------------------------------------
+    def set_table_dtype(self, dtype: torch.dtype) -> None:
+        """Keep the tables (the master rows) in `dtype` while the rest computes in its own
+        dtype: rows are cast to the projections' dtype as they are read (e.g. fp32 master
+        rows, bf16 reads). `module.to(dtype)` casts the tables too: call this after it."""
+        for block in self.blocks.values():
+            block.table.to(dtype)
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """As nn.Module's, and remembered: a wrapper that later freezes every parameter it
+        does not own (peft's get_peft_model) does not override this choice."""
+        self.trainable = bool(requires_grad)
+        return super().requires_grad_(requires_grad)
+
     # -- telemetry ---------------------------------------------------------------
-    def _observe(self, key: str, block: EngramBlock, ids: torch.Tensor, t: int) -> None:
-        """Record the n-grams of the last t positions (with their full history)."""
+    def _observe(self, key: str, mixes: torch.Tensor) -> None:
+        """Record the n-gram mixes (N, O) of the positions a forward processed."""
         with torch.no_grad():
-            lo = max(0, ids.shape[1] - t - (block.hasher.max_order - 1))
-            mixes = block.hasher.mixes(ids[:, lo:])[:, -t:].flatten(0, 1)  # (N, O)
             buf = self._unique[key]
             buf.append(mixes)
             if sum(m.shape[0] for m in buf) > 200_000:
@@ -246,6 +315,8 @@ class EngramHashMemory(Memory):
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {}
+        if self.cfg.canonical:
+            out["vocab_compression"] = self.vocab_compression
         many = len(self.blocks) > 1
         for key, block in self.blocks.items():
             sfx = f"_l{key}" if many else ""
@@ -355,18 +426,19 @@ class HybridBlock(EngramBlock):
         self.tau = cfg.tau
         self.last_content_gate: torch.Tensor | None = None
 
-    def forward(self, hidden, ids):
+    def forward(self, hidden, ids, attention_mask=None, record=True):
         from engram_core.nn import soft_topk
 
-        out = super().forward(hidden, ids)
-        q = self.query(hidden)
-        table = self.table.weight
+        out = super().forward(hidden, ids, attention_mask, record)
+        h = hidden.to(self.query.weight.dtype)
+        q = self.query(h)
+        table = self.table.weight.to(q.dtype)
         retrieved, _ = soft_topk(q, table, table, self.top_k, self.tau)  # (B, t, slot)
         c = self.content_value(retrieved)
-        g = torch.sigmoid(self.content_gate(torch.cat([hidden, c], -1)))
-        if self.track:
+        g = torch.sigmoid(self.content_gate(torch.cat([h, c], -1)))
+        if self.track and record:
             self.last_content_gate = g.detach().flatten().float()
-        return out + g * c
+        return out + (g * c).to(out.dtype)
 
 
 class HybridHashContentMemory(EngramHashMemory):
