@@ -149,6 +149,9 @@ class HFInjector:
     RECOMPUTE_SLOTS = 512
 
     def __init__(self, model: nn.Module, memory: EngramHashMemory | None = None):
+        """`memory`: a memory held elsewhere (the hf_causal_lm head's); None: `model.engram`,
+        looked up at each call, so a wrapper peft put there (modules_to_save) is what runs."""
+        self.held = memory
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
         self.pending = None  # (ids, mask) that generate's prepare_inputs_for_generation saw last
@@ -162,13 +165,16 @@ class HFInjector:
         self.own_prepare = model.__dict__.get("prepare_inputs_for_generation")
         self.inner_prepare = getattr(model, "prepare_inputs_for_generation", None)
         dec = decoder_of(model)
-        for key in engram_memory(model).blocks:
+        for key in self.active().blocks:
             layer = dec.layers[int(key)]
             self.handles.append(layer.register_forward_hook(functools.partial(self._layer_hook, int(key)), with_kwargs=True))
         object.__setattr__(model, "_engram_injector", self)
         object.__setattr__(model, "forward", self)
         if self.inner_prepare is not None:
             object.__setattr__(model, "prepare_inputs_for_generation", self._prepare_wrapper())
+
+    def active(self) -> EngramHashMemory:
+        return self.held if self.held is not None else engram_memory(self.model)
 
     @property
     def __signature__(self):
@@ -204,7 +210,7 @@ class HFInjector:
         if self.peft_seen or not hasattr(self.model, "peft_config"):
             return
         self.peft_seen = True
-        mem = engram_memory(self.model)
+        mem = self.active()
         if mem.trainable and not any(p.requires_grad for p in mem.parameters()):
             for block in mem.blocks.values():
                 for name, p in block.named_parameters():
@@ -243,8 +249,8 @@ class HFInjector:
         self.ids, self.mask = history, mask
 
     def _layer_hook(self, layer: int, module, args, kwargs, output):
-        mem = self.model.engram
-        if not engram_memory(self.model).enabled:
+        mem = self.held if self.held is not None else self.model.engram
+        if not self.active().enabled:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
         inp = args[0] if args else kwargs.get("hidden_states")
@@ -369,7 +375,7 @@ def attach_engram(model: nn.Module, cfg: EngramHashConfig, canonical=None, freez
         for p in model.parameters():
             p.requires_grad_(False)
     model.add_module("engram", memory)
-    HFInjector(model, memory)
+    HFInjector(model)  # model.engram, looked up at each call
     model.save_engram = types.MethodType(save_engram, model)
     model.load_engram = types.MethodType(load_engram, model)
     model.remove_engram = types.MethodType(remove_engram, model)

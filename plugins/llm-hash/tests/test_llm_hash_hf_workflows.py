@@ -45,7 +45,7 @@ def test_bf16_model_trains_and_generates_in_bf16():
     ids, mask, _ = padded_batch([6, 4], seed=1)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD)
-        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+        assert model(input_ids=ids, output_hidden_states=True).hidden_states[-1].dtype == torch.bfloat16
     assert out.shape == (2, ids.shape[1] + 4)
     model.to(torch.float32)  # model.to(...) moves and casts the memory with the model
     assert {p.dtype for p in model.engram.parameters()} == {torch.float32}

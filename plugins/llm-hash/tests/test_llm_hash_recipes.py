@@ -141,3 +141,44 @@ def test_sparse_table_with_sparse_adam_through_the_engine(tmp_path, monkeypatch)
     assert code == 0
     s = summaries(tmp_path, "kv_memorisation")[-1]
     assert s["status"] == "completed"
+
+
+@pytest.mark.parametrize("name", ["hf_exact_match", "hf_exact_match_canonical"])
+def test_hf_exact_match_recipes(tmp_path, monkeypatch, name):
+    """The recipes on a small random Llama that the test builds and saves (CPU): the base
+    stays frozen, the tables train in their own group; the canonical variant hashes the
+    ids of the model's trained byte-level BPE and reports the vocabulary compression."""
+    pytest.importorskip("transformers")
+    import torch
+    from engram_llm_hash.tiny_hf import save_tiny_causal_lm
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    canonical = name.endswith("canonical")
+    model_dir = tmp_path / "tiny"
+    save_tiny_causal_lm(model_dir, "llama", hidden=32, tokenizer="bpe" if canonical else "byte")
+
+    def edit(raw):
+        raw["head"]["model_dir"] = str(model_dir)
+        if canonical:
+            raw["data"]["tokenizer"] = str(model_dir)
+
+    code, raw = run_recipe(tmp_path, name, edit)
+    assert code == 0
+    assert raw["run"]["precision"] == "bf16" and raw["stages"][1]["train"] == ["memory.*"]
+    s = summaries(tmp_path, name)[-1]
+    assert s["status"] == "completed"
+    train = s["stages"]["train_engram"]
+    assert "memory/slot_utilisation" in train and "eval/exact_match" in s["stages"]["engram_test"]
+    if canonical:
+        assert train["memory/vocab_compression"] > 1.0
+    # the base model's weights are those the directory holds: frozen through the run
+    ckpt = sorted(Path(s["run_dir"]).rglob("*.pt"))
+    assert ckpt
+    if ckpt:
+        import transformers
+
+        base = transformers.AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+        state = torch.load(ckpt[-1], weights_only=True)
+        state = state.get("model", state)
+        heads = {k.split("head.model.", 1)[1]: v for k, v in state.items() if isinstance(v, torch.Tensor) and k.startswith("head.model.")}
+        assert heads and all(torch.equal(v, base[k]) for k, v in heads.items() if k in base)
