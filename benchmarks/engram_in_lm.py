@@ -1,0 +1,214 @@
+"""Cost of Engram memory inside a transformers LM: training step time and greedy decode speed.
+
+A Qwen2-shaped model built from its config (random weights, nothing downloaded; the default
+is Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
+vocabulary 151,936, tied embeddings, ~494M parameters):
+
+- training step (forward, backward, fused AdamW step) on a batch of 4 × 2048 tokens,
+  without Engram and with `add_engram` after layers 1 and 12 (the whole model trains in
+  both, so the difference is the memory's cost; the tables go in their own group via
+  `engram_param_groups`, 5× lr, no weight decay);
+- greedy decoding with the KV cache (`generate(use_cache=True)`), tokens/s, model in bf16,
+  with the memory and without it (`remove_engram`); and whether cached equals uncached
+  greedy tokens for a short continuation (the memory is non-zero after the training steps).
+
+    python benchmarks/engram_in_lm.py --device cuda                     # the measurement (one H200: ~2 min)
+    OMP_NUM_THREADS=1 python benchmarks/engram_in_lm.py --tiny          # CPU smoke run (seconds)
+
+`--precision autocast` (default): fp32 parameters under bf16 autocast, as the engine's
+`precision = "bf16"`; `bf16`: bf16 parameters. Prints a table and writes JSON to
+benchmarks/results/engram_in_lm-<device>.json (--out to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY = dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=512, batch=2, seq=64, engram_layers=[1, 2],
+            memory_size=5000, slot_dim=8, steps=2, warmup=1, decode_batch=2, prompt=8, new_tokens=8, check_tokens=4)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--precision", default="autocast", choices=["autocast", "bf16", "fp32"], help="training precision")
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=4864)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--engram-layers", type=int, nargs="+", default=[1, 12])
+    p.add_argument("--memory-size", type=int, default=1_000_000, help="rows of each layer's table")
+    p.add_argument("--slot-dim", type=int, default=64)
+    p.add_argument("--heads-per-order", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--decode-dtype", default="bf16", choices=["bf16", "fp32"], help="model dtype while decoding")
+    p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
+    p.add_argument("--new-tokens", type=int, default=256, help="greedy tokens decoded")
+    p.add_argument("--check-tokens", type=int, default=32, help="tokens compared cached vs uncached")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and batch (a CPU smoke run); explicit flags still win")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engram_in_lm-<device>.json)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or []) if a.startswith("--")}
+        for k, v in TINY.items():
+            if k not in given:
+                setattr(args, k, v)
+    return args
+
+
+def build(args, device):
+    import transformers
+
+    conf = transformers.Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=max(4096, args.seq + 64),
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(conf)
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    return model.to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_optimizer(groups, lr, device):
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True), True
+    except (RuntimeError, TypeError):  # a device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr), False
+
+
+def time_training(model, groups, args, device) -> dict:
+    opt, fused = make_optimizer(groups, args.lr, device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "autocast" else contextlib.nullcontext()
+    model.train()
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t = time.perf_counter()
+        with amp:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= args.warmup:
+            times.append(1000 * (time.perf_counter() - t))
+            losses.append(float(loss.detach()))
+    del opt
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "step_ms_mean": statistics.mean(times),
+        "step_ms_sd": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "step_ms": times,
+        "tokens_per_s": args.batch * args.seq / (statistics.mean(times) / 1000),
+        "fused_adamw": fused,
+        "last_loss": losses[-1],
+        "peak_gib": peak,
+    }
+
+
+@torch.no_grad()
+def time_decode(model, args, device) -> dict:
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, args.vocab, (args.decode_batch, args.prompt), generator=g).to(device)
+    opts = dict(do_sample=False, pad_token_id=2)
+    model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, use_cache=True, **opts)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    out = model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True, **opts)
+    sync(device)
+    dt = time.perf_counter() - t
+    new = out.shape[1] - prompt.shape[1]
+    n = args.check_tokens
+    cached = model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=True, **opts)
+    uncached = model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=False, **opts)
+    return {
+        "tokens_per_s": args.decode_batch * new / dt,
+        "ms_per_token": 1000 * dt / new,
+        "new_tokens": new,
+        "cached_equals_uncached": bool(torch.equal(cached, uncached)),
+    }
+
+
+def main(argv=None) -> dict:
+    from engram_llm_hash import add_engram, engram_param_groups
+
+    args = parse(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    model = build(args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"Qwen2-shaped model: {n_params / 1e6:.1f}M parameters, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
+          f"train batch {args.batch}x{args.seq}, {args.precision}, device {device}", flush=True)
+
+    base_train = time_training(model, [p for p in model.parameters()], args, device)
+    print(f"  train without Engram: {base_train['step_ms_mean']:.1f} ± {base_train['step_ms_sd']:.1f} ms/step", flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    add_engram(model, memory_size=args.memory_size, inject_layers=args.engram_layers, freeze_base=False,
+               slot_dim=args.slot_dim, heads_per_order=args.heads_per_order)
+    n_memory = sum(p.numel() for p in model.engram.parameters())
+    engram_train = time_training(model, engram_param_groups(model, lr=args.lr), args, device)
+    print(f"  train with Engram after layers {args.engram_layers}: {engram_train['step_ms_mean']:.1f} ± {engram_train['step_ms_sd']:.1f} ms/step", flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    model.to(torch.bfloat16 if args.decode_dtype == "bf16" else torch.float32)  # the memory follows the model
+    engram_decode = time_decode(model, args, device)
+    print(f"  greedy decode with Engram: {engram_decode['tokens_per_s']:.1f} tokens/s", flush=True)
+    model.remove_engram()
+    base_decode = time_decode(model, args, device)
+    print(f"  greedy decode without Engram: {base_decode['tokens_per_s']:.1f} tokens/s", flush=True)
+
+    import transformers
+
+    info = {
+        "benchmark": "engram_in_lm",
+        "command": "python benchmarks/engram_in_lm.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model_params": n_params,
+        "memory_params": n_memory,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "train": {"without_engram": base_train, "with_engram": engram_train,
+                  "overhead": engram_train["step_ms_mean"] / base_train["step_ms_mean"] - 1},
+        "decode": {"without_engram": base_decode, "with_engram": engram_decode,
+                   "slowdown": 1 - engram_decode["tokens_per_s"] / base_decode["tokens_per_s"]},
+    }
+    print(f"  train overhead {100 * info['train']['overhead']:+.1f} %, decode slowdown {100 * info['decode']['slowdown']:+.1f} %")
+    out = Path(args.out) if args.out else RESULTS / f"engram_in_lm-{device.type}{'-tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2))
+    print(f"wrote {out}")
+    return info
+
+
+if __name__ == "__main__":
+    main()
