@@ -1,19 +1,22 @@
-"""Engram memory inside any transformers causal LM (Llama, Qwen2, Mistral, ...).
+"""Engram memory inside any transformers causal LM (Llama, Qwen2, Mistral, Gemma, Phi-3, ...).
 
-    model = AutoModelForCausalLM.from_pretrained(local_dir)
+    model = AutoModelForCausalLM.from_pretrained(local_dir, dtype=torch.bfloat16)
     model = add_engram(model, memory_size=100_000, inject_layers=[0, 1], gate_type="context")
-    ...train model.engram...
-    model.save_engram("engram_weights/")      # only the memory's parameters
-    model.load_engram("engram_weights/")
+    opt = torch.optim.AdamW(engram_param_groups(model, lr=2e-4))   # tables 5x lr, no decay
+    ...train...
+    model.save_pretrained(out_dir)           # weights + engram_config.json + engram.safetensors
+    model = from_pretrained(out_dir)         # both back
 
-How ids reach the memory under a KV cache: the model's own `forward` (what `model(...)`,
-`generate` and peft call) first hands its public arguments to the injector: `input_ids`
-and the KV cache, found by type (`transformers.Cache`, whatever the keyword is called)
-and measured with its public `get_seq_length()`. The injector keeps the ids of the cached
-prefix and appends the new ones, so the memory after decoder layer i always hashes the
-complete history. Nothing layer-internal is read (the keyword decoder layers receive for
-the cache was renamed in transformers 5.24). Greedy `generate(use_cache=True)` therefore
-gives exactly the tokens of `use_cache=False`, trained memory or not.
+How ids reach the memory: `add_engram` wraps the model's `forward` and
+`prepare_inputs_for_generation` (instance attributes; `remove_engram` restores them) and
+reads only their public arguments: the whole running sequence that `generate` hands to
+`prepare_inputs_for_generation` before each step (beams already reordered), or, for a
+direct call, `input_ids`, the 2-D `attention_mask` and the KV cache (found by type,
+measured with `get_seq_length()`). The memory after decoder layer i therefore hashes the
+complete, unpadded history: greedy, sampled and beam-searched `generate(use_cache=True)`
+give exactly the tokens of `use_cache=False`, trained memory or not. Nothing
+layer-internal is read (the keyword decoder layers receive for the cache was renamed in
+transformers 5.24).
 """
 
 from __future__ import annotations
@@ -460,7 +463,7 @@ def from_pretrained(path, **kwargs) -> nn.Module:
 
 def remove_engram(model: nn.Module) -> nn.Module:
     model._engram_injector.remove()
-    del model._modules["engram"]
+    delattr(model, "engram")
     for name in ("save_engram", "load_engram", "remove_engram", "save_pretrained", "_engram_injector"):
         model.__dict__.pop(name, None)
     return model

@@ -51,11 +51,16 @@ def test_cached_generation_equals_uncached(family, mode):
     assert not torch.equal(cached, bare), "the trained memory should change generation"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_static_cache_generation_equals_uncached(family):
     model = engram_model(family)
     ids, mask, _ = padded_batch([6, 6], seed=2)
-    static = generate(model, ids, mask, True, cache_implementation="static")
+    try:
+        static = generate(model, ids, mask, True, cache_implementation="static")
+    except ValueError as exc:  # e.g. Phi-3 on transformers 4.45: the model has no StaticCache support
+        if "does not support" not in str(exc):
+            raise
+        pytest.skip(f"{family}: no StaticCache on transformers {transformers.__version__}")
     uncached = generate(model, ids, mask, False)
     assert torch.equal(static, uncached)
     beams = generate(model, ids, mask, True, cache_implementation="static", num_beams=2)

@@ -310,3 +310,21 @@ def test_non_causal_lm_directory_is_one_line_without_noise(tmp_path, capfd, capl
     assert "not a decoder-only causal LM" in str(err.value) and "\n" not in str(err.value)
     assert out.out == "" and out.err == ""
     assert not [r for r in caplog.records if r.name.startswith("transformers")]
+
+
+def test_non_causal_lm_directory_through_engram_run(tmp_path, capfd, monkeypatch):
+    """What a user sees: exactly one line on stderr, exit status 2."""
+    from pathlib import Path
+
+    from engram_core.cli import run_main
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    bert = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    capfd.readouterr()
+    recipe = Path(__file__).resolve().parents[3] / "recipes" / "hf_exact_match.toml"
+    code = run_main([str(recipe), f"head.model_dir={bert}", f"run.out_dir={tmp_path / 'runs'}", "data.n_synthetic=10", "--quiet"])
+    out = capfd.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.strip()]
+    assert code == 2
+    assert len(lines) == 1 and "head.model_dir" in lines[0] and "not a decoder-only causal LM" in lines[0], lines
