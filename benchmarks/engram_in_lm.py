@@ -81,7 +81,8 @@ def build(args, device):
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(conf)
+    with device:  # initialised where it runs: 494M random parameters are slow to make on a CPU
+        model = transformers.AutoModelForCausalLM.from_config(conf)
     if args.precision == "bf16":
         model = model.to(torch.bfloat16)
     return model.to(device)
