@@ -60,7 +60,7 @@ def tokenizer_canonical_ids(tokenizer, vocab_size: int | None = None) -> torch.T
             norm = squash.normalize_str(text)
             key = norm if norm else texts[i]
         out.append(keys.setdefault(key, len(keys)))
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long, device="cpu")  # host data, also under a meta-device build
 
 
 def compression_ratio(canonical: torch.Tensor) -> float:
