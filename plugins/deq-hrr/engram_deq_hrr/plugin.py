@@ -2,8 +2,14 @@
 
 from engram_core.hookspecs import hookimpl
 
-from .data import (ListOpsLiteConfig, ListOpsLiteDataset, ListOpsRecallConfig, ListOpsRecallDataset, NeedleConfig,
-                   NeedleDataset)
+from .data import (
+    ListOpsLiteConfig,
+    ListOpsLiteDataset,
+    ListOpsRecallConfig,
+    ListOpsRecallDataset,
+    NeedleConfig,
+    NeedleDataset,
+)
 from .head import DEQClassifier, DEQClassifierConfig
 from .memory import HRRMemory, HRRMemoryConfig
 from .metrics import DEQHRRAccuracy, DEQHRRAccuracyConfig

@@ -109,7 +109,8 @@ def test_needle_length_splits():
 
 
 def test_listops_recall_layout_and_labels():
-    from engram_deq_hrr.data import ListOpsRecallConfig, _VAR0, generate_listops_recall
+    from engram_deq_hrr.data import LISTOPS_VOCAB as VAR0
+    from engram_deq_hrr.data import ListOpsRecallConfig, generate_listops_recall
 
     cfg = ListOpsRecallConfig(seq_len=40, n_vars=8, n_defs=3, n_operands=2, n_fillers=4)
     d = generate_listops_recall(cfg, 64, 0)
@@ -117,7 +118,7 @@ def test_listops_recall_layout_and_labels():
     for i in range(64):
         row = d["tokens"][i].tolist()
         body, expr = row[:-4], row[-4:]
-        is_var = [_VAR0 <= t < _VAR0 + cfg.n_vars for t in body]
+        is_var = [VAR0 <= t < VAR0 + cfg.n_vars for t in body]
         defs = {body[p]: body[p + 1] - 2 for p, v in enumerate(is_var) if v}
         assert len(defs) == 3 and all(0 <= x <= 9 for x in defs.values())  # distinct variables, digit values
         op, digits, var = expr[0], [t - 2 for t in expr[1:3]], expr[3]

@@ -59,7 +59,8 @@ def test_bad_input_exits_2(tmp_path, capsys):
     for override, words in [("memory.dim=106", "not suited to the FFT path"),
                             ("stages.0.objective.nce_scheduler.read_threshold=1.5", "must be in [0, 1]"),
                             ("stages.0.objective.nce_scheduler.lambda_max=0.0001", "below its start"),
-                            ("data.seq_len=8", "shorter than the needle layout")]:
+                            ("data.seq_len=8", "shorter than the needle layout"),
+                            ("memory.alpha=0.99", "only rescales β")]:
         assert run_main([recipe, override, "--dry-run", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr()
         line = [x for x in (err.err + err.out).splitlines() if words in x]
