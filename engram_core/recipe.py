@@ -131,6 +131,7 @@ class Recipe:
     metrics: list[Resolved]
     sweep: dict[str, list]
     raw: dict  # the raw tables after overrides (sweep points start from it)
+    origins: Any = None  # engram_core.inherit.Origins: the file (or override) of each value in raw
 
     @property
     def name(self) -> str:
@@ -303,19 +304,24 @@ def load_recipe(
     raw: dict | None = None,
 ) -> Recipe:
     """Read, override, validate and resolve a recipe. Raises RecipeError with every problem."""
+    from .inherit import attribute, load_tree
+
     file = str(path)
-    raw = copy.deepcopy(raw) if raw is not None else read_toml(path)
+    raw, origins = load_tree(path, raw)  # `extends` merged: one self-contained recipe from here on
     try:
         for item in overrides or []:
             key, value = parse_override(item)
             apply_override(raw, key, value)
+            origins.set_tree(tuple(split_key(key)), value, f"override {item}")
     except RecipeError as exc:
         raise exc.with_file(file) from None
     reg = registry or load_registry()
     try:
-        return resolve(raw, reg, file)
+        recipe = resolve(raw, reg, file)
     except RecipeError as exc:
-        raise exc.with_file(file) from None
+        raise attribute(exc, origins, file) from None
+    recipe.origins = origins
+    return recipe
 
 
 def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
