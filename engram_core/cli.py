@@ -46,6 +46,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="override run.out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe, each value's origin (base, recipe, override, default); run nothing")
     args = p.parse_intermixed_args(argv)  # options may come between overrides
     console = Console(highlight=False)
     from .cache import logging_to_stdout
@@ -85,6 +86,11 @@ def _run(args, console: Console) -> int:
     if args.out:
         overrides.append(f"run.out_dir={json.dumps(args.out)}")
     recipe = load_recipe(args.recipe, overrides)
+    if args.print_config:
+        from .explain import print_config
+
+        console.print(print_config(recipe), markup=False, end="", soft_wrap=True)
+        return 0
     if args.dry_run:
         console.print(recipe.to_toml(), markup=False, end="")
         if recipe.sweep:
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     pv = sub.add_parser("validate", help="check a recipe without running it")
     pv.add_argument("recipe")
     pv.add_argument("overrides", nargs="*")
+    pv.add_argument("--print-config", action="store_true", help="also print the resolved recipe with each value's origin")
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(console, args.dir, args.out)
         if args.cmd == "cache":
             return _cache(console, args)
-        return _validate(console, args.recipe, args.overrides)
+        return _validate(console, args.recipe, args.overrides, args.print_config)
     except EngramError as exc:
         return _fail(exc)
 
@@ -207,10 +214,14 @@ def _describe(console: Console, kind: str, name: str) -> int:
     return 0
 
 
-def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
+def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False) -> int:
     from .recipe import load_recipe, point_recipe, sweep_points
 
     recipe = load_recipe(recipe_path, overrides)
+    if print_config:
+        from .explain import print_config as explain
+
+        console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = 1
     if recipe.sweep:
         pts = sweep_points(recipe)
