@@ -86,6 +86,7 @@ def _run(args, console: Console) -> int:
     if args.out:
         overrides.append(f"run.out_dir={json.dumps(args.out)}")
     recipe = load_recipe(args.recipe, overrides)
+    _check_loggers(recipe)
     if args.print_config:
         from .explain import print_config
 
@@ -104,6 +105,16 @@ def _run(args, console: Console) -> int:
             _print_params(console, recipe)
         return 0
     return run_recipe(recipe, console, quiet=args.quiet)
+
+
+def _check_loggers(recipe) -> None:
+    """run.loggers names known trackers whose packages are installed (before anything runs)."""
+    from .loggers import check_loggers
+
+    try:
+        check_loggers(recipe.run.loggers, load_registry())
+    except RecipeError as exc:
+        raise exc.with_file(recipe.file) from None
 
 
 def _print_params(console: Console, recipe) -> None:
@@ -218,6 +229,7 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
     from .recipe import load_recipe, point_recipe, sweep_points
 
     recipe = load_recipe(recipe_path, overrides)
+    _check_loggers(recipe)
     if print_config:
         from .explain import print_config as explain
 

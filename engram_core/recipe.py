@@ -35,6 +35,7 @@ class RunConfig:
     device: str = field("auto", help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     out_dir: str = field("runs", help="parent folder of run directories")
     precision: str = field("fp32", help="'fp32' or 'bf16' (autocast on CUDA)", validator=one_of("fp32", "bf16"))
+    loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
 
     def __attrs_post_init__(self):
         d = self.device
