@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engram_core.errors import RecipeError
 from engram_core.hookspecs import hookimpl
 from engram_core.loggers import Logger, TrackedRunLogger, check_loggers
 from engram_core.registry import load_registry
@@ -183,5 +184,5 @@ def test_a_missing_package_names_the_extra(monkeypatch):
     assert r.returncode == 2
     (line,) = r.stderr.strip().splitlines()
     assert line.endswith("logger 'mlflow' needs the mlflow package: pip install 'engram-core[mlflow]'"), line
-    with pytest.raises(Exception):
+    with pytest.raises(RecipeError, match="engram-core\\[mlflow\\]"):
         check_loggers(["mlflow"], load_registry())
