@@ -34,7 +34,6 @@ class WandbLogger(Logger):
             resume="allow" if run_id else None,
             job_type="engram-run",
             tags=[ctx.recipe.data.type_as_written, ctx.recipe.head.type_as_written],
-            reinit=True,
         )
         ctx.state["id"] = self.run.id
         self.run.define_metric(STEP)
