@@ -38,14 +38,20 @@ def _fail(exc: EngramError) -> int:
 
 def run_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="engram-run", description="Run a recipe: train, evaluate, write a run directory.")
-    p.add_argument("recipe", nargs="?", help="recipe TOML file (omit with --resume)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides: head.hidden=1024 stages.1.steps=500")
+    recipe_arg = p.add_argument("recipe", nargs="?", help="recipe TOML file (omit with --resume)")
+    overrides_arg = p.add_argument("overrides", nargs="*", help="dotted overrides: head.hidden=1024 stages.1.steps=500")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe; train nothing")
     p.add_argument("--resume", metavar="RUN_DIR", help="resume a run (or sweep) directory from its last checkpoint")
     p.add_argument("--device", help="override run.device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--out", metavar="DIR", help="override run.out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe, each value's origin (base, recipe, override, default); run nothing")
+    from . import completion
+
+    completion.recipe_files(recipe_arg)
+    completion.overrides(overrides_arg)
+    completion.autocomplete(p)  # a shell's completion request ends here (docs/cli.md)
     args = p.parse_intermixed_args(argv)  # options may come between overrides
     console = Console(highlight=False)
     from .cache import logging_to_stdout
@@ -85,6 +91,12 @@ def _run(args, console: Console) -> int:
     if args.out:
         overrides.append(f"run.out_dir={json.dumps(args.out)}")
     recipe = load_recipe(args.recipe, overrides)
+    _check_loggers(recipe)
+    if args.print_config:
+        from .explain import print_config
+
+        console.print(print_config(recipe), markup=False, end="", soft_wrap=True)
+        return 0
     if args.dry_run:
         console.print(recipe.to_toml(), markup=False, end="")
         if recipe.sweep:
@@ -98,6 +110,16 @@ def _run(args, console: Console) -> int:
             _print_params(console, recipe)
         return 0
     return run_recipe(recipe, console, quiet=args.quiet)
+
+
+def _check_loggers(recipe) -> None:
+    """run.loggers names known trackers whose packages are installed (before anything runs)."""
+    from .loggers import check_loggers
+
+    try:
+        check_loggers(recipe.run.loggers, load_registry())
+    except RecipeError as exc:
+        raise exc.with_file(recipe.file) from None
 
 
 def _print_params(console: Console, recipe) -> None:
@@ -126,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from .results import main as results_main
 
         return results_main(argv[1:])
+    from . import completion
+
     p = argparse.ArgumentParser(prog="engram", description="Inspect plugins, components and recipes.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("results", help="run, render and check the results pages (engram results --help)", add_help=False)
@@ -133,15 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--json", action="store_true", help="machine-readable output")
     pp.add_argument("--verbose", action="store_true", help="tracebacks of broken plugins")
     pd = sub.add_parser("describe", help="a component's documentation and config keys")
-    pd.add_argument("kind", help="dataset, head, memory, objective or metric")
-    pd.add_argument("name")
+    pd.add_argument("kind", help="dataset, head, memory, objective or metric").completer = lambda prefix, **_: [
+        k for k in ("dataset", "head", "memory", "objective", "metric") if k.startswith(prefix)]
+    completion.component_names(pd.add_argument("name"))
     pv = sub.add_parser("validate", help="check a recipe without running it")
-    pv.add_argument("recipe")
-    pv.add_argument("overrides", nargs="*")
+    completion.recipe_files(pv.add_argument("recipe"))
+    completion.overrides(pv.add_argument("overrides", nargs="*"))
+    pv.add_argument("--print-config", action="store_true", help="also print the resolved recipe with each value's origin")
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
     _add_cache_parser(sub)
+    completion.autocomplete(p)  # a shell's completion request ends here (docs/cli.md)
     args = p.parse_args(argv)
     console = Console(highlight=False)
     try:
@@ -153,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(console, args.dir, args.out)
         if args.cmd == "cache":
             return _cache(console, args)
-        return _validate(console, args.recipe, args.overrides)
+        return _validate(console, args.recipe, args.overrides, args.print_config)
     except EngramError as exc:
         return _fail(exc)
 
@@ -207,10 +234,15 @@ def _describe(console: Console, kind: str, name: str) -> int:
     return 0
 
 
-def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
+def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False) -> int:
     from .recipe import load_recipe, point_recipe, sweep_points
 
     recipe = load_recipe(recipe_path, overrides)
+    _check_loggers(recipe)
+    if print_config:
+        from .explain import print_config as explain
+
+        console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = 1
     if recipe.sweep:
         pts = sweep_points(recipe)

@@ -20,11 +20,11 @@ import torch
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from .config import ConfigProblems
 from .errors import ConfigError, NonFiniteLossError, RecipeError
+from .loggers import open_run_logger
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage, check_fit_options
 from .registry import Registry, load_registry
 from .rundir import MetricsLog, atomic_write_json, atomic_write_text, environment, load_checkpoint, save_checkpoint
-from .tb import RunLogger
 
 EVENT_HOOKS = ("on_step_end", "on_eval_end", "on_stage_end")
 
@@ -136,7 +136,7 @@ class Engine:
         if not resume:
             atomic_write_text(self.run_dir / "recipe.toml", r.to_toml(include_sweep=False))
         atomic_write_json(self.run_dir / "env.json", environment(self.registry, self.device))
-        self.logger = RunLogger(self.run_dir, purge_step=(self.step + 1) if state is not None else None)
+        self.logger = open_run_logger(self.run_dir, (self.step + 1) if state is not None else None, r, self.registry, resumed=state is not None)
         start_stage = 0
         if state is not None:
             start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
@@ -162,6 +162,7 @@ class Engine:
             self.progress.stop()
             summary = self.summary()
             atomic_write_json(self.run_dir / "summary.json", summary)
+            self.logger.summary(summary, self.status)  # the trackers' (TensorBoard's is below)
             if self.status == "completed":
                 self.logger.layout(self.logger.tags | {k for rec in self.metrics_log.records for k in rec["metrics"]})
                 self.logger.hparams(self.hparams or self._default_hparams(), summary["final"])

@@ -40,3 +40,12 @@ def engram_objectives(register):
 @hookspec
 def engram_metrics(register):
     """Register metrics; ``requires`` as for objectives."""
+
+
+@hookspec
+def engram_loggers(register):
+    """Register experiment trackers that `run.loggers` can name:
+    ``register("wandb", factory, modules=("wandb",), install="engram-core[wandb]")``.
+    ``factory(ctx)`` gets an `engram_core.loggers.LoggerContext` and returns an
+    `engram_core.loggers.Logger`; `modules` are checked before the run starts, and a missing
+    one is a one-line error telling the user to ``pip install`` `install`."""

@@ -35,6 +35,7 @@ class RunConfig:
     device: str = field("auto", help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     out_dir: str = field("runs", help="parent folder of run directories")
     precision: str = field("fp32", help="'fp32' or 'bf16' (autocast on CUDA)", validator=one_of("fp32", "bf16"))
+    loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
 
     def __attrs_post_init__(self):
         d = self.device
@@ -131,6 +132,7 @@ class Recipe:
     metrics: list[Resolved]
     sweep: dict[str, list]
     raw: dict  # the raw tables after overrides (sweep points start from it)
+    origins: Any = None  # engram_core.inherit.Origins: the file (or override) of each value in raw
 
     @property
     def name(self) -> str:
@@ -303,19 +305,24 @@ def load_recipe(
     raw: dict | None = None,
 ) -> Recipe:
     """Read, override, validate and resolve a recipe. Raises RecipeError with every problem."""
+    from .inherit import attribute, load_tree
+
     file = str(path)
-    raw = copy.deepcopy(raw) if raw is not None else read_toml(path)
+    raw, origins = load_tree(path, raw)  # `extends` merged: one self-contained recipe from here on
     try:
         for item in overrides or []:
             key, value = parse_override(item)
             apply_override(raw, key, value)
+            origins.set_tree(tuple(split_key(key)), value, f"override {item}")
     except RecipeError as exc:
         raise exc.with_file(file) from None
     reg = registry or load_registry()
     try:
-        return resolve(raw, reg, file)
+        recipe = resolve(raw, reg, file)
     except RecipeError as exc:
-        raise exc.with_file(file) from None
+        raise attribute(exc, origins, file) from None
+    recipe.origins = origins
+    return recipe
 
 
 def resolve(raw: dict, reg: Registry, file: str) -> Recipe:

@@ -92,7 +92,7 @@ class Registry:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
-            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in hookspecs.KINDS)})"
+            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in (*hookspecs.KINDS, 'loggers'))})"
             return
         staged: list[Component] = []
         try:

@@ -33,3 +33,20 @@ def engram_objectives(register):
 @hookimpl
 def engram_metrics(register):
     register("loss", LossMetric, LossMetricConfig)
+
+
+@hookimpl
+def engram_loggers(register):
+    # imported only when a run asks for them: neither package is a dependency of the core
+    def wandb(ctx):
+        from ..loggers.wandb_logger import make
+
+        return make(ctx)
+
+    def mlflow(ctx):
+        from ..loggers.mlflow_logger import make
+
+        return make(ctx)
+
+    register("wandb", wandb, modules=("wandb",), install="engram-core[wandb]")
+    register("mlflow", mlflow, modules=("mlflow",), install="engram-core[mlflow]")

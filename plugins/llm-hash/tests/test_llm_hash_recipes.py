@@ -2,13 +2,13 @@
 steps), the HF head runs through a recipe, and bad input is a one-line error, exit 2."""
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
 import tomli_w
 
 from engram_core.cli import run_main
+from engram_core.inherit import load_tree
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 NAMES = ["exact_match", "four_way", "long_recall", "kv_memorisation", "hybrid", "prepopulate"]
@@ -23,7 +23,7 @@ def _shrink_stage(st: dict) -> None:
 
 
 def shrink(raw: dict, out: Path) -> dict:
-    raw["run"]["out_dir"] = str(out)
+    raw.setdefault("run", {})["out_dir"] = str(out)
     data = raw["data"]
     if data["type"] == "exact_match":
         data["n_synthetic"] = 20
@@ -43,7 +43,8 @@ def shrink(raw: dict, out: Path) -> dict:
 
 
 def run_recipe(tmp_path, name, edit=None, *overrides):
-    raw = shrink(tomllib.loads((RECIPES / f"{name}.toml").read_text()), tmp_path / "runs")
+    raw, _ = load_tree(RECIPES / f"{name}.toml")  # `extends` merged: a recipe that stands alone in tmp_path
+    raw = shrink(raw, tmp_path / "runs")
     if edit:
         edit(raw)
     path = tmp_path / f"{name}.toml"
