@@ -47,23 +47,58 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe, each value's origin (base, recipe, override, default); run nothing")
+    p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks: execs torchrun (torch.distributed.run --standalone --nproc_per_node N)")
     from . import completion
 
     completion.recipe_files(recipe_arg)
     completion.overrides(overrides_arg)
     completion.autocomplete(p)  # a shell's completion request ends here (docs/cli.md)
-    args = p.parse_intermixed_args(argv)  # options may come between overrides
-    console = Console(highlight=False)
+    raw = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_intermixed_args(raw)  # options may come between overrides
+    from . import distributed
+
+    if args.nproc is not None and not distributed.launched_by_torchrun():
+        if args.nproc < 1:
+            print("error: --nproc: expected a number of ranks >= 1", file=sys.stderr)
+            return 2
+        if args.nproc > 1 and not args.dry_run:
+            _exec_torchrun(args.nproc, _without_nproc(raw))  # does not return
+    dist = distributed.setup()
+    console = Console(highlight=False, quiet=not dist.is_main)  # rank 0 speaks for the run
     from .cache import logging_to_stdout
 
     try:
-        with logging_to_stdout(not (args.quiet or args.dry_run)):  # cache hit/miss lines
+        with logging_to_stdout(not (args.quiet or args.dry_run) and dist.is_main):  # cache hit/miss lines
             return _run(args, console)
     except EngramError as exc:
-        return _fail(exc)
+        return _fail(exc) if dist.is_main else exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by torchrun running `python -m engram_core.run ARGV` on N ranks."""
+    import os
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "engram_core.run", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
 
 
 def _warn_broken() -> None:
@@ -75,9 +110,11 @@ def _warn_broken() -> None:
 
 def _run(args, console: Console) -> int:
     from .recipe import load_recipe
+    from . import distributed
     from .sweep import resume_any, run_recipe
 
-    _warn_broken()
+    if distributed.current().is_main:
+        _warn_broken()
 
     if args.resume:
         if args.recipe or args.overrides:

@@ -168,9 +168,44 @@ class Metric(abc.ABC):
 
     `compute` returns ``{name: value}``; a name without a slash is logged as
     ``eval/<name>``, one with a slash (``rollout/dnll``) as it is.
+
+    Distributed runs deal the eval batches over the ranks, then call `dist_reduce` before
+    `compute`. A metric's *states* are the attributes its `reset` assigns; the default
+    reduction sums numbers, tensors and dicts of them, concatenates lists, unions sets, ORs
+    bools and keeps anything else (a generator, None) as it is. Name another reduction per
+    state in `dist_reduce_fx` ({"max_norm": "max"}; "sum", "max", "min", "cat", "union",
+    "none"), override `dist_reduce`, or set `shardable = False` (every rank then walks the
+    whole split and nothing is reduced).
     """
 
     ctx: EvalContext | None = None
+    dist_reduce_fx: dict[str, str] = {}
+    shardable: bool = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "reset" in cls.__dict__:
+            cls.reset = _recording_states(cls.__dict__["reset"])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        recording = self.__dict__.get("_recording_states")
+        if recording is not None:
+            recording.add(name)
+        object.__setattr__(self, name, value)
+
+    def state_names(self) -> tuple[str, ...]:
+        """The attributes the last `reset` assigned (what `dist_reduce` reduces)."""
+        return tuple(sorted(self.__dict__.get("_state_names", ())))
+
+    def dist_reduce(self, dist) -> None:
+        """Combine every rank's states into the states of the whole split (on every rank)."""
+        names = self.state_names()
+        local = {n: _to_cpu(getattr(self, n)) for n in names}
+        gathered = dist.all_gather_object(local)
+        for n in names:
+            fx = self.dist_reduce_fx.get(n, "default")
+            value = reduce_states([g[n] for g in gathered], fx, f"{type(self).__name__}.{n}")
+            object.__setattr__(self, n, _to_device_like(value, getattr(self, n)))
 
     def bind(self, ctx: EvalContext) -> None:
         """Called before each evaluation with the model, objective, data set and step."""
@@ -187,6 +222,85 @@ class Metric(abc.ABC):
 
     @abc.abstractmethod
     def compute(self) -> dict[str, float]: ...
+
+
+def _recording_states(reset):
+    """Wrap a Metric subclass's `reset` so the attributes it assigns become its states."""
+
+    def wrapped(self, *args, **kwargs):
+        outer = self.__dict__.get("_recording_states") is None
+        if outer:
+            object.__setattr__(self, "_recording_states", set())
+        try:
+            return reset(self, *args, **kwargs)
+        finally:
+            if outer:
+                names = self.__dict__["_recording_states"] - {"ctx"}
+                object.__setattr__(self, "_recording_states", None)
+                object.__setattr__(self, "_state_names", names)
+
+    wrapped.__name__ = reset.__name__
+    wrapped.__doc__ = reset.__doc__
+    wrapped.__wrapped__ = reset
+    return wrapped
+
+
+def reduce_states(values: list[Any], fx: str = "default", what: str = "state") -> Any:
+    """One state from every rank's value of it (in rank order), by reduction `fx`."""
+    first = values[0]
+    if fx == "none":
+        return first
+    if fx == "default":
+        if isinstance(first, bool):
+            fx = "or"
+        elif isinstance(first, (int, float, torch.Tensor, dict)):
+            fx = "sum"
+        elif isinstance(first, (list, tuple)):
+            fx = "cat"
+        elif isinstance(first, (set, frozenset)):
+            fx = "union"
+        else:
+            return first
+    if fx == "or":
+        return any(values)
+    if fx == "sum":
+        if isinstance(first, dict):
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            return {k: reduce_states([v[k] for v in values if k in v], "sum", f"{what}[{k!r}]") for k in keys}
+        total = values[0]
+        for v in values[1:]:
+            total = total + v
+        return total
+    if fx in ("max", "min"):
+        if isinstance(first, torch.Tensor):
+            out = values[0]
+            for v in values[1:]:
+                out = torch.maximum(out, v) if fx == "max" else torch.minimum(out, v)
+            return out
+        return max(values) if fx == "max" else min(values)
+    if fx == "cat":
+        if isinstance(first, torch.Tensor):
+            return torch.cat(values)
+        return type(first)(x for v in values for x in v)
+    if fx == "union":
+        return type(first)().union(*values)
+    raise ValueError(f"{what}: unknown dist_reduce_fx {fx!r} (use sum, max, min, cat, union or none)")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def _to_device_like(value: Any, like: Any) -> Any:
+    if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor):
+        return value.to(like.device)
+    return value
 
 
 class Model(nn.Module):
@@ -245,6 +359,13 @@ class FitContext:
     split: str
     logger: Any
     step: int
+    dist: Any = attrs.field(factory=lambda: _one_process())  # engram_core.distributed.Dist: rank, world_size, collectives
+
+
+def _one_process():
+    from .distributed import Dist
+
+    return Dist()
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

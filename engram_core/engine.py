@@ -17,10 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
+from .accel import autocast, compile_components, compile_failure, grad_scaler, is_compile_failure
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from .config import ConfigProblems
 from .errors import ConfigError, NonFiniteLossError, RecipeError
 from .loggers import open_run_logger
+from .tb import NullLogger
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage, check_fit_options
 from .registry import Registry, load_registry
@@ -57,8 +60,13 @@ class Engine:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.registry = registry or load_registry()
-        self.device = pick_device(device or recipe.run.device)
-        self.progress = Progress(console=console, enabled=show_progress)
+        self.dist = distributed.current()  # rank 0 of 1 outside torchrun
+        self.device = pick_device(distributed.rank_device(device or recipe.run.device, self.dist))
+        if not self.dist.is_main:
+            from rich.console import Console
+
+            console = Console(quiet=True)  # rank 0 speaks for the run
+        self.progress = Progress(console=console, enabled=show_progress and self.dist.is_main)
         self.console = self.progress.console
         self.hparams = hparams or {}
         self.step = 0
@@ -90,6 +98,8 @@ class Engine:
             points = [p for p in r.memory.component.provides if p in r.head.component.offers]
             point = points[0] if points else None
         self.model = Model(self.head, self.memory, point).to(self.device)
+        if r.run.compile:
+            compile_components(self._compiled())
         ob = BuildContext(spec=spec, dataset=self.dataset, head=self.head, **base)
         self.objectives = {i: self._make(o, ob).to(self.device) for i, o in r.objectives.items()}
         self.metrics = [self._make(m, ob) for m in r.metrics]
@@ -101,9 +111,14 @@ class Engine:
                 raise RecipeError([(f"stages.{i}.split", f"data set has no split {st.split!r}; splits: {', '.join(self.dataset.splits)}")], r.file)
             if isinstance(st, TrainStage) and st.eval_split not in self.dataset.splits:
                 raise RecipeError([(f"stages.{i}.eval_split", f"data set has no split {st.eval_split!r}; splits: {', '.join(self.dataset.splits)}")], r.file)
+            if isinstance(st, TrainStage):
+                distributed.check_batch_split(st.batch_size, self.dist.world_size, st.grad_accum, f"stages.{i}", r.file)
         for i, st in enumerate(r.stages):
             if isinstance(st, TrainStage):
                 self._select_params(st, i)  # unmatched patterns fail now, not mid-run
+
+    def _compiled(self) -> dict:
+        return {"head": self.head, "memory": self.memory}
 
     def _fit_target(self, st: FitStage) -> Any:
         return {"head": self.head, "memory": self.memory, "data": self.dataset}[st.target]
@@ -124,7 +139,8 @@ class Engine:
         r = self.recipe
         self.t0 = time.time()
         state = load_checkpoint(self.run_dir) if resume else None
-        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl")
+        main = self.dist.is_main  # rank 0 writes the run directory; the others only read it
+        self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", readonly=not main)
         if state is None:
             self.metrics_log.truncate(0)
         else:
@@ -133,10 +149,15 @@ class Engine:
             for rec in self.metrics_log.records:
                 if rec.get("stage_end"):
                     self.stage_results[rec["stage"]] = rec["metrics"]
-        if not resume:
+        env = environment(self.registry, self.device)
+        env["distributed"] = self._distributed_env()  # a collective: every rank takes part
+        if not resume and main:
             atomic_write_text(self.run_dir / "recipe.toml", r.to_toml(include_sweep=False))
-        atomic_write_json(self.run_dir / "env.json", environment(self.registry, self.device))
-        self.logger = open_run_logger(self.run_dir, (self.step + 1) if state is not None else None, r, self.registry, resumed=state is not None)
+        if main:
+            atomic_write_json(self.run_dir / "env.json", env)
+            self.logger = open_run_logger(self.run_dir, (self.step + 1) if state is not None else None, r, self.registry, resumed=state is not None)
+        else:
+            self.logger = NullLogger()  # rank 0 logs (TensorBoard and trackers) for the run
         start_stage = 0
         if state is not None:
             start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
@@ -161,13 +182,25 @@ class Engine:
         finally:
             self.progress.stop()
             summary = self.summary()
-            atomic_write_json(self.run_dir / "summary.json", summary)
+            if main:
+                atomic_write_json(self.run_dir / "summary.json", summary)
             self.logger.summary(summary, self.status)  # the trackers' (TensorBoard's is below)
             if self.status == "completed":
                 self.logger.layout(self.logger.tags | {k for rec in self.metrics_log.records for k in rec["metrics"]})
                 self.logger.hparams(self.hparams or self._default_hparams(), summary["final"])
             self.logger.close()
         return summary
+
+    def _distributed_env(self) -> dict:
+        """World size, backend and every rank's device (for env.json)."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        devices = self.dist.all_gather_object({"rank": self.dist.rank, "device": str(self.device), "device_name": name})
+        return {
+            "world_size": self.dist.world_size,
+            "backend": distributed.backend_for(self.device) if self.dist.enabled else None,
+            "process_group": self.dist.backend,
+            "devices": devices,
+        }
 
     def _default_hparams(self) -> dict:
         r = self.recipe
@@ -250,46 +283,86 @@ class Engine:
         opts = self._optimizers(st, chosen)
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor(st)) for o in opts]
         params = [p for _, p in chosen]
+        scaler = grad_scaler(self.recipe.run.precision, self.device)
         start = 0
         if state is not None:
             for o, s in zip(opts, state["optimizers"]):
                 o.load_state_dict(s)
             for sc, s in zip(scheds, state["schedulers"]):
                 sc.load_state_dict(s)
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             start = state["stage_step"]
             self._restore_rng(state)
         self._set_memory(st.memory)
         self.model.train()
         objective.train()
-        autocast = self._autocast()
+        # one process: objective(model, batch); N ranks: the same under DDP
+        forward, no_sync = distributed.wrap_train_step(self.model, objective, self._components(objective), self.dist, self.device)
+        amp = autocast(self.recipe.run.precision, self.device)
+        accum = st.grad_accum
+        local_size = st.batch_size // self.dist.world_size
+        count_tokens = getattr(self.dataset, "count_tokens", None)
         step_hooks = [c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")]
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}  # terms stay tensors until a log step: no device sync per term
         n_sum = 0
+        tokens_since = 0
         t_log = time.perf_counter()
         steps_since = 0
         opt_ref = opts[0] if len(opts) == 1 else opts
         evaluates = bool(self.metrics) and st.metrics != ()  # `metrics = []`: this stage does not evaluate
+        first_compiled_step = self.recipe.run.compile and not getattr(self, "_compile_checked", False)
         self.progress.start(st.name, st.steps, start)
         for s in range(start, st.steps):
-            batch = to_device(objective.sample(self.dataset, st.split, st.batch_size, self.sampler), self.device)
-            with autocast:
-                loss, terms = objective(self.model, batch)
-            loss_value = float(loss.detach())
+            batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
+            if count_tokens is not None:
+                tokens_since += int(count_tokens(batch))
+            pieces = distributed.micro_batches(self.dist.shard(batch, st.batch_size), local_size, accum)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss_sum = None
+            terms_sum: dict[str, Any] = {}
+            for k, piece in enumerate(pieces):
+                # DDP all-reduces gradients on the last micro-batch only
+                with no_sync() if k < accum - 1 else contextlib.nullcontext():
+                    try:
+                        with amp:
+                            loss, terms = forward(to_device(piece, self.device))
+                    except Exception as exc:
+                        if first_compiled_step and is_compile_failure(exc):
+                            raise compile_failure(exc, self._compiled()) from None
+                        raise
+                    part = loss / accum if accum > 1 else loss
+                    (scaler.scale(part) if scaler is not None else part).backward()
+                loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+                for key, v in terms.items():
+                    if key != "loss":
+                        v = v.detach() / accum if isinstance(v, torch.Tensor) else float(v) / accum
+                        terms_sum[key] = terms_sum[key] + v if key in terms_sum else v
+            first_compiled_step = False
+            self._compile_checked = True
+            # the global mean loss; every rank sees the same value, so all stop together on NaN
+            loss_value = float(self.dist.all_reduce_mean(loss_sum.float().reshape(1))) if self.dist.enabled else float(loss_sum)
             if not math.isfinite(loss_value):
-                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms_sum.items())
                 ck = self.run_dir / "checkpoints" / "last.pt"
                 where = f"last good checkpoint: {ck}" if ck.exists() else "no checkpoint was written yet"
                 raise NonFiniteLossError(
                     f"stage '{st.name}' step {s + 1}: loss is {loss_value} ({shown}); the run stopped, {where}"
                 )
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                for o in opts:
+                    scaler.unscale_(o)
             if st.grad_clip > 0:
                 dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
                 torch.nn.utils.clip_grad_norm_(dense, st.grad_clip)
             for o in opts:
-                o.step()
+                if scaler is not None:
+                    scaler.step(o)
+                else:
+                    o.step()
+            if scaler is not None:
+                scaler.update()
             for sc in scheds:
                 sc.step()
             self.step += 1
@@ -297,19 +370,21 @@ class Engine:
             n_sum += 1
             steps_since += 1
             sums["loss"] = sums.get("loss", 0.0) + loss_value
-            for k, v in terms.items():
-                if k != "loss":
-                    sums[k] = sums.get(k, 0.0) + float(v)
+            for key, v in terms_sum.items():
+                sums[key] = sums[key] + v if key in sums else v
             if done % st.log_every == 0 or done == st.steps:
                 now = time.perf_counter()
-                rate = steps_since / max(now - t_log, 1e-9)
-                for k, v in sums.items():
-                    self.logger.scalar(f"train/{k}", v / n_sum, self.step)
+                dt = max(now - t_log, 1e-9)
+                means = self._train_means(sums, n_sum)
+                for k, v in means.items():
+                    self.logger.scalar(f"train/{k}", v, self.step)
                 self.logger.scalar("lr", opts[0].param_groups[0]["lr"], self.step)
-                self.logger.scalar("throughput/steps_per_s", rate, self.step)
-                self.logger.scalar("throughput/samples_per_s", rate * st.batch_size, self.step)
-                self.progress.update(done, sums["loss"] / n_sum)
-                sums, n_sum, steps_since, t_log = {}, 0, 0, now
+                self.logger.scalar("throughput/steps_per_s", steps_since / dt, self.step)
+                self.logger.scalar("throughput/samples_per_s", steps_since * st.batch_size / dt, self.step)  # global
+                if count_tokens is not None:
+                    self.logger.scalar("throughput/tokens_per_s", tokens_since / dt, self.step)
+                self.progress.update(done, means["loss"])
+                sums, n_sum, steps_since, tokens_since, t_log = {}, 0, 0, 0, now
             if step_hooks:
                 ev = Event(self.step, st.name, self.model, {"loss": loss_value}, self.logger, opt_ref, self.run_dir, done, st.steps)
                 for fn in step_hooks:
@@ -318,7 +393,7 @@ class Engine:
             if evaluates and st.eval_every and done % st.eval_every == 0 and not last:
                 self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=False)
             if st.checkpoint_every and done % st.checkpoint_every == 0 and not last:
-                self._checkpoint(index, done, False, opts, scheds)
+                self._checkpoint(index, done, False, opts, scheds, scaler)
         self.progress.finish()
         if evaluates:
             self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=True)
@@ -326,10 +401,18 @@ class Engine:
         self._set_memory(True)
         self._checkpoint(index, st.steps, True, [], [])
 
+    def _train_means(self, sums: dict[str, Any], n: int) -> dict[str, float]:
+        """Mean train/* values since the last log step; term means are averaged over ranks
+        (the loss already is, step by step)."""
+        means = {k: float(v) / n for k, v in sums.items()}
+        terms = [k for k in means if k != "loss"]
+        if self.dist.enabled and terms:
+            packed = self.dist.all_reduce_mean(torch.tensor([means[k] for k in terms], dtype=torch.float64))
+            means.update(zip(terms, packed.tolist()))
+        return means
+
     def _autocast(self):
-        if self.recipe.run.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.recipe.run.precision, self.device)
 
     def _set_memory(self, on: bool) -> None:
         if self.memory is not None:
@@ -341,14 +424,22 @@ class Engine:
         target = self._fit_target(st)
         self._set_memory(st.memory)
         gen = torch.Generator().manual_seed(self.recipe.run.seed * 1000 + index)
-        ctx = FitContext(self.model, self.dataset, self.device, gen, st.batch_size, st.split, self.logger, self.step)
-        self.console.print(f"[bold]stage {st.name}[/]: {st.target}.{st.action}({', '.join(f'{k}={v!r}' for k, v in st.options.items())})")
+        ctx = FitContext(self.model, self.dataset, self.device, gen, st.batch_size, st.split, self.logger, self.step, self.dist)
+        if self.dist.is_main:
+            self.console.print(f"[bold]stage {st.name}[/]: {st.target}.{st.action}({', '.join(f'{k}={v!r}' for k, v in st.options.items())})")
         t = time.perf_counter()
         self.model.eval()
+        # N ranks: an action the component lists in `sharded_actions` runs on every rank and
+        # reduces through ctx.dist; any other runs on rank 0 and the model's state is broadcast.
+        # A data set's action runs on every rank (it is not a module; its work is seeded).
+        everywhere = not self.dist.enabled or st.target == "data" or st.action in getattr(target, "sharded_actions", ())
         try:
-            getattr(target, st.action)(ctx, **st.options)
+            if everywhere or self.dist.is_main:
+                getattr(target, st.action)(ctx, **st.options)
         except ConfigError as exc:
             raise RecipeError([(f"stages.{index}.options" + (f".{exc.key}" if exc.key else ""), exc.message)], self.recipe.file) from None
+        if not everywhere:
+            self.dist.broadcast_state(self.model)
         self.model.train()
         self._set_memory(True)
         self.console.print(f"  done in {time.perf_counter() - t:.1f}s")
@@ -382,10 +473,15 @@ class Engine:
                 continue
             metric.bind(EvalContext(self.model, self.dataset, split, self.step, stage, objective, batch_size, self.device))
             metric.reset()
+            sharded = self.dist.enabled and metric.shardable  # batches dealt round-robin, states reduced
             grad = torch.enable_grad() if getattr(metric, "needs_grad", False) else torch.no_grad()
             with grad, self._autocast():
-                for batch in metric.batches(self.dataset, split, batch_size):
+                for i, batch in enumerate(metric.batches(self.dataset, split, batch_size)):
+                    if sharded and not self.dist.owns(i):
+                        continue
                     metric.update(self.model, to_device(batch, self.device))
+            if sharded:
+                metric.dist_reduce(self.dist)
             for k, v in metric.compute().items():
                 results[k if "/" in k else f"eval/{k}"] = float(v)
         if self.memory is not None:
@@ -411,7 +507,9 @@ class Engine:
 
     # ---- checkpoints ------------------------------------------------------------------
 
-    def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds) -> None:
+    def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
+        if not self.dist.is_main:
+            return  # every rank holds the same weights, optimizer and sampler state: rank 0 saves them
         state = {
             "format": 1,
             "stage_index": index,
@@ -423,6 +521,8 @@ class Engine:
             "metrics": {str(i): m.state_dict() for i, m in enumerate(self.metrics) if hasattr(m, "state_dict")},
             "optimizers": [o.state_dict() for o in opts],
             "schedulers": [s.state_dict() for s in scheds],
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "world_size": self.dist.world_size,
             "n_records": len(self.metrics_log.records),
             "wall_time_s": time.time() - self.t0 + getattr(self, "prior_wall", 0.0),
         }
@@ -482,6 +582,7 @@ class Engine:
             "steps": self.step,
             "wall_time_s": round(time.time() - self.t0 + getattr(self, "prior_wall", 0.0), 3),
             "device": str(self.device),
+            "world_size": self.dist.world_size,
             "final": final,
             "stages": dict(self.stage_results),
         }

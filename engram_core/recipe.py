@@ -34,7 +34,10 @@ class RunConfig:
     seed: int = field(0, help="seeds torch, the training sampler and component factories")
     device: str = field("auto", help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     out_dir: str = field("runs", help="parent folder of run directories")
-    precision: str = field("fp32", help="'fp32' or 'bf16' (autocast on CUDA)", validator=one_of("fp32", "bf16"))
+    precision: str = field(
+        "fp32", help="'fp32', 'bf16' (autocast, fp32 weights) or 'fp16' (autocast with a GradScaler)", validator=one_of("fp32", "bf16", "fp16")
+    )
+    compile: bool = field(False, help="torch.compile the head and the memory")
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
 
     def __attrs_post_init__(self):
@@ -59,7 +62,8 @@ class TrainStage:
     steps: int = field(help="optimisation steps", validator=positive)
     name: str = field("", help="stage name (unique); default stage<i>")
     kind: str = field("train", help="'train'")
-    batch_size: int = field(64, help="examples per step", validator=positive)
+    batch_size: int = field(64, help="examples per optimizer step, over all ranks and micro-batches", validator=positive)
+    grad_accum: int = field(1, help="micro-batches per optimizer step (gradient accumulation); batch_size is split into them", validator=positive)
     optimizer: str = field("adamw", help="'adam', 'adamw', 'sgd' or 'sparse_adam'", validator=one_of("adam", "adamw", "sgd", "sparse_adam"))
     lr: float = field(1e-3, help="peak learning rate", validator=positive)
     weight_decay: float = field(0.0, help="weight decay", validator=non_negative)

@@ -84,8 +84,9 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 class MetricsLog:
     """metrics.jsonl: one JSON object per evaluation, appended and flushed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly  # ranks other than 0 of a distributed run keep records, write nothing
         self.records: list[dict] = []
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -98,10 +99,14 @@ class MetricsLog:
     def truncate(self, n: int) -> None:
         """Keep the first `n` records (those a checkpoint knows about)."""
         self.records = self.records[:n]
+        if self.readonly:
+            return
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
+        if self.readonly:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
             f.flush()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from . import distributed
 from .engine import Engine
 from .errors import EngramError, NonFiniteLossError, RecipeError
 from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
@@ -22,7 +23,9 @@ SWEEP_FILE = "sweep.json"
 def run_recipe(recipe: Recipe, console: Console, quiet: bool = False) -> int:
     if recipe.sweep:
         return run_sweep(recipe, console, quiet)
+    dist = distributed.current()
     run_dir = new_run_dir(recipe.run.out_dir, recipe.name, create=False)  # made once the build succeeded
+    run_dir = dist.broadcast_object(run_dir)  # one run directory, rank 0's name, for all ranks
     return _run_one(recipe, run_dir, console, quiet, resume=False)
 
 
@@ -31,7 +34,9 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
 
     engine = Engine(recipe, run_dir, console=console, show_progress=not quiet, hparams=hparams, device=device)
     engine.build()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if engine.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    engine.dist.barrier()
     console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})")
     try:
         summary = engine.run(resume=resume)
@@ -48,22 +53,30 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
 def run_sweep(recipe: Recipe, console: Console, quiet: bool) -> int:
     points = sweep_points(recipe)
     resolved = [(label, point, point_recipe(recipe, point)) for label, point in points]  # all valid first
-    sweep_dir = new_run_dir(recipe.run.out_dir, recipe.name, suffix="-sweep")
-    atomic_write_text(sweep_dir / "recipe.toml", recipe.to_toml(include_sweep=True))
+    dist = distributed.current()
+    sweep_dir = new_run_dir(recipe.run.out_dir, recipe.name, suffix="-sweep", create=dist.is_main)
+    sweep_dir = dist.broadcast_object(sweep_dir)
     plan = [{"index": i, "label": label, "point": point, "dir": f"{i:03d}"} for i, (label, point, _) in enumerate(resolved)]
-    atomic_write_json(sweep_dir / SWEEP_FILE, {"name": recipe.name, "points": plan})
+    if dist.is_main:
+        atomic_write_text(sweep_dir / "recipe.toml", recipe.to_toml(include_sweep=True))
+        atomic_write_json(sweep_dir / SWEEP_FILE, {"name": recipe.name, "points": plan})
+    dist.barrier()
     return _sweep_loop(recipe, sweep_dir, plan, console, quiet, device=None)
 
 
 def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Console, quiet: bool, device: str | None) -> int:
     failures = 0
+    dist = distributed.current()
     for entry in plan:
         point_dir = sweep_dir / entry["dir"]
         summary_path = point_dir / "summary.json"
-        if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed":
-            continue
+        done = summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed"
         resume = (point_dir / "checkpoints" / "last.pt").exists()
-        point_dir.mkdir(exist_ok=True)
+        done, resume = dist.broadcast_object((done, resume))  # every rank takes rank 0's view
+        if done:
+            continue
+        if dist.is_main:
+            point_dir.mkdir(exist_ok=True)
         sub = point_recipe(recipe, entry["point"])
         console.rule(f"sweep point {entry['index'] + 1}/{len(plan)}: {entry['label']}")
         hp = {k: value_label(v) if isinstance(v, dict) else v for k, v in entry["point"].items()}
@@ -72,8 +85,12 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
         except NonFiniteLossError as exc:
             console.print(f"[red]point {entry['label']}: {exc}[/]")
             failures += 1
+        if dist.is_main:
+            write_sweep_tables(sweep_dir, plan)
+    dist.barrier()
+    table = sweep_tables(sweep_dir, plan)[1]
+    if dist.is_main:
         write_sweep_tables(sweep_dir, plan)
-    table = write_sweep_tables(sweep_dir, plan)
     console.print(table, markup=False)
     console.print(f"sweep directory: {sweep_dir}")
     console.print(f"review it:       tensorboard --logdir {sweep_dir}")

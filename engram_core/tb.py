@@ -72,3 +72,34 @@ class RunLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NullLogger:
+    """RunLogger's interface, writing nothing: what ranks other than 0 of a distributed run log to."""
+
+    def __init__(self) -> None:
+        self.tags: set[str] = set()
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.tags.add(tag)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.tags.update(values)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        pass
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        pass
+
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        pass
+
+    def layout(self, tags: set[str]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,64 @@
+"""Precision and compilation: `run.precision` and `run.compile`.
+
+    precision = "fp32"   plain fp32 (the default)
+    precision = "bf16"   torch.autocast to bfloat16; weights, grads and optimizer state stay fp32
+    precision = "fp16"   torch.autocast to float16 with a torch.amp.GradScaler (loss scaling)
+    compile = true       torch.compile of the head and the memory (nn.Module.compile, in place,
+                         so parameter names and checkpoints are the same as eager)
+
+Precision applies on CUDA; on the CPU a run stays fp32 (CPU autocast is slow on most CPUs and
+would change a GPU recipe's CPU smoke test), as docs/recipes.md has said from the start. `compile` compiles each module's forward: an objective that calls the head as
+`model.head(x)` runs compiled, a helper method (`model.head.predict`) stays eager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import EngramError
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CompileError(EngramError):
+    """torch.compile could not compile a component; one line, exit 2."""
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a forward pass at `precision` (a null context for fp32)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (fp16 gradients underflow without loss scaling); None otherwise."""
+    if precision != "fp16" or device.type != "cuda":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def compile_components(named: dict[str, torch.nn.Module | None]) -> None:
+    """Compile each module in place; a component may say it cannot (`compilable = False`)."""
+    for role, module in named.items():
+        if module is None:
+            continue
+        if getattr(module, "compilable", True) is False:
+            why = getattr(module, "compile_note", "") or "it declares compilable = False"
+            raise CompileError(f"run.compile: the {role} ({type(module).__name__}) cannot be compiled: {why}; set run.compile = false")
+        module.compile()
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether an exception was raised by torch.compile's tracer or backend (not by the model)."""
+    mod = type(exc).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.fx"))
+
+
+def compile_failure(exc: BaseException, named: dict[str, torch.nn.Module | None]) -> CompileError:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    which = ", ".join(f"{role} {type(m).__name__}" for role, m in named.items() if m is not None)
+    return CompileError(f"run.compile: torch.compile failed on the first step ({which}): {type(exc).__name__}: {first}; set run.compile = false")

@@ -1,0 +1,264 @@
+"""One run over N ranks, the ordinary PyTorch way: torchrun, torch.distributed, DDP.
+
+    torchrun --nproc_per_node=N -m engram_core.run RECIPE.toml [key=value ...]
+    engram-run --nproc N RECIPE.toml            (execs torch.distributed.run for you)
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup` joins the process group (gloo for CPU
+tensors, NCCL for CUDA tensors when CUDA is present) and `current()` hands the engine a `Dist`.
+Without torchrun `current()` is the one-process `Dist` (rank 0 of 1) and every helper here is a
+no-op, so the engine has one code path.
+
+How a run stays equal to the one-process run:
+- data: every rank draws the *global* batch with the same seeded generator and keeps its own
+  contiguous slice (`shard`), so the N slices are exactly the one-process batch and the
+  generator's state, hence resume, is the same on every rank;
+- gradients: DDP averages the ranks' gradients of their equal-sized slices, which is the
+  gradient of the global mean loss;
+- eval: batches are dealt round-robin over ranks and each metric's *states* (sums, counts) are
+  reduced (`Metric.dist_reduce`) before `compute`, never averages of averages;
+- fit actions: run on rank 0 and the model's state is broadcast, or, where the component lists
+  the action in `sharded_actions`, run on every rank, which reduces through `ctx.dist`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from .errors import RecipeError
+
+
+@attrs.define
+class Dist:
+    """This process's place in the run, and the collectives the engine and components use."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # the process group's backend string; None without one
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes the run directory, logs and prints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    # ---- collectives (no-ops on one process) ---------------------------------------------
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks, in place; returns it."""
+        if self.enabled:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (picklable objects; move tensors to the CPU first)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def broadcast_state(self, module: nn.Module, src: int = 0) -> None:
+        """Load rank `src`'s `state_dict` into `module` on every rank (what a checkpoint carries,
+        so whatever survives a resume survives the broadcast, shapes that changed included)."""
+        if not self.enabled:
+            return
+        state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()} if self.rank == src else None
+        state = self.broadcast_object(state, src)
+        if self.rank != src:
+            module.load_state_dict(state)
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def owns(self, index: int) -> bool:
+        """Whether eval batch `index` is this rank's (batches are dealt round-robin)."""
+        return index % self.world_size == self.rank
+
+    def shard(self, batch: Any, batch_size: int) -> Any:
+        """This rank's contiguous slice of a global batch of `batch_size` examples."""
+        if not self.enabled:
+            return batch
+        per = batch_size // self.world_size
+        return slice_batch(batch, batch_size, self.rank * per, (self.rank + 1) * per)
+
+
+def slice_batch(batch: Any, size: int, start: int, stop: int) -> Any:
+    """Examples [start, stop) of a batch of `size`: every tensor (or list) whose leading size is
+    `size` is sliced, through nested dicts and lists; anything else (a scalar, a table shared by
+    the batch) is kept whole."""
+    if isinstance(batch, torch.Tensor):
+        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == size else batch
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, size, start, stop) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == size and not any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch):
+            return type(batch)(batch[start:stop])  # per-example plain values (strings, ids)
+        return type(batch)(slice_batch(v, size, start, stop) for v in batch)
+    return batch
+
+
+def micro_batches(batch: Any, size: int, k: int) -> list[Any]:
+    """`batch` (of `size` examples) cut into `k` equal micro-batches for gradient accumulation."""
+    if k == 1:
+        return [batch]
+    per = size // k
+    return [slice_batch(batch, size, i * per, (i + 1) * per) for i in range(k)]
+
+
+def check_batch_split(batch_size: int, world_size: int, grad_accum: int, where: str, file: str | None) -> None:
+    """The global batch must split evenly over ranks and micro-steps (else the mean changes)."""
+    parts = world_size * grad_accum
+    if batch_size % parts:
+        lo, hi = (batch_size // parts) * parts, (batch_size // parts + 1) * parts
+        hint = f"use {lo or hi} or {hi}" if lo else f"use {hi}"
+        raise RecipeError([(f"{where}.batch_size", f"{batch_size} does not split into {world_size} rank(s) x {grad_accum} micro-batch(es); {hint}")], file)
+
+
+# ---- the process group -----------------------------------------------------------------------
+
+_current = Dist()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup() -> Dist:
+    """Join the process group torchrun describes in the environment (once); returns `current()`.
+
+    With CUDA present the group has both backends ("cpu:gloo,cuda:nccl"): NCCL for the CUDA
+    tensors of training, gloo for CPU tensors (a recipe with run.device = "cpu" on a GPU host,
+    and the pickled objects of `all_gather_object`).
+    """
+    global _current
+    if not launched_by_torchrun() or _current.enabled:
+        return _current
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if world <= 1:
+        _current = Dist(rank, world, local, None)
+        return _current
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    minutes = float(os.environ.get("ENGRAM_DIST_TIMEOUT_MIN", "30"))
+    torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes))
+    _current = Dist(rank, world, local, backend)
+    return _current
+
+
+def teardown() -> None:
+    global _current
+    if _current.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+    _current = Dist()
+
+
+def current() -> Dist:
+    return _current
+
+
+def rank_device(name: str, dist: Dist) -> str:
+    """The device name a rank uses: 'auto' and 'cuda' become this rank's GPU (cuda:LOCAL_RANK)."""
+    if not dist.enabled:
+        return name
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{dist.local_rank % torch.cuda.device_count()}"
+    if name.startswith("cuda:"):
+        raise RecipeError([("run.device", f"'{name}' names one GPU, but {dist.world_size} ranks run; use 'auto' or 'cuda' (each rank takes the GPU of its LOCAL_RANK)")])
+    return name
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+
+class TrainStep(nn.Module):
+    """The model and a stage's objective as one module, so DDP sees the forward it must wrap."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch):
+        return self.objective(self.model, batch)
+
+
+def self_managed_parameters(components: Iterable[Any]) -> set[int]:
+    """ids of parameters components manage themselves (`self_managed_parameters()`), left out of DDP."""
+    ids: set[int] = set()
+    for comp in components:
+        fn = getattr(comp, "self_managed_parameters", None)
+        if fn is not None:
+            ids |= {id(p) for p in fn()}
+    return ids
+
+
+def wrap_train_step(model: nn.Module, objective: nn.Module, components: Iterable[Any], dist: Dist, device: torch.device):
+    """The callable a train step runs: `objective(model, batch)` on one process, DDP on N.
+
+    `find_unused_parameters` is on only when a component sets `ddp_find_unused_parameters = True`
+    (it costs a graph traversal per step). Parameters a component lists in
+    `self_managed_parameters()` do not require grad while DDP is built, so DDP neither registers
+    nor all-reduces them; they get their requires_grad back and the component syncs them itself.
+    """
+    components = list(components)
+    if not dist.enabled:
+        return lambda batch: objective(model, batch), contextlib.nullcontext
+    step = TrainStep(model, objective)
+    find_unused = any(getattr(c, "ddp_find_unused_parameters", False) for c in components)
+    ignored = self_managed_parameters(components)
+    held = [p for p in step.parameters() if id(p) in ignored and p.requires_grad]
+    for p in held:
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in step.parameters()):
+        for p in held:
+            p.requires_grad_(True)
+        return lambda batch: objective(model, batch), contextlib.nullcontext  # nothing for DDP to sync
+    try:
+        ddp = nn.parallel.DistributedDataParallel(
+            step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused,
+        )
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+    return ddp, ddp.no_sync
