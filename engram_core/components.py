@@ -21,6 +21,7 @@ and ``on_stage_end(event)``; the engine calls them with an `Event`.
 from __future__ import annotations
 
 import abc
+import collections
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,10 @@ def reduce_states(values: list[Any], fx: str = "default", what: str = "state") -
     if fx == "sum":
         if isinstance(first, dict):
             keys = list(dict.fromkeys(k for v in values for k in v))
-            return {k: reduce_states([v[k] for v in values if k in v], "sum", f"{what}[{k!r}]") for k in keys}
+            merged = {k: reduce_states([v[k] for v in values if k in v], "sum", f"{what}[{k!r}]") for k in keys}
+            if isinstance(first, collections.defaultdict):
+                return collections.defaultdict(first.default_factory, merged)
+            return type(first)(merged)
         total = values[0]
         for v in values[1:]:
             total = total + v

@@ -14,8 +14,8 @@ How a run stays equal to the one-process run:
   generator's state, hence resume, is the same on every rank;
 - gradients: DDP averages the ranks' gradients of their equal-sized slices, which is the
   gradient of the global mean loss;
-- eval: batches are dealt round-robin over ranks and each metric's *states* (sums, counts) are
-  reduced (`Metric.dist_reduce`) before `compute`, never averages of averages;
+- eval: each rank takes a contiguous block of a metric's batches and the metric's *states*
+  (sums, counts, lists) are reduced (`Metric.dist_reduce`) before `compute`, never averages of averages;
 - fit actions: run on rank 0 and the model's state is broadcast, or, where the component lists
   the action in `sharded_actions`, run on every rank, which reduces through `ctx.dist`.
 """
@@ -100,9 +100,11 @@ class Dist:
 
     # ---- data ------------------------------------------------------------------------------
 
-    def owns(self, index: int) -> bool:
-        """Whether eval batch `index` is this rank's (batches are dealt round-robin)."""
-        return index % self.world_size == self.rank
+    def block(self, items: list) -> list:
+        """This rank's contiguous block of `items` (eval batches): rank 0 the first ~n/N, and so on,
+        so states concatenated in rank order ("cat") keep the one-process order."""
+        n = len(items)
+        return items[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
 
     def shard(self, batch: Any, batch_size: int) -> Any:
         """This rank's contiguous slice of a global batch of `batch_size` examples."""

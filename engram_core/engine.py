@@ -475,10 +475,11 @@ class Engine:
             metric.reset()
             sharded = self.dist.enabled and metric.shardable  # batches dealt round-robin, states reduced
             grad = torch.enable_grad() if getattr(metric, "needs_grad", False) else torch.no_grad()
+            batches = metric.batches(self.dataset, split, batch_size)
+            if sharded:
+                batches = self.dist.block(list(batches))  # a contiguous block each: rank order is split order
             with grad, self._autocast():
-                for i, batch in enumerate(metric.batches(self.dataset, split, batch_size)):
-                    if sharded and not self.dist.owns(i):
-                        continue
+                for batch in batches:
                     metric.update(self.model, to_device(batch, self.device))
             if sharded:
                 metric.dist_reduce(self.dist)

@@ -94,6 +94,8 @@ class RolloutMetric(Metric):
     non-finite NLL or state), max_norm (max ‖ẑ‖), n_clipped (clip events), mean_step_norm
     (mean ‖Δẑ‖, the mean-shrinkage diagnostic) next to true_step_norm (mean ‖Δz‖)."""
 
+    dist_reduce_fx = {"max_norm": "max"}  # distributed eval: the largest norm over ranks, not their sum
+
     def __init__(self, cfg: RolloutMetricConfig, build: BuildContext):
         self.cfg = cfg
         if build.dataset is not None:

@@ -46,6 +46,8 @@ class DEQHRRAccuracyConfig:
 class DEQHRRAccuracy(Metric):
     """Accuracy of `forward_classify` and the HRR/DEQ telemetry."""
 
+    dist_reduce_fx = {"n_prototypes": "max"}  # distributed eval: a size, the same on every rank
+
     def __init__(self, cfg: DEQHRRAccuracyConfig, build: BuildContext):
         self.cfg = cfg
         self.best = float("-inf")
