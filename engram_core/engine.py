@@ -302,6 +302,8 @@ class Engine:
         amp = autocast(self.recipe.run.precision, self.device)
         accum = st.grad_accum
         local_size = st.batch_size // self.dist.world_size
+        splits = self.dist.enabled or accum > 1
+        nullcontext = contextlib.nullcontext()  # reusable: it holds no state
         count_tokens = getattr(self.dataset, "count_tokens", None)
         step_hooks = [c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")]
         sums: dict[str, Any] = {}  # terms stay tensors until a log step: no device sync per term
@@ -317,14 +319,17 @@ class Engine:
             batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
             if count_tokens is not None:
                 tokens_since += int(count_tokens(batch))
-            pieces = distributed.micro_batches(self.dist.shard(batch, st.batch_size), local_size, accum)
+            if splits:
+                pieces = distributed.micro_batches(self.dist.shard(batch, st.batch_size), local_size, accum)
+            else:
+                pieces = (batch,)
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss_sum = None
             terms_sum: dict[str, Any] = {}
             for k, piece in enumerate(pieces):
                 # DDP all-reduces gradients on the last micro-batch only
-                with no_sync() if k < accum - 1 else contextlib.nullcontext():
+                with no_sync() if k < accum - 1 else nullcontext:
                     try:
                         with amp:
                             loss, terms = forward(to_device(piece, self.device))
@@ -337,7 +342,8 @@ class Engine:
                 loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
                 for key, v in terms.items():
                     if key != "loss":
-                        v = v.detach() / accum if isinstance(v, torch.Tensor) else float(v) / accum
+                        v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                        v = v / accum if accum > 1 else v
                         terms_sum[key] = terms_sum[key] + v if key in terms_sum else v
             first_compiled_step = False
             self._compile_checked = True
