@@ -138,6 +138,10 @@ class TextCompletionDataset(Dataset):
         idx = torch.randint(0, len(exs), (batch_size,), generator=generator).tolist()
         return collate([exs[i] for i in idx], self.codec)
 
+    def count_tokens(self, batch: dict) -> int:
+        """Real (unpadded) tokens in a batch: the engine's throughput/tokens_per_s."""
+        return int(batch["attention_mask"].sum())
+
     def eval_batches(self, split, batch_size) -> Iterator[dict]:
         exs = self.examples(split)
         for i in range(0, len(exs), batch_size):
