@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from engram_core.components import Metric, reduce_states
-from engram_core.distributed import Dist, check_batch_split, micro_batches, slice_batch
+from engram_core.distributed import Dist, check_batch_split, micro_batches, slice_batch, wrap_train_step
 from engram_core.errors import RecipeError
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import alive, final_metrics, max_relative_difference, rank_pids, run_dirs, run_ranks, start_ranks
@@ -131,6 +131,36 @@ def _states(m: Handmade) -> dict:
     return {n: (getattr(m, n).tolist() if isinstance(getattr(m, n), torch.Tensor) else getattr(m, n)) for n in m.state_names()}
 
 
+class _Tiny(torch.nn.Module):
+    """A shared layer DDP syncs, and a table the component manages itself (left out of DDP)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(3, 1)
+        self.table = torch.nn.Parameter(torch.zeros(4))
+
+    def self_managed_parameters(self):
+        return [self.table]
+
+
+class _Square(torch.nn.Module):
+    def forward(self, model, batch):
+        y = model.shared(batch["x"]).squeeze(-1) + model.table[batch["i"]]
+        return (y**2).mean(), {}
+
+
+def _ddp_grads(dist: Dist) -> dict:
+    """One backward on rank-specific data under DDP: the shared grads are averaged, the table's not."""
+    torch.manual_seed(dist.rank)  # different initial weights: DDP must broadcast rank 0's
+    model = _Tiny()
+    forward, _ = wrap_train_step(model, _Square(), [model], dist, torch.device("cpu"))
+    assert model.table.requires_grad
+    batch = {"x": torch.full((2, 3), float(dist.rank + 1)), "i": torch.tensor([dist.rank, dist.rank])}
+    loss, _ = forward(batch)
+    loss.backward()
+    return {"shared": model.shared.weight.grad.flatten().tolist(), "table": model.table.grad.tolist(), "weight": model.shared.weight.flatten().tolist()}
+
+
 def _reduce_main(out_file: str) -> None:
     """Under torchrun: each rank updates on its block of batches, then the states are reduced."""
     torch_dist.init_process_group("gloo")
@@ -142,14 +172,16 @@ def _reduce_main(out_file: str) -> None:
         for b in dist.block(_batches()):
             m.update(None, b)
         m.dist_reduce(dist)
+        grads = dist.all_gather_object(_ddp_grads(dist))
         if rank == 0:
             with open(out_file, "w") as f:
-                json.dump({"states": {k: sorted(v) if isinstance(v, set) else v for k, v in _states(m).items()}, "note": m.note}, f)
+                states = {k: sorted(v) if isinstance(v, set) else v for k, v in _states(m).items()}
+                json.dump({"states": states, "note": m.note, "grads": grads}, f)
     finally:
         torch_dist.destroy_process_group()
 
 
-def test_metric_states_reduce_exactly_over_two_ranks(tmp_path):
+def test_metric_states_reduce_exactly_and_ddp_leaves_self_managed_parameters_alone(tmp_path):
     one = Handmade()
     one.reset()
     for b in _batches():
@@ -163,6 +195,10 @@ def test_metric_states_reduce_exactly_over_two_ranks(tmp_path):
     got = json.loads(out.read_text())
     assert got["note"] == "kept"
     assert got["states"] == expected  # the list in one-process order, max not summed
+    g0, g1 = got["grads"]
+    assert g0["weight"] == g1["weight"]  # DDP started both ranks from rank 0's weights
+    assert g0["shared"] == g1["shared"]  # all-reduced
+    assert g0["table"] != g1["table"] and g0["table"][1] == 0.0 and g1["table"][1] != 0.0  # local only
 
 
 # ---- the pieces, in one process ---------------------------------------------------------------
