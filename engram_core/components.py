@@ -128,7 +128,14 @@ class Head(nn.Module):
 
 
 class Memory(nn.Module):
-    """A memory type. Set `independent_batch_items = False` if items in a batch interact."""
+    """A memory type. Set `independent_batch_items = False` if items in a batch interact.
+
+    Distributed runs (engram_core.distributed) read, where a component defines them (a head
+    or objective may too): `ddp_find_unused_parameters = True`; `self_managed_parameters()`
+    (left out of DDP, synced by the component itself); `sharded_actions = ("fit",)` (the
+    action runs on every rank and reduces through `ctx.dist`; otherwise rank 0 runs it and
+    the model's state is broadcast); `compilable = False` with a `compile_note`.
+    """
 
     independent_batch_items: bool = True
 

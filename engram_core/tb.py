@@ -1,7 +1,7 @@
 """TensorBoard logging for a run: stable tags, histograms, hparams, a custom scalars layout.
 
 Tags: ``train/<term>``, ``eval/<metric>``, ``memory/<stat>``, ``rollout/<diagnostic>``,
-``lr``, ``throughput/steps_per_s``, ``throughput/samples_per_s``.
+``lr``, ``throughput/steps_per_s``, ``throughput/samples_per_s``, ``throughput/tokens_per_s`` (global over ranks).
 
 `SummaryWriter.add_hparams` writes into a new timestamped sub-folder, which shows up
 as an extra run (pytorch issue 32651); `hparams` here writes the same summaries into
