@@ -47,7 +47,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe, each value's origin (base, recipe, override, default); run nothing")
-    p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks: execs torchrun (torch.distributed.run --standalone --nproc_per_node N)")
+    p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks, through torchrun (torch.distributed.run --standalone --nproc_per_node N)")
     from . import completion
 
     completion.recipe_files(recipe_arg)
@@ -62,7 +62,11 @@ def run_main(argv: list[str] | None = None) -> int:
             print("error: --nproc: expected a number of ranks >= 1", file=sys.stderr)
             return 2
         if args.nproc > 1 and not args.dry_run:
-            _exec_torchrun(args.nproc, _without_nproc(raw))  # does not return
+            try:
+                _precheck(args, args.nproc)  # a bad recipe fails here, before N processes start
+            except EngramError as exc:
+                return _fail(exc)
+            return _torchrun(args.nproc, _without_nproc(raw))
     dist = distributed.setup()
     console = Console(highlight=False, quiet=not dist.is_main)  # rank 0 speaks for the run
     from .cache import logging_to_stdout
@@ -75,8 +79,29 @@ def run_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not (dist.enabled and distributed.lost_a_rank(exc)):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"error: rank {dist.rank}: another rank stopped ({first})", file=sys.stderr)
+        return 1
     finally:
         distributed.teardown()
+
+
+def _precheck(args, nproc: int) -> None:
+    """Validate the recipe (every sweep point) and its batch split over `nproc` ranks."""
+    from .distributed import check_batch_split
+    from .recipe import TrainStage, load_recipe, point_recipe, sweep_points
+
+    if args.resume or not args.recipe:
+        return
+    recipe = load_recipe(args.recipe, list(args.overrides))
+    points = [point_recipe(recipe, p) for _, p in sweep_points(recipe)] if recipe.sweep else [recipe]
+    for r in points:
+        for i, st in enumerate(r.stages):
+            if isinstance(st, TrainStage):
+                check_batch_split(st.batch_size, nproc, st.grad_accum, f"stages.{i}", r.file)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -91,14 +116,34 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _exec_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process by torchrun running `python -m engram_core.run ARGV` on N ranks."""
-    import os
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """torchrun itself (torch.distributed.run's parser and `run`, in this process) starting
+    `python -m engram_core.run ARGV` on N local ranks; its failure report becomes one line.
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "engram_core.run", *argv]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, cmd)
+    The same as `torchrun --standalone --nproc_per_node=N -m engram_core.run ARGV`, except that
+    a failed run does not end in torchrun's traceback: a problem with the input was already
+    reported by rank 0 (exit 2); a rank that died is named, with its exit code or signal.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    targs = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "engram_core.run", *argv])
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-rank lines; summed up below
+    try:
+        run(targs)
+    except ChildFailedError as exc:
+        codes = {rank: f.exitcode for rank, f in exc.failures.items()}
+        if 2 in codes.values():
+            return 2  # rank 0 printed the problem
+        # the cause: a rank killed by a signal torchrun did not send (its own is SIGTERM), else the first to fail
+        killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
+        rank, failure = killed[0] if killed else exc.get_first_failure()
+        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with status {failure.exitcode}"
+        print(f"error: rank {rank} {how}; torchrun stopped the other ranks (resume with: engram-run --nproc {nproc} --resume RUN_DIR)", file=sys.stderr)
+        return 1 if failure.exitcode < 0 else failure.exitcode
+    return 0
 
 
 def _warn_broken() -> None:

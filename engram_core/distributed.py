@@ -1,7 +1,7 @@
 """One run over N ranks, the ordinary PyTorch way: torchrun, torch.distributed, DDP.
 
     torchrun --nproc_per_node=N -m engram_core.run RECIPE.toml [key=value ...]
-    engram-run --nproc N RECIPE.toml            (execs torch.distributed.run for you)
+    engram-run --nproc N RECIPE.toml            (runs torchrun's launcher for you)
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup` joins the process group (gloo for CPU
 tensors, NCCL for CUDA tensors when CUDA is present) and `current()` hands the engine a `Dist`.
@@ -187,6 +187,15 @@ def teardown() -> None:
     if _current.enabled and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
     _current = Dist()
+
+
+def lost_a_rank(exc: BaseException) -> bool:
+    """Whether a collective failed because a peer process went away (gloo reports it as a
+    RuntimeError naming the closed connection; NCCL as a DistError)."""
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("Connection closed by peer" in text or "remote worker crashing" in text or "Connection reset by peer" in text)
 
 
 def current() -> Dist:

@@ -5,7 +5,7 @@
     assert r.returncode == 0, r.stderr
     (run_dir,) = run_dirs(tmp_path / "runs")
 
-Each call is a real torchrun (`python -m engram_core.run --nproc N`, which execs
+Each call is a real torchrun (`python -m engram_core.run --nproc N`, which runs
 torch.distributed.run --standalone): separate processes, a gloo process group on localhost.
 """
 

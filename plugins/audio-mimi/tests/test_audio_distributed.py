@@ -31,5 +31,6 @@ def test_memory_basis_on_two_ranks_equals_one_process(tmp_path):
     (d1,), (d2,) = run_dirs(tmp_path / "one"), run_dirs(tmp_path / "two")
     a, b = final_metrics(d2), final_metrics(d1)
     assert set(a) == {"param", "basis_init", "basis", "basis_joint"}
-    print("max relative difference", max_relative_difference(a, b))
-    assert max_relative_difference(a, b) < TOLERANCE
+    diff = max_relative_difference(a, b)
+    print(f"2 gloo ranks vs 1 process, memory_basis.toml (shrunk): max relative difference {diff:.2g}")
+    assert diff < TOLERANCE
