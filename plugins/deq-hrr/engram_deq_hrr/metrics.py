@@ -46,7 +46,10 @@ class DEQHRRAccuracyConfig:
 class DEQHRRAccuracy(Metric):
     """Accuracy of `forward_classify` and the HRR/DEQ telemetry."""
 
-    dist_reduce_fx = {"n_prototypes": "max"}  # distributed eval: a size, the same on every rank
+    # distributed eval: `batches` tells `update` which split a batch is from as it goes (and
+    # sizes, a label histogram of varying length and the majority label are not sums), so
+    # every rank walks the whole split rather than a shard
+    shardable = False
 
     def __init__(self, cfg: DEQHRRAccuracyConfig, build: BuildContext):
         self.cfg = cfg
