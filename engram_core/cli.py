@@ -61,7 +61,7 @@ def run_main(argv: list[str] | None = None) -> int:
         if args.nproc < 1:
             print("error: --nproc: expected a number of ranks >= 1", file=sys.stderr)
             return 2
-        if args.nproc > 1 and not args.dry_run:
+        if args.nproc > 1 and not (args.dry_run or args.print_config):
             try:
                 _precheck(args, args.nproc)  # a bad recipe fails here, before N processes start
             except EngramError as exc:

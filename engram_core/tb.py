@@ -116,7 +116,13 @@ class NullLogger:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         pass
 
+    def figure(self, tag: str, figure, step: int) -> None:
+        pass
+
     def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        pass
+
+    def summary(self, summary: dict, status: str) -> None:
         pass
 
     def layout(self, tags: set[str]) -> None:
