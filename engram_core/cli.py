@@ -154,8 +154,8 @@ def _warn_broken() -> None:
 
 
 def _run(args, console: Console) -> int:
-    from .recipe import load_recipe
     from . import distributed
+    from .recipe import load_recipe
     from .sweep import resume_any, run_recipe
 
     if distributed.current().is_main:

@@ -23,11 +23,11 @@ from .components import BuildContext, EvalContext, Event, FitContext, Model, to_
 from .config import ConfigProblems
 from .errors import ConfigError, NonFiniteLossError, RecipeError
 from .loggers import open_run_logger
-from .tb import NullLogger
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage, check_fit_options
 from .registry import Registry, load_registry
 from .rundir import MetricsLog, atomic_write_json, atomic_write_text, environment, load_checkpoint, save_checkpoint
+from .tb import NullLogger
 
 EVENT_HOOKS = ("on_step_end", "on_eval_end", "on_stage_end")
 

@@ -25,7 +25,15 @@ from engram_core.components import Metric, reduce_states
 from engram_core.distributed import Dist, check_batch_split, micro_batches, slice_batch, wrap_train_step
 from engram_core.errors import RecipeError
 from engram_core.testing.cli import run_cli
-from engram_core.testing.dist import alive, final_metrics, max_relative_difference, rank_pids, run_dirs, run_ranks, start_ranks
+from engram_core.testing.dist import (
+    alive,
+    final_metrics,
+    max_relative_difference,
+    rank_pids,
+    run_dirs,
+    run_ranks,
+    start_ranks,
+)
 
 MINIMAL = Path(__file__).resolve().parents[1] / "recipes" / "minimal.toml"
 SHORT = ["stages.0.steps=80", "stages.0.eval_every=40", "stages.0.checkpoint_every=20", "stages.0.warmup_steps=10"]
