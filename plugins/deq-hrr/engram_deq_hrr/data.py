@@ -152,7 +152,8 @@ class NeedleDataset(_TensorSplits):
         self._splits = _load_or_make(build, "needle", cfg, make)
         self.splits = tuple(self._splits)
         self.spec = DataSpec("needle", vocab_size=2 + cfg.n_fillers + cfg.n_keys + cfg.n_values, n_classes=cfg.n_values,
-                             seq_len=cfg.seq_len, n_pairs=cfg.n_pairs, task="needle")
+                             seq_len=cfg.seq_len, n_pairs=cfg.n_pairs, task="needle",
+                             label_offset=2 + cfg.n_fillers + cfg.n_keys)  # class i is token label_offset + i
 
 
 # ---- listops-lite ------------------------------------------------------------------------
