@@ -14,8 +14,9 @@ residual   ``mu, log_sigma = memory.apply_residual(z, mu, log_sigma)``
            head's prediction. Returns the corrected pair (same shapes). A memory with
            nothing to add returns them unchanged. Stateless per call: no cache.
 
-layer      ``hidden = memory.apply_layer(index, hidden, ids)`` after decoder block `index`
-           for every index in ``memory.layer_indices()``. hidden (B, T, D) the states of the
+layer      ``hidden = memory.apply_layer(index, hidden, ids)`` after decoder block `index`.
+           ``memory.layer_indices()`` names the blocks it acts after; a head may call it
+           after every block, and the memory returns hidden unchanged after the others. hidden (B, T, D) the states of the
            positions processed now; ids (B, L) long, EVERY token id so far. With a KV cache
            a generation step has T = 1 and L = the whole history, and must give what a full
            forward gives at that position (the memory may look back at ids, never at

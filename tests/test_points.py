@@ -11,7 +11,7 @@ from engram_core.components import BuildContext, DataSpec, Memory, Model
 from engram_core.hookspecs import hookimpl
 from engram_core.points import check_memory_implements
 from engram_core.registry import load_registry
-from engram_core.testing.points import ContextPointContract, LayerPointContract, TracePointContract, backbone_build
+from engram_core.testing.points import ContextPointContract, LayerPointContract, TracePointContract
 
 
 @attrs.frozen

@@ -220,7 +220,7 @@ class CausalBackbone(Head):
         out: list[torch.Tensor] = []
         done = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
         cache = None
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if use_cache and cache is not None:
                 logits, cache = self._run(out[-1][:, None], cache=cache)
             else:

@@ -3,8 +3,6 @@ and the shared sequence backbone and task on which every plugin's memories meet.
 
 from ..hookspecs import hookimpl
 from .backbone import CausalBackbone, CausalBackboneConfig
-from .lm import CompletionAccuracy, CompletionAccuracyConfig, TokenLMConfig, TokenLMObjective
-from .mqar import MQARConfig, MQARDataset
 from .composite import WeightedSumConfig, WeightedSumObjective
 from .dynamics import (
     GaussianNLLConfig,
@@ -16,6 +14,8 @@ from .dynamics import (
     SyntheticDynamics,
     SyntheticDynamicsConfig,
 )
+from .lm import CompletionAccuracy, CompletionAccuracyConfig, TokenLMConfig, TokenLMObjective
+from .mqar import MQARConfig, MQARDataset
 
 
 @hookimpl

@@ -1,7 +1,12 @@
 """The example's memories against the core point contracts (written only against engram_core)."""
 
 import torch
-from engram_example_slots import KeyValueSlotsConfig, KeyValueSlotsMemory, OuterProductTraceConfig, OuterProductTraceMemory
+from engram_example_slots import (
+    KeyValueSlotsConfig,
+    KeyValueSlotsMemory,
+    OuterProductTraceConfig,
+    OuterProductTraceMemory,
+)
 
 from engram_core import BuildContext, DataSpec
 from engram_core.testing.points import ResidualPointContract, TracePointContract, backbone_build
