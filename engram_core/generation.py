@@ -287,7 +287,12 @@ class GenerationMetric(Metric):
         tag = f"{self.cfg.prefix}/{event.stage}"
         if self.cfg.pictures and "gen" in self._last:
             fig = trajectory_figure(self._last, title=f"{self.cfg.prefix} ({self.cfg.rollout}) at {event.stage}, step {event.step}")
-            event.logger.figure(f"{tag}/trajectories", fig, event.step)
+            try:
+                event.logger.figure(f"{tag}/trajectories", fig, event.step)
+            finally:
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
         data = self.ctx.dataset if self.ctx is not None else None
         if self.cfg.audio and data is not None and getattr(data, "can_decode", False) and "gen" in self._last:
             for i in range(min(self.cfg.audio, self._last["gen"].shape[0])):

@@ -59,8 +59,8 @@ class RunLogger:
             self.writer.add_histogram(tag, values, step)
 
     def figure(self, tag: str, fig, step: int) -> None:
-        """A matplotlib figure as an image (closed after writing)."""
-        self.writer.add_figure(tag, fig, step, close=True)
+        """A matplotlib figure as an image (the caller closes it)."""
+        self.writer.add_figure(tag, fig, step, close=False)
 
     def audio(self, tag: str, wave: torch.Tensor, step: int, sample_rate: int) -> None:
         """A mono waveform; values outside [-1, 1] are clipped to that range."""
