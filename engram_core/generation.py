@@ -154,6 +154,10 @@ class GenerationConfig:
 class GenerationMetric(Metric):
     """Whole-sequence generation from each eval sequence's first frame (see the module docstring)."""
 
+    # distributed eval: every rank generates the whole split (seeded draws in a fixed order,
+    # pooled spectra and the example sequences for the pictures would not shard exactly)
+    shardable = False
+
     def __init__(self, cfg: GenerationConfig, build: BuildContext):
         self.cfg = cfg
         data = build.dataset
