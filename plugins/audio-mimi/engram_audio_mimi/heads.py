@@ -21,6 +21,7 @@ from torch import nn
 from engram_core.builtin.dynamics import MLPGaussianConfig, MLPGaussianHead
 from engram_core.components import BuildContext, Head
 from engram_core.config import ConfigError, field, non_negative, positive
+from engram_core.generation import nll_and_step  # noqa: F401  (the protocol helper, re-exported)
 from engram_core.nn import diagonal_gaussian_nll_per_item
 
 from .distributions import VonMisesFisher, vmf_log_normalizer_and_resultant, vmf_mean_resultant
@@ -116,6 +117,12 @@ class VMFMagnitudeConfig:
     min_magnitude: float = field(
         1e-6, help="‖Δz‖ below this is clamped before taking its direction", validator=positive
     )
+    magnitude_ceiling: float = field(
+        2.0,
+        help="soft ceiling on the predicted log magnitude μ_m at log(this × the largest train ‖Δz‖), and "
+        "σ_m <= 1: off the data, a linear extrapolation of log m would grow steps exponentially; 0 = off",
+        validator=non_negative,
+    )
     dim: int = field(0, help="D of z; 0 = take it from the data", validator=non_negative)
 
 
@@ -125,7 +132,17 @@ def _choice(attribute, value, choices):
 
 
 class VMFMagnitudeHead(Head):
-    """Δz = m·u: u ~ vMF(μ_dir(z), κ(z)) on S^{D−1}, log m ~ N(μ_m(z), σ_m(z)²)."""
+    """Δz = m·u: u ~ vMF(μ_dir(z), κ(z)) on S^{D−1}, log m ~ N(μ_m(z), σ_m(z)²).
+
+    Offers the `direction` attachment point: a memory's `direction(z, μ_dir, log κ)`
+    returns the edited pair (memory-as-basis)."""
+
+    def attach_memory(self, memory, point):
+        if not hasattr(memory, "direction"):
+            raise ConfigError(
+                "memory", f"the vMF head takes only a memory with a 'direction' attachment (basis), got {type(memory).__name__}"
+            )
+        super().attach_memory(memory, "direction")
 
     def __init__(self, cfg: VMFMagnitudeConfig, build: BuildContext):
         super().__init__()
@@ -137,6 +154,8 @@ class VMFMagnitudeHead(Head):
         self.log_kappa = nn.Linear(width, 1)
         self.log_m = nn.Linear(width, 2)  # (μ_m, log σ_m)
         nn.init.constant_(self.log_kappa.bias, cfg.init_log_kappa or math.log(d))
+        max_step = build.spec.get("dz_max_norm") if hasattr(build.spec, "get") else None
+        self.max_log_m = math.log(cfg.magnitude_ceiling * max_step) if cfg.magnitude_ceiling and max_step else None
         if cfg.kappa_coupling == "learned":
             self.coupling = nn.Parameter(torch.zeros(()))
         else:
@@ -146,9 +165,14 @@ class VMFMagnitudeHead(Head):
         h = self.trunk(z)
         direction = self.direction(h)
         mu_m, log_sigma_m = self.log_m(h).unbind(-1)
+        if self.max_log_m is not None:  # soft ceiling, identity well below it
+            mu_m = self.max_log_m - nn.functional.softplus(self.max_log_m - mu_m)
+            log_sigma_m = log_sigma_m.clamp_max(0.0)
         log_kappa = self.log_kappa(h).squeeze(-1)
         if self.coupling is not None:
             log_kappa = log_kappa + self.coupling * mu_m
+        if self.memory_active:  # a `direction` memory (basis) edits the direction and κ
+            direction, log_kappa = self.memory.direction(z, direction, log_kappa)
         log_kappa = log_kappa.clamp(self.cfg.min_log_kappa, self.cfg.max_log_kappa)
         return {
             "direction": direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12),
@@ -228,19 +252,6 @@ def mean_step(head: nn.Module, z: torch.Tensor) -> torch.Tensor:
     if hasattr(head, "mean_step"):
         return head.mean_step(z)
     return head.predict(z)[0]
-
-
-def nll_and_step(
-    head: nn.Module, z: torch.Tensor, dz: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-item NLL of dz | z, the rollout step from z: the mean or a reparameterised draw)."""
-    if hasattr(head, "nll_and_step"):
-        return head.nll_and_step(z, dz, mode, generator)
-    mu, log_sigma = head.predict(z)
-    nll = diagonal_gaussian_nll_per_item(mu, log_sigma, dz)
-    if mode == "mean":
-        return nll, mu
-    return nll, mu + log_sigma.exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
 
 
 def sample_step(head: nn.Module, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -114,7 +114,9 @@ class DynamicsMemory(Memory):
         was = self.enabled
         self.enabled = False
         try:
-            return head.predict(z)
+            if hasattr(head, "predict"):
+                return head.predict(z)
+            return head.mean_step(z), None  # a vMF head: its mean step, memory off
         finally:
             self.enabled = was
 
@@ -368,10 +370,18 @@ def _one_of(attribute, value, choices):
 
 
 class BasisMemory(DynamicsMemory):
-    """Memory as a basis: μ = μ_param + s(z)·Σ_k a_k(z) p̂_k, a = softmax(cos(q(z), p_k)/τ).
+    """Memory as a basis (seed 001): K learned direction prototypes p_k, soft attention
+    a = softmax(cos(q(z), p_k)/τ), the retrieved direction r(z) = Σ_k a_k p̂_k (‖r‖ ≤ 1, = 1
+    when the attention picks one prototype).
 
-    The step size s(z) starts at zero, so a built memory changes nothing until trained;
-    `fit` initialises the prototypes by spherical k-means of train residual directions.
+    - at a Gaussian head's `residual` point: μ = μ_param + s(z)·r(z) and
+      log σ = log σ_param − c·log ‖r(z)‖;
+    - at a vMF head's `direction` point: μ_dir = normalise(μ̂_param + s(z)·r(z)) and
+      log κ = log κ_param + c·log ‖r(z)‖ (c learned): a peaked attention sharpens κ, a spread
+      one (no archetype fits) blunts it.
+
+    s(z) and c start at zero, so a built memory changes nothing until trained; `fit`
+    initialises the prototypes by spherical k-means of train residual (or Δz) directions.
     """
 
     def __init__(self, cfg: BasisMemoryConfig, build: BuildContext):
@@ -384,6 +394,7 @@ class BasisMemory(DynamicsMemory):
         self.scale = nn.Linear(d, 1)
         nn.init.zeros_(self.scale.weight)
         nn.init.zeros_(self.scale.bias)
+        self.confidence = nn.Parameter(torch.zeros(()))  # c: weight of log ‖r(z)‖
 
     def attention(self, z: torch.Tensor) -> torch.Tensor:
         q = F.normalize(self.query(z), dim=-1)
@@ -393,8 +404,19 @@ class BasisMemory(DynamicsMemory):
         a = self.attention(z)
         return self.scale(z) * (a @ F.normalize(self.prototypes, dim=-1))
 
+    def _retrieve(self, z):
+        r = self.attention(z) @ F.normalize(self.prototypes, dim=-1)
+        return r, r.norm(dim=-1, keepdim=True).clamp_min(1e-6).log()
+
     def forward(self, z, mu, log_sigma):
-        return mu + self.correction(z), log_sigma
+        """The Gaussian head's (μ, log σ) → (μ + s(z)·r(z), log σ − c·log ‖r(z)‖)."""
+        r, log_peak = self._retrieve(z)
+        return mu + self.scale(z) * r, log_sigma - self.confidence * log_peak
+
+    def direction(self, z, direction, log_kappa):
+        """The vMF head's (unnormalised μ_dir, log κ) → (μ̂_dir + s(z)·r(z), log κ + c·log ‖r(z)‖)."""
+        r, log_peak = self._retrieve(z)
+        return F.normalize(direction, dim=-1) + self.scale(z) * r, log_kappa + self.confidence * log_peak.squeeze(-1)
 
     @torch.no_grad()
     def fit(self, ctx: FitContext, iters: int = 20, max_items: int = 100000) -> None:
