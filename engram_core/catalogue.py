@@ -19,7 +19,7 @@ FIRST_PARTY: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
         "metrics": ("dnll", "direction_cos", "rollout", "gate_mean", "kappa_stats", "archetypes"),
     }),
     "deq-hrr": ("engram-deq-hrr", "plugins/deq-hrr", {
-        "datasets": ("needle", "listops_lite"),
+        "datasets": ("needle", "listops_lite", "listops_recall"),
         "heads": ("deq_classifier",),
         "memories": ("hrr",),
         "objectives": ("deq_hrr_task",),
