@@ -208,3 +208,9 @@ def test_built_checks_report_together(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 3 and {"stages.0.eval_split", "stages.0.freeze.0", "stages.1.split"} == {l.split(": ")[2] for l in lines}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_real_run_on_cuda_without_cuda_names_the_file(tmp_path):
+    path = _recipe(tmp_path, None)
+    assert_one_line(run_cli(path, "--device", "cuda", "--out", tmp_path / "runs", "--quiet"), "user_recipe.toml", "run.device")
