@@ -76,7 +76,7 @@ CASES: list[tuple[str, list[str], tuple[str, str] | None, str, str]] = [
     ("name-dotdot", ['run.name=".."'], None, "run.name", "plain folder name"),
     ("device-gpu", ['run.device="gpu"'], None, "run.device", "did you mean 'cuda'"),
     ("device-typo", ['run.device="cpuu"'], None, "run.device", "did you mean 'cpu'"),
-    ("precision", ['run.precision="fp16"'], None, "run.precision", "'bf16'"),
+    ("precision", ['run.precision="fp64"'], None, "run.precision", "'bf16'"),
     # components and their keys
     ("head-type-typo", ['head.type="mlp_gausian"'], None, "head.type", "did you mean 'mlp_gaussian'"),
     ("head-type-number", ["head.type=3"], None, "head.type", "expected a string"),
