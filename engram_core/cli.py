@@ -26,11 +26,22 @@ KIND_ALIASES = {
 }
 
 
-def _fail(exc: EngramError) -> int:
+def _fail(exc: EngramError, show_traceback: bool = False) -> int:
+    from .validate import ComponentError
+
+    if show_traceback and isinstance(exc, ComponentError):
+        print(exc.stack(), file=sys.stderr, end="")
     lines = exc.lines() if isinstance(exc, RecipeError) else [str(exc)]
     for line in lines:
         print(f"error: {line}", file=sys.stderr)
+    if isinstance(exc, ComponentError) and not show_traceback:
+        print("(run again with --traceback for the whole stack)", file=sys.stderr)
     return exc.exit_code
+
+
+def _hint(console: Console, text: str) -> None:
+    """A line to copy (a command, a path): never wrapped, never styled, even in CI logs."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 # ---- engram-run ------------------------------------------------------------------------
@@ -40,14 +51,15 @@ def run_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="engram-run", description="Run a recipe: train, evaluate, write a run directory.")
     recipe_arg = p.add_argument("recipe", nargs="?", help="recipe TOML file (omit with --resume)")
     overrides_arg = p.add_argument("overrides", nargs="*", help="dotted overrides: head.hidden=1024 stages.1.steps=500")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe; train nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate (build every component on the meta device) and print the resolved recipe; train nothing")
     p.add_argument("--resume", metavar="RUN_DIR", help="resume a run (or sweep) directory from its last checkpoint")
     p.add_argument("--device", help="override run.device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--out", metavar="DIR", help="override run.out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--params", action="store_true", help="with --dry-run: build the model and list its parameter names")
+    p.add_argument("--params", action="store_true", help="with --dry-run: list the model's parameter names and shapes")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe, each value's origin (base, recipe, override, default); run nothing")
     p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks, through torchrun (torch.distributed.run --standalone --nproc_per_node N)")
+    p.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
     from . import completion
 
     completion.recipe_files(recipe_arg)
@@ -75,7 +87,7 @@ def run_main(argv: list[str] | None = None) -> int:
         with logging_to_stdout(not (args.quiet or args.dry_run) and dist.is_main):  # cache hit/miss lines
             return _run(args, console)
     except EngramError as exc:
-        return _fail(exc) if dist.is_main else exc.exit_code
+        return _fail(exc, args.traceback) if dist.is_main else exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -162,9 +174,13 @@ def _run(args, console: Console) -> int:
         _warn_broken()
 
     if args.resume:
-        if args.recipe or args.overrides:
-            raise RecipeError([("", "--resume takes only the run directory: its recipe.toml is what resumes")])
-        return resume_any(Path(args.resume), console, device=args.device, quiet=args.quiet)
+        # `engram-run --resume RUN_DIR lr=...`: argparse puts the first override in `recipe`
+        overrides = ([args.recipe] if args.recipe else []) + list(args.overrides)
+        not_overrides = [o for o in overrides if "=" not in o]
+        if not_overrides:
+            raise RecipeError([("", f"--resume takes the run directory and key=value overrides, got {not_overrides[0]!r} "
+                                    "(the run directory's recipe.toml is what resumes)")])
+        return resume_any(Path(args.resume), console, device=args.device, quiet=args.quiet, overrides=overrides)
     if not args.recipe:
         raise RecipeError([("", "give a recipe file (or --resume RUN_DIR)")])
     overrides = list(args.overrides)
@@ -180,16 +196,14 @@ def _run(args, console: Console) -> int:
         console.print(print_config(recipe), markup=False, end="", soft_wrap=True)
         return 0
     if args.dry_run:
+        from .validate import check_all, check_recipe
+
+        n = check_all(recipe)  # every component built on the meta device: all problems at once
         console.print(recipe.to_toml(), markup=False, end="")
         if recipe.sweep:
-            from .recipe import point_recipe, sweep_points
-
-            pts = sweep_points(recipe)
-            for _, point in pts:
-                point_recipe(recipe, point)  # every point must validate
-            console.print(f"# sweep: {len(pts)} points, all valid", markup=False)
+            console.print(f"# sweep: {n} points, all built and valid", markup=False)
         if args.params:
-            _print_params(console, recipe)
+            _print_params(console, check_recipe(recipe))
         return 0
     return run_recipe(recipe, console, quiet=args.quiet)
 
@@ -204,17 +218,13 @@ def _check_loggers(recipe) -> None:
         raise exc.with_file(recipe.file) from None
 
 
-def _print_params(console: Console, recipe) -> None:
+def _print_params(console: Console, built) -> None:
     """Parameter names (what `train`, `freeze` and `param_groups` globs match) and shapes."""
-    from .engine import Engine
-
-    eng = Engine(recipe, Path(recipe.run.out_dir) / "_params", show_progress=False)
-    eng.build()
     table = Table(title="parameters")
     for col in ("name", "shape", "count"):
         table.add_column(col)
     total = 0
-    for name, p in eng.model.named_parameters():
+    for name, p in built.model.named_parameters():
         table.add_row(name, "×".join(map(str, p.shape)), f"{p.numel():,}")
         total += p.numel()
     console.print(table)
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     completion.recipe_files(pv.add_argument("recipe"))
     completion.overrides(pv.add_argument("overrides", nargs="*"))
     pv.add_argument("--print-config", action="store_true", help="also print the resolved recipe with each value's origin")
+    pv.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
@@ -267,7 +278,21 @@ def main(argv: list[str] | None = None) -> int:
             return _cache(console, args)
         return _validate(console, args.recipe, args.overrides, args.print_config)
     except EngramError as exc:
-        return _fail(exc)
+        return _fail(exc, getattr(args, "traceback", False))
+    except BrokenPipeError:  # `engram plugins --json | head`: the reader left; not an error
+        _quiet_stdout()
+        return 0
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the interpreter's final flush is silent."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's StringIO)
+        pass
 
 
 def _plugins(console: Console, as_json: bool, verbose: bool) -> int:
@@ -328,7 +353,8 @@ def _describe(console: Console, kind: str, name: str) -> int:
 
 
 def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False) -> int:
-    from .recipe import load_recipe, point_recipe, sweep_points
+    from .recipe import load_recipe
+    from .validate import check_all
 
     recipe = load_recipe(recipe_path, overrides)
     _check_loggers(recipe)
@@ -336,18 +362,7 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
         from .explain import print_config as explain
 
         console.print(explain(recipe), markup=False, end="", soft_wrap=True)
-    n = 1
-    if recipe.sweep:
-        pts = sweep_points(recipe)
-        problems = []
-        for label, point in pts:
-            try:
-                point_recipe(recipe, point)
-            except RecipeError as exc:
-                problems += [(f"sweep point {label}: {p}" if p else f"sweep point {label}", m) for p, m in exc.problems]
-        if problems:
-            raise RecipeError(problems, recipe.file)
-        n = len(pts)
+    n = check_all(recipe)  # every component built on the meta device, every sweep point
     console.print(f"{recipe_path}: ok ({len(recipe.stages)} stages, {len(recipe.metrics)} metrics" + (f", sweep of {n} points)" if recipe.sweep else ")"))
     return 0
 
@@ -434,8 +449,8 @@ def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
         for t in tags:
             table.add_row(t, *[_fmt(stages[s].get(t)) for s in stages])
         console.print(table)
-    console.print(f"run directory: {run_dir}")
-    console.print(f"review it:     tensorboard --logdir {run_dir}")
+    _hint(console, f"run directory: {run_dir}")
+    _hint(console, f"review it:     tensorboard --logdir {run_dir}")
 
 
 def _fmt(v) -> str:

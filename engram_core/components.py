@@ -78,6 +78,9 @@ class BuildContext:
     seed: int = 0
     device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
     run_dir: Path | None = None
+    # True when `engram validate` / `--dry-run` builds (device "meta"): build the shapes and
+    # run every check, but load no weights and generate nothing large
+    dry_run: bool = False
 
 
 def default_cache_dir() -> Path:
@@ -135,9 +138,14 @@ class Memory(nn.Module):
     (left out of DDP, synced by the component itself); `sharded_actions = ("fit",)` (the
     action runs on every rank and reduces through `ctx.dist`; otherwise rank 0 runs it and
     the model's state is broadcast); `compilable = False` with a `compile_note`.
+
+    `batch_dim` is the dimension of the memory's outputs that indexes batch items (0 for
+    (B, ...) outputs, 1 for time-major (T, B, ...)); the contract kit checks batch
+    independence along it.
     """
 
     independent_batch_items: bool = True
+    batch_dim: int = 0
 
     def __init__(self) -> None:
         super().__init__()

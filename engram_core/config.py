@@ -12,7 +12,6 @@ Types are strict, as a careful user expects: TOML ``1.5`` is not an ``int`` and
 from __future__ import annotations
 
 import math
-import re
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 
 import attrs
 import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
+from cattrs.gen import make_dict_structure_fn
 
 from .errors import ConfigError, did_you_mean
 
@@ -35,6 +35,11 @@ __all__ = [
     "one_of",
     "probability",
     "existing_path",
+    "existing_file",
+    "finite",
+    "finite_positive",
+    "finite_non_negative",
+    "adam_betas",
     "ConfigError",
 ]
 
@@ -56,33 +61,62 @@ def field(default: Any = attrs.NOTHING, *, help: str = "", validator=None, conve
 # ---- validators: raise ConfigError so the message names the key ---------------------
 
 
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def positive(inst, attribute, value):
-    if value is not None and not value > 0:
+    if value is not None and (_is_nan(value) or not value > 0):
         raise ConfigError(attribute.name, f"must be > 0, got {value!r}")
 
 
 def non_negative(inst, attribute, value):
-    if value is not None and not value >= 0:
+    if value is not None and (_is_nan(value) or not value >= 0):
         raise ConfigError(attribute.name, f"must be >= 0, got {value!r}")
 
 
+def finite(inst, attribute, value):
+    """A finite number (TOML allows `inf` and `nan`; no optimiser setting wants them)."""
+    if value is not None and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(attribute.name, f"must be a finite number, got {value!r}")
+
+
+def finite_positive(inst, attribute, value):
+    finite(inst, attribute, value)
+    positive(inst, attribute, value)
+
+
+def finite_non_negative(inst, attribute, value):
+    finite(inst, attribute, value)
+    non_negative(inst, attribute, value)
+
+
 def probability(inst, attribute, value):
-    if value is not None and not 0.0 <= value <= 1.0:
+    if value is not None and (_is_nan(value) or not 0.0 <= value <= 1.0):
         raise ConfigError(attribute.name, f"must be in [0, 1], got {value!r}")
 
 
 def in_range(lo: float | None = None, hi: float | None = None):
-    """Closed interval [lo, hi]; either end may be None."""
+    """Closed interval [lo, hi]; either end may be None. NaN is never in range."""
 
     def check(inst, attribute, value):
         if value is None:
             return
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if _is_nan(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
             lo_s = "-inf" if lo is None else repr(lo)
             hi_s = "inf" if hi is None else repr(hi)
             raise ConfigError(attribute.name, f"must be in [{lo_s}, {hi_s}], got {value!r}")
 
     return check
+
+
+def adam_betas(inst, attribute, value):
+    """Two coefficients in [0, 1), as torch.optim.Adam requires (checked here, not by a traceback)."""
+    if value is None:
+        return
+    for i, b in enumerate(value):
+        if _is_nan(b) or not 0.0 <= b < 1.0:
+            raise ConfigError(f"{attribute.name}.{i}", f"must be in [0, 1), got {b!r} (typical: [0.9, 0.999])")
 
 
 def one_of(*choices: Any):
@@ -99,6 +133,13 @@ def existing_path(inst, attribute, value):
     """A path that must exist when given ('' or None mean: not given)."""
     if value and not Path(value).expanduser().exists():
         raise ConfigError(attribute.name, f"path does not exist: {value}")
+
+
+def existing_file(inst, attribute, value):
+    """A path to a file (not a folder) that must exist when given."""
+    existing_path(inst, attribute, value)
+    if value and Path(value).expanduser().is_dir():
+        raise ConfigError(attribute.name, f"expected a file, got the folder {value}")
 
 
 # ---- strict converter ----------------------------------------------------------------
@@ -128,9 +169,68 @@ def _strict_bool(v, _):
     return v
 
 
+def _strict_dict(v, _):
+    if not isinstance(v, dict):
+        raise TypeError(f"expected a table ({{ key = value, ... }}), got {_show(v)}")
+    return dict(v)
+
+
 def _show(v: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
-    return f"{kind.get(type(v), type(v).__name__)} {v!r}" if not isinstance(v, (list, dict)) else kind[type(v)]
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", tuple: "array", dict: "table"}
+    if isinstance(v, (list, tuple)):
+        return f"an array {list(v)!r}" if len(repr(v)) < 40 else "an array"
+    if isinstance(v, dict):
+        return "a table"
+    return f"{kind.get(type(v), type(v).__name__)} {v!r}"
+
+
+def _is_array_type(tp: Any) -> bool:
+    return tp in (list, tuple) or typing.get_origin(tp) in (list, tuple)
+
+
+def _array_hook_factory(tp: Any, conv: cattrs.Converter):
+    """Arrays: a string or table is never split into characters or keys; fixed tuples check length.
+
+    Errors of the items are gathered in cattrs' own IterableValidationError with an
+    IterableValidationNote per index, so `structure` reports `key.<i>` for each.
+    """
+    origin = typing.get_origin(tp) or tp
+    args = typing.get_args(tp)
+    fixed = origin is tuple and args and args[-1] is not Ellipsis
+    item_types = list(args) if fixed else [args[0] if args else Any]
+
+    def hook(v, _):
+        if not isinstance(v, (list, tuple)):
+            if isinstance(v, str):
+                raise TypeError(f"expected an array, got string {v!r} (write [{v!r}])")
+            raise TypeError(f"expected an array, got {_show(v)}")
+        if fixed and len(v) != len(item_types):
+            raise TypeError(f"expected an array of {len(item_types)} values, got {len(v)}: {list(v)!r}")
+        out, errors = [], []
+        for i, item in enumerate(v):
+            t = item_types[i] if fixed else item_types[0]
+            try:
+                out.append(conv.structure(item, t))
+            except Exception as exc:
+                exc.add_note(IterableValidationNote(f"Structuring {tp} @ index {i}", i, t))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError(f"While structuring {tp!r}", errors, tp)
+        return tuple(out) if origin is tuple else list(out)
+
+    return hook
+
+
+def _attrs_hook_factory(cl: type, conv: cattrs.Converter):
+    """A table is required where a config class is: a string or array gets a clear message."""
+    inner = make_dict_structure_fn(cl, conv)
+
+    def hook(v, t):
+        if not isinstance(v, dict):
+            raise TypeError(f"expected a table, got {_show(v)}")
+        return inner(v, t)
+
+    return hook
 
 
 def _make_converter() -> cattrs.Converter:
@@ -140,6 +240,9 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(Any, lambda v, _: v)
+    conv.register_structure_hook_func(lambda t: t is dict or typing.get_origin(t) is dict, _strict_dict)
+    conv.register_structure_hook_factory(_is_array_type, _array_hook_factory)
+    conv.register_structure_hook_factory(attrs.has, _attrs_hook_factory)
     return conv
 
 
@@ -150,18 +253,14 @@ def structure(data: Any, cls: type, path: str = "") -> Any:
     """Build `cls` from plain data; on failure raise ConfigError listing every problem.
 
     The raised error has `.problems`: a list of `(dotted path, message)` where the
-    path is prefixed by `path`.
+    path is prefixed by `path` and list items are `.0`, `.1` (the override syntax).
     """
     if not isinstance(data, dict):
         raise _Problems([(path, f"expected a table, got {_show(data)}")])
     try:
         return converter.structure(data, cls)
-    except ClassValidationError as exc:
-        raise _Problems(list(_flatten(exc, path, cls))) from None
-    except ConfigError as exc:  # validator / __attrs_post_init__
-        raise _Problems([(_join(path, exc.key), exc.message)]) from None
-    except (ValueError, TypeError) as exc:
-        raise _Problems([_from_plain_error(exc, path)]) from None
+    except Exception as exc:  # every failure, walked through cattrs' structured errors
+        raise _Problems(list(_flatten(exc, path)) or [(path, f"{type(exc).__name__}: {exc}")]) from None
 
 
 class _Problems(ConfigError):
@@ -175,69 +274,52 @@ class _Problems(ConfigError):
 ConfigProblems = _Problems
 
 
-def _join(path: str, key: str | None) -> str:
-    if not key:
+def _join(path: str, key: str | int | None) -> str:
+    if key is None or key == "":
         return path
-    if key.startswith("["):
-        return f"{path}{key}"
-    return f"{path}.{key}" if path else key
+    return f"{path}.{key}" if path else str(key)
 
 
-_ATTRS_MSG = re.compile(r"^'(?P<name>[A-Za-z_][A-Za-z_0-9]*)' (?P<rest>.*)$")
+def _flatten(exc: BaseException, path: str) -> typing.Iterator[tuple[str, str]]:
+    """(dotted path, message) for every leaf of a cattrs error tree.
 
-
-def _from_plain_error(exc: Exception, path: str) -> tuple[str, str]:
-    """attrs' own validators say "'name' must be > 0: -1"; keep their words, fix the path."""
-    msg = str(exc)
-    m = _ATTRS_MSG.match(msg)
-    if m:
-        return _join(path, m.group("name")), m.group("rest")
-    return path, msg
-
-
-def _flatten(exc: BaseException, path: str, cls: type | None) -> typing.Iterator[tuple[str, str]]:
+    Paths come from cattrs' notes (`AttributeValidationNote.name`,
+    `IterableValidationNote.index`), never from parsing message text.
+    """
     if isinstance(exc, ForbiddenExtraKeysError):
         valid = [a.name for a in attrs.fields(exc.cl)] if attrs.has(exc.cl) else []
         for key in sorted(exc.extra_fields):
             yield _join(path, key), f"unknown key{did_you_mean(key, valid)}"
         return
-    if isinstance(exc, (ClassValidationError, IterableValidationError)):
-        for sub in exc.exceptions:
-            sub_path = path
-            for note in getattr(sub, "__notes__", []):
-                name = getattr(note, "name", None)
-                idx = getattr(note, "index", None)
-                if name is not None:
-                    sub_path = _join(path, str(name))
-                elif idx is not None:
-                    sub_path = f"{path}[{idx}]" if not path.endswith("]") or True else path
-            sub_cls = getattr(sub, "cl", None)
-            yield from _flatten(sub, sub_path, sub_cls)
+    if isinstance(exc, ClassValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            yield from _flatten(sub, _join(path, note.name))
+        for sub in without:
+            yield from _flatten(sub, path)
+        return
+    if isinstance(exc, IterableValidationError):
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            yield from _flatten(sub, _join(path, note.index))
+        for sub in without:
+            yield from _flatten(sub, path)
+        return
+    if isinstance(exc, _Problems):
+        yield from ((_join(path, p) if path else p, m) for p, m in exc.problems)
         return
     if isinstance(exc, ConfigError):
-        if isinstance(exc, _Problems):
-            yield from exc.problems
-            return
-        yield _join(path, exc.key) if exc.key else path, exc.message
+        yield _join(path, exc.key), exc.message
         return
-    if isinstance(exc, KeyError):
-        yield path, f"missing required key {exc.args[0]!r}" if exc.args else "missing required key"
+    if isinstance(exc, KeyError):  # cattrs: a required attribute is missing (its note names it)
+        yield path, "missing required key"
         return
     if isinstance(exc, (TypeError, ValueError)):
-        msg = str(exc)
-        m = _ATTRS_MSG.match(msg)
-        if m:
-            yield _join(path, m.group("name")), m.group("rest")
+        # attrs' own validators raise TypeError(message, attribute, expected, value)
+        if len(exc.args) >= 2 and isinstance(exc.args[1], attrs.Attribute):
+            yield _join(path, exc.args[1].name), str(exc.args[0])
             return
-        if "missing" in msg and "required" in msg:
-            names = re.findall(r"'([A-Za-z_0-9]+)'", msg)
-            for n in names or [""]:
-                yield _join(path, n), "missing required key"
-            return
-        if isinstance(exc, TypeError) and "not iterable" in msg:
-            yield path, "expected an array"
-            return
-        yield path, msg
+        yield path, str(exc)
         return
     yield path, f"{type(exc).__name__}: {exc}"
 

@@ -20,14 +20,14 @@ import torch
 from . import distributed
 from .accel import autocast, compile_components, compile_failure, grad_scaler, is_compile_failure
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
-from .config import ConfigProblems
-from .errors import ConfigError, NonFiniteLossError, RecipeError
+from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from .loggers import open_run_logger
 from .progress import Progress
-from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage, check_fit_options
+from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
 from .registry import Registry, load_registry
-from .rundir import MetricsLog, atomic_write_json, atomic_write_text, environment, load_checkpoint, save_checkpoint
-from .tb import NullLogger
+from .rundir import MetricsLog, atomic_write_json, atomic_write_text, environment, load_checkpoint, nonfinite_tensors, save_checkpoint
+from .tb import NullLogger, drop_events_after
+from .validate import blame, component_label, describe, make_component, parameter_problems, stage_problems
 
 EVENT_HOOKS = ("on_step_end", "on_eval_end", "on_stage_end")
 
@@ -61,7 +61,10 @@ class Engine:
         self.run_dir = Path(run_dir)
         self.registry = registry or load_registry()
         self.dist = distributed.current()  # rank 0 of 1 outside torchrun
-        self.device = pick_device(distributed.rank_device(device or recipe.run.device, self.dist))
+        try:
+            self.device = pick_device(distributed.rank_device(device or recipe.run.device, self.dist))
+        except RecipeError as exc:  # name the recipe file, as validate does
+            raise exc.with_file(recipe.file) from None
         if not self.dist.is_main:
             from rich.console import Console
 
@@ -75,13 +78,7 @@ class Engine:
     # ---- build ------------------------------------------------------------------------
 
     def _make(self, resolved: Resolved, build: BuildContext) -> Any:
-        try:
-            return resolved.component.factory(resolved.config, build)
-        except ConfigProblems as exc:
-            raise RecipeError([(f"{resolved.path}.{p}" if p else resolved.path, m) for p, m in exc.problems], self.recipe.file) from None
-        except ConfigError as exc:
-            path = f"{resolved.path}.{exc.key}" if exc.key else resolved.path
-            raise RecipeError([(path, exc.message)], self.recipe.file) from None
+        return make_component(resolved, build, self.recipe.file)
 
     def build(self) -> None:
         r = self.recipe
@@ -104,18 +101,18 @@ class Engine:
         self.objectives = {i: self._make(o, ob).to(self.device) for i, o in r.objectives.items()}
         self.metrics = [self._make(m, ob) for m in r.metrics]
         self.metric_types = [(m.component.name, m.type_as_written) for m in r.metrics]
+        self.labels = {"objectives": {i: component_label(o) for i, o in r.objectives.items()},
+                       "metrics": [component_label(m) for m in r.metrics]}
+        # the same checks as `engram validate` (engram_core.validate), on the real components
+        targets = {"head": self.head, "memory": self.memory, "data": self.dataset}
+        problems = stage_problems(r, tuple(self.dataset.splits), targets)
+        names = [n for n, _ in self.model.named_parameters()]
+        problems += parameter_problems(r, {i: names + [f"objective.{n}" for n, _ in o.named_parameters()] for i, o in self.objectives.items()})
+        if problems:  # unmatched patterns, unknown splits and actions fail now, not mid-run
+            raise RecipeError(problems, r.file)
         for i, st in enumerate(r.stages):
-            if isinstance(st, FitStage):
-                check_fit_options(self._fit_target(st), st, i)
-            if hasattr(st, "split") and st.split not in self.dataset.splits:
-                raise RecipeError([(f"stages.{i}.split", f"data set has no split {st.split!r}; splits: {', '.join(self.dataset.splits)}")], r.file)
-            if isinstance(st, TrainStage) and st.eval_split not in self.dataset.splits:
-                raise RecipeError([(f"stages.{i}.eval_split", f"data set has no split {st.eval_split!r}; splits: {', '.join(self.dataset.splits)}")], r.file)
             if isinstance(st, TrainStage):
                 distributed.check_batch_split(st.batch_size, self.dist.world_size, st.grad_accum, f"stages.{i}", r.file)
-        for i, st in enumerate(r.stages):
-            if isinstance(st, TrainStage):
-                self._select_params(st, i)  # unmatched patterns fail now, not mid-run
 
     def _compiled(self) -> dict:
         return {"head": self.head, "memory": self.memory}
@@ -131,7 +128,14 @@ class Engine:
         for comp in self._components(objective):
             fn = getattr(comp, hook, None)
             if fn is not None:
-                fn(event)
+                with blame(f"{self._label_of(comp)}.{hook}", self.recipe.file):
+                    fn(event)
+
+    def _label_of(self, comp: Any) -> str:
+        r = self.recipe
+        pairs = [(self.dataset, r.data), (self.head, r.head), (self.memory, r.memory)]
+        pairs += [(self.objectives[i], o) for i, o in r.objectives.items()] + list(zip(self.metrics, r.metrics))
+        return next((component_label(res) for c, res in pairs if c is comp and res is not None), type(comp).__name__)
 
     # ---- run --------------------------------------------------------------------------
 
@@ -155,6 +159,8 @@ class Engine:
             atomic_write_text(self.run_dir / "recipe.toml", r.to_toml(include_sweep=False))
         if main:
             atomic_write_json(self.run_dir / "env.json", env)
+            if state is not None:  # what the checkpoint does not know (a killed eval's scalars) is dropped
+                drop_events_after(self.run_dir, state.get("saved_at"))
             self.logger = open_run_logger(self.run_dir, (self.step + 1) if state is not None else None, r, self.registry, resumed=state is not None)
         else:
             self.logger = NullLogger()  # rank 0 logs (TensorBoard and trackers) for the run
@@ -162,6 +168,7 @@ class Engine:
         if state is not None:
             start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
         self.status = "running"
+        self.error: str | None = None
         try:
             for i in range(start_stage, len(r.stages)):
                 st = r.stages[i]
@@ -173,11 +180,14 @@ class Engine:
                 else:
                     self._eval_stage(i, st)
             self.status = "completed"
-        except NonFiniteLossError:
-            self.status = "nonfinite"
+        except NonFiniteLossError as exc:
+            self.status, self.error = "nonfinite", str(exc)
             raise
         except KeyboardInterrupt:
-            self.status = "interrupted"
+            self.status, self.error = "interrupted", "interrupted (Ctrl-C or SIGINT)"
+            raise
+        except BaseException as exc:  # a failed run says so, with its one-line error
+            self.status, self.error = "failed", str(exc).splitlines()[0] if isinstance(exc, EngramError) else describe(exc)
             raise
         finally:
             self.progress.stop()
@@ -185,9 +195,9 @@ class Engine:
             if main:
                 atomic_write_json(self.run_dir / "summary.json", summary)
             self.logger.summary(summary, self.status)  # the trackers' (TensorBoard's is below)
-            if self.status == "completed":
-                self.logger.layout(self.logger.tags | {k for rec in self.metrics_log.records for k in rec["metrics"]})
-                self.logger.hparams(self.hparams or self._default_hparams(), summary["final"])
+            self.logger.layout(self.logger.tags | {k for rec in self.metrics_log.records for k in rec["metrics"]})
+            # hparams of every run, finished or not, so a sweep's HParams tab shows failed points too
+            self.logger.hparams(self.hparams or self._default_hparams(), summary["final"])
             self.logger.close()
         return summary
 
@@ -214,12 +224,7 @@ class Engine:
         named = [(n, p) for n, p in self.model.named_parameters()]
         if index in self.objectives:
             named += [(f"objective.{n}", p) for n, p in self.objectives[index].named_parameters()]
-        names = [n for n, _ in named]
-        for j, pat in enumerate(st.train):
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise RecipeError([(f"stages.{index}.train.{j}", f"pattern {pat!r} matches no parameter; names look like: {', '.join(names[:4])}...")], self.recipe.file)
-        # param_groups patterns may match nothing (a sweep point with memory = "none" keeps
-        # the table's group); such a group is simply empty.
+        # every pattern was checked against these names when the engine was built
         chosen = []
         for n, p in named:
             on = any(fnmatch.fnmatchcase(n, pat) for pat in st.train) and not any(fnmatch.fnmatchcase(n, pat) for pat in st.freeze)
@@ -286,10 +291,22 @@ class Engine:
         scaler = grad_scaler(self.recipe.run.precision, self.device)
         start = 0
         if state is not None:
+            # the recipe's hyperparameters win over the checkpoint's: `--resume RUN_DIR stages.0.lr=...`
+            recipe_groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in opts]
             for o, s in zip(opts, state["optimizers"]):
                 o.load_state_dict(s)
             for sc, s in zip(scheds, state["schedulers"]):
                 sc.load_state_dict(s)
+            for o, sc, groups in zip(opts, scheds, recipe_groups):
+                for g, fresh in zip(o.param_groups, groups):
+                    # only what the recipe changed: the rate keeps its schedule factor and any
+                    # scaling a component applied (deq-hrr's warm restarts), so plain resume is exact
+                    if fresh["initial_lr"] != g["initial_lr"]:
+                        g["lr"] = g["lr"] * fresh["initial_lr"] / g["initial_lr"]
+                    for k, v in fresh.items():
+                        if k != "lr" and g.get(k) != v:
+                            g[k] = v
+                sc.base_lrs = [g["initial_lr"] for g in o.param_groups]
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             start = state["stage_step"]
@@ -315,8 +332,10 @@ class Engine:
         evaluates = bool(self.metrics) and st.metrics != ()  # `metrics = []`: this stage does not evaluate
         first_compiled_step = self.recipe.run.compile and not getattr(self, "_compile_checked", False)
         self.progress.start(st.name, st.steps, start)
+        who = self.labels["objectives"][index]
         for s in range(start, st.steps):
-            batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
+            with blame(who, self.recipe.file):
+                batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
             if count_tokens is not None:
                 tokens_since += int(count_tokens(batch))
             if splits:
@@ -331,11 +350,12 @@ class Engine:
                 # DDP all-reduces gradients on the last micro-batch only
                 with no_sync() if k < accum - 1 else nullcontext:
                     try:
-                        with amp:
+                        with amp, blame(who, self.recipe.file):
                             loss, terms = forward(to_device(piece, self.device))
                     except Exception as exc:
-                        if first_compiled_step and is_compile_failure(exc):
-                            raise compile_failure(exc, self._compiled()) from None
+                        cause = getattr(exc, "original", exc)  # blame() wraps what the component raised
+                        if first_compiled_step and is_compile_failure(cause):
+                            raise compile_failure(cause, self._compiled()) from None
                         raise
                     part = loss / accum if accum > 1 else loss
                     (scaler.scale(part) if scaler is not None else part).backward()
@@ -350,12 +370,8 @@ class Engine:
             # the global mean loss; every rank sees the same value, so all stop together on NaN
             loss_value = float(self.dist.all_reduce_mean(loss_sum.float().reshape(1))) if self.dist.enabled else float(loss_sum)
             if not math.isfinite(loss_value):
-                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms_sum.items())
-                ck = self.run_dir / "checkpoints" / "last.pt"
-                where = f"last good checkpoint: {ck}" if ck.exists() else "no checkpoint was written yet"
-                raise NonFiniteLossError(
-                    f"stage '{st.name}' step {s + 1}: loss is {loss_value} ({shown}); the run stopped, {where}"
-                )
+                raise NonFiniteLossError(self._nonfinite_message(index, st, s + 1, loss_value, terms_sum))
+            lr_now = opts[0].param_groups[0]["lr"]  # the lr this step is taken with
             if scaler is not None:
                 for o in opts:
                     scaler.unscale_(o)
@@ -384,7 +400,7 @@ class Engine:
                 means = self._train_means(sums, n_sum)
                 for k, v in means.items():
                     self.logger.scalar(f"train/{k}", v, self.step)
-                self.logger.scalar("lr", opts[0].param_groups[0]["lr"], self.step)
+                self.logger.scalar("lr", lr_now, self.step)
                 self.logger.scalar("throughput/steps_per_s", steps_since / dt, self.step)
                 self.logger.scalar("throughput/samples_per_s", steps_since * st.batch_size / dt, self.step)  # global
                 if count_tokens is not None:
@@ -394,7 +410,8 @@ class Engine:
             if step_hooks:
                 ev = Event(self.step, st.name, self.model, {"loss": loss_value}, self.logger, opt_ref, self.run_dir, done, st.steps)
                 for fn in step_hooks:
-                    fn(ev)
+                    with blame(f"{self._label_of(getattr(fn, '__self__', fn))}.on_step_end", self.recipe.file):
+                        fn(ev)
             last = done == st.steps
             if evaluates and st.eval_every and done % st.eval_every == 0 and not last:
                 self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=False)
@@ -441,7 +458,8 @@ class Engine:
         everywhere = not self.dist.enabled or st.target == "data" or st.action in getattr(target, "sharded_actions", ())
         try:
             if everywhere or self.dist.is_main:
-                getattr(target, st.action)(ctx, **st.options)
+                with blame(f"{st.target}.{st.action} (stages.{index}.action)", self.recipe.file):
+                    getattr(target, st.action)(ctx, **st.options)
         except ConfigError as exc:
             raise RecipeError([(f"stages.{index}.options" + (f".{exc.key}" if exc.key else ""), exc.message)], self.recipe.file) from None
         if not everywhere:
@@ -477,19 +495,22 @@ class Engine:
         for metric, (name, written) in zip(self.metrics, self.metric_types):
             if subset is not None and name not in subset and written not in subset:
                 continue
-            metric.bind(EvalContext(self.model, self.dataset, split, self.step, stage, objective, batch_size, self.device))
-            metric.reset()
-            sharded = self.dist.enabled and metric.shardable  # batches dealt round-robin, states reduced
-            grad = torch.enable_grad() if getattr(metric, "needs_grad", False) else torch.no_grad()
-            batches = metric.batches(self.dataset, split, batch_size)
-            if sharded:
-                batches = self.dist.block(list(batches))  # a contiguous block each: rank order is split order
-            with grad, self._autocast():
-                for batch in batches:
-                    metric.update(self.model, to_device(batch, self.device))
-            if sharded:
-                metric.dist_reduce(self.dist)
-            for k, v in metric.compute().items():
+            who = self.labels["metrics"][self.metrics.index(metric)]
+            with blame(who, self.recipe.file):
+                metric.bind(EvalContext(self.model, self.dataset, split, self.step, stage, objective, batch_size, self.device))
+                metric.reset()
+                sharded = self.dist.enabled and metric.shardable  # batches dealt round-robin, states reduced
+                grad = torch.enable_grad() if getattr(metric, "needs_grad", False) else torch.no_grad()
+                batches = metric.batches(self.dataset, split, batch_size)
+                if sharded:
+                    batches = self.dist.block(list(batches))  # a contiguous block each: rank order is split order
+                with grad, self._autocast():
+                    for batch in batches:
+                        metric.update(self.model, to_device(batch, self.device))
+                if sharded:
+                    metric.dist_reduce(self.dist)
+                computed = metric.compute()
+            for k, v in computed.items():
                 results[k if "/" in k else f"eval/{k}"] = float(v)
         if self.memory is not None:
             for k, v in self.memory.stats().items():
@@ -514,9 +535,27 @@ class Engine:
 
     # ---- checkpoints ------------------------------------------------------------------
 
+    def _nonfinite_message(self, index: int, st: TrainStage, step: int, loss_value: float, terms: dict) -> str:
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) or "no terms"
+        ck = self.run_dir / "checkpoints" / "last.pt"
+        state = load_checkpoint(self.run_dir) if ck.exists() else None
+        if state is not None and not nonfinite_tensors(state["model"]):
+            where = f"the last checkpoint ({ck}, global step {state['global_step']}) has finite weights"
+        else:
+            where = "no checkpoint with finite weights was written yet"
+        lr = f"{st.lr / 10:.3g}"
+        return (f"stage '{st.name}' step {step} (stages.{index}): loss is {loss_value} ({shown}); the run stopped, {where}; "
+                f"try a lower learning rate or gradient clipping and resume: "
+                f"engram-run --resume {self.run_dir} stages.{index}.lr={lr}" + ("" if st.grad_clip else f" stages.{index}.grad_clip=1.0"))
+
     def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
         if not self.dist.is_main:
             return  # every rank holds the same weights, optimizer and sampler state: rank 0 saves them
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:  # never replace a good checkpoint with weights that are NaN or inf
+            self.progress.note(f"checkpoint skipped at step {self.step}: non-finite weights in {', '.join(bad[:3])}")
+            return
+        self.logger.flush()  # what the checkpoint knows is on disk in the event files too
         state = {
             "format": 1,
             "stage_index": index,
@@ -532,6 +571,7 @@ class Engine:
             "world_size": self.dist.world_size,
             "n_records": len(self.metrics_log.records),
             "wall_time_s": time.time() - self.t0 + getattr(self, "prior_wall", 0.0),
+            "saved_at": time.time(),
         }
         state.update(self._rng_state())
         save_checkpoint(self.run_dir, state)
@@ -592,4 +632,5 @@ class Engine:
             "world_size": self.dist.world_size,
             "final": final,
             "stages": dict(self.stage_results),
+            "error": getattr(self, "error", None),
         }

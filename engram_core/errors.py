@@ -51,6 +51,10 @@ class PluginError(EngramError):
     """A plugin is broken (fails to import, registers twice, misspells a hook)."""
 
 
+class MalformedRegistration(PluginError):
+    """A plugin registers a component wrongly (config class not attrs, ...): that plugin is broken."""
+
+
 class NonFiniteLossError(EngramError):
     """Training produced a NaN/inf loss; the run stops, the last good checkpoint stays."""
 

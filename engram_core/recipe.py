@@ -7,7 +7,6 @@ components' capabilities before anything heavy is built.
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import tomllib
 from pathlib import Path
@@ -16,7 +15,19 @@ from typing import Any
 import attrs
 import tomli_w
 
-from .config import ConfigProblems, field, in_range, non_negative, one_of, positive, structure, unstructure
+from .config import (
+    ConfigProblems,
+    adam_betas,
+    field,
+    finite_non_negative,
+    finite_positive,
+    in_range,
+    non_negative,
+    one_of,
+    positive,
+    structure,
+    unstructure,
+)
 from .errors import ConfigError, RecipeError, did_you_mean
 from .registry import KIND_SINGULAR, Component, Registry, load_registry
 
@@ -28,9 +39,20 @@ NONE_WORD = "none"
 # ---- the recipe's own tables -------------------------------------------------------------
 
 
+DEVICE_WORDS = ("auto", "cpu", "cuda", "mps")
+DEVICE_ALIASES = {"gpu": "cuda", "cuda0": "cuda:0", "nvidia": "cuda", "cpu0": "cpu", "metal": "mps"}
+
+
+def _run_name(inst, attribute, value):
+    """A run name is one folder name under out_dir: never a path that leaves it."""
+    if value in (".", "..") or any(c in value for c in "/\\") or value.startswith("~") or "\0" in value:
+        raise ConfigError(attribute.name, f"must be a plain folder name (no '/', '\\', '..' or '~'), got {value!r}; "
+                          "use run.out_dir to choose where runs go")
+
+
 @attrs.frozen
 class RunConfig:
-    name: str = field("", help="run name; default: the recipe file's stem")
+    name: str = field("", help="run name (one folder name); default: the recipe file's stem", validator=_run_name)
     seed: int = field(0, help="seeds torch, the training sampler and component factories")
     device: str = field("auto", help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     out_dir: str = field("runs", help="parent folder of run directories")
@@ -42,15 +64,17 @@ class RunConfig:
 
     def __attrs_post_init__(self):
         d = self.device
-        if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {d!r}")
+        if not (d in DEVICE_WORDS or (d.startswith("cuda:") and d[5:].isdigit())):
+            hint = DEVICE_ALIASES.get(d.lower()) or did_you_mean(d, DEVICE_WORDS)
+            hint = f" (did you mean '{hint}'?)" if hint and not hint.startswith(" ") else hint
+            raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {d!r}{hint}")
 
 
 @attrs.frozen
 class ParamGroupConfig:
     params: tuple[str, ...] = field(help="glob patterns of parameter names in this group")
-    lr: float | None = field(None, help="learning rate (default: the stage's)", validator=positive)
-    weight_decay: float | None = field(None, help="weight decay (default: the stage's)", validator=non_negative)
+    lr: float | None = field(None, help="learning rate (default: the stage's)", validator=finite_positive)
+    weight_decay: float | None = field(None, help="weight decay (default: the stage's)", validator=finite_non_negative)
     optimizer: str | None = field(
         None, help="optimizer for this group (default: the stage's)", validator=one_of(None, "adam", "adamw", "sgd", "sparse_adam")
     )
@@ -65,14 +89,14 @@ class TrainStage:
     batch_size: int = field(64, help="examples per optimizer step, over all ranks and micro-batches", validator=positive)
     grad_accum: int = field(1, help="micro-batches per optimizer step (gradient accumulation); batch_size is split into them", validator=positive)
     optimizer: str = field("adamw", help="'adam', 'adamw', 'sgd' or 'sparse_adam'", validator=one_of("adam", "adamw", "sgd", "sparse_adam"))
-    lr: float = field(1e-3, help="peak learning rate", validator=positive)
-    weight_decay: float = field(0.0, help="weight decay", validator=non_negative)
-    betas: tuple[float, float] = field((0.9, 0.999), help="Adam betas")
-    momentum: float = field(0.0, help="SGD momentum", validator=non_negative)
+    lr: float = field(1e-3, help="peak learning rate (finite, > 0)", validator=finite_positive)
+    weight_decay: float = field(0.0, help="weight decay (finite, >= 0)", validator=finite_non_negative)
+    betas: tuple[float, float] = field((0.9, 0.999), help="Adam betas: two values in [0, 1)", validator=adam_betas)
+    momentum: float = field(0.0, help="SGD momentum, in [0, 1]", validator=in_range(0.0, 1.0))
     schedule: str = field("constant", help="'constant', 'cosine' or 'linear'", validator=one_of("constant", "cosine", "linear"))
     warmup_steps: int = field(0, help="linear warm-up steps", validator=non_negative)
     min_lr_ratio: float = field(0.0, help="lr at the end of a decay, as a fraction of lr", validator=in_range(0.0, 1.0))
-    grad_clip: float = field(0.0, help="max global gradient norm; 0 = off", validator=non_negative)
+    grad_clip: float = field(0.0, help="max global gradient norm; 0 = off", validator=finite_non_negative)
     eval_every: int = field(0, help="steps between evaluations; 0 = only at the stage's end", validator=non_negative)
     checkpoint_every: int = field(0, help="steps between checkpoints; 0 = at the stage's end", validator=non_negative)
     log_every: int = field(10, help="steps between train/* scalars", validator=positive)
@@ -119,6 +143,13 @@ class Resolved:
     config: Any
     path: str
     type_as_written: str
+    children: list[Resolved] = attrs.field(factory=list)  # parts of a composite (weighted_sum terms)
+
+    def walk(self):
+        """This component, then every part of it, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
 
     def to_table(self) -> dict:
         return {"type": self.type_as_written, **unstructure(self.config)}
@@ -290,12 +321,23 @@ def _index(part: str, n: int, where: str, label: str) -> int:
 # ---- loading --------------------------------------------------------------------------
 
 
+BOM = "\ufeff"
+
+
 def read_toml(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
         raise RecipeError([("", "recipe file not found")], file=str(path))
+    if p.is_dir():
+        tomls = sorted(x.name for x in p.glob("*.toml"))[:3]
+        hint = f" (it holds {', '.join(tomls)})" if tomls else ""
+        raise RecipeError([("", f"is a folder, not a recipe file{hint}; give the path of a .toml file")], file=str(path))
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        if text.startswith(BOM):
+            raise RecipeError([("", "the file starts with a UTF-8 byte-order mark (BOM), which TOML does not allow; "
+                                    "save it as UTF-8 without BOM")], file=str(path))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([("", f"TOML syntax error: {exc}")], file=str(path)) from None
     except UnicodeDecodeError as exc:
@@ -358,7 +400,14 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
         cfg = _structure(body, comp.config_cls, path, problems)
         if cfg is None:
             return None
-        return Resolved(comp, cfg, path, type_name)
+        out = Resolved(comp, cfg, path, type_name)
+        # a composite (weighted_sum) names its parts: each is resolved and checked like a top-level one
+        parts = getattr(comp.factory, "sub_components", None)
+        for suffix, sub_kind, sub_table in (parts(cfg) if parts is not None else ()):
+            child = component(sub_kind, sub_table, f"{path}.{suffix}")
+            if child is not None:
+                out.children.append(child)
+        return out
 
     data = head = memory = None
     if "data" not in raw:
@@ -480,7 +529,8 @@ def check_capabilities(data: Resolved, head: Resolved, memory: Resolved | None, 
             if missing:
                 problems.append(("memory.type", f"memory '{memory.type_as_written}' requires {_fmt(missing)}, but head '{head.type_as_written}' provides {_fmt(head.component.provides)}"))
     have = set().union(*(p for _, p in offered.values()))
-    users = [(f"{o.path}.type", "objective", o) for o in objectives.values()] + [(f"{m.path}.type", "metric", m) for m in metrics]
+    users = [(f"{p.path}.type", "objective", p) for o in objectives.values() for p in o.walk()]
+    users += [(f"{p.path}.type", "metric", p) for m in metrics for p in m.walk()]
     for path, what, r in users:
         missing = [c for c in r.component.requires if c not in have]
         if missing:
@@ -489,7 +539,8 @@ def check_capabilities(data: Resolved, head: Resolved, memory: Resolved | None, 
                     path,
                     f"{what} '{r.type_as_written}' requires {_fmt(missing)}, but head '{head.type_as_written}' provides "
                     f"{_fmt(head.component.provides)}"
-                    + (f" and memory '{memory.type_as_written}' provides {_fmt(memory.component.provides)}" if memory else ""),
+                    + (f", memory '{memory.type_as_written}' provides {_fmt(memory.component.provides)}" if memory else "")
+                    + f" and data set '{data.type_as_written}' provides {_fmt(data.component.provides)}",
                 )
             )
     return problems
@@ -534,19 +585,3 @@ def point_recipe(recipe: Recipe, point: dict[str, Any], registry: Registry | Non
         return resolve(raw, registry or load_registry(), recipe.file)
     except RecipeError as exc:
         raise exc.with_file(recipe.file) from None
-
-
-def check_fit_options(target: Any, stage: FitStage, index: int) -> None:
-    """A fit stage's action exists and accepts its options (before anything heavy runs)."""
-    fn = getattr(target, stage.action, None)
-    path = f"stages.{index}"
-    if fn is None or not callable(fn):
-        raise RecipeError([(f"{path}.action", f"{stage.target} ({type(target).__name__}) has no action '{stage.action}'")])
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())[1:]  # after ctx
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    names = [p.name for p in params]
-    for key in stage.options:
-        if key not in names:
-            raise RecipeError([(f"{path}.options.{key}", f"unknown option of {type(target).__name__}.{stage.action}{did_you_mean(key, names)}; options: {', '.join(names) or 'none'}")])

@@ -18,7 +18,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, RecipeError, did_you_mean
+from .errors import MalformedRegistration, PluginError, RecipeError, did_you_mean
 
 ENTRY_POINT_GROUP = "engram"
 CORE = "core"
@@ -75,6 +75,7 @@ class Registry:
     def __init__(self) -> None:
         self.components: dict[str, dict[str, Component]] = {k: {} for k in hookspecs.KINDS}
         self.plugins: dict[str, PluginInfo] = {}
+        self.filtered: dict[str, Any] = {}  # installed entry points that ENGRAM_PLUGINS left out
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
 
@@ -102,6 +103,11 @@ class Registry:
                     if impl.plugin_name != name:
                         continue
                     impl.function(register=self._registrar(kind, name, staged))
+        except MalformedRegistration as exc:  # this plugin is broken; every other one still loads
+            self.pm.unregister(name=name)
+            info.error = str(exc)
+            info.detail = traceback.format_exc()
+            return
         except PluginError as exc:
             self.pm.unregister(name=name)
             raise exc
@@ -116,8 +122,16 @@ class Registry:
 
     def _registrar(self, kind: str, plugin: str, staged: list[Component]):
         def register(name, factory, config_cls, *, provides=(), requires=(), offers=()):
-            if not attrs.has(config_cls):
-                raise PluginError(f"plugin {plugin}: {KIND_SINGULAR[kind]} '{name}': config class must be an attrs class")
+            what = f"plugin {plugin}: {KIND_SINGULAR[kind]} {name!r}"
+            if not isinstance(name, str) or not name or ":" in name:
+                raise MalformedRegistration(f"{what}: the name must be a non-empty string without ':'")
+            if not isinstance(config_cls, type) or not attrs.has(config_cls):
+                raise MalformedRegistration(f"{what}: config class must be an attrs class, got {config_cls!r}")
+            if not callable(factory):
+                raise MalformedRegistration(f"{what}: factory must be callable, got {factory!r}")
+            for label, caps in (("provides", provides), ("requires", requires), ("offers", offers)):
+                if isinstance(caps, str) or not all(isinstance(c, str) for c in caps):
+                    raise MalformedRegistration(f"{what}: {label} must be a tuple of strings, got {caps!r}")
             comp = Component(kind, name, plugin, factory, config_cls, tuple(provides), tuple(requires), tuple(offers))
             if kind == "memories":
                 # a memory that says it fits a point must implement that point's protocol;
@@ -165,11 +179,45 @@ class Registry:
             raise RecipeError([(path, f"{what} '{name}' is ambiguous: write {both}")])
         broken = [p for p in self.plugins.values() if p.broken]
         short = sorted({c.name for c in table.values()})
+        where = self.provider_hint(kind, name)
+        if where:
+            raise RecipeError([(path, f"unknown {what} '{name}': {where}")])
         hint = did_you_mean(name, short)
         msg = f"unknown {what} '{name}'{hint}; known: {', '.join(short) or 'none'}"
         if broken:
             msg += "; broken plugins that may provide it: " + ", ".join(f"{p.name} ({p.error})" for p in broken)
         raise RecipeError([(path, msg)])
+
+    def _filtered_registries(self) -> dict[str, Registry]:
+        """Each filtered plugin loaded aside (only on an error path), to ask what it provides."""
+        if not hasattr(self, "_side"):
+            self._side: dict[str, Registry] = {}
+            for ep_name, ep in sorted(self.filtered.items()):
+                try:
+                    side = Registry()
+                    side.add_plugin(ep_name, ep.load(), PluginInfo(ep_name, ep.value))
+                except Exception:
+                    continue
+                self._side[ep_name] = side
+        return self._side
+
+    def provider_hint(self, kind: str, name: str) -> str:
+        """Where a component that is not loaded comes from: a plugin ENGRAM_PLUGINS filtered out, or one to install."""
+        from .catalogue import FIRST_PARTY, providers
+
+        short = name.split(":", 1)[-1]
+        for ep_name, side in self._filtered_registries().items():
+            if any(c.name == short for c in side.components[kind].values()):
+                enabled = os.environ.get("ENGRAM_PLUGINS", "")
+                return (f"it comes from plugin '{ep_name}', which is installed but not enabled "
+                        f"(ENGRAM_PLUGINS={enabled!r}); add {ep_name} to ENGRAM_PLUGINS, or unset it to load every plugin")
+        for plugin in providers(kind, name):
+            if plugin in self.plugins or plugin in self.filtered:
+                continue
+            dist, folder, _ = FIRST_PARTY[plugin]
+            return (f"it comes from plugin '{plugin}', which is not installed; install it "
+                    f"(pip install -e {folder} in an engram checkout, or pip install {dist})")
+        return ""
 
 
 def _dist_of(obj: Any) -> str:
@@ -207,7 +255,10 @@ def load_registry(refresh: bool = False, extra: dict[str, Any] | None = None) ->
     reg.add_plugin(CORE, core_plugin, PluginInfo(CORE, core_plugin.__name__, "engram-core", __version__))
     wanted = _enabled_filter()
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if ep.name == CORE or (wanted is not None and ep.name not in wanted):
+        if ep.name == CORE:
+            continue
+        if wanted is not None and ep.name not in wanted:
+            reg.filtered[ep.name] = ep
             continue
         dist = ep.dist.name if ep.dist else None
         version = ep.dist.version if ep.dist else None

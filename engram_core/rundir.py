@@ -12,7 +12,6 @@ import platform
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,24 @@ def new_run_dir(out_dir: str | Path, name: str, suffix: str = "", create: bool =
     return path
 
 
+def _temporary(folder: Path, prefix: str) -> tuple[int, str]:
+    """A new temporary file beside the target, created with the user's umask.
+
+    `tempfile.mkstemp` makes files owner-only (0600); run files are shared like any
+    other file the user writes, so they get 0666 minus the umask, as `open` gives.
+    """
+    for _ in range(100):
+        tmp = str(Path(folder) / f"{prefix}{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path.parent, f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -61,7 +75,7 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     final = ckpt_dir / CHECKPOINT
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=".last.", suffix=".tmp")
+    fd, tmp = _temporary(ckpt_dir, ".last.")
     os.close(fd)
     try:
         torch.save(state, tmp)
@@ -72,6 +86,18 @@ def save_checkpoint(run_dir: Path, state: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return final
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of floating-point tensors in a state dict that hold NaN or inf (checked, not assumed)."""
+    bad = []
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta":
+            if value.is_sparse:
+                value = value.coalesce().values()
+            if not torch.isfinite(value).all():
+                bad.append(name)
+    return bad
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:

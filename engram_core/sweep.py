@@ -15,6 +15,7 @@ from .engine import Engine
 from .errors import EngramError, NonFiniteLossError, RecipeError
 from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
 from .report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
+from .resume import check_resumable, resume_recipe
 from .rundir import atomic_write_json, atomic_write_text, new_run_dir
 
 SWEEP_FILE = "sweep.json"
@@ -44,7 +45,8 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
         print_summary(console, engine.summary(), run_dir)
         raise
     except KeyboardInterrupt:
-        console.print(f"\ninterrupted; resume with: engram-run --resume {run_dir}")
+        console.print("\ninterrupted; resume with:", markup=False)
+        console.print(f"engram-run --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
         raise
     print_summary(console, summary, run_dir)
     return 0
@@ -82,8 +84,13 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
         hp = {k: value_label(v) if isinstance(v, dict) else v for k, v in entry["point"].items()}
         try:
             _run_one(sub, point_dir, console, quiet, resume=resume, hparams=hp, device=device)
-        except NonFiniteLossError as exc:
-            console.print(f"[red]point {entry['label']}: {exc}[/]")
+        except KeyboardInterrupt:
+            write_sweep_tables(sweep_dir, plan)
+            raise
+        except Exception as exc:  # one point failing does not stop the others; its row says so
+            line = str(exc).splitlines()[0] if isinstance(exc, EngramError) else f"{type(exc).__name__}: {exc}"
+            console.print(f"point {entry['label']} failed: {line}", markup=False, soft_wrap=True)
+            record_failed_point(point_dir, sub, hp, exc, line)
             failures += 1
         if dist.is_main:
             write_sweep_tables(sweep_dir, plan)
@@ -92,9 +99,26 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     if dist.is_main:
         write_sweep_tables(sweep_dir, plan)
     console.print(table, markup=False)
-    console.print(f"sweep directory: {sweep_dir}")
-    console.print(f"review it:       tensorboard --logdir {sweep_dir}")
+    console.print(f"sweep directory: {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"review it:       tensorboard --logdir {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
+    if failures:
+        console.print(f"{failures} of {len(plan)} points failed (status and error in sweep.csv)", markup=False)
     return 1 if failures else 0
+
+
+def record_failed_point(point_dir: Path, recipe: Recipe, hparams: dict, exc: BaseException, line: str) -> None:
+    """A point that failed before its engine wrote anything still leaves summary.json and hparams."""
+    summary_path = point_dir / "summary.json"
+    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") not in (None, "running"):
+        return  # the engine recorded the failure itself
+    status = "nonfinite" if isinstance(exc, NonFiniteLossError) else "failed"
+    atomic_write_json(summary_path, {"name": recipe.name, "status": status, "run_dir": str(point_dir), "steps": 0,
+                                     "wall_time_s": 0.0, "device": None, "final": {}, "stages": {}, "error": line})
+    from .tb import RunLogger
+
+    logger = RunLogger(point_dir)
+    logger.hparams(hparams, {})
+    logger.close()
 
 
 def write_sweep_tables(sweep_dir: Path, plan: list[dict]) -> str:
@@ -129,7 +153,7 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
         for _, idx in config_groups(plan):
             agg = aggregate_seeds([summaries[i] for i in idx])
             agg_of.update({i: agg for i in idx})
-    header = ["point", *keys, "status", *metric_cols]
+    header = ["point", *keys, "status", *metric_cols, "error"]
     agg_header = [f"{m}_{s}" for m in metric_cols for s in ("mean", "sd", "n")] if seeded else []
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -143,8 +167,9 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
         for m in metric_cols if seeded else []:
             mean, sd, n, _ = agg_of[i].get(m, (None, None, 0, []))
             extra += ["" if mean is None else mean, "" if sd is None or math.isnan(sd) else sd, n]
-        w.writerow(vals + ["" if v is None else v for v in mvals] + extra)
-        md.append("| " + " | ".join(vals + ["-" if v is None else f"{v:.4g}" for v in mvals]) + " |")
+        error = summary.get("error") or ""
+        w.writerow(vals + ["" if v is None else v for v in mvals] + [error] + extra)
+        md.append("| " + " | ".join(vals + ["-" if v is None else f"{v:.4g}" for v in mvals] + [error.replace("|", "\\|")]) + " |")
     text = "\n".join(md) + "\n"
     if seeded:
         text += f"\n## Across seeds\n\nPoints that differ only in `{SEED_KEY}` are one configuration: mean ± sd (sample, n-1) over its completed points, then n and the single values.\n\n"
@@ -152,24 +177,32 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
     return buf.getvalue(), text
 
 
-def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet: bool = False) -> int:
+def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet: bool = False, overrides: list[str] | None = None) -> int:
     if not run_dir.is_dir():
         raise RecipeError([("", f"--resume: no such run directory: {run_dir}")])
     recipe_file = run_dir / "recipe.toml"
     if not recipe_file.exists():
         raise RecipeError([("", f"--resume: {run_dir} has no recipe.toml (is it a run directory?)")])
     if (run_dir / SWEEP_FILE).exists():
+        if overrides:
+            raise RecipeError([("", f"--resume of a sweep takes no overrides; resume one point's directory with them "
+                                    f"(engram-run --resume {run_dir}/000 {overrides[0]})")])
         recipe = load_recipe(recipe_file)
         plan = json.loads((run_dir / SWEEP_FILE).read_text())["points"]
         return _sweep_loop(recipe, run_dir, plan, console, quiet, device)
     summary = run_dir / "summary.json"
+    check_resumable(run_dir, overrides or [])
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         from .cli import print_summary
+
+        if overrides:
+            raise RecipeError([("", f"--resume: {run_dir} already completed; overrides apply to unfinished runs "
+                                    "(start a new run with them instead)")])
 
         console.print(f"{run_dir} already completed")
         print_summary(console, json.loads(summary.read_text()), run_dir)
         return 0
-    recipe = load_recipe(recipe_file)
+    recipe = resume_recipe(run_dir, overrides or [])
     return _run_one(recipe, run_dir, console, quiet, resume=True, device=device)
 
 

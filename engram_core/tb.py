@@ -143,3 +143,39 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def drop_events_after(log_dir: Path, wall_time: float | None) -> int:
+    """Remove from the event files in `log_dir` every event written after `wall_time`.
+
+    A run killed after its last checkpoint may have flushed scalars (an eval stage's, a
+    stage end's) that the resumed run writes again at the same step; TensorBoard's
+    `purge_step` drops only steps after the checkpoint's, so the ones at its step would
+    be doubled. The checkpoint records when it was saved; whatever came later is what
+    the resumed run repeats. Each file is rewritten atomically. Returns events dropped.
+    """
+    if wall_time is None:
+        return 0
+    import os
+
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    dropped = 0
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        # raw records, written back byte for byte (the parsing loader would migrate their format)
+        records = list(RawEventFileLoader(str(path)).Load())
+        keep = [r for r in records if Event.FromString(r).wall_time <= wall_time]
+        if len(keep) == len(records):
+            continue
+        dropped += len(records) - len(keep)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for r in keep:
+                writer.write(r)
+            writer.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped

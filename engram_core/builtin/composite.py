@@ -6,6 +6,8 @@ term want different views), and its terms are logged as ``train/<term>.<name>``.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
@@ -21,6 +23,15 @@ class WeightedSumConfig:
     def __attrs_post_init__(self):
         if not self.terms:
             raise ConfigError("terms", "needs at least one objective table")
+        for i, table in enumerate(self.terms):
+            if "type" not in table:
+                raise ConfigError(f"terms.{i}.type", "missing required key (which objective, e.g. { type = \"gaussian_nll\" })")
+            weight = table.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"terms.{i}.weight", f"expected a finite number, got {weight!r}")
+            if "name" in table and not isinstance(table["name"], str):
+                raise ConfigError(f"terms.{i}.name", f"expected a string, got {table['name']!r}")
+
 
 
 class WeightedSumObjective(Objective):
@@ -54,6 +65,11 @@ class WeightedSumObjective(Objective):
             self.weights.append(float(weight))
             name = str(table.get("name", comp.name))
             self.names.append(name if name not in self.names else f"{name}{i}")
+
+    @staticmethod
+    def sub_components(cfg: WeightedSumConfig) -> list[tuple[str, str, dict]]:
+        """Each term as its own objective table, so recipes resolve, validate and check its capabilities."""
+        return [(f"terms.{i}", "objectives", {k: v for k, v in t.items() if k not in ("weight", "name")}) for i, t in enumerate(cfg.terms)]
 
     def sample(self, dataset, split, batch_size, generator):
         return {"terms": [t.sample(dataset, split, batch_size, generator) for t in self.terms]}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..components import BuildContext, Dataset, DataSpec, EvalContext, Head, Metric, Objective
-from ..config import existing_path, field, in_range, positive
+from ..config import existing_file, field, in_range, positive
 from ..errors import ConfigError
 from ..nn import gaussian_nll
 
@@ -23,7 +23,7 @@ class SyntheticDynamicsConfig:
     length: int = field(64, help="frames per sequence", validator=in_range(2, None))
     noise: float = field(0.02, help="std of the per-step process noise", validator=in_range(0.0, None))
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
-    path: str = field("", help="an .npy file of trajectories (N, T, D) to use instead of generating", validator=existing_path)
+    path: str = field("", help="an .npy file of trajectories (N, T, D) to use instead of generating", validator=existing_file)
 
 
 class SyntheticDynamics(Dataset):
@@ -36,6 +36,21 @@ class SyntheticDynamics(Dataset):
         n_eval = max(1, traj.shape[0] // 4)
         self._split = {"train": traj[n_eval:], "eval": traj[:n_eval]}
         self.spec = DataSpec("synthetic_dynamics", dim=d)
+
+    @staticmethod
+    def dry_spec(cfg: SyntheticDynamicsConfig, build: BuildContext | None = None) -> DataSpec:
+        """The spec without generating: `dim`, or the .npy file's header (its data is not read)."""
+        if cfg.path:
+            import numpy as np
+
+            try:
+                arr = np.load(cfg.path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ConfigError("path", f"cannot read {cfg.path} as an .npy array ({type(exc).__name__}: {exc}); "
+                                          "save one with numpy.save(path, array)") from None
+            _check_shape(cfg.path, arr.shape)
+            return DataSpec("synthetic_dynamics", dim=int(arr.shape[-1]))
+        return DataSpec("synthetic_dynamics", dim=cfg.dim)
 
     def _pairs(self, split: str):
         t = self._split[split]
@@ -73,6 +88,11 @@ def _generate(cfg: SyntheticDynamicsConfig) -> torch.Tensor:
     return torch.stack(seq, 1)
 
 
+def _check_shape(path: str, shape: tuple) -> None:
+    if len(shape) != 3 or shape[0] < 2 or shape[1] < 2:
+        raise ConfigError("path", f"{path}: expected an array of shape (sequences, frames, dim), got {shape}")
+
+
 def _load_trajectories(path: str) -> torch.Tensor:
     import numpy as np
 
@@ -80,8 +100,7 @@ def _load_trajectories(path: str) -> torch.Tensor:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ConfigError("path", f"cannot read {path} as an .npy array: {exc}") from None
-    if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise ConfigError("path", f"{path}: expected an array of shape (sequences, frames, dim), got {arr.shape}")
+    _check_shape(path, arr.shape)
     return torch.from_numpy(arr.astype("float32"))
 
 

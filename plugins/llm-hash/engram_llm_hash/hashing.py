@@ -85,7 +85,7 @@ def canonical_map(token_texts: Sequence[str | None]) -> torch.Tensor:
         out.append(seen.setdefault(norm, i))
     # dense re-numbering keeps the multipliers' overflow bound tight
     uniq = {v: k for k, v in enumerate(sorted(set(out)))}
-    return torch.tensor([uniq[v] for v in out], dtype=torch.long)
+    return torch.tensor([uniq[v] for v in out], dtype=torch.long, device="cpu")  # host data, also under a meta build
 
 
 def byte_token_texts(vocab_size: int = 259) -> list[str | None]:
@@ -110,14 +110,14 @@ class NgramHasher(nn.Module):
         self.max_order = max(self.orders)
         self.heads_per_order = heads_per_order
         self.n_heads = len(self.orders) * heads_per_order
-        if canonical is None:
-            canonical = torch.arange(vocab_size)
+        if canonical is None:  # index tables are host data computed from the config, also under a meta build
+            canonical = torch.arange(vocab_size, device="cpu")
         # the sentinel (position before the start) gets the id after the canonical ones
         self.sentinel = int(canonical.max()) + 1
         self.register_buffer("canonical", canonical.long().clone(), persistent=False)
         g = torch.Generator().manual_seed(int(seed))
         bound = (2**62) // (self.sentinel + 1)
-        mult = torch.randint(0, max(1, bound // 2), (self.max_order,), generator=g, dtype=torch.long) * 2 + 1
+        mult = torch.randint(0, max(1, bound // 2), (self.max_order,), generator=g, dtype=torch.long, device="cpu") * 2 + 1
         self.register_buffer("multipliers", mult, persistent=False)
         sizes = slice_sizes(memory_size, self.n_heads)
         shared = len(set(sizes)) == 1 and sizes[0] == memory_size and memory_size // self.n_heads < 2

@@ -83,6 +83,26 @@ class DigitKVConfig:
             raise ConfigError("budgets", f"must be a non-empty list of positive integers, got {self.budgets!r}")
 
 
+def check_budgets(budgets, spec, key: str = "budgets") -> None:
+    """Budgets a component asks for must be ones the data was generated for.
+
+    The episodes guarantee that the target statement lies wholly in the removed segment
+    only under budgets up to max(data.budgets, data.budget); a larger one fails on some
+    episode at evaluation time (after a long pretraining), so it is refused when built.
+    """
+    if spec is None:
+        return
+    limit = max([*spec.budgets, spec.budget])
+    for b in budgets:
+        if b <= 0 or b >= spec.min_context_len:
+            raise ConfigError(key, f"budget {b} is larger than the prompt allows "
+                                   f"(shortest context {spec.min_context_len} tokens) or not positive")
+        if b > limit:
+            raise ConfigError(key, f"budget {b} is larger than any the data was generated for (data.budgets and "
+                                   f"data.budget go up to {limit}), so the target is not removed in every episode; "
+                                   f"add {b} to data.budgets")
+
+
 @attrs.frozen
 class Episode:
     context: list[int]  # byte ids of all statements

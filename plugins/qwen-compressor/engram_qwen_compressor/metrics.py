@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from engram_core.components import BuildContext, Metric
 from engram_core.config import ConfigError, field, positive
 
+from .data import check_budgets
 from .objectives import _check_modes, answer_ce, oracle_target
 from .reader import MODES
 
@@ -33,11 +34,7 @@ class DigitAccuracy(Metric):
 
     def __init__(self, cfg: DigitAccuracyConfig, build: BuildContext):
         _check_modes(cfg.modes, build)
-        if build.spec is not None:
-            for b in cfg.budgets:
-                if b >= build.spec.min_context_len:
-                    raise ConfigError("budgets", f"budget {b} is larger than the prompt allows "
-                                                 f"(shortest context {build.spec.min_context_len} tokens)")
+        check_budgets(cfg.budgets, build.spec)
         self.cfg = cfg
         self.chance = build.spec.chance if build.spec is not None else 0.1
 
@@ -98,6 +95,8 @@ class Collapse(Metric):
     """
 
     def __init__(self, cfg: CollapseConfig, build: BuildContext):
+        if cfg.budget:
+            check_budgets([cfg.budget], build.spec, "budget")
         self.cfg = cfg
 
     def batches(self, dataset, split, batch_size):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from engram_core.components import BuildContext, Objective
 from engram_core.config import ConfigError, field, non_negative, one_of, positive
 
+from .data import check_budgets
 from .reader import MODES, ORACLE_MODES
 
 ORACLE_TARGETS = ("gold_digit", "gold_kv")
@@ -28,12 +29,7 @@ def _check_modes(modes, build: BuildContext, key: str = "modes") -> None:
 
 
 def _check_budgets(budgets, build: BuildContext) -> None:
-    if build.spec is None:
-        return
-    for b in budgets:
-        if b <= 0 or b >= build.spec.min_context_len:
-            raise ConfigError("budgets", f"budget {b} is larger than the prompt allows "
-                                         f"(shortest context {build.spec.min_context_len} tokens) or not positive")
+    check_budgets(budgets, build.spec)
 
 
 def _sample(cfg, dataset, split, batch_size, generator):

@@ -58,3 +58,15 @@ def test_bad_input_is_one_line_exit_2(override, expect, tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("budget", [129, 140, 159])
+def test_metric_budget_beyond_the_data_fails_at_validate(budget, tmp_path):
+    """A metric budget between the data's largest (128) and the shortest context used to fail
+    only at the first evaluation, after reader pretraining; `engram validate` says it now."""
+    r = run_cli("validate", RECIPES / "budget_sweep.toml", "data.n_train=48", "data.n_eval=8",
+                f"metrics.0.budgets=[64, {budget}]", tool="engram", plugins="qwen-compressor",
+                env={"ENGRAM_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = [l for l in r.stderr.splitlines() if l.strip()]
+    assert "budget_sweep.toml" in line and "metrics.0.budgets" in line and f"add {budget} to data.budgets" in line

@@ -1,0 +1,101 @@
+"""`engram-run --resume RUN_DIR key=value ...`: resume with settings that keep the checkpoint valid.
+
+A diverged run is resumed with a lower learning rate, a stopped one with more steps. An
+override may change what the optimiser does and when things happen — never a shape, a
+data set or a component, which the checkpoint's tensors and RNG states depend on. The
+overrides are applied to the run's `recipe.toml`, checked like any recipe, and written
+back into it (with a comment line saying when and what), so the directory keeps stating
+exactly what ran.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from pathlib import Path
+
+from .errors import RecipeError
+from .recipe import apply_override, load_recipe, parse_override, read_toml, split_key
+from .rundir import atomic_write_text, load_checkpoint
+
+# settings a checkpoint stays valid under (glob patterns of override keys)
+RESUMABLE = (
+    "run.device",
+    "run.precision",
+    "stages.*.steps",
+    "stages.*.lr",
+    "stages.*.weight_decay",
+    "stages.*.betas",
+    "stages.*.momentum",
+    "stages.*.schedule",
+    "stages.*.warmup_steps",
+    "stages.*.min_lr_ratio",
+    "stages.*.grad_clip",
+    "stages.*.eval_every",
+    "stages.*.checkpoint_every",
+    "stages.*.log_every",
+    "stages.*.batch_size",
+    "stages.*.param_groups.*.lr",
+    "stages.*.param_groups.*.weight_decay",
+)
+HEADER = "# resumed"
+
+
+def check_resumable(run_dir: Path, overrides: list[str]) -> None:
+    """Every override names a setting a checkpoint stays valid under (else one line each, exit 2)."""
+    problems = []
+    for item in overrides:
+        key, _ = parse_override(item)
+        if not any(fnmatch.fnmatchcase(".".join(split_key(key)), pat) for pat in RESUMABLE):
+            problems.append((key, NOT_RESUMABLE))
+    if problems:
+        raise RecipeError(problems, str(Path(run_dir) / "recipe.toml"))
+
+
+NOT_RESUMABLE = ("cannot change on --resume: the checkpoint's weights, data or components depend on it; "
+                 "resumable: learning rates, steps, schedule, grad clip, eval/checkpoint/log cadence, "
+                 "batch size, run.device (start a new run for anything else)")
+
+
+def resume_recipe(run_dir: Path, overrides: list[str]):
+    """The run directory's recipe with `overrides` applied, checked, and written back to recipe.toml."""
+    recipe_file = Path(run_dir) / "recipe.toml"
+    if not overrides:
+        return load_recipe(recipe_file)
+    state = load_checkpoint(run_dir)
+    problems = []
+    parsed = []
+    for item in overrides:
+        try:
+            key, value = parse_override(item)
+        except RecipeError as exc:
+            raise exc.with_file(str(recipe_file)) from None
+        path = ".".join(split_key(key))
+        if not any(fnmatch.fnmatchcase(path, pat) for pat in RESUMABLE):
+            problems.append((key, NOT_RESUMABLE))
+            continue
+        parts = path.split(".")
+        if parts[0] == "stages" and state is not None:
+            i = int(parts[1]) if parts[1].isdigit() else -1
+            current = state["stage_index"] + (1 if state["stage_done"] else 0)
+            if 0 <= i < current:
+                problems.append((key, f"stage {i} already finished; only stage {current} onwards can change on --resume"))
+                continue
+            if i == state["stage_index"] and parts[2] == "steps" and isinstance(value, int) and value <= state["stage_step"]:
+                problems.append((key, f"must be > {state['stage_step']}, the steps stage {i} has already taken"))
+                continue
+        parsed.append((key, value))
+    if problems:
+        raise RecipeError(problems, str(recipe_file))
+    raw = read_toml(recipe_file)
+    try:
+        for key, value in parsed:
+            apply_override(raw, key, value)
+    except RecipeError as exc:
+        raise exc.with_file(str(recipe_file)) from None
+    recipe = load_recipe(recipe_file, raw=raw)
+    old_header = [line for line in recipe_file.read_text(encoding="utf-8").splitlines() if line.startswith(HEADER)]
+    step = state["global_step"] if state is not None else 0
+    note = f"{HEADER} {time.strftime('%Y-%m-%dT%H:%M:%S%z')} at global step {step} with: {' '.join(overrides)}"
+    atomic_write_text(recipe_file, "\n".join([*old_header, note, ""]) + recipe.to_toml(include_sweep=False))
+    return recipe
