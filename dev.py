@@ -50,9 +50,17 @@ def _has_test_extra(pyproject: Path) -> bool:
     return "test" in data.get("project", {}).get("optional-dependencies", {})
 
 
+def _pyprojects_digest() -> str:
+    import hashlib
+
+    files = [ROOT / "pyproject.toml", *sorted(ROOT.glob("plugins/*/pyproject.toml")), *sorted(ROOT.glob("examples/*/pyproject.toml"))]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
 def setup() -> None:
     stamp = VENV / ".engram-installed"
-    wanted = " ".join(packages())
+    # the stamp covers every pyproject too, so a pull that adds a dependency reinstalls
+    wanted = " ".join(packages()) + " " + _pyprojects_digest()
     if stamp.exists() and stamp.read_text() == wanted:
         return
     if not bin_path("python").exists():
