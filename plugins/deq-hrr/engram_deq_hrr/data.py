@@ -10,6 +10,10 @@ tokens, `n_keys` key tokens and `n_values` value tokens. A sequence of length L 
 among fillers; its last token is the query: one of the pairs' keys. The label is that
 pair's value (a class in [0, n_values)). `needle_pos` is the position of that value token.
 
+listops_recall — ListOps at length 512 where memory matters: variables are defined
+(``x d``) among fillers, and the sequence ends with ``OP d … d x``, whose last operand is
+one of the variables (docs/plugins/deq-hrr.md says why it replaces listops_lite as the trace test).
+
 listops_lite — prefix expressions ``[OP a b ...]`` over digits with MAX, MIN, MED (median)
 and SM (sum mod 10), nested up to `max_depth`, padded to `seq_len`; the label is the
 value (10 classes). The sequence ends with a query marker so the last state reads it.
@@ -82,22 +86,29 @@ class NeedleConfig:
     n_train: int = field(4096, help="training sequences", validator=positive)
     n_eval: int = field(512, help="evaluation sequences", validator=positive)
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
+    train_lengths: tuple[int, ...] = field((), help="extra training splits `train@L` at these lengths (a length "
+                                                    "curriculum: a stage with split = 'train@L')")
+    eval_lengths: tuple[int, ...] = field((), help="extra evaluation splits `eval@L` at these lengths "
+                                                   "(deq_hrr_accuracy reports eval/acc@L for each)")
 
     def __attrs_post_init__(self):
         layout = 2 * self.n_pairs + 1
-        if self.seq_len < layout:
-            raise ConfigError(
-                "seq_len",
-                f"{self.seq_len} is shorter than the needle layout: {self.n_pairs} pairs need at least {layout} tokens "
-                "(2 per pair + the query key)",
-            )
+        for key, lengths in (("seq_len", (self.seq_len,)), ("train_lengths", self.train_lengths),
+                             ("eval_lengths", self.eval_lengths)):
+            for length in lengths:
+                if length < layout:
+                    raise ConfigError(
+                        key,
+                        f"{length} is shorter than the needle layout: {self.n_pairs} pairs need at least {layout} tokens "
+                        "(2 per pair + the query key)",
+                    )
         if self.n_pairs > self.n_keys:
             raise ConfigError("n_pairs", f"{self.n_pairs} pairs need distinct keys but n_keys is {self.n_keys}")
 
 
-def generate_needle(cfg: NeedleConfig, n: int, seed: int) -> dict[str, torch.Tensor]:
+def generate_needle(cfg: NeedleConfig, n: int, seed: int, seq_len: int | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    L, P = cfg.seq_len, cfg.n_pairs
+    L, P = seq_len or cfg.seq_len, cfg.n_pairs
     key0 = 2 + cfg.n_fillers
     val0 = key0 + cfg.n_keys
     tokens = torch.randint(2, 2 + cfg.n_fillers, (n, L), generator=g)
@@ -118,16 +129,28 @@ def generate_needle(cfg: NeedleConfig, n: int, seed: int) -> dict[str, torch.Ten
     return {"tokens": tokens, "label": label, "needle_pos": needle_pos}
 
 
+def _length_seed(seed: int, length: int, which: int) -> int:
+    return (seed * 2 + which) * 1_000_003 + length
+
+
 class NeedleDataset(_TensorSplits):
     """Needle retrieval: `n_pairs` key/value pairs, the query key at the end, label = its value."""
 
     def __init__(self, cfg: NeedleConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        data = _load_or_make(build, "needle", cfg, lambda: {
-            "train": generate_needle(cfg, cfg.n_train, cfg.seed * 2 + 1),
-            "eval": generate_needle(cfg, cfg.n_eval, cfg.seed * 2 + 2),
-        })
-        self._splits = data
+
+        def make() -> dict:
+            splits = {"train": generate_needle(cfg, cfg.n_train, cfg.seed * 2 + 1),
+                      "eval": generate_needle(cfg, cfg.n_eval, cfg.seed * 2 + 2)}
+            # each extra length has its own generator seed, distinct from the main splits'
+            for length in cfg.train_lengths:
+                splits[f"train@{length}"] = generate_needle(cfg, cfg.n_train, _length_seed(cfg.seed, length, 1), length)
+            for length in cfg.eval_lengths:
+                splits[f"eval@{length}"] = generate_needle(cfg, cfg.n_eval, _length_seed(cfg.seed, length, 2), length)
+            return splits
+
+        self._splits = _load_or_make(build, "needle", cfg, make)
+        self.splits = tuple(self._splits)
         self.spec = DataSpec("needle", vocab_size=2 + cfg.n_fillers + cfg.n_keys + cfg.n_values, n_classes=cfg.n_values,
                              seq_len=cfg.seq_len, n_pairs=cfg.n_pairs, task="needle")
 
@@ -215,3 +238,83 @@ class ListOpsLiteDataset(_TensorSplits):
             "eval": generate_listops(cfg, cfg.n_eval, cfg.seed * 2 + 2),
         })
         self.spec = DataSpec("listops_lite", vocab_size=LISTOPS_VOCAB, n_classes=10, seq_len=cfg.seq_len, task="listops")
+
+
+# ---- listops-recall ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ListOpsRecallConfig:
+    """ListOps whose last operand is a variable defined hundreds of tokens earlier."""
+
+    seq_len: int = field(512, help="tokens per sequence (the seed's ListOps preset length)", validator=in_range(8, None))
+    n_vars: int = field(32, help="distinct variable tokens", validator=positive)
+    n_defs: int = field(4, help="variables defined (``x d``) per sequence among the fillers", validator=positive)
+    n_operands: int = field(2, help="digit operands of the final expression, before the variable", validator=positive)
+    n_fillers: int = field(32, help="distinct filler tokens", validator=positive)
+    n_train: int = field(4096, help="training sequences", validator=positive)
+    n_eval: int = field(512, help="evaluation sequences", validator=positive)
+    seed: int = field(0, help="seed of the generator (independent of run.seed)")
+
+    def __attrs_post_init__(self):
+        need = 2 * self.n_defs + self.n_operands + 2
+        if self.seq_len < need:
+            raise ConfigError("seq_len", f"{self.seq_len} is shorter than the layout: {self.n_defs} definitions and an "
+                                         f"expression of {self.n_operands + 2} tokens need at least {need}")
+        if self.n_defs > self.n_vars:
+            raise ConfigError("n_defs", f"{self.n_defs} definitions need distinct variables but n_vars is {self.n_vars}")
+
+
+# token ids after the ListOps ones: variables, then fillers
+_VAR0 = LISTOPS_VOCAB
+
+
+def fill0_of(cfg: ListOpsRecallConfig) -> int:
+    return _VAR0 + cfg.n_vars
+
+
+def generate_listops_recall(cfg: ListOpsRecallConfig, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """``… x_i d_i …`` definitions among fillers, then ``OP d_1 … d_m x_k``; label = OP(d_1…d_m, value of x_k).
+
+    The expression's digits sit next to the query, within the trunk's short reach; the
+    variable's value sits anywhere in the first L − m − 2 tokens, so only a memory of the
+    definitions recovers it. `needle_pos` is the position of that value's digit and
+    `read_target` the value itself (what the memory's read should recall).
+    """
+    g = torch.Generator().manual_seed(seed)
+    L, V, m = cfg.seq_len, cfg.n_defs, cfg.n_operands
+    expr = m + 2
+    fill0 = fill0_of(cfg)
+    tokens = torch.randint(fill0, fill0 + cfg.n_fillers, (n, L), generator=g)
+    names = torch.rand(n, cfg.n_vars, generator=g).argsort(-1)[:, :V]
+    values = torch.randint(0, 10, (n, V), generator=g)
+    free = L - expr - 2 * V
+    starts = torch.rand(n, free + V, generator=g).argsort(-1)[:, :V].sort(-1).values + torch.arange(V)[None]
+    rows = torch.arange(n)
+    tokens[rows[:, None], starts] = _VAR0 + names
+    tokens[rows[:, None], starts + 1] = _DIGIT0 + values
+    op = torch.randint(0, len(OPS), (n,), generator=g)
+    digits = torch.randint(0, 10, (n, m), generator=g)
+    which = torch.randint(0, V, (n,), generator=g)
+    tokens[:, L - expr] = _OP0 + op
+    tokens[:, L - expr + 1 : L - 1] = _DIGIT0 + digits
+    tokens[:, L - 1] = _VAR0 + names[rows, which]
+    args = torch.cat([digits, values[rows, which, None]], 1).sort(-1).values
+    by_op = torch.stack([args[:, -1], args[:, 0], args[:, (m + 1) // 2], args.sum(-1) % 10], 1)  # OPS order
+    label = by_op[rows, op]
+    return {"tokens": tokens, "label": label, "needle_pos": starts[rows, which] + 1, "read_target": values[rows, which]}
+
+
+class ListOpsRecallDataset(_TensorSplits):
+    """ListOps with a long-range variable operand: a test of the trace (10 classes)."""
+
+    def __init__(self, cfg: ListOpsRecallConfig, build: BuildContext | None = None):
+        self.cfg = cfg
+        self._splits = _load_or_make(build, "listops_recall", cfg, lambda: {
+            "train": generate_listops_recall(cfg, cfg.n_train, cfg.seed * 2 + 1),
+            "eval": generate_listops_recall(cfg, cfg.n_eval, cfg.seed * 2 + 2),
+        })
+        self.spec = DataSpec("listops_recall", vocab_size=fill0_of(cfg) + cfg.n_fillers, n_classes=10,
+                             seq_len=cfg.seq_len, n_pairs=cfg.n_defs, task="listops_recall")
+
+

@@ -9,6 +9,9 @@ causal depthwise convolution lets information flow along the sequence at the fix
 W and the convolution are spectrally normalised (`spectral_norm`) and scaled by
 `contraction` < 1 so f is a contraction and the solver converges.
 
+With ``trunk = "gru"`` the states come instead from a plain (non-equilibrium) recurrent
+cell, a GRU over the same injections: the ablation that asks what the equilibrium adds.
+
 An attached `hrr` memory is written from z*_1..z*_{T-1} and read with the final state
 z*_T as query; its gated output is added to z*_T before the classifier.
 """
@@ -33,6 +36,8 @@ from .deq import GRADIENTS, SOLVERS, DEQFixedPoint
 class DEQClassifierConfig:
     """DEQ trunk (solver, gradients, spectral norm) and the classifier on its final state."""
 
+    trunk: str = field("deq", help="sequence trunk: 'deq' (the equilibrium z* = f(z*, x)) or 'gru' (a plain recurrent "
+                                   "cell over the same injections, for ablations)", validator=one_of("deq", "gru"))
     hidden: int = field(64, help="width H of the equilibrium state z", validator=positive)
     embed: int = field(64, help="token embedding width", validator=positive)
     conv_kernel: int = field(3, help="causal depthwise convolution width inside f (>= 1)", validator=positive)
@@ -58,6 +63,8 @@ class DEQClassifierConfig:
                                        "context it follows); the query key from the last state")
     read_logits: bool = field(True, help="add the memory read's prototype scores (cos/cleanup_temp) to the logits; "
                                          "needs one prototype per class")
+    read_logits_gated: bool = field(False, help="scale that vote by the read gate, so a closed gate removes it (with "
+                                               "ungated votes the task loss already holds an InfoNCE-like term)")
 
 
 class DEQClassifier(Head):
@@ -90,6 +97,7 @@ class DEQClassifier(Head):
         cls_in = cfg.hidden * (2 if cfg.pool == "last_mean" else 1)
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cls_in, cfg.hidden), nn.GELU(),
                                         nn.Linear(cfg.hidden, self.n_classes))
+        self.rnn = nn.GRU(cfg.hidden, cfg.hidden, batch_first=True) if cfg.trunk == "gru" else None
         self.deq = DEQFixedPoint(cfg.solver, cfg.max_iter, cfg.tol, cfg.grad, cfg.backward_max_iter, cfg.backward_tol,
                                  cfg.phantom_steps, cfg.phantom_damping, cfg.anderson_m, cfg.damping)
 
@@ -120,6 +128,8 @@ class DEQClassifier(Head):
 
     def equilibrium(self, tokens: torch.Tensor) -> torch.Tensor:
         u = self.injection(tokens)
+        if self.rnn is not None:
+            return self.rnn(u)[0]
 
         def f(z: torch.Tensor) -> torch.Tensor:
             return torch.tanh(self._mix(z) + u)
@@ -146,7 +156,10 @@ class DEQClassifier(Head):
         else:
             last_idx = lengths.to(tokens.device).long() - 1
         query_state = z.gather(1, last_idx.view(-1, 1, 1).expand(-1, 1, z.shape[-1])).squeeze(1)
-        out: dict = {"solver_iters": self.deq.forward_stats.iterations, "solver_residual": self.deq.forward_stats.residual}
+        if self.rnn is not None:
+            out: dict = {"solver_iters": 0, "solver_residual": 0.0}
+        else:
+            out = {"solver_iters": self.deq.forward_stats.iterations, "solver_residual": self.deq.forward_stats.residual}
         h = query_state
         read_logits = None
         if self.memory_active:
@@ -157,7 +170,7 @@ class DEQClassifier(Head):
                 # write t binds key(z_{t-1}) with value(z_t); position 0 has no predecessor
                 key_states = F.pad(z[:, :-1], (0, 0, 1, 0))
                 write_mask = write_mask & (pos >= 1)
-            targets = batch.get("label") if oracle_mix > 0 else None
+            targets = batch.get("read_target", batch.get("label")) if oracle_mix > 0 else None
             mem = self.memory(z, query_state, write_mask, detach_writes=detach_writes, oracle=targets,
                               oracle_mix=oracle_mix, key_states=key_states)
             h = h + mem["out"]
@@ -166,6 +179,8 @@ class DEQClassifier(Head):
                 # the cleanup's vote is not scaled by the read gate: while reads are still
                 # noise, a gated vote is switched off by the task loss before it can improve
                 read_logits = mem["scores"] / self.memory.cfg.cleanup_temp
+                if self.cfg.read_logits_gated:
+                    read_logits = read_logits * mem["read_gate"].unsqueeze(-1)
         if self.cfg.pool == "last_mean":
             valid = batch.get("mask")
             if valid is None:

@@ -8,7 +8,10 @@ per sequence, the memory
 2. superposes the bound pairs into one trace per sequence,
    ``m_t = α·m_{t-1} + β·g_t·(k_t ⊛ v_t)`` — α is the decay, β the write strength —
    renormalised to unit norm after every write (``renorm = "per_write"``), once at the
-   end (``"final"``) or never (``"none"``);
+   end (``"final"``) or never (``"none"``). Under ``per_write`` the trace is a unit
+   vector before each write, so α only sets the ratio β/α: (α, β) and (1, β/α) give the
+   same trace exactly. α < 1 is therefore refused there; it is a forgetting horizon of
+   about 1/(1−α) writes under ``final`` and ``none``;
 3. reads by unbinding with the query key, ``r = q # m`` (or a regularised inverse);
 4. cleans the read up against learned prototypes (``cleanup_mode = "softmax"``: a softmax
    over cosine similarities with `cleanup_temp`; read sharpening keeps the `sharpen_topk`
@@ -44,7 +47,8 @@ class HRRMemoryConfig:
     """Keys/values bound by circular convolution into one superposed trace per sequence."""
 
     dim: int = field(128, help="HRR dimension d of keys, values and the trace (even, prime factors <= 7)", validator=_fft_dim)
-    alpha: float = field(1.0, help="trace decay α per write: m ← α·m + β·g·(k⊛v); 1 keeps every write", validator=in_range(0.0, 1.0))
+    alpha: float = field(1.0, help="trace decay α per write: m ← α·m + β·g·(k⊛v); 1 keeps every write; "
+                                         "must be 1 under renorm = 'per_write', where it would only rescale β", validator=in_range(0.0, 1.0))
     beta: float = field(1.0, help="write strength β", validator=positive)
     n_buckets: int = field(1, help="traces per sequence; a key writes to / a query reads from the bucket chosen by a "
                                     "fixed random projection (1 = a single trace)", validator=positive)
@@ -70,6 +74,12 @@ class HRRMemoryConfig:
                                  validator=in_range(0.0, 1.0))
     write_threshold: float = field(0.5, help="telemetry: a position counts as written when its gate exceeds this",
                                    validator=in_range(0.0, 1.0))
+
+    def __attrs_post_init__(self):
+        if self.renorm == "per_write" and self.alpha != 1.0:
+            raise ConfigError("alpha", f"α = {self.alpha} has no effect of its own under renorm = 'per_write' (the trace "
+                                       f"is unit-norm before each write, so it only rescales β): use alpha = 1 and "
+                                       f"beta = {self.beta / self.alpha:.6g}, or renorm = 'final' / 'none' for a decay")
 
 
 class HRRMemory(Memory):

@@ -7,19 +7,40 @@ Reports ``acc`` and ``best_acc`` (best over this run's evaluations, for sweep ta
 ``memory/bucket_hit`` (the query reads the needle's bucket), ``memory/prototype_coverage``
 (share of prototypes that win the cleanup for at least one item); always ``memory/solver_iters`` and ``memory/solver_residual``
 (the DEQ's forward solver, mean over batches).
+
+Length generalisation: on a data set with `eval@L` splits (needle's `eval_lengths`) it
+also reports ``acc@L`` for each of them and ``acc@<length of the evaluated split>``, in the
+stages whose name matches `lengths_in`.
+
+Scheduler state (when the objective has an `NCEScheduler`): ``memory/gate_opened``,
+``memory/gate_open_epoch`` (0 = never), ``memory/gate_open_fraction``, ``memory/lambda``,
+``memory/post_gate_drop_epochs`` (epochs the post-gate drop alarm was raised) and
+``memory/best_pre_gate_acc``. During a train stage these describe the epochs completed
+before this evaluation; in an eval stage after training, the whole schedule.
+``majority_acc``: the accuracy of always answering the training split's most frequent class.
 """
 
 from __future__ import annotations
+
+import fnmatch
+import math
 
 import attrs
 import torch
 
 from engram_core.components import BuildContext, Metric, model_device, to_device
+from engram_core.config import field
+
+LENGTH_SPLIT = "eval@"
 
 
 @attrs.frozen
 class DEQHRRAccuracyConfig:
-    """Accuracy and telemetry over the eval split (no keys)."""
+    """Accuracy and telemetry over the eval split, plus accuracy on every `eval@L` split."""
+
+    lengths_in: tuple[str, ...] = field(("*",), help="stage-name globs in which acc@L is measured on the eval@L "
+                                                     "splits (e.g. ['final'] to skip them during training)")
+    majority: bool = field(True, help="report majority_acc (the training split's most frequent class)")
 
 
 class DEQHRRAccuracy(Metric):
@@ -37,7 +58,30 @@ class DEQHRRAccuracy(Metric):
     def load_state_dict(self, state: dict) -> None:
         self.best = float(state.get("best", float("-inf")))
 
+    def batches(self, dataset, split, batch_size):
+        """The `eval@L` splits first (accuracy only), then `split`: the memory's recorded
+        statistics then describe the evaluated split, as without length splits."""
+        stage = self.ctx.stage if self.ctx is not None else ""
+        if any(fnmatch.fnmatchcase(stage, pat) for pat in self.cfg.lengths_in):
+            for name in dataset.splits:
+                if name.startswith(LENGTH_SPLIT) and name != split:
+                    self._current = name
+                    yield from dataset.eval_batches(name, batch_size)
+        self._current = split
+        yield from dataset.eval_batches(split, batch_size)
+        if self.cfg.majority and "train" in dataset.splits and self.ctx is not None:
+            counts = None
+            for b in dataset.eval_batches("train", 4096):
+                c = torch.bincount(b["label"].flatten(), minlength=1)
+                counts = c if counts is None else _add_counts(counts, c)
+            self.majority_label = int(counts.argmax())
+
     def reset(self) -> None:
+        self._current = ""
+        self.main_length = 0
+        self.length_hits: dict[str, list[int]] = {}
+        self.majority_label: int | None = None
+        self.label_counts: torch.Tensor | None = None
         self.correct = 0
         self.total = 0
         self.sums: dict[str, float] = {}
@@ -60,13 +104,21 @@ class DEQHRRAccuracy(Metric):
         out = model.head.forward_detailed(batch)
         label = batch["label"]
         n = label.shape[0]
+        if self._current.startswith(LENGTH_SPLIT) and self._current != getattr(self.ctx, "split", None):
+            hits = self.length_hits.setdefault(self._current[len(LENGTH_SPLIT):], [0, 0])
+            hits[0] += int((out["logits"].argmax(-1) == label).sum())
+            hits[1] += n
+            return
+        self.main_length = int(batch["tokens"].shape[1])
+        counts = torch.bincount(label.flatten().cpu(), minlength=1)
+        self.label_counts = counts if self.label_counts is None else _add_counts(self.label_counts, counts)
         self.correct += int((out["logits"].argmax(-1) == label).sum())
         self.total += n
         self._add("solver_iters", float(out["solver_iters"]), n)
         self._add("solver_residual", float(out["solver_residual"]), n)
         mem = out.get("memory")
         if mem is not None:
-            diag = model.memory.diagnostics(mem, label, batch.get("needle_pos"))
+            diag = model.memory.diagnostics(mem, batch.get("read_target", label), batch.get("needle_pos"))
             for name in ("raw_read_cos", "clean_read_cos", "write_cos", "collision", "bucket_hit", "bucket_coverage"):
                 if name in diag:
                     self._add(name, diag[name])
@@ -78,6 +130,14 @@ class DEQHRRAccuracy(Metric):
         acc = self.correct / max(self.total, 1)
         self.best = max(self.best, acc)
         out = {"acc": acc, "best_acc": self.best}
+        if self.length_hits:
+            out[f"acc@{self.main_length}"] = acc
+            for length, (hit, total) in self.length_hits.items():
+                out[f"acc@{length}"] = hit / max(total, 1)
+        if self.majority_label is not None and self.label_counts is not None:
+            counts = self.label_counts
+            out["majority_acc"] = float(counts[self.majority_label]) / max(self.total, 1) if self.majority_label < len(counts) else 0.0
+        out.update(self._schedule())
         mean = {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
         out["memory/solver_iters"] = mean.get("solver_iters", 0.0)
         out["memory/solver_residual"] = mean.get("solver_residual", 0.0)
@@ -93,3 +153,23 @@ class DEQHRRAccuracy(Metric):
                 out["memory/collisions"] = mean["collision"]
                 out["memory/bucket_hit"] = mean["bucket_hit"]
         return out
+
+    def _schedule(self) -> dict[str, float]:
+        sched = getattr(getattr(self.ctx, "objective", None), "scheduler", None)
+        if sched is None or not hasattr(sched, "summary"):
+            return {}
+        opened = bool(sched.gate_open)
+        best_pre = float(sched.best_pre_gate_acc)
+        return {
+            "memory/gate_opened": float(opened),
+            "memory/gate_open_epoch": float(sched.open_epoch) if opened else 0.0,
+            "memory/gate_open_fraction": float(sched.gate_open_fraction()),
+            "memory/lambda": float(sched.current_lambda),
+            "memory/post_gate_drop_epochs": float(sched.post_gate_drop_epochs),
+            "memory/best_pre_gate_acc": best_pre if math.isfinite(best_pre) else 0.0,
+        }
+
+
+def _add_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = max(len(a), len(b))
+    return torch.nn.functional.pad(a, (0, n - len(a))) + torch.nn.functional.pad(b, (0, n - len(b)))

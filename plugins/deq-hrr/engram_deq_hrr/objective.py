@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from engram_core.components import BuildContext, Objective
-from engram_core.config import field, non_negative, positive
+from engram_core.config import ConfigError, field, non_negative, positive
 
+from .hrr import expected_recall_cosine
 from .scheduler import NCEScheduler, NCESchedulerConfig
 
 PER_EPOCH_COLUMNS = (
@@ -43,6 +44,23 @@ def lookup(metrics: dict, name: str) -> float | None:
     return None
 
 
+def capacity_threshold(cfg: NCESchedulerConfig, build: BuildContext | None) -> NCESchedulerConfig:
+    """`read_threshold_capacity` · 1/√(n+1) as the read threshold, n = the data set's pairs per sequence.
+
+    A trace of n superposed pairs reads one back at cosine ≈ 1/√(n+1) (Gaussian keys,
+    `hrr.expected_recall_cosine`): a threshold above that can never be reached.
+    """
+    if cfg.read_threshold_capacity <= 0:
+        return cfg
+    spec = getattr(build, "spec", None)
+    n_pairs = spec.get("n_pairs") if spec is not None else None
+    if not n_pairs:
+        raise ConfigError("nce_scheduler.read_threshold_capacity",
+                          "needs a data set that says how many pairs a trace holds (n_pairs, e.g. needle); "
+                          "set read_threshold instead")
+    return attrs.evolve(cfg, read_threshold=cfg.read_threshold_capacity * expected_recall_cosine(int(n_pairs)))
+
+
 @attrs.frozen
 class DEQHRRTaskConfig:
     """Cross-entropy on the label + λ·InfoNCE(read, prototypes), λ scheduled on read quality."""
@@ -59,7 +77,7 @@ class DEQHRRTaskObjective(Objective):
     def __init__(self, cfg: DEQHRRTaskConfig, build: BuildContext):
         super().__init__()
         self.cfg = cfg
-        self.scheduler = NCEScheduler(cfg.nce_scheduler)
+        self.scheduler = NCEScheduler(capacity_threshold(cfg.nce_scheduler, build))
         self._read_sum = 0.0
         self._read_count = 0
         self._lr_marks: dict[int, tuple[float, float]] = {}
@@ -82,12 +100,14 @@ class DEQHRRTaskObjective(Objective):
             memory = model.memory
             protos = F.normalize(memory.prototypes, dim=-1)
             scores = F.normalize(mem["raw"], dim=-1) @ protos.T
-            nce = F.cross_entropy(scores / self.cfg.nce_temperature, label)
+            # the read's target: the label (needle), or the recalled value when the data set names it
+            read_target = batch.get("read_target", label)
+            nce = F.cross_entropy(scores / self.cfg.nce_temperature, read_target)
             lam = sched.current_lambda
             if lam > 0:
                 loss = loss + lam * nce
             with torch.no_grad():
-                raw_cos = scores.gather(1, label.view(-1, 1)).mean()
+                raw_cos = scores.gather(1, read_target.view(-1, 1)).mean()
             if training:
                 self._read_sum += float(raw_cos)
                 self._read_count += 1

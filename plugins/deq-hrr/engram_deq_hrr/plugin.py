@@ -2,7 +2,8 @@
 
 from engram_core.hookspecs import hookimpl
 
-from .data import ListOpsLiteConfig, ListOpsLiteDataset, NeedleConfig, NeedleDataset
+from .data import (ListOpsLiteConfig, ListOpsLiteDataset, ListOpsRecallConfig, ListOpsRecallDataset, NeedleConfig,
+                   NeedleDataset)
 from .head import DEQClassifier, DEQClassifierConfig
 from .memory import HRRMemory, HRRMemoryConfig
 from .metrics import DEQHRRAccuracy, DEQHRRAccuracyConfig
@@ -13,6 +14,7 @@ from .objective import DEQHRRTaskConfig, DEQHRRTaskObjective
 def engram_datasets(register):
     register("needle", NeedleDataset, NeedleConfig)
     register("listops_lite", ListOpsLiteDataset, ListOpsLiteConfig)
+    register("listops_recall", ListOpsRecallDataset, ListOpsRecallConfig)
 
 
 @hookimpl

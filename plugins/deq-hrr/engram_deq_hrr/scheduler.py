@@ -39,6 +39,9 @@ class NCESchedulerConfig:
 
     enabled: bool = field(True, help="use the InfoNCE term at all (false: λ stays 0)")
     read_threshold: float = field(0.65, help="gate opens when the read EMA reaches this raw read cosine", validator=probability)
+    read_threshold_capacity: float = field(0.0, help="when > 0: the read threshold is this fraction of the capacity "
+                                                     "cosine 1/sqrt(n+1) of a trace of the data set's n_pairs pairs "
+                                                     "(replaces read_threshold)", validator=in_range(0.0, 1.0))
     read_ema_decay: float = field(0.5, help="EMA decay of the per-epoch read quality", validator=probability)
     require_read: bool = field(True, help="require the read EMA >= read_threshold before opening")
     read_patience: int = field(1, help="consecutive epochs the EMA must stay >= threshold", validator=in_range(1, None))

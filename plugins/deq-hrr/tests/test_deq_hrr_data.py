@@ -95,3 +95,34 @@ def _evaluate(toks, pos, names):
     else:
         val = sum(args) % 10
     return val, pos + 1
+
+
+def test_needle_length_splits():
+    from engram_deq_hrr.data import NeedleDataset as ND
+
+    ds = ND(NeedleConfig(seq_len=32, n_pairs=2, n_train=8, n_eval=4, train_lengths=(16,), eval_lengths=(16, 64)))
+    assert set(ds.splits) == {"train", "eval", "train@16", "eval@16", "eval@64"}
+    assert ds._splits["eval@64"]["tokens"].shape == (4, 64) and ds._splits["train@16"]["tokens"].shape == (8, 16)
+    assert not torch.equal(ds._splits["eval@16"]["tokens"], ds._splits["train@16"]["tokens"][:4])
+    with pytest.raises(ConfigError, match="eval_lengths"):
+        structure({"n_pairs": 4, "eval_lengths": [6]}, NeedleConfig)
+
+
+def test_listops_recall_layout_and_labels():
+    from engram_deq_hrr.data import ListOpsRecallConfig, _VAR0, generate_listops_recall
+
+    cfg = ListOpsRecallConfig(seq_len=40, n_vars=8, n_defs=3, n_operands=2, n_fillers=4)
+    d = generate_listops_recall(cfg, 64, 0)
+    ops = {12: max, 13: min, 14: lambda a: sorted(a)[len(a) // 2], 15: lambda a: sum(a) % 10}
+    for i in range(64):
+        row = d["tokens"][i].tolist()
+        body, expr = row[:-4], row[-4:]
+        is_var = [_VAR0 <= t < _VAR0 + cfg.n_vars for t in body]
+        defs = {body[p]: body[p + 1] - 2 for p, v in enumerate(is_var) if v}
+        assert len(defs) == 3 and all(0 <= x <= 9 for x in defs.values())  # distinct variables, digit values
+        op, digits, var = expr[0], [t - 2 for t in expr[1:3]], expr[3]
+        assert var in defs and int(d["read_target"][i]) == defs[var]
+        assert row[int(d["needle_pos"][i]) - 1] == var
+        assert ops[op](digits + [defs[var]]) == int(d["label"][i])
+    with pytest.raises(ConfigError, match="shorter than the layout"):
+        structure({"seq_len": 8, "n_defs": 4}, ListOpsRecallConfig)

@@ -106,3 +106,38 @@ def test_memory_knock_out_changes_logits_and_enabled_flag(tmp_path):
         mem.enabled = False
         off = head.forward_detailed(batch)
     assert "memory" not in off and not torch.allclose(on, off["logits"])
+
+
+def test_gru_trunk_is_a_plain_recurrent_cell(tmp_path):
+    """trunk = 'gru': causal states from a GRU (a later token cannot change an earlier state), no solver."""
+    ds, head, build = _head(tmp_path, trunk="gru")
+    Model(head, HRRMemory(HRRMemoryConfig(dim=32), build), "trace")
+    batch = ds.sample("train", 4, torch.Generator().manual_seed(0))
+    out = head.forward_detailed(batch)
+    assert out["solver_iters"] == 0 and out["logits"].shape == (4, ds.spec.n_classes)
+    out["logits"].sum().backward()
+    assert head.rnn.weight_hh_l0.grad is not None and head.rnn.weight_hh_l0.grad.abs().sum() > 0
+    tokens = batch["tokens"].clone()
+    z1 = head.equilibrium(tokens)
+    tokens[:, -1] = (tokens[:, -1] + 1) % ds.spec.vocab_size
+    z2 = head.equilibrium(tokens)
+    assert torch.allclose(z1[:, :-1], z2[:, :-1]) and not torch.allclose(z1[:, -1], z2[:, -1])
+
+
+def test_gated_read_logits_vanish_with_a_closed_read_gate(tmp_path):
+    ds, head, build = _head(tmp_path, read_logits_gated=True)
+    mem = HRRMemory(HRRMemoryConfig(dim=32, read_gate_bias=-60.0), build)
+    Model(head, mem, "trace").eval()
+    batch = ds.sample("eval", 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gated = head.forward_classify(batch)
+        mem.enabled = False
+        without = head.forward_classify(batch)
+    assert torch.allclose(gated, without, atol=1e-5)  # closed gate: neither the read nor its vote reaches the logits
+    _, head2, build2 = _head(tmp_path / "b")
+    mem2 = HRRMemory(HRRMemoryConfig(dim=32, read_gate_bias=-60.0), build2)
+    Model(head2, mem2, "trace").eval()
+    with torch.no_grad():
+        ungated = head2.forward_classify(batch)
+        mem2.enabled = False
+        assert not torch.allclose(ungated, head2.forward_classify(batch), atol=1e-3)  # the ungated vote remains

@@ -54,6 +54,8 @@ def test_closed_read_gate_passes_the_state_through():
 @pytest.mark.parametrize("renorm", ["per_write", "none", "final"])
 @pytest.mark.parametrize("alpha", [1.0, 0.9, 0.0])
 def test_write_matches_the_sequential_definition(n_buckets, renorm, alpha):
+    if renorm == "per_write" and alpha != 1.0:
+        pytest.skip("α < 1 is refused under per_write renormalisation (test_alpha_under_per_write_renorm)")
     m = make(alpha=alpha, beta=0.7, n_buckets=n_buckets, renorm=renorm)
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(2, T, D, generator=g), torch.randn(2, T, D, generator=g)
@@ -73,6 +75,26 @@ def test_write_matches_the_sequential_definition(n_buckets, renorm, alpha):
     assert torch.allclose(trace, ref, atol=1e-4)
 
 
+def test_alpha_under_per_write_renorm():
+    """Under per-write renormalisation (α, β) and (1, β/α) give the same trace, so α < 1 is refused."""
+    g = torch.Generator().manual_seed(2)
+    k, v = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    gates = torch.rand(T, generator=g)
+
+    def sequential(alpha, beta):
+        m = torch.zeros(D)
+        for t in range(T):
+            m = alpha * m + beta * gates[t] * bind(k[t], v[t])
+            m = m / m.norm()
+        return m
+
+    assert torch.allclose(sequential(0.99, 0.5), sequential(1.0, 0.5 / 0.99), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"beta = 0\.505051"):
+        structure({"alpha": 0.99, "beta": 0.5}, HRRMemoryConfig)
+    # a real decay where renormalisation does not undo it: older writes weigh less
+    assert structure({"alpha": 0.9, "renorm": "final"}, HRRMemoryConfig).alpha == 0.9
+
+
 def test_buckets_are_deterministic_and_used():
     m = make(n_buckets=4)
     k = torch.randn(64, D)
@@ -89,7 +111,7 @@ def test_buckets_are_deterministic_and_used():
 
 
 def test_no_renorm_is_the_decayed_sum():
-    m = make(alpha=0.5, renorm="none")
+    m = make(alpha=0.5, renorm="none")  # α is a forgetting factor without per-write renormalisation
     k, v = torch.randn(1, 3, D), torch.randn(1, 3, D)
     trace = m.write(k, v, torch.ones(1, 3))[:, 0]
     ref = 0.25 * bind(k[:, 0], v[:, 0]) + 0.5 * bind(k[:, 1], v[:, 1]) + bind(k[:, 2], v[:, 2])

@@ -108,3 +108,41 @@ def test_metric_reports_accuracy_best_and_telemetry(tmp_path):
     fresh = DEQHRRAccuracy(DEQHRRAccuracyConfig(), BuildContext())
     fresh.load_state_dict(state)
     assert fresh.best == metric.best
+
+
+def test_read_threshold_from_the_capacity_cosine(tmp_path):
+    """read_threshold_capacity · 1/sqrt(n_pairs + 1): the data set here holds 2 pairs."""
+    _, _, obj = build(tmp_path, read_threshold_capacity=0.5)
+    assert obj.scheduler.cfg.read_threshold == pytest.approx(0.5 / 3 ** 0.5)
+    _, _, plain = build(tmp_path, read_threshold=0.3)
+    assert plain.scheduler.cfg.read_threshold == 0.3
+
+
+def test_metric_reports_lengths_schedule_and_majority(tmp_path):
+    from engram_core.components import EvalContext
+
+    ds = NeedleDataset(NeedleConfig(seq_len=24, n_pairs=2, n_train=64, n_eval=16, eval_lengths=(40,)),
+                       BuildContext(cache_dir=tmp_path))
+    b = BuildContext(spec=ds.spec, seed=0, cache_dir=tmp_path)
+    head = DEQClassifier(DEQClassifierConfig(hidden=16, embed=16), b)
+    b.head = head
+    model = Model(head, HRRMemory(HRRMemoryConfig(dim=32), b), "trace").eval()
+    obj = DEQHRRTaskObjective(DEQHRRTaskConfig(nce_scheduler=NCESchedulerConfig(warm_start_epochs=0, require_read=False)), b)
+    obj.scheduler.epoch_end(0.1, 0.2)  # opens at epoch 1
+    results = {}
+    for stage, lengths_in in (("final", ("*",)), ("train", ("final",))):
+        metric = DEQHRRAccuracy(DEQHRRAccuracyConfig(lengths_in=lengths_in), b)
+        metric.bind(EvalContext(model, ds, "eval", 0, stage, obj, 8, torch.device("cpu")))
+        metric.reset()
+        with torch.no_grad():
+            for batch in metric.batches(ds, "eval", 8):
+                metric.update(model, batch)
+        results[stage] = metric.compute()
+    final = results["final"]
+    assert set(final) >= {"acc@24", "acc@40", "majority_acc", "memory/gate_open_epoch", "memory/gate_open_fraction"}
+    assert final["acc@24"] == final["acc"] and 0 <= final["acc@40"] <= 1
+    assert final["memory/gate_open_epoch"] == 1 and final["memory/gate_open_fraction"] == 1.0
+    labels = ds._splits["train"]["label"]
+    top = int(torch.bincount(labels).argmax())
+    assert final["majority_acc"] == pytest.approx(float((ds._splits["eval"]["label"] == top).float().mean()))
+    assert "acc@40" not in results["train"]  # lengths_in = ["final"]: skipped during training
