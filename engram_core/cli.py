@@ -198,6 +198,14 @@ def _describe(console: Console, kind: str, name: str) -> int:
             caps.append(f"{label}: {', '.join(vals)}")
     if caps:
         console.print("; ".join(caps))
+    from .points import PROTOCOLS, point_signature
+
+    points = [p for p in (comp.provides if k == "memories" else comp.offers if k == "heads" else ()) if p in PROTOCOLS]
+    for point in points:
+        role = "implements" if k == "memories" else "calls"
+        console.print(f"point '{point}' ({role} engram_core.points.{PROTOCOLS[point].__name__}):", markup=False)
+        for line in point_signature(point):
+            console.print(f"  {line}", markup=False)
     table = Table(title=f"config keys ({comp.config_cls.__name__})")
     for col in ("key", "type", "default", "help"):
         table.add_column(col, overflow="fold")

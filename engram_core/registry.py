@@ -119,6 +119,14 @@ class Registry:
             if not attrs.has(config_cls):
                 raise PluginError(f"plugin {plugin}: {KIND_SINGULAR[kind]} '{name}': config class must be an attrs class")
             comp = Component(kind, name, plugin, factory, config_cls, tuple(provides), tuple(requires), tuple(offers))
+            if kind == "memories":
+                # a memory that says it fits a point must implement that point's protocol;
+                # the plugin is then listed as broken (with why) and the others still load
+                from .points import check_memory_implements
+
+                problems = check_memory_implements(factory, comp.provides)
+                if problems:
+                    raise TypeError(f"memory '{name}' ({getattr(factory, '__qualname__', factory)}) " + "; ".join(problems))
             clash = self.components[kind].get(comp.qualified) or next(
                 (c for c in staged if c.kind == kind and c.qualified == comp.qualified), None
             )

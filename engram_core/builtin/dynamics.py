@@ -106,10 +106,10 @@ class MLPGaussianHead(Head):
 
     def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(z)
-        mu = self.mu(h)
-        if self.memory_active:
-            mu = mu + self.memory(z)
-        return mu, self.log_sigma(h).clamp_min(self.min_log_sigma)
+        mu, log_sigma = self.mu(h), self.log_sigma(h).clamp_min(self.min_log_sigma)
+        if self.memory_active:  # the `residual` point (engram_core.points.ResidualPoint)
+            mu, log_sigma = self.memory.apply_residual(z, mu, log_sigma)
+        return mu, log_sigma
 
     def forward(self, z):
         return self.predict(z)

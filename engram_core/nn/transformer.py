@@ -8,7 +8,10 @@ the llm-hash base model, the qwen-compressor reader. It supports
   token id seen so far, so a memory that hashes n-grams sees the history even
   when generation passes only the newest token,
 * ``block_hooks``: callables ``hook(index, hidden, ids, positions) -> hidden`` run
-  after decoder block ``index`` (how a `layer` memory is injected).
+  after decoder block ``index`` (how a `layer` memory is injected),
+* ``window``: sliding-window attention (each position sees the `window` most recent
+  positions, itself included); the first ``n_global`` positions of a sequence (prefix
+  memory vectors) stay visible to every position, window or not.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import field, positive
+from ..config import field, non_negative, positive
 
 
 @attrs.frozen
@@ -34,6 +37,7 @@ class CausalTransformerConfig:
     dropout: float = field(0.0, help="dropout on attention and MLP outputs")
     mlp_ratio: int = field(4, help="MLP hidden width = mlp_ratio * dim", validator=positive)
     tie_embeddings: bool = field(True, help="share the token embedding and output projection")
+    window: int = field(0, help="sliding attention window in positions (0 = full causal attention)", validator=non_negative)
 
     def __attrs_post_init__(self):
         if self.dim % self.n_heads:
@@ -55,8 +59,9 @@ class _Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
         self.p_drop = cfg.dropout
+        self.window = cfg.window
 
-    def forward(self, x, past: tuple[torch.Tensor, torch.Tensor] | None, attn_mask: torch.Tensor | None):
+    def forward(self, x, past: tuple[torch.Tensor, torch.Tensor] | None, attn_mask: torch.Tensor | None, n_global: int = 0):
         b, t, d = x.shape
         h = self.n_heads
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
@@ -69,6 +74,11 @@ class _Block(nn.Module):
         s = k.shape[2]
         # causal mask over the whole (past + new) key range, plus padding
         causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
+        if self.window:
+            # key index = absolute position (the cache holds every earlier position)
+            q_pos = torch.arange(s - t, s, device=x.device)[:, None]
+            k_pos = torch.arange(s, device=x.device)[None]
+            causal = causal & ((q_pos - k_pos < self.window) | (k_pos < n_global))
         mask = causal[None, None]
         if attn_mask is not None:
             mask = mask & attn_mask[:, None, None, :s].bool()
@@ -122,13 +132,18 @@ class CausalTransformer(nn.Module):
         cache: dict | None = None,
         use_cache: bool = False,
         return_hidden: bool = False,
+        n_global: int = 0,
     ):
+        """`n_global`: the first positions that every position may attend to under a
+        sliding window (prefix memory vectors); kept in the cache for later steps."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
             inputs_embeds = self.tok(input_ids)
         b, t, _ = inputs_embeds.shape
         past_len = 0 if cache is None else cache["length"]
+        if cache is not None:
+            n_global = cache.get("n_global", 0)
         if past_len + t > self.cfg.max_len:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds max_len {self.cfg.max_len}")
         positions = torch.arange(past_len, past_len + t, device=inputs_embeds.device)
@@ -143,7 +158,7 @@ class CausalTransformer(nn.Module):
         new_kv = []
         for i, block in enumerate(self.blocks):
             past = None if cache is None else cache["kv"][i]
-            x, kv = block(x, past, attention_mask)
+            x, kv = block(x, past, attention_mask, n_global)
             new_kv.append(kv)
             for hook in self.block_hooks:
                 x = hook(i, x, ids, positions)
@@ -151,7 +166,7 @@ class CausalTransformer(nn.Module):
         logits = self.lm_head(hidden)
         new_cache = None
         if use_cache:
-            new_cache = {"kv": new_kv, "length": past_len + t, "ids": ids, "mask": attention_mask}
+            new_cache = {"kv": new_kv, "length": past_len + t, "ids": ids, "mask": attention_mask, "n_global": n_global}
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache
@@ -192,7 +207,8 @@ class CausalTransformer(nn.Module):
                 if cache is None and prefix_embeds is None:
                     logits, cache = self(input_ids=ids, attention_mask=mask, use_cache=True)
                 elif cache is None:
-                    logits, cache = self(inputs_embeds=full_embeds(ids), attention_mask=full_mask(mask), use_cache=True)
+                    logits, cache = self(inputs_embeds=full_embeds(ids), attention_mask=full_mask(mask), use_cache=True,
+                                         n_global=prefix_embeds.shape[1])
                     cache["ids"] = None  # prefix positions carry no token ids
                 else:
                     logits, cache = self(input_ids=out[-1][:, None], cache=cache, use_cache=True)
@@ -204,7 +220,7 @@ class CausalTransformer(nn.Module):
                 if prefix_embeds is None:
                     logits, _ = self(input_ids=seq, attention_mask=m)
                 else:
-                    logits, _ = self(inputs_embeds=full_embeds(seq), attention_mask=full_mask(m))
+                    logits, _ = self(inputs_embeds=full_embeds(seq), attention_mask=full_mask(m), n_global=prefix_embeds.shape[1])
             nxt = logits[:, -1].argmax(-1)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)

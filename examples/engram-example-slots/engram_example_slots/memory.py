@@ -45,6 +45,10 @@ class KeyValueSlotsMemory(Memory):
             self.reads += w.detach().reshape(-1, w.shape[-1]).sum(0)
         return torch.sigmoid(self.gate_logit) * (w @ self.values)
 
+    def apply_residual(self, z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor | None):
+        """The `residual` point (engram_core.points.ResidualPoint): adds the read to mu."""
+        return mu + self(z), log_sigma
+
     def reset(self) -> None:
         self.reads.zero_()
 

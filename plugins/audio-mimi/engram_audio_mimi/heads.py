@@ -75,7 +75,7 @@ class GaussianMLPHead(MLPGaussianHead):
     def predict(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, log_sigma = self.predict_param(z)
         if self.memory_active:
-            mu, log_sigma = self.memory(z, mu, log_sigma)
+            mu, log_sigma = self.memory.apply_residual(z, mu, log_sigma)
         return mu, log_sigma
 
     def nll(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,10 @@ class DynamicsMemory(Memory):
         self.dim = int(build.spec.dim)
         object.__setattr__(self, "_head", build.head)
 
+    def apply_residual(self, z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor | None):
+        """The `residual` point (engram_core.points.ResidualPoint): the memory's forward."""
+        return self(z, mu, log_sigma)
+
     def _param_prediction(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         head = self._head
         if head is None:

@@ -81,10 +81,11 @@ class HRRMemory(Memory):
         super().__init__()
         self.cfg = cfg
         head = build.head
-        in_dim = getattr(head, "state_dim", None)
+        in_dim = getattr(head, "state_dim", None) or getattr(head, "width", None)
         if in_dim is None:
-            raise ConfigError("type", "the hrr memory needs a head with a `state_dim` (e.g. deq_classifier)")
-        n_proto = cfg.n_prototypes or int(build.spec.n_classes)
+            raise ConfigError("type", "the hrr memory needs a head with a `state_dim` or `width` (e.g. deq_classifier, causal_backbone)")
+        # a classifier's classes, else (a token-level head) one prototype per token
+        n_proto = cfg.n_prototypes or int(build.spec.get("n_classes") or build.spec.vocab_size)
         if getattr(getattr(head, "cfg", None), "read_logits", False) and n_proto != int(build.spec.n_classes):
             raise ConfigError("n_prototypes", f"{n_proto} prototypes, but the head's read_logits needs one per class "
                                               f"({build.spec.n_classes}); set n_prototypes = 0 or head.read_logits = false")
@@ -337,3 +338,41 @@ class HRRMemory(Memory):
         self.last_read_gate.zero_()
         self.last_write_fraction.zero_()
         self._last_gates = None
+
+    # -- the `trace` point (engram_core.points.TracePoint) -----------------------------
+    # The same write, unbinding, cleanup and gated output as `forward`, with any number
+    # of query positions per sequence. The trace is the (B, n_buckets, dim) tensor.
+
+    def empty_trace(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(batch_size, self.cfg.n_buckets, self.dim, device=device, dtype=dtype)
+
+    def write_trace(self, states: torch.Tensor, write_mask: torch.Tensor | None,
+                    key_states: torch.Tensor | None = None) -> torch.Tensor:
+        keys = self.keys(states if key_states is None else key_states)
+        values = self.values(states)
+        gates = torch.sigmoid(self.write_gate(states)).squeeze(-1)
+        if write_mask is not None:
+            gates = gates * write_mask.to(gates.dtype)
+        traces = self.write(keys, values, gates, self.buckets(keys))
+        if not self.training:
+            self.last_write_fraction.copy_((gates > self.cfg.write_threshold).float().mean())
+            self._last_gates = gates.detach().flatten().cpu()
+        return traces
+
+    def read_trace(self, trace: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        B, Q, _ = queries.shape
+        q = self.queries(queries)  # (B, Q, d)
+        bucket = self.buckets(q)  # (B, Q)
+        picked = trace.gather(1, bucket.unsqueeze(-1).expand(-1, -1, self.dim))  # (B, Q, d)
+        raw = self.unbind(picked, q)
+        cleaned, _ = self.cleanup(raw)
+        read_gate = torch.sigmoid(self.read_gate(queries))  # (B, Q, 1)
+        # the cleanup returns a prototype mix even for a zero read: a bucket nothing was
+        # written to reads as zeros (the point's contract), not as the mean prototype
+        written = (picked.abs().amax(-1, keepdim=True) > 0).to(queries.dtype)
+        out = written * read_gate * self.out_proj(cleaned)
+        if not self.training:
+            self.n_reads += B * Q
+            self.last_trace_norm.copy_(picked.norm(dim=-1).mean())
+            self.last_read_gate.copy_(read_gate.mean())
+        return out

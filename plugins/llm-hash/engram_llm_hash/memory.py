@@ -198,7 +198,10 @@ class EngramHashMemory(Memory):
     def _make_block(self, cfg, dim, vocab, layer, canon):
         return EngramBlock(cfg, dim, vocab, layer, canon)
 
-    # -- the injection point -------------------------------------------------------
+    # -- the injection point (engram_core.points.LayerPoint) ------------------------
+    def layer_indices(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.blocks)
+
     def apply_layer(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far."""
         key = str(layer)

@@ -33,6 +33,16 @@ def _reader_width(build: BuildContext, out_dim: int) -> int:
     return width
 
 
+class _ContextPointMixin:
+    """The `context` point (engram_core.points.ContextPoint) for both compressors."""
+
+    def context_shape(self) -> tuple[int, int]:
+        return self.cfg.n_slots, self.out_width
+
+    def write_context(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self(ids, mask)
+
+
 class _MemoryStatsMixin:
     """Parameter-update check: relative change of the memory's parameters since it was built."""
 
@@ -105,7 +115,7 @@ class _CrossBlock(nn.Module):
         return q + self.mlp(self.ln_m(q))
 
 
-class MemEncoder(_MemoryStatsMixin, Memory):
+class MemEncoder(_ContextPointMixin, _MemoryStatsMixin, Memory):
     """K learned queries cross-attend to the removed tokens; output (B, K, reader width).
 
     A learned null token is always attendable, so an empty removed segment is well defined.
@@ -184,7 +194,7 @@ class ReaderEncoderConfig:
     output_norm: bool = field(True, help="LayerNorm on the projected memory")
 
 
-class ReaderEncoder(_MemoryStatsMixin, Memory):
+class ReaderEncoder(_ContextPointMixin, _MemoryStatsMixin, Memory):
     """ICAE-style: [BOS] removed tokens [M1..MK] through the reader (adapter `encoder` on),
     memory = proj(hidden states at M1..MK). The reader's weights are shared, not copied:
     the adapter's parameters live in the head (``head.lm.….lora.encoder.*``)."""

@@ -30,7 +30,7 @@ def engram_heads(register):
 
 @hookimpl
 def engram_memories(register):
-    register("mem_encoder", MemEncoder, MemEncoderConfig, provides=("context",), requires=("digit_kv",))
+    register("mem_encoder", MemEncoder, MemEncoderConfig, provides=("context",))
     register("reader_encoder", ReaderEncoder, ReaderEncoderConfig, provides=("context",), requires=("reader",))
 
 

@@ -288,7 +288,7 @@ class CompressorReader(Head):
         """The attached memory's vectors for `batch` (B, K, width)."""
         if getattr(getattr(self.memory, "cfg", None), "query_aware", False):
             return self.memory(batch["removed_ids"], batch["removed_mask"], batch["question_ids"], batch["question_mask"])
-        return self.memory(batch["removed_ids"], batch["removed_mask"])
+        return self.memory.write_context(batch["removed_ids"], batch["removed_mask"])  # the `context` point
 
     def prefix_for(self, batch: dict, mode: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(prefix embeddings (B,K,D), prefix mask (B,K)) for `mode`, or (None, None)."""

@@ -1,0 +1,93 @@
+"""Token-level LM loss and teacher-forced completion accuracy for sequence heads.
+
+Both read a batch in completion format: ``input_ids`` and ``labels`` (the token at each
+scored position, -100 elsewhere; the logits at t predict labels[t + 1]). A head with
+``forward_batch(batch) -> (logits, view)`` (the core `causal_backbone`) is given the
+whole batch, so it can take write/read masks from it or turn a classification batch
+into a completion; any other causal LM head is called as ``head(input_ids, attention_mask)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from ..components import BuildContext, Metric, Objective, model_device
+
+
+def logits_and_labels(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    head = model.head
+    if hasattr(head, "forward_batch"):
+        logits, view = head.forward_batch(batch)
+        return logits, view["labels"]
+    return head(batch["input_ids"], batch.get("attention_mask")), batch["labels"]
+
+
+@attrs.frozen
+class TokenLMConfig:
+    """No keys: the batch's labels (-100 = not scored) say which tokens count."""
+
+
+class TokenLMObjective(Objective):
+    """Mean next-token cross-entropy over the scored tokens; terms ``ce`` and ``token_acc``."""
+
+    def __init__(self, cfg: TokenLMConfig, build: BuildContext):
+        super().__init__()
+
+    def forward(self, model, batch):
+        logits, labels = logits_and_labels(model, batch)
+        target = labels[:, 1:]
+        pred = logits[:, :-1]
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+        scored = target != -100
+        acc = (pred.argmax(-1) == target)[scored].float().mean()
+        return loss, {"ce": loss.detach(), "token_acc": acc.detach()}
+
+
+@attrs.frozen
+class CompletionAccuracyConfig:
+    """Teacher-forced accuracy of the scored tokens, the model's size and its eval speed."""
+
+
+class CompletionAccuracy(Metric):
+    """``acc``: share of scored tokens predicted exactly (argmax, teacher-forced; for mqar
+    one per query, for a one-token completion the classification accuracy); ``seq_acc``:
+    share of sequences with every scored token right; ``params``: trainable and frozen
+    parameters of head and memory; ``tokens_per_s``: input tokens per second of the
+    evaluation forward passes (no gradient)."""
+
+    def __init__(self, cfg: CompletionAccuracyConfig, build: BuildContext):
+        self.cfg = cfg
+
+    def reset(self):
+        self.hits = self.count = self.seq_hits = self.seqs = self.tokens = 0
+        self.seconds = 0.0
+
+    def update(self, model, batch):
+        dev = model_device(model)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
+        sync()
+        t = time.perf_counter()
+        logits, labels = logits_and_labels(model, batch)
+        sync()
+        self.seconds += time.perf_counter() - t
+        self.tokens += labels.numel()
+        target = labels[:, 1:]
+        scored = target != -100
+        right = (logits[:, :-1].argmax(-1) == target) & scored
+        self.hits += int(right.sum())
+        self.count += int(scored.sum())
+        self.seq_hits += int(((right | ~scored).all(1) & scored.any(1)).sum())
+        self.seqs += int(scored.any(1).sum())
+        self._params = sum(p.numel() for p in model.parameters())
+
+    def compute(self):
+        return {
+            "acc": self.hits / max(self.count, 1),
+            "seq_acc": self.seq_hits / max(self.seqs, 1),
+            "params": float(getattr(self, "_params", 0)),
+            "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+        }
