@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
+    pr.add_argument("--x", metavar="KEY", help="sweeps: also plot --metric against this swept key (e.g. data.n_pairs)")
+    pr.add_argument("--series", metavar="KEY", action="append", default=[], help="sweeps: one line per value of this swept key (repeatable; e.g. memory)")
+    pr.add_argument("--metric", metavar="TAG", default="eval/acc", help="the metric of the --x plot (default eval/acc)")
     _add_cache_parser(sub)
     args = p.parse_args(argv)
     console = Console(highlight=False)
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "describe":
             return _describe(console, args.kind, args.name)
         if args.cmd == "report":
-            return _report(console, args.dir, args.out)
+            return _report(console, args.dir, args.out, (args.x, args.series, args.metric) if args.x else None)
         if args.cmd == "cache":
             return _cache(console, args)
         return _validate(console, args.recipe, args.overrides)
@@ -235,10 +238,10 @@ def _validate(console: Console, recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
-def _report(console: Console, target: str, out: str | None) -> int:
+def _report(console: Console, target: str, out: str | None, lines=None) -> int:
     from .report import write_report
 
-    path = write_report(Path(target), Path(out) if out else None)
+    path = write_report(Path(target), Path(out) if out else None, lines)
     console.print(f"report: {path}", markup=False)
     return 0
 

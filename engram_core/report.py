@@ -389,6 +389,62 @@ def plot_sweep(sweep: dict, path: str | Path, metrics: list[str] | None = None, 
     return path
 
 
+def line_series(points: list[tuple[dict, dict]], x: str, series: list[str]) -> dict[str, list[tuple[float, dict]]]:
+    """Group (sweep point, {mean, sd, n, values}) pairs into lines: one per value of the
+    `series` keys, ordered by the point's value of `x`. Points without `x` are left out."""
+    from .recipe import value_label
+
+    lines: dict[str, list[tuple[float, dict]]] = {}
+    for point, agg in points:
+        if x not in point or not agg or not agg.get("n"):
+            continue
+        name = ", ".join(f"{value_label(point[k])}" for k in series if k in point) or "all"
+        lines.setdefault(name, []).append((float(point[x]), agg))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in lines.items()}
+
+
+def draw_lines(ax, lines: dict[str, list[tuple[float, dict]]], x: str, metric: str) -> None:
+    """Mean ± sd across seeds against `x`, one line per series."""
+    for i, (name, pts) in enumerate(lines.items()):
+        xs = [p[0] for p in pts]
+        means = [p[1]["mean"] for p in pts]
+        sds = [0.0 if p[1]["n"] < 2 or math.isnan(p[1]["sd"]) else p[1]["sd"] for p in pts]
+        style = "-" if i < 10 else "--"
+        ax.errorbar(xs, means, yerr=sds, fmt="o" + style, ms=4, capsize=3, lw=1.2, label=name, color=f"C{i % 10}")
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_sweep_lines(sweep: dict, path: str | Path, x: str, series: list[str], metric: str, seed_key: str = SEED_KEY) -> Path | None:
+    """A metric (mean ± sd across seeds) against the swept key `x`, one line per value of the
+    `series` keys (e.g. accuracy against `data.n_pairs` per `memory`). Writes a PNG."""
+    if x not in sweep["keys"]:
+        raise ReportError(f"--x {x}: not a swept key; swept: {', '.join(sweep['keys'])}")
+    bad = [k for k in series if k not in sweep["keys"]]
+    if bad:
+        raise ReportError(f"--series {bad[0]}: not a swept key; swept: {', '.join(sweep['keys'])}")
+    groups = config_groups(sweep["plan"], seed_key)
+    points = []
+    for config, idx in groups:
+        agg = aggregate_seeds([sweep["summaries"][i] for i in idx]).get(metric)
+        if agg is not None:
+            mean, sd, n, values = agg
+            points.append((config, {"mean": mean, "sd": sd, "n": n, "values": values}))
+    lines = line_series(points, x, series)
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    draw_lines(ax, lines, x, metric)
+    ax.set_title(f"{sweep['name']}: {metric} (mean ± sd across {seed_key})", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---- write ----------------------------------------------------------------------------------
 
 
@@ -447,9 +503,10 @@ def sweep_report_md(sweep: dict, figure: str | None, seed_key: str = SEED_KEY) -
     return "\n".join(lines)
 
 
-def write_report(target: str | Path, out: str | Path | None = None) -> Path:
+def write_report(target: str | Path, out: str | Path | None = None, lines: tuple[str, list[str], str] | None = None) -> Path:
     """Report a run or sweep directory into `out` (default `<target>/report/`): report.md
-    and its PNG figures. Returns the path of report.md."""
+    and its PNG figures. Returns the path of report.md. `lines` = (x, series keys, metric)
+    adds, for a sweep, the metric against swept key x with one line per series."""
     target = Path(target)
     if not target.is_dir():
         raise ReportError(f"no such directory: {target}")
@@ -461,6 +518,10 @@ def write_report(target: str | Path, out: str | Path | None = None) -> Path:
         sweep = load_sweep(target)
         fig = plot_sweep(sweep, out / "sweep.png")
         text = sweep_report_md(sweep, fig.name if fig else None)
+        if lines is not None:
+            x, series, metric = lines
+            lfig = plot_sweep_lines(sweep, out / "lines.png", x, series, metric)
+            text += f"\n## {metric} against {x}\n\n" + (f"![{metric} against {x}]({lfig.name})\n" if lfig else "(no completed point has it)\n")
     else:
         run = load_run(target)
         fig = plot_curves(run, out / "curves.png")
@@ -474,5 +535,5 @@ def write_report(target: str | Path, out: str | Path | None = None) -> Path:
 __all__ = [
     "ReportError", "load_run", "load_sweep", "load_records", "load_scalars", "stage_spans",
     "final_metrics", "config_groups", "aggregate_seeds", "seed_table", "seed_table_md",
-    "curve_series", "plot_curves", "plot_sweep", "stage_table_md", "write_report",
+    "curve_series", "plot_curves", "plot_sweep", "plot_sweep_lines", "line_series", "draw_lines", "stage_table_md", "write_report",
 ]

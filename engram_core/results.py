@@ -441,7 +441,9 @@ def figure_link(page: Page, spec: dict) -> str:
 
 def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict[str, str] | None = None) -> None:
     """`kind = "bars"`: one metric per row, mean ± sd with the single seeds as dots;
-    `kind = "curves"`: an eval curve per row (mean over seeds against the step)."""
+    `kind = "curves"`: an eval curve per row (mean over seeds against the step);
+    `kind = "lines"`: `key` against the sweep-point key `x`, one line per value of the
+    `series` point keys (mean ± sd over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -449,7 +451,15 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
 
     rows = _rows_matching(data, spec["rows"])
     fig, ax = plt.subplots(figsize=(spec.get("width", 7.0), spec.get("height", 3.6)), dpi=110)
-    if spec.get("kind", "bars") == "bars":
+    if spec.get("kind") == "lines":
+        from .report import draw_lines, line_series
+
+        # each line is named by its row's label (two rows may sweep the same points) and the series keys
+        names = labels or {}
+        pts = [({"row": names.get(r.rsplit(".", 1)[0], r.rsplit(".", 1)[0]), **(data[r].get("point") or {})}, data[r]["metrics"].get(spec["key"]))
+               for r in rows]
+        draw_lines(ax, line_series(pts, spec["x"], ["row", *spec.get("series", [])]), spec.get("xlabel", spec["x"]), spec.get("ylabel", spec["key"]))
+    elif spec.get("kind", "bars") == "bars":
         key = spec["key"]
         for i, rid in enumerate(rows):
             agg = data[rid]["metrics"].get(key)

@@ -123,8 +123,12 @@ def test_ambiguous_short_name_lists_candidates():
 def test_capability_mismatch_is_one_line_naming_both():
     from engram_core.recipe import resolve
 
-    class Mem:
-        pass
+    class Mem:  # implements the layer point (registration checks it)
+        def layer_indices(self):
+            return (0,)
+
+        def apply_layer(self, index, hidden, ids):
+            return hidden
 
     class Obj:
         pass

@@ -129,7 +129,8 @@ class NeedleDataset(_TensorSplits):
         })
         self._splits = data
         self.spec = DataSpec("needle", vocab_size=2 + cfg.n_fillers + cfg.n_keys + cfg.n_values, n_classes=cfg.n_values,
-                             seq_len=cfg.seq_len, n_pairs=cfg.n_pairs, task="needle")
+                             seq_len=cfg.seq_len, n_pairs=cfg.n_pairs, task="needle",
+                             label_offset=2 + cfg.n_fillers + cfg.n_keys)  # class i is token label_offset + i
 
 
 # ---- listops-lite ------------------------------------------------------------------------
