@@ -10,7 +10,9 @@ W and the convolution are spectrally normalised (`spectral_norm`) and scaled by
 `contraction` < 1 so f is a contraction and the solver converges.
 
 An attached `hrr` memory is written from z*_1..z*_{T-1} and read with the final state
-z*_T as query; its gated output is added to z*_T before the classifier.
+z*_T as query; its gated output is added to z*_T before the classifier. hrr's own call
+adds the oracle mix, the read logits and the diagnostics; any other memory providing
+`trace` is called through the point alone (`write_trace`, then `read_trace` at the query).
 """
 
 from __future__ import annotations
@@ -157,12 +159,18 @@ class DEQClassifier(Head):
                 # write t binds key(z_{t-1}) with value(z_t); position 0 has no predecessor
                 key_states = F.pad(z[:, :-1], (0, 0, 1, 0))
                 write_mask = write_mask & (pos >= 1)
-            targets = batch.get("label") if oracle_mix > 0 else None
-            mem = self.memory(z, query_state, write_mask, detach_writes=detach_writes, oracle=targets,
-                              oracle_mix=oracle_mix, key_states=key_states)
-            h = h + mem["out"]
-            out["memory"] = mem
-            if self.cfg.read_logits:
+            if not hasattr(self.memory, "diagnostics"):
+                # any other trace memory: only the `trace` point (engram_core.points.TracePoint),
+                # written from every position before the query, read with the query state
+                trace = self.memory.write_trace(z, write_mask, key_states)
+                h = h + self.memory.read_trace(trace, query_state[:, None])[:, 0]
+            else:
+                targets = batch.get("label") if oracle_mix > 0 else None
+                mem = self.memory(z, query_state, write_mask, detach_writes=detach_writes, oracle=targets,
+                                  oracle_mix=oracle_mix, key_states=key_states)
+                h = h + mem["out"]
+                out["memory"] = mem
+            if self.cfg.read_logits and "memory" in out:
                 # the cleanup's vote is not scaled by the read gate: while reads are still
                 # noise, a gated vote is switched off by the task loss before it can improve
                 read_logits = mem["scores"] / self.memory.cfg.cleanup_temp
