@@ -19,3 +19,23 @@ class TestKeyValueSlotsResidualPoint(ResidualPointContract):
     def close(self, memory):
         with torch.no_grad():
             memory.gate_logit.fill_(-1e4)
+
+
+def test_the_trace_runs_in_the_memory_zoo_unchanged(tmp_path):
+    """The zoo recipe with this plugin's memory (qualified name, a few steps)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    zoo = Path(__file__).resolve().parents[3] / "recipes" / "memory_zoo.toml"
+    env = {**os.environ, "ENGRAM_PLUGINS": "example-slots"}
+    cmd = [sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())", str(zoo),
+           'memory={ type = "example-slots:outer_product_trace" }', "sweep={}", "stages.0.steps=5", "data.n_train=64",
+           "data.n_eval=32", "--out", str(tmp_path), "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "memory_zoo").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and 0.0 <= summary["final"]["eval/acc"] <= 1.0
