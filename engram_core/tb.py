@@ -38,6 +38,16 @@ class RunLogger:
         if values.numel():
             self.writer.add_histogram(tag, values, step)
 
+    def figure(self, tag: str, fig, step: int) -> None:
+        """A matplotlib figure as an image (closed after writing)."""
+        self.writer.add_figure(tag, fig, step, close=True)
+
+    def audio(self, tag: str, wave: torch.Tensor, step: int, sample_rate: int) -> None:
+        """A mono waveform; values outside [-1, 1] are clipped to that range."""
+        w = torch.as_tensor(wave).detach().float().cpu().flatten()
+        w = torch.nan_to_num(w).clamp(-1.0, 1.0)
+        self.writer.add_audio(tag, w, step, sample_rate=int(sample_rate))
+
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
 

@@ -46,6 +46,10 @@ class SyntheticDynamics(Dataset):
         idx = torch.randint(0, z.shape[0], (batch_size,), generator=generator)
         return {"z": z[idx], "dz": dz[idx]}
 
+    def utterances(self, split: str) -> list[torch.Tensor]:
+        """The whole sequences of a split, (T, D) each (what the `generate` metric rolls out)."""
+        return list(self._split[split])
+
     def eval_batches(self, split, batch_size):
         z, dz = self._pairs(split)
         for i in range(0, z.shape[0], batch_size):

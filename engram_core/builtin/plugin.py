@@ -2,6 +2,7 @@
 
 from ..hookspecs import hookimpl
 from .composite import WeightedSumConfig, WeightedSumObjective
+from ..generation import GenerationConfig, GenerationMetric
 from .dynamics import (
     GaussianNLLConfig,
     GaussianNLLObjective,
@@ -33,3 +34,4 @@ def engram_objectives(register):
 @hookimpl
 def engram_metrics(register):
     register("loss", LossMetric, LossMetricConfig)
+    register("generate", GenerationMetric, GenerationConfig, requires=("dynamics",))

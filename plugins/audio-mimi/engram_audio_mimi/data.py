@@ -13,6 +13,7 @@ carries `dim`, the unconditional Gaussian baseline of Δz fitted on train
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,11 @@ class ZdynConfig:
     synthetic: SyntheticZdynConfig = field(
         factory=SyntheticZdynConfig, help="the embedded synthetic process (when path is empty)"
     )
+    decoder: str = field(
+        "",
+        help="local directory of the transformers MimiModel that made the store: generated latents are "
+        "decoded to audio for TensorBoard; empty = no audio (pictures only)",
+    )
 
 
 class _Split:
@@ -65,6 +71,12 @@ class _Split:
         utt = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths) - 1)
         self.pair_speaker = self.speakers[utt]
         self._segment_starts: dict[int, torch.Tensor] = {}
+        self._utterances: list[torch.Tensor] | None = None
+
+    def utterances(self) -> list[torch.Tensor]:
+        if self._utterances is None:
+            self._utterances = [self.frames[int(o) : int(o) + int(n)] for o, n in zip(self.offsets[:-1], self.lengths)]
+        return self._utterances
 
     def segment_starts(self, k: int) -> torch.Tensor:
         if k not in self._segment_starts:
@@ -88,6 +100,10 @@ class ZdynDataset(Dataset):
         else:
             path, key = cached_store(cfg.synthetic, cache), "synthetic"
         self.store_path = path
+        self._decoder = None
+        if cfg.decoder and not Path(cfg.decoder).expanduser().is_dir():
+            raise ConfigError("decoder", f"not a directory: {cfg.decoder} (a saved transformers MimiModel)")
+        self._warned: set[tuple[str, int]] = set()
         ids, speakers, arrays, attrs_ = read_store(path, key)
         self.frame_rate = attrs_.get("frame_rate")
         train_spk, eval_spk = self._split_speakers(sorted(set(speakers)))
@@ -201,13 +217,47 @@ class ZdynDataset(Dataset):
     # ---- rollout segments ------------------------------------------------------------
 
     def check_horizon(self, k: int, key: str = "horizon") -> None:
-        """K must leave at least one segment in every utterance: K ≤ shortest utterance − 1."""
-        if k > self.min_frames - 1:
-            raise ConfigError(
-                key,
-                f"K = {k} is longer than the shortest utterance allows "
-                f"({self.min_frames} frames, so K <= {self.min_frames - 1})",
-            )
+        """K-step segments need utterances of at least K + 1 frames. Shorter ones are skipped
+        (with a count on stderr, once per split and K); no long-enough utterance in a split
+        is an error."""
+        for name, s in self._splits.items():
+            short = int((s.lengths <= k).sum())
+            if short == len(s.lengths):
+                raise ConfigError(
+                    key,
+                    f"K = {k} is longer than every {name} utterance allows "
+                    f"(longest {int(s.lengths.max())} frames, so K <= {int(s.lengths.max()) - 1})",
+                )
+            if short and (name, k) not in self._warned:
+                self._warned.add((name, k))
+                print(
+                    f"zdyn: {short} of {len(s.lengths)} {name} utterances are shorter than K + 1 = {k + 1} frames "
+                    f"and are skipped for {k}-step segments",
+                    file=sys.stderr,
+                )
+
+    # ---- whole utterances (generation) -----------------------------------------------
+
+    def utterances(self, split: str) -> list[torch.Tensor]:
+        """Every utterance of a split, (T, D) normalised frames each."""
+        return self.split(split).utterances()
+
+    def max_norm(self, split: str = "train") -> float:
+        """The largest ‖z‖ (normalised) of a split: the data's range."""
+        return float(self.split(split).frames.norm(dim=-1).max())
+
+    @property
+    def can_decode(self) -> bool:
+        return bool(self.cfg.decoder)
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Normalised latents (T, D) → (waveform (samples,), sampling rate) through the Mimi decoder."""
+        from .decode import decode_latents, load_decoder
+
+        if self._decoder is None:
+            self._decoder = load_decoder(Path(self.cfg.decoder).expanduser())
+        raw = z.detach().float().cpu() * self.z_std + self.z_mean
+        return decode_latents(self._decoder, raw), int(self._decoder.config.sampling_rate)
 
     def _segments(self, s: _Split, starts: torch.Tensor, k: int) -> dict:
         idx = starts[:, None] + torch.arange(k + 1)[None, :]

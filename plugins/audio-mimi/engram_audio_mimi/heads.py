@@ -21,6 +21,7 @@ from torch import nn
 from engram_core.builtin.dynamics import MLPGaussianConfig, MLPGaussianHead
 from engram_core.components import BuildContext, Head
 from engram_core.config import ConfigError, field, non_negative, positive
+from engram_core.generation import nll_and_step  # noqa: F401  (the protocol helper, re-exported)
 from engram_core.nn import diagonal_gaussian_nll_per_item
 
 from .distributions import VonMisesFisher, vmf_log_normalizer_and_resultant, vmf_mean_resultant
@@ -125,7 +126,17 @@ def _choice(attribute, value, choices):
 
 
 class VMFMagnitudeHead(Head):
-    """Δz = m·u: u ~ vMF(μ_dir(z), κ(z)) on S^{D−1}, log m ~ N(μ_m(z), σ_m(z)²)."""
+    """Δz = m·u: u ~ vMF(μ_dir(z), κ(z)) on S^{D−1}, log m ~ N(μ_m(z), σ_m(z)²).
+
+    Offers the `direction` attachment point: a memory's `direction(z, μ_dir, log κ)`
+    returns the edited pair (memory-as-basis)."""
+
+    def attach_memory(self, memory, point):
+        if not hasattr(memory, "direction"):
+            raise ConfigError(
+                "memory", f"the vMF head takes only a memory with a 'direction' attachment (basis), got {type(memory).__name__}"
+            )
+        super().attach_memory(memory, "direction")
 
     def __init__(self, cfg: VMFMagnitudeConfig, build: BuildContext):
         super().__init__()
@@ -149,6 +160,8 @@ class VMFMagnitudeHead(Head):
         log_kappa = self.log_kappa(h).squeeze(-1)
         if self.coupling is not None:
             log_kappa = log_kappa + self.coupling * mu_m
+        if self.memory_active:  # a `direction` memory (basis) edits the direction and κ
+            direction, log_kappa = self.memory.direction(z, direction, log_kappa)
         log_kappa = log_kappa.clamp(self.cfg.min_log_kappa, self.cfg.max_log_kappa)
         return {
             "direction": direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12),
@@ -228,19 +241,6 @@ def mean_step(head: nn.Module, z: torch.Tensor) -> torch.Tensor:
     if hasattr(head, "mean_step"):
         return head.mean_step(z)
     return head.predict(z)[0]
-
-
-def nll_and_step(
-    head: nn.Module, z: torch.Tensor, dz: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-item NLL of dz | z, the rollout step from z: the mean or a reparameterised draw)."""
-    if hasattr(head, "nll_and_step"):
-        return head.nll_and_step(z, dz, mode, generator)
-    mu, log_sigma = head.predict(z)
-    nll = diagonal_gaussian_nll_per_item(mu, log_sigma, dz)
-    if mode == "mean":
-        return nll, mu
-    return nll, mu + log_sigma.exp() * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
 
 
 def sample_step(head: nn.Module, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

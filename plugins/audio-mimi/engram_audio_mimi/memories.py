@@ -110,7 +110,9 @@ class DynamicsMemory(Memory):
         was = self.enabled
         self.enabled = False
         try:
-            return head.predict(z)
+            if hasattr(head, "predict"):
+                return head.predict(z)
+            return head.mean_step(z), None  # a vMF head: its mean step, memory off
         finally:
             self.enabled = was
 
@@ -364,10 +366,17 @@ def _one_of(attribute, value, choices):
 
 
 class BasisMemory(DynamicsMemory):
-    """Memory as a basis: μ = μ_param + s(z)·Σ_k a_k(z) p̂_k, a = softmax(cos(q(z), p_k)/τ).
+    """Memory as a basis (seed 001): K learned direction prototypes p_k, soft attention
+    a = softmax(cos(q(z), p_k)/τ), the retrieved direction r(z) = Σ_k a_k p̂_k (‖r‖ ≤ 1, = 1
+    when the attention picks one prototype).
 
-    The step size s(z) starts at zero, so a built memory changes nothing until trained;
-    `fit` initialises the prototypes by spherical k-means of train residual directions.
+    - at a Gaussian head's `residual` point: μ = μ_param + s(z)·r(z);
+    - at a vMF head's `direction` point: μ_dir = normalise(μ̂_param + s(z)·r(z)) and
+      log κ = log κ_param + c·log ‖r(z)‖ (c learned): a peaked attention sharpens κ, a spread
+      one (no archetype fits) blunts it.
+
+    s(z) and c start at zero, so a built memory changes nothing until trained; `fit`
+    initialises the prototypes by spherical k-means of train residual (or Δz) directions.
     """
 
     def __init__(self, cfg: BasisMemoryConfig, build: BuildContext):
@@ -380,6 +389,7 @@ class BasisMemory(DynamicsMemory):
         self.scale = nn.Linear(d, 1)
         nn.init.zeros_(self.scale.weight)
         nn.init.zeros_(self.scale.bias)
+        self.kappa_weight = nn.Parameter(torch.zeros(()))
 
     def attention(self, z: torch.Tensor) -> torch.Tensor:
         q = F.normalize(self.query(z), dim=-1)
@@ -391,6 +401,12 @@ class BasisMemory(DynamicsMemory):
 
     def forward(self, z, mu, log_sigma):
         return mu + self.correction(z), log_sigma
+
+    def direction(self, z, direction, log_kappa):
+        """The vMF head's (unnormalised μ_dir, log κ) → the edited pair."""
+        r = self.attention(z) @ F.normalize(self.prototypes, dim=-1)
+        d = F.normalize(direction, dim=-1) + self.scale(z) * r
+        return d, log_kappa + self.kappa_weight * r.norm(dim=-1).clamp_min(1e-6).log()
 
     @torch.no_grad()
     def fit(self, ctx: FitContext, iters: int = 20, max_items: int = 100000) -> None:

@@ -154,6 +154,7 @@ class RolloutMetric(Metric):
             f"{p}/nonfinite": self.nonfinite_segments / max(self.segments, 1),
             f"{p}/max_norm": self.max_norm,
             f"{p}/n_clipped": float(self.n_clipped),
+            f"{p}/clip_rate": self.n_clipped / max(self.segments * self.cfg.horizon, 1),
             f"{p}/mean_step_norm": self.step_norm / max(self.steps, 1),
             f"{p}/true_step_norm": self.true_norm / max(self.segments * self.cfg.horizon, 1),
         }

@@ -2,8 +2,13 @@
 
 Rollout (the seed's Phase 4.5): from a true z_0, ẑ_{t+1} = ẑ_t + μ(ẑ_t) (mean rollout) or
 ẑ_t + Δ̃ with Δ̃ a reparameterised draw (sampled rollout); at every step the *true* Δz_t
-is scored under the model conditioned on ẑ_t. An optional clip stabiliser rescales ẑ to
-norm ≤ `clip_norm` after each step.
+is scored under the model conditioned on ẑ_t (`engram_core.generation.rollout`).
+
+Stabilisers of the training rollout (seed 001's list): the clip rescales ẑ to norm ≤
+`clip_norm` after each step (on by default at the train split's largest ‖z‖; the share of
+clipped steps is logged as `train/rollout_clip_rate`); `noise_std` adds Gaussian noise to
+ẑ after each step (noise injection); `teacher_prob` replaces ẑ_{t+1} by the true z_{t+1}
+with that probability per item and step (scheduled sampling).
 """
 
 from __future__ import annotations
@@ -14,40 +19,22 @@ import torch
 from engram_core.components import BuildContext, Objective
 from engram_core.config import ConfigError, field, in_range, non_negative, one_of
 
-from .heads import nll_and_step, step_nll
+from engram_core.generation import rollout
+
+from .heads import step_nll
 
 
-def rollout(
-    head,
-    z0: torch.Tensor,
-    dz: torch.Tensor,
-    mode: str = "mean",
-    clip_norm: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """Unroll K = dz.shape[1] steps from z0. Returns per (item, step): nll, state norm ‖ẑ_{t+1}‖,
-    predicted step norm ‖Δẑ_t‖ and whether the clip fired after the step."""
-    z = z0
-    nlls, norms, steps, clipped = [], [], [], []
-    for t in range(dz.shape[1]):
-        nll, step = nll_and_step(head, z, dz[:, t], mode, generator)
-        nlls.append(nll)
-        steps.append(step.norm(dim=-1))
-        z = z + step
-        if clip_norm > 0:
-            n = z.norm(dim=-1, keepdim=True)
-            over = n > clip_norm
-            z = torch.where(over, z * (clip_norm / n.clamp_min(1e-12)), z)
-            clipped.append(over.squeeze(-1))
-        else:
-            clipped.append(torch.zeros(z.shape[0], dtype=torch.bool, device=z.device))
-        norms.append(z.norm(dim=-1))  # ‖ẑ_{t+1}‖: the states the rollout produced
-    return {
-        "nll": torch.stack(nlls, 1),
-        "norm": torch.stack(norms, 1),
-        "step_norm": torch.stack(steps, 1),
-        "clipped": torch.stack(clipped, 1),
-    }
+def _clip_value(instance, attribute, value) -> None:
+    if value < 0 and value != -1:
+        raise ConfigError(attribute.name, f"must be >= 0 (0 = off) or -1 (the data's largest ‖z‖), got {value}")
+
+
+def resolve_clip(clip_norm: float, build: BuildContext) -> float:
+    """-1 = the train split's largest ‖z‖ (the data's range); off without a data set that knows it."""
+    if clip_norm != -1:
+        return clip_norm
+    data = build.dataset
+    return float(data.max_norm("train")) if data is not None and hasattr(data, "max_norm") else 0.0
 
 
 def _check_segments(build: BuildContext, horizon: int) -> None:
@@ -85,7 +72,13 @@ class RolloutNLLConfig:
         "mean", help="mean: ẑ += μ(ẑ); sample: ẑ += a reparameterised draw of Δz", validator=one_of("mean", "sample")
     )
     clip_norm: float = field(
-        0.0, help="clip stabiliser: rescale ẑ to norm <= this after each step; 0 = off", validator=non_negative
+        -1.0,
+        help="clip stabiliser: rescale ẑ to norm <= this after each step; -1 = the train split's largest ‖z‖; 0 = off",
+        validator=_clip_value,
+    )
+    noise_std: float = field(0.0, help="noise injection: std of Gaussian noise added to ẑ after each step", validator=non_negative)
+    teacher_prob: float = field(
+        0.0, help="scheduled sampling: probability that ẑ_{t+1} is replaced by the true z_{t+1}", validator=in_range(0.0, 1.0)
     )
 
 
@@ -95,6 +88,7 @@ class RolloutNLL(Objective):
     def __init__(self, cfg: RolloutNLLConfig, build: BuildContext):
         super().__init__()
         self.cfg = cfg
+        self.clip_norm = resolve_clip(cfg.clip_norm, build)
         _check_segments(build, cfg.horizon)
 
     def sample(self, dataset, split, batch_size, generator):
@@ -104,25 +98,32 @@ class RolloutNLL(Objective):
         return batch
 
     def _generator(self, batch, device) -> torch.Generator | None:
-        if self.cfg.rollout != "sample":
+        if self.cfg.rollout != "sample" and self.cfg.noise_std == 0 and self.cfg.teacher_prob == 0:
             return None
         seed = int(batch["noise_seed"][0]) if "noise_seed" in batch else 0
         return torch.Generator(device=device).manual_seed(seed)
 
     def rollout_loss(self, model, batch) -> tuple[torch.Tensor, dict]:
+        true_next = None
+        if self.cfg.teacher_prob > 0:
+            true_next = batch["z0"].unsqueeze(1) + batch["dz"].cumsum(1)  # z_1 .. z_K
         out = rollout(
             model.head,
             batch["z0"],
             batch["dz"],
             self.cfg.rollout,
-            self.cfg.clip_norm,
+            self.clip_norm,
             self._generator(batch, batch["z0"].device),
+            noise_std=self.cfg.noise_std,
+            true_next=true_next,
+            teacher_prob=self.cfg.teacher_prob,
         )
         loss = out["nll"].mean()
         terms = {
             "rollout_nll": loss.detach(),
             "rollout_max_norm": out["norm"].max().detach(),
             "rollout_n_clipped": out["clipped"].sum().detach().float(),
+            "rollout_clip_rate": out["clipped"].float().mean().detach(),
         }
         return loss, terms
 
@@ -135,7 +136,11 @@ class MixedConfig:
     horizon: int = field(16, help="K of the rollout term", validator=in_range(1, None))
     lam: float = field(1.0, help="λ in L = L_1step + λ·L_rollout", validator=non_negative)
     rollout: str = field("mean", help="mean | sample (see rollout_nll)", validator=one_of("mean", "sample"))
-    clip_norm: float = field(0.0, help="clip stabiliser of the rollout term; 0 = off", validator=non_negative)
+    clip_norm: float = field(
+        -1.0, help="clip stabiliser of the rollout term; -1 = the train split's largest ‖z‖; 0 = off", validator=_clip_value
+    )
+    noise_std: float = field(0.0, help="noise injection (see rollout_nll)", validator=non_negative)
+    teacher_prob: float = field(0.0, help="scheduled sampling (see rollout_nll)", validator=in_range(0.0, 1.0))
 
 
 class MixedObjective(RolloutNLL):
@@ -146,6 +151,7 @@ class MixedObjective(RolloutNLL):
         Objective.__init__(self)
         self.cfg = cfg
         self.lam = cfg.lam
+        self.clip_norm = resolve_clip(cfg.clip_norm, build)
         _check_segments(build, cfg.horizon)
 
     def forward(self, model, batch):

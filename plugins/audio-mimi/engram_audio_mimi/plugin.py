@@ -4,6 +4,7 @@ from engram_core.hookspecs import hookimpl
 
 from .data import ZdynConfig, ZdynDataset
 from .heads import GaussianMLPConfig, GaussianMLPHead, VMFMagnitudeConfig, VMFMagnitudeHead
+from .linear import LinearConfig, LinearHead
 from .memories import (
     BasisMemory,
     BasisMemoryConfig,
@@ -40,7 +41,10 @@ def engram_datasets(register):
 @hookimpl
 def engram_heads(register):
     register("gaussian_mlp", GaussianMLPHead, GaussianMLPConfig, provides=("dynamics",), offers=("residual",))
-    register("vmf_magnitude", VMFMagnitudeHead, VMFMagnitudeConfig, provides=("dynamics", "vmf"))
+    register("vmf_magnitude", VMFMagnitudeHead, VMFMagnitudeConfig, provides=("dynamics", "vmf"), offers=("direction",))
+    # the least-squares baseline (fit it with a `fit` stage: target = "head", action = "fit");
+    # output = "gaussian" takes a memory at `residual`, output = "vmf" at `direction`
+    register("linear", LinearHead, LinearConfig, provides=("dynamics",), offers=("residual", "direction"))
 
 
 @hookimpl
@@ -49,7 +53,7 @@ def engram_memories(register):
     register("residual_topk", ResidualTopKMemory, ResidualTopKConfig, provides=("residual",))
     register("gated_residual", GatedResidualMemory, GatedResidualConfig, provides=("residual",))
     register("hybrid", HybridMemory, GatedResidualConfig, provides=("residual",))
-    register("basis", BasisMemory, BasisMemoryConfig, provides=("residual",))
+    register("basis", BasisMemory, BasisMemoryConfig, provides=("residual", "direction"))
 
 
 @hookimpl
@@ -65,5 +69,5 @@ def engram_metrics(register):
     register("direction_cos", DirectionCosMetric, DirectionCosConfig, requires=("dynamics",))
     register("rollout", RolloutMetric, RolloutMetricConfig, requires=("dynamics", "segments"))
     register("gate_mean", GateMeanMetric, GateMeanConfig)
-    register("kappa_stats", KappaStatsMetric, KappaStatsConfig, requires=("vmf",))
+    register("kappa_stats", KappaStatsMetric, KappaStatsConfig)  # checks for a vMF head itself
     register("archetypes", ArchetypesMetric, ArchetypesConfig, requires=("dynamics",))

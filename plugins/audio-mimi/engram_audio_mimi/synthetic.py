@@ -9,7 +9,10 @@ Per speaker and utterance an 8-dimensional state s_t evolves as
   probability `switch_prob` per frame (to a draw from a speaker-specific preference);
 - m_t ~ LogNormal(0, `magnitude_spread`): the step size is much less predictable than
   its direction;
-- −γ s³: cubic damping keeps the true process bounded.
+- −γ s³: cubic damping keeps the true process bounded;
+- options: `growth` α adds +α·s (a limit cycle held by the damping), `rotation_scale`
+  scales ω, `archetype_choice = "state"` picks the archetype from the state (the key
+  nearest s_t) instead of a hidden Markov switch, so the step direction is readable from z_t.
 
 The state is embedded in D dimensions by a random orthonormal map Q (D × 8), and
 `off_manifold_noise` i.i.d. Gaussian noise is added to z in all D dimensions. A
@@ -27,7 +30,7 @@ import attrs
 import numpy as np
 
 from engram_core import cache
-from engram_core.config import field, in_range, non_negative, positive
+from engram_core.config import field, in_range, non_negative, one_of, positive
 
 from .store import write_store
 
@@ -51,6 +54,16 @@ class SyntheticZdynConfig:
     off_manifold_noise: float = field(
         0.01, help="std of i.i.d. noise added to z in all D dimensions", validator=non_negative
     )
+    archetype_choice: str = field(
+        "markov",
+        help="how the current archetype is chosen: markov (switches with switch_prob, hidden from z) | "
+        "state (the archetype whose key is nearest the current state: readable from z_t)",
+        validator=one_of("markov", "state"),
+    )
+    rotation_scale: float = field(1.0, help="scale of the speaker rotation frequencies ω", validator=non_negative)
+    growth: float = field(
+        0.0, help="linear growth α (s += α·s each frame), balanced by the cubic damping: a limit cycle", validator=non_negative
+    )
     seed: int = field(0, help="seed of the process (independent of run.seed)")
 
 
@@ -63,7 +76,11 @@ def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
     arche = rng.standard_normal((cfg.archetypes, STATE_DIM))
     arche /= np.linalg.norm(arche, axis=1, keepdims=True)
     q, _ = np.linalg.qr(rng.standard_normal((cfg.dim, STATE_DIM)))  # D × 8, orthonormal columns
-    base_omega = rng.uniform(0.1, 0.4, STATE_DIM // 2)
+    base_omega = rng.uniform(0.1, 0.4, STATE_DIM // 2) * cfg.rotation_scale
+    keys = None
+    if cfg.archetype_choice == "state":  # drawn last, so the markov process is unchanged
+        keys = rng.standard_normal((cfg.archetypes, STATE_DIM))
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     out = []
     burn_in = 20
     for spk in range(cfg.speakers):
@@ -80,10 +97,16 @@ def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
             rot = np.empty_like(s)
             rot[:, 0::2] = cos * a - sin * b
             rot[:, 1::2] = sin * a + cos * b
-            switch = rng.random(n) < cfg.switch_prob
-            c = np.where(switch, rng.choice(cfg.archetypes, size=n, p=pref), c)
+            if keys is None:
+                switch = rng.random(n) < cfg.switch_prob
+                c = np.where(switch, rng.choice(cfg.archetypes, size=n, p=pref), c)
+            else:
+                c = np.argmax(s @ keys.T, axis=1)
             m = np.exp(cfg.magnitude_spread * rng.standard_normal(n))
-            s = rot - cfg.damping * s**3 + beta * m[:, None] * arche[c] + cfg.state_noise * rng.standard_normal(s.shape)
+            s = (
+                rot + cfg.growth * s - cfg.damping * s**3 + beta * m[:, None] * arche[c]
+                + cfg.state_noise * rng.standard_normal(s.shape)
+            )
             if t >= burn_in:
                 frames.append(s)
         states = np.stack(frames, 1)  # (n, frames, 8)
