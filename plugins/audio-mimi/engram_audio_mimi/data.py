@@ -148,6 +148,7 @@ class ZdynDataset(Dataset):
             dim=self.dim,
             dz_mean=dz64.mean(0).float(),
             dz_log_std=dz64.std(0).clamp_min(1e-6).log().float(),
+            dz_max_norm=float(dz64.norm(dim=-1).max()),
             min_frames=self.min_frames,
             frame_rate=self.frame_rate,
             n_speakers=len(self.speaker_names),

@@ -117,6 +117,12 @@ class VMFMagnitudeConfig:
     min_magnitude: float = field(
         1e-6, help="‖Δz‖ below this is clamped before taking its direction", validator=positive
     )
+    magnitude_ceiling: float = field(
+        2.0,
+        help="soft ceiling on the predicted log magnitude μ_m at log(this × the largest train ‖Δz‖), and "
+        "σ_m <= 1: off the data, a linear extrapolation of log m would grow steps exponentially; 0 = off",
+        validator=non_negative,
+    )
     dim: int = field(0, help="D of z; 0 = take it from the data", validator=non_negative)
 
 
@@ -148,6 +154,8 @@ class VMFMagnitudeHead(Head):
         self.log_kappa = nn.Linear(width, 1)
         self.log_m = nn.Linear(width, 2)  # (μ_m, log σ_m)
         nn.init.constant_(self.log_kappa.bias, cfg.init_log_kappa or math.log(d))
+        max_step = build.spec.get("dz_max_norm") if hasattr(build.spec, "get") else None
+        self.max_log_m = math.log(cfg.magnitude_ceiling * max_step) if cfg.magnitude_ceiling and max_step else None
         if cfg.kappa_coupling == "learned":
             self.coupling = nn.Parameter(torch.zeros(()))
         else:
@@ -157,6 +165,9 @@ class VMFMagnitudeHead(Head):
         h = self.trunk(z)
         direction = self.direction(h)
         mu_m, log_sigma_m = self.log_m(h).unbind(-1)
+        if self.max_log_m is not None:  # soft ceiling, identity well below it
+            mu_m = self.max_log_m - nn.functional.softplus(self.max_log_m - mu_m)
+            log_sigma_m = log_sigma_m.clamp_max(0.0)
         log_kappa = self.log_kappa(h).squeeze(-1)
         if self.coupling is not None:
             log_kappa = log_kappa + self.coupling * mu_m
