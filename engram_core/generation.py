@@ -10,6 +10,7 @@ full length, either drawing each step from the model (`sample`) or taking its me
 - max_norm        largest ‖ẑ‖ generated (finite states); data_max_norm: the largest ‖z‖ of
                   the train split, the data's range;
 - outside_range   share of generated frames with ‖ẑ‖ above data_max_norm (non-finite count);
+- clip_rate       share of generated frames the clip rescaled (`clip_norm`; 0 when off);
 - mean_step_norm  mean ‖Δẑ‖ generated, beside true_step_norm (mean ‖Δz‖ of the same
                   sequences) and step_ratio = mean_step_norm / true_step_norm;
 - dnll / nll      NLL of each true Δz_t under the model at the generated ẑ_t ("along the
@@ -133,7 +134,11 @@ class GenerationConfig:
     spectrum_frames: int = field(
         64, help="frames (from each sequence's start) in the power spectra; shorter sequences are left out", validator=in_range(4, None)
     )
-    clip_norm: float = field(0.0, help="rescale ẑ to norm <= this after each step; 0 = off (measure the model as it is)", validator=non_negative)
+    clip_norm: float = field(
+        0.0,
+        help="rescale ẑ to norm <= this after each step; -1 = the train split's largest ‖z‖; 0 = off (the model as it is)",
+        validator=in_range(-1.0, None),
+    )
     seed: int = field(0, help="seed of the sampled steps (the same draws at every evaluation)")
     batch_size: int = field(256, help="sequences generated at once", validator=positive)
     prefix: str = field("generate", help="tag group: <prefix>/nonfinite, <prefix>/max_norm, ...")
@@ -179,6 +184,7 @@ class GenerationMetric(Metric):
         self.max_norm = 0.0
         self.frames = 0
         self.outside = 0
+        self.clipped = 0
         self.step_sum = 0.0
         self.steps = 0
         self.true_sum = 0.0
@@ -200,7 +206,8 @@ class GenerationMetric(Metric):
             if self.generator is None:
                 self.generator = torch.Generator(device=z.device).manual_seed(self.cfg.seed)
             gen = self.generator
-        out = rollout(model.head, z[:, 0], dz, self.cfg.rollout, self.cfg.clip_norm, gen, keep_states=True)
+        clip = self._range() if self.cfg.clip_norm == -1 else max(self.cfg.clip_norm, 0.0)
+        out = rollout(model.head, z[:, 0], dz, self.cfg.rollout, clip, gen, keep_states=True)
         states = torch.cat([z[:, :1], out["states"]], 1)  # (B, T, D) generated, from the true first frame
         nll = out["nll"].double()
         finite_state = torch.isfinite(states).all(-1)
@@ -214,7 +221,8 @@ class GenerationMetric(Metric):
             self.max_norm = max(self.max_norm, float(fin_norms.max()))
         limit = self._range()
         self.frames += states.shape[0] * (states.shape[1] - 1)
-        self.outside += int(((norms[:, 1:] > limit) | ~finite_state[:, 1:]).sum())
+        self.outside += int(((norms[:, 1:] > limit * (1 + 1e-6)) | ~finite_state[:, 1:]).sum())
+        self.clipped += int(out["clipped"].sum())
         st = out["step_norm"][torch.isfinite(out["step_norm"])]
         self.step_sum += float(st.double().sum())
         self.steps += st.numel()
@@ -250,6 +258,7 @@ class GenerationMetric(Metric):
             f"{p}/max_norm": self.max_norm,
             f"{p}/data_max_norm": self._range(),
             f"{p}/outside_range": self.outside / max(self.frames, 1),
+            f"{p}/clip_rate": self.clipped / max(self.frames, 1),
             f"{p}/mean_step_norm": mean_step,
             f"{p}/true_step_norm": true_step,
             f"{p}/step_ratio": mean_step / true_step if true_step > 0 else math.nan,

@@ -120,13 +120,17 @@ def export(
     frame_rate = float(model.config.frame_rate)
 
     def items():
-        for file, speaker in table:
+        for index, (file, speaker) in enumerate(table, start=1):
             audio = load_wav(wav_dir / file, rate)
             if max_seconds > 0:
                 audio = audio[: int(max_seconds * rate)]
             z = encode_latents(model, audio, device)
             utt = Path(file).with_suffix("").as_posix().replace("/", "__")
-            print(f"  {file}: {len(audio) / rate:.2f} s -> {z.shape[0]} frames x {z.shape[1]}", file=sys.stderr)
+            print(
+                f"  [{index}/{len(table)}] {file}: {len(audio) / rate:.2f} s -> {z.shape[0]} frames x {z.shape[1]}",
+                file=sys.stderr,
+                flush=True,
+            )
             yield utt, speaker, z
 
     return write_store(out, items(), frame_rate=frame_rate, source=f"mimi:{model_dir}")

@@ -30,7 +30,7 @@ import attrs
 import numpy as np
 
 from engram_core import cache
-from engram_core.config import field, in_range, non_negative, one_of, positive
+from engram_core.config import ConfigError, field, in_range, non_negative, one_of, positive
 
 from .store import write_store
 
@@ -72,6 +72,11 @@ STATE_DIM = 8
 
 def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
     """(utterance id, speaker id, z (frames, dim) float32) for every utterance."""
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging process is reported as a ConfigError
+        return _generate(cfg)
+
+
+def _generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
     rng = np.random.default_rng(cfg.seed)
     arche = rng.standard_normal((cfg.archetypes, STATE_DIM))
     arche /= np.linalg.norm(arche, axis=1, keepdims=True)
@@ -110,6 +115,12 @@ def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
             if t >= burn_in:
                 frames.append(s)
         states = np.stack(frames, 1)  # (n, frames, 8)
+        if not np.isfinite(states).all() or np.abs(states).max() > 1e3:
+            raise ConfigError(
+                "synthetic",
+                f"the process diverges with these parameters (speaker {spk}): the explicit cubic damping "
+                f"overshoots; lower pull ({cfg.pull}), growth ({cfg.growth}) or damping ({cfg.damping})",
+            )
         z = states @ q.T + cfg.off_manifold_noise * rng.standard_normal((n, cfg.frames, cfg.dim))
         for u in range(n):
             out.append((f"spk{spk:03d}_utt{u:03d}", f"spk{spk:03d}", z[u].astype(np.float32)))

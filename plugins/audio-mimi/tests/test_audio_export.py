@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,45 @@ def test_export_real_speech_from_espeak(tmp_path, mimi_dir):
     assert rc == 0
     _, speakers, arrays, _ = read_store(tmp_path / "z.zarr")
     assert len(arrays) == 2 and all(a.shape[1] == cfg.hidden_size and a.shape[0] > 5 for a in arrays)
+
+
+def test_export_progress_and_decoded_generation_in_tensorboard(tmp_path, mimi_dir, capsys):
+    """Long enough utterances for K = 16; the headline recipe (shrunk) on the exported store
+    with the decoder configured writes generated and true audio and the trajectory picture."""
+    import torch
+    from engram_audio_mimi.decode import decode_latents, load_decoder
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engram_core.testing.cli import run_cli
+
+    model_dir, cfg = mimi_dir
+    (tmp_path / "wavs").mkdir()
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, spk in enumerate(["a", "a", "b", "b", "c", "c"]):
+        t = np.arange(int(2.2 * 16000)) / 16000
+        x = 0.3 * np.sin(2 * np.pi * (120 + 40 * i) * t * (1 + 0.5 * t)) + 0.02 * rng.standard_normal(t.shape)
+        wavfile.write(tmp_path / "wavs" / f"u{i}.wav", 16000, (x * 32767).astype(np.int16))
+        rows.append(f"u{i}.wav,{spk}")
+    (tmp_path / "speakers.csv").write_text("file,speaker\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "z.zarr"
+    argv = ["--model", str(model_dir), "--wavs", str(tmp_path / "wavs"), "--speakers", str(tmp_path / "speakers.csv")]
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "[1/6] u0.wav" in err and "[6/6] u5.wav" in err
+    _, _, arrays, _ = read_store(out)
+    model = load_decoder(model_dir)
+    wave = decode_latents(model, torch.from_numpy(arrays[0]))
+    hop = cfg.sampling_rate / cfg.frame_rate
+    assert abs(wave.shape[0] - arrays[0].shape[0] * hop) <= hop and bool(torch.isfinite(wave).all())
+    r = run_cli(
+        str(Path(__file__).resolve().parents[3] / "recipes" / "rollout_vmf.toml"), f"data.path={out}", f"data.decoder={model_dir}", "data.eval_fraction=0.34",
+        "stages.0.steps=3", "stages.2.steps=2", "metrics.2.segments=8", "--quiet", "--out", str(tmp_path / "runs"),
+        plugins="audio-mimi", env={"ENGRAM_CACHE": str(tmp_path / "cache")},
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = next((tmp_path / "runs" / "rollout_vmf").iterdir())
+    acc = EventAccumulator(str(run_dir), size_guidance={"audio": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    assert "generate/post/audio_gen_0" in tags["audio"] and "generate/post/audio_true_0" in tags["audio"]
+    assert "generate/post/trajectories" in tags["images"]
