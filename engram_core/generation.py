@@ -66,6 +66,7 @@ def rollout(
     keep_states: bool = False,
     true_next: torch.Tensor | None = None,
     teacher_prob: float = 0.0,
+    target: str = "step",
 ) -> dict[str, torch.Tensor]:
     """Unroll K = dz.shape[1] steps from z0: ẑ_{t+1} = ẑ_t + step(ẑ_t) (+ noise_std · ε).
 
@@ -73,11 +74,15 @@ def rollout(
     norm ‖ẑ_{t+1}‖, the predicted step norm ‖Δẑ_t‖, whether the clip fired (ẑ rescaled to
     norm `clip_norm`; 0 = off), and with `keep_states` the states ẑ_1..ẑ_K (B, K, D).
     Scheduled sampling: with `true_next` (B, K, D), each ẑ_{t+1} is replaced by the true
-    z_{t+1} with probability `teacher_prob` (per item and step)."""
+    z_{t+1} with probability `teacher_prob` (per item and step). `target = "next"` scores
+    z_{t+1} − ẑ_t (the step back onto the data) instead of the true Δz_t (needs `true_next`)."""
     z = z0
     nlls, norms, steps, clipped, states = [], [], [], [], []
+    if target not in ("step", "next") or (target == "next" and true_next is None):
+        raise ValueError(f"target must be 'step' or 'next' (with true_next), got {target!r}")
     for t in range(dz.shape[1]):
-        nll, step = nll_and_step(head, z, dz[:, t], mode, generator)
+        goal = dz[:, t] if target == "step" else true_next[:, t] - z
+        nll, step = nll_and_step(head, z, goal, mode, generator)
         nlls.append(nll)
         steps.append(step.norm(dim=-1))
         z = z + step

@@ -370,7 +370,8 @@ class BasisMemory(DynamicsMemory):
     a = softmax(cos(q(z), p_k)/τ), the retrieved direction r(z) = Σ_k a_k p̂_k (‖r‖ ≤ 1, = 1
     when the attention picks one prototype).
 
-    - at a Gaussian head's `residual` point: μ = μ_param + s(z)·r(z);
+    - at a Gaussian head's `residual` point: μ = μ_param + s(z)·r(z) and
+      log σ = log σ_param − c·log ‖r(z)‖;
     - at a vMF head's `direction` point: μ_dir = normalise(μ̂_param + s(z)·r(z)) and
       log κ = log κ_param + c·log ‖r(z)‖ (c learned): a peaked attention sharpens κ, a spread
       one (no archetype fits) blunts it.
@@ -389,7 +390,7 @@ class BasisMemory(DynamicsMemory):
         self.scale = nn.Linear(d, 1)
         nn.init.zeros_(self.scale.weight)
         nn.init.zeros_(self.scale.bias)
-        self.kappa_weight = nn.Parameter(torch.zeros(()))
+        self.confidence = nn.Parameter(torch.zeros(()))  # c: weight of log ‖r(z)‖
 
     def attention(self, z: torch.Tensor) -> torch.Tensor:
         q = F.normalize(self.query(z), dim=-1)
@@ -399,14 +400,19 @@ class BasisMemory(DynamicsMemory):
         a = self.attention(z)
         return self.scale(z) * (a @ F.normalize(self.prototypes, dim=-1))
 
+    def _retrieve(self, z):
+        r = self.attention(z) @ F.normalize(self.prototypes, dim=-1)
+        return r, r.norm(dim=-1, keepdim=True).clamp_min(1e-6).log()
+
     def forward(self, z, mu, log_sigma):
-        return mu + self.correction(z), log_sigma
+        """The Gaussian head's (μ, log σ) → (μ + s(z)·r(z), log σ − c·log ‖r(z)‖)."""
+        r, log_peak = self._retrieve(z)
+        return mu + self.scale(z) * r, log_sigma - self.confidence * log_peak
 
     def direction(self, z, direction, log_kappa):
-        """The vMF head's (unnormalised μ_dir, log κ) → the edited pair."""
-        r = self.attention(z) @ F.normalize(self.prototypes, dim=-1)
-        d = F.normalize(direction, dim=-1) + self.scale(z) * r
-        return d, log_kappa + self.kappa_weight * r.norm(dim=-1).clamp_min(1e-6).log()
+        """The vMF head's (unnormalised μ_dir, log κ) → (μ̂_dir + s(z)·r(z), log κ + c·log ‖r(z)‖)."""
+        r, log_peak = self._retrieve(z)
+        return F.normalize(direction, dim=-1) + self.scale(z) * r, log_kappa + self.confidence * log_peak.squeeze(-1)
 
     @torch.no_grad()
     def fit(self, ctx: FitContext, iters: int = 20, max_items: int = 100000) -> None:

@@ -80,6 +80,12 @@ class RolloutNLLConfig:
     teacher_prob: float = field(
         0.0, help="scheduled sampling: probability that ẑ_{t+1} is replaced by the true z_{t+1}", validator=in_range(0.0, 1.0)
     )
+    target: str = field(
+        "step",
+        help="what is scored at ẑ_t: step (the true Δz_t, seed 000) | next (z_{t+1} − ẑ_t, the step back onto the "
+        "data: teaches the model to return from its own errors)",
+        validator=one_of("step", "next"),
+    )
 
 
 class RolloutNLL(Objective):
@@ -105,7 +111,7 @@ class RolloutNLL(Objective):
 
     def rollout_loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         true_next = None
-        if self.cfg.teacher_prob > 0:
+        if self.cfg.teacher_prob > 0 or self.cfg.target == "next":
             true_next = batch["z0"].unsqueeze(1) + batch["dz"].cumsum(1)  # z_1 .. z_K
         out = rollout(
             model.head,
@@ -117,6 +123,7 @@ class RolloutNLL(Objective):
             noise_std=self.cfg.noise_std,
             true_next=true_next,
             teacher_prob=self.cfg.teacher_prob,
+            target=self.cfg.target,
         )
         loss = out["nll"].mean()
         terms = {
@@ -141,6 +148,7 @@ class MixedConfig:
     )
     noise_std: float = field(0.0, help="noise injection (see rollout_nll)", validator=non_negative)
     teacher_prob: float = field(0.0, help="scheduled sampling (see rollout_nll)", validator=in_range(0.0, 1.0))
+    target: str = field("step", help="step | next (see rollout_nll)", validator=one_of("step", "next"))
 
 
 class MixedObjective(RolloutNLL):

@@ -129,11 +129,11 @@ def test_split_file_with_speaker_on_both_sides(tmp_path):
     assert ds.split("eval").frames.shape == (20, 4)
 
 
-def test_horizon_longer_than_shortest_utterance(tmp_path):
+def test_horizon_longer_than_every_utterance(tmp_path):
     path = _store(tmp_path)
     ds = ZdynDataset(ZdynConfig(path=str(path)))
     ds.check_horizon(9)
-    with pytest.raises(ConfigError, match="shortest utterance") as e:
+    with pytest.raises(ConfigError, match="longer than every train utterance allows") as e:
         RolloutNLL(RolloutNLLConfig(horizon=10), BuildContext(spec=ds.spec, dataset=ds))
     assert e.value.key == "horizon"
 

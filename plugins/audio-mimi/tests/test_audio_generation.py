@@ -82,7 +82,7 @@ def test_basis_at_the_vmf_direction_starts_neutral_and_feeds_direction_and_kappa
     assert torch.allclose(same["log_kappa"], ref["log_kappa"], atol=1e-6)
     with torch.no_grad():
         mem.scale.bias.fill_(5.0)
-        mem.kappa_weight.fill_(1.0)
+        mem.confidence.fill_(1.0)
     moved = head.components(z)
     assert not torch.allclose(moved["direction"], ref["direction"], atol=1e-3)
     assert bool((moved["log_kappa"] <= ref["log_kappa"] + 1e-6).all())  # log ‖r‖ <= 0

@@ -21,6 +21,9 @@ NAMES = [
     "mixed_objective",
     "archetypes",
     "memory_basis",
+    "linear_baseline",
+    "stable_generation",
+    "d512_fit",
 ]
 TINY_DATA = ["data.synthetic={ dim = 12, speakers = 5, utterances = 2, frames = 70 }"]
 
@@ -38,7 +41,7 @@ def shrink(name: str) -> list[str]:
     for i, st in enumerate(recipe["stages"]):
         if "steps" in st:
             over.append(f"stages.{i}.steps=2")
-        if st.get("kind") == "fit":
+        if st.get("kind") == "fit" and st.get("target", "memory") == "memory":
             over.append(f"stages.{i}.options={{ iters = 2, max_items = 400 }}")
     sweep = recipe.get("sweep", {})
     if "memory" in sweep:
@@ -47,7 +50,7 @@ def shrink(name: str) -> list[str]:
         over.append(
             "sweep={ "
             + ", ".join(
-                f'"{k}" = {json.dumps(v[:2]) if not isinstance(v[0], dict) else _inline(v[:2])}'
+                f'"{k}" = {json.dumps(v[:2]) if not isinstance(v[0], dict) else _inline([_few_steps(t) for t in v[:2]])}'
                 for k, v in sweep.items()
             )
             + " }"
@@ -57,12 +60,18 @@ def shrink(name: str) -> list[str]:
             over.append(f"metrics.{i}.segments=16")
         if m["type"] == "archetypes":
             over.append(f"metrics.{i}.max_items=300")
+        if m["type"] == "generate":
+            over.append(f"metrics.{i}.sequences=3")
     return over
+
+
+def _few_steps(table: dict) -> dict:
+    return {**table, "steps": 2} if "steps" in table else table
 
 
 def _inline(tables: list[dict]) -> str:
     def one(t):
-        return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {one(v) if isinstance(v, dict) else json.dumps(v)}" for k, v in t.items()) + " }"
 
     return "[" + ", ".join(one(t) for t in tables) + "]"
 
@@ -81,7 +90,9 @@ def test_recipe_runs(tmp_path, name):
     assert "tensorboard --logdir" in out
     if name == "rollout_vmf":  # the headline: teacher-forced and rollout metrics side by side
         for stage in ("pre", "post"):
-            for tag in ("eval/dnll", "eval/direction_cos", "rollout/dnll", "rollout/max_norm", "vmf/kappa_mean"):
+            for tag in ("eval/dnll", "eval/direction_cos", "rollout/dnll", "rollout/max_norm", "vmf/kappa_mean",
+                        "generate/nonfinite", "generate/max_norm", "generate/step_ratio", "generate/dnll",
+                        "generate/spectral_distance", "generate_mean/max_norm"):
                 assert tag in data["stages"][stage]
         # TensorBoard got the same values under the same tags
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -107,7 +118,7 @@ def test_k_longer_than_shortest_utterance(tmp_path):
     rc, out = engram_run(tmp_path, str(RECIPES / "rollout_vmf.toml"), *TINY_DATA, "stages.2.objective.horizon=90")
     assert rc == 2
     line = one_line_error(out)
-    assert "stages" in line and "horizon" in line and "shortest utterance" in line
+    assert "stages" in line and "horizon" in line and "longer than every" in line
 
 
 def test_head_dimension_mismatch(tmp_path):
