@@ -1,8 +1,8 @@
 """The core is its own first plugin: generic components enough for recipes/minimal.toml."""
 
+from ..generation import GenerationConfig, GenerationMetric
 from ..hookspecs import hookimpl
 from .composite import WeightedSumConfig, WeightedSumObjective
-from ..generation import GenerationConfig, GenerationMetric
 from .dynamics import (
     GaussianNLLConfig,
     GaussianNLLObjective,

@@ -18,7 +18,6 @@ import torch
 
 from engram_core.components import BuildContext, Objective
 from engram_core.config import ConfigError, field, in_range, non_negative, one_of
-
 from engram_core.generation import rollout
 
 from .heads import step_nll
