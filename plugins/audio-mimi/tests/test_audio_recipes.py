@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
+from engram_core.inherit import load_tree
 from engram_core.testing.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
@@ -36,7 +36,7 @@ def engram_run(tmp_path, *args) -> tuple[int, str]:
 
 
 def shrink(name: str) -> list[str]:
-    recipe = tomllib.loads((RECIPES / f"{name}.toml").read_text())
+    recipe, _ = load_tree(RECIPES / f"{name}.toml")  # `extends` merged: the stages and metrics the run uses
     over = list(TINY_DATA)
     for i, st in enumerate(recipe["stages"]):
         if "steps" in st:
