@@ -291,17 +291,12 @@ def _flatten(exc: BaseException, path: str) -> typing.Iterator[tuple[str, str]]:
         for key in sorted(exc.extra_fields):
             yield _join(path, key), f"unknown key{did_you_mean(key, valid)}"
         return
-    if isinstance(exc, ClassValidationError):
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        # a class's notes name the attribute, an iterable's the index: either is the next key
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:
-            yield from _flatten(sub, _join(path, note.name))
-        for sub in without:
-            yield from _flatten(sub, path)
-        return
-    if isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            yield from _flatten(sub, _join(path, note.index))
+            key = note.name if isinstance(exc, ClassValidationError) else note.index
+            yield from _flatten(sub, _join(path, key))
         for sub in without:
             yield from _flatten(sub, path)
         return
