@@ -17,6 +17,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from .rundir import atomic_write_bytes
+
 
 class RunLogger:
     """A thin wrapper over SummaryWriter that remembers which tags it has written.
@@ -156,7 +158,7 @@ def drop_events_after(log_dir: Path, wall_time: float | None) -> int:
     """
     if wall_time is None:
         return 0
-    import os
+    import io
 
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto.event_pb2 import Event
@@ -170,12 +172,9 @@ def drop_events_after(log_dir: Path, wall_time: float | None) -> int:
         if len(keep) == len(records):
             continue
         dropped += len(records) - len(keep)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for r in keep:
-                writer.write(r)
-            writer.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        writer = RecordWriter(buf)
+        for r in keep:
+            writer.write(r)
+        atomic_write_bytes(path, buf.getvalue())
     return dropped
