@@ -83,9 +83,12 @@ def run_main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, quiet=not dist.is_main)  # rank 0 speaks for the run
     from .cache import logging_to_stdout
 
+    finished = False
     try:
         with logging_to_stdout(not (args.quiet or args.dry_run) and dist.is_main):  # cache hit/miss lines
-            return _run(args, console)
+            code = _run(args, console)
+        finished = True
+        return code
     except EngramError as exc:
         return _fail(exc, args.traceback) if dist.is_main else exc.exit_code
     except KeyboardInterrupt:
@@ -98,7 +101,7 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"error: rank {dist.rank}: another rank stopped ({first})", file=sys.stderr)
         return 1
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def _precheck(args, nproc: int) -> None:

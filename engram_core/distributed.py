@@ -182,9 +182,18 @@ def setup() -> Dist:
     return _current
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
+    """Leave the process group. After a normal finish, every rank first waits for the others
+    and drops its DDP wrappers: a rank that exits while a peer's gloo threads still talk to
+    it makes that peer abort ("terminate called without an active exception"). After a
+    failure there is no barrier, since the peer may be gone."""
     global _current
     if _current.enabled and torch_dist.is_initialized():
+        if finished:
+            import gc
+
+            gc.collect()
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
     _current = Dist()
 

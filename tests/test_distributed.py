@@ -8,6 +8,7 @@ two ranks (this file run by torchrun).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -196,6 +197,8 @@ def _reduce_main(out_file: str) -> None:
             with open(out_file, "w") as f:
                 states = {k: sorted(v) if isinstance(v, set) else v for k, v in _states(m).items()}
                 json.dump({"states": states, "note": m.note, "grads": grads}, f)
+        gc.collect()  # drop the DDP wrapper, then wait: see distributed.teardown
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
