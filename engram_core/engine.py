@@ -25,7 +25,15 @@ from .loggers import open_run_logger
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
 from .registry import Registry, load_registry
-from .rundir import MetricsLog, atomic_write_json, atomic_write_text, environment, load_checkpoint, nonfinite_tensors, save_checkpoint
+from .rundir import (
+    MetricsLog,
+    atomic_write_json,
+    atomic_write_text,
+    environment,
+    load_checkpoint,
+    nonfinite_tensors,
+    save_checkpoint,
+)
 from .tb import NullLogger, drop_events_after
 from .validate import blame, component_label, describe, make_component, parameter_problems, stage_problems
 

@@ -169,7 +169,7 @@ def parameter_problems(recipe: Recipe, named: dict[int, list[str]]) -> list[tupl
         names = named.get(i, [])
         sample = ", ".join(names[:4]) + ("..." if len(names) > 4 else "")
 
-        def unmatched(pattern: str) -> bool:
+        def unmatched(pattern: str, names: list[str] = names) -> bool:  # bound now: this stage's names
             return not any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
         for j, pat in enumerate(st.train):
