@@ -10,7 +10,8 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
   `engram_param_groups`, 5× lr, no weight decay);
 - greedy decoding with the KV cache (`generate(use_cache=True)`), tokens/s, model in bf16,
   with the memory and without it (`remove_engram`); and whether cached equals uncached
-  greedy tokens for a short continuation (the memory is non-zero after the training steps).
+  greedy tokens for a short continuation (the memory is non-zero after the training steps),
+  with the scores that tell rounding from a bug where they differ (`cache_consistency`).
 
     python benchmarks/engram_in_lm.py --device cuda                     # the measurement (one H200: ~2 min)
     OMP_NUM_THREADS=1 python benchmarks/engram_in_lm.py --tiny          # CPU smoke run (seconds)
@@ -145,15 +146,40 @@ def time_decode(model, args, device) -> dict:
     sync(device)
     dt = time.perf_counter() - t
     new = out.shape[1] - prompt.shape[1]
-    n = args.check_tokens
-    cached = model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=True, **opts)
-    uncached = model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=False, **opts)
     return {
         "tokens_per_s": args.decode_batch * new / dt,
         "ms_per_token": 1000 * dt / new,
         "new_tokens": new,
-        "cached_equals_uncached": bool(torch.equal(cached, uncached)),
+        **cache_consistency(model, prompt, args.check_tokens, opts),
     }
+
+
+@torch.no_grad()
+def cache_consistency(model, prompt, n: int, opts: dict) -> dict:
+    """Cached vs uncached greedy decoding, token by token, with the scores that explain a difference.
+
+    While the two runs agree they score the same prefix, so `max_score_diff` (largest
+    |logit difference| over those steps) is the numerical noise between the two code paths
+    (one-token KV-cache steps vs whole-sequence forwards). Where they first differ,
+    `margin_at_divergence` is the uncached run's gap between its top two logits: a gap
+    below the noise is a near tie decided by rounding; a gap far above it is a bug."""
+    runs = {}
+    for use_cache in (True, False):
+        out = model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=use_cache,
+                             output_scores=True, return_dict_in_generate=True, **opts)
+        runs[use_cache] = (out.sequences[:, prompt.shape[1]:], torch.stack(out.scores, 1).float())  # (B, n), (B, n, V)
+    (tok_c, sc_c), (tok_u, sc_u) = runs[True], runs[False]
+    same = (tok_c == tok_u).all(0)  # (n,) every batch row agrees at that step
+    first = int((~same).nonzero()[0]) if not bool(same.all()) else n
+    agreed = slice(0, first + 1)  # the divergent step still scores an agreed prefix
+    a, b = sc_c[:, agreed], sc_u[:, agreed]
+    diff = (a - b).abs()[torch.isfinite(a) & torch.isfinite(b)]  # min_new_tokens sets the EOS score to -inf in both
+    result = {"cached_equals_uncached": first == n, "check_tokens": n, "first_divergence": None if first == n else first,
+              "max_score_diff": float(diff.max()) if diff.numel() else 0.0}
+    if first < n:
+        top2 = sc_u[:, first].topk(2, dim=-1).values
+        result["margin_at_divergence"] = float((top2[:, 0] - top2[:, 1]).min())
+    return result
 
 
 def main(argv=None) -> dict:
