@@ -32,6 +32,7 @@ from torch import nn
 
 from engram_core.components import BuildContext, FitContext, Memory
 from engram_core.config import ConfigError, field, non_negative, one_of, positive
+from engram_core.nn.row_tables import KNOWN_PLACEMENTS, make_row_table
 
 from .hashing import NgramHasher, byte_token_texts, canonical_map
 
@@ -68,6 +69,11 @@ class EngramHashConfig:
     sparse: bool = field(False, help="sparse table gradients (nn.Embedding(sparse=True)); train the table with sparse_adam")
     init_std: float = field(0.02, help="std of the table's initial rows", validator=non_negative)
     hash_seed: int = field(0, help="seed of the hash multipliers (layer index is mixed in)")
+    placement: str = field(
+        "device",
+        help="where the table rows live: 'device' (an nn.Embedding), 'host' (host memory, rows prefetched), 'sharded' (rows split over ranks)",
+        validator=one_of(*KNOWN_PLACEMENTS),
+    )
 
 
 class RMSNorm(nn.Module):
@@ -93,8 +99,10 @@ class EngramBlock(nn.Module):
             vocab_size, cfg.memory_size, cfg.orders, cfg.heads_per_order, seed=cfg.hash_seed * 1000003 + layer, canonical=canonical
         )
         h = self.hasher.n_heads
-        self.table = nn.Embedding(self.hasher.total_rows, cfg.slot_dim, sparse=cfg.sparse)
-        nn.init.normal_(self.table.weight, std=cfg.init_std)
+        # rows are read only through the row-table protocol (engram_core.nn.row_tables)
+        self.table = make_row_table(cfg.placement, self.hasher.total_rows, cfg.slot_dim, sparse=cfg.sparse)
+        with torch.no_grad():
+            nn.init.normal_(self.table.full_weight, std=cfg.init_std)
         self.value_proj = nn.Linear(h * cfg.slot_dim, dim, bias=False)
         self.key_proj = nn.Linear(h * cfg.slot_dim, dim, bias=False) if cfg.gate == "context" else None
         self.norm_h = RMSNorm(dim) if cfg.gate == "context" else None
@@ -286,7 +294,7 @@ class EngramHashMemory(Memory):
         dtype: rows are cast to the projections' dtype as they are read (e.g. fp32 master
         rows, bf16 reads). `module.to(dtype)` casts the tables too: call this after it."""
         for block in self.blocks.values():
-            block.table.to(dtype)
+            block.table.set_dtype(dtype)
 
     def requires_grad_(self, requires_grad: bool = True):
         """As nn.Module's, and remembered: a wrapper that later freezes every parameter it
@@ -375,8 +383,9 @@ class EngramHashMemory(Memory):
             for block in self.blocks.values():
                 W = block.value_proj.weight  # (d, H*slot)
                 pinv = torch.linalg.pinv(W.float())  # (H*slot, d)
-                acc = torch.zeros_like(block.table.weight)
-                cnt = torch.zeros(block.table.weight.shape[0], device=acc.device)
+                full = block.table.full_weight  # every row, wherever the placement keeps them
+                acc = torch.zeros_like(full)
+                cnt = torch.zeros(full.shape[0], device=acc.device)
                 for text in texts:
                     ids = head.encode_text(text).to(acc.device)[None]
                     emb = head.token_embeddings(ids)[0]  # (T, d)
@@ -386,7 +395,7 @@ class EngramHashMemory(Memory):
                     acc.index_add_(0, rows.reshape(-1), target.reshape(-1, target.shape[-1]))
                     cnt.index_add_(0, rows.reshape(-1), torch.ones(rows.numel(), device=acc.device))
                 hit = cnt > 0
-                block.table.weight[hit] = (acc[hit] / cnt[hit, None]).to(block.table.weight.dtype)
+                full[hit] = (acc[hit] / cnt[hit, None]).to(full.dtype)
                 written += int(hit.sum())
         return {"prepopulated_rows": float(written), "prepopulated_phrases": float(len(texts))}
 
@@ -435,7 +444,7 @@ class HybridBlock(EngramBlock):
         out = super().forward(hidden, ids, attention_mask, record)
         h = hidden.to(self.query.weight.dtype)
         q = self.query(h)
-        table = self.table.weight.to(q.dtype)
+        table = self.table.full_weight.to(q.dtype)
         retrieved, _ = soft_topk(q, table, table, self.top_k, self.tau)  # (B, t, slot)
         c = self.content_value(retrieved)
         g = torch.sigmoid(self.content_gate(torch.cat([h, c], -1)))
@@ -452,6 +461,8 @@ class HybridHashContentMemory(EngramHashMemory):
     def __init__(self, cfg: HybridHashContentConfig, build: BuildContext):
         if cfg.sparse:
             raise ConfigError("sparse", "hybrid_hash_content reads the whole table by similarity; sparse gradients do not apply")
+        if cfg.placement != "device":
+            raise ConfigError("placement", "hybrid_hash_content scans every row by similarity each forward: keep its table on the device (placement = 'device')")
         super().__init__(cfg, build)
 
     def _make_block(self, cfg, dim, vocab, layer, canon):
