@@ -195,6 +195,9 @@ def teardown(finished: bool = True) -> None:
             gc.collect()
             torch_dist.barrier()
         torch_dist.destroy_process_group()
+    from .nn.sharded_rows import forget_process_group
+
+    forget_process_group()
     _current = Dist()
 
 
@@ -245,9 +248,12 @@ def self_managed_parameters(components: Iterable[Any]) -> set[int]:
     """ids of parameters components manage themselves (`self_managed_parameters()`), left out of DDP."""
     ids: set[int] = set()
     for comp in components:
-        fn = getattr(comp, "self_managed_parameters", None)
-        if fn is not None:
-            ids |= {id(p) for p in fn()}
+        # the component's own list, and those of its submodules (a row-sharded table inside a memory)
+        parts = list(comp.modules()) if isinstance(comp, nn.Module) else [comp]
+        for part in parts:
+            fn = getattr(part, "self_managed_parameters", None)
+            if fn is not None:
+                ids |= {id(p) for p in fn()}
     return ids
 
 
@@ -256,8 +262,10 @@ def wrap_train_step(model: nn.Module, objective: nn.Module, components: Iterable
 
     `find_unused_parameters` is on only when a component sets `ddp_find_unused_parameters = True`
     (it costs a graph traversal per step). Parameters a component lists in
-    `self_managed_parameters()` do not require grad while DDP is built, so DDP neither registers
-    nor all-reduces them; they get their requires_grad back and the component syncs them itself.
+    `self_managed_parameters()` are taken out of their modules while DDP is built, so DDP
+    neither broadcasts rank 0's values over them (a row shard differs on every rank, and may
+    differ in shape), nor registers or all-reduces them; they are put back, in their order, and
+    the component syncs them itself.
     """
     components = list(components)
     if not dist.enabled:
@@ -265,13 +273,14 @@ def wrap_train_step(model: nn.Module, objective: nn.Module, components: Iterable
     step = TrainStep(model, objective)
     find_unused = any(getattr(c, "ddp_find_unused_parameters", False) for c in components)
     ignored = self_managed_parameters(components)
-    held = [p for p in step.parameters() if id(p) in ignored and p.requires_grad]
-    for p in held:
-        p.requires_grad_(False)
-    if not any(p.requires_grad for p in step.parameters()):
-        for p in held:
-            p.requires_grad_(True)
+    if not any(p.requires_grad for p in step.parameters() if id(p) not in ignored):
         return lambda batch: objective(model, batch), contextlib.nullcontext  # nothing for DDP to sync
+    owners = [(m, list(m.named_parameters(recurse=False))) for m in step.modules()]
+    owners = [(m, params) for m, params in owners if any(id(p) in ignored for _, p in params)]
+    for m, params in owners:
+        for name, p in params:
+            if id(p) in ignored:
+                delattr(m, name)
     try:
         ddp = nn.parallel.DistributedDataParallel(
             step,
@@ -279,6 +288,9 @@ def wrap_train_step(model: nn.Module, objective: nn.Module, components: Iterable
             find_unused_parameters=find_unused,
         )
     finally:
-        for p in held:
-            p.requires_grad_(True)
+        for m, params in owners:  # back in their original order (optimizer and state_dict order)
+            for name, p in params:
+                if hasattr(m, name):
+                    delattr(m, name)
+                m.register_parameter(name, p)
     return ddp, ddp.no_sync

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, sharded_state
 from .accel import autocast, compile_components, compile_failure, grad_scaler, is_compile_failure
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from .loggers import open_run_logger
+from .nn.sharded_rows import clip_grad_norm_, serve_peers
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
 from .registry import Registry, load_registry
@@ -303,6 +304,7 @@ class Engine:
             recipe_groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in opts]
             for o, s in zip(opts, state["optimizers"]):
                 o.load_state_dict(s)
+            sharded_state.load_optimizers(self.run_dir, state.get("sharded_tables"), opts, self.model)  # rows this rank owns
             for sc, s in zip(scheds, state["schedulers"]):
                 sc.load_state_dict(s)
             for o, sc, groups in zip(opts, scheds, recipe_groups):
@@ -385,7 +387,7 @@ class Engine:
                     scaler.unscale_(o)
             if st.grad_clip > 0:
                 dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
-                torch.nn.utils.clip_grad_norm_(dense, st.grad_clip)
+                clip_grad_norm_(dense, st.grad_clip, self.model)  # row-sharded tables: the norm over all ranks' rows
             for o in opts:
                 if scaler is not None:
                     scaler.step(o)
@@ -515,6 +517,8 @@ class Engine:
                 with grad, self._autocast():
                     for batch in batches:
                         metric.update(self.model, to_device(batch, self.device))
+                    if self.dist.enabled:
+                        serve_peers()  # row-sharded tables: answer the lookups of ranks with more batches
                 if sharded:
                     metric.dist_reduce(self.dist)
                 computed = metric.compute()
@@ -557,6 +561,8 @@ class Engine:
                 f"engram-run --resume {self.run_dir} stages.{index}.lr={lr}" + ("" if st.grad_clip else f" stages.{index}.grad_clip=1.0"))
 
     def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
+        # every rank: its rows of row-sharded tables, with torch.distributed.checkpoint (engram_core.sharded_state)
+        tables = sharded_state.save(self.run_dir, f"s{index}-{stage_step}" + ("-done" if done else ""), self.model, opts) if self.dist.enabled else None
         if not self.dist.is_main:
             return  # every rank holds the same weights, optimizer and sampler state: rank 0 saves them
         bad = nonfinite_tensors(self.model.state_dict())
@@ -573,7 +579,8 @@ class Engine:
             "model": self.model.state_dict(),
             "objectives": {str(i): o.state_dict() for i, o in self.objectives.items()},
             "metrics": {str(i): m.state_dict() for i, m in enumerate(self.metrics) if hasattr(m, "state_dict")},
-            "optimizers": [o.state_dict() for o in opts],
+            "optimizers": sharded_state.strip_rows([o.state_dict() for o in opts], opts, self.model),
+            "sharded_tables": tables,
             "schedulers": [s.state_dict() for s in scheds],
             "scaler": scaler.state_dict() if scaler is not None else None,
             "world_size": self.dist.world_size,
@@ -583,6 +590,7 @@ class Engine:
         }
         state.update(self._rng_state())
         save_checkpoint(self.run_dir, state)
+        sharded_state.prune(self.run_dir, tables["folder"] if tables else None)
 
     def _rng_state(self) -> dict:
         py = random.getstate()
@@ -608,7 +616,7 @@ class Engine:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
 
     def _restore_common(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        sharded_state.load_model_state(self.run_dir, state, self.model)
         for i, o in self.objectives.items():
             if str(i) in state["objectives"]:
                 o.load_state_dict(state["objectives"][str(i)])

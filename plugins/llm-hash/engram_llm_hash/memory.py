@@ -101,8 +101,11 @@ class EngramBlock(nn.Module):
         h = self.hasher.n_heads
         # rows are read only through the row-table protocol (engram_core.nn.row_tables)
         self.table = make_row_table(cfg.placement, self.hasher.total_rows, cfg.slot_dim, sparse=cfg.sparse)
-        with torch.no_grad():
-            nn.init.normal_(self.table.full_weight, std=cfg.init_std)
+        if hasattr(self.table, "init_normal_"):  # a sharded table draws only the rows it owns
+            self.table.init_normal_(cfg.init_std)
+        else:
+            with torch.no_grad():
+                nn.init.normal_(self.table.full_weight, std=cfg.init_std)
         self.value_proj = nn.Linear(h * cfg.slot_dim, dim, bias=False)
         self.key_proj = nn.Linear(h * cfg.slot_dim, dim, bias=False) if cfg.gate == "context" else None
         self.norm_h = RMSNorm(dim) if cfg.gate == "context" else None

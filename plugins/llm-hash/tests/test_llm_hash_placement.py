@@ -26,7 +26,10 @@ def test_unknown_placement_is_one_config_error():
         EngramHashConfig(placement="gpu")
 
 
-def test_unimplemented_placement_is_one_config_error():
+def test_unimplemented_placement_is_one_config_error(monkeypatch):
+    from engram_core.nn import row_tables
+
+    monkeypatch.setitem(row_tables.PLACEMENTS, "sharded", None)  # as before a placement is registered
     with pytest.raises(ConfigError, match="'sharded' is not implemented yet; use one of 'device'") as err:
         memory(placement="sharded")
     assert err.value.key == "placement"

@@ -3,6 +3,7 @@ rows (and, through the optimiser, their state); on one process it is an ordinary
 
     table = ShardedEmbedding(num_rows, dim)     # inside a model every rank builds alike
     rows = table(ids)                           # ids of any shape -> ids.shape + (dim,)
+    make_row_table("sharded", num_rows, dim)    # the same, as the row-table placement 'sharded'
 
 Ownership is the `torch.chunk` layout (the layout of a DTensor `Shard(0)`, which the sharded
 checkpoint uses): with `per = ceil(num_rows / world)`, rank r owns rows [r*per, (r+1)*per).
@@ -41,6 +42,9 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+from .row_tables import register_placement
+
 # rows drawn per slice at initialisation: a multiple of 16 values per slice keeps the CPU
 # normal_ stream of the slices identical to one normal_ over the whole table
 _INIT_ROWS = 1 << 16
@@ -69,7 +73,8 @@ def lookup_group():
     return _group
 
 
-def _reset_for_new_process_group() -> None:
+def forget_process_group() -> None:
+    """Drop the lookup group and the table ids (distributed.teardown calls it)."""
     global _group
     _group = None
     _tables.clear()
@@ -167,6 +172,8 @@ class ShardedEmbedding(nn.Module):
     rank's rows. Initial rows are N(0, init_std) drawn exactly as one `normal_` over the whole
     table would draw them, so N ranks start from the one-process table."""
 
+    placement = "sharded"
+
     def __init__(self, num_rows: int, dim: int, init_std: float = 0.02, sparse: bool = False):
         super().__init__()
         rank, world = _world()
@@ -181,13 +188,38 @@ class ShardedEmbedding(nn.Module):
             _tables.append(weakref.ref(self))
             self.register_state_dict_post_hook(_drop_rows_from_state)
             self.register_load_state_dict_pre_hook(_take_own_rows)
-            self.register_load_state_dict_post_hook(_rows_come_from_sharded_state)
+            self.register_load_state_dict_post_hook(_rows_come_from_sharded_state)  # e.g. Dist.broadcast_state
         else:
             self.table_id = 0
 
     @property
+    def num_embeddings(self) -> int:  # as nn.Embedding
+        return self.num_rows
+
+    @property
     def sharded(self) -> bool:
         return self.rows.world > 1
+
+    def init_normal_(self, std: float) -> None:
+        """N(0, std) rows, the stream one `normal_` over the whole table draws (row-table protocol)."""
+        self.reset_parameters(std)
+
+    @property
+    def full_weight(self) -> torch.Tensor:
+        """Every row: the table itself on one process; on N ranks no rank holds them all."""
+        if self.sharded:
+            raise ConfigError("placement", f"this action reads every row of the table, but with placement 'sharded' on {self.rows.world} ranks each rank holds only its own rows; run it on one process (engram-run without --nproc) or use placement 'device'")
+        return self.weight
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Keep this rank's master rows in `dtype` (reads are cast by the caller)."""
+        self.to(dtype)
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Nothing ahead of time: the owners are asked during the forward."""
+
+    def stats(self) -> dict[str, float]:
+        return {"unique_rows_per_lookup": float(self.last_unique)} if self.sharded else {}
 
     def reset_parameters(self, std: float) -> None:
         """Draw the whole table's N(0, std) stream slice by slice, keeping the owned rows (memory
@@ -304,3 +336,6 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, model: nn.Modul
     total = (rep_sq + own_sq).sqrt()
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
+
+
+register_placement("sharded", lambda num_rows, dim, sparse=False: ShardedEmbedding(num_rows, dim, sparse=sparse))
