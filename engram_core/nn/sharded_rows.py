@@ -142,7 +142,7 @@ class RouteRows(torch.autograd.Function):
         ctx.save_for_backward(inverse, recv_ids)
         ctx.counts = (send_counts, recv_counts)
         ctx.meta = (rows, uniq.numel(), table.sparse)
-        table.last_unique = uniq.numel()
+        table.last_unique, table.last_send_counts = uniq.numel(), send_counts
         return got[inverse]
 
     @staticmethod
@@ -182,6 +182,7 @@ class ShardedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows.local_rows, dim))
         self.reset_parameters(init_std)
         self.last_unique = 0  # unique ids of the last lookup on this rank (communication telemetry)
+        self.last_send_counts: list[int] = []  # ids it sent to each owner
         if self.sharded:
             lookup_group()
             self.table_id = len(_tables)
@@ -247,7 +248,7 @@ class ShardedEmbedding(nn.Module):
             uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
             _, send_counts, recv_counts, recv_ids = _round(self.table_id, True, uniq, self.rows, self.weight.device)
             out = _answer(self.weight.detach(), self.rows, recv_ids, send_counts, recv_counts)[inverse]
-            self.last_unique = uniq.numel()
+            self.last_unique, self.last_send_counts = uniq.numel(), send_counts
         return out.view(*ids.shape, self.embedding_dim)
 
     def self_managed_parameters(self) -> list[nn.Parameter]:
