@@ -8,6 +8,8 @@ is made once and compared with:
   (exactly) and, from a copy of the same run directory, on 1 process (within tolerance):
   a checkpoint written by 2 ranks loads on 2 and on 1.
 The shipped recipe kv_memorisation.toml runs with memory.placement=sharded --nproc 2.
+And, on the memory itself (this file run by torchrun): forward, every gradient and an Adam
+step of the sharded memory on 2 ranks equal the device memory on the whole batch to 1e-6.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import final_metrics, max_relative_difference, rank_pids, run_dirs, run_ranks, start_ranks
@@ -165,3 +170,100 @@ def test_shipped_recipe_runs_sharded_on_two_ranks(tmp_path):
     r = run_ranks(ROOT / "recipes" / "kv_memorisation.toml", *short, out=tmp_path / "runs", plugins=None)
     assert r.returncode == 0, r.stderr[-4000:]
     assert run_dirs(tmp_path / "runs")
+
+
+# ---- the memory itself over 2 ranks (this file under torchrun) ---------------------------------
+
+STEPS = 3
+
+
+def _memory_steps(placement: str, rank: int, world: int) -> list[dict]:
+    """STEPS Adam steps of a 2-layer engram_hash memory on this rank's slice of fixed batches
+    (padding included); replicated gradients are averaged over ranks as DDP does."""
+    import torch.distributed as torch_dist
+    from llm_hash_helpers import memory
+
+    torch.manual_seed(0)
+    mem = memory(layers=[0, 1], memory_size=1009, placement=placement)
+    opt = torch.optim.Adam(mem.parameters(), lr=1e-2)
+    records = []
+    for s in range(STEPS):
+        g = torch.Generator().manual_seed(s)
+        ids = torch.randint(0, 50, (8, 12), generator=g)
+        hidden = torch.randn(8, 12, 16, generator=g)
+        mask = torch.ones(8, 12, dtype=torch.long)
+        mask[1, :3] = 0  # left padding on one row
+        per = 8 // world
+        sl = slice(rank * per, (rank + 1) * per)
+        out = mem.apply_layer(1, mem.apply_layer(0, hidden[sl], ids[sl], mask[sl]), ids[sl], mask[sl])
+        loss = out.pow(2).sum(-1).mean()  # gradients well above Adam's eps: near eps its step amplifies rounding
+        opt.zero_grad()
+        loss.backward()
+        if world > 1:
+            with torch.no_grad():
+                for name, p in mem.named_parameters():
+                    if p.grad is not None and not name.endswith("table.weight"):
+                        torch_dist.all_reduce(p.grad)
+                        p.grad /= world
+        grads = {n: p.grad.clone() for n, p in mem.named_parameters() if p.grad is not None}
+        opt.step()
+        records.append({"out": out.detach(), "grads": grads, "params": {n: p.detach().clone() for n, p in mem.named_parameters()}})
+    return records
+
+
+def _memory_main(out_file: str) -> None:
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group("gloo")
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    try:
+        ref = _memory_steps("device", 0, 1)  # the whole batch, one table (every rank computes it)
+        got = _memory_steps("sharded", rank, world)
+        mem_rows = {}
+        worst: dict[str, float] = {}
+        per = 8 // world
+        for r, g in zip(ref, got):
+            worst["forward"] = max(worst.get("forward", 0.0), float((g["out"] - r["out"][rank * per : (rank + 1) * per]).abs().max()))
+            for n, gr in g["grads"].items():
+                want = r["grads"][n]
+                if n.endswith("table.weight"):
+                    rows = mem_rows.setdefault(n, _owned(n, world, rank, want.shape[0]))
+                    want = want[rows]
+                worst["backward"] = max(worst.get("backward", 0.0), float((gr - want).abs().max()))
+            for n, p in g["params"].items():
+                want = r["params"][n]
+                if n.endswith("table.weight"):
+                    want = want[mem_rows.get(n, _owned(n, world, rank, want.shape[0]))]
+                worst["step"] = max(worst.get("step", 0.0), float((p - want).abs().max()))
+                worst["step:" + n] = max(worst.get("step:" + n, 0.0), float((p - want).abs().max()))
+        worst["grads_compared"] = len(got[0]["grads"])
+        results = [None] * world
+        torch_dist.all_gather_object(results, worst)
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(results))
+        torch_dist.barrier()
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _owned(name: str, world: int, rank: int, rows: int) -> slice:
+    from engram_core.nn.sharded_rows import RowRange
+
+    r = RowRange(rows, rank, world)
+    return slice(r.start, r.stop)
+
+
+def test_sharded_memory_on_two_ranks_equals_device_memory(tmp_path):
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank, worst in enumerate(json.loads(out.read_text())):
+        assert worst["grads_compared"] >= 8, worst  # tables, projections, norms, conv, gate
+        for what in ("forward", "backward", "step"):
+            assert worst[what] <= 1e-6, (rank, what, {k: v for k, v in worst.items() if v > 1e-7})
+
+
+if __name__ == "__main__":  # torchrun test_llm_hash_sharded.py OUT.json
+    _memory_main(sys.argv[1])
