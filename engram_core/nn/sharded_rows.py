@@ -241,6 +241,10 @@ class ShardedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.sharded:
             return F.embedding(ids, self.weight, sparse=self.sparse)
+        return self._routed(ids)
+
+    @torch.compiler.disable  # collectives with data-dependent split sizes: run eagerly under run.compile
+    def _routed(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             out = RouteRows.apply(self.weight, flat, self)
