@@ -405,6 +405,10 @@ def save_engram(model: nn.Module, path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     mem = engram_memory(model)
+    from engram_core.nn.sharded_rows import sharded_tables
+
+    if sharded_tables(mem):  # each rank holds only its rows: a file of one rank's state would lack the table
+        raise ConfigError("placement", "save_engram writes the whole table, but with placement 'sharded' on several ranks each holds only its rows; save from one process (the run's checkpoint loads there)")
     state = {k: v.detach().contiguous().cpu() for k, v in mem.state_dict().items()}
     if mem.cfg.canonical:
         state["canonical_ids"] = next(iter(mem.blocks.values())).hasher.canonical.cpu()
