@@ -156,7 +156,7 @@ def main() -> None:
     print(f"{'ranks':>5} {'placement':>9} {'step ms':>9} {'vs device':>9} {'unique/rank':>11} {'KB sent/rank':>12} {'KB to peers':>11} {'formula KB':>10}")
     for r in rows:
         worst = max(x["step_ms"] for x in r["ranks"])
-        avg = lambda k: sum(x[k] for x in r["ranks"]) / len(r["ranks"])  # noqa: E731
+        avg = lambda k, ranks=r["ranks"]: sum(x[k] for x in ranks) / len(ranks)  # noqa: E731
         r["step_ms"] = worst
         print(f"{r['nproc']:>5} {r['placement']:>9} {worst:>9.2f} {worst / base:>8.2f}x {avg('unique_rows_per_step'):>11.0f} "
               f"{avg('bytes_sent_per_step') / 1e3:>12.1f} {avg('bytes_to_other_ranks_per_step') / 1e3:>11.1f} {avg('formula_bytes') / 1e3:>10.1f}")
