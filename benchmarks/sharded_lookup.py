@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="launches of each configuration (mean and sd of their step times)")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -148,18 +150,29 @@ def main() -> None:
     if args.worker:
         return worker(args)
     load_before = os.getloadavg()
-    rows = [{"nproc": 1, "placement": "device", "ranks": launch(1, "device", args)}]
-    for n in [int(x) for x in args.nproc.split(",")]:
-        rows.append({"nproc": n, "placement": "sharded", "ranks": launch(n, "sharded", args)})
-    base = rows[0]["ranks"][0]["step_ms"]
-    print(f"engram_hash memory, {args.rows} rows x {args.slot_dim}, {args.tokens} tokens/step global, {args.device}")
-    print(f"{'ranks':>5} {'placement':>9} {'step ms':>9} {'vs device':>9} {'unique/rank':>11} {'KB sent/rank':>12} {'KB to peers':>11} {'formula KB':>10}")
+    configs = [(1, "device")] + [(int(x), "sharded") for x in args.nproc.split(",")]
+    rows = [{"nproc": n, "placement": pl, "launches": []} for n, pl in configs]
+    for _ in range(args.repeats):  # interleaved, so a change of the machine's load hits every configuration
+        for row in rows:
+            row["launches"].append(launch(row["nproc"], row["placement"], args))
+    for row in rows:
+        times = [max(x["step_ms"] for x in ranks) for ranks in row["launches"]]  # the slowest rank sets the step
+        row["step_ms_each"] = times
+        row["step_ms"] = statistics.mean(times)
+        row["step_ms_sd"] = statistics.stdev(times) if len(times) > 1 else 0.0
+    base = rows[0]["step_ms"]
+    print(f"engram_hash memory, {args.rows} rows x {args.slot_dim}, {args.tokens} tokens/step global, {args.device}, {args.repeats} launches each")
+    print(f"{'ranks':>5} {'placement':>9} {'step ms':>15} {'vs device':>9} {'unique/rank':>11} {'KB sent/rank':>12} {'KB to peers':>11} {'formula KB':>10}")
     for r in rows:
-        worst = max(x["step_ms"] for x in r["ranks"])
-        avg = lambda k, ranks=r["ranks"]: sum(x[k] for x in ranks) / len(ranks)  # noqa: E731
-        r["step_ms"] = worst
-        print(f"{r['nproc']:>5} {r['placement']:>9} {worst:>9.2f} {worst / base:>8.2f}x {avg('unique_rows_per_step'):>11.0f} "
-              f"{avg('bytes_sent_per_step') / 1e3:>12.1f} {avg('bytes_to_other_ranks_per_step') / 1e3:>11.1f} {avg('formula_bytes') / 1e3:>10.1f}")
+        ranks = r["launches"][0]
+        avg = lambda k, ranks=ranks: sum(x[k] for x in ranks) / len(ranks)  # noqa: E731
+        r["unique_rows_per_rank"] = avg("unique_rows_per_step")
+        r["bytes_sent_per_rank"] = avg("bytes_sent_per_step")
+        r["bytes_to_other_ranks_per_rank"] = avg("bytes_to_other_ranks_per_step")
+        r["formula_bytes_per_rank"] = avg("formula_bytes")
+        step = f"{r['step_ms']:.1f} ± {r['step_ms_sd']:.1f}"
+        print(f"{r['nproc']:>5} {r['placement']:>9} {step:>15} {r['step_ms'] / base:>8.2f}x {r['unique_rows_per_rank']:>11.0f} "
+              f"{r['bytes_sent_per_rank'] / 1e3:>12.1f} {r['bytes_to_other_ranks_per_rank'] / 1e3:>11.1f} {r['formula_bytes_per_rank'] / 1e3:>10.1f}")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip())
     result = {
@@ -173,7 +186,7 @@ def main() -> None:
         "git_commit": commit,
         "git_dirty": dirty,
         "command": " ".join(["python", "benchmarks/sharded_lookup.py", *sys.argv[1:]]),
-        "note": "step_ms is the slowest rank's mean over iters; N ranks on one machine share its cores (gloo over loopback), "
+        "note": "step_ms: mean (sd) over launches of the slowest rank's mean step over iters; N ranks on one machine share its cores (gloo over loopback), "
                 "so on a small CPU the time measures contention as much as the method; bytes are exact",
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"sharded_lookup-{args.device}.json"
