@@ -259,6 +259,12 @@ class EngramHashMemory(Memory):
     def _make_block(self, cfg, dim, vocab, layer, canon):
         return EngramBlock(cfg, dim, vocab, layer, canon)
 
+    @property
+    def sharded_actions(self) -> tuple[str, ...]:
+        """Tables split over ranks: `fit` runs on every rank (and refuses alike), so no rank
+        waits for a broadcast from one that failed."""
+        return ("fit",) if any(getattr(b.table, "sharded", False) for b in self.blocks.values()) else ()
+
     # -- the injection point (engram_core.points.LayerPoint) ------------------------
     def layer_indices(self) -> tuple[int, ...]:
         return tuple(int(k) for k in self.blocks)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from engram_llm_hash.memory import EngramHashConfig
-from llm_hash_helpers import DIM, VOCAB, memory
+from llm_hash_helpers import memory
 
 from engram_core.config import ConfigError
 from engram_core.nn.row_tables import DeviceRowTable

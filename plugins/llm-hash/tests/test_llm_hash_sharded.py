@@ -165,6 +165,16 @@ def test_kill_mid_run_then_resume_on_two_ranks_and_on_one(recipe, two_rank_run, 
     assert diff < TOLERANCE
 
 
+def test_prepopulating_a_table_split_over_ranks_is_one_line_on_every_rank(tmp_path):
+    fit = RECIPE.replace('[[stages]]\nname = "memory"', '[[stages]]\nname = "populate"\nkind = "fit"\ntarget = "memory"\naction = "fit"\noptions = { from_split = "train" }\n\n[[stages]]\nname = "memory"', 1)
+    assert 'name = "populate"' in fit
+    path = tmp_path / "fit.toml"
+    path.write_text(fit)
+    r = run_ranks(path, "stages.0.steps=2", out=tmp_path / "runs", plugins=None)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"error: {path}: stages.1.options.placement: this action reads every row of the table" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def test_shipped_recipe_runs_sharded_on_two_ranks(tmp_path):
     short = ["memory.placement=sharded", "stages.0.steps=4", "stages.2.steps=4", "stages.2.eval_every=0", "data.n_synthetic=40"]
     r = run_ranks(ROOT / "recipes" / "kv_memorisation.toml", *short, out=tmp_path / "runs", plugins=None)
