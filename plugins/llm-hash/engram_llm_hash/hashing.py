@@ -125,12 +125,27 @@ class NgramHasher(nn.Module):
         self.total_rows = memory_size if shared else sum(sizes)
         self.register_buffer("moduli", torch.tensor(sizes, dtype=torch.long), persistent=False)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        # for k < max_order: which output column order k + 1 is (-1: not an order); the fused kernel's map
+        slots = [self.orders.index(k + 1) if (k + 1) in self.orders else -1 for k in range(self.max_order)]
+        self.register_buffer("order_slots", torch.tensor(slots, dtype=torch.long), persistent=False)
 
-    def mixes(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, len(orders)) int64 multiply-XOR mix of each order's suffix n-gram."""
-        if ids.min() < 0 or ids.max() >= self.canonical.numel():
+    def check_ids(self, ids: torch.Tensor) -> None:
+        """A clear error for token ids outside the vocabulary. Reads min and max: free on
+        CPU tensors, a host synchronisation on a GPU, so the forward checks only CPU ids
+        (call this at your data boundary to check GPU ones; the torch path's indexing
+        then fails with a device-side assert, the Triton kernel's under TRITON_DEBUG=1)."""
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.canonical.numel()):
             raise ValueError(f"token ids must be in [0, {self.canonical.numel()}), got [{int(ids.min())}, {int(ids.max())}]")
+
+    def mixes(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, len(orders)) int64 multiply-XOR mix of each order's suffix n-gram.
+        `valid` (B, T) or None: 0 marks a position that reads as before the sequence start
+        (the sentinel), how packed-out padding is kept out of every n-gram."""
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            self.check_ids(ids)  # no device synchronisation on CPU
         x = self.canonical[ids]
+        if valid is not None:
+            x = torch.where(valid.bool(), x, self.sentinel)
         b, t = x.shape
         shifted = [x]
         for k in range(1, self.max_order):

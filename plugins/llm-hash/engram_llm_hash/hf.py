@@ -175,6 +175,7 @@ class HFInjector:
         object.__setattr__(model, "forward", self)
         if self.inner_prepare is not None:
             object.__setattr__(model, "prepare_inputs_for_generation", self._prepare_wrapper())
+        forget_compiled_graphs()
 
     def active(self) -> EngramHashMemory:
         return self.held if self.held is not None else engram_memory(self.model)
@@ -257,10 +258,13 @@ class HFInjector:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
         inp = args[0] if args else kwargs.get("hidden_states")
-        slot = (layer, inp.data_ptr(), tuple(inp.shape)) if isinstance(inp, torch.Tensor) else None
+        slot = (layer, inp.data_ptr(), tuple(inp.shape)) if isinstance(inp, torch.Tensor) and not torch.compiler.is_compiling() else None
         if self.live:
             ids, mask, record = self.ids, self.mask, True
-            if self.model.training and slot is not None:  # gradient checkpointing may re-run this layer in backward
+            # gradient checkpointing may re-run this layer in backward (eager only: under
+            # torch.compile the recomputation happens inside the compiled backward graph,
+            # and `data_ptr` would break the graph)
+            if self.model.training and slot is not None and not torch.compiler.is_compiling():
                 self.recompute[slot] = (ids, mask)
                 while len(self.recompute) > self.RECOMPUTE_SLOTS:
                     self.recompute.popitem(last=False)
@@ -287,6 +291,23 @@ class HFInjector:
             else:
                 model.__dict__.pop(name, None)
         model.__dict__.pop("_engram_injector", None)
+        forget_compiled_graphs()
+
+
+def forget_compiled_graphs() -> None:
+    """Drop every graph torch.compile has made, so the next compiled call traces the model
+    as it is now, with or without the memory.
+
+    Why: the memory runs from forward hooks on decoder layers, and torch.compile does not
+    guard on a module's hooks (torch._dynamo.config.skip_nnmodule_hook_guards is True by
+    default, for speed). A model compiled and run before `add_engram` therefore keeps
+    replaying its old graph: the memory never runs, its tables get no gradient, and
+    nothing says so (issue 14: the compiled 494M model timed like its base, table .grad
+    None). The same holds the other way after `remove_engram`. `torch.compiler.reset()`
+    is the public API for this; it clears the process's compile caches, so other compiled
+    models recompile once on their next call (correct, a few seconds). Cheap when
+    nothing was compiled."""
+    torch.compiler.reset()
 
 
 def engram_config(memory_size: int, inject_layers, gate_type: str, **kwargs) -> EngramHashConfig:

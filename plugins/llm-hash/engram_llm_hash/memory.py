@@ -34,7 +34,9 @@ from engram_core.components import BuildContext, FitContext, Memory
 from engram_core.config import ConfigError, field, non_negative, one_of, positive
 from engram_core.nn.row_tables import KNOWN_PLACEMENTS, make_row_table
 
+from . import kernels
 from .hashing import NgramHasher, byte_token_texts, canonical_map
+from .telemetry import BlockTelemetry
 
 GATES = ("context", "learned", "fixed")
 
@@ -74,6 +76,10 @@ class EngramHashConfig:
         help="where the table rows live: 'device' (an nn.Embedding), 'host' (host memory, rows prefetched), 'sharded' (rows split over ranks)",
         validator=one_of(*KNOWN_PLACEMENTS),
     )
+    kernels: str = field(
+        "auto", help="'auto' fused Triton kernels on CUDA where triton imports, else torch; 'torch' always; 'triton' always",
+        validator=one_of(*kernels.KERNELS),
+    )
 
 
 class RMSNorm(nn.Module):
@@ -95,6 +101,7 @@ class EngramBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dim = dim
+        kernels.check_kernels(cfg.kernels)
         self.hasher = NgramHasher(
             vocab_size, cfg.memory_size, cfg.orders, cfg.heads_per_order, seed=cfg.hash_seed * 1000003 + layer, canonical=canonical
         )
@@ -120,31 +127,45 @@ class EngramBlock(nn.Module):
             self.conv_norm = RMSNorm(dim)
             self.conv = nn.Conv1d(dim, dim, cfg.conv_kernel, groups=dim, dilation=self.dilation, bias=False)
             nn.init.zeros_(self.conv.weight)  # starts as identity: v + SiLU(0) = v
-        # telemetry (not saved in checkpoints)
-        self.register_buffer("usage", torch.zeros(self.hasher.total_rows, dtype=torch.long), persistent=False)
-        self.last_gate: torch.Tensor | None = None
-        self.seen_mixes: torch.Tensor | None = None  # n-gram mixes of the last recorded forward (collision telemetry)
+        self.telemetry = BlockTelemetry(self.hasher.total_rows, len(self.hasher.orders), cfg.heads_per_order)
         self.track = True
+
+    @property
+    def usage(self) -> torch.Tensor:
+        """Reads of each table row since the last reset."""
+        return self.telemetry.usage
+
+    @property
+    def last_gate(self) -> torch.Tensor | None:
+        """Gate values of the real positions of the last recorded forward (flat)."""
+        return self.telemetry.gates()
 
     @property
     def receptive(self) -> int:
         """Earlier positions whose values the conv reads."""
         return (self.conv_kernel - 1) * self.dilation if self.conv_kernel > 0 else 0
 
-    def _window(self, seq: torch.Tensor, lo: int, hi: int):
+    def _window(self, seq: torch.Tensor, lo: int, hi: int, valid: torch.Tensor | None = None):
         """Rows, n-gram mixes, values and keys of positions [lo, hi) of the id sequence `seq`.
 
         Each position's n-gram reaches max_order-1 ids back and the conv `receptive`
         positions back; callers pass lo early enough for the positions they keep, so
-        generation costs O(1) per token however long the history."""
-        hash_lo = max(0, lo - (self.hasher.max_order - 1))
-        mixes = self.hasher.mixes(seq[:, hash_lo:hi])[:, lo - hash_lo :]
-        rows = self.hasher.addresses_from_mixes(mixes)
+        generation costs O(1) per token however long the history. `valid` (B, L) or None:
+        0 = a position that acts as before the sequence start (no n-gram, zero conv input)."""
+        fused = kernels.use_triton(self.cfg.kernels, seq.device)
+        hash_window = kernels.hash_window_triton if fused else kernels.hash_window_torch
+        rows, mixes = hash_window(self.hasher, seq, lo, hi, valid)
         compute = self.value_proj.weight.dtype
-        e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
+        if fused and not self.cfg.sparse and getattr(self.table, "placement", None) == "device":
+            e = kernels.gather_rows_triton(self.table.weight, rows, compute)  # one launch, cast fused
+        else:
+            e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
         v = self.value_proj(e)
         if self.conv_kernel > 0:
-            x = self.conv_norm(v).transpose(1, 2)
+            x = self.conv_norm(v)
+            if valid is not None:
+                x = x * valid[:, lo:hi, None].to(x.dtype)  # packed-out padding reads as the zeros before the start
+            x = x.transpose(1, 2)
             x = F.pad(x, (self.receptive, 0))
             v = v + F.silu(self.conv(x)).transpose(1, 2)
         k = self.key_proj(e) if self.key_proj is not None else None
@@ -158,27 +179,35 @@ class EngramBlock(nn.Module):
         `attention_mask` (B, L) like ids, 0 = padding: a padded position never enters an
         n-gram or the conv. The kept ids of each row are moved to its front, in order (a
         row then reads exactly what the unpadded sequence reads), the window is computed
-        there and each kept position takes its value back; padded positions get 0."""
+        there and each kept position takes its value back; padded positions get 0.
+
+        Also returned: `real` (N,) bool, which of the N = B*t telemetry positions are kept
+        (None without a mask). Nothing here waits for the device."""
         total = ids.shape[1]
+        lo = max(0, total - t - self.receptive)  # first position whose value is needed
         if attention_mask is None:
-            lo = max(0, total - t - self.receptive)  # first position whose value is needed
             rows, mixes, v, k = self._window(ids, lo, total)
             v, k = v[:, -t:], (k[:, -t:] if k is not None else None)
-            return v, k, rows[:, -t:].flatten(0, 1), mixes[:, -t:].flatten(0, 1)
+            return v, k, rows[:, -t:].flatten(0, 1), mixes[:, -t:].flatten(0, 1), None
+        # Pack each row's kept ids to its END, in order (padding first). A kept position
+        # among the last t then has a packed index >= total - t (at most t kept positions
+        # follow it), so the window is [total - t - receptive, total) whatever the mask:
+        # fixed shapes, no host synchronisation. The packed-out padding in front acts as
+        # "before the sequence start" (`valid`), exactly as the unpadded sequence sees it.
         keep = attention_mask.bool()
-        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept positions first, in order
+        order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices  # padding first, kept in order
         packed = ids.gather(1, order)
-        where = (keep.long().cumsum(1) - 1).clamp(min=0)[:, -t:]  # packed index of each of the last t positions
+        valid = keep.gather(1, order)
+        n_kept = keep.sum(1, keepdim=True)
+        where = (total - n_kept + keep.long().cumsum(1) - 1).clamp(min=0)[:, -t:]  # packed index of each of the last t
         kept = keep[:, -t:]
-        lo_hi = torch.stack([where.min(), where.max()]).tolist()  # one sync for the padded path only
-        lo, hi = max(0, lo_hi[0] - self.receptive), lo_hi[1] + 1
-        rows, mixes, v, k = self._window(packed, lo, hi)
-        at = (where - lo)[..., None]
+        rows, mixes, v, k = self._window(packed, lo, total, valid)
+        at = (where - lo).clamp(min=0)[..., None]  # a padded position points anywhere in range: its value is zeroed
         take = lambda x: x.gather(1, at.expand(-1, -1, x.shape[-1]))  # noqa: E731
         zero = kept[..., None].to(v.dtype)
         v = take(v) * zero
         k = take(k) if k is not None else None
-        return v, k, take(rows)[kept], take(mixes)[kept]
+        return v, k, take(rows).flatten(0, 1), take(mixes).flatten(0, 1), kept.reshape(-1)
 
     def gate(self, hidden: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.gate == "context":
@@ -193,15 +222,11 @@ class EngramBlock(nn.Module):
         """`record=False` leaves the telemetry alone (a gradient-checkpointing recomputation
         of a forward that was already counted)."""
         t = hidden.shape[1]
-        v, k, rows, mixes = self.values_and_keys(ids, t, attention_mask)
+        v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask)
         dtype = v.dtype
         g = self.gate(hidden.to(dtype), v, k)
         if self.track and record:
-            with torch.no_grad():
-                self.usage.index_add_(0, rows.reshape(-1), torch.ones_like(rows.reshape(-1)))
-                gates = g if attention_mask is None else g[attention_mask[:, -t:].bool()]
-                self.last_gate = gates.detach().flatten().float()
-                self.seen_mixes = mixes
+            self.telemetry.record(rows, mixes, real, g.reshape(-1, 1))
         return hidden + (g * v).to(hidden.dtype)
 
 
@@ -251,7 +276,6 @@ class EngramHashMemory(Memory):
         self.cfg = cfg
         canon = build_canonical(build.head) if cfg.canonical else None
         self.blocks = nn.ModuleDict({str(i): self._make_block(cfg, dim, vocab, i, canon) for i in sorted(set(cfg.layers))})
-        self._unique: dict[str, list[torch.Tensor]] = {k: [] for k in self.blocks}
         self.trainable = True
         # vocabulary / distinct canonical ids (1.0 without canonical ids): the tokenizer compression
         self.vocab_compression = float(vocab / (int(canon.max()) + 1)) if canon is not None else 1.0
@@ -274,17 +298,14 @@ class EngramHashMemory(Memory):
     ) -> torch.Tensor:
         """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far;
         attention_mask (B, L) or None, 0 = a padded position (never hashed, never convolved)."""
-        key = str(layer)
-        if not self.enabled or key not in self.blocks:
+        # compared as ints, not looked up by str(layer): torch.compile may trace `layer` as
+        # a symbolic int, which str() cannot take without a graph break
+        block = next((b for k, b in self.blocks.items() if int(k) == layer), None)
+        if not self.enabled or block is None:
             return hidden
         if ids is None:
             raise RuntimeError("engram memory needs token ids (the forward was given only embeddings)")
-        block = self.blocks[key]
-        out = block(hidden, ids, attention_mask, record)
-        if block.track and record and block.seen_mixes is not None:
-            self._observe(key, block.seen_mixes)
-            block.seen_mixes = None
-        return out
+        return block(hidden, ids, attention_mask, record)
 
     def forward(
         self, hidden: torch.Tensor, ids: torch.Tensor, layer: int | None = None, attention_mask: torch.Tensor | None = None, record: bool = True
@@ -312,26 +333,13 @@ class EngramHashMemory(Memory):
         return super().requires_grad_(requires_grad)
 
     # -- telemetry ---------------------------------------------------------------
-    def _observe(self, key: str, mixes: torch.Tensor) -> None:
-        """Record the n-gram mixes (N, O) of the positions a forward processed."""
-        with torch.no_grad():
-            buf = self._unique[key]
-            buf.append(mixes)
-            if sum(m.shape[0] for m in buf) > 200_000:
-                # keep memory bounded: deduplicate; beyond 150k distinct n-grams keep a
-                # subset (the collision estimate then covers those, still unbiased per head)
-                uniq = torch.unique(torch.cat(buf), dim=0)
-                keep = torch.randperm(uniq.shape[0], generator=torch.Generator().manual_seed(0))[:150_000]
-                self._unique[key] = [uniq[keep.to(uniq.device)]]
-
     def collision_rate(self, layer: str | None = None) -> tuple[float, float]:
         """(observed, birthday expectation) fraction of distinct n-grams sharing their slot
-        with another distinct n-gram, averaged over heads, since the last `stats()`."""
-        key = layer or next(iter(self.blocks))
-        buf = self._unique.get(key) or []
-        if not buf:
-            return float("nan"), float("nan")
-        return collision_stats(torch.cat(buf), self.blocks[key].hasher)
+        with another distinct n-gram, averaged over heads, among the positions sampled
+        since the last `stats()` (telemetry.py: up to 65,536, strided, from the rows the
+        forwards read)."""
+        block = self.blocks[layer or next(iter(self.blocks))]
+        return block.telemetry.collision_rate(block.hasher.moduli)
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -345,9 +353,10 @@ class EngramHashMemory(Memory):
             if math.isfinite(obs):
                 out[f"collision_rate{sfx}"] = obs
                 out[f"collision_rate_expected{sfx}"] = exp
-            if block.last_gate is not None:
-                out[f"gate_mean{sfx}"] = float(block.last_gate.mean())
-            self._unique[key] = []
+            gates = block.last_gate
+            if gates is not None and gates.numel():
+                out[f"gate_mean{sfx}"] = float(gates.mean())
+            block.telemetry.clear_sample()
         return out
 
     def histograms(self) -> dict[str, torch.Tensor]:
@@ -356,19 +365,18 @@ class EngramHashMemory(Memory):
         so an evaluation with the memory knocked out reports no stale gate."""
         out = {}
         for key, block in self.blocks.items():
-            if block.last_gate is not None:
-                out["gate" if len(self.blocks) == 1 else f"gate_l{key}"] = block.last_gate
+            gates = block.last_gate
+            if gates is not None:
+                out["gate" if len(self.blocks) == 1 else f"gate_l{key}"] = gates
             out["slot_usage" if len(self.blocks) == 1 else f"slot_usage_l{key}"] = block.usage.float()
-            block.last_gate = None
+            block.telemetry.clear_gate()
             if hasattr(block, "last_content_gate"):
                 block.last_content_gate = None
         return out
 
     def reset(self) -> None:
-        for key, block in self.blocks.items():
-            block.usage.zero_()
-            block.last_gate = None
-            self._unique[key] = []
+        for block in self.blocks.values():
+            block.telemetry.reset()
 
     # -- pre-population ------------------------------------------------------------
     def fit(self, ctx: FitContext, phrases: list[str] | None = None, from_split: str = "", scale: float = 1.0, max_phrases: int = 100000) -> dict[str, float]:
