@@ -35,9 +35,11 @@ from engram_core.config import ConfigError
 KERNELS = ("auto", "torch", "triton")
 
 
-@functools.cache
+TRITON_FOUND = importlib.util.find_spec("triton") is not None  # looked up once: the forward asks at every call
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_FOUND
 
 
 def interpreting() -> bool:
@@ -55,15 +57,19 @@ def check_kernels(choice: str) -> None:
 
 
 def use_triton(choice: str, device: torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on `device`."""
+    """Whether the Triton kernels run for tensors on `device`: "auto" on CUDA only;
+    "triton" on CUDA, or on CPU under Triton's interpreter (the tests)."""
     if choice == "torch" or not triton_available():
         return False
-    runnable = device.type == "cuda" or (device.type == "cpu" and interpreting())
-    if choice == "triton" and not runnable:
+    if device.type == "cuda":
+        return True
+    if choice == "triton":
+        if device.type == "cpu" and interpreting():
+            return True
         raise ConfigError(
-            "kernels", f"'triton' runs on CUDA tensors, these are on {device.type}; use 'auto' (torch on CPU) or 'torch'"
+            "kernels", f"'triton' runs on CUDA tensors, these are on {device.type} (TRITON_INTERPRET=1 runs them on CPU, slowly); use 'auto' or 'torch'"
         )
-    return runnable
+    return False
 
 
 # --------------------------------------------------------------------------- torch path

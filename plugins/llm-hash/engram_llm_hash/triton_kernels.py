@@ -69,7 +69,7 @@ def gather_rows_kernel(table_ptr, rows_ptr, out_ptr, n_reads, slot_dim, table_st
     row = tl.load(rows_ptr + m, mask=live, other=0)
     mask = live[:, None] & cols[None, :]
     vals = tl.load(table_ptr + row[:, None] * table_stride + s[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + m[:, None] * slot_dim + s[None, :], vals.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + m[:, None] * slot_dim + s[None, :], vals.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 @triton.jit
