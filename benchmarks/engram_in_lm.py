@@ -14,7 +14,16 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
   with the scores that tell rounding from a bug where they differ (`cache_consistency`).
 
     python benchmarks/engram_in_lm.py --device cuda                     # the measurement (one H200: ~2 min)
+    python benchmarks/engram_in_lm.py --device cuda --compile           # the same under torch.compile
+    python benchmarks/engram_in_lm.py --device cuda --kernels torch     # without the fused Triton kernels
     OMP_NUM_THREADS=1 python benchmarks/engram_in_lm.py --tiny          # CPU smoke run (seconds)
+
+`--compile` times `torch.compile(model)` for both: the base is compiled and run first,
+then `add_engram` (which drops compiled graphs, so the memory is traced in; before issue
+14's fix the old graph kept running and the memory never ran). `memory_ran` in the JSON
+says whether the tables changed over the training steps: it must be true for the
+"with Engram" figure to mean anything. `--kernels` is the memory's `kernels` key (auto:
+Triton on CUDA).
 
 `--precision autocast` (default): fp32 parameters under bf16 autocast, as the engine's
 `precision = "bf16"`; `bf16`: bf16 parameters. Prints a table and writes JSON to
@@ -62,6 +71,10 @@ def parse(argv=None):
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
     p.add_argument("--new-tokens", type=int, default=256, help="greedy tokens decoded")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens compared cached vs uncached")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or aot_eager for a quick CPU check)")
+    p.add_argument("--no-decode", action="store_true", help="training steps only")
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engram_in_lm-<device>.json)")
     args = p.parse_args(argv)
@@ -101,7 +114,9 @@ def make_optimizer(groups, lr, device):
         return torch.optim.AdamW(groups, lr=lr), False
 
 
-def time_training(model, groups, args, device) -> dict:
+def time_training(model, groups, args, device, run=None) -> dict:
+    """`run`: what is called (the compiled model under --compile), `model` what it wraps."""
+    run = model if run is None else run
     opt, fused = make_optimizer(groups, args.lr, device)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(device)
@@ -112,7 +127,7 @@ def time_training(model, groups, args, device) -> dict:
         sync(device)
         t = time.perf_counter()
         with amp:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -190,27 +205,37 @@ def main(argv=None) -> dict:
     model = build(args, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2-shaped model: {n_params / 1e6:.1f}M parameters, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
-          f"train batch {args.batch}x{args.seq}, {args.precision}, device {device}", flush=True)
+          f"train batch {args.batch}x{args.seq}, {args.precision}, device {device}, "
+          f"{'compiled (' + args.compile_backend + ')' if args.compile else 'eager'}, kernels {args.kernels}", flush=True)
 
-    base_train = time_training(model, [p for p in model.parameters()], args, device)
+    run = torch.compile(model, backend=args.compile_backend) if args.compile else model
+    base_train = time_training(model, [p for p in model.parameters()], args, device, run)
     print(f"  train without Engram: {base_train['step_ms_mean']:.1f} ± {base_train['step_ms_sd']:.1f} ms/step", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     add_engram(model, memory_size=args.memory_size, inject_layers=args.engram_layers, freeze_base=False,
-               slot_dim=args.slot_dim, heads_per_order=args.heads_per_order)
+               slot_dim=args.slot_dim, heads_per_order=args.heads_per_order, kernels=args.kernels)
     n_memory = sum(p.numel() for p in model.engram.parameters())
-    engram_train = time_training(model, engram_param_groups(model, lr=args.lr), args, device)
+    tables_before = [b.table.weight.detach().clone() for b in model.engram.blocks.values()]
+    engram_train = time_training(model, engram_param_groups(model, lr=args.lr), args, device, run)
+    engram_train["memory_ran"] = all(not torch.equal(a, b.table.weight) for a, b in zip(tables_before, model.engram.blocks.values()))
+    del tables_before
+    if not engram_train["memory_ran"]:
+        print("  WARNING: the tables did not change: the memory did not run", flush=True)
     print(f"  train with Engram after layers {args.engram_layers}: {engram_train['step_ms_mean']:.1f} ± {engram_train['step_ms_sd']:.1f} ms/step", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     model.to(torch.bfloat16 if args.decode_dtype == "bf16" else torch.float32)  # the memory follows the model
-    engram_decode = time_decode(model, args, device)
-    print(f"  greedy decode with Engram: {engram_decode['tokens_per_s']:.1f} tokens/s", flush=True)
-    model.remove_engram()
-    base_decode = time_decode(model, args, device)
-    print(f"  greedy decode without Engram: {base_decode['tokens_per_s']:.1f} tokens/s", flush=True)
+    if args.no_decode:
+        engram_decode = base_decode = None
+    else:  # eager decoding (generate's own compile is another topic)
+        engram_decode = time_decode(model, args, device)
+        print(f"  greedy decode with Engram: {engram_decode['tokens_per_s']:.1f} tokens/s", flush=True)
+        model.remove_engram()
+        base_decode = time_decode(model, args, device)
+        print(f"  greedy decode without Engram: {base_decode['tokens_per_s']:.1f} tokens/s", flush=True)
 
     import transformers
 
@@ -226,11 +251,14 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "train": {"without_engram": base_train, "with_engram": engram_train,
                   "overhead": engram_train["step_ms_mean"] / base_train["step_ms_mean"] - 1},
-        "decode": {"without_engram": base_decode, "with_engram": engram_decode,
-                   "slowdown": 1 - engram_decode["tokens_per_s"] / base_decode["tokens_per_s"]},
+        "decode": None if base_decode is None else {
+            "without_engram": base_decode, "with_engram": engram_decode,
+            "slowdown": 1 - engram_decode["tokens_per_s"] / base_decode["tokens_per_s"]},
     }
-    print(f"  train overhead {100 * info['train']['overhead']:+.1f} %, decode slowdown {100 * info['decode']['slowdown']:+.1f} %")
-    out = Path(args.out) if args.out else RESULTS / f"engram_in_lm-{device.type}{'-tiny' if args.tiny else ''}.json"
+    decode = "" if base_decode is None else f", decode slowdown {100 * info['decode']['slowdown']:+.1f} %"
+    print(f"  train overhead {100 * info['train']['overhead']:+.1f} %{decode}")
+    tag = ("-compiled" if args.compile else "") + (f"-{args.kernels}" if args.kernels != "auto" else "") + ("-tiny" if args.tiny else "")
+    out = Path(args.out) if args.out else RESULTS / f"engram_in_lm-{device.type}{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2))
     print(f"wrote {out}")

@@ -1,13 +1,23 @@
-"""Tokens/s of the Engram hash memory (hash → gather → project → gate), forward and
-backward, for table sizes 10^3 ... 10^7, with dense and sparse table gradients.
+"""The Engram lookup, piece by piece, torch code and fused Triton kernels side by side.
 
-Time per token should stay flat with table size: addressing is O(1) per token and the
-gather touches only the rows read. Dense gradients (a full-size grad tensor per step)
-grow with the table; sparse ones do not.
+Issue 14's figures, in one run:
 
-    OMP_NUM_THREADS=1 python benchmarks/hash_lookup.py                 # CPU
-    python benchmarks/hash_lookup.py --device cuda --tokens 16384      # GPU
-Prints a table and writes JSON (--out, default hash_lookup-<device>.json).
+- device copy bandwidth (`y.copy_(x)`, bytes read + written per second): the roof;
+- the n-gram hash of all orders and heads (16,384 tokens, orders 2-3 x 8 heads): µs;
+- the gather of all heads' rows into the concatenated row vector (262,144 row reads of
+  slot 64), forward and backward (scatter-add; `--deterministic` adds the sorted segment
+  sum): GB/s moved and the fraction of copy bandwidth;
+- one memory block (hash, gather, value/key projections, conv, context gate, residual;
+  width 1024, slot 64, 16 heads) forward and forward+backward for table sizes 10^5..10^8
+  rows where memory allows (table, its dense gradient and a margin must fit), eager and,
+  with `--compile`, under torch.compile; time per token should be flat in table size.
+
+    python benchmarks/hash_lookup.py --device cuda --compile --deterministic   # the GPU measurement
+    OMP_NUM_THREADS=1 python benchmarks/hash_lookup.py --tiny                  # CPU smoke run (seconds)
+
+Kernels: `--kernels torch,triton` (default: both where triton runs on the device; on a CPU
+only torch, unless TRITON_INTERPRET=1, which is for correctness, not speed). Prints tables
+and writes JSON to benchmarks/results/hash_lookup-<device>[-tiny].json (--out to change).
 """
 
 from __future__ import annotations
@@ -15,104 +25,233 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-from engram_llm_hash.hf import _DimsOnly
-from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory
 
-from engram_core.components import BuildContext
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY = dict(tokens=256, batch=2, dim=64, slot_dim=16, heads=4, vocab=1000, sizes="1e3,1e4", iters=3, warmup=1, copy_mib=8)
 
 
-def bench(size: int, sparse: bool, args, device) -> dict:
-    cfg = EngramHashConfig(
-        memory_size=size, layers=[0], orders=[2, 3], heads_per_order=args.heads, slot_dim=args.slot_dim, sparse=sparse, conv_kernel=4
-    )
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--kernels", default="", help="comma-separated: torch, triton (default: every one that runs here)")
+    p.add_argument("--sizes", default="1e5,1e6,1e7,1e8", help="comma-separated table sizes (rows) for the memory block")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per step (batch * length)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dim", type=int, default=1024, help="model width")
+    p.add_argument("--slot-dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=8, help="hash heads per order (orders 2 and 3)")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype (auto: bf16 autocast on cuda, fp32 on cpu)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth probe")
+    p.add_argument("--compile", action="store_true", help="also time the memory block under torch.compile")
+    p.add_argument("--deterministic", action="store_true", help="also time the deterministic (sorted segment sum) backward")
+    p.add_argument("--sparse", action="store_true", help="also time sparse table gradients (nn.Embedding(sparse=True))")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run); explicit flags still win")
+    p.add_argument("--out", default=None, help="JSON path")
+    args = p.parse_args(argv)
+    if args.tiny:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        for k, v in TINY.items():
+            if k not in given:
+                setattr(args, k, v)
+    return args
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters, warmup) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(args, device) -> dict:
+    n = args.copy_mib * 2**20 // 4
+    x = torch.empty(n, dtype=torch.float32, device=device).normal_()
+    y = torch.empty_like(x)
+    dt = timed(lambda: y.copy_(x), device, args.iters, args.warmup)
+    return {"bytes": 2 * x.numel() * 4, "seconds": dt, "gb_per_s": 2 * x.numel() * 4 / dt / 1e9}
+
+
+def make_block(size, kernels_choice, args, device, sparse=False):
+    from engram_llm_hash.hf import _DimsOnly
+    from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory
+
+    from engram_core.components import BuildContext
+
+    cfg = EngramHashConfig(memory_size=size, layers=[0], orders=[2, 3], heads_per_order=args.heads, slot_dim=args.slot_dim,
+                           sparse=sparse, conv_kernel=4, kernels=kernels_choice)
     torch.manual_seed(0)
-    mem = EngramHashMemory(cfg, BuildContext(head=_DimsOnly(args.dim, args.vocab, 1))).to(device)
-    for b in mem.blocks.values():
-        b.track = False  # telemetry off: measure the memory itself
-    b_, t_ = args.batch, args.tokens // args.batch
+    with device:
+        mem = EngramHashMemory(cfg, BuildContext(head=_DimsOnly(args.dim, args.vocab, 1)))
+    mem.to(device)
+    block = mem.blocks["0"]
+    block.track = False  # telemetry has its own line below
+    return mem, block
+
+
+def bench_pieces(kernels_choice, args, device, compute) -> dict:
+    """Hash, gather forward, gather backward of one block's table (10^6 rows or the smallest size)."""
+    from engram_llm_hash import kernels
+
+    size = min(10**6, max(int(float(s)) for s in args.sizes.split(",")))  # table size does not matter here
+    _, block = make_block(size, kernels_choice, args, device)
+    h = block.hasher
+    t = args.tokens // args.batch
+    ids = torch.randint(0, args.vocab, (args.batch, t), generator=torch.Generator().manual_seed(1)).to(device)
+    fused = kernels.use_triton(kernels_choice, device)
+    hash_window = kernels.hash_window_triton if fused else kernels.hash_window_torch
+    hash_s = timed(lambda: hash_window(h, ids, 0, t), device, args.iters, args.warmup)
+    rows, _ = hash_window(h, ids, 0, t)
+    table = block.table.weight.detach().to(compute).requires_grad_(True)
+    if fused:
+        gather = lambda: kernels.gather_rows_triton(table, rows, compute)  # noqa: E731
+    else:
+        gather = lambda: torch.nn.functional.embedding(rows, table).flatten(2)  # noqa: E731
+    with torch.no_grad():
+        fwd_s = timed(gather, device, args.iters, args.warmup)
+    out = gather()
+    grad = torch.randn_like(out)
+
+    def backward(deterministic=False):
+        if fused:
+            return kernels.scatter_rows_triton(grad, rows, table.shape[0], table.dtype, deterministic)
+        return torch.autograd.grad(out, table, grad, retain_graph=True)[0]
+
+    bwd_s = timed(backward, device, args.iters, args.warmup)
+    reads = rows.numel()
+    elem = table.element_size()
+    moved = reads * args.slot_dim * elem * 2 + reads * 8  # rows read + vector written + the row indices
+    res = {
+        "kernels": kernels_choice, "fused": fused, "table_rows": table.shape[0], "row_reads": reads, "dtype": str(compute),
+        "hash_us": 1e6 * hash_s, "gather_fwd_us": 1e6 * fwd_s, "gather_fwd_gb_per_s": moved / fwd_s / 1e9,
+        "gather_bwd_us": 1e6 * bwd_s,
+    }
+    if args.deterministic and fused:
+        res["gather_bwd_deterministic_us"] = 1e6 * timed(lambda: backward(True), device, args.iters, args.warmup)
+    return res
+
+
+def fits(size, args, device) -> bool:
+    """Table + dense gradient (fp32) + the optimiser-free step's activations, with a margin."""
+    need = 2.5 * size * args.slot_dim * 4
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < 0.8 * free
+    return need < 4 * 2**30  # a CPU: stay well below a shared machine's memory
+
+
+def bench_block(size, kernels_choice, compiled, sparse, args, device, amp) -> dict:
+    mem, block = make_block(size, kernels_choice, args, device, sparse=sparse)
+    t = args.tokens // args.batch
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (b_, t_), generator=g).to(device)
-    hidden = torch.randn(b_, t_, args.dim, generator=g).to(device).requires_grad_(True)
+    ids = torch.randint(0, args.vocab, (args.batch, t), generator=g).to(device)
+    hidden = torch.randn(args.batch, t, args.dim, generator=g).to(device).requires_grad_(True)
+    fn = torch.compile(block) if compiled else block
+
+    def forward():
+        with amp():
+            return fn(hidden, ids)
 
     def step():
         mem.zero_grad(set_to_none=False)
-        out = mem.apply_layer(0, hidden, ids)
-        out.float().pow(2).mean().backward()
+        forward().float().pow(2).mean().backward()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(args.warmup):
-        step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    sync()
-    dt = (time.perf_counter() - t) / args.iters
-    # forward only
+    fwd_bwd = timed(step, device, args.iters, args.warmup)
     with torch.no_grad():
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.iters):
-            mem.apply_layer(0, hidden, ids)
-        sync()
-        dt_f = (time.perf_counter() - t) / args.iters
-    rows = next(iter(mem.blocks.values())).table.weight.shape[0]
+        fwd = timed(forward, device, args.iters, args.warmup)
+    # telemetry on: what recording costs per forward (usage counts + the collision sample)
+    block.track = True
+    with torch.no_grad():
+        fwd_tracked = timed(forward, device, args.iters, args.warmup)
+    tokens = args.batch * t
+    del mem, block, fn
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {
-        "table_size": size,
-        "rows": rows,
-        "sparse": sparse,
-        "tokens": b_ * t_,
-        "fwd_bwd_s": dt,
-        "fwd_s": dt_f,
-        "fwd_bwd_tokens_per_s": b_ * t_ / dt,
-        "fwd_tokens_per_s": b_ * t_ / dt_f,
-        "ns_per_token_fwd_bwd": 1e9 * dt / (b_ * t_),
+        "table_size": size, "kernels": kernels_choice, "compiled": compiled, "sparse": sparse, "tokens": tokens,
+        "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
+        "ns_per_token_fwd_bwd": 1e9 * fwd_bwd / tokens,
     }
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", default="1e3,1e4,1e5,1e6,1e7", help="comma-separated table sizes")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch * length)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dim", type=int, default=256, help="model width")
-    p.add_argument("--slot-dim", type=int, default=16)
-    p.add_argument("--heads", type=int, default=8, help="hash heads per order (orders 2 and 3)")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--modes", default="dense,sparse", help="dense, sparse or both")
-    p.add_argument("--out", default="")
-    args = p.parse_args()
-    device = torch.device(args.device)
-    results = []
-    print(f"{'table':>10} {'grad':>6} {'fwd+bwd tok/s':>14} {'fwd tok/s':>12} {'ns/token':>9}")
+def main(argv=None) -> dict:
+    import contextlib
+
+    from engram_llm_hash import kernels
+
+    args = parse(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if compute == torch.bfloat16 else contextlib.nullcontext
+    runnable = ["torch"] + (["triton"] if kernels.triton_available() and (device.type == "cuda" or kernels.interpreting()) else [])
+    chosen = [k for k in args.kernels.split(",") if k] or runnable
+    skipped = [k for k in chosen if k not in runnable]
+    chosen = [k for k in chosen if k in runnable]
+    for k in skipped:
+        print(f"kernels={k}: does not run on {device.type} here (triton missing, or a CPU without TRITON_INTERPRET=1); skipped")
+
+    copy = copy_bandwidth(args, device)
+    print(f"device copy bandwidth: {copy['gb_per_s']:.1f} GB/s ({device})")
+    pieces = [bench_pieces(k, args, device, compute) for k in chosen]
+    print(f"{'kernels':>8} {'hash µs':>9} {'gather fwd µs':>14} {'GB/s':>8} {'% copy':>7} {'gather bwd µs':>14}")
+    for r in pieces:
+        r["gather_fraction_of_copy"] = r["gather_fwd_gb_per_s"] / copy["gb_per_s"]
+        print(f"{r['kernels']:>8} {r['hash_us']:>9.1f} {r['gather_fwd_us']:>14.1f} {r['gather_fwd_gb_per_s']:>8.1f} "
+              f"{100 * r['gather_fraction_of_copy']:>6.1f}% {r['gather_bwd_us']:>14.1f}", flush=True)
+
+    blocks = []
+    print(f"memory block: {args.tokens} tokens, width {args.dim}, slot {args.slot_dim}, {2 * args.heads} heads, {compute}")
+    print(f"{'rows':>8} {'kernels':>8} {'mode':>9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'+telemetry ms':>14} {'ns/token':>9}")
     for s in args.sizes.split(","):
         size = int(float(s))
-        for mode in args.modes.split(","):
-            r = bench(size, mode == "sparse", args, device)
-            results.append(r)
-            print(f"{size:>10.0e} {mode:>6} {r['fwd_bwd_tokens_per_s']:>14,.0f} {r['fwd_tokens_per_s']:>12,.0f} {r['ns_per_token_fwd_bwd']:>9,.0f}", flush=True)
+        if not fits(size, args, device):
+            print(f"{size:>8.0e} skipped: table and gradient do not fit")
+            continue
+        for k in chosen:
+            for compiled in [False] + ([True] if args.compile else []):
+                for sparse in [False] + ([True] if args.sparse else []):
+                    r = bench_block(size, k, compiled, sparse, args, device, amp)
+                    blocks.append(r)
+                    mode = ("compiled" if compiled else "eager") + (" sp" if sparse else "")
+                    print(f"{size:>8.0e} {k:>8} {mode:>9} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
+                          f"{r['fwd_with_telemetry_ms']:>14.3f} {r['ns_per_token_fwd_bwd']:>9.1f}", flush=True)
+    import transformers
+
     info = {
         "benchmark": "hash_lookup",
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
+        "command": "python benchmarks/hash_lookup.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "args": vars(args),
-        "results": results,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "kernels_skipped": skipped,
+        "copy": copy, "pieces": pieces, "blocks": blocks,
     }
-    out = args.out or f"hash_lookup-{device.type}.json"
-    with open(out, "w") as f:
-        json.dump(info, f, indent=2)
-    print(f"saved {out}")
+    out = Path(args.out) if args.out else RESULTS / f"hash_lookup-{device.type}{'-tiny' if args.tiny else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=2))
+    print(f"wrote {out}")
+    return info
 
 
 if __name__ == "__main__":

@@ -23,3 +23,29 @@ def test_engram_in_lm_benchmark_tiny(tmp_path):
         assert saved["decode"][part]["new_tokens"] == 8
     assert saved["decode"]["with_engram"]["cached_equals_uncached"]  # fp32: the memory keeps cached decoding exact
     assert info["model_params"] == saved["model_params"]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_engram_in_lm_benchmark_tiny_compiled(tmp_path):
+    """--compile: the base compiled and run first, then add_engram; the memory must run."""
+    out = tmp_path / "c.json"
+    load("engram_in_lm").main(["--tiny", "--device", "cpu", "--compile", "--compile-backend", "eager", "--kernels", "torch",
+                               "--steps", "1", "--warmup", "1", "--no-decode", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["config"]["compile"] and saved["decode"] is None
+    assert saved["train"]["with_engram"]["memory_ran"]
+
+
+def test_hash_lookup_benchmark_tiny(tmp_path):
+    out = tmp_path / "h.json"
+    load("hash_lookup").main(["--tiny", "--device", "cpu", "--kernels", "torch", "--iters", "1", "--warmup", "0", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["copy"]["gb_per_s"] > 0 and saved["pieces"][0]["hash_us"] > 0
+    assert [b["table_size"] for b in saved["blocks"]] == [1000, 10000]
+    assert all(b["fwd_bwd_ms"] > 0 and b["kernels"] == "torch" for b in saved["blocks"])
