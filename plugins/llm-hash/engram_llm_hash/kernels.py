@@ -24,7 +24,6 @@ and use the fused hash.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -65,7 +64,9 @@ def use_triton(choice: str, device: torch.device) -> bool:
         return True
     if choice == "triton":
         if device.type == "cpu" and interpreting():
-            return True
+            # the interpreter's kernels are plain Python, which torch.compile cannot trace
+            # as operators: a compiled CPU graph takes the torch code
+            return not torch.compiler.is_compiling()
         raise ConfigError(
             "kernels", f"'triton' runs on CUDA tensors, these are on {device.type} (TRITON_INTERPRET=1 runs them on CPU, slowly); use 'auto' or 'torch'"
         )
@@ -154,10 +155,24 @@ def _register_ops():
     return ngram_hash, gather_rows, scatter_rows
 
 
-@functools.cache
+_OPS: tuple | None = None
+
+
 def triton_ops():
-    """(ngram_hash, gather_rows, scatter_rows) operators; registered on first use."""
-    return _register_ops()
+    """(ngram_hash, gather_rows, scatter_rows) operators, registered on first use. A block
+    that may use them registers them when it is built (`prepare`), outside any
+    torch.compile trace: registration itself cannot be traced."""
+    global _OPS
+    if _OPS is None:
+        _OPS = _register_ops()
+    return _OPS
+
+
+def prepare(choice: str) -> None:
+    """Build-time: check the choice and, where Triton may run, register its operators."""
+    check_kernels(choice)
+    if choice != "torch" and triton_available():
+        triton_ops()
 
 
 def hash_window_triton(hasher, seq: torch.Tensor, lo: int, hi: int, valid: torch.Tensor | None = None):

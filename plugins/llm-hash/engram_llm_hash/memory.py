@@ -101,7 +101,7 @@ class EngramBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dim = dim
-        kernels.check_kernels(cfg.kernels)
+        kernels.prepare(cfg.kernels)
         self.hasher = NgramHasher(
             vocab_size, cfg.memory_size, cfg.orders, cfg.heads_per_order, seed=cfg.hash_seed * 1000003 + layer, canonical=canonical
         )

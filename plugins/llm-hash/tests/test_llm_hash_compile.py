@@ -117,10 +117,12 @@ def test_memory_forward_has_no_host_synchronisation():
 
 
 @cuda
-def test_gpu_compiled_equals_eager_inductor_bf16():
-    """The issue's setting at small width: inductor, bf16 autocast, Triton kernels (auto)."""
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_gpu_compiled_equals_eager_inductor_bf16(kernels):
+    """The issue's setting at small width: 14 layers, memory after 1 and 12, Qwen2's
+    vocabulary, inductor, bf16 autocast; the Triton operators inside the compiled graph."""
     model = qwen2(layers=14, vocab=151_936, device="cuda")
-    add_engram(model, memory_size=10**6, inject_layers=[1, 12], freeze_base=False, slot_dim=64, heads_per_order=8)
+    add_engram(model, memory_size=10**6, inject_layers=[1, 12], freeze_base=False, slot_dim=64, heads_per_order=8, kernels=kernels)
     open_memory(model)
     ids = torch.randint(3, 151_936, (2, 256), device="cuda")
     eager = step(model, ids, amp=True)

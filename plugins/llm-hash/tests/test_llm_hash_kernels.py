@@ -2,18 +2,14 @@
 backward within 1e-5 relative), on random ids with many repeated rows.
 
 Without CUDA the kernels run on CPU under Triton's interpreter (TRITON_INTERPRET=1, set
-here before the kernels are first imported); without triton installed (CI) these tests
+by conftest.py before anything imports them); without triton installed (CI) these tests
 skip. On a CUDA machine the same tests run on the GPU, plus the bf16 and larger cases.
 """
-
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import (triton.jit reads it)
 triton = pytest.importorskip("triton")
 
 from engram_llm_hash import kernels  # noqa: E402
