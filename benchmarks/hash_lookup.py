@@ -166,6 +166,8 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp) -> di
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, t), generator=g).to(device)
     hidden = torch.randn(args.batch, t, args.dim, generator=g).to(device).requires_grad_(True)
+    if compiled:
+        torch.compiler.reset()  # each block is a new module: without this, dynamo's recompile limit ends in eager
     fn = torch.compile(block) if compiled else block
 
     def forward():
@@ -184,9 +186,6 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp) -> di
     with torch.no_grad():
         fwd_tracked = timed(forward, device, args.iters, args.warmup)
     tokens = args.batch * t
-    del mem, block, fn
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {
         "table_size": size, "kernels": kernels_choice, "compiled": compiled, "sparse": sparse, "tokens": tokens,
         "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
@@ -230,8 +229,16 @@ def main(argv=None) -> dict:
         for k in chosen:
             for compiled in [False] + ([True] if args.compile else []):
                 for sparse in [False] + ([True] if args.sparse else []):
-                    r = bench_block(size, k, compiled, sparse, args, device, amp)
+                    try:
+                        r = bench_block(size, k, compiled, sparse, args, device, amp)
+                    except Exception as exc:  # noqa: BLE001 - recorded, the other figures still come
+                        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                        blocks.append({"table_size": size, "kernels": k, "compiled": compiled, "sparse": sparse, "error": msg})
+                        print(f"{size:>8.0e} {k:>8} {'compiled' if compiled else 'eager':>9} failed: {msg}", flush=True)
+                        continue
                     blocks.append(r)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # the block's table and gradient are gone with its frame
                     mode = ("compiled" if compiled else "eager") + (" sp" if sparse else "")
                     print(f"{size:>8.0e} {k:>8} {mode:>9} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
                           f"{r['fwd_with_telemetry_ms']:>14.3f} {r['ns_per_token_fwd_bwd']:>9.1f}", flush=True)
