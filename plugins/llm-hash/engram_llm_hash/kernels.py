@@ -171,7 +171,8 @@ def triton_ops():
 def prepare(choice: str) -> None:
     """Build-time: check the choice and, where Triton may run, register its operators."""
     check_kernels(choice)
-    if choice != "torch" and triton_available():
+    may_run = choice == "triton" or torch.cuda.is_available()  # "auto" runs Triton on CUDA only
+    if choice != "torch" and triton_available() and may_run:
         triton_ops()
 
 

@@ -100,3 +100,11 @@ def test_canonical_map_merges_case_and_whitespace():
     a = torch.tensor([list(b"KEY:ab")])
     b = torch.tensor([list(b"key:AB")])
     assert torch.equal(h.addresses(a), h.addresses(b))
+
+
+def test_bad_ids_give_one_clear_error_on_cpu():
+    """Checked where it is free (CPU tensors); on a GPU the check would be a host sync."""
+    h = NgramHasher(10, 101, (2, 3), 2)
+    for bad in (torch.tensor([[1, 10]]), torch.tensor([[-1, 3]])):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 10\)"):
+            h.addresses(bad)
