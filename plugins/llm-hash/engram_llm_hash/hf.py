@@ -248,8 +248,13 @@ class HFInjector:
                     mask = torch.cat([old, torch.ones_like(ids)], dim=1)
         if mask is not None:
             mask = mask[:, : history.shape[1]].to(history.device)
-            if mask.shape[1] < history.shape[1] or bool(mask.all()):
-                mask = None  # one check a forward; no padding: the fast path
+            if mask.shape[1] < history.shape[1]:
+                mask = None
+            elif mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+                # no padding: the unpadded path. Checked only where it is free: on a GPU it
+                # would be a host sync (and under compile a graph break) every forward, so
+                # there the mask is kept and the fixed-shape padded path runs (same result)
+                mask = None
         self.ids, self.mask = history, mask
 
     def _layer_hook(self, layer: int, module, args, kwargs, output):

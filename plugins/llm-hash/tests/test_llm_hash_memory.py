@@ -180,3 +180,16 @@ def test_canonical_ids_through_the_head(tmp_path):
     assert torch.equal(a, b)
     plain = EngramHashMemory(EngramHashConfig(memory_size=4001, layers=[0]), BuildContext(spec=data.spec, head=head))
     assert not torch.equal(plain.addresses(head.encode_text("PORT:SSH=")[None]), plain.addresses(head.encode_text("port:ssh=")[None]))
+
+
+def test_all_ones_mask_takes_the_padded_path_to_the_same_result():
+    """On a GPU an all-ones mask is not read back (a host sync): the padded path must give
+    the unpadded path's result, bit for bit, full forward and decode step."""
+    m = memory()
+    with torch.no_grad():
+        m.blocks["0"].conv.weight.normal_(std=0.3)
+    h = torch.randn(2, 9, DIM)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    ones = torch.ones(2, 9, dtype=torch.long)
+    for t in (9, 1):
+        assert torch.equal(m.apply_layer(0, h[:, -t:], ids, ones), m.apply_layer(0, h[:, -t:], ids))
