@@ -94,13 +94,11 @@ def segment_sum_rows_kernel(grad_ptr, sorted_rows_ptr, order_ptr, out_ptr, n_rea
         cols = s < slot_dim
         acc = tl.zeros([BLOCK_S], dtype=tl.float32)
         k = i
-        same = True
-        while same:
+        more = i < n_reads  # one int1 scalar throughout the loop
+        while more:
             src = tl.load(order_ptr + k)
             acc += tl.load(grad_ptr + src * slot_dim + s, mask=cols, other=0.0).to(tl.float32)
             k += 1
-            if k < n_reads:
-                same = tl.load(sorted_rows_ptr + k) == row
-            else:
-                same = False
+            nxt = tl.load(sorted_rows_ptr + k, mask=k < n_reads, other=-1)
+            more = (k < n_reads) & (nxt == row)
         tl.store(out_ptr + row * slot_dim + s, acc, mask=cols)

@@ -6,6 +6,8 @@ by conftest.py before anything imports them); without triton installed (CI) thes
 skip. On a CUDA machine the same tests run on the GPU, plus the bf16 and larger cases.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -165,3 +167,44 @@ def test_gpu_kernels_at_engram_size_bf16():
     for det in (False, True):
         got = kernels.scatter_rows_triton(grad, rows, h.total_rows, torch.float32, det)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+COMPILE_FOR_SM90 = r'''
+import inspect, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engram_llm_hash import triton_kernels as tk
+
+def build(fn, sig, consts):
+    names = list(inspect.signature(fn.fn).parameters)
+    src = ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names}, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+ids = dict(seq_ptr="*i64", canonical_ptr="*i64", multipliers_ptr="*i64", moduli_ptr="*i64", offsets_ptr="*i64",
+           order_slot_ptr="*i64", rows_ptr="*i64", mixes_ptr="*i64", n_positions="i32", seq_len="i32", lo="i32",
+           width="i32", n_ids="i32", sentinel="i64")
+for valid in (True, False):
+    build(tk.ngram_hash_kernel, dict(ids, valid_ptr="*i1"), dict(HAS_VALID=valid, MAX_ORDER=3, N_ORDERS=2, HEADS=8, HEADS_PAD=8, BLOCK=128))
+ptx = build(tk.gather_rows_kernel, dict(table_ptr="*fp32", rows_ptr="*i64", out_ptr="*bf16", n_reads="i32", slot_dim="i32",
+            table_stride="i32"), dict(BLOCK_M=64, BLOCK_S=64))
+assert set(re.findall(r"cvt\.\S*bf16\S*", ptx)) == {"cvt.rn.bf16.f32"}, "fp32 -> bf16 must round to nearest even"
+build(tk.scatter_add_rows_kernel, dict(grad_ptr="*bf16", rows_ptr="*i64", out_ptr="*fp32", n_reads="i32", slot_dim="i32"),
+      dict(BLOCK_M=64, BLOCK_S=64))
+build(tk.segment_sum_rows_kernel, dict(grad_ptr="*bf16", sorted_rows_ptr="*i64", order_ptr="*i64", out_ptr="*fp32",
+      n_reads="i32", slot_dim="i32"), dict(BLOCK_S=64))
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU runs the kernels themselves")
+def test_kernels_compile_for_an_h100_class_gpu_without_one():
+    """The interpreter is lenient where compiled Triton is not (loop-carried types, casts):
+    compile every kernel to PTX/cubin for sm_90 (no GPU needed), in a process without
+    TRITON_INTERPRET, and check the bf16 cast rounds to nearest even."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-2000:]
