@@ -23,6 +23,7 @@ from .components import BuildContext, EvalContext, Event, FitContext, Model, to_
 from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from .loggers import open_run_logger
 from .nn.sharded_rows import clip_grad_norm_, serve_peers
+from .optim import registered_optimizers
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
 from .registry import Registry, load_registry
@@ -262,19 +263,9 @@ class Engine:
         for g in [default, *custom]:
             if g["params"]:
                 groups.setdefault(g.pop("_opt"), []).append({k: v for k, v in g.items() if k != "_pats"})
-        opts = []
-        for kind, pgs in groups.items():
-            if kind == "adamw":
-                opts.append(torch.optim.AdamW(pgs, lr=st.lr, betas=st.betas))
-            elif kind == "adam":
-                opts.append(torch.optim.Adam(pgs, lr=st.lr, betas=st.betas))
-            elif kind == "sgd":
-                opts.append(torch.optim.SGD(pgs, lr=st.lr, momentum=st.momentum))
-            elif kind == "sparse_adam":
-                for pg in pgs:
-                    pg.pop("weight_decay", None)
-                opts.append(torch.optim.SparseAdam(pgs, lr=st.lr, betas=st.betas))
-        return opts
+        # the recipe's names were checked against the registered optimisers when it loaded
+        known = registered_optimizers(self.registry)
+        return [known[kind].factory(pgs, st) for kind, pgs in groups.items()]
 
     @staticmethod
     def _lr_factor(st: TrainStage):

@@ -49,3 +49,11 @@ def engram_loggers(register):
     ``factory(ctx)`` gets an `engram_core.loggers.LoggerContext` and returns an
     `engram_core.loggers.Logger`; `modules` are checked before the run starts, and a missing
     one is a one-line error telling the user to ``pip install`` `install`."""
+
+
+@hookspec
+def engram_optimizers(register):
+    """Register optimisers that a stage's or a parameter group's `optimizer` can name:
+    ``register("lion", factory, help="...")``. ``factory(param_groups, stage)`` gets the
+    torch parameter groups and the `engram_core.recipe.TrainStage` and returns a
+    `torch.optim.Optimizer` (see `engram_core.optim`)."""

@@ -75,9 +75,7 @@ class ParamGroupConfig:
     params: tuple[str, ...] = field(help="glob patterns of parameter names in this group")
     lr: float | None = field(None, help="learning rate (default: the stage's)", validator=finite_positive)
     weight_decay: float | None = field(None, help="weight decay (default: the stage's)", validator=finite_non_negative)
-    optimizer: str | None = field(
-        None, help="optimizer for this group (default: the stage's)", validator=one_of(None, "adam", "adamw", "sgd", "sparse_adam")
-    )
+    optimizer: str | None = field(None, help="optimizer for this group (default: the stage's): a registered name (`engram_core.optim`)")
 
 
 @attrs.frozen
@@ -88,7 +86,9 @@ class TrainStage:
     kind: str = field("train", help="'train'")
     batch_size: int = field(64, help="examples per optimizer step, over all ranks and micro-batches", validator=positive)
     grad_accum: int = field(1, help="micro-batches per optimizer step (gradient accumulation); batch_size is split into them", validator=positive)
-    optimizer: str = field("adamw", help="'adam', 'adamw', 'sgd' or 'sparse_adam'", validator=one_of("adam", "adamw", "sgd", "sparse_adam"))
+    optimizer: str = field(
+        "adamw", help="'adamw', 'adam', 'sgd', 'sparse_adam', 'rowwise_adagrad', 'rowwise_adam' or a plugin's (engram_core.optim)"
+    )
     lr: float = field(1e-3, help="peak learning rate (finite, > 0)", validator=finite_positive)
     weight_decay: float = field(0.0, help="weight decay (finite, >= 0)", validator=finite_non_negative)
     betas: tuple[float, float] = field((0.9, 0.999), help="Adam betas: two values in [0, 1)", validator=adam_betas)
@@ -474,6 +474,7 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
 
     if not problems:
         problems.extend(_check_stage_references(stages, metrics, memory))
+        problems.extend(_check_optimizers(stages, reg))
     if not problems and data and head:
         problems.extend(check_capabilities(data, head, memory, objectives, metrics))
     if problems:
@@ -490,6 +491,23 @@ def _structure(data: Any, cls: type, path: str, problems: list) -> Any:
     except ConfigError as exc:
         problems.append((f"{path}.{exc.key}" if exc.key else path, exc.message))
     return None
+
+
+def _check_optimizers(stages, registry: Registry) -> list[tuple[str, str]]:
+    """Every optimizer a train stage or parameter group names is registered."""
+    from .optim import registered_optimizers
+
+    known = sorted(registered_optimizers(registry))
+    problems = []
+    for i, st in enumerate(stages):
+        if not isinstance(st, TrainStage):
+            continue
+        named = [(f"stages.{i}.optimizer", st.optimizer)]
+        named += [(f"stages.{i}.param_groups.{j}.optimizer", g.optimizer) for j, g in enumerate(st.param_groups) if g.optimizer is not None]
+        for path, name in named:
+            if name not in known:
+                problems.append((path, f"unknown optimizer {name!r}{did_you_mean(name, known)}; optimizers: {', '.join(known)}"))
+    return problems
 
 
 def _check_stage_references(stages, metrics, memory) -> list[tuple[str, str]]:

@@ -93,7 +93,7 @@ class Registry:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
-            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in (*hookspecs.KINDS, 'loggers'))})"
+            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in (*hookspecs.KINDS, 'loggers', 'optimizers'))})"
             return
         staged: list[Component] = []
         try:

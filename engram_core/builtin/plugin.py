@@ -60,3 +60,26 @@ def engram_loggers(register):
 
     register("wandb", wandb, modules=("wandb",), install="engram-core[wandb]")
     register("mlflow", mlflow, modules=("mlflow",), install="engram-core[mlflow]")
+
+
+@hookimpl
+def engram_optimizers(register):
+    import torch
+
+    from ..optim import RowwiseAdagrad, RowwiseAdam
+
+    def sparse_adam(groups, st):
+        for g in groups:  # SparseAdam has no weight decay
+            g.pop("weight_decay", None)
+        return torch.optim.SparseAdam(groups, lr=st.lr, betas=st.betas)
+
+    register("adamw", lambda groups, st: torch.optim.AdamW(groups, lr=st.lr, betas=st.betas), help="torch.optim.AdamW")
+    register("adam", lambda groups, st: torch.optim.Adam(groups, lr=st.lr, betas=st.betas), help="torch.optim.Adam")
+    register("sgd", lambda groups, st: torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum), help="torch.optim.SGD (stage momentum)")
+    register("sparse_adam", sparse_adam, help="torch.optim.SparseAdam, for sparse table gradients (no weight decay)")
+    register("rowwise_adagrad", lambda groups, st: RowwiseAdagrad(groups, lr=st.lr), help="row-wise Adagrad: one accumulator per row, touched rows only")
+    register(
+        "rowwise_adam",
+        lambda groups, st: RowwiseAdam(groups, lr=st.lr, betas=st.betas),
+        help="row-wise Adam: per-row second moment and step count, touched rows only",
+    )

@@ -1,0 +1,266 @@
+"""Row-wise optimisers for embedding tables: state per row, only touched rows updated.
+
+A table of R rows of width W read a few thousand rows a step wants an optimiser whose
+cost follows the rows read, not R, and whose state is small. Two rules, after FBGEMM's
+table-batched embedding optimisers:
+
+    rowwise_adagrad   s_r += mean_j g_rj²                   (one float per row)
+                      w_r -= lr · g_r / (√s_r + eps)
+    rowwise_adam      m_r  = β1 m_r + (1-β1) g_r            (a vector per row)
+                      v_r  = β2 v_r + (1-β2) mean_j g_rj²   (one float per row)
+                      t_r += 1                              (steps this row was updated)
+                      w_r -= lr · (m_r/(1-β1^t_r)) / (√(v_r/(1-β2^t_r)) + eps)
+
+Both apply decoupled weight decay (w_r *= 1 - lr·wd) to the touched rows only. A row is
+touched in a step when it is in the step's sparse gradient (nn.Embedding(sparse=True):
+the rows read) or, from a dense gradient, when its gradient row is not all zero (a
+dense gradient cannot tell a read row with a zero gradient from an unread one). Rows
+not touched, and their state, are left exactly as they were: the lazy semantics of
+torch.optim.SparseAdam, with a per-row step count so each row's bias correction counts
+its own updates.
+
+A parameter group with ``rowwise=False`` is updated element-wise over every row (plain
+Adagrad, or AdamW with decoupled decay): one optimiser can then hold a model's tables and
+its other parameters, which is what transformers' Trainer takes.
+
+``fused_backward=True`` applies a parameter's update the moment its gradient is
+accumulated (`Tensor.register_post_accumulate_grad_hook`) and frees the gradient, so a
+sparse table never holds a gradient across the step and no dense table-sized gradient
+is made. `step()` then has nothing left to do for those parameters. Use it with one
+backward per step (no gradient accumulation over micro-batches, no fp16 GradScaler).
+
+Rows that are not a parameter's own data (a table in host memory whose forward reads a
+prefetched device buffer, `engram_core.nn.host_rows`) are reached through a `RowHolder`
+attached to the parameter: the optimiser takes the step's (rows, gradient) from it,
+updates the holder's rows and the state the holder keeps beside them, and tells it which
+rows changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+ROW_HOLDER_ATTR = "engram_row_holder"
+
+
+class RowHolder(Protocol):
+    """Rows updated on behalf of a (placeholder) parameter: `attach_row_holder(param, holder)`."""
+
+    weight: torch.Tensor  # every row, (R, W), wherever they live (host memory)
+    optimizer_state: dict[str, torch.Tensor]  # kept and checkpointed by the holder, beside the rows
+
+    def take_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's touched rows (U,) int64 and their summed gradients (U, W), on
+        `weight.device`, or None when no gradient arrived; clears them."""
+
+    def rows_updated(self, rows: torch.Tensor) -> None:
+        """`rows` of `weight` (and their state) were just written."""
+
+
+def attach_row_holder(param: torch.Tensor, holder: RowHolder) -> None:
+    setattr(param, ROW_HOLDER_ATTR, holder)
+
+
+def row_holder(param: torch.Tensor) -> RowHolder | None:
+    return getattr(param, ROW_HOLDER_ATTR, None)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A (R, W) view of a parameter: a matrix as it is, a vector as R rows of one, a scalar as one."""
+    if t.dim() == 0:
+        return t.view(1, 1)
+    if t.dim() == 1:
+        return t.view(-1, 1)
+    return t.view(t.shape[0], -1)
+
+
+def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (U,), summed gradient rows (U, W)) of a sparse or dense gradient."""
+    if grad.is_sparse:
+        g = grad.coalesce()
+        rows = g.indices()[0]
+        values = g.values()
+        return rows, values.reshape(values.shape[0], -1)
+    dense = as_rows(grad.contiguous())
+    rows = dense.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, dense.index_select(0, rows)
+
+
+class _Rowwise(torch.optim.Optimizer):
+    rule = ""
+
+    def __init__(self, params, defaults: dict, fused_backward: bool = False):
+        super().__init__(params, defaults)
+        self.fused_backward = bool(fused_backward)
+        if self.fused_backward:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if row_holder(p) is None and p.requires_grad:
+                        p.register_post_accumulate_grad_hook(self._fused_update)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    holder = row_holder(p)
+                    if holder is not None and hasattr(holder, "on_grad_ready"):
+                        holder.on_grad_ready(lambda holder=holder, p=p: self._update_holder(p, holder))
+
+    # ---- state -------------------------------------------------------------------------
+
+    def _state_of(self, p: torch.Tensor, rows_view: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        holder = row_holder(p)
+        state = holder.optimizer_state if holder is not None else self.state[p]
+        if not state:
+            n, w = rows_view.shape
+            dev = rows_view.device
+            per = (n,) if group["rowwise"] else (n, w)
+            for name, shape in self._state_shapes(n, w, per):
+                state[name] = torch.zeros(shape, dtype=torch.float32, device=dev)
+        return state
+
+    def _state_shapes(self, n: int, w: int, second: tuple):
+        raise NotImplementedError
+
+    # ---- updates -----------------------------------------------------------------------
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not in this optimizer")
+
+    def _fused_update(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        with torch.no_grad():
+            self._update_param(p, p.grad, self._group_of(p))
+        p.grad = None
+
+    def _update_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        weight = as_rows(p.data)
+        if group["rowwise"]:
+            rows, g = touched(grad)
+        else:  # element-wise over every row: plain Adagrad / AdamW
+            g = as_rows((grad.to_dense() if grad.is_sparse else grad).contiguous())
+            rows = torch.arange(weight.shape[0], device=weight.device)
+        self.update_rows(weight, self._state_of(p, weight, group), rows, g, group)
+
+    def _update_holder(self, p: torch.Tensor, holder: RowHolder) -> None:
+        got = holder.take_grad()
+        if got is None:
+            return
+        rows, g = got
+        group = dict(self._group_of(p), rowwise=True)  # a holder's rows are always updated row-wise
+        with torch.no_grad():
+            self.update_rows(holder.weight, self._state_of(p, holder.weight, group), rows, g, group)
+        holder.rows_updated(rows)
+
+    def update_rows(self, weight: torch.Tensor, state: dict, rows: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        """Apply the rule to `rows` of `weight` (R, W) with their summed gradients (U, W)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                holder = row_holder(p)
+                if holder is not None:
+                    self._update_holder(p, holder)
+                elif p.grad is not None:
+                    self._update_param(p, p.grad, group)
+        return loss
+
+
+def _decay(w: torch.Tensor, group: dict) -> torch.Tensor:
+    return w.mul_(1.0 - group["lr"] * group["weight_decay"]) if group["weight_decay"] else w
+
+
+class RowwiseAdagrad(_Rowwise):
+    """Row-wise Adagrad (one accumulator per row; FBGEMM's EXACT_ROWWISE_ADAGRAD rule)."""
+
+    rule = "rowwise_adagrad"
+
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, rowwise: bool = True, fused_backward: bool = False):
+        _check(lr, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward)
+
+    def _state_shapes(self, n, w, second):
+        return [("sum", second)]
+
+    def update_rows(self, weight, state, rows, grad, group):
+        if rows.numel() == 0:
+            return
+        g = grad.float()
+        gsq = g.square().mean(dim=1) if group["rowwise"] else g.square()
+        s = state["sum"].index_select(0, rows).add_(gsq)
+        state["sum"].index_copy_(0, rows, s)
+        denom = s.sqrt().add_(group["eps"])
+        if group["rowwise"]:
+            denom = denom.unsqueeze(1)
+        w = _decay(weight.index_select(0, rows).float(), group)
+        w.addcdiv_(g, denom, value=-group["lr"])
+        weight.index_copy_(0, rows, w.to(weight.dtype))
+
+
+class RowwiseAdam(_Rowwise):
+    """Row-wise Adam: first moment per element, second moment per row, bias correction
+    per row (FBGEMM's PARTIAL_ROWWISE_ADAM rule, with decoupled weight decay)."""
+
+    rule = "rowwise_adam"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rowwise: bool = True,
+        fused_backward: bool = False,
+    ):
+        _check(lr, eps, weight_decay)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward)
+
+    def _state_shapes(self, n, w, second):
+        return [("step", (n,)), ("exp_avg", (n, w)), ("exp_avg_sq", second)]
+
+    def update_rows(self, weight, state, rows, grad, group):
+        if rows.numel() == 0:
+            return
+        b1, b2 = group["betas"]
+        g = grad.float()
+        t = state["step"].index_select(0, rows).add_(1.0)
+        state["step"].index_copy_(0, rows, t)
+        m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(g, alpha=1.0 - b1)
+        state["exp_avg"].index_copy_(0, rows, m)
+        gsq = g.square().mean(dim=1) if group["rowwise"] else g.square()
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).add_(gsq, alpha=1.0 - b2)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        t64 = t.double()  # 1 - β^t in float32 loses ~1e-5 of itself (β = 0.999, t = 1)
+        bias1 = (1.0 - b1**t64).float()
+        bias2 = (1.0 - b2**t64).float()
+        if group["rowwise"]:
+            denom = (v / bias2).sqrt_().add_(group["eps"]).unsqueeze(1)
+        else:
+            denom = (v / bias2.unsqueeze(1)).sqrt_().add_(group["eps"])
+        w = _decay(weight.index_select(0, rows).float(), group)
+        w.sub_(group["lr"] * (m / bias1.unsqueeze(1)) / denom)
+        weight.index_copy_(0, rows, w.to(weight.dtype))
+
+
+def _check(lr: float, eps: float, weight_decay: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+ROWWISE_OPTIMIZERS: dict[str, Any] = {"rowwise_adagrad": RowwiseAdagrad, "rowwise_adam": RowwiseAdam}
