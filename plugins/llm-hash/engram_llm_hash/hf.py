@@ -499,7 +499,9 @@ def remove_engram(model: nn.Module) -> nn.Module:
     return model
 
 
-def engram_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, table_lr_scale: float = 5.0) -> list[dict]:
+def engram_param_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, table_lr_scale: float = 5.0, rowwise_tables: bool = False
+) -> list[dict]:
     """Optimiser parameter groups for a model with Engram memory, as the paper trains it:
     the tables at `table_lr_scale` × lr (5×) without weight decay, the memory's other
     parameters at lr, then every other trainable parameter (LoRA, an unfrozen base) at
@@ -509,11 +511,18 @@ def engram_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, 
         Trainer(model, args, ..., optimizers=(opt, None))
 
     Asking for the groups is asking to train the memory: its parameters are made
-    trainable (peft's get_peft_model freezes them). Sparse tables (`sparse=True`) need
-    torch.optim.SparseAdam and are refused here."""
+    trainable (peft's get_peft_model freezes them). `rowwise_tables=True` marks the
+    groups for the row-wise optimisers of `engram_core.optim` (tables `rowwise=True`,
+    the rest element-wise, i.e. AdamW / Adagrad): see `engram_optimizer`. Sparse tables
+    (`sparse=True`) and host-placed tables need those; with plain AdamW they are refused."""
     mem = engram_memory(model.get_base_model() if _is_peft_model(model) else model)
-    if mem.cfg.sparse:
-        raise ConfigError("sparse", "sparse tables need torch.optim.SparseAdam; engram_param_groups is for dense optimisers (AdamW, Adam)")
+    if not rowwise_tables and (mem.cfg.sparse or mem.cfg.placement != "device"):
+        what = "sparse tables" if mem.cfg.sparse else f"tables with placement={mem.cfg.placement!r}"
+        raise ConfigError(
+            "sparse" if mem.cfg.sparse else "placement",
+            f"{what} need {'torch.optim.SparseAdam or ' if mem.cfg.sparse else ''}a row-wise optimiser: engram_optimizer(model, lr, 'rowwise_adam') "
+            "(or engram_param_groups(..., rowwise_tables=True) with engram_core.optim.RowwiseAdam)",
+        )
     mem.requires_grad_(True)
     for block in mem.blocks.values():
         if block.cfg.gate == "fixed":
@@ -529,7 +538,39 @@ def engram_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, 
         {"params": [p for p in others if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay, "name": "decay"},
         {"params": [p for p in others if p.dim() < 2], "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if rowwise_tables:
+        for g in groups:
+            g["rowwise"] = g["name"] == "engram_tables"
+    return groups
+
+
+def engram_optimizer(
+    model: nn.Module,
+    lr: float,
+    optimizer: str = "rowwise_adam",
+    weight_decay: float = 0.0,
+    table_lr_scale: float = 5.0,
+    fused_backward: bool = False,
+    **options,
+) -> torch.optim.Optimizer:
+    """One optimiser for a model with Engram memory: the tables row-wise (state per row,
+    only the rows read this step updated), every other trainable parameter element-wise
+    by the same rule (`rowwise_adam`: AdamW; `rowwise_adagrad`: Adagrad), in the groups of
+    `engram_param_groups`. What a plain loop or transformers' Trainer takes:
+
+        opt = engram_optimizer(model, lr=2e-4, optimizer="rowwise_adam")
+        Trainer(model, args, ..., optimizers=(opt, None))
+
+    `fused_backward=True` updates each parameter as its gradient is made and frees it (no
+    dense table-sized gradient with `sparse=True`); use it with one backward per step
+    (no gradient accumulation). `options` go to the optimiser (betas, eps)."""
+    from engram_core.optim.rowwise import ROWWISE_OPTIMIZERS
+
+    if optimizer not in ROWWISE_OPTIMIZERS:
+        raise ConfigError("optimizer", f"must be one of {', '.join(map(repr, ROWWISE_OPTIMIZERS))}, got {optimizer!r}")
+    groups = engram_param_groups(model, lr, weight_decay=weight_decay, table_lr_scale=table_lr_scale, rowwise_tables=True)
+    return ROWWISE_OPTIMIZERS[optimizer](groups, lr=lr, fused_backward=fused_backward, **options)
 
 
 def _quiet_transformers():

@@ -1,0 +1,72 @@
+"""Row-wise table optimisers from the HF path: a plain PyTorch loop and transformers' Trainer."""
+
+import pytest
+import torch
+from engram_llm_hash import add_engram, engram_optimizer, engram_param_groups
+from hf_tiny import VOCAB, tiny_model
+
+from engram_core.optim import RowwiseAdam
+
+transformers = pytest.importorskip("transformers")
+
+
+def _ids(seed=7):
+    return torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_plain_loop_updates_only_the_rows_read(fused):
+    model = add_engram(tiny_model("llama"), memory_size=3000, inject_layers=[0], slot_dim=8, sparse=True)
+    block = model.engram.blocks["0"]
+    before = block.table.weight.detach().clone()
+    opt = engram_optimizer(model, lr=1e-2, optimizer="rowwise_adam", fused_backward=fused)
+    ids = _ids()
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        if fused:
+            assert block.table.weight.grad is None  # applied in backward: no gradient kept
+        opt.step()
+    read = torch.unique(block.hasher.addresses(ids))
+    changed = (block.table.weight.detach() != before).any(1).nonzero().squeeze(1)
+    assert changed.numel() > 0 and set(changed.tolist()) <= set(read.tolist())
+    state = opt.state[block.table.weight]
+    unread = torch.ones(before.shape[0], dtype=torch.bool)
+    unread[read] = False
+    assert not state["exp_avg_sq"][unread].any() and state["exp_avg_sq"].shape == (before.shape[0],)
+
+
+def test_groups_mark_tables_rowwise_and_the_rest_elementwise():
+    model = add_engram(tiny_model("qwen2"), memory_size=500, inject_layers=[0, 1], slot_dim=8)
+    groups = {g["name"]: g for g in engram_param_groups(model, lr=1e-3, rowwise_tables=True)}
+    assert groups["engram_tables"]["rowwise"] is True and groups["engram"]["rowwise"] is False
+    assert isinstance(engram_optimizer(model, lr=1e-3), RowwiseAdam)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n=16):
+        self.ids = torch.randint(3, VOCAB, (n, 10), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_trainer_with_rowwise_optimizer_and_its_scheduler(tmp_path):
+    model = add_engram(tiny_model("llama"), memory_size=3000, inject_layers=[1], slot_dim=8, sparse=True)
+    rows = model.engram.blocks["1"].table.weight.detach().clone()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    # fused: the sparse table's update happens in backward, so Trainer's gradient clipping
+    # (which cannot take sparse gradients) never sees a table gradient
+    opt = engram_optimizer(model, lr=args.learning_rate, optimizer="rowwise_adagrad", fused_backward=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), optimizers=(opt, None))
+    trainer.train()
+    assert not torch.equal(rows, model.engram.blocks["1"].table.weight)
+    assert opt.param_groups[0]["lr"] < 1e-2 * 5  # Trainer's linear schedule drove this optimiser
