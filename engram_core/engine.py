@@ -23,7 +23,7 @@ from .components import BuildContext, EvalContext, Event, FitContext, Model, to_
 from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from .loggers import open_run_logger
 from .nn.sharded_rows import clip_grad_norm_, serve_peers
-from .optim import registered_optimizers
+from .optim import registered_optimizers, row_holder
 from .progress import Progress
 from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
 from .registry import Registry, load_registry
@@ -285,7 +285,15 @@ class Engine:
     def _train(self, index: int, st: TrainStage, state: dict | None) -> None:
         objective = self.objectives[index]
         chosen = self._select_params(st, index)
+        held = [(n, row_holder(p)) for n, p in chosen if row_holder(p) is not None]
+        for _, holder in held:
+            holder.claim(None)  # this stage's optimisers claim them again
         opts = self._optimizers(st, chosen)
+        unclaimed = [n for n, holder in held if getattr(holder, "optimizer", None) is None]
+        if unclaimed:  # rows kept outside the parameter (memory.placement) that no optimiser here could update
+            raise RecipeError([(f"stages.{index}.param_groups", f"{unclaimed[0]} is a table whose rows live outside the model's parameters (its placement) and only a "
+                                f"row-wise optimiser trains it: add {{ params = [\"{unclaimed[0]}\"], optimizer = \"rowwise_adam\" }} (or \"rowwise_adagrad\"), "
+                                f"or freeze it")], self.recipe.file)
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor(st)) for o in opts]
         params = [p for _, p in chosen]
         scaler = grad_scaler(self.recipe.run.precision, self.device)
@@ -324,6 +332,8 @@ class Engine:
         nullcontext = contextlib.nullcontext()  # reusable: it holds no state
         count_tokens = getattr(self.dataset, "count_tokens", None)
         step_hooks = [c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")]
+        prefetchers = self._prefetchers(objective)
+        ahead = None  # the next step's batch, drawn early and already handed to `prefetch`
         sums: dict[str, Any] = {}  # terms stay tensors until a log step: no device sync per term
         n_sum = 0
         tokens_since = 0
@@ -335,8 +345,20 @@ class Engine:
         self.progress.start(st.name, st.steps, start)
         who = self.labels["objectives"][index]
         for s in range(start, st.steps):
-            with blame(who, self.recipe.file):
-                batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
+            if ahead is not None:
+                batch, ahead = ahead, None
+            else:
+                with blame(who, self.recipe.file):
+                    batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
+                self._prefetch(prefetchers, batch)
+            self._sampler_before_ahead = None
+            if prefetchers and s + 1 < st.steps:
+                # draw the next batch now, so its rows move while this step runs; a checkpoint
+                # saves the sampler as it was before this draw, so resume draws it again
+                self._sampler_before_ahead = self.sampler.get_state()
+                with blame(who, self.recipe.file):
+                    ahead = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)
+                self._prefetch(prefetchers, ahead)
             if count_tokens is not None:
                 tokens_since += int(count_tokens(batch))
             if splits:
@@ -378,6 +400,8 @@ class Engine:
                     scaler.unscale_(o)
             if st.grad_clip > 0:
                 dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+                for _, holder in held:  # rows held outside their parameter keep their gradients in device buffers
+                    dense += holder.gradient_leaves()
                 clip_grad_norm_(dense, st.grad_clip, self.model)  # row-sharded tables: the norm over all ranks' rows
             for o in opts:
                 if scaler is not None:
@@ -424,6 +448,17 @@ class Engine:
         self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, opt_ref, self.run_dir, st.steps, st.steps), objective)
         self._set_memory(True)
         self._checkpoint(index, st.steps, True, [], [])
+
+    def _prefetchers(self, objective) -> list:
+        """`prefetch(batch)` of every component that has one (and does not say
+        `prefetches = False`): told each training batch as soon as it is drawn, one step
+        before the step that trains on it."""
+        return [c for c in self._components(objective) if callable(getattr(c, "prefetch", None)) and getattr(c, "prefetches", True)]
+
+    def _prefetch(self, prefetchers: list, batch) -> None:
+        for comp in prefetchers:
+            with blame(f"{self._label_of(comp)}.prefetch", self.recipe.file):
+                comp.prefetch(batch)
 
     def _train_means(self, sums: dict[str, Any], n: int) -> dict[str, float]:
         """Mean train/* values since the last log step; term means are averaged over ranks
@@ -587,7 +622,7 @@ class Engine:
         py = random.getstate()
         npst = np.random.get_state()
         out = {
-            "rng_sampler": self.sampler.get_state(),
+            "rng_sampler": self._sampler_before_ahead if getattr(self, "_sampler_before_ahead", None) is not None else self.sampler.get_state(),
             "rng_torch": torch.get_rng_state(),
             "rng_python": [py[0], list(py[1]), py[2]],
             "rng_numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],

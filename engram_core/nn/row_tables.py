@@ -78,3 +78,6 @@ def make_row_table(placement: str, num_rows: int, dim: int, sparse: bool = False
 # every placement a config may name; those without a factory yet are refused at build time
 KNOWN_PLACEMENTS = ("device", "host", "sharded")
 
+
+
+from . import host_rows  # noqa: E402,F401  (registers the "host" placement)

@@ -12,12 +12,12 @@ table-batched embedding optimisers:
                       w_r -= lr · (m_r/(1-β1^t_r)) / (√(v_r/(1-β2^t_r)) + eps)
 
 Both apply decoupled weight decay (w_r *= 1 - lr·wd) to the touched rows only. A row is
-touched in a step when it is in the step's sparse gradient (nn.Embedding(sparse=True):
-the rows read) or, from a dense gradient, when its gradient row is not all zero (a
-dense gradient cannot tell a read row with a zero gradient from an unread one). Rows
-not touched, and their state, are left exactly as they were: the lazy semantics of
-torch.optim.SparseAdam, with a per-row step count so each row's bias correction counts
-its own updates.
+touched in a step when its gradient row is not all zero, whether the gradient is dense,
+sparse (nn.Embedding(sparse=True)) or held in a device buffer (host placement): a dense
+gradient cannot tell a read row with a zero gradient from an unread one, and one rule
+for all three makes them give the same result. Rows not touched, and their state, are
+left exactly as they were: the lazy semantics of torch.optim.SparseAdam, with a per-row
+step count so each row's bias correction counts its own updates.
 
 A parameter group with ``rowwise=False`` is updated element-wise over every row (plain
 Adagrad, or AdamW with decoupled decay): one optimiser can then hold a model's tables and
@@ -46,17 +46,20 @@ ROW_HOLDER_ATTR = "engram_row_holder"
 
 
 class RowHolder(Protocol):
-    """Rows updated on behalf of a (placeholder) parameter: `attach_row_holder(param, holder)`."""
+    """Rows updated on behalf of a (placeholder) parameter: `attach_row_holder(param, holder)`.
 
-    weight: torch.Tensor  # every row, (R, W), wherever they live (host memory)
-    optimizer_state: dict[str, torch.Tensor]  # kept and checkpointed by the holder, beside the rows
+    The holder keeps the rows and their optimiser state (and checkpoints both); for each
+    step it hands the optimiser a working set: the touched rows' values and state, where
+    the update is best computed (the device for host-held rows)."""
 
-    def take_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's touched rows (U,) int64 and their summed gradients (U, W), on
-        `weight.device`, or None when no gradient arrived; clears them."""
+    def take_update(self, specs: list[tuple[str, tuple[int, ...]]]):
+        """None when no gradient arrived this step; else ``(values, state, index, grad)``:
+        `values` (n, W) and `state` {name: (n, *shape)} (one entry per `specs` item, a
+        zero row where the row has none yet), the rows to update `index` (U,) into them,
+        and their summed gradients (U, W). Clears the step's gradients."""
 
-    def rows_updated(self, rows: torch.Tensor) -> None:
-        """`rows` of `weight` (and their state) were just written."""
+    def rows_updated(self) -> None:
+        """The working set of the last `take_update` was written: store it back."""
 
 
 def attach_row_holder(param: torch.Tensor, holder: RowHolder) -> None:
@@ -80,12 +83,17 @@ def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows (U,), summed gradient rows (U, W)) of a sparse or dense gradient."""
     if grad.is_sparse:
         g = grad.coalesce()
-        rows = g.indices()[0]
         values = g.values()
-        return rows, values.reshape(values.shape[0], -1)
-    dense = as_rows(grad.contiguous())
-    rows = dense.ne(0).any(dim=1).nonzero().squeeze(1)
-    return rows, dense.index_select(0, rows)
+        values = values.reshape(values.shape[0], -1)
+        keep = values.ne(0).any(dim=1).nonzero().squeeze(1)
+        return g.indices()[0].index_select(0, keep), values.index_select(0, keep)
+    return nonzero_rows(as_rows(grad.contiguous()))
+
+
+def nonzero_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, rows) of the rows of `grad` (N, W) that are not all zero."""
+    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, grad.index_select(0, rows)
 
 
 class _Rowwise(torch.optim.Optimizer):
@@ -94,31 +102,29 @@ class _Rowwise(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, fused_backward: bool = False):
         super().__init__(params, defaults)
         self.fused_backward = bool(fused_backward)
+        for group in self.param_groups:
+            for p in group["params"]:
+                holder = row_holder(p)
+                if holder is not None and hasattr(holder, "claim"):
+                    holder.claim(self)  # the holder can tell a forward that nothing would train it
         if self.fused_backward:
             for group in self.param_groups:
                 for p in group["params"]:
                     if row_holder(p) is None and p.requires_grad:
                         p.register_post_accumulate_grad_hook(self._fused_update)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    holder = row_holder(p)
-                    if holder is not None and hasattr(holder, "on_grad_ready"):
-                        holder.on_grad_ready(lambda holder=holder, p=p: self._update_holder(p, holder))
 
     # ---- state -------------------------------------------------------------------------
 
     def _state_of(self, p: torch.Tensor, rows_view: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
-        holder = row_holder(p)
-        state = holder.optimizer_state if holder is not None else self.state[p]
+        state = self.state[p]
         if not state:
             n, w = rows_view.shape
-            dev = rows_view.device
-            per = (n,) if group["rowwise"] else (n, w)
-            for name, shape in self._state_shapes(n, w, per):
-                state[name] = torch.zeros(shape, dtype=torch.float32, device=dev)
+            for name, shape in self.state_specs(w, group["rowwise"]):
+                state[name] = torch.zeros((n, *shape), dtype=torch.float32, device=rows_view.device)
         return state
 
-    def _state_shapes(self, n: int, w: int, second: tuple):
+    def state_specs(self, width: int, rowwise: bool) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, per-row shape) of each float32 state tensor the rule keeps."""
         raise NotImplementedError
 
     # ---- updates -----------------------------------------------------------------------
@@ -146,14 +152,14 @@ class _Rowwise(torch.optim.Optimizer):
         self.update_rows(weight, self._state_of(p, weight, group), rows, g, group)
 
     def _update_holder(self, p: torch.Tensor, holder: RowHolder) -> None:
-        got = holder.take_grad()
-        if got is None:
-            return
-        rows, g = got
         group = dict(self._group_of(p), rowwise=True)  # a holder's rows are always updated row-wise
         with torch.no_grad():
-            self.update_rows(holder.weight, self._state_of(p, holder.weight, group), rows, g, group)
-        holder.rows_updated(rows)
+            got = holder.take_update(self.state_specs(holder.embedding_dim, True))
+            if got is None:
+                return
+            values, state, index, grad = got
+            self.update_rows(values, state, index, grad, group)
+        holder.rows_updated()
 
     def update_rows(self, weight: torch.Tensor, state: dict, rows: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         """Apply the rule to `rows` of `weight` (R, W) with their summed gradients (U, W)."""
@@ -188,8 +194,8 @@ class RowwiseAdagrad(_Rowwise):
         _check(lr, eps, weight_decay)
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward)
 
-    def _state_shapes(self, n, w, second):
-        return [("sum", second)]
+    def state_specs(self, width, rowwise):
+        return [("sum", () if rowwise else (width,))]
 
     def update_rows(self, weight, state, rows, grad, group):
         if rows.numel() == 0:
@@ -227,8 +233,8 @@ class RowwiseAdam(_Rowwise):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward)
 
-    def _state_shapes(self, n, w, second):
-        return [("step", (n,)), ("exp_avg", (n, w)), ("exp_avg_sq", second)]
+    def state_specs(self, width, rowwise):
+        return [("step", ()), ("exp_avg", (width,)), ("exp_avg_sq", () if rowwise else (width,))]
 
     def update_rows(self, weight, state, rows, grad, group):
         if rows.numel() == 0:

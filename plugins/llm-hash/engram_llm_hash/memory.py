@@ -23,6 +23,8 @@ ids alone, so cached generation stays exact.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import attrs
@@ -129,6 +131,18 @@ class EngramBlock(nn.Module):
             nn.init.zeros_(self.conv.weight)  # starts as identity: v + SiLU(0) = v
         self.telemetry = BlockTelemetry(self.hasher.total_rows, len(self.hasher.orders), cfg.heads_per_order)
         self.track = True
+        self._host_copies: dict[str, NgramHasher] = {}  # the hasher on the host, for prefetch_rows
+
+    def prefetch_rows(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every row a forward over `ids` (B, L) would read, computed on the host (a copy
+        of the hasher there): packed as `values_and_keys` packs padded rows."""
+        if "hasher" not in self._host_copies:  # a plain dict: the copy is no submodule (state dict, .to())
+            self._host_copies["hasher"] = copy.deepcopy(self.hasher).cpu()
+        ids = ids.cpu()
+        if attention_mask is not None:
+            order = torch.sort((~attention_mask.cpu().bool()).to(torch.uint8), dim=1, stable=True).indices
+            ids = ids.gather(1, order)
+        return self._host_copies["hasher"].addresses(ids)
 
     @property
     def usage(self) -> torch.Tensor:
@@ -313,6 +327,25 @@ class EngramHashMemory(Memory):
         layer = int(next(iter(self.blocks))) if layer is None else layer
         return self.apply_layer(layer, hidden, ids, attention_mask, record)
 
+    # -- prefetch (the engine's `prefetch(batch)` hook; placement "host") ------------------
+    @property
+    def prefetches(self) -> bool:
+        """Whether any table moves rows ahead of the forward (the engine then draws each
+        batch one step early and hands it to `prefetch`)."""
+        return any(getattr(b.table, "placement", "device") != "device" for b in self.blocks.values())
+
+    def prefetch(self, batch) -> None:
+        """The next forward will read `batch` (a dict with ``input_ids`` and optionally
+        ``attention_mask``, or an ids tensor (B, L)): each table that keeps its rows away
+        from the device starts moving them now. Addresses are computed from the ids on
+        the host (in the table's worker thread on CUDA)."""
+        ids, mask = (batch.get("input_ids"), batch.get("attention_mask")) if isinstance(batch, dict) else (batch, None)
+        if not self.enabled or not isinstance(ids, torch.Tensor):
+            return
+        for block in self.blocks.values():
+            if getattr(block.table, "placement", "device") != "device":
+                block.table.prefetch(functools.partial(block.prefetch_rows, ids, mask))
+
     def addresses(self, ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """(B, T, H) table rows read at every position; computable ahead of the forward."""
         key = next(iter(self.blocks)) if layer is None else str(layer)
@@ -349,6 +382,7 @@ class EngramHashMemory(Memory):
         for key, block in self.blocks.items():
             sfx = f"_l{key}" if many else ""
             out[f"slot_utilisation{sfx}"] = float((block.usage > 0).float().mean())
+            out.update({f"{k}{sfx}": v for k, v in block.table.stats().items()})  # placement telemetry (prefetch hit rate, bytes moved)
             obs, exp = self.collision_rate(key)
             if math.isfinite(obs):
                 out[f"collision_rate{sfx}"] = obs
@@ -404,11 +438,11 @@ class EngramHashMemory(Memory):
                 acc = torch.zeros_like(full)
                 cnt = torch.zeros(full.shape[0], device=acc.device)
                 for text in texts:
-                    ids = head.encode_text(text).to(acc.device)[None]
+                    ids = head.encode_text(text).to(W.device)[None]
                     emb = head.token_embeddings(ids)[0]  # (T, d)
-                    rows = block.hasher.addresses(ids)[0]  # (T, H)
+                    rows = block.hasher.addresses(ids)[0].to(acc.device)  # (T, H); the rows may live elsewhere (placement)
                     target = (emb.float() @ pinv.T) * scale  # (T, H*slot)
-                    target = target.view(rows.shape[0], rows.shape[1], -1)
+                    target = target.view(rows.shape[0], rows.shape[1], -1).to(acc.device)
                     acc.index_add_(0, rows.reshape(-1), target.reshape(-1, target.shape[-1]))
                     cnt.index_add_(0, rows.reshape(-1), torch.ones(rows.numel(), device=acc.device))
                 hit = cnt > 0

@@ -33,3 +33,240 @@ def test_unimplemented_placement_is_one_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="'sharded' is not implemented yet; use one of 'device'") as err:
         memory(placement="sharded")
     assert err.value.key == "placement"
+
+
+# ---- host placement --------------------------------------------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tomli_w  # noqa: E402
+from engram_llm_hash.memory import EngramHashMemory  # noqa: E402
+from llm_hash_helpers import dims_build, perturb  # noqa: E402
+
+from engram_core.inherit import load_tree  # noqa: E402
+from engram_core.nn.host_rows import HostRowTable  # noqa: E402
+from engram_core.optim import RowwiseAdagrad, RowwiseAdam  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
+TELEMETRY = ("prefetch_hit_rate", "host_rows_per_step", "host_bytes_per_step", "sync_fetches", "eval_fetch_rate", "_ms_per_example", "_ms_per_token")
+
+
+def twin_memories(**kw):
+    """The same memory twice, device and host placement, from the same random stream."""
+    out = []
+    for placement in ("device", "host"):
+        torch.manual_seed(0)
+        out.append(memory(placement=placement, layers=[0, 1], **kw))
+    return out
+
+
+def batches(n, seed=1, b=3, t=9):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, t, DIM, generator=g), torch.randint(0, VOCAB, (b, t), generator=g)) for _ in range(n)]
+
+
+def loss_of(mem, hidden, ids):
+    h = mem.apply_layer(0, hidden, ids)
+    return mem.apply_layer(1, h, ids), h
+
+
+@pytest.mark.parametrize("cls", [RowwiseAdagrad, RowwiseAdam])
+@pytest.mark.parametrize("prefetch", ["ahead", "just_before", "never"])
+def test_host_equals_device_after_ten_steps_exactly(cls, prefetch):
+    """Same outputs at every step and the same parameters after 10 (fp32, bit for bit),
+    whether rows were prefetched a step ahead (the engine), just before, or never (all misses)."""
+    dev, host = twin_memories()
+    assert isinstance(host.blocks["0"].table, HostRowTable)
+    assert torch.equal(dev.blocks["0"].table.weight, host.blocks["0"].table.full_weight)
+    opts = [cls(m.parameters(), lr=0.05) for m in (dev, host)]
+    data = batches(10)
+    if prefetch == "ahead":
+        host.prefetch(data[0][1])
+    for i, (hidden, ids) in enumerate(data):
+        if prefetch == "ahead" and i + 1 < len(data):
+            host.prefetch(data[i + 1][1])  # before this step's forward: its update must patch it
+        elif prefetch == "just_before":
+            host.prefetch(ids)
+        outs = []
+        for m, o in zip((dev, host), opts):
+            o.zero_grad()
+            out, _ = loss_of(m, hidden, ids)
+            (out.pow(2).sum() + out.sum()).backward()
+            o.step()
+            outs.append(out.detach())
+        assert torch.equal(outs[0], outs[1]), f"step {i}"
+    d, h = dev.state_dict(), host.state_dict()
+    assert set(d) == {k for k in h if ".optimizer." not in k}
+    for k in d:
+        assert torch.equal(d[k], h[k]), k
+    for key in ("0", "1"):  # the row-wise state, held beside the host rows, equals the optimiser's
+        held = host.blocks[key].table.optimizer_state
+        mine = opts[0].state[dev.blocks[key].table.weight]
+        assert set(held) == set(mine) and all(torch.equal(held[n], mine[n]) for n in mine)
+    stats = host.stats()
+    expected_hits = {"ahead": 1.0, "just_before": 1.0, "never": 0.0}[prefetch]
+    assert stats["prefetch_hit_rate_l0"] == expected_hits
+    assert stats["host_bytes_per_step_l0"] > 0
+    assert stats["sync_fetches_l0"] == (0 if prefetch != "never" else 10)
+
+
+def test_host_matches_sparse_device_gradients():
+    dev, host = twin_memories(sparse=True)
+    opts = [RowwiseAdam(m.parameters(), lr=0.05) for m in (dev, host)]
+    for hidden, ids in batches(5, seed=2):
+        host.prefetch(ids)
+        for m, o in zip((dev, host), opts):
+            o.zero_grad()
+            loss_of(m, hidden, ids)[0].pow(2).sum().backward()
+            o.step()
+    torch.testing.assert_close(dev.blocks["0"].table.weight, host.blocks["0"].table.full_weight, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_and_generation_read_rows_not_prefetched():
+    dev, host = twin_memories()
+    perturb(dev, 0.3)
+    host.load_state_dict(dev.state_dict())  # a device checkpoint loads into the host placement
+    hidden, ids = batches(1, seed=3)[0]
+    with torch.no_grad():
+        assert torch.equal(loss_of(dev, hidden, ids)[0], loss_of(host, hidden, ids)[0])
+        for t in range(4, ids.shape[1] + 1):  # incremental (KV-cache) calls: each new row a miss
+            a = dev.apply_layer(0, hidden[:, t - 1 : t], ids[:, :t])
+            b = host.apply_layer(0, hidden[:, t - 1 : t], ids[:, :t])
+            assert torch.equal(a, b)
+    stats = host.stats()
+    assert stats["eval_fetch_rate_l0"] == 1.0 and stats["sync_fetches_l0"] > 0 and "prefetch_hit_rate_l0" not in stats
+
+
+def test_padded_batches_prefetch_the_rows_they_read():
+    _, host = twin_memories()
+    opt = RowwiseAdagrad(host.parameters(), lr=0.1)
+    hidden, ids = batches(1, seed=4)[0]
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    host.prefetch({"input_ids": ids, "attention_mask": mask})
+    host.apply_layer(0, hidden, ids, attention_mask=mask).sum().backward()
+    opt.step()
+    assert host.stats()["prefetch_hit_rate_l0"] == 1.0
+
+
+def test_host_table_without_a_rowwise_optimizer_says_so():
+    _, host = twin_memories()
+    torch.optim.AdamW(host.parameters())
+    hidden, ids = batches(1)[0]
+    with pytest.raises(RuntimeError, match="row-wise optimiser"):
+        host.apply_layer(0, hidden, ids)
+    host.requires_grad_(False)  # a frozen table needs none
+    host.apply_layer(0, hidden, ids)
+
+
+# ---- through the engine: kv_memorisation with memory.placement=host ---------------------------
+def _tiny_kv_recipe(tmp_path: Path, name: str, steps: int, **memory) -> Path:
+    raw, _ = load_tree(RECIPES / "kv_memorisation.toml")
+    raw.pop("sweep")
+    raw["run"] = {"out_dir": str(tmp_path / "runs"), "name": name}
+    raw["data"]["n_synthetic"] = 40
+    raw["head"].update(dim=32, n_layers=2, n_heads=2)
+    raw["memory"].update(memory_size=4099, heads_per_order=2, **memory)
+    for st in raw["stages"]:
+        if "steps" in st:
+            st.update(steps=steps if st["name"] == "train_engram" else 4, batch_size=8)
+            st.pop("eval_every", None)
+            st.pop("warmup_steps", None)
+    raw["stages"][2]["param_groups"][0]["optimizer"] = "rowwise_adam"
+    for m in raw.get("metrics", []):
+        m["max_examples"] = 8
+    path = tmp_path / f"{name}.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def _summary(tmp_path, name):
+    (run,) = (tmp_path / "runs" / name).iterdir()
+    return run, json.loads((run / "summary.json").read_text())
+
+
+def _device_and_host(tmp_path, steps, *overrides):
+    from engram_core.cli import run_main
+
+    finals = {}
+    for placement in ("device", "host"):
+        name = f"{placement}{len(overrides)}"
+        path = _tiny_kv_recipe(tmp_path, name, steps=steps)
+        assert run_main([str(path), f"memory.placement={json.dumps(placement)}", *overrides, "--quiet"]) == 0
+        run, s = _summary(tmp_path, name)
+        assert s["status"] == "completed"
+        finals[placement] = (s, torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
+    return finals["device"], finals["host"]
+
+
+def test_kv_memorisation_host_placement_is_the_device_run_exactly(tmp_path, monkeypatch):
+    """`recipes/kv_memorisation.toml memory.placement=host` (its table group on a row-wise
+    optimiser; no gradient clipping, whose norm sums in another order) for 10 memory steps:
+    the same metrics and bit-identical weights as on the device."""
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    (sd, md), (sh, mh) = _device_and_host(tmp_path, 10, "stages.2.grad_clip=0.0")
+    assert sh["stages"]["train_engram"]["memory/prefetch_hit_rate"] == 1.0
+    assert all(torch.equal(md[k], mh[k]) for k in md), "same parameters after the run"
+    drop = TELEMETRY
+    assert {k: v for k, v in sh["final"].items() if not k.endswith(drop)} == {k: v for k, v in sd["final"].items() if not k.endswith(drop)}
+
+
+def test_kv_memorisation_host_placement_same_accuracy_with_clipping(tmp_path, monkeypatch):
+    """The recipe as it is (gradient clipping on: the host rows' gradients count in the
+    norm) for 60 memory steps: the same accuracy, weights equal to rounding."""
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    (sd, md), (sh, mh) = _device_and_host(tmp_path, 60)
+    assert sd["final"]["eval/exact_match"] > 0, "the memory learnt something, so the comparison says something"
+    assert sh["final"]["eval/exact_match"] == sd["final"]["eval/exact_match"]
+    for k in md:
+        torch.testing.assert_close(mh[k], md[k], rtol=1e-4, atol=1e-5)
+
+
+def test_kv_memorisation_host_without_rowwise_optimizer_is_one_line(tmp_path, capsys, monkeypatch):
+    from engram_core.cli import run_main
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    path = _tiny_kv_recipe(tmp_path, "adam", steps=2, placement="host")
+    code = run_main([str(path), 'stages.2.param_groups.0.optimizer="adam"', "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "row-wise optimiser" in err[0] and "stages.2.param_groups" in err[0], err
+
+
+def test_host_placement_kill_and_resume_same_final_metrics(tmp_path):
+    env = {**os.environ, "ENGRAM_CACHE": str(tmp_path / "cache")}
+    path = _tiny_kv_recipe(tmp_path, "ref", steps=80, placement="host")
+    raw = path.read_text().replace('name = "ref"', 'name = "killed"')
+    killed = tmp_path / "killed.toml"
+    killed.write_text(raw)
+    args = ["stages.2.checkpoint_every=10", "stages.2.eval_every=40"]
+    cli = [sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())"]
+    assert subprocess.run([*cli, str(path), *args, "--quiet"], env=env, capture_output=True).returncode == 0
+    _, expected = _summary(tmp_path, "ref")
+    proc = subprocess.Popen([*cli, str(killed), *args, "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, ckpt = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        runs = list((tmp_path / "runs" / "killed").glob("*/checkpoints/last.pt"))
+        if runs:
+            state = torch.load(runs[0], weights_only=True)
+            if state["stage_index"] == 2 and not state["stage_done"]:  # mid-way through the host-table stage
+                ckpt = runs[0]
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt is not None, "the run never wrote a checkpoint inside the memory stage"
+    run = ckpt.parents[1]
+    r = subprocess.run([*cli, "--resume", str(run), "--quiet"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["status"] == "completed"
+    # timings, and the transfer averages (over the steps this process ran since the last
+    # evaluation: telemetry is not checkpointed), aside
+    same = lambda m: {k: v for k, v in m.items() if not k.endswith(TELEMETRY)}  # noqa: E731
+    assert same(resumed["final"]) == same(expected["final"])
+    assert {k: same(v) for k, v in resumed["stages"].items()} == {k: same(v) for k, v in expected["stages"].items()}
