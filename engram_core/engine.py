@@ -286,6 +286,9 @@ class Engine:
         objective = self.objectives[index]
         chosen = self._select_params(st, index)
         held = [(n, row_holder(p)) for n, p in chosen if row_holder(p) is not None]
+        if held and self.dist.enabled:
+            raise RecipeError([("memory.placement", f"{held[0][0]} keeps its rows in this process's host memory, which {self.dist.world_size} ranks "
+                                "would each update apart: run it in one process, or use a placement made for several ranks ('sharded')")], self.recipe.file)
         for _, holder in held:
             holder.claim(None)  # this stage's optimisers claim them again
         opts = self._optimizers(st, chosen)

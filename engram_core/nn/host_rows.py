@@ -62,12 +62,17 @@ class HostRowTable(nn.Module):
 
     placement = "host"
 
-    def __init__(self, num_rows: int, dim: int, sparse: bool = False):
+    INIT_CHUNK = 1 << 26  # elements initialised at a time in tables larger than this
+
+    def __init__(self, num_rows: int, dim: int, sparse: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_rows, dim
         self.pinned = torch.cuda.is_available()
-        self.rows = torch.empty(num_rows, dim, pin_memory=self.pinned)  # not a Parameter: .to() leaves it on the host
-        nn.init.normal_(self.rows)  # as nn.Embedding initialises: the same random stream as the device placement
+        # not a Parameter: .to() leaves it on the host. In the default dtype, as nn.Embedding
+        # makes its weight (build under torch.set_default_dtype(torch.bfloat16) for bf16 rows
+        # without a float32 copy first)
+        self.rows = torch.empty(num_rows, dim, dtype=dtype or torch.get_default_dtype(), pin_memory=self.pinned)
+        self._init_rows()
         self.optimizer_state: dict[str, torch.Tensor] = {}
         self.weight = nn.Parameter(torch.zeros(0))
         attach_row_holder(self.weight, self)
@@ -81,6 +86,18 @@ class HostRowTable(nn.Module):
         self.reset_counters()
         self.register_state_dict_post_hook(_save_rows)
         self.register_load_state_dict_pre_hook(_load_rows)
+
+    @torch.no_grad()
+    def _init_rows(self) -> None:
+        """N(0, 1) as nn.Embedding initialises: one call (the device placement's random
+        stream, so both start from the same rows) up to INIT_CHUNK elements, in chunks of
+        rows beyond (no second table-sized buffer)."""
+        per = max(1, self.INIT_CHUNK // self.embedding_dim)
+        if self.num_embeddings <= per:
+            nn.init.normal_(self.rows)
+            return
+        for lo in range(0, self.num_embeddings, per):
+            nn.init.normal_(self.rows[lo : lo + per])
 
     # ---- the row-table protocol ----------------------------------------------------------
 
@@ -139,6 +156,7 @@ class HostRowTable(nn.Module):
                 step.append(seg)
             else:
                 step = _Step([*step, seg])
+            self._wait(step)  # the fetched rows' copies are done before they are read
             pos, found, values, segs = self._locate(step, flat)
         return F.embedding(pos, values).view(*rows.shape, self.embedding_dim)
 

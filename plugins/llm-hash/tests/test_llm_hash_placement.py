@@ -270,3 +270,38 @@ def test_host_placement_kill_and_resume_same_final_metrics(tmp_path):
     same = lambda m: {k: v for k, v in m.items() if not k.endswith(TELEMETRY)}  # noqa: E731
     assert same(resumed["final"]) == same(expected["final"])
     assert {k: same(v) for k, v in resumed["stages"].items()} == {k: same(v) for k, v in expected["stages"].items()}
+
+
+def test_large_host_tables_initialise_in_chunks(monkeypatch):
+    monkeypatch.setattr(HostRowTable, "INIT_CHUNK", 64)
+    table = HostRowTable(1000, 8)
+    assert torch.isfinite(table.rows).all() and 0.9 < float(table.rows.std()) < 1.1
+    assert not torch.equal(table.rows[:8], table.rows[8:16])  # every chunk drew its own numbers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", [RowwiseAdagrad, RowwiseAdam])
+def test_cuda_host_placement_equals_device_placement(cls):
+    """The asynchronous path (worker thread, side stream, pinned buffers, write-back) on a
+    GPU: host == device for 10 steps prefetched one step ahead, then after a reload."""
+    dev, host = twin_memories()
+    dev, host = dev.cuda(), host.cuda()
+    assert host.blocks["0"].table.rows.is_pinned()
+    opts = [cls(m.parameters(), lr=0.05) for m in (dev, host)]
+    data = [(h.cuda(), i) for h, i in batches(10)]
+    host.prefetch(data[0][1])
+    for i, (hidden, ids) in enumerate(data):
+        if i + 1 < len(data):
+            host.prefetch(data[i + 1][1])
+        outs = []
+        for m, o in zip((dev, host), opts):
+            o.zero_grad()
+            out, _ = loss_of(m, hidden, ids.cuda())
+            out.pow(2).sum().backward()
+            o.step()
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    d, h = dev.state_dict(), host.state_dict()
+    for k in d:
+        torch.testing.assert_close(h[k].cuda(), d[k], rtol=1e-5, atol=1e-6)
+    assert host.stats()["prefetch_hit_rate_l0"] == 1.0
