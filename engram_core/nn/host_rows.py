@@ -28,7 +28,9 @@ training forward reports as an error.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -71,10 +73,10 @@ class HostRowTable(nn.Module):
         # not a Parameter: .to() leaves it on the host. In the default dtype, as nn.Embedding
         # makes its weight (build under torch.set_default_dtype(torch.bfloat16) for bf16 rows
         # without a float32 copy first)
-        self.rows = torch.empty(num_rows, dim, dtype=dtype or torch.get_default_dtype(), pin_memory=self.pinned)
+        self.rows = torch.empty(num_rows, dim, dtype=dtype or torch.get_default_dtype(), device="cpu", pin_memory=self.pinned)
         self._init_rows()
         self.optimizer_state: dict[str, torch.Tensor] = {}
-        self.weight = nn.Parameter(torch.zeros(0))
+        self.weight = nn.Parameter(torch.zeros(0, dtype=self.rows.dtype))
         attach_row_holder(self.weight, self)
         self.pending: deque[_Step] = deque()  # prefetched steps, oldest (the one being trained) first
         self._futures: deque[Future] = deque()
@@ -115,10 +117,22 @@ class HostRowTable(nn.Module):
     def device(self) -> torch.device:
         return self.weight.device
 
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[name] += time.perf_counter() - start
+
     def prefetch(self, rows) -> None:
         """Start moving the rows the next step reads to the device. `rows`: an int64
         tensor of any shape (the addresses), or a function returning one (called in the
         worker thread on CUDA, so hashing the next batch leaves this thread free)."""
+        with self._timed("prefetch"):
+            self._prefetch(rows)
+
+    def _prefetch(self, rows) -> None:
         # a front step that no gradient reached (a frozen table, a stage without memory) is
         # never consumed by an update: keep at most the step before the new one
         while len(self.pending) >= 2 and not self._has_grad(self.pending[0]):
@@ -151,7 +165,8 @@ class HostRowTable(nn.Module):
             else:
                 self._eval_misses += n_missing
             self._sync_fetches += 1
-            seg = self._call(lambda: self._gather(torch.unique(missing.to("cpu", torch.int64)), training))
+            with self._timed("miss"):
+                seg = self._call(lambda: self._gather(torch.unique(missing.to("cpu", torch.int64)), training))
             if training:
                 step.append(seg)
             else:
@@ -162,6 +177,9 @@ class HostRowTable(nn.Module):
 
     def stats(self) -> dict[str, float]:
         out = {}
+        steps = max(self._updates, 1)
+        for name, seconds in self._seconds.items():  # where this thread's time went, per optimiser step
+            out[f"host_{name}_ms_per_step"] = 1000 * seconds / steps
         if self._train_reads:
             out["prefetch_hit_rate"] = 1.0 - self._train_misses / self._train_reads
         if self._updates:
@@ -176,6 +194,7 @@ class HostRowTable(nn.Module):
     def reset_counters(self) -> None:
         self._train_reads = self._train_misses = self._eval_reads = self._eval_misses = 0
         self._sync_fetches = self._updates = self._rows_moved = self._bytes_moved = 0
+        self._seconds = {"prefetch": 0.0, "wait": 0.0, "miss": 0.0, "update": 0.0}
 
     # ---- the optimiser's side (engram_core.optim.rowwise.RowHolder) ---------------------
 
@@ -190,6 +209,10 @@ class HostRowTable(nn.Module):
         self.optimizer = optimizer
 
     def take_update(self, specs):
+        with self._timed("update"):
+            return self._take_update(specs)
+
+    def _take_update(self, specs):
         if not self.pending or not self._has_grad(self.pending[0]):
             return None
         step = self.pending.popleft()
@@ -197,7 +220,7 @@ class HostRowTable(nn.Module):
         with self._lock:
             for name, shape in specs:  # first update: the state is made, zeros, beside the rows
                 if name not in self.optimizer_state:
-                    self.optimizer_state[name] = torch.zeros((self.num_embeddings, *shape), pin_memory=self.pinned)
+                    self.optimizer_state[name] = torch.zeros((self.num_embeddings, *shape), device="cpu", pin_memory=self.pinned)
         parts = []
         for seg in step:
             if seg.values.grad is None:
@@ -213,6 +236,10 @@ class HostRowTable(nn.Module):
         return values, state, torch.arange(rows.shape[0], device=rows.device), grad
 
     def rows_updated(self) -> None:
+        with self._timed("update"):
+            self._rows_updated()
+
+    def _rows_updated(self) -> None:
         rows, values, state = self._taken
         self._taken = None
         for step in self.pending:  # rows already prefetched for later steps get the new values
@@ -321,6 +348,10 @@ class HostRowTable(nn.Module):
             self._futures.popleft().result()
 
     def _wait(self, step: _Step) -> None:
+        with self._timed("wait"):
+            self._wait_for(step)
+
+    def _wait_for(self, step: _Step) -> None:
         fut = getattr(step, "future", None)
         if fut is not None:
             step.append(fut.result())

@@ -53,7 +53,7 @@ from engram_core.nn.host_rows import HostRowTable  # noqa: E402
 from engram_core.optim import RowwiseAdagrad, RowwiseAdam  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
-TELEMETRY = ("prefetch_hit_rate", "host_rows_per_step", "host_bytes_per_step", "sync_fetches", "eval_fetch_rate", "_ms_per_example", "_ms_per_token")
+TELEMETRY = ("prefetch_hit_rate", "host_rows_per_step", "host_bytes_per_step", "sync_fetches", "eval_fetch_rate", "_ms_per_example", "_ms_per_token", "_ms_per_step")
 
 
 def twin_memories(**kw):
