@@ -49,3 +49,17 @@ def test_hash_lookup_benchmark_tiny(tmp_path):
     assert saved["copy"]["gb_per_s"] > 0 and saved["pieces"][0]["hash_us"] > 0
     assert [b["table_size"] for b in saved["blocks"]] == [1000, 10000]
     assert all(b["fwd_bwd_ms"] > 0 and b["kernels"] == "torch" for b in saved["blocks"])
+
+
+def test_engram_offload_benchmark_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("engram_offload", SCRIPT.parent / "engram_offload.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "o.json"
+    bench.main(["--tiny", "--device", "cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["parts"]) == {"base", "device", "host", "host_no_prefetch"}
+    assert all(p["step_ms_mean"] > 0 for p in saved["parts"].values())
+    host, cold = saved["parts"]["host"]["table"], saved["parts"]["host_no_prefetch"]["table"]
+    assert host["prefetch_hit_rate_l1"] == 1.0 and cold["prefetch_hit_rate_l1"] == 0.0
+    assert host["host_bytes_per_step_l1"] > 0 and saved["overhead"]["host_vs_device"] is not None
