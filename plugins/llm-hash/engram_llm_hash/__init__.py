@@ -7,7 +7,16 @@ memories `engram_hash`, `hybrid_hash_content`; objective `completion_ce`; metric
 """
 
 from .hashing import NgramHasher, canonical_map
-from .hf import add_engram, engram_memory, engram_optimizer, engram_param_groups, from_pretrained, load_engram, remove_engram, save_engram
+from .hf import (
+    add_engram,
+    engram_memory,
+    engram_optimizer,
+    engram_param_groups,
+    from_pretrained,
+    load_engram,
+    remove_engram,
+    save_engram,
+)
 from .memory import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
 
 __all__ = [

@@ -1,12 +1,25 @@
-"""Table placements of engram_hash: the row-table seam (device, and the config of the others)."""
+"""Table placements of engram_hash: the row-table seam, and the host placement (rows in host
+memory, prefetched; the same results as on the device, through the engine too)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 from engram_llm_hash.memory import EngramHashConfig
-from llm_hash_helpers import memory
+from llm_hash_helpers import DIM, VOCAB, memory, perturb
 
 from engram_core.config import ConfigError
+from engram_core.inherit import load_tree
+from engram_core.nn.host_rows import HostRowTable
 from engram_core.nn.row_tables import DeviceRowTable
+from engram_core.optim import RowwiseAdagrad, RowwiseAdam
 
 
 def test_device_placement_is_an_embedding_with_full_weight():
@@ -36,22 +49,6 @@ def test_unimplemented_placement_is_one_config_error(monkeypatch):
 
 
 # ---- host placement --------------------------------------------------------------------------
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import tomli_w  # noqa: E402
-from engram_llm_hash.memory import EngramHashMemory  # noqa: E402
-from llm_hash_helpers import dims_build, perturb  # noqa: E402
-
-from engram_core.inherit import load_tree  # noqa: E402
-from engram_core.nn.host_rows import HostRowTable  # noqa: E402
-from engram_core.optim import RowwiseAdagrad, RowwiseAdam  # noqa: E402
-
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 TELEMETRY = ("prefetch_hit_rate", "host_rows_per_step", "host_bytes_per_step", "sync_fetches", "eval_fetch_rate", "_ms_per_example", "_ms_per_token", "_ms_per_step")
 
