@@ -70,3 +70,43 @@ def test_trainer_with_rowwise_optimizer_and_its_scheduler(tmp_path):
     trainer.train()
     assert not torch.equal(rows, model.engram.blocks["1"].table.weight)
     assert opt.param_groups[0]["lr"] < 1e-2 * 5  # Trainer's linear schedule drove this optimiser
+
+
+def test_host_placement_from_the_hf_path(tmp_path):
+    """add_engram(placement="host"): trains with engram_optimizer and prefetch, equals the
+    device placement, generates (cached == uncached) and round-trips through save_pretrained."""
+    from engram_llm_hash import from_pretrained
+
+    models = {}
+    for placement in ("device", "host"):
+        torch.manual_seed(0)
+        base = tiny_model("qwen2")
+        torch.manual_seed(1)
+        models[placement] = add_engram(base, memory_size=3000, inject_layers=[0, 1], slot_dim=8, placement=placement)
+    opts = {k: engram_optimizer(m, lr=1e-2, optimizer="rowwise_adam") for k, m in models.items()}
+    data = [_ids(seed) for seed in range(4)]
+    models["host"].engram.prefetch(data[0])
+    for i, ids in enumerate(data):
+        if i + 1 < len(data):
+            models["host"].engram.prefetch(data[i + 1])
+        losses = {}
+        for k, m in models.items():
+            m.train()
+            loss = m(input_ids=ids, labels=ids).loss
+            opts[k].zero_grad()
+            loss.backward()
+            opts[k].step()
+            losses[k] = loss.detach()
+        assert torch.equal(losses["device"], losses["host"])
+    host = models["host"].eval()
+    assert host.engram.stats()["prefetch_hit_rate_l0"] == 1.0
+    prompt = _ids(9)[:1, :6]
+    opts_gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = host.generate(input_ids=prompt, use_cache=True, **opts_gen)
+    assert torch.equal(cached, host.generate(input_ids=prompt, use_cache=False, **opts_gen))
+    assert torch.equal(cached, models["device"].eval().generate(input_ids=prompt, use_cache=True, **opts_gen))
+    host.save_pretrained(tmp_path / "saved")
+    loaded = from_pretrained(tmp_path / "saved").eval()
+    assert loaded.engram.cfg.placement == "host"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=prompt).logits, host(input_ids=prompt).logits)
