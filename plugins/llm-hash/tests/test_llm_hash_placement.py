@@ -234,32 +234,35 @@ def test_kv_memorisation_host_without_rowwise_optimizer_is_one_line(tmp_path, ca
     assert code == 2 and len(err) == 1 and "row-wise optimiser" in err[0] and "stages.2.param_groups" in err[0], err
 
 
-def test_host_placement_kill_and_resume_same_final_metrics(tmp_path):
-    env = {**os.environ, "ENGRAM_CACHE": str(tmp_path / "cache")}
-    path = _tiny_kv_recipe(tmp_path, "ref", steps=80, placement="host")
-    raw = path.read_text().replace('name = "ref"', 'name = "killed"')
+def test_host_placement_kill_and_resume_same_final_metrics(tmp_path, monkeypatch):
+    from engram_core.cli import run_main
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    path = _tiny_kv_recipe(tmp_path, "ref", steps=60, placement="host")
     killed = tmp_path / "killed.toml"
-    killed.write_text(raw)
-    args = ["stages.2.checkpoint_every=10", "stages.2.eval_every=40"]
-    cli = [sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())"]
-    assert subprocess.run([*cli, str(path), *args, "--quiet"], env=env, capture_output=True).returncode == 0
+    killed.write_text(path.read_text().replace('name = "ref"', 'name = "killed"'))
+    args = ["stages.2.checkpoint_every=5", "stages.2.eval_every=30"]
+    assert run_main([str(path), *args, "--quiet"]) == 0
     _, expected = _summary(tmp_path, "ref")
-    proc = subprocess.Popen([*cli, str(killed), *args, "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli = [sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())"]
+    proc = subprocess.Popen([*cli, str(killed), *args, "--quiet"], env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, ckpt = time.time() + 120, None
     while time.time() < deadline and proc.poll() is None:
         runs = list((tmp_path / "runs" / "killed").glob("*/checkpoints/last.pt"))
         if runs:
-            state = torch.load(runs[0], weights_only=True)
+            try:
+                state = torch.load(runs[0], weights_only=True)
+            except Exception:  # noqa: BLE001 - being replaced as we read it
+                continue
             if state["stage_index"] == 2 and not state["stage_done"]:  # mid-way through the host-table stage
                 ckpt = runs[0]
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt is not None, "the run never wrote a checkpoint inside the memory stage"
     run = ckpt.parents[1]
-    r = subprocess.run([*cli, "--resume", str(run), "--quiet"], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert run_main(["--resume", str(run), "--quiet"]) == 0
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["status"] == "completed"
     # timings, and the transfer averages (over the steps this process ran since the last
