@@ -248,7 +248,7 @@ class HostRowTable(nn.Module):
                 _patch(seg, rows, values, state)
         self._updates += 1
         self._rows_moved += rows.shape[0]
-        self._bytes_moved += 2 * (values.numel() * values.element_size() + sum(s.numel() * s.element_size() for s in state.values()))
+        self._bytes_moved += values.numel() * values.element_size() + sum(s.numel() * s.element_size() for s in state.values())  # written back
         self._write_back(rows, values, state)
 
     # ---- host <-> device ------------------------------------------------------------------
