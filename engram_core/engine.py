@@ -118,6 +118,7 @@ class Engine:
         problems = stage_problems(r, tuple(self.dataset.splits), targets)
         names = [n for n, _ in self.model.named_parameters()]
         problems += parameter_problems(r, {i: names + [f"objective.{n}" for n, _ in o.named_parameters()] for i, o in self.objectives.items()})
+        problems += self._held_row_problems()
         if problems:  # unmatched patterns, unknown splits and actions fail now, not mid-run
             raise RecipeError(problems, r.file)
         for i, st in enumerate(r.stages):
@@ -245,6 +246,34 @@ class Engine:
             raise RecipeError([(f"stages.{index}.train", "no parameter trains in this stage (check train/freeze patterns)")], self.recipe.file)
         return chosen
 
+    def _held_row_problems(self) -> list[tuple[str, str]]:
+        """Tables whose rows live outside their parameter (memory.placement) can only be
+        trained by an optimiser registered with `holds_rows`: said before any stage runs."""
+        held = [n for n, p in self.model.named_parameters() if row_holder(p) is not None]
+        if not held:
+            return []
+        if self.dist.enabled:
+            return [("memory.placement", f"{held[0]} keeps its rows in this process's host memory, which {self.dist.world_size} ranks "
+                     "would each update apart: run it in one process, or use a placement made for several ranks ('sharded')")]
+        known = registered_optimizers(self.registry)
+        problems = []
+        for i, st in enumerate(self.recipe.stages):
+            if not isinstance(st, TrainStage):
+                continue
+            for n in held:
+                if not any(fnmatch.fnmatchcase(n, pat) for pat in st.train) or any(fnmatch.fnmatchcase(n, pat) for pat in st.freeze):
+                    continue
+                group = next((g for g in st.param_groups if any(fnmatch.fnmatchcase(n, pat) for pat in g.params)), None)
+                kind = (group.optimizer if group is not None else None) or st.optimizer
+                if not known[kind].holds_rows:
+                    where = f"stages.{i}.param_groups.{st.param_groups.index(group)}.optimizer" if group is not None else f"stages.{i}.param_groups"
+                    fix = "set it to \"rowwise_adam\" or \"rowwise_adagrad\"" if group is not None else (
+                        f"add {{ params = [\"{n}\"], optimizer = \"rowwise_adam\" }} (or \"rowwise_adagrad\")")
+                    problems.append((where, f"{n} is a table whose rows live outside the model's parameters (memory.placement), "
+                                            f"which {kind!r} cannot update: {fix}, or freeze it"))
+                    break
+        return problems
+
     def _optimizers(self, st: TrainStage, chosen) -> list[torch.optim.Optimizer]:
         groups: dict[str, list[dict]] = {}
         default = {"params": [], "lr": st.lr, "weight_decay": st.weight_decay}
@@ -286,9 +315,6 @@ class Engine:
         objective = self.objectives[index]
         chosen = self._select_params(st, index)
         held = [(n, row_holder(p)) for n, p in chosen if row_holder(p) is not None]
-        if held and self.dist.enabled:
-            raise RecipeError([("memory.placement", f"{held[0][0]} keeps its rows in this process's host memory, which {self.dist.world_size} ranks "
-                                "would each update apart: run it in one process, or use a placement made for several ranks ('sharded')")], self.recipe.file)
         for _, holder in held:
             holder.claim(None)  # this stage's optimisers claim them again
         opts = self._optimizers(st, chosen)

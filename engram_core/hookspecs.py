@@ -56,4 +56,5 @@ def engram_optimizers(register):
     """Register optimisers that a stage's or a parameter group's `optimizer` can name:
     ``register("lion", factory, help="...")``. ``factory(param_groups, stage)`` gets the
     torch parameter groups and the `engram_core.recipe.TrainStage` and returns a
-    `torch.optim.Optimizer` (see `engram_core.optim`)."""
+    `torch.optim.Optimizer` (see `engram_core.optim`). ``holds_rows=True``: it can train
+    tables whose rows live outside their parameter (`engram_core.optim.rowwise.RowHolder`)."""

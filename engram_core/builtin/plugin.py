@@ -77,9 +77,15 @@ def engram_optimizers(register):
     register("adam", lambda groups, st: torch.optim.Adam(groups, lr=st.lr, betas=st.betas), help="torch.optim.Adam")
     register("sgd", lambda groups, st: torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum), help="torch.optim.SGD (stage momentum)")
     register("sparse_adam", sparse_adam, help="torch.optim.SparseAdam, for sparse table gradients (no weight decay)")
-    register("rowwise_adagrad", lambda groups, st: RowwiseAdagrad(groups, lr=st.lr), help="row-wise Adagrad: one accumulator per row, touched rows only")
+    register(
+        "rowwise_adagrad",
+        lambda groups, st: RowwiseAdagrad(groups, lr=st.lr),
+        help="row-wise Adagrad: one accumulator per row, touched rows only",
+        holds_rows=True,
+    )
     register(
         "rowwise_adam",
         lambda groups, st: RowwiseAdam(groups, lr=st.lr, betas=st.betas),
         help="row-wise Adam: per-row second moment and step count, touched rows only",
+        holds_rows=True,
     )

@@ -32,6 +32,7 @@ class OptimizerEntry:
     plugin: str
     factory: Callable[[list[dict], Any], Any]
     help: str = ""
+    holds_rows: bool = False  # can train rows kept outside their parameter (engram_core.optim.rowwise.RowHolder)
 
 
 def registered_optimizers(registry) -> dict[str, OptimizerEntry]:
@@ -40,10 +41,10 @@ def registered_optimizers(registry) -> dict[str, OptimizerEntry]:
     for impl in registry.pm.hook.engram_optimizers.get_hookimpls():
         plugin = impl.plugin_name
 
-        def register(name, factory, *, help="", _plugin=plugin):
+        def register(name, factory, *, help="", holds_rows=False, _plugin=plugin):
             if name in found:
                 raise PluginError(f"optimizer '{name}' is registered twice: by {found[name].plugin} and by {_plugin}")
-            found[name] = OptimizerEntry(name, _plugin, factory, help)
+            found[name] = OptimizerEntry(name, _plugin, factory, help, bool(holds_rows))
 
         impl.function(register=register)
     return found

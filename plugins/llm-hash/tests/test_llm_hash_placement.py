@@ -231,7 +231,9 @@ def test_kv_memorisation_host_without_rowwise_optimizer_is_one_line(tmp_path, ca
     path = _tiny_kv_recipe(tmp_path, "adam", steps=2, placement="host")
     code = run_main([str(path), 'stages.2.param_groups.0.optimizer="adam"', "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "row-wise optimiser" in err[0] and "stages.2.param_groups" in err[0], err
+    assert code == 2 and len(err) == 1, err
+    assert "stages.2.param_groups.0.optimizer" in err[0] and "'adam' cannot update" in err[0] and "rowwise_adam" in err[0], err
+    assert not list((tmp_path / "runs").rglob("last.pt")), "refused before any stage ran"
 
 
 def test_host_placement_kill_and_resume_same_final_metrics(tmp_path, monkeypatch):
