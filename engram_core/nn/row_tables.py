@@ -39,6 +39,7 @@ class DeviceRowTable(nn.Embedding):
 
     def __init__(self, num_rows: int, dim: int, sparse: bool = False):
         super().__init__(num_rows, dim, sparse=sparse)
+        self.register_load_state_dict_pre_hook(_drop_held_optimizer_state)
 
     @property
     def full_weight(self) -> torch.Tensor:
@@ -53,6 +54,13 @@ class DeviceRowTable(nn.Embedding):
 
     def stats(self) -> dict[str, float]:
         return {}
+
+
+def _drop_held_optimizer_state(module, state_dict, prefix, *args) -> None:
+    """A checkpoint of a placement that keeps the rows' optimiser state beside them (host)
+    loads here too: the rows load, that state is left out (here it is the optimiser's)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "optimizer.")]:
+        del state_dict[key]
 
 
 RowTableFactory = Callable[..., nn.Module]

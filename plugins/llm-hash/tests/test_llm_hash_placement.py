@@ -101,6 +101,9 @@ def test_host_equals_device_after_ten_steps_exactly(cls, prefetch):
     assert set(d) == {k for k in h if ".optimizer." not in k}
     for k in d:
         assert torch.equal(d[k], h[k]), k
+    again = memory(placement="device", layers=[0, 1])
+    again.load_state_dict(h)  # a host checkpoint loads into the device placement (rows; the state is the optimiser's there)
+    assert torch.equal(again.blocks["0"].table.weight, dev.blocks["0"].table.weight)
     for key in ("0", "1"):  # the row-wise state, held beside the host rows, equals the optimiser's
         held = host.blocks[key].table.optimizer_state
         mine = opts[0].state[dev.blocks[key].table.weight]
