@@ -31,9 +31,10 @@ backward per step (no gradient accumulation over micro-batches, no fp16 GradScal
 
 Rows that are not a parameter's own data (a table in host memory whose forward reads a
 prefetched device buffer, `engram_core.nn.host_rows`) are reached through a `RowHolder`
-attached to the parameter: the optimiser takes the step's (rows, gradient) from it,
-updates the holder's rows and the state the holder keeps beside them, and tells it which
-rows changed.
+attached to the parameter: at `step()` the optimiser takes the step's working set from it
+(the touched rows' values, their state and gradients, on the device), applies the rule,
+and tells the holder, which stores rows and state back. Such parameters are updated at
+`step()` also under `fused_backward`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class RowHolder(Protocol):
     The holder keeps the rows and their optimiser state (and checkpoints both); for each
     step it hands the optimiser a working set: the touched rows' values and state, where
     the update is best computed (the device for host-held rows)."""
+
+    embedding_dim: int  # W, the width of a row
 
     def take_update(self, specs: list[tuple[str, tuple[int, ...]]]):
         """None when no gradient arrived this step; else ``(values, state, index, grad)``:
