@@ -63,6 +63,7 @@ class HostRowTable(nn.Module):
     """Rows in host memory (pinned where CUDA is available), prefetched to the device."""
 
     placement = "host"
+    prefetches = True  # its memory asks the engine for each batch a step ahead
 
     INIT_CHUNK = 1 << 26  # elements initialised at a time in tables larger than this
 

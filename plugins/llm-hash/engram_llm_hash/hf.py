@@ -33,6 +33,7 @@ from torch import nn
 
 from engram_core.components import BuildContext
 from engram_core.config import ConfigError, structure, unstructure
+from engram_core.optim import row_holder
 
 from .memory import EngramHashConfig, EngramHashMemory, check_layers
 
@@ -516,7 +517,8 @@ def engram_param_groups(
     the rest element-wise, i.e. AdamW / Adagrad): see `engram_optimizer`. Sparse tables
     (`sparse=True`) and host-placed tables need those; with plain AdamW they are refused."""
     mem = engram_memory(model.get_base_model() if _is_peft_model(model) else model)
-    if not rowwise_tables and (mem.cfg.sparse or mem.cfg.placement != "device"):
+    held = any(row_holder(b.table.weight) is not None for b in mem.blocks.values())  # rows outside the parameter (host)
+    if not rowwise_tables and (mem.cfg.sparse or held):
         what = "sparse tables" if mem.cfg.sparse else f"tables with placement={mem.cfg.placement!r}"
         raise ConfigError(
             "sparse" if mem.cfg.sparse else "placement",

@@ -332,7 +332,7 @@ class EngramHashMemory(Memory):
     def prefetches(self) -> bool:
         """Whether any table moves rows ahead of the forward (the engine then draws each
         batch one step early and hands it to `prefetch`)."""
-        return any(getattr(b.table, "placement", "device") != "device" for b in self.blocks.values())
+        return any(getattr(b.table, "prefetches", False) for b in self.blocks.values())
 
     def prefetch(self, batch) -> None:
         """The next forward will read `batch` (a dict with ``input_ids`` and optionally
@@ -343,7 +343,7 @@ class EngramHashMemory(Memory):
         if not self.enabled or not isinstance(ids, torch.Tensor):
             return
         for block in self.blocks.values():
-            if getattr(block.table, "placement", "device") != "device":
+            if getattr(block.table, "prefetches", False):  # a table that moves rows ahead (placement 'host')
                 block.table.prefetch(functools.partial(block.prefetch_rows, ids, mask))
 
     def addresses(self, ids: torch.Tensor, layer: int | None = None) -> torch.Tensor:
