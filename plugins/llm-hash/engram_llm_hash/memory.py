@@ -138,11 +138,13 @@ class EngramBlock(nn.Module):
         of the hasher there): packed as `values_and_keys` packs padded rows."""
         if "hasher" not in self._host_copies:  # a plain dict: the copy is no submodule (state dict, .to())
             self._host_copies["hasher"] = copy.deepcopy(self.hasher).cpu()
+        hasher = self._host_copies["hasher"]
         ids = ids.cpu()
-        if attention_mask is not None:
-            order = torch.sort((~attention_mask.cpu().bool()).to(torch.uint8), dim=1, stable=True).indices
-            ids = ids.gather(1, order)
-        return self._host_copies["hasher"].addresses(ids)
+        if attention_mask is None:
+            return hasher.addresses(ids)
+        keep = attention_mask.cpu().bool()
+        order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices  # padding first, kept in order
+        return hasher.addresses_from_mixes(hasher.mixes(ids.gather(1, order), keep.gather(1, order)))
 
     @property
     def usage(self) -> torch.Tensor:
