@@ -41,6 +41,12 @@ class ZdynConfig:
         0.2, help="fraction of speakers held out for eval (without split_file)", validator=in_range(0.0, 1.0)
     )
     split_seed: int = field(0, help="seed of the random speaker split")
+    val_fraction: float = field(
+        0.0,
+        help="share of the train speakers moved to a 'val' split (speaker-disjoint from both), for choosing "
+        "steps and hyperparameters without looking at the eval speakers; 0 = no val split",
+        validator=in_range(0.0, 1.0),
+    )
     normalize: str = field(
         "per_dim",
         help="z normalisation fitted on train: per_dim | global | none",
@@ -90,7 +96,7 @@ class _Split:
 class ZdynDataset(Dataset):
     """Speaker-disjoint split of a zdyn store; one-step pairs and K-step rollout segments."""
 
-    splits = ("train", "eval")
+    splits: tuple[str, ...] = ("train", "eval")
 
     def __init__(self, cfg: ZdynConfig, build: BuildContext | None = None):
         self.cfg = cfg
@@ -107,17 +113,20 @@ class ZdynDataset(Dataset):
         ids, speakers, arrays, attrs_ = read_store(path, key)
         self.frame_rate = attrs_.get("frame_rate")
         train_spk, eval_spk = self._split_speakers(sorted(set(speakers)))
+        val_spk = self._val_speakers(train_spk)
+        train_spk = train_spk - val_spk
+        self.splits = ("train", "eval", "val") if val_spk else ("train", "eval")
         spk_index = {s: i for i, s in enumerate(sorted(set(speakers)))}
         self.speaker_names = sorted(set(speakers))
-        by_split: dict[str, tuple[list, list]] = {"train": ([], []), "eval": ([], [])}
+        by_split: dict[str, tuple[list, list]] = {name: ([], []) for name in self.splits}
         for _utt, spk, arr in zip(ids, speakers, arrays):
             if arr.shape[0] < 2:
                 continue
-            side = "train" if spk in train_spk else "eval" if spk in eval_spk else None
+            side = "train" if spk in train_spk else "eval" if spk in eval_spk else "val" if spk in val_spk else None
             if side is not None:
                 by_split[side][0].append(arr)
                 by_split[side][1].append(spk_index[spk])
-        for side in ("train", "eval"):
+        for side in self.splits:
             if not by_split[side][0]:
                 raise ConfigError(
                     "split_file" if cfg.split_file else "eval_fraction",
@@ -189,9 +198,22 @@ class ZdynDataset(Dataset):
         n_eval = min(len(speakers) - 1, max(1, round(cfg.eval_fraction * len(speakers))))
         return set(order[n_eval:]), set(order[:n_eval])
 
+    def _val_speakers(self, train_spk: set[str]) -> set[str]:
+        """`val_fraction` of the train speakers (seeded by split_seed), at least one, never all."""
+        frac = self.cfg.val_fraction
+        if frac <= 0:
+            return set()
+        if len(train_spk) < 2:
+            raise ConfigError("val_fraction", f"a val split needs at least 2 train speakers, the split has {len(train_spk)}")
+        order = sorted(train_spk)
+        rng = np.random.default_rng(self.cfg.split_seed + 1)
+        order = [order[i] for i in rng.permutation(len(order))]
+        n_val = min(len(order) - 1, max(1, round(frac * len(order))))
+        return set(order[:n_val])
+
     def split(self, name: str) -> _Split:
         if name not in self._splits:
-            raise ConfigError("split", f"zdyn has splits 'train' and 'eval', got {name!r}")
+            raise ConfigError("split", f"zdyn has splits {', '.join(map(repr, self.splits))}, got {name!r}")
         return self._splits[name]
 
     # ---- one-step pairs --------------------------------------------------------------

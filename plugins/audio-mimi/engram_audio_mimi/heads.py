@@ -161,14 +161,17 @@ class VMFMagnitudeHead(Head):
         else:
             self.register_parameter("coupling", None)
 
-    def components(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def raw_outputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unnormalised direction, log κ, μ_m, log σ_m) before the ceilings, coupling and memory."""
         h = self.trunk(z)
-        direction = self.direction(h)
         mu_m, log_sigma_m = self.log_m(h).unbind(-1)
+        return self.direction(h), self.log_kappa(h).squeeze(-1), mu_m, log_sigma_m
+
+    def components(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        direction, log_kappa, mu_m, log_sigma_m = self.raw_outputs(z)
         if self.max_log_m is not None:  # soft ceiling, identity well below it
             mu_m = self.max_log_m - nn.functional.softplus(self.max_log_m - mu_m)
             log_sigma_m = log_sigma_m.clamp_max(0.0)
-        log_kappa = self.log_kappa(h).squeeze(-1)
         if self.coupling is not None:
             log_kappa = log_kappa + self.coupling * mu_m
         if self.memory_active:  # a `direction` memory (basis) edits the direction and κ

@@ -5,6 +5,7 @@ from engram_core.hookspecs import hookimpl
 from .data import ZdynConfig, ZdynDataset
 from .heads import GaussianMLPConfig, GaussianMLPHead, VMFMagnitudeConfig, VMFMagnitudeHead
 from .linear import LinearConfig, LinearHead
+from .linear_mlp import LinearMLPConfig, LinearMLPHead
 from .memories import (
     BasisMemory,
     BasisMemoryConfig,
@@ -45,6 +46,8 @@ def engram_heads(register):
     # the least-squares baseline (fit it with a `fit` stage: target = "head", action = "fit");
     # output = "gaussian" takes a memory at `residual`, output = "vmf" at `direction`
     register("linear", LinearHead, LinearConfig, provides=("dynamics",), offers=("residual", "direction"))
+    # the linear head plus an MLP correction starting at zero: fit, then train the correction
+    register("linear_mlp", LinearMLPHead, LinearMLPConfig, provides=("dynamics",), offers=("residual", "direction"))
 
 
 @hookimpl

@@ -24,6 +24,7 @@ NAMES = [
     "linear_baseline",
     "stable_generation",
     "d512_fit",
+    "d512_linear_mlp",
 ]
 TINY_DATA = ["data.synthetic={ dim = 12, speakers = 5, utterances = 2, frames = 70 }"]
 
