@@ -4,6 +4,9 @@ E[Δz | z] = W z + b with (W, b) the ridge least-squares solution over the train
 (normal equations in float64). On top, an output distribution fitted in closed form:
 
 - `gaussian`: diagonal Gaussian, log σ_d = log of the residual std of dimension d;
+- `gaussian_full`: a Gaussian with the full residual covariance (its Cholesky factor): the
+  noise of a sampled step then lies where the residuals lie (on the data's manifold), not
+  in all D directions alike as a diagonal σ or a vMF direction puts it;
 - `vmf`: Δz = m·u with u ~ vMF(normalise(W z + b), κ), κ the maximum-likelihood
   concentration of the residual directions (A_D(κ) = mean cosine, solved by bisection),
   log m ~ N(w_mᵀ z + c_m, σ_m²) with (w_m, c_m) least squares on log ‖Δz‖.
@@ -21,16 +24,20 @@ import attrs
 import torch
 from torch import nn
 
-from engram_core.components import BuildContext
+from engram_core.components import BuildContext, Head
 from engram_core.config import ConfigError, field, non_negative, one_of
 
 from .distributions import vmf_mean_resultant
-from .heads import GaussianMLPConfig, GaussianMLPHead, VMFMagnitudeConfig, VMFMagnitudeHead
+from .heads import _HALF_LOG_2PI, GaussianMLPConfig, GaussianMLPHead, VMFMagnitudeConfig, VMFMagnitudeHead, _check_dim
 
 
 @attrs.frozen
 class LinearConfig:
-    output: str = field("gaussian", help="output distribution: gaussian (diagonal) | vmf (direction × log-normal magnitude)", validator=one_of("gaussian", "vmf"))
+    output: str = field(
+        "gaussian",
+        help="output distribution: gaussian (diagonal) | gaussian_full (full residual covariance) | vmf (direction × log-normal magnitude)",
+        validator=one_of("gaussian", "gaussian_full", "vmf"),
+    )
     ridge: float = field(1e-6, help="ridge λ of the least squares, relative to the mean diagonal of ZᵀZ", validator=non_negative)
     dim: int = field(0, help="D of z; 0 = take it from the data", validator=non_negative)
 
@@ -150,6 +157,78 @@ class LinearVMFHead(VMFMagnitudeHead):
         _fit_summary(ctx, self, z, dz, {"mean cos": cos, "κ": kappa})
 
 
+class LinearFullGaussianHead(Head):
+    """Δz ~ N(W z + b, L Lᵀ) with L the Cholesky factor of the residual covariance (trainable)."""
+
+    min_log_sigma = -7.0  # floor on the diagonal of L (as the Gaussian heads' log σ)
+
+    def attach_memory(self, memory, point):
+        raise ConfigError("memory", "the linear head with output = 'gaussian_full' takes no memory (use output = 'gaussian')")
+
+    def __init__(self, cfg: LinearConfig, build: BuildContext):
+        super().__init__()
+        d = _check_dim(cfg.dim, build)
+        self.cfg_linear = cfg
+        self.dim = d
+        self.mu = nn.Linear(d, d)
+        nn.init.zeros_(self.mu.weight)
+        nn.init.zeros_(self.mu.bias)
+        self.scale_offdiag = nn.Parameter(torch.zeros(d, d))  # only the strict lower triangle is used
+        self.scale_log_diag = nn.Parameter(torch.zeros(d))
+
+    def scale_tril(self) -> torch.Tensor:
+        log_diag = self.scale_log_diag.clamp_min(self.min_log_sigma)
+        return torch.tril(self.scale_offdiag, -1) + torch.diag_embed(log_diag.exp())
+
+    def loc(self, z: torch.Tensor) -> torch.Tensor:
+        """E[Δz | z] (a subclass adds a correction)."""
+        return self.mu(z)
+
+    def nll_and_step(self, z, dz, mode: str = "mean", generator=None):
+        """(NLL of dz | z, the rollout step from z: the mean or a reparameterised draw)."""
+        mu = self.loc(z)
+        tril = self.scale_tril()
+        white = torch.linalg.solve_triangular(tril, (dz - mu).unsqueeze(-1), upper=False).squeeze(-1)
+        log_det = tril.diagonal().log().sum()
+        nll = 0.5 * white.pow(2).sum(-1) + log_det + self.dim * _HALF_LOG_2PI
+        if mode == "mean":
+            return nll, mu
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return nll, mu + eps @ tril.T
+
+    def nll(self, z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        return self.nll_and_step(z, dz)[0]
+
+    def mean_step(self, z: torch.Tensor) -> torch.Tensor:
+        return self.loc(z)
+
+    def sample_step(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mu = self.loc(z)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps @ self.scale_tril().T
+
+    def forward(self, z):
+        return self.mean_step(z)
+
+    @torch.no_grad()
+    def fit(self, ctx, max_items: int = 0) -> None:
+        """Closed-form least squares of Δz on z, then the Cholesky factor of the residual covariance."""
+        z, dz = _train_pairs(ctx, max_items)
+        w, b = least_squares(z, dz, self.cfg_linear.ridge)
+        self.mu.weight.copy_(w.float())
+        self.mu.bias.copy_(b.float())
+        resid = dz.double() - (z.double() @ w.T + b)
+        cov = torch.cov(resid.T) + math.exp(2 * self.min_log_sigma) * torch.eye(self.dim, dtype=resid.dtype, device=resid.device)
+        tril = torch.linalg.cholesky(cov)
+        self.scale_offdiag.copy_(torch.tril(tril, -1).float())
+        self.scale_log_diag.copy_(tril.diagonal().log().float())
+        eig = torch.linalg.eigvalsh(cov).flip(0)
+        _fit_summary(ctx, self, z, dz, {"residual share of Δz energy": float(resid.pow(2).sum() / dz.double().pow(2).sum()),
+                                         "residual variance in its top 8 directions": float(eig[:8].sum() / eig.sum())})
+
+
 def LinearHead(cfg: LinearConfig, build: BuildContext):
-    """The `linear` head: a LinearGaussianHead or a LinearVMFHead by `output`."""
-    return LinearVMFHead(cfg, build) if cfg.output == "vmf" else LinearGaussianHead(cfg, build)
+    """The `linear` head: a LinearGaussianHead, LinearFullGaussianHead or LinearVMFHead by `output`."""
+    if cfg.output == "vmf":
+        return LinearVMFHead(cfg, build)
+    return LinearFullGaussianHead(cfg, build) if cfg.output == "gaussian_full" else LinearGaussianHead(cfg, build)

@@ -25,12 +25,17 @@ from engram_core.components import BuildContext
 from engram_core.config import field, non_negative, one_of, positive
 
 from .heads import _mlp
-from .linear import LinearConfig, LinearGaussianHead, LinearVMFHead
+from .linear import LinearConfig, LinearFullGaussianHead, LinearGaussianHead, LinearVMFHead
 
 
 @attrs.frozen
 class LinearMLPConfig:
-    output: str = field("gaussian", help="output distribution: gaussian (diagonal) | vmf (direction × log-normal magnitude)", validator=one_of("gaussian", "vmf"))
+    output: str = field(
+        "gaussian",
+        help="output distribution: gaussian (diagonal) | gaussian_full (full covariance, fitted in closed form; "
+        "the correction moves the mean only) | vmf (direction × log-normal magnitude)",
+        validator=one_of("gaussian", "gaussian_full", "vmf"),
+    )
     hidden: int = field(256, help="width of each hidden layer of the correction MLP", validator=positive)
     layers: int = field(2, help="hidden layers of the correction MLP", validator=positive)
     ridge: float = field(1e-6, help="ridge λ of the closed-form linear part, relative to the mean diagonal of ZᵀZ", validator=non_negative)
@@ -72,6 +77,20 @@ class LinearMLPVMFHead(LinearVMFHead):
                 log_sigma_m + d_sigma_m.squeeze(-1))
 
 
+class LinearMLPFullGaussianHead(LinearFullGaussianHead):
+    """Full-covariance Gaussian: linear mean plus an MLP correction; the covariance is the
+    fitted residual one (trainable, not a function of z)."""
+
+    def __init__(self, cfg: LinearMLPConfig, build: BuildContext):
+        super().__init__(LinearConfig(output="gaussian_full", ridge=cfg.ridge, dim=cfg.dim), build)
+        self.correction_trunk, self.correction = _correction(self.dim, cfg.hidden, cfg.layers, self.dim)
+
+    def loc(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mu(z) + self.correction(self.correction_trunk(z))
+
+
 def LinearMLPHead(cfg: LinearMLPConfig, build: BuildContext):
-    """The `linear_mlp` head: a LinearMLPGaussianHead or a LinearMLPVMFHead by `output`."""
-    return LinearMLPVMFHead(cfg, build) if cfg.output == "vmf" else LinearMLPGaussianHead(cfg, build)
+    """The `linear_mlp` head by `output`: LinearMLPGaussianHead, LinearMLPFullGaussianHead or LinearMLPVMFHead."""
+    if cfg.output == "vmf":
+        return LinearMLPVMFHead(cfg, build)
+    return LinearMLPFullGaussianHead(cfg, build) if cfg.output == "gaussian_full" else LinearMLPGaussianHead(cfg, build)

@@ -1,4 +1,5 @@
-"""The `linear_mlp` head (the linear baseline plus an MLP correction) and zdyn's `val` split."""
+"""The `linear_mlp` head (the linear baseline plus an MLP correction), the linear head's full-covariance
+output, and zdyn's `val` split."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _build(dim):
     return BuildContext(spec=s)
 
 
-@pytest.mark.parametrize("output", ["gaussian", "vmf"])
+@pytest.mark.parametrize("output", ["gaussian", "gaussian_full", "vmf"])
 def test_fitted_linear_mlp_is_the_linear_head(output):
     data = PairData(6, n=400)
     torch.manual_seed(0)
@@ -32,7 +33,7 @@ def test_fitted_linear_mlp_is_the_linear_head(output):
         assert torch.allclose(both.mean_step(data.z), linear.mean_step(data.z), atol=1e-5)
 
 
-@pytest.mark.parametrize("output", ["gaussian", "vmf"])
+@pytest.mark.parametrize("output", ["gaussian", "gaussian_full", "vmf"])
 def test_the_correction_learns_what_the_linear_part_cannot(output):
     data = PairData(6, n=400)  # Δz = 0.3·tanh(roll(z)) + noise: not linear in z
     torch.manual_seed(0)
@@ -65,3 +66,27 @@ def test_val_split_holds_out_train_speakers(tmp_path):
     assert speakers["train"] | speakers["val"] == set(plain.split("train").speakers.tolist())
     with pytest.raises(ConfigError, match="val"):
         plain.split("val")
+
+
+def test_full_covariance_output_fits_the_residual_covariance():
+    g = torch.Generator().manual_seed(0)
+    n, d = 6000, 5
+    z = torch.randn(n, d, generator=g)
+    mix = torch.randn(d, 2, generator=g)  # residuals on a 2-d subspace plus a little isotropic noise
+    noise = torch.randn(n, 2, generator=g) @ mix.T + 0.01 * torch.randn(n, d, generator=g)
+    a = 0.2 * torch.randn(d, d, generator=g)
+    data = type("Pairs", (), {"pairs": lambda self, split: (z, z @ a.T + noise, torch.zeros(n, dtype=torch.long))})()
+    head = LinearHead(LinearConfig(output="gaussian_full"), _build(d))
+    head.fit(fit_context(Model(head), data))
+    tril = head.scale_tril().detach()
+    cov = mix @ mix.T + 1e-4 * torch.eye(d)
+    assert torch.allclose(tril @ tril.T, cov, atol=0.08 * float(cov.abs().max()))
+    dz = z @ a.T + noise
+    ref = torch.distributions.MultivariateNormal(head.mean_step(z[:50]).detach(), scale_tril=tril)
+    assert torch.allclose(head.nll(z[:50], dz[:50]).detach(), -ref.log_prob(dz[:50]), atol=1e-3)
+    steps = head.sample_step(torch.zeros(4000, d), torch.Generator().manual_seed(1)).detach()
+    assert torch.allclose(torch.cov(steps.T), cov, atol=0.15 * float(cov.abs().max()))
+    diag = LinearHead(LinearConfig(output="gaussian"), _build(d))
+    diag.fit(fit_context(Model(diag), data))
+    with torch.no_grad():  # the correlations are worth many nats over a diagonal σ
+        assert float(head.nll(z, dz).mean()) < float(diag.nll(z, dz).mean()) - 3

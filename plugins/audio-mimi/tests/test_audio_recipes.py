@@ -25,6 +25,7 @@ NAMES = [
     "stable_generation",
     "d512_fit",
     "d512_linear_mlp",
+    "stable_linear",
 ]
 TINY_DATA = ["data.synthetic={ dim = 12, speakers = 5, utterances = 2, frames = 70 }"]
 
