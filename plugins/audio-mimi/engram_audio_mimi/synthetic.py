@@ -76,7 +76,15 @@ def generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
         return _generate(cfg)
 
 
-def _generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
+def generate_with_expected_steps(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """As `generate`, plus per utterance the noise-free expected step E[s_{t+1} − s_t | s_t]
+    embedded in D dimensions, (frames − 1, dim): what an ideal one-step model's mean
+    direction would be (diagnostics only, e.g. benchmarks/audio_synthetic_steps.py)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _generate(cfg, expected=True)
+
+
+def _generate(cfg: SyntheticZdynConfig, expected: bool = False) -> list:
     rng = np.random.default_rng(cfg.seed)
     arche = rng.standard_normal((cfg.archetypes, STATE_DIM))
     arche /= np.linalg.norm(arche, axis=1, keepdims=True)
@@ -96,7 +104,8 @@ def _generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
         n = cfg.utterances
         s = 0.5 * rng.standard_normal((n, STATE_DIM))
         c = rng.choice(cfg.archetypes, size=n, p=pref)
-        frames = []
+        frames, means = [], []
+        mean_m = np.exp(0.5 * cfg.magnitude_spread**2)  # E[m_t] of the log-normal magnitude
         for t in range(burn_in + cfg.frames):
             a, b = s[:, 0::2], s[:, 1::2]
             rot = np.empty_like(s)
@@ -108,6 +117,8 @@ def _generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
             else:
                 c = np.argmax(s @ keys.T, axis=1)
             m = np.exp(cfg.magnitude_spread * rng.standard_normal(n))
+            if expected and t >= burn_in:
+                means.append(rot + cfg.growth * s - cfg.damping * s**3 + beta * mean_m * arche[c] - s)
             s = (
                 rot + cfg.growth * s - cfg.damping * s**3 + beta * m[:, None] * arche[c]
                 + cfg.state_noise * rng.standard_normal(s.shape)
@@ -122,8 +133,10 @@ def _generate(cfg: SyntheticZdynConfig) -> list[tuple[str, str, np.ndarray]]:
                 f"overshoots; lower pull ({cfg.pull}), growth ({cfg.growth}) or damping ({cfg.damping})",
             )
         z = states @ q.T + cfg.off_manifold_noise * rng.standard_normal((n, cfg.frames, cfg.dim))
+        steps = (np.stack(means[1:], 1) @ q.T).astype(np.float32) if expected else None  # E[Δ] from frame t, t < T − 1
         for u in range(n):
-            out.append((f"spk{spk:03d}_utt{u:03d}", f"spk{spk:03d}", z[u].astype(np.float32)))
+            item = (f"spk{spk:03d}_utt{u:03d}", f"spk{spk:03d}", z[u].astype(np.float32))
+            out.append(item + (steps[u],) if expected else item)
     return out
 
 

@@ -3,6 +3,7 @@ output, and zdyn's `val` split."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from audio_mimi_testutil import PairData, fit_context, spec, tiny_synthetic
@@ -90,3 +91,15 @@ def test_full_covariance_output_fits_the_residual_covariance():
     diag.fit(fit_context(Model(diag), data))
     with torch.no_grad():  # the correlations are worth many nats over a diagonal σ
         assert float(head.nll(z, dz).mean()) < float(diag.nll(z, dz).mean()) - 3
+
+
+def test_expected_steps_are_the_noise_free_steps():
+    from engram_audio_mimi.synthetic import generate, generate_with_expected_steps
+
+    cfg = tiny_synthetic(dim=8, archetype_choice="state")
+    plain, with_steps = generate(cfg), generate_with_expected_steps(cfg)
+    assert all((a[2] == b[2]).all() for a, b in zip(plain, with_steps))  # the same process, same draws
+    assert with_steps[0][3].shape == (cfg.frames - 1, 8)
+    exact = tiny_synthetic(dim=8, archetype_choice="state", state_noise=0.0, off_manifold_noise=0.0, magnitude_spread=0.0)
+    for _, _, z, expected in generate_with_expected_steps(exact):
+        assert np.allclose(expected, np.diff(z, axis=0), atol=1e-5)
