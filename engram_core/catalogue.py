@@ -13,7 +13,7 @@ from __future__ import annotations
 FIRST_PARTY: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
     "audio-mimi": ("engram-audio-mimi", "plugins/audio-mimi", {
         "datasets": ("zdyn",),
-        "heads": ("gaussian_mlp", "vmf_magnitude", "linear"),
+        "heads": ("gaussian_mlp", "vmf_magnitude", "linear", "linear_mlp"),
         "memories": ("kmeans", "residual_topk", "gated_residual", "hybrid", "basis"),
         "objectives": ("one_step_nll", "rollout_nll", "mixed"),
         "metrics": ("dnll", "direction_cos", "rollout", "gate_mean", "kappa_stats", "archetypes"),
