@@ -27,13 +27,20 @@ class DigitAccuracyConfig:
                              help=f"reader modes to evaluate: {', '.join(MODES)}")
     budgets: list[int] = field(factory=list, help="budgets (kept context tokens); [] = the data set's `budgets`")
     max_examples: int = field(512, help="evaluation episodes used (the first ones of the split)", validator=positive)
+    breakdown: list[str] = field(factory=lambda: ["latent"], help="modes whose accuracy is also reported per target "
+                                 "position (`acc_pos/<mode>_b<B>_p<i>`, i = statement index) and per number of removed "
+                                 "statements (`acc_nrem/<mode>_n<k>`)")
 
 
 class DigitAccuracy(Metric):
-    """`acc/<mode>_b<budget>` for every mode × budget, and `acc/chance` (0.1) beside them."""
+    """`acc/<mode>_b<budget>` for every mode × budget, and `acc/chance` (0.1) beside them;
+    for the `breakdown` modes also per target position and per number of removed statements."""
 
     def __init__(self, cfg: DigitAccuracyConfig, build: BuildContext):
         _check_modes(cfg.modes, build)
+        for m in cfg.breakdown:
+            if m not in cfg.modes:
+                raise ConfigError("breakdown", f"mode {m!r} is not among the evaluated modes ({', '.join(cfg.modes)})")
         check_budgets(cfg.budgets, build.spec)
         self.cfg = cfg
         self.chance = build.spec.chance if build.spec is not None else 0.1
@@ -54,10 +61,16 @@ class DigitAccuracy(Metric):
             if mode == "latent" and not model.head.memory_active:
                 continue  # memory knocked out (stage memory = false) or absent: no latent column
             logits = model.head.answer_logits(batch, mode)
-            hit = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float().sum()
-            key = f"acc/{mode}_b{budget}"
-            self.correct[key] = self.correct.get(key, 0.0) + float(hit)
-            self.count[key] = self.count.get(key, 0) + int(batch["digit"].shape[0])
+            hits = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float()
+            self._add(f"acc/{mode}_b{budget}", hits)
+            if mode in self.cfg.breakdown and "target_pos" in batch:
+                for group, name in ((batch["target_pos"], f"acc_pos/{mode}_b{budget}_p"), (batch["n_removed"], f"acc_nrem/{mode}_n")):
+                    for v in group.unique().tolist():
+                        self._add(f"{name}{int(v):02d}", hits[group == v])
+
+    def _add(self, key: str, hits: torch.Tensor) -> None:
+        self.correct[key] = self.correct.get(key, 0.0) + float(hits.sum())
+        self.count[key] = self.count.get(key, 0) + int(hits.numel())
 
     def compute(self):
         out = {k: self.correct[k] / max(self.count[k], 1) for k in self.correct}

@@ -1,6 +1,9 @@
 """Objectives of the compressor: answer CE through the reader, oracle-target cosine,
-contrastive anti-collapse (supervised InfoNCE, positives by answer digit), and a
-weighted combination of them (`compressor_loss`).
+contrastive anti-collapse (supervised InfoNCE, positives by answer digit or, per slot,
+by the digit of the statement the slot stands for), autoencoding (the frozen reader
+regenerates the removed text from the memory, ICAE / 500xCompressor), a slot-target
+warm start (slot j regresses onto the reader's embedding of removed statement j's
+value digit), and a weighted combination of them (`compressor_loss`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,56 @@ def answer_ce(head, batch: dict, mode: str, digits_only: bool):
         ce = F.cross_entropy(logits, batch["answer"])
     acc = (digit_logits.argmax(-1) == batch["digit"]).float().mean()
     return ce, acc, prefix
+
+
+def text_ce(head, prefix, ids: torch.Tensor, mask: torch.Tensor, prefix_mask=None) -> torch.Tensor:
+    """Next-token CE of `ids` (B, T, no BOS) read as `[BOS] prefix ids`: the logits after the
+    last prefix vector predict ids[0], and so on (teacher forcing). prefix None: no prefix."""
+    b = ids.shape[0]
+    bos = ids.new_full((b, 1), head.bos_id)
+    emb = head.embed(torch.cat([bos, ids], dim=1))
+    m = torch.cat([mask.new_ones(b, 1), mask], dim=1)
+    k = 0
+    if prefix is not None:
+        k = prefix.shape[1]
+        pm = prefix_mask if prefix_mask is not None else mask.new_ones(b, k)
+        emb = torch.cat([emb[:, :1], prefix.to(emb.dtype), emb[:, 1:]], dim=1)
+        m = torch.cat([m[:, :1], pm.to(m.dtype), m[:, 1:]], dim=1)
+    logits = head.run(emb, m)[:, k : k + ids.shape[1]]  # position k+j (BOS, K slots, ids[:j]) predicts ids[j]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1), reduction="none")
+    w = mask.reshape(-1).to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
+
+
+def slot_targets(head, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets (B, S, D), valid (B, S)): the reader's embedding at the value digit of each
+    wholly removed statement, in order: what slot j of a perfect memory would hold."""
+    emb = head.embed(batch["removed_ids"])
+    pos = batch["removed_value_pos"]
+    rows = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)
+    return emb[rows, pos].detach(), batch["removed_value_mask"].bool()
+
+
+def slot_regression(prefix: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of slot j against target j (relative to the targets' mean square),
+    over the slots that have a statement; slots beyond the removed statements are free."""
+    k = min(prefix.shape[1], targets.shape[1])
+    p, t, v = prefix[:, :k], targets[:, :k], valid[:, :k].to(prefix.dtype)
+    err = (p - t).pow(2).mean(-1)
+    scale = t.pow(2).mean(-1).clamp_min(1e-6)
+    return ((err / scale) * v).sum() / v.sum().clamp_min(1.0)
+
+
+def slot_labels(batch: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels (B, k), valid (B, k)): the value token of the removed statement slot j stands for."""
+    pos = batch["removed_value_pos"][:, :k]
+    valid = batch["removed_value_mask"][:, :k].bool()
+    labels = batch["removed_ids"].gather(1, pos)
+    if pos.shape[1] < k:
+        pad = k - pos.shape[1]
+        labels = F.pad(labels, (0, pad), value=-1)
+        valid = F.pad(valid, (0, pad), value=False)
+    return labels, valid
 
 
 def oracle_target(head, batch: dict, target: str) -> torch.Tensor:
@@ -138,23 +191,34 @@ class CompressorLossConfig:
     oracle_target: str = field("gold_digit", help="'gold_digit' (digit embedding) or 'gold_kv' (mean statement embedding)",
                                validator=one_of(*ORACLE_TARGETS))
     contrastive_weight: float = field(0.0, help="weight of the supervised InfoNCE on memory vectors", validator=non_negative)
+    contrastive_by: str = field("answer", help="'answer': whole memories, positives share the answer digit (the seed's); "
+                                               "'slot': each slot, positives share the digit of the removed statement it stands for",
+                                validator=one_of("answer", "slot"))
     temperature: float = field(0.1, help="InfoNCE temperature", validator=positive)
+    ae_weight: float = field(0.0, help="weight of autoencoding: next-token CE of the removed text read by the reader "
+                                       "from [BOS] memory (ICAE / 500xCompressor pretraining)", validator=non_negative)
+    slot_weight: float = field(0.0, help="weight of the slot-target warm start: slot j regresses onto the reader's "
+                                         "embedding of removed statement j's value digit (MSE / target power)",
+                               validator=non_negative)
     digits_only: bool = field(False, help="answer CE over the ten digit tokens only")
     budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")
     overfit_one: bool = field(False, help="debug (overfit-one): every batch is the split's first episode, repeated")
 
     def __attrs_post_init__(self):
-        if self.ce_weight + self.cosine_weight + self.contrastive_weight <= 0:
-            raise ConfigError("ce_weight", "at least one of ce_weight, cosine_weight, contrastive_weight must be > 0")
-        if (self.cosine_weight or self.contrastive_weight) and self.mode != "latent":
-            raise ConfigError("mode", f"cosine/contrastive terms act on learned memory: mode must be 'latent', got {self.mode!r}")
+        weights = (self.ce_weight, self.cosine_weight, self.contrastive_weight, self.ae_weight, self.slot_weight)
+        if sum(weights) <= 0:
+            raise ConfigError("ce_weight", "at least one of ce_weight, cosine_weight, contrastive_weight, ae_weight, "
+                                           "slot_weight must be > 0")
+        if sum(weights[1:]) and self.mode != "latent":
+            raise ConfigError("mode", f"memory terms act on learned memory: mode must be 'latent', got {self.mode!r}")
 
 
 class CompressorLoss(Objective):
-    """`ce_weight·CE + cosine_weight·(1 − cos(memory, target)) + contrastive_weight·InfoNCE`.
+    """`ce_weight·CE + cosine_weight·(1 − cos(memory, target)) + contrastive_weight·InfoNCE
+    + ae_weight·AE + slot_weight·slot MSE`.
 
-    Every term is logged (also those with weight 0, as diagnostics): `train/ce`,
-    `train/acc`, `train/oracle_cos`, `train/info_nce`.
+    Logged: `train/ce`, `train/acc` (when ce_weight > 0), `train/oracle_cos`, `train/info_nce`
+    (also at weight 0, as diagnostics), `train/ae_ce`, `train/slot_mse` (when weighted).
     """
 
     def __init__(self, cfg: CompressorLossConfig, build: BuildContext):
@@ -170,20 +234,38 @@ class CompressorLoss(Objective):
 
     def forward(self, model, batch):
         c = self.cfg
-        ce, acc, prefix = answer_ce(model.head, batch, c.mode, c.digits_only)
-        loss = c.ce_weight * ce
-        terms = {"ce": ce.detach(), "acc": acc.detach()}
+        head = model.head
+        loss, terms = 0.0, {}
+        if c.ce_weight > 0 or c.mode != "latent":
+            ce, acc, prefix = answer_ce(head, batch, c.mode, c.digits_only)
+            loss = c.ce_weight * ce
+            terms.update(ce=ce.detach(), acc=acc.detach())
+        else:  # a memory-only stage (autoencoding, warm start): no answer pass
+            prefix = head.write_memory(batch)
         if prefix is not None and c.mode == "latent":
             gold_key = "gold_digit_ids" if c.oracle_target == "gold_digit" else "gold_kv_ids"
             if c.cosine_weight > 0 or gold_key in batch:  # logged as a diagnostic whenever gold fields exist
-                cos = oracle_cosine(prefix, oracle_target(model.head, batch, c.oracle_target))
+                cos = oracle_cosine(prefix, oracle_target(head, batch, c.oracle_target))
                 terms["oracle_cos"] = cos.detach()
                 if c.cosine_weight > 0:
                     loss = loss + c.cosine_weight * (1.0 - cos)
-            nce = supervised_info_nce(prefix, batch["digit"], c.temperature)
+            if c.contrastive_by == "slot":
+                labels, valid = slot_labels(batch, prefix.shape[1])
+                nce = supervised_info_nce(prefix.reshape(-1, prefix.shape[-1])[valid.reshape(-1)],
+                                          labels.reshape(-1)[valid.reshape(-1)], c.temperature)
+            else:
+                nce = supervised_info_nce(prefix, batch["digit"], c.temperature)
             terms["info_nce"] = nce.detach()
             if c.contrastive_weight > 0:
                 loss = loss + c.contrastive_weight * nce
+            if c.ae_weight > 0:
+                ae = text_ce(head, prefix, batch["removed_ids"], batch["removed_mask"])
+                terms["ae_ce"] = ae.detach()
+                loss = loss + c.ae_weight * ae
+            if c.slot_weight > 0:
+                mse = slot_regression(prefix, *slot_targets(head, batch))
+                terms["slot_mse"] = mse.detach()
+                loss = loss + c.slot_weight * mse
         return loss, terms
 
 

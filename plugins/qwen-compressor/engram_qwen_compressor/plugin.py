@@ -16,6 +16,7 @@ from .objectives import (
     OracleCosineConfig,
 )
 from .reader import CompressorReader, ReaderConfig
+from .select import TokenSelect, TokenSelectConfig
 
 
 @hookimpl
@@ -32,6 +33,7 @@ def engram_heads(register):
 def engram_memories(register):
     register("mem_encoder", MemEncoder, MemEncoderConfig, provides=("context",))
     register("reader_encoder", ReaderEncoder, ReaderEncoderConfig, provides=("context",), requires=("reader",))
+    register("token_select", TokenSelect, TokenSelectConfig, provides=("context",), requires=("reader",))
 
 
 @hookimpl

@@ -12,6 +12,10 @@ Modes (how the reader's input is built from a digit_kv batch):
     latent        memory(removed tokens) as prefix + kept tail
     oracle_digit  embedding of the gold digit as prefix + kept tail
     oracle_kv     embeddings of the gold statement as prefix + kept tail
+    oracle_slots  the reader's embeddings at the value digit of every removed statement
+                  (one vector per statement, its key carried by the token shift) + kept
+                  tail: what a perfect query-agnostic compressor of K >= n_removed slots
+                  could hand over
 
 A prefix is inserted right after BOS as `inputs_embeds`.
 """
@@ -31,7 +35,7 @@ from engram_core.nn import CausalTransformer, CausalTransformerConfig
 
 from .lora import AdapterSwitch, add_lora
 
-MODES = ("full", "summary", "discard", "latent", "oracle_digit", "oracle_kv")
+MODES = ("full", "summary", "discard", "latent", "oracle_digit", "oracle_kv", "oracle_slots")
 VIEW = {
     "full": "full",
     "summary": "summary",
@@ -39,11 +43,12 @@ VIEW = {
     "latent": "kept",
     "oracle_digit": "kept",
     "oracle_kv": "kept",
+    "oracle_slots": "kept",
 }
-ORACLE_MODES = ("oracle_digit", "oracle_kv")
+ORACLE_MODES = ("oracle_digit", "oracle_kv")  # need the gold fields; oracle_slots needs only the removed tokens
 # bump when pretraining produces other weights for the same inputs (the cache key also holds
 # the source of this module and of the code it trains through)
-READER_VERSION = 3
+READER_VERSION = 4
 
 
 @attrs.frozen
@@ -86,6 +91,7 @@ class CompressorReader(Head):
         spec = build.spec
         self.vocab_size = spec.vocab_size
         self.answer_token_ids = tuple(spec.answer_token_ids)
+        self.bos_id = int(spec.bos_id)
         self.adapters = AdapterSwitch(("reader",))
         self._cache_dir = build.cache_dir
         self._peft = False
@@ -115,8 +121,12 @@ class CompressorReader(Head):
             # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
             self.lm = AutoModelForCausalLM.from_pretrained(Path(cfg.hf_path).expanduser()).to(torch.float32)
             hf_vocab = self.lm.config.vocab_size
+            if getattr(spec, "tokenizer", "byte") == "byte":
+                raise ConfigError("backend", f"the HF reader in {cfg.hf_path!r} reads its own tokenizer's ids, but the data "
+                                             "are byte tokens: set data.tokenizer to the model's directory")
             if hf_vocab < spec.vocab_size:
-                raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data's byte tokens ({spec.vocab_size})")
+                raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data tokenizer's ({spec.vocab_size}); "
+                                             "data.tokenizer must be the model's own")
             self.width = self.lm.config.hidden_size
             default_targets = ["q_proj", "v_proj"]
         self.lora_targets = list(cfg.lora_targets) or default_targets
@@ -196,9 +206,11 @@ class CompressorReader(Head):
                                ext="pt", inputs=inputs)
 
     def pretrain(self, ctx, steps: int = 1200, lr: float = 3e-3, batch_size: int = 32, modes: list | None = None,
-                 budgets: list | None = None, warmup: int = 50, grad_clip: float = 1.0, cache: bool = True) -> None:
+                 budgets: list | None = None, warmup: int = 50, grad_clip: float = 1.0, lm_weight: float = 0.0,
+                 cache: bool = True) -> None:
         """Train the reader (not its adapters) on answer CE in `modes` (default: the summary view
-        at random budgets), so the summary baseline is near 100 %. The result is cached under
+        at random budgets), so the summary baseline is near 100 %; `lm_weight` > 0 adds
+        next-token CE on the full prompt (a reader that can regenerate text, for autoencoding). The result is cached under
         `<cache_dir>/qwen-compressor/reader-<key>.pt` (see `pretrain_cache_entry` for what the key
         covers): a recipe reuses it only when everything that determines the weights is equal."""
         from engram_core import cache as cache_mod
@@ -211,8 +223,10 @@ class CompressorReader(Head):
         budgets = list(budgets or dataset.spec.budgets)
         if steps <= 0 or lr <= 0 or batch_size <= 0:
             raise ConfigError("steps", "steps, lr and batch_size must be > 0")
+        if lm_weight < 0:
+            raise ConfigError("lm_weight", f"must be >= 0, got {lm_weight}")
         opts = {"steps": steps, "lr": lr, "batch_size": batch_size, "modes": modes, "budgets": budgets,
-                "warmup": warmup, "grad_clip": grad_clip}
+                "warmup": warmup, "grad_clip": grad_clip, "lm_weight": lm_weight}
         e = self.pretrain_cache_entry(ctx, opts, cache)
 
         def load(path):
@@ -221,11 +235,11 @@ class CompressorReader(Head):
         cache_mod.load_or_build(e, lambda: self._pretrain(ctx, **opts),
                                 save_fn=lambda _, p: torch.save(self._base_state(), p), load_fn=load)
 
-    def _pretrain(self, ctx, steps, lr, batch_size, modes, budgets, warmup, grad_clip) -> None:
+    def _pretrain(self, ctx, steps, lr, batch_size, modes, budgets, warmup, grad_clip, lm_weight) -> None:
         import math
         import time
 
-        from .objectives import answer_ce
+        from .objectives import answer_ce, text_ce
 
         dataset = ctx.dataset
         params = [p for n, p in self.named_parameters() if ".lora." not in n and "lora_" not in n]
@@ -248,6 +262,8 @@ class CompressorReader(Head):
                 for m in modes:
                     ce, a, _ = answer_ce(self, batch, m, digits_only=False)
                     loss, acc = loss + ce / len(modes), acc + float(a) / len(modes)
+                if lm_weight > 0:  # next-token CE on the whole prompt: a reader that can also regenerate text
+                    loss = loss + lm_weight * text_ce(self, None, batch["full_ids"], batch["full_mask"])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -296,6 +312,11 @@ class CompressorReader(Head):
             if not self.memory_active:
                 raise ConfigError("mode", "mode 'latent' needs a memory table (e.g. [memory] type = \"mem_encoder\")")
             return self.write_memory(batch), None
+        if mode == "oracle_slots":
+            emb = self.embed(batch["removed_ids"])  # the token shift runs over the removed text, as when it was read
+            pos = batch["removed_value_pos"]
+            rows = torch.arange(emb.shape[0], device=emb.device)[:, None].expand_as(pos)
+            return emb[rows, pos], batch["removed_value_mask"]
         if mode in ORACLE_MODES:
             key = "gold_digit_ids" if mode == "oracle_digit" else "gold_kv_ids"
             if key not in batch:

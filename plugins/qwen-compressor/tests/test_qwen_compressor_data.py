@@ -1,9 +1,9 @@
-"""digit_kv: determinism, cache, the target always removed, views, bad budgets."""
+"""digit_kv: determinism, cache, targets uniform over the removed statements, views, bad budgets, the HF tokenizer."""
 
 import pytest
 import torch
-from engram_qwen_compressor.data import DIGIT_IDS, DigitKVConfig, DigitKVDataset
-from qwen_compressor_helpers import batch, small_data
+from engram_qwen_compressor.data import DigitKVConfig, DigitKVDataset
+from qwen_compressor_helpers import batch, save_tiny_tokenizer, small_data
 
 from engram_core.components import BuildContext
 from engram_core.config import ConfigError, structure
@@ -50,7 +50,7 @@ def test_target_is_removed_and_views_are_consistent(budget):
         for view in ("full", "kept", "summary"):
             pos = int(b[f"{view}_answer_pos"][i])
             assert b[f"{view}_mask"][i, pos] == 1 and (pos + 1 == b[f"{view}_mask"].shape[1] or b[f"{view}_mask"][i, pos + 1] == 0)
-    assert (b["answer"] == torch.tensor(DIGIT_IDS)[b["digit"]]).all()
+    assert (b["answer"] == torch.tensor(ds.answer_ids)[b["digit"]]).all()
     assert (b["gold_digit_ids"][:, 0] == b["answer"]).all()
 
 
@@ -66,7 +66,7 @@ def test_template_diversity_mixes_templates():
     diverse = small_data(template_diversity=8)
     r = text(batch(rigid, 8)["full_ids"][0])
     d = " ".join(text(batch(diverse, 8)["full_ids"][i]) for i in range(8))
-    assert " is the value of KEY" not in r and " is the value of KEY" in d and "set KEY" in d
+    assert " is the value of KEY" not in r and " is the value of KEY" in d and "set K" in d
 
 
 def test_gold_fields_off():
@@ -77,11 +77,58 @@ def test_gold_fields_off():
 
 
 def test_budget_larger_than_prompt_is_a_config_error():
-    with pytest.raises(ConfigError, match="larger than the prompt"):
-        DigitKVDataset(DigitKVConfig(n_train=4, n_eval=4, budgets=[200]), None)
-    ds = small_data()
-    with pytest.raises(ConfigError, match="larger than the prompt"):
-        batch(ds, budget=155)
+    with pytest.raises(ConfigError, match="the largest budget is 150"):
+        DigitKVDataset(DigitKVConfig(n_train=4, n_eval=4, budgets=[151]), None)
+    with pytest.raises(ConfigError, match="^budget: budget 155"):
+        DigitKVDataset.dry_spec(DigitKVConfig(budget=155))
+    assert DigitKVDataset.dry_spec(DigitKVConfig(budgets=[64, 150])).max_budget == 150
+    # more templates: shorter shortest statements, so a lower limit, said before anything is generated
+    spec = DigitKVDataset.dry_spec(DigitKVConfig(template_diversity=8, budgets=[64]))
+    assert spec.max_budget < 150
+    with pytest.raises(ConfigError, match="no whole statement"):
+        batch(small_data(), budget=159)
+
+
+@pytest.mark.parametrize("budget", [64, 96, 128])
+def test_targets_are_uniform_over_the_removed_statements(budget):
+    ds = small_data(budgets=[64, 96, 128], n_train=400)
+    b = batch(ds, n=400, budget=budget)
+    n_removed = int(b["n_removed"][0])
+    assert (b["n_removed"] == n_removed).all() and n_removed == (160 - budget) // 10  # rigid: 10 tokens a statement
+    counts = torch.bincount(b["target_pos"], minlength=16)
+    assert counts[n_removed:].sum() == 0  # never a kept statement
+    assert (counts[:n_removed] > 400 / n_removed * 0.5).all()  # every removed statement is a target, about equally
+    # the value positions point at the digits of the removed statements, in order
+    for i in range(4):
+        pos = b["removed_value_pos"][i][b["removed_value_mask"][i].bool()]
+        assert len(pos) == n_removed
+        t = int(b["target_pos"][i])
+        assert int(b["removed_ids"][i, pos[t]]) == int(b["answer"][i])
+
+
+def test_smaller_budget_means_more_to_remember_and_prompt_range_keeps_some_targets():
+    ds = small_data(budgets=[64, 96, 128])
+    assert [int(batch(ds, 4, budget=bb)["n_removed"][0]) for bb in (64, 96, 128)] == [9, 6, 3]
+    wide = small_data(budgets=[64], target_range="prompt", n_train=200)
+    b = batch(wide, n=200, budget=64)
+    kept_targets = b["target_pos"] >= b["n_removed"]
+    assert 0.2 < float(kept_targets.float().mean()) < 0.6  # 7 of 16 statements are (at least partly) kept
+    with pytest.raises(ConfigError, match="target_range"):
+        structure({"target_range": "tail"}, DigitKVConfig)
+
+
+def test_hf_tokenizer_gives_its_own_ids_and_budgets_count_its_tokens(tmp_path):
+    tok = save_tiny_tokenizer(tmp_path / "tok")
+    ds = DigitKVDataset(DigitKVConfig(n_train=16, n_eval=8, n_turns=32, budgets=[64, 96, 128], tokenizer=str(tmp_path / "tok")),
+                        BuildContext(cache_dir=tmp_path / "cache"))
+    assert ds.spec.vocab_size == len(tok) and ds.spec.tokenizer == str(tmp_path / "tok")
+    b = batch(ds, n=4, budget=64)
+    assert b["kept_ids"].max() < len(tok) and (b["kept_mask"].sum(1) == 1 + 64 + b["question_mask"].sum(1)).all()
+    kept = tok.decode(b["kept_ids"][0][1:int(b["kept_answer_pos"][0]) + 1])
+    assert kept.rstrip().endswith(f"Q: KEY{int(b['key'][0]):02d} =")
+    assert [tok.decode([i]) for i in ds.answer_ids] == [str(d) for d in range(10)]
+    with pytest.raises(ConfigError, match="tokenizer"):
+        DigitKVDataset.dry_spec(DigitKVConfig(tokenizer=str(tmp_path / "missing")))
 
 
 def test_config_errors_name_the_key():

@@ -25,7 +25,7 @@ from engram_qwen_compressor.objectives import (
     supervised_info_nce,
 )
 from engram_qwen_compressor.reader import MODES, CompressorReader, ReaderConfig
-from qwen_compressor_helpers import batch, small_data, small_model
+from qwen_compressor_helpers import batch, save_tiny_qwen2, save_tiny_tokenizer, small_data, small_model
 
 from engram_core.components import BuildContext, Model
 from engram_core.config import ConfigError, structure
@@ -113,18 +113,12 @@ def test_reader_encoder_writes_memory_with_its_own_adapter():
 
 
 def _save_tiny_qwen2(path, vocab=259):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512)
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_qwen2(path, vocab)
 
 
 def test_hf_qwen2_reader_from_a_local_dir_with_peft_lora(tmp_path):
-    path = _save_tiny_qwen2(tmp_path / "qwen2")
-    ds = small_data()
+    path = save_tiny_qwen2(tmp_path / "qwen2", 0, tokenizer=True)
+    ds = small_data(tokenizer=str(path), n_turns=32)
     build = BuildContext(spec=ds.spec, dataset=ds)
     head = CompressorReader(structure({"backend": "hf", "hf_path": str(path), "lora_rank": 4}, ReaderConfig), build)
     assert head.width == 32 and head._peft
@@ -151,10 +145,15 @@ def test_hf_qwen2_reader_from_a_local_dir_with_peft_lora(tmp_path):
 
 
 def test_hf_reader_vocabulary_too_small_is_a_config_error(tmp_path):
+    tok_dir = tmp_path / "tok"
+    save_tiny_tokenizer(tok_dir)
     path = _save_tiny_qwen2(tmp_path / "q", vocab=128)
-    ds = small_data()
+    ds = small_data(tokenizer=str(tok_dir), n_turns=32)
     with pytest.raises(ConfigError, match="vocabulary"):
         CompressorReader(ReaderConfig(backend="hf", hf_path=str(path)), BuildContext(spec=ds.spec))
+    # raw byte ids are not the model's token ids: the data must use its tokenizer
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        CompressorReader(ReaderConfig(backend="hf", hf_path=str(path)), BuildContext(spec=small_data().spec))
     with pytest.raises(ConfigError, match="hf_path"):
         ReaderConfig(backend="hf")
 
@@ -236,8 +235,16 @@ def test_accuracy_metric_per_mode_and_budget_with_chance_and_grad_check():
         for b in metric.batches(ds, "eval", 8):
             metric.update(model, b)
     out = metric.compute()
-    assert set(out) == {"acc/discard_b64", "acc/discard_b96", "acc/latent_b64", "acc/latent_b96", "acc/chance"}
+    assert {k for k in out if k.startswith("acc/")} == {"acc/discard_b64", "acc/discard_b96", "acc/latent_b64",
+                                                       "acc/latent_b96", "acc/chance"}
     assert out["acc/chance"] == 0.1 and all(0.0 <= v <= 1.0 for v in out.values())
+    # the breakdown (latent only): per target position and per number of removed statements
+    assert {k for k in out if k.startswith("acc_nrem/")} == {"acc_nrem/latent_n09", "acc_nrem/latent_n06"}
+    pos64 = [k for k in out if k.startswith("acc_pos/latent_b64_p")]
+    assert pos64 and all(int(k[-2:]) < 9 for k in pos64) and not any(k.startswith("acc_pos/discard") for k in out)
+    assert out["acc_nrem/latent_n09"] == out["acc/latent_b64"]  # rigid template: budget 64 always removes 9
+    with pytest.raises(ConfigError, match="breakdown"):
+        DigitAccuracy(DigitAccuracyConfig(modes=["discard"], breakdown=["latent"]), build)
     gc = GradCheck(GradCheckConfig(n_batches=1), build)
     model.head.requires_grad_(False)
     gc.reset()

@@ -9,18 +9,20 @@ import pytest
 from engram_core.testing.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
-NAMES = ["budget_sweep", "collapse_debug", "template_oracle", "lora_reader", "contrastive", "overfit_one", "reader_as_encoder"]
-TRAIN_STAGE = {"collapse_debug": 2}  # index of the training stage (1 elsewhere)
+NAMES = ["budget_sweep", "collapse_debug", "template_oracle", "lora_reader", "contrastive", "overfit_one",
+         "reader_as_encoder", "warm_start", "autoencode", "token_select"]
+TRAIN_STAGES = {"collapse_debug": [2], "warm_start": [1, 2], "autoencode": [1, 2]}  # training stages ([1] elsewhere)
 
 
 def shrink(name):
-    i = TRAIN_STAGE.get(name, 1)
-    return [
-        "data.n_train=48", "data.n_eval=8",
-        "stages.0.options={steps = 2, lr = 1e-3, batch_size = 4, modes = [\"summary\"], budgets = [64]}",
-        f"stages.{i}.steps=2", f"stages.{i}.batch_size=4", f"stages.{i}.eval_every=0",
-        "metrics.0.max_examples=8", "metrics.1.max_examples=8",
-    ]
+    out = ["data.n_train=48", "data.n_eval=8",
+           "stages.0.options={steps = 2, lr = 1e-3, batch_size = 4, modes = [\"summary\"], budgets = [64], lm_weight = 0.5}",
+           "metrics.0.max_examples=8", "metrics.1.max_examples=8"]
+    for i in TRAIN_STAGES.get(name, [1]):
+        out += [f"stages.{i}.steps=2", f"stages.{i}.batch_size=4"]
+        if not (name in ("warm_start", "autoencode") and i == 1):  # their first stage does not evaluate
+            out.append(f"stages.{i}.eval_every=0")
+    return out
 
 
 def run(name, tmp_path, *extra):
@@ -47,7 +49,7 @@ def test_recipe_runs(name, tmp_path):
     "override, expect",
     [
         ("memory.n_slots=0", "memory.n_slots: must be > 0"),
-        ("data.budgets=[64, 200]", "larger than the prompt"),
+        ("data.budgets=[64, 200]", "data.budgets: budget 200 leaves no whole statement in the removed segment"),
         ("data.gold_fields=false", "gold_fields"),
         ("memory.out_dim=48", "memory.out_dim: the encoder projects to 48 but the reader's embedding width is 64"),
     ],
@@ -60,13 +62,24 @@ def test_bad_input_is_one_line_exit_2(override, expect, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("budget", [129, 140, 159])
+@pytest.mark.parametrize("budget", [151, 159])
 def test_metric_budget_beyond_the_data_fails_at_validate(budget, tmp_path):
-    """A metric budget between the data's largest (128) and the shortest context used to fail
-    only at the first evaluation, after reader pretraining; `engram validate` says it now."""
+    """A budget that leaves no whole statement removed in some episode (here above 150: 160
+    tokens of context, statements of 10) used to fail only at the first evaluation, after
+    reader pretraining; `engram validate` says it now, in one line."""
     r = run_cli("validate", RECIPES / "budget_sweep.toml", "data.n_train=48", "data.n_eval=8",
                 f"metrics.0.budgets=[64, {budget}]", tool="engram", plugins="qwen-compressor",
                 env={"ENGRAM_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = [l for l in r.stderr.splitlines() if l.strip()]
-    assert "budget_sweep.toml" in line and "metrics.0.budgets" in line and f"add {budget} to data.budgets" in line
+    assert "budget_sweep.toml" in line and "metrics.0.budgets" in line and "budgets up to 150" in line
+
+
+@pytest.mark.parametrize("budget", [151, 159])
+def test_data_budget_beyond_the_prompt_fails_at_validate_without_generating(budget, tmp_path):
+    r = run_cli("validate", RECIPES / "budget_sweep.toml", f"data.budgets=[64, {budget}]", tool="engram",
+                plugins="qwen-compressor", env={"ENGRAM_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = [l for l in r.stderr.splitlines() if l.strip()]
+    assert "data.budgets" in line and "the largest budget is 150" in line
+    assert not (tmp_path / "cache" / "qwen-compressor").exists()  # dry_spec: no episodes were generated
