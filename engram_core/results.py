@@ -222,8 +222,9 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int
 
 
 def _last_train_values(run_dir: Path) -> dict[str, float]:
-    """The last logged value of each `train/` tag within each train stage, as
-    `<stage>:last:train/<term>` (what a run trained to, e.g. overfit-one's train accuracy)."""
+    """The last logged value of each `train/` and `throughput/` tag within each train stage, as
+    `<stage>:last:train/<term>` (what a run trained to, e.g. overfit-one's train accuracy) and
+    `<stage>:last:throughput/steps_per_s` (its compute per step)."""
     scalars = load_scalars(run_dir)
     spans = stage_spans(tomllib.loads((run_dir / "recipe.toml").read_text()))
     out = {}
@@ -232,7 +233,7 @@ def _last_train_values(run_dir: Path) -> dict[str, float]:
             continue
         for tag, points in scalars.items():
             inside = [v for step, v in points if sp["start"] < step <= sp["end"]]
-            if tag.startswith("train/") and inside:
+            if tag.startswith(("train/", "throughput/")) and inside:
                 out[f"{sp['name']}:last:{tag}"] = inside[-1]
     return out
 
