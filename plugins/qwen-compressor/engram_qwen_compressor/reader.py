@@ -115,15 +115,19 @@ class CompressorReader(Head):
                                   or [torch.empty(0, cfg.dim, cfg.dim)]).reshape(cfg.token_shift, cfg.dim, cfg.dim)
                 self.register_buffer("shift", rot)
         else:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
 
-            # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
-            # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
-            self.lm = AutoModelForCausalLM.from_pretrained(Path(cfg.hf_path).expanduser()).to(torch.float32)
-            hf_vocab = self.lm.config.vocab_size
-            if getattr(spec, "tokenizer", "byte") == "byte":
+            if getattr(spec, "tokenizer", "byte") == "byte":  # said before anything is loaded
                 raise ConfigError("backend", f"the HF reader in {cfg.hf_path!r} reads its own tokenizer's ids, but the data "
                                              "are byte tokens: set data.tokenizer to the model's directory")
+            path = Path(cfg.hf_path).expanduser()
+            if build.dry_run:  # `engram validate`: the architecture from its config, no weights read
+                self.lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+            else:
+                # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
+                # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
+                self.lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(torch.float32)
+            hf_vocab = self.lm.config.vocab_size
             if hf_vocab < spec.vocab_size:
                 raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data tokenizer's ({spec.vocab_size}); "
                                              "data.tokenizer must be the model's own")
