@@ -121,6 +121,8 @@ class HFCausalLMHead(Head):
     The data set's tokenizer must fit the model's vocabulary ('byte' fits a model with
     vocab_size >= 259; otherwise give the data set the model's tokenizer directory)."""
 
+    memory_reads_attention_mask = True  # the hooks hand the model's 2-D mask to the memory
+
     def __init__(self, cfg: HFCausalLMConfig, build: BuildContext):
         super().__init__()
         from .hf import decoder_layers, load_causal_lm

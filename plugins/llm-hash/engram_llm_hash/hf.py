@@ -58,6 +58,8 @@ class _DimsOnly:
     """The part of a head a memory needs to be built: width, vocabulary, layer count (and
     the canonical-id map, where the memory hashes canonical ids)."""
 
+    memory_reads_attention_mask = True  # the hooks hand the model's 2-D mask to the memory
+
     def __init__(self, dim: int, vocab: int, n_layers: int, texts=None, canonical: torch.Tensor | None = None):
         self._dims = (dim, vocab, n_layers)
         self._texts = texts

@@ -293,6 +293,10 @@ class EngramHashMemory(Memory):
         canon = build_canonical(build.head) if cfg.canonical else None
         self.blocks = nn.ModuleDict({str(i): self._make_block(cfg, dim, vocab, i, canon) for i in sorted(set(cfg.layers))})
         self.trainable = True
+        # Whether the head hands the batch's attention mask to `apply_layer` (the HF heads do;
+        # the tiny and core heads call it with ids alone): `prefetch` must compute the rows
+        # the forward will read, which depend on it for padded batches.
+        self.reads_attention_mask = bool(getattr(build.head, "memory_reads_attention_mask", False))
         # vocabulary / distinct canonical ids (1.0 without canonical ids): the tokenizer compression
         self.vocab_compression = float(vocab / (int(canon.max()) + 1)) if canon is not None else 1.0
 
@@ -342,6 +346,7 @@ class EngramHashMemory(Memory):
         from the device starts moving them now. Addresses are computed from the ids on
         the host (in the table's worker thread on CUDA)."""
         ids, mask = (batch.get("input_ids"), batch.get("attention_mask")) if isinstance(batch, dict) else (batch, None)
+        mask = mask if self.reads_attention_mask else None  # as the forward will see the batch
         if not self.enabled or not isinstance(ids, torch.Tensor):
             return
         for block in self.blocks.values():
