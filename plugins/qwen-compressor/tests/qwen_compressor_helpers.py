@@ -38,10 +38,9 @@ def save_tiny_tokenizer(path):
     """A tiny byte-level BPE trained here on digit_kv text (every template, every key), digits
     split one by one as in Qwen2's pre-tokenizer, with `<|endoftext|>` as EOS/PAD; saved with
     save_pretrained so `AutoTokenizer.from_pretrained(path)` loads it (no download)."""
+    from engram_qwen_compressor.data import QUESTION, TEMPLATES
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from engram_qwen_compressor.data import QUESTION, TEMPLATES
 
     texts = [t.format(k=f"{k:02d}", v=k % 10) for t in TEMPLATES for k in range(100)]
     texts += [QUESTION.format(k=f"{k:02d}") for k in range(100)]
