@@ -35,7 +35,7 @@ FIRST_PARTY: dict[str, tuple[str, str, dict[str, tuple[str, ...]]]] = {
     "qwen-compressor": ("engram-qwen-compressor", "plugins/qwen-compressor", {
         "datasets": ("digit_kv",),
         "heads": ("reader",),
-        "memories": ("mem_encoder", "reader_encoder"),
+        "memories": ("mem_encoder", "reader_encoder", "token_select"),
         "objectives": ("answer_ce", "compressor_loss", "oracle_cosine", "contrastive"),
         "metrics": ("digit_accuracy", "collapse", "grad_check"),
     }),
