@@ -87,7 +87,7 @@ def run_main(argv: list[str] | None = None) -> int:
     try:
         with logging_to_stdout(not (args.quiet or args.dry_run) and dist.is_main):  # cache hit/miss lines
             code = _run(args, console)
-        finished = True
+        finished = code == 0  # only a rank that finished its run waits for the others
         return code
     except EngramError as exc:
         return _fail(exc, args.traceback) if dist.is_main else exc.exit_code

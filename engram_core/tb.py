@@ -20,6 +20,23 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from .rundir import atomic_write_bytes
 
 
+def _wait_to_sort_after_existing_event_files(log_dir: Path) -> None:
+    """TensorBoard (and EventAccumulator) read a folder's event files in name order, and a
+    name starts with the writer's start time in whole seconds, then host and pid. A resumed
+    run that opens its writer within the same second as the file it continues would sort by
+    pid, possibly before it, and its events would read as older. Wait (under a second) until
+    the new name's time is later than every existing one."""
+    stamps = []
+    for path in log_dir.glob("events.out.tfevents.*"):
+        part = path.name.split(".")[3:4]
+        if part and part[0].isdigit():
+            stamps.append(int(part[0]))
+    if stamps:
+        wait = max(stamps) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+
+
 class RunLogger:
     """A thin wrapper over SummaryWriter that remembers which tags it has written.
 
@@ -31,6 +48,7 @@ class RunLogger:
     """
 
     def __init__(self, log_dir: Path, purge_step: int | None = None, write_secs: float = 10.0):
+        _wait_to_sort_after_existing_event_files(Path(log_dir))
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
         self.tags: set[str] = set()
         self.write_secs = write_secs

@@ -246,7 +246,11 @@ def test_host_placement_kill_and_resume_same_final_metrics(tmp_path, monkeypatch
     path = _tiny_kv_recipe(tmp_path, "ref", steps=60, placement="host")
     killed = tmp_path / "killed.toml"
     killed.write_text(path.read_text().replace('name = "ref"', 'name = "killed"'))
-    args = ["stages.2.checkpoint_every=5", "stages.2.eval_every=30"]
+    # No gradient clipping: with it the host rows' share of the norm is summed in an order
+    # of its own (the device comparison above is exact only without it), and under load the
+    # resumed run then differed from the uninterrupted one by rounding (gate mean 4e-5
+    # relative, seen in CI); without it the resume is exact.
+    args = ["stages.2.checkpoint_every=5", "stages.2.eval_every=30", "stages.2.grad_clip=0.0"]
     assert run_main([str(path), *args, "--quiet"]) == 0
     _, expected = _summary(tmp_path, "ref")
     cli = [sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())"]
