@@ -146,6 +146,21 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 
     targs = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "engram_core.run", *argv])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-rank lines; summed up below
+    # torchrun's agent replaces this process's signal handlers (and leaves SIGINT ignored
+    # after it returns): a caller that runs on in this process (a notebook, a test session)
+    # would then start children that ignore Ctrl-C. Put them back afterwards.
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        return _run_torchrun(run, targs, ChildFailedError, nproc)
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _run_torchrun(run, targs, ChildFailedError, nproc: int) -> int:
     try:
         run(targs)
     except ChildFailedError as exc:

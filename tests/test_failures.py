@@ -211,13 +211,20 @@ def test_failed_sweep_point_gets_a_row_and_hparams(plugins_path, tmp_path):
 def test_interrupted_run_says_so(tmp_path):
     p = recipe(tmp_path, steps=100000)
     out = tmp_path / "runs"
+    # The child starts with SIGINT at its default, as from a shell, whatever this test
+    # process's handlers are (an in-process torchrun earlier in the session once left the
+    # run ignoring Ctrl-C; engram_core.cli._torchrun now restores them).
     proc = subprocess.Popen([sys.executable, "-m", "engram_core.run", str(p), "--out", str(out), "--quiet"],
-                            env={**os.environ, "ENGRAM_PLUGINS": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "ENGRAM_PLUGINS": ""}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("minimal/*/checkpoints/last.pt")):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left training after the test
     assert proc.returncode == 130
     summary = json.loads((only_run(out) / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"]
