@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures as futures
 import fnmatch
 import json
+import math
 import os
 import re
 import subprocess
@@ -209,6 +210,7 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int
                 "wall_time_s": round(wall, 1), "log_tail": tail}
     rd = run_dirs[-1].parent
     summary = json.loads((rd / "summary.json").read_text())
+    curves = _curves(rd / "metrics.jsonl")
     env_json = json.loads((rd / "env.json").read_text())
     return {
         "seed": job.seed,
@@ -216,8 +218,8 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int
         "wall_time_s": summary.get("wall_time_s", round(wall, 1)),
         "device": env_json.get("device_name") or env_json.get("device"),
         "torch_threads": env_json.get("torch_threads"),
-        "metrics": final_metrics(summary) | _last_train_values(rd),
-        "curves": _curves(rd / "metrics.jsonl"),
+        "metrics": final_metrics(summary) | _last_train_values(rd) | _curve_minima(curves),
+        "curves": curves,
     }
 
 
@@ -235,6 +237,20 @@ def _last_train_values(run_dir: Path) -> dict[str, float]:
             inside = [v for step, v in points if sp["start"] < step <= sp["end"]]
             if tag.startswith(("train/", "throughput/")) and inside:
                 out[f"{sp['name']}:last:{tag}"] = inside[-1]
+    return out
+
+
+def _curve_minima(curves: dict[str, list[list[float]]]) -> dict[str, float]:
+    """For each eval curve of more than one point, its lowest value as `<stage>:min:<tag>` and
+    the step it was reached at as `<stage>:argmin:<tag>`: early stopping read off a val curve
+    (a sweep's table can then say which steps each point would keep)."""
+    out = {}
+    for key, points in curves.items():
+        finite = [(v, s) for s, v in points if math.isfinite(v)]
+        if len(points) > 1 and finite:
+            stage, _, tag = key.partition(":")
+            v, s = min(finite)
+            out[f"{stage}:min:{tag}"], out[f"{stage}:argmin:{tag}"] = v, s
     return out
 
 

@@ -97,6 +97,10 @@ def test_a_page_runs_into_one_json_per_row(trial):
     assert agg["mean"] == pytest.approx(sum(values) / 2)
     assert d["runs"][0]["curves"]["train:eval/loss"][0][0] == 15  # eval curve against the step
     assert "train:last:train/loss" in d["metrics"]  # what the stage trained to
+    curve = d["runs"][0]["curves"]["train:eval/loss"]  # early stopping read off the curve
+    best = min(curve, key=lambda sv: sv[1])
+    assert d["runs"][0]["metrics"]["train:min:eval/loss"] == best[1]
+    assert d["runs"][0]["metrics"]["train:argmin:eval/loss"] == best[0]
     # a sweep over run.seed becomes the rows' seeds, the other key the rows
     w = json.loads((page.data_dir / "width.00.json").read_text())
     assert w["point"] == {"head.hidden": 16} and w["seeds"] == [3, 4]

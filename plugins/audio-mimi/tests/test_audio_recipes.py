@@ -24,7 +24,9 @@ NAMES = [
     "linear_baseline",
     "stable_generation",
     "d512_fit",
+    "d512_sweep",
     "d512_linear_mlp",
+    "d512_linear_mlp_sweep",
     "stable_linear",
 ]
 TINY_DATA = ["data.synthetic={ dim = 12, speakers = 5, utterances = 2, frames = 70 }"]
