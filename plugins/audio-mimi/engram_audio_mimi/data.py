@@ -158,6 +158,7 @@ class ZdynDataset(Dataset):
             dz_mean=dz64.mean(0).float(),
             dz_log_std=dz64.std(0).clamp_min(1e-6).log().float(),
             dz_max_norm=float(dz64.norm(dim=-1).max()),
+            dz_cov=torch.cov(dz64.T).float(),  # its principal subspace: the vMF head's `subspace`
             min_frames=self.min_frames,
             frame_rate=self.frame_rate,
             n_speakers=len(self.speaker_names),

@@ -222,8 +222,9 @@ class KappaStatsMetric(Metric):
         c = head.components(batch["z"])
         dz = batch["dz"]
         self.log_kappa.append(c["log_kappa"].detach().double().cpu())
-        self.expected += float(vmf_mean_resultant(head.dim, c["kappa"]).sum())
-        self.log_m_err += float((c["mu_log_m"] - dz.norm(dim=-1).clamp_min(1e-12).log()).abs().double().sum())
+        self.expected += float(vmf_mean_resultant(getattr(head, "sphere_dim", head.dim), c["kappa"]).sum())
+        m = head.step_magnitude(dz) if hasattr(head, "step_magnitude") else dz.norm(dim=-1)
+        self.log_m_err += float((c["mu_log_m"] - m.clamp_min(1e-12).log()).abs().double().sum())
         self.n += dz.shape[0]
 
     def compute(self):
