@@ -124,6 +124,7 @@ def attach(model, args, placement: str, device):
         for name, p in block.named_parameters():
             if not name.startswith("table."):
                 p.data = p.data.to(model_dtype)
+        block.hasher.to(device)  # its index tables are built on the host (also under a meta build); add_engram's .to() moves them
     model.add_module("engram", memory)
     HFInjector(model)
     return memory

@@ -200,17 +200,25 @@ def _device_and_host(tmp_path, steps, *overrides):
         assert run_main([str(path), f"memory.placement={json.dumps(placement)}", *overrides, "--quiet"]) == 0
         run, s = _summary(tmp_path, name)
         assert s["status"] == "completed"
-        finals[placement] = (s, torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
+        # on CPU, so the two compare: the host run's table was saved from host memory, the device run's from the GPU
+        finals[placement] = (s, torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")["model"])
     return finals["device"], finals["host"]
 
 
 def test_kv_memorisation_host_placement_is_the_device_run_exactly(tmp_path, monkeypatch):
     """`recipes/kv_memorisation.toml memory.placement=host` (its table group on a row-wise
     optimiser; no gradient clipping, whose norm sums in another order) for 10 memory steps:
-    the same metrics and bit-identical weights as on the device."""
+    the same metrics and bit-identical weights as on the device. On a GPU the device run's
+    embedding backward adds duplicate rows with atomics, in no fixed order, so there the
+    weights agree to rounding."""
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
     (sd, md), (sh, mh) = _device_and_host(tmp_path, 10, "stages.2.grad_clip=0.0")
     assert sh["stages"]["train_engram"]["memory/prefetch_hit_rate"] == 1.0
+    if torch.cuda.is_available():
+        for k in md:
+            torch.testing.assert_close(mh[k], md[k], rtol=1e-4, atol=1e-5)
+        assert sh["final"]["eval/exact_match"] == sd["final"]["eval/exact_match"]
+        return
     assert all(torch.equal(md[k], mh[k]) for k in md), "same parameters after the run"
     drop = TELEMETRY
     assert {k: v for k, v in sh["final"].items() if not k.endswith(drop)} == {k: v for k, v in sd["final"].items() if not k.endswith(drop)}
