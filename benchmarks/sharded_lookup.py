@@ -109,8 +109,10 @@ def worker(args) -> None:
     if world > 1:
         allr = [None] * world
         torch_dist.all_gather_object(allr, mine)
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
+        from engram_core.distributed import leave_process_group
+
+        del tables
+        leave_process_group()  # gc, barrier, leave (its docstring says why)
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(allr))
 

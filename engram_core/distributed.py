@@ -183,20 +183,31 @@ def setup() -> Dist:
 
 
 def teardown(finished: bool = True) -> None:
-    """Leave the process group. After a normal finish, every rank first waits for the others
-    and drops its DDP wrappers: a rank that exits while a peer's gloo threads still talk to
-    it makes that peer abort ("terminate called without an active exception"). After a
-    failure there is no barrier, since the peer may be gone."""
+    """Leave the engine's process group (see `leave_process_group`)."""
     global _current
-    if _current.enabled and torch_dist.is_initialized():
+    if _current.enabled:
+        leave_process_group(finished)
+    from .nn.sharded_rows import forget_process_group
+
+    forget_process_group()
+
+
+def leave_process_group(finished: bool = True) -> None:
+    """Leave the default process group and every group made from it, however it was set up
+    (the engine, or a script's own init_process_group). After a normal finish each rank first
+    drops what still holds the groups (DDP wrappers, sharded tables: `gc.collect()`) and waits
+    for the others: a rank that exits while a peer's gloo threads still talk to it makes that
+    peer abort ("terminate called without an active exception"). After a failure there is no
+    barrier, since the peer may be gone."""
+    from .nn.sharded_rows import forget_process_group
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
         if finished:
             import gc
 
             gc.collect()
             torch_dist.barrier()
         torch_dist.destroy_process_group()
-    from .nn.sharded_rows import forget_process_group
-
     forget_process_group()
     _current = Dist()
 

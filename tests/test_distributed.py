@@ -8,7 +8,6 @@ two ranks (this file run by torchrun).
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -23,7 +22,14 @@ import torch
 import torch.distributed as torch_dist
 
 from engram_core.components import Metric, reduce_states
-from engram_core.distributed import Dist, check_batch_split, micro_batches, slice_batch, wrap_train_step
+from engram_core.distributed import (
+    Dist,
+    check_batch_split,
+    leave_process_group,
+    micro_batches,
+    slice_batch,
+    wrap_train_step,
+)
 from engram_core.errors import RecipeError
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import (
@@ -185,6 +191,7 @@ def _reduce_main(out_file: str) -> None:
     """Under torchrun: each rank updates on its block of batches, then the states are reduced."""
     torch_dist.init_process_group("gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    finished = False
     try:
         dist = Dist(rank, world, rank, "gloo")
         m = Handmade()
@@ -197,10 +204,9 @@ def _reduce_main(out_file: str) -> None:
             with open(out_file, "w") as f:
                 states = {k: sorted(v) if isinstance(v, set) else v for k, v in _states(m).items()}
                 json.dump({"states": states, "note": m.note, "grads": grads}, f)
-        gc.collect()  # drop the DDP wrapper, then wait: see distributed.teardown
-        torch_dist.barrier()
+        finished = True
     finally:
-        torch_dist.destroy_process_group()
+        leave_process_group(finished)  # drop the DDP wrapper, wait, then leave: see its docstring
 
 
 def test_metric_states_reduce_exactly_and_ddp_leaves_self_managed_parameters_alone(tmp_path):

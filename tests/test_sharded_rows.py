@@ -18,6 +18,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
+from engram_core.distributed import leave_process_group
 from engram_core.nn.row_tables import make_row_table
 from engram_core.nn.sharded_rows import RowRange, ShardedEmbedding, clip_grad_norm_, serve_peers
 
@@ -110,6 +111,7 @@ def _state_dict(rank: int, world: int) -> dict:
 def _main(out_file: str) -> None:
     torch_dist.init_process_group("gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    finished = False
     try:
         result = {
             "dense": _compare(False, 0.0, rank, world),
@@ -123,9 +125,9 @@ def _main(out_file: str) -> None:
         if rank == 0:
             with open(out_file, "w") as f:
                 json.dump(results, f)
-        torch_dist.barrier()
+        finished = True
     finally:
-        torch_dist.destroy_process_group()
+        leave_process_group(finished)  # gc, barrier, then leave: see its docstring
 
 
 def test_two_ranks_equal_one_process_table(tmp_path):

@@ -231,8 +231,11 @@ def test_kv_memorisation_host_placement_same_accuracy_with_clipping(tmp_path, mo
     (sd, md), (sh, mh) = _device_and_host(tmp_path, 60)
     assert sd["final"]["eval/exact_match"] > 0, "the memory learnt something, so the comparison says something"
     assert sh["final"]["eval/exact_match"] == sd["final"]["eval/exact_match"]
+    # on an H200 (atomic scatter-add on top of the norm's order) 28 of 65k table values
+    # differed by up to 7.1e-5 after the 60 steps; on the CPU they agree to 1e-5
+    atol = 2e-4 if torch.cuda.is_available() else 1e-5
     for k in md:
-        torch.testing.assert_close(mh[k], md[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mh[k], md[k], rtol=1e-4, atol=atol)
 
 
 def test_kv_memorisation_host_without_rowwise_optimizer_is_one_line(tmp_path, capsys, monkeypatch):

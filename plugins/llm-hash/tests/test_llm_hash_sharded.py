@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engram_core.distributed import leave_process_group
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import final_metrics, max_relative_difference, rank_pids, run_dirs, run_ranks, start_ranks
 
@@ -226,6 +227,7 @@ def _memory_main(out_file: str) -> None:
 
     torch_dist.init_process_group("gloo")
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    finished = False
     try:
         ref = _memory_steps("device", 0, 1)  # the whole batch, one table (every rank computes it)
         got = _memory_steps("sharded", rank, world)
@@ -251,9 +253,9 @@ def _memory_main(out_file: str) -> None:
         torch_dist.all_gather_object(results, worst)
         if rank == 0:
             Path(out_file).write_text(json.dumps(results))
-        torch_dist.barrier()
+        finished = True
     finally:
-        torch_dist.destroy_process_group()
+        leave_process_group(finished)  # gc, barrier, then leave: see its docstring
 
 
 def _owned(name: str, world: int, rank: int, rows: int) -> slice:
