@@ -218,8 +218,11 @@ class VMFMagnitudeHead(Head):
     def raw_outputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unnormalised direction, log κ, μ_m, log σ_m) before the ceilings, coupling and memory."""
         h = self.trunk(z)
+        # this order of the three layers (direction, magnitude, κ) fixes the order in which the
+        # backward sums their gradients into h: the published results were made with it
+        direction = self.direction(h)
         mu_m, log_sigma_m = self.log_m(h).unbind(-1)
-        return self.direction(h), self.log_kappa(h).squeeze(-1), mu_m, log_sigma_m
+        return direction, self.log_kappa(h).squeeze(-1), mu_m, log_sigma_m
 
     def components(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         direction, log_kappa, mu_m, log_sigma_m = self.raw_outputs(z)
