@@ -34,38 +34,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when a test loads this file
+from bench_common import add_lm_args, apply_tiny, write_result  # noqa: E402
+
 TINY = dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=512, batch=2, seq=64, engram_layers=[1, 2],
             memory_size=5000, slot_dim=8, steps=2, warmup=1, decode_batch=2, prompt=8, new_tokens=8, check_tokens=4)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--precision", default="autocast", choices=["autocast", "bf16", "fp32"], help="training precision")
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--engram-layers", type=int, nargs="+", default=[1, 12])
-    p.add_argument("--memory-size", type=int, default=1_000_000, help="rows of each layer's table")
-    p.add_argument("--slot-dim", type=int, default=64)
-    p.add_argument("--heads-per-order", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10, help="timed training steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
-    p.add_argument("--lr", type=float, default=1e-4)
+    add_lm_args(p, memory_size=1_000_000, precisions=("autocast", "bf16", "fp32"), precision_help="training precision")
     p.add_argument("--decode-dtype", default="bf16", choices=["bf16", "fp32"], help="model dtype while decoding")
     p.add_argument("--decode-batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
@@ -78,11 +64,7 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engram_in_lm-<device>.json)")
     args = p.parse_args(argv)
-    if args.tiny:
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or []) if a.startswith("--")}
-        for k, v in TINY.items():
-            if k not in given:
-                setattr(args, k, v)
+    apply_tiny(args, argv, TINY)
     return args
 
 
@@ -258,10 +240,7 @@ def main(argv=None) -> dict:
     decode = "" if base_decode is None else f", decode slowdown {100 * info['decode']['slowdown']:+.1f} %"
     print(f"  train overhead {100 * info['train']['overhead']:+.1f} %{decode}")
     tag = ("-compiled" if args.compile else "") + (f"-{args.kernels}" if args.kernels != "auto" else "") + ("-tiny" if args.tiny else "")
-    out = Path(args.out) if args.out else RESULTS / f"engram_in_lm-{device.type}{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2))
-    print(f"wrote {out}")
+    write_result(info, args.out, f"engram_in_lm-{device.type}{tag}")
     return info
 
 

@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import gc
 import importlib.util
-import json
 import platform
 import resource
 import statistics
@@ -47,7 +46,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))  # bench_common, also when a test loads this file
+from bench_common import add_lm_args, apply_tiny, write_result  # noqa: E402
+
 PARTS = ("base", "device", "host", "host_no_prefetch")
 TINY = dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=512, batch=2, seq=64, engram_layers=[1, 2],
             memory_size=5000, slot_dim=8, heads_per_order=2, steps=3, warmup=1, table_dtype="fp32")
@@ -63,34 +64,14 @@ def _lm_bench():
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--precision", default="autocast", choices=["autocast", "fp32"], help="autocast: fp32 weights, bf16 autocast")
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--engram-layers", type=int, nargs="+", default=[1, 12])
-    p.add_argument("--memory-size", type=int, default=200_000_000, help="rows of each layer's table")
-    p.add_argument("--slot-dim", type=int, default=64)
-    p.add_argument("--heads-per-order", type=int, default=8)
+    add_lm_args(p, memory_size=200_000_000, precisions=("autocast", "fp32"), precision_help="autocast: fp32 weights, bf16 autocast")
     p.add_argument("--table-dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the table rows (both placements)")
     p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "rowwise_adam"])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    p.add_argument("--steps", type=int, default=10, help="timed training steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
-    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tiny", action="store_true", help="a tiny model and table (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engram_offload-<device>.json)")
     args = p.parse_args(argv)
-    if args.tiny:
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
-        for k, v in TINY.items():
-            if k not in given:
-                setattr(args, k, v)
+    apply_tiny(args, argv, TINY)
     return args
 
 
@@ -274,10 +255,7 @@ def main(argv=None) -> dict:
     for k, v in info["overhead"].items():
         if v is not None:
             print(f"  {k}: {100 * v:+.1f} %")
-    out = Path(args.out) if args.out else RESULTS / f"engram_offload-{device.type}{'-tiny' if args.tiny else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2))
-    print(f"wrote {out}")
+    write_result(info, args.out, f"engram_offload-{device.type}{'-tiny' if args.tiny else ''}")
     return info
 
 

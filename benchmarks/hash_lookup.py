@@ -23,7 +23,6 @@ and writes JSON to benchmarks/results/hash_lookup-<device>[-tiny].json (--out to
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -32,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when a test loads this file
+from bench_common import apply_tiny, write_result  # noqa: E402
+
 TINY = dict(tokens=256, batch=2, dim=64, slot_dim=16, heads=4, vocab=1000, sizes="1e3,1e4", iters=3, warmup=1, copy_mib=8)
 
 
@@ -57,11 +58,7 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
-    if args.tiny:
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        for k, v in TINY.items():
-            if k not in given:
-                setattr(args, k, v)
+    apply_tiny(args, argv, TINY)
     return args
 
 
@@ -254,10 +251,7 @@ def main(argv=None) -> dict:
         "kernels_skipped": skipped,
         "copy": copy, "pieces": pieces, "blocks": blocks,
     }
-    out = Path(args.out) if args.out else RESULTS / f"hash_lookup-{device.type}{'-tiny' if args.tiny else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2))
-    print(f"wrote {out}")
+    write_result(info, args.out, f"hash_lookup-{device.type}{'-tiny' if args.tiny else ''}")
     return info
 
 

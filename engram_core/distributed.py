@@ -183,10 +183,11 @@ def setup() -> Dist:
 
 
 def teardown(finished: bool = True) -> None:
-    """Leave the engine's process group (see `leave_process_group`)."""
-    global _current
+    """Leave the engine's process group (see `leave_process_group`); a single process only
+    forgets the sharded tables' lookup group."""
     if _current.enabled:
         leave_process_group(finished)
+        return
     from .nn.sharded_rows import forget_process_group
 
     forget_process_group()
