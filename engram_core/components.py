@@ -388,7 +388,11 @@ def _one_process():
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch onto `device`. A host tensor bound for CUDA goes through pinned
+    memory, so the copy is asynchronous (from pageable memory the host would wait)."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}

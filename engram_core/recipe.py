@@ -59,7 +59,8 @@ class RunConfig:
     precision: str = field(
         "fp32", help="'fp32', 'bf16' (autocast, fp32 weights) or 'fp16' (autocast with a GradScaler)", validator=one_of("fp32", "bf16", "fp16")
     )
-    compile: bool = field(False, help="torch.compile the head and the memory")
+    compile: bool = field(False, help="torch.compile the training forward (objective, head, memory); evaluation stays eager")
+    cuda_graphs: bool = field(False, help="replay each training step as one CUDA graph after 3 eager steps (CUDA, one process)")
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
 
     def __attrs_post_init__(self):
