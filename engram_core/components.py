@@ -94,7 +94,13 @@ def default_cache_dir() -> Path:
 
 
 class Dataset(abc.ABC):
-    """A data set with named splits. Batches are dicts of CPU tensors."""
+    """A data set with named splits. Batches are dicts of CPU tensors.
+
+    Optional protocol (no default here): ``place(device)``, which the engine calls once after
+    building the data set where it is defined, keeps the data on the run's device; `sample`
+    then still draws its indices with the CPU `generator` (same batches on every device,
+    exact resume) and returns tensors on that device (the core `mqar` does this).
+    """
 
     spec: DataSpec
     splits: tuple[str, ...] = ("train", "eval")
