@@ -51,8 +51,7 @@ RECIPE = """
 name = "zoo_gpu"
 seed = {seed}
 device = "cuda"
-compile = {compile}
-cuda_graphs = {graphs}
+compile = {compile}{graphs}
 [data]
 type = "mqar"
 n_pairs = {n_pairs}
@@ -186,7 +185,8 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0) -> dict:
 def engine_run(mode: str, steps: int, log_every: int, out: Path, seed: int = 0, extra_env: dict | None = None,
                threads: str | None = None) -> subprocess.Popen:
     recipe = out / f"zoo_{mode.replace('+', '_')}_{seed}_{time.time_ns()}.toml"
-    recipe.write_text(RECIPE.format(seed=seed, compile=str("compiled" in mode).lower(), graphs=str("graphed" in mode).lower(),
+    graphs = "\ncuda_graphs = true" if "graphed" in mode else ""  # absent when off: the script also times older commits
+    recipe.write_text(RECIPE.format(seed=seed, compile=str("compiled" in mode).lower(), graphs=graphs,
                                     steps=steps, warmup=max(1, steps // 10), log_every=log_every, **SETTING))
     env = dict(os.environ, **(extra_env or {}))
     if threads is None:
@@ -235,7 +235,7 @@ def compare(args, tmp: Path) -> dict:
         hand, engine = [], []
         for r in range(args.repeats):
             order = ("hand", "engine") if r % 2 == 0 else ("engine", "hand")
-            for who in order:
+            for who in [w for w in order if w in args.sides]:
                 if who == "hand":
                     res = run_hand_subprocess(mode, args.steps, args.log_every)
                     hand.append(res)
@@ -243,9 +243,10 @@ def compare(args, tmp: Path) -> dict:
                     res = engine_result(engine_run(mode, args.steps, args.log_every, tmp))
                     engine.append(res)
                 print(f"  {mode:17s} {who:6s} {steady(res['windows'], args.skip):8.1f} steps/s", flush=True)
-        h = statistics.median(steady(x["windows"], args.skip) for x in hand)
-        e = statistics.median(steady(x["windows"], args.skip) for x in engine)
-        table[mode] = {"hand_steps_per_s": round(h, 1), "engine_steps_per_s": round(e, 1), "engine_vs_hand": round(e / h, 3),
+        h = statistics.median(steady(x["windows"], args.skip) for x in hand) if hand else float("nan")
+        e = statistics.median(steady(x["windows"], args.skip) for x in engine) if engine else float("nan")
+        table[mode] = {"hand_steps_per_s": round(h, 1) if hand else None, "engine_steps_per_s": round(e, 1) if engine else None,
+                       "engine_vs_hand": round(e / h, 3) if hand and engine else None,
                        "hand_runs": hand, "engine_runs": engine}
         print(f"{mode:17s} hand {h:7.1f}  engine {e:7.1f}  engine/hand {e / h:.3f}", flush=True)
     return table
@@ -297,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip", type=int, default=2, help="log windows dropped at the start of each run")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    p.add_argument("--sides", nargs="+", default=["hand", "engine"], choices=["hand", "engine"],
+                   help="what to time per mode (engine alone: an older commit's engine on PYTHONPATH)")
     p.add_argument("--concurrent", type=int, nargs="*", default=[])
     p.add_argument("--concurrent-mode", default="eager", choices=MODES)
     p.add_argument("--concurrent-steps", type=int, default=1500)
