@@ -92,6 +92,10 @@ class CapturedStep:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
             raise GraphCaptureError(f"{self.where}: run.cuda_graphs could not record the training step "
                                     f"({type(exc).__name__}: {first}); set run.cuda_graphs = false") from None
+        frozen = [k for k, v in self.outputs.items() if not isinstance(v, torch.Tensor)]
+        if frozen:  # computed in Python at capture time: a replay would log the same number forever
+            raise GraphCaptureError(f"{self.where}: run.cuda_graphs: the objective returns term '{frozen[0]}' as a Python number, "
+                                    f"which a replayed step cannot update; return it as a tensor, or set run.cuda_graphs = false")
         self.graph = graph
         graph.replay()
         return self.outputs
