@@ -113,3 +113,13 @@ def test_placed_data_lives_on_the_device_and_masks_stay_one_row():
     assert ds._splits["train"]["write_mask"].stride(0) == 0  # not materialised per sequence
     batch = ds.sample("train", 8, torch.Generator().manual_seed(0))
     assert all(v.device.type == "meta" and v.shape == (8, 24) for v in batch.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_on_cuda_are_the_cpu_batches():
+    cfg = MQARConfig(n_pairs=3, seq_len=24, vocab_size=32, n_train=40, n_eval=12)
+    before = _batches(MQARDataset(cfg))
+    placed = MQARDataset(cfg)
+    placed.place("cuda")
+    for a, b in zip(before, _batches(placed)):
+        assert all(b[k].is_cuda and torch.equal(a[k], b[k].cpu()) for k in a)

@@ -247,3 +247,50 @@ def test_a_read_before_a_write_is_still_refused_through_scored_logits():
     batch["write_mask"][1, 15] = 1
     with pytest.raises(ValueError, match="batch item 1 writes at position 15 but reads from position 8"):
         _model(SumTrace, "trace").head.scored_logits(batch)
+
+
+# ---- on a GPU (skipped without CUDA) -----------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("memory_cls,point", POINTS)
+def test_on_cuda_the_scored_loss_and_gradients_equal_the_full_computation(memory_cls, point):
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    model = _model(memory_cls, point).cuda()
+    full, _ = _full_loss(model, batch)
+    full.backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss, _ = TokenLMObjective(TokenLMConfig(), None)(model, batch)
+    loss.backward()
+    assert torch.allclose(loss, full, rtol=1e-5, atol=1e-6)
+    for name, grad in _grads(model).items():
+        assert torch.allclose(grad, expected[name], rtol=1e-4, atol=1e-6), name
+
+
+@cuda
+@pytest.mark.parametrize("memory_cls,point", POINTS)
+def test_on_cuda_sampling_and_the_objective_wait_for_nothing_after_the_first_batch(memory_cls, point):
+    """With the data on the device and a declared bound, drawing a batch and computing the
+    loss and its terms never make the host wait (sync debug mode raises on any wait). The
+    backward is not checked: it is torch's own kernels (embedding backward may count on the host)."""
+    from engram_core.builtin.mqar import MQARConfig, MQARDataset
+
+    cfg = MQARConfig(n_pairs=4, seq_len=LENGTH, vocab_size=VOCAB, n_train=256, n_eval=32)
+    data = MQARDataset(cfg)
+    data.place(torch.device("cuda"))
+    model = _model(memory_cls, point, max_scored=cfg.n_pairs).cuda()
+    objective = TokenLMObjective(TokenLMConfig(), None)
+    g = torch.Generator().manual_seed(0)
+    loss, _ = objective(model, data.sample("train", 16, g))  # the first training batch runs the host-side checks
+    loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            loss, terms = objective(model, data.sample("train", 16, g))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and 0.0 <= float(terms["token_acc"]) <= 1.0
