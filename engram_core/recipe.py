@@ -61,6 +61,7 @@ class RunConfig:
     )
     compile: bool = field(False, help="torch.compile the head and the memory")
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
+    threads: int = field(0, help="CPU threads (torch intra-op) of this run; 0 = auto: the cores shared out between the engram runs of the machine (OMP_NUM_THREADS, when set, wins over auto)", validator=non_negative)
 
     def __attrs_post_init__(self):
         d = self.device
