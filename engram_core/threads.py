@@ -49,6 +49,7 @@ class _State:
         self.fixed: int | None = None
         self.cap: int | None = None  # torch's own count, read before this module first changes it
         self.last_scan = 0.0
+        self.unregisters_at_exit = False
 
 
 _state = _State()
@@ -110,7 +111,7 @@ def _owned_by_me(folder: Path) -> bool:
 def register() -> Path | None:
     """Write this process's file (once per process id); None where the folder is unusable."""
     pid = os.getpid()
-    if _state.registered_pid == pid:
+    if _state.registered is not None and _state.registered_pid == pid:
         return _state.registered
     _state.registered, _state.registered_pid = None, pid  # a forked child registers itself anew
     folder = registry_dir()
@@ -123,7 +124,9 @@ def register() -> Path | None:
     except OSError:
         return None
     _state.registered = path
-    atexit.register(unregister)
+    if not _state.unregisters_at_exit:
+        atexit.register(unregister)
+        _state.unregisters_at_exit = True
     return path
 
 
