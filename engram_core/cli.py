@@ -158,12 +158,24 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     import signal
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    import os
+
+    from .threads import AUTO_ENV, child_env
+
+    shared = child_env(nproc)  # the ranks share the cores (engram_core.threads), not torchrun's 1 thread each
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", AUTO_ENV)}
+    os.environ.update({k: shared[k] for k in saved_env if k in shared})
     try:
         return _run_torchrun(run, targs, ChildFailedError, nproc)
     finally:
         for sig, handler in saved.items():
             if handler is not None:
                 signal.signal(sig, handler)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_torchrun(run, targs, ChildFailedError, nproc: int) -> int:

@@ -187,3 +187,22 @@ def test_ctrl_c_interrupts_every_point_and_leaves_a_resumable_sweep(tmp_path):
     assert [row["status"] for row in rows] == ["interrupted", "interrupted"]
     assert f"engram-run --resume {sweep} --jobs 2" in stdout
     assert threads.live_processes() == 1  # the points ended (their registrations are gone or dead)
+
+
+def test_resume_with_jobs_runs_only_the_unfinished_points(tmp_path):
+    import shutil
+
+    out = tmp_path / "runs"
+    assert run_cli(sweep_recipe(tmp_path), "--out", out, "--quiet").returncode == 0
+    sweep = only_sweep(out)
+    done = (sweep / "000" / "summary.json").read_text()
+    completed = json.loads((sweep / "001" / "summary.json").read_text())
+    (sweep / "001" / "summary.json").unlink()  # as if killed before the point finished
+    shutil.rmtree(sweep / "001" / "checkpoints")
+    r = run_cli("--resume", sweep, "--quiet", "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "1 of 2 points to run" in r.stdout
+    assert (sweep / "000" / "summary.json").read_text() == done  # untouched
+    again = json.loads((sweep / "001" / "summary.json").read_text())
+    assert again["status"] == "completed" and again["final"] == completed["final"]
+    assert (sweep / "sweep.csv").read_text().count(",completed,") == 2
