@@ -195,14 +195,15 @@ def _run_points_at_once(recipe: Recipe, sweep_dir: Path, plan: list[dict], conso
     CPU threads; one line per point as it ends; the tables rewritten after each. Returns the
     number of failed points. Ctrl-C (or SIGTERM / SIGHUP) interrupts every running point."""
     queue = [e for e in plan if not point_done(sweep_dir / e["dir"])]
-    env = threads.child_env(jobs)
-    console.print(f"{len(queue)} of {len(plan)} points to run, {jobs} at a time ({_threads_note(recipe, env)})", markup=False)
+    at_once, total = max(1, min(jobs, len(queue))), len(queue)
+    env = threads.child_env(at_once)  # the threads are shared between the points that run together
+    console.print(f"{total} of {len(plan)} points to run, {at_once} at a time ({_threads_note(recipe, env)})", markup=False)
     running: dict[subprocess.Popen, tuple[dict, Any, float]] = {}
     failures = finished = 0
     with _signals_interrupt():
         try:
             while queue or running:
-                while queue and len(running) < jobs:
+                while queue and len(running) < at_once:
                     entry = queue.pop(0)
                     log = tempfile.TemporaryFile()  # the point's console output, shown only if it crashed
                     proc = subprocess.Popen(point_command(sweep_dir, entry["index"], device), env=env, stdout=log,
@@ -213,7 +214,7 @@ def _run_points_at_once(recipe: Recipe, sweep_dir: Path, plan: list[dict], conso
                     entry, log, t0 = running.pop(proc)
                     finished += 1
                     ok = _report_point(recipe, sweep_dir, entry, proc.returncode, _read_log(log), time.monotonic() - t0,
-                                       f"{finished}/{len(plan)}", console)
+                                       f"{finished}/{total}", console)
                     failures += not ok
                     write_sweep_tables(sweep_dir, plan)
         except KeyboardInterrupt:

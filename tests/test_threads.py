@@ -153,3 +153,21 @@ def test_a_run_registers_while_it_runs_and_takes_its_recipe_threads(tmp_path, pr
     env = next((tmp_path / "runs").rglob("env.json")).read_text()
     assert '"torch_threads": 2' in env
 
+
+
+def test_the_results_pipeline_shares_threads_between_gpu_runs_and_keeps_cpu_runs_at_one(tmp_path, monkeypatch):
+    from engram_core import results
+
+    monkeypatch.setattr(threads, "cpu_count", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the caller's own setting
+    gpu = results._job_env(tmp_path, on_cuda=True, jobs=4)
+    cpu = results._job_env(tmp_path, on_cuda=False, jobs=4)
+    assert gpu["OMP_NUM_THREADS"] == "8" and threads.AUTO_ENV not in gpu  # the user's count is kept for GPU runs
+    assert cpu["OMP_NUM_THREADS"] == cpu["MKL_NUM_THREADS"] == "1"  # as the published CPU rows were made
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    gpu = results._job_env(tmp_path, on_cuda=True, jobs=4)
+    assert gpu["OMP_NUM_THREADS"] == "4" and gpu[threads.AUTO_ENV] == "1" and gpu["ENGRAM_CACHE"] == str(tmp_path)
+    alone = results._job_env(tmp_path, on_cuda=False, jobs=1)
+    assert "OMP_NUM_THREADS" not in alone  # one run at a time: the run shares the cores itself
+    assert results._on_cuda("cuda:1") and not results._on_cuda("cpu")
+    assert results._on_cuda("auto") == torch.cuda.is_available()
