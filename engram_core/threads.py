@@ -67,13 +67,13 @@ def cpu_count() -> int:
 
 
 def registry_dir() -> Path:
-    """`$ENGRAM_RUNTIME_DIR/procs`, else `$XDG_RUNTIME_DIR/engram/procs` (per login, in memory),
-    else `<tmp>/engram-<uid>/procs`."""
+    """`$ENGRAM_RUNTIME_DIR/procs`, else `<tmp>/engram-<uid>/procs`.
+
+    Not `$XDG_RUNTIME_DIR`: a run started from cron or a service has none, so it would not
+    see the runs started from a shell, and systemd deletes it at the user's last logout,
+    under the `nohup` runs still going."""
     if os.environ.get(RUNTIME_DIR_ENV):
         return Path(os.environ[RUNTIME_DIR_ENV]) / "procs"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return Path(xdg) / "engram" / "procs"
     user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
     return Path(tempfile.gettempdir()) / f"engram-{user}" / "procs"
 
