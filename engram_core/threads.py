@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-RUNTIME_DIR_ENV = "ENGRAM_RUNTIME_DIR"  # where the registry lives (tests, or a shared scratch folder)
+RUNTIME_DIR_ENV = "ENGRAM_RUNTIME_DIR"  # where the registry lives (tests; any folder of this host)
 AUTO_ENV = "ENGRAM_THREADS_AUTO"  # "1": OMP_NUM_THREADS is a launcher's starting share, not the user's choice
 REBALANCE_INTERVAL_S = 2.0  # the registry is read at most this often by `rebalance`
 
@@ -83,9 +83,9 @@ def _start_time(pid: int) -> str:
     where /proc cannot say: with it a recycled process id is not taken for a live run."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return stat.rsplit(")", 1)[-1].split()[19]  # fields after the command name start at field 3
+    except (OSError, IndexError):
         return ""
-    return stat.rsplit(")", 1)[-1].split()[19]  # fields after the command name start at field 3
 
 
 def _alive(pid: int, started: str) -> bool:
@@ -155,7 +155,7 @@ def live_processes() -> int:
             continue
         try:
             started = entry.read_text().strip()
-        except OSError:  # removed by its process meanwhile
+        except (OSError, ValueError):  # removed by its process meanwhile, or not one of ours
             continue
         if _alive(int(entry.name), started):
             count += 1
