@@ -155,13 +155,12 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     # torchrun's agent replaces this process's signal handlers (and leaves SIGINT ignored
     # after it returns): a caller that runs on in this process (a notebook, a test session)
     # would then start children that ignore Ctrl-C. Put them back afterwards.
-    import signal
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     import os
+    import signal
 
     from .threads import AUTO_ENV, child_env
 
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     shared = child_env(nproc)  # the ranks share the cores (engram_core.threads), not torchrun's 1 thread each
     saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", AUTO_ENV)}
     os.environ.update({k: shared[k] for k in saved_env if k in shared})
