@@ -130,20 +130,23 @@ def _run_point(recipe: Recipe, sweep_dir: Path, entry: dict, n_points: int, cons
         point_dir.mkdir(exist_ok=True)
     sub = point_recipe(recipe, entry["point"])
     console.rule(f"sweep point {entry['index'] + 1}/{n_points}: {entry['label']}")
-    hp = {k: value_label(v) if isinstance(v, dict) else v for k, v in entry["point"].items()}
+    hp = _point_hparams(entry)
     try:
         _run_one(sub, point_dir, console, quiet, resume=resume, hparams=hp, device=device)
-    except KeyboardInterrupt:
-        raise
     except Exception as exc:  # one point failing does not stop the others; its row says so
         line = str(exc).splitlines()[0] if isinstance(exc, EngramError) else f"{type(exc).__name__}: {exc}"
-        console.print(f"{FAILED_PREFIX}{entry['label']} failed: {line}", markup=False, soft_wrap=True)
+        console.print(_failed_line(entry["label"], line), markup=False, soft_wrap=True)
         record_failed_point(point_dir, sub, hp, exc, line)
         return "failed"
     return "completed"
 
 
-FAILED_PREFIX = "point "  # "point <label> failed: <one line>", the line a failed point prints
+def _point_hparams(entry: dict) -> dict:
+    return {k: value_label(v) if isinstance(v, dict) else v for k, v in entry["point"].items()}
+
+
+def _failed_line(label: str, line: str) -> str:
+    return f"point {label} failed: {line}"
 
 
 # ---- several points at once (`engram-run --jobs N`) ---------------------------------------------
@@ -242,7 +245,7 @@ def _report_point(recipe: Recipe, sweep_dir: Path, entry: dict, returncode: int,
     if returncode == 0:
         console.print(f"point {entry['label']} completed in {seconds:.0f} s ({count} ended)", markup=False, soft_wrap=True)
         return True
-    prefix = f"{FAILED_PREFIX}{entry['label']} failed: "
+    prefix = _failed_line(entry["label"], "")
     said = [line for line in output.splitlines() if line.startswith(prefix)]
     if said:  # the point recorded its failure and printed the sequential loop's line
         console.print(said[-1], markup=False, soft_wrap=True)
@@ -254,10 +257,8 @@ def _report_point(recipe: Recipe, sweep_dir: Path, entry: dict, returncode: int,
     if not errors:  # a crash: its last words, since nothing else kept them
         tail = output.rstrip().splitlines()[-10:]
         console.print("\n".join(f"  | {t}" for t in tail), markup=False, highlight=False, soft_wrap=True)
-    sub = point_recipe(recipe, entry["point"])
-    hp = {k: value_label(v) if isinstance(v, dict) else v for k, v in entry["point"].items()}
     point_dir.mkdir(exist_ok=True)
-    record_failed_point(point_dir, sub, hp, RuntimeError(line), line)
+    record_failed_point(point_dir, point_recipe(recipe, entry["point"]), _point_hparams(entry), RuntimeError(line), line)
     return False
 
 
