@@ -6,7 +6,7 @@ other. Here every run registers itself in a per-user folder (one file per proces
 and takes ``cores // live runs`` threads; `rebalance` re-reads the folder, so runs that
 start later shrink the earlier ones and runs that end give their cores back.
 
-What wins, first to last (docs/decisions.md, "CPU threads"):
+What wins, first to last (docs/decisions.md, "CPU threads and sweeps at once"):
 
 1. `run.threads = N` in the recipe (N > 0);
 2. `OMP_NUM_THREADS` in the environment, set by the user;
