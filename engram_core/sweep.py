@@ -155,11 +155,12 @@ POINT_FLAG = "--sweep-point"  # `python -m engram_core.run --sweep-point SWEEP_D
 STOP_GRACE_S = 30.0  # after Ctrl-C, how long interrupted points get to write their summary before SIGKILL
 
 
-def point_command(sweep_dir: Path, index: int, device: str | None) -> list[str]:
-    """The point's process; it is given this command line too, so its env.json names the
-    command the user typed, as a point of a sequential sweep does."""
+def point_command(sweep_dir: Path, index: int, device: str | None, recipe_file: str) -> list[str]:
+    """The point's process. It is given the recipe's file and this command line too, so its
+    errors name the file the user wrote and its env.json the command the user typed, as a
+    point of a sequential sweep does."""
     return [sys.executable, "-m", "engram_core.run", POINT_FLAG, str(sweep_dir), str(index),
-            *(["--device", device] if device else []), "--argv", json.dumps(sys.argv)]
+            *(["--device", device] if device else []), "--file", recipe_file, "--argv", json.dumps(sys.argv)]
 
 
 def point_main(argv: list[str]) -> int:
@@ -174,6 +175,7 @@ def point_main(argv: list[str]) -> int:
     p.add_argument("sweep_dir")
     p.add_argument("index", type=int)
     p.add_argument("--device")
+    p.add_argument("--file", help="the recipe file the sweep was started from (what errors name)")
     p.add_argument("--argv", help="the launching command line, as JSON (what env.json records)")
     args = p.parse_args(argv)
     if args.argv:
@@ -182,6 +184,7 @@ def point_main(argv: list[str]) -> int:
     console = Console(highlight=False)
     try:
         recipe = load_recipe(sweep_dir / "recipe.toml")
+        recipe.file = args.file or recipe.file
         plan = json.loads((sweep_dir / SWEEP_FILE).read_text())["points"]
         status = _run_point(recipe, sweep_dir, plan[args.index], len(plan), console, True, args.device)
     except EngramError as exc:
@@ -209,7 +212,7 @@ def _run_points_at_once(recipe: Recipe, sweep_dir: Path, plan: list[dict], conso
                 while queue and len(running) < at_once:
                     entry = queue.pop(0)
                     log = tempfile.TemporaryFile()  # the point's console output, shown only if it crashed
-                    proc = subprocess.Popen(point_command(sweep_dir, entry["index"], device), env=env, stdout=log,
+                    proc = subprocess.Popen(point_command(sweep_dir, entry["index"], device, str(recipe.file)), env=env, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **_own_process_group())
                     running[proc] = (entry, log, time.monotonic())
                 time.sleep(0.05)

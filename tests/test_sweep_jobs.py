@@ -37,13 +37,13 @@ def one_thread_and_a_private_registry(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_PLUGINS", "")  # core components only, in the points' processes too
 
 
-def sweep_recipe(tmp_path: Path, lrs=("1e-3", "3e-3"), steps: int = 20) -> Path:
+def sweep_recipe(tmp_path: Path, lrs=("1e-3", "3e-3"), steps: int = 20, sweep: str | None = None) -> Path:
     text = (ROOT / "recipes" / "minimal.toml").read_text()
     for old, new in (("steps = 600", f"steps = {steps}"), ("batch_size = 128", "batch_size = 16"), ("eval_every = 200", "eval_every = 10"),
                      ("checkpoint_every = 200", "checkpoint_every = 10"), ("warmup_steps = 50", "warmup_steps = 5")):
         text = text.replace(old, new)
     p = tmp_path / "sweep.toml"
-    p.write_text(text + f'\n[sweep]\n"stages.0.lr" = [{", ".join(lrs)}]\n')
+    p.write_text(text + "\n[sweep]\n" + (sweep or f'"stages.0.lr" = [{", ".join(lrs)}]') + "\n")
     return p
 
 
@@ -119,19 +119,25 @@ def test_jobs_2_writes_what_a_sequential_sweep_writes(tmp_path):
     assert "2 at a time (OMP_NUM_THREADS=1 each, as set)" in r2.stdout
 
 
-def test_a_failed_point_is_reported_as_the_sequential_sweep_reports_it(tmp_path):
-    p = sweep_recipe(tmp_path, lrs=("1e-3", "1e30"))  # the second point's loss is not finite at once
+@pytest.mark.parametrize("sweep, label, status", [
+    ('"stages.0.lr" = [1e-3, 1e30]', "stages.0.lr=1e+30", "nonfinite"),  # the loss is not finite at once
+    ('"stages.0.train" = [["*"], ["nothing*"]]', "stages.0.train=['nothing*']", "failed"),  # an error naming the recipe file
+])
+def test_a_failed_point_is_reported_as_the_sequential_sweep_reports_it(tmp_path, sweep, label, status):
+    p = sweep_recipe(tmp_path, sweep=sweep)
     seq, par = tmp_path / "seq", tmp_path / "par"
     r1 = run_cli(p, "--out", seq, "--quiet")
     r2 = run_cli(p, "--out", par, "--quiet", "--jobs", "2")
     assert r1.returncode == r2.returncode == 1
-    failed = [[line for line in r.stdout.splitlines() if line.startswith("point stages.0.lr=1e+30 failed: ")] for r in (r1, r2)]
+    failed = [[line for line in r.stdout.splitlines() if line.startswith(f"point {label} failed: ")] for r in (r1, r2)]
     assert len(failed[0]) == len(failed[1]) == 1
+    if status == "failed":
+        assert failed[1][0].startswith(f"point {label} failed: {p}: stages.0.train.0: pattern 'nothing*' matches no parameter")
     a, b = only_sweep(seq), only_sweep(par)
     assert failed[0][0].replace(str(a), "SWEEP") == failed[1][0].replace(str(b), "SWEEP")
     rows = [(d / "sweep.csv").read_text().replace(str(d), "SWEEP") for d in (a, b)]
     assert rows[0] == rows[1]
-    assert [row["status"] for row in csv.DictReader((b / "sweep.csv").open())] == ["completed", "nonfinite"]
+    assert [row["status"] for row in csv.DictReader((b / "sweep.csv").open())] == ["completed", status]
     assert "1 of 2 points failed" in r2.stdout
 
 
