@@ -62,6 +62,7 @@ class RunConfig:
     compile: bool = field(False, help="torch.compile the training forward (objective, head, memory); evaluation stays eager")
     cuda_graphs: bool = field(False, help="replay each training step as one CUDA graph after 3 eager steps (CUDA, one process)")
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
+    threads: int = field(0, help="CPU threads (torch intra-op) of this run; 0 = auto: the cores shared out between the engram runs of the machine (OMP_NUM_THREADS, when set, wins over auto)", validator=non_negative)
 
     def __attrs_post_init__(self):
         d = self.device

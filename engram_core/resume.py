@@ -22,6 +22,7 @@ from .rundir import atomic_write_text, load_checkpoint
 RESUMABLE = (
     "run.device",
     "run.precision",
+    "run.threads",
     "stages.*.steps",
     "stages.*.lr",
     "stages.*.weight_decay",
