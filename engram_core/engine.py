@@ -19,7 +19,7 @@ import attrs
 import numpy as np
 import torch
 
-from . import distributed, sharded_state
+from . import distributed, sharded_state, threads
 from .accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
@@ -607,6 +607,7 @@ class Engine:
         if run.count_tokens is not None:
             self.logger.scalar("throughput/tokens_per_s", run.tokens_since / dt, self.step)
         self.progress.update(done, means["loss"])
+        threads.rebalance()  # runs started or ended since: this run's share of the cores (engram_core.threads)
         run.tokens_since, run.t_log = 0, now
 
     def _rank_means(self, means: dict[str, float]) -> dict[str, float]:
