@@ -319,17 +319,13 @@ def main(argv=None) -> int:
     info = {"setting": SETTING, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
             "device": torch.cuda.get_device_name(0), "cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None}
+    parts = [("modes", compare, bool(args.modes)), ("concurrent", concurrency, bool(args.concurrent)),
+             ("full_run", full_run, args.full_run), ("rollout_vmf", rollout, args.rollout)]
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        if args.modes:
-            info["modes"] = compare(args, tmp)
-        if args.concurrent:
-            info["concurrent"] = concurrency(args, tmp)
-        if args.full_run:
-            info["full_run"] = full_run(args, tmp)
-        if args.rollout:
-            info["rollout_vmf"] = rollout(args, tmp)
-    write_result(info, args.out, "engine_gpu-cuda")
+        for key, measure, wanted in parts:
+            if wanted:
+                info[key] = measure(args, Path(d))
+                write_result(info, args.out, "engine_gpu-cuda")  # after each part: a later failure keeps the earlier ones
     return 0
 
 

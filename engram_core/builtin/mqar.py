@@ -13,9 +13,11 @@ query_spacing  'random' (every slot of the query region equally likely), 'power'
 
 Batches (completion format, the one the core `causal_backbone` reads): ``input_ids``
 (B, L); ``labels`` (B, L), the token at each scored position, -100 elsewhere (position t
-predicts labels[t + 1]); ``attention_mask``; ``write_mask`` the context region;
-``read_mask`` the query region (memories are written from the context, read in the
-queries). The train and eval splits are generated from different seeds of `seed`.
+predicts labels[t + 1]); ``write_mask`` the context region; ``read_mask`` the query
+region (memories are written from the context, read in the queries). No
+``attention_mask``: a sequence is never padded, and without one the attention needs no
+per-sequence mask (on a GPU a (B, 1, L, L) mask costs more than the rest of the block).
+The train and eval splits are generated from different seeds of `seed`.
 """
 
 from __future__ import annotations
@@ -110,8 +112,7 @@ def generate_mqar(cfg: MQARConfig, n: int, seed: int) -> dict[str, torch.Tensor]
     labels = torch.full_like(ids, -100)
     labels.scatter_(1, q_pos + 1, ids.gather(1, q_pos + 1))
     write = (torch.arange(L) < 2 * N).long()[None]
-    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones(1, L, dtype=torch.long).expand(n, L),
-            "write_mask": write.expand(n, L), "read_mask": (1 - write).expand(n, L)}
+    return {"input_ids": ids, "labels": labels, "write_mask": write.expand(n, L), "read_mask": (1 - write).expand(n, L)}
 
 
 def pack(data: dict[str, torch.Tensor], cfg: MQARConfig) -> dict[str, torch.Tensor]:
@@ -128,7 +129,6 @@ def unpack(stored: dict[str, torch.Tensor], cfg: MQARConfig) -> dict[str, torch.
     n, L = ids.shape
     write = (torch.arange(L) < 2 * cfg.n_pairs).long()[None]
     return {"input_ids": ids, "labels": torch.where(stored["scored"], ids, -100),
-            "attention_mask": torch.ones(1, L, dtype=torch.long).expand(n, L),
             "write_mask": write.expand(n, L), "read_mask": (1 - write).expand(n, L)}
 
 
