@@ -277,7 +277,7 @@ def full_run(args, tmp: Path) -> dict:
 
 def rollout(args, tmp: Path) -> dict:
     out = {}
-    for r in range(args.repeats):
+    for r in range(args.rollout_repeats):
         for dev in (("cuda", "cpu") if r % 2 == 0 else ("cpu", "cuda")):
             env = dict(os.environ, OMP_NUM_THREADS="1") if dev == "cpu" else dict(os.environ)
             t = time.perf_counter()
@@ -306,6 +306,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-run", action="store_true")
     p.add_argument("--full-mode", default="graphed", choices=MODES)
     p.add_argument("--rollout", action="store_true")
+    p.add_argument("--rollout-repeats", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_gpu-cuda.json)")
     args = p.parse_args(argv)
     if args.hand:
