@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .config import (
 from .errors import ConfigError, RecipeError, did_you_mean
 from .registry import KIND_SINGULAR, Component, Registry, load_registry
 
+MAX_SWEEP_POINTS = 10_000  # every point is built and checked before the first runs
 SECTIONS = ("run", "data", "head", "memory", "stages", "metrics", "sweep")
 OPTIONAL_TABLES = ("memory",)
 NONE_WORD = "none"
@@ -516,6 +518,11 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
             problems.append((f"sweep.{key}", "expected a non-empty list of values"))
         if key.split(".")[0] == "sweep":
             problems.append((f"sweep.{key}", "a sweep cannot sweep itself"))
+    sizes = {k: len(v) for k, v in sweep.items() if isinstance(v, list)}
+    if math.prod(sizes.values()) > MAX_SWEEP_POINTS:  # said at once, before each point is built and checked
+        shown = " x ".join(f"{n} ({k})" for k, n in sizes.items())
+        problems.append(("sweep", f"a grid of {math.prod(sizes.values()):,} points ({shown}) is more than {MAX_SWEEP_POINTS:,}; "
+                                  "sweep fewer values, or split it into several recipes"))
 
     if not problems:
         problems.extend(_check_stage_references(stages, metrics, memory))

@@ -108,6 +108,11 @@ def check_loggers(names, registry) -> list[LoggerEntry]:
         if missing:
             problems.append((f"run.loggers.{i}", f"logger '{name}' needs the {', '.join(missing)} package: pip install '{entry.install or missing[0]}'"))
             continue
+        precheck = getattr(entry.factory, "precheck", None)  # e.g. credentials, before any run folder exists
+        problem = precheck() if callable(precheck) else None
+        if problem:
+            problems.append((f"run.loggers.{i}", problem))
+            continue
         chosen.append(entry)
     if problems:
         raise RecipeError(problems)
