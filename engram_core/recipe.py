@@ -87,22 +87,24 @@ class RunConfig:
             raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {d!r}{hint}")
 
 
-# Past this an optimiser's float32 arithmetic overflows (a traceback at step 1, not a
-# diverged loss); no optimiser setting in use comes near it.
-MAX_RATE = 1e6
+# Past these an optimiser's float32 arithmetic overflows (a traceback at step 1, not a
+# diverged loss): lr / (1 - beta1) and lr * weight_decay must stay below float32's 3.4e38.
+# No setting in use comes near them; a huge lr that diverges is still the user's to try.
+MAX_LR = 1e30
+MAX_WEIGHT_DECAY = 1e6
 
 
-def _rate(what: str, check):
+def _rate(what: str, bound: float, check):
     def validator(inst, attribute, value):
         check(inst, attribute, value)
-        if value is not None and value > MAX_RATE:
-            raise ConfigError(attribute.name, f"must be <= {MAX_RATE:g}, got {value!r} (a {what} that large overflows the "
+        if value is not None and value > bound:
+            raise ConfigError(attribute.name, f"must be <= {bound:g}, got {value!r} (a {what} that large overflows the "
                                               "optimiser's float32 arithmetic; typical values are 1e-5 to 1e-1)")
     return validator
 
 
-learning_rate = _rate("learning rate", finite_positive)
-decay_rate = _rate("weight decay", finite_non_negative)
+learning_rate = _rate("learning rate", MAX_LR, finite_positive)
+decay_rate = _rate("weight decay", MAX_WEIGHT_DECAY, finite_non_negative)
 
 
 @attrs.frozen
@@ -124,7 +126,7 @@ class TrainStage:
     optimizer: str = field(
         "adamw", help="'adamw', 'adam', 'sgd', 'sparse_adam', 'rowwise_adagrad', 'rowwise_adam' or a plugin's (engram_core.optim)"
     )
-    lr: float = field(1e-3, help="peak learning rate (finite, > 0, <= 1e6)", validator=learning_rate)
+    lr: float = field(1e-3, help="peak learning rate (finite, > 0, <= 1e30)", validator=learning_rate)
     weight_decay: float = field(0.0, help="weight decay (finite, >= 0, <= 1e6)", validator=decay_rate)
     betas: tuple[float, float] = field((0.9, 0.999), help="Adam betas: two values in [0, 1)", validator=adam_betas)
     momentum: float = field(0.0, help="SGD momentum, in [0, 1]", validator=in_range(0.0, 1.0))
