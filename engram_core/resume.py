@@ -118,21 +118,30 @@ def check_checkpoint_fits(run_dir: Path, engine, recipe) -> None:
         raise RecipeError([("stages", f"the checkpoint is in stage {state['stage_index']}, but the recipe has "
                                       f"{len(recipe.stages)} stages: {fix}")], file)
     sharded = {f"{n}.weight" for n in (state.get("sharded_tables") or {}).get("tables", ())}
-    problems = _state_problems("", state["model"], engine.model.state_dict(), sharded)
+    problems = _state_problems("", state["model"], engine.model, sharded)
     for i, objective in engine.objectives.items():
         saved = state.get("objectives", {}).get(str(i))
         if saved is not None:
-            problems += _state_problems(f"objective.{i}.", saved, objective.state_dict(), set())
+            problems += _state_problems(f"objective.{i}.", saved, objective, set())
     if problems:
         raise RecipeError([("", f"recipe.toml no longer matches the checkpoint ({'; '.join(problems[:3])}"
                                 f"{'; ...' if len(problems) > 3 else ''}): {fix}")], file)
 
 
-def _state_problems(prefix: str, saved: dict, built: dict, may_be_absent: set) -> list[str]:
-    problems = [f"{prefix}{k} is not in the checkpoint" for k in built if k not in saved and k not in may_be_absent]
-    problems += [f"{prefix}{k} is in the checkpoint but not in the model" for k in saved if k not in built]
-    for k, v in saved.items():
-        mine = built.get(k)
-        if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and tuple(v.shape) != tuple(mine.shape):
-            problems.append(f"{prefix}{k}: checkpoint {tuple(v.shape)}, model {tuple(mine.shape)}")
+def _state_problems(prefix: str, saved: dict, module, may_be_absent: set) -> list[str]:
+    """What keeps `saved` from loading into `module`: shapes first (the clearest line), then
+    the keys a load reports (the engine loads the same state again when it resumes; a
+    component that keeps more state than its parameters, an optimiser held inside a table,
+    consumes its own keys)."""
+    built = module.state_dict()
+    problems = [f"{prefix}{k}: checkpoint {tuple(v.shape)}, model {tuple(built[k].shape)}" for k, v in saved.items()
+                if isinstance(v, torch.Tensor) and isinstance(built.get(k), torch.Tensor) and tuple(v.shape) != tuple(built[k].shape)]
+    if problems:
+        return problems
+    try:
+        result = module.load_state_dict(saved, strict=False)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        return [f"{prefix}{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}"]
+    problems = [f"{prefix}{k} is not in the checkpoint" for k in result.missing_keys if k not in may_be_absent]
+    problems += [f"{prefix}{k} is in the checkpoint but not in the model" for k in result.unexpected_keys]
     return problems

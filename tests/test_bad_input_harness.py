@@ -346,6 +346,20 @@ def test_an_edited_recipe_that_no_longer_fits_the_checkpoint(unfinished_run):
     assert _fingerprint(unfinished_run) == before
 
 
+def test_an_edited_recipe_with_fewer_stages_than_the_checkpoint(tmp_path):
+    out = tmp_path / "runs"
+    assert run_cli(_small(tmp_path, steps=5), "--out", out, "--quiet").returncode == 0
+    (run,) = (out / "minimal").iterdir()  # its checkpoint: stage 1 (the eval stage) done
+    summary = run / "summary.json"
+    summary.write_text(summary.read_text().replace('"completed"', '"interrupted"'))
+    recipe_file = run / "recipe.toml"
+    text = recipe_file.read_text()
+    recipe_file.write_text(text[: text.rindex("[[stages]]")] + text[text.index("[[metrics]]"):])  # the eval stage removed
+    before = _fingerprint(run)
+    _one_error(run_cli("--resume", run, "--quiet"), 2, "recipe.toml", "stages", "checkpoint is in stage 1, but the recipe has 1 stages")
+    assert _fingerprint(run) == before
+
+
 def test_a_truncated_summary_is_rewritten_by_the_resume(unfinished_run):
     summary = unfinished_run / "summary.json"
     summary.write_text(summary.read_text()[:40])
