@@ -229,6 +229,8 @@ def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet
         plan = read_json(run_dir / SWEEP_FILE, SWEEP_FILE).get("points")
         if not isinstance(plan, list) or not all(isinstance(e, dict) and {"index", "label", "point", "dir"} <= set(e) for e in plan):
             raise RecipeError([("", f"--resume: {run_dir / SWEEP_FILE} has no valid list of points; it was not changed")])
+        if distributed.current().is_main:
+            remove_stale_temporaries(run_dir)  # sweep.csv / sweep.md halves a killed sweep left
         return _sweep_loop(recipe, run_dir, plan, console, quiet, device)
     check_resumable(run_dir, overrides or [])
     summary = read_summary(run_dir / "summary.json")  # a damaged one is rewritten when the run ends

@@ -377,6 +377,19 @@ def test_a_damaged_summary_of_a_sweep_point_is_a_status_not_a_traceback(tmp_path
     assert "damaged summary.json" in csv_text
 
 
+def test_stale_temporary_files_of_a_sweep_are_removed_on_resume(tmp_path):
+    out = tmp_path / "runs"
+    r = run_cli(_small(tmp_path, steps=5), "--out", out, "--quiet", 'sweep."head.hidden"=[8, 16]')
+    assert r.returncode == 0, r.stderr
+    (sweep,) = (out / "minimal").iterdir()
+    leftovers = [sweep / ".sweep.csv.0a1b2c3d4e5f.tmp", sweep / "001" / "checkpoints" / ".last.0a1b2c3d4e5f.tmp"]
+    (sweep / "001" / "summary.json").unlink()  # point 001 runs again on resume
+    for f in leftovers:
+        f.write_bytes(b"x" * 100)
+    assert run_cli("--resume", sweep, "--quiet").returncode == 0
+    assert not list(sweep.rglob(".*.tmp"))
+
+
 def test_stale_temporary_files_are_removed_on_resume(unfinished_run):
     leftovers = [unfinished_run / ".summary.json.0a1b2c3d4e5f.tmp", unfinished_run / "checkpoints" / ".last.0a1b2c3d4e5f.tmp"]
     for f in leftovers:
@@ -568,3 +581,6 @@ def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     env = {"WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online"}
     _one_error(run_cli(_small(tmp_path, steps=5), 'run.loggers=["wandb"]', "--out", tmp_path / "runs", "--quiet", env=env),
                1, "W&B could not start", "invalid API key", "WANDB_MODE=offline")
+    (run,) = (tmp_path / "runs" / "minimal").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "W&B could not start" in summary["error"]
