@@ -14,7 +14,6 @@ kept in the run directory (loggers.json), so a resumed run continues the same tr
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
