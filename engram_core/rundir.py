@@ -164,6 +164,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 # faults of the disk, not of the program: said in one line, never as a traceback
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG, errno.ENAMETOOLONG}
+# of those, the ones only a write meets (what the CLI reports as a disk fault wherever it arises)
+WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def disk_error(path: Path, exc: OSError) -> BaseException:

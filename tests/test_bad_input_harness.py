@@ -284,7 +284,7 @@ def test_resume_refuses_a_folder_the_engine_did_not_make(tmp_path):
     (folder / "env.json").write_text('{"mine": true}\n')
     (folder / "notes.md").write_text("do not lose me\n")
     before = _fingerprint(folder)
-    for extra in ([], ["stages.0.lr=1e-4"]):
+    for extra in ([], ["stages.0.lr=1e-4"], ["--nproc", "2"]):  # --nproc: refused before any rank starts
         _one_error(run_cli("--resume", folder, *extra, "--quiet"), 2, str(folder), "not a run directory", rundir.RUN_MARKER)
     assert _fingerprint(folder) == before
     empty = tmp_path / "empty"
@@ -515,6 +515,16 @@ def test_full_disk_while_appending_metrics(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", full)
     _one_error(run_cli(_small(tmp_path), "--out", tmp_path / "runs", "--quiet"), 1, "metrics.jsonl", "No space left")
+
+
+def test_full_disk_under_another_writer_is_one_line(tmp_path, monkeypatch):
+    from engram_core import tb
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "events.out.tfevents")
+
+    monkeypatch.setattr(tb.RunLogger, "flush", full)
+    _one_error(run_cli(_small(tmp_path), "--out", tmp_path / "runs", "--quiet"), 1, "No space left on device", "--resume")
 
 
 # -- values that used to pass validation and crash later
