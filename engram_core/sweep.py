@@ -93,7 +93,10 @@ def run_sweep(recipe: Recipe, console: Console, quiet: bool) -> int:
     points = sweep_points(recipe)
     resolved = [(label, point, point_recipe(recipe, point)) for label, point in points]  # all valid first
     dist = distributed.current()
-    sweep_dir = new_run_dir(recipe.run.out_dir, recipe.name, suffix="-sweep", create=dist.is_main)
+    try:
+        sweep_dir = new_run_dir(recipe.run.out_dir, recipe.name, suffix="-sweep", create=dist.is_main)
+    except RecipeError as exc:
+        raise exc.with_file(recipe.file) from None
     sweep_dir = dist.broadcast_object(sweep_dir)
     plan = [{"index": i, "label": label, "point": point, "dir": f"{i:03d}"} for i, (label, point, _) in enumerate(resolved)]
     if dist.is_main:

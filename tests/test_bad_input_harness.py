@@ -466,6 +466,7 @@ def test_out_that_is_a_file(tmp_path):
     target.write_text("mine\n")
     for out in (target, target / "runs"):
         assert_one_line(run_cli(_small(tmp_path), "--out", out, "--quiet"), "small.toml", "run.out_dir", "is a file")
+        assert_one_line(run_cli(_small(tmp_path), "--out", out, "--quiet", 'sweep."head.hidden"=[8, 16]'), "small.toml", "run.out_dir", "is a file")
     assert target.read_text() == "mine\n"
 
 
