@@ -383,11 +383,11 @@ def read_toml(path: str | Path) -> dict:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([("", f"TOML syntax error: {exc}")], file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([("", f"not UTF-8 text: {exc}")], file=str(path)) from None
     except ValueError as exc:  # an integer past sys.get_int_max_str_digits (not a TOMLDecodeError)
         raise RecipeError([("", f"a value cannot be read ({str(exc).splitlines()[0][:120]}); give numbers of ordinary size")],
                           file=str(path)) from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError([("", f"not UTF-8 text: {exc}")], file=str(path)) from None
 
 
 def load_recipe(

@@ -42,11 +42,11 @@ def run_recipe(recipe: Recipe, console: Console, quiet: bool = False) -> int:
     return _run_one(recipe, run_dir, console, quiet, resume=False)
 
 
-def _check_run_device(recipe: Recipe) -> None:
+def _check_run_device(recipe: Recipe, device: str | None = None) -> None:
     """The device check `engram validate` makes (mps on a machine without it, cuda:N past the last)."""
     from .validate import check_device
 
-    problems = check_device(recipe.run.device)
+    problems = check_device(device or recipe.run.device)
     if problems:
         raise RecipeError(problems, recipe.file)
 
@@ -57,11 +57,8 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
     directory changes until the engine has built and the checkpoint fits what it built;
     `resumed_recipe_text` (recipe.toml with the overrides) is written only then."""
     from .cli import print_summary
-    from .validate import check_device
 
-    problems = check_device(device or recipe.run.device)
-    if problems:
-        raise RecipeError(problems, recipe.file)
+    _check_run_device(recipe, device)
     engine = Engine(recipe, run_dir, console=console, show_progress=not quiet, hparams=hparams, device=device)
     engine.build()
     if resume:

@@ -565,6 +565,14 @@ def test_values_that_used_to_crash_later(case, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_recipe_file_with_a_number_of_thousands_of_digits(tmp_path):
+    path = tmp_path / "user_recipe.toml"
+    path.write_text(MINIMAL.read_text().replace("hidden = 64", "hidden = " + "9" * 5000))
+    assert_one_line(run_cli("validate", path, tool="engram"), "user_recipe.toml", "give numbers of ordinary size")
+    path.write_bytes(MINIMAL.read_bytes().replace(b"minimal", b"minimal\xff"))
+    assert_one_line(run_cli("validate", path, tool="engram"), "user_recipe.toml", "not UTF-8")
+
+
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the message on a machine without MPS")
 def test_a_real_run_on_mps_without_mps(tmp_path):
     assert_one_line(run_cli(_recipe(tmp_path, None), 'run.device="mps"', "--out", tmp_path / "runs", "--quiet"), "user_recipe.toml", "run.device", "MPS")
