@@ -382,11 +382,12 @@ def _adopt_peft_model(peft_model: nn.Module, tuner: nn.Module, model: nn.Module)
     holding the memory; `tuner` is peft's LoraModel, ...)."""
     injector = model.__dict__["_engram_injector"]
     injector.peft_seen = True
-    mem = engram_memory(model)
+    mem = injector.active()  # model.engram, or a memory an engram head holds elsewhere
     config = _peft_adapter_config(tuner)
     if mem.trainable and not getattr(config, "inference_mode", False) and not any(p.requires_grad for p in mem.parameters()):
         _make_trainable(mem)
-    _carry_memory_with_adapter(peft_model, model)
+    if injector.held is None:  # a memory the head holds is saved with the run's checkpoint, not an adapter
+        _carry_memory_with_adapter(peft_model, model)
 
 
 def _make_trainable(mem: EngramHashMemory) -> None:
