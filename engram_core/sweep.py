@@ -83,7 +83,19 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
         console.print(f"engram-run --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
         raise
     print_summary(console, summary, run_dir)
+    _warn_nonfinite(summary, run_dir)
     return 0
+
+
+def _warn_nonfinite(summary: dict, run_dir: Path) -> None:
+    """A finished run whose final metrics hold NaN or inf says so (summary.json has null there)."""
+    import sys
+
+    bad = [k for k, v in (summary.get("final") or {}).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad and distributed.current().is_main:
+        print(f"warning: {run_dir}: final {', '.join(bad[:4])} {'is' if len(bad) == 1 else 'are'} not finite "
+              f"({summary['final'][bad[0]]}; null in summary.json): the model's outputs or the eval data hold NaN/inf",
+              file=sys.stderr)
 
 
 def run_sweep(recipe: Recipe, console: Console, quiet: bool) -> int:

@@ -446,6 +446,20 @@ def test_summary_json_is_valid_json_with_non_finite_values(tmp_path):
     assert data == {"final": {"eval/loss": None, "eval/x": None, "ok": 1.5}, "t": [1.0, None]}
 
 
+def test_a_run_whose_final_metric_is_not_finite_says_so(tmp_path, monkeypatch):
+    from engram_core.builtin.dynamics import LossMetric
+
+    compute = LossMetric.compute
+    monkeypatch.setattr(LossMetric, "compute", lambda self: {k: float("nan") for k in compute(self)})
+    out = tmp_path / "runs"
+    r = run_cli(_small(tmp_path, steps=5), "--out", out, "--quiet")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "eval/loss" in lines[0] and "not finite" in lines[0]
+    (run,) = (out / "minimal").iterdir()
+    assert json.loads((run / "summary.json").read_text())["final"]["eval/loss"] is None
+
+
 # -- where run directories go
 
 
