@@ -430,6 +430,22 @@ def test_bad_values_in_a_data_file_are_named_at_validate(tmp_path, name, shape, 
     assert not (tmp_path / "runs").exists() and path.read_bytes() == before
 
 
+def test_data_that_is_not_real_numbers_is_named(tmp_path):
+    path = tmp_path / "complex.npy"
+    np.save(path, np.zeros((8, 10, 3), dtype=np.complex64))
+    assert_one_line(run_cli("validate", _small(tmp_path), f'data.path="{path}"', tool="engram"), "small.toml", "data.path", "real numbers", "complex64")
+
+
+def test_a_damaged_sweep_json_is_one_line(tmp_path):
+    out = tmp_path / "runs"
+    assert run_cli(_small(tmp_path, steps=5), "--out", out, "--quiet", 'sweep."head.hidden"=[8]').returncode == 0
+    (sweep,) = (out / "minimal").iterdir()
+    (sweep / "sweep.json").write_text('{"name": "minimal", "points": [{"ind')
+    before = _fingerprint(sweep)
+    _one_error(run_cli("--resume", sweep, "--quiet"), 2, "sweep.json", "damaged")
+    assert _fingerprint(sweep) == before
+
+
 def test_float64_data_past_float32_range_is_named(tmp_path):
     path = _trajectories(tmp_path, "huge.npy", dtype="float64", bad=((3, 2, 1), 1e300))
     assert_one_line(run_cli("validate", _small(tmp_path), f'data.path="{path}"', tool="engram"), "small.toml", "[3, 2, 1]", "as float32")
