@@ -620,6 +620,16 @@ def test_wandb_without_a_key_says_so_before_the_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("key", ["abc123", "'" + "a" * 40 + "'", "a" * 39])
+def test_wandb_with_a_malformed_key_says_so_before_the_run(tmp_path, key):
+    pytest.importorskip("wandb")
+    result = run_cli(_small(tmp_path), 'run.loggers=["wandb"]', "--out", tmp_path / "runs", "--quiet",
+                     env={"WANDB_API_KEY": key, "WANDB_MODE": ""})
+    assert_one_line(result, "small.toml", "run.loggers.0", "not a W&B API key")
+    assert key not in result.stderr  # a secret is never printed
+    assert not (tmp_path / "runs").exists()
+
+
 def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import netrc
 import os
+import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,14 +32,28 @@ class TrackerError(EngramError):
 LOCAL_MODES = ("offline", "disabled", "dryrun")
 
 
+def _key_format_problem(key: str) -> str | None:
+    """A W&B API key is 40+ word characters, after an optional `<host>-` prefix (on-prem), or
+    a JWT: a key of another shape (a truncated paste, a quoted value) is refused before the
+    run, not after W&B's retries. A well-formed key W&B refuses still fails at wandb.init."""
+    if re.fullmatch(r"[\w-]+\.[\w-]+\.[\w-]+", key):
+        return None
+    secret = key.split("-", 1)[-1]
+    if re.fullmatch(r"[\w-]+", secret) and len(secret) >= 40:
+        return None
+    return (f"logger 'wandb': WANDB_API_KEY is not a W&B API key ({len(key)} characters; a key is 40 or more letters, "
+            "digits and underscores): copy it again from https://wandb.ai/authorize, or set WANDB_MODE=offline")
+
+
 class WandbLogger(Logger):
     @staticmethod
     def precheck() -> str | None:
         """Why W&B cannot start, said before the run (else wandb.init fails after its retries)."""
         if os.environ.get("WANDB_MODE", "").lower() in LOCAL_MODES or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
             return None
-        if os.environ.get("WANDB_API_KEY", "").strip():
-            return None
+        key = os.environ.get("WANDB_API_KEY", "").strip()
+        if key:
+            return _key_format_problem(key)
         host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
         try:
             login = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host or "")
