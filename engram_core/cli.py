@@ -100,6 +100,15 @@ def run_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full or failing disk under a writer that is not the run directory's own (TensorBoard's)
+        from .rundir import WRITE_FAULTS
+
+        if exc.errno not in WRITE_FAULTS or args.traceback:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: the disk failed{where}: {exc.strerror or exc} (errno {exc.errno}); free space (or use another --out), "
+              "then resume: engram-run --resume RUN_DIR", file=sys.stderr)
+        return 1
     except Exception as exc:
         if not (dist.enabled and distributed.lost_a_rank(exc)):
             raise
@@ -115,7 +124,12 @@ def _precheck(args, nproc: int) -> None:
     from .distributed import check_batch_split
     from .recipe import TrainStage, load_recipe, point_recipe, sweep_points
 
-    if args.resume or not args.recipe:
+    if args.resume:
+        from .rundir import check_resumable_dir
+
+        check_resumable_dir(Path(args.resume))  # a folder that is not a run: one line, before N processes start
+        return
+    if not args.recipe:
         return
     recipe = load_recipe(args.recipe, list(args.overrides))
     points = [point_recipe(recipe, p) for _, p in sweep_points(recipe)] if recipe.sweep else [recipe]

@@ -23,18 +23,31 @@ from .engine import Engine
 from .errors import EngramError, NonFiniteLossError, RecipeError
 from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
 from .report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
-from .resume import check_resumable, resume_recipe
-from .rundir import atomic_write_json, atomic_write_text, new_run_dir
+from .resume import check_checkpoint_fits, check_resumable, resume_recipe
+from .rundir import (
+    atomic_write_json,
+    atomic_write_text,
+    check_resumable_dir,
+    make_run_dir,
+    new_run_dir,
+    read_json,
+    read_summary,
+    remove_stale_temporaries,
+)
 
 SWEEP_FILE = "sweep.json"
 
 
 def run_recipe(recipe: Recipe, console: Console, quiet: bool = False, jobs: int = 1) -> int:
+    _check_run_device(recipe)
     if recipe.sweep:
         return run_sweep(recipe, console, quiet, jobs)
     _note_jobs_unused(jobs)
     dist = distributed.current()
-    run_dir = new_run_dir(recipe.run.out_dir, recipe.name, create=False)  # made once the build succeeded
+    try:  # the name and --out are checked now; the directory is made once the build succeeded
+        run_dir = new_run_dir(recipe.run.out_dir, recipe.name, create=False)
+    except RecipeError as exc:
+        raise exc.with_file(recipe.file) from None
     run_dir = dist.broadcast_object(run_dir)  # one run directory, rank 0's name, for all ranks
     return _run_one(recipe, run_dir, console, quiet, resume=False)
 
@@ -44,18 +57,41 @@ def _note_jobs_unused(jobs: int) -> None:
         print(f"note: --jobs {jobs} runs the points of a sweep at once; this is one run, so it runs alone", file=sys.stderr)
 
 
-def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resume: bool, hparams: dict | None = None, device: str | None = None) -> int:
+def _check_run_device(recipe: Recipe, device: str | None = None) -> None:
+    """The device check `engram validate` makes (mps on a machine without it, cuda:N past the last)."""
+    from .validate import check_device
+
+    problems = check_device(device or recipe.run.device)
+    if problems:
+        raise RecipeError(problems, recipe.file)
+
+
+def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resume: bool, hparams: dict | None = None,
+             device: str | None = None, resumed_recipe_text: str | None = None) -> int:
     with threads.shared(recipe.run.threads):  # from before the build: generating data uses the threads too
-        return _run_engine(recipe, run_dir, console, quiet, resume, hparams, device)
+        return _run_engine(recipe, run_dir, console, quiet, resume, hparams, device, resumed_recipe_text)
 
 
-def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resume: bool, hparams: dict | None, device: str | None) -> int:
+def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resume: bool, hparams: dict | None, device: str | None,
+                resumed_recipe_text: str | None) -> int:
+    """Build, then make (or reuse) the run directory and run. On resume nothing in the
+    directory changes until the engine has built and the checkpoint fits what it built;
+    `resumed_recipe_text` (recipe.toml with the overrides) is written only then."""
     from .cli import print_summary
 
+    _check_run_device(recipe, device)
     engine = Engine(recipe, run_dir, console=console, show_progress=not quiet, hparams=hparams, device=device)
     engine.build()
+    if resume:
+        check_checkpoint_fits(run_dir, engine, recipe)
     if engine.dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            make_run_dir(run_dir)
+        except RecipeError as exc:
+            raise exc.with_file(recipe.file) from None
+        remove_stale_temporaries(run_dir)  # what a killed run of this directory left behind
+        if resumed_recipe_text is not None:
+            atomic_write_text(run_dir / "recipe.toml", resumed_recipe_text)
     engine.dist.barrier()
     console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})")
     try:
@@ -68,14 +104,27 @@ def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, re
         console.print(f"engram-run --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
         raise
     print_summary(console, summary, run_dir)
+    _warn_nonfinite(summary, run_dir)
     return 0
+
+
+def _warn_nonfinite(summary: dict, run_dir: Path) -> None:
+    """A finished run whose final metrics hold NaN or inf says so (summary.json has null there)."""
+    bad = [k for k, v in (summary.get("final") or {}).items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad and distributed.current().is_main:
+        print(f"warning: {run_dir}: final {', '.join(bad[:4])} {'is' if len(bad) == 1 else 'are'} not finite "
+              f"({summary['final'][bad[0]]}; null in summary.json): the model's outputs or the eval data hold NaN/inf",
+              file=sys.stderr)
 
 
 def run_sweep(recipe: Recipe, console: Console, quiet: bool, jobs: int = 1) -> int:
     points = sweep_points(recipe)
     resolved = [(label, point, point_recipe(recipe, point)) for label, point in points]  # all valid first
     dist = distributed.current()
-    sweep_dir = new_run_dir(recipe.run.out_dir, recipe.name, suffix="-sweep", create=dist.is_main)
+    try:
+        sweep_dir = new_run_dir(recipe.run.out_dir, recipe.name, suffix="-sweep", create=dist.is_main)
+    except RecipeError as exc:
+        raise exc.with_file(recipe.file) from None
     sweep_dir = dist.broadcast_object(sweep_dir)
     plan = [{"index": i, "label": label, "point": point, "dir": f"{i:03d}"} for i, (label, point, _) in enumerate(resolved)]
     if dist.is_main:
@@ -112,8 +161,7 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
 
 
 def point_done(point_dir: Path) -> bool:
-    summary_path = point_dir / "summary.json"
-    return summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "completed"
+    return (read_summary(point_dir / "summary.json") or {}).get("status") == "completed"  # a damaged summary: not done
 
 
 def _run_point(recipe: Recipe, sweep_dir: Path, entry: dict, n_points: int, console: Console, quiet: bool, device: str | None) -> str:
@@ -327,8 +375,9 @@ class _signals_interrupt:
 def record_failed_point(point_dir: Path, recipe: Recipe, hparams: dict, exc: BaseException, line: str) -> None:
     """A point that failed before its engine wrote anything still leaves summary.json and hparams."""
     summary_path = point_dir / "summary.json"
-    if summary_path.exists() and json.loads(summary_path.read_text()).get("status") not in (None, "running"):
+    if (read_summary(summary_path) or {}).get("status") not in (None, "running"):
         return  # the engine recorded the failure itself
+    make_run_dir(point_dir)
     status = "nonfinite" if isinstance(exc, NonFiniteLossError) else "failed"
     atomic_write_json(summary_path, {"name": recipe.name, "status": status, "run_dir": str(point_dir), "steps": 0,
                                      "wall_time_s": 0.0, "device": None, "final": {}, "stages": {}, "error": line})
@@ -359,7 +408,7 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
     metric_cols: list[str] = []
     for entry in plan:
         sp = Path(sweep_dir) / entry["dir"] / "summary.json"
-        summary = json.loads(sp.read_text()) if sp.exists() else {"status": "not run", "final": {}}
+        summary = read_summary(sp) or {"status": "damaged summary.json" if sp.exists() else "not run", "final": {}}
         summaries.append(summary)
         for k in final_metrics(summary):
             if k not in metric_cols:
@@ -397,21 +446,26 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
 
 def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet: bool = False, overrides: list[str] | None = None,
                jobs: int = 1) -> int:
-    if not run_dir.is_dir():
-        raise RecipeError([("", f"--resume: no such run directory: {run_dir}")])
+    """Resume a run or sweep directory. Every check (the marker, the files, the overrides,
+    the build, the checkpoint against the model) comes before anything in it is written."""
+    check_resumable_dir(run_dir)
     recipe_file = run_dir / "recipe.toml"
     if not recipe_file.exists():
-        raise RecipeError([("", f"--resume: {run_dir} has no recipe.toml (is it a run directory?)")])
+        raise RecipeError([("", f"--resume: {run_dir} has no recipe.toml; it cannot be resumed (start a new run from the recipe)")])
     if (run_dir / SWEEP_FILE).exists():
         if overrides:
             raise RecipeError([("", f"--resume of a sweep takes no overrides; resume one point's directory with them "
                                     f"(engram-run --resume {run_dir}/000 {overrides[0]})")])
         recipe = load_recipe(recipe_file)
-        plan = json.loads((run_dir / SWEEP_FILE).read_text())["points"]
+        plan = read_json(run_dir / SWEEP_FILE, SWEEP_FILE).get("points")
+        if not isinstance(plan, list) or not all(isinstance(e, dict) and {"index", "label", "point", "dir"} <= set(e) for e in plan):
+            raise RecipeError([("", f"--resume: {run_dir / SWEEP_FILE} has no valid list of points; it was not changed")])
+        if distributed.current().is_main:
+            remove_stale_temporaries(run_dir)  # sweep.csv / sweep.md halves a killed sweep left
         return _sweep_loop(recipe, run_dir, plan, console, quiet, device, jobs)
-    summary = run_dir / "summary.json"
     check_resumable(run_dir, overrides or [])
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+    summary = read_summary(run_dir / "summary.json")  # a damaged one is rewritten when the run ends
+    if summary is not None and summary.get("status") == "completed":
         from .cli import print_summary
 
         if overrides:
@@ -419,11 +473,11 @@ def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet
                                     "(start a new run with them instead)")])
 
         console.print(f"{run_dir} already completed")
-        print_summary(console, json.loads(summary.read_text()), run_dir)
+        print_summary(console, summary, run_dir)
         return 0
-    recipe = resume_recipe(run_dir, overrides or [])
+    recipe, text = resume_recipe(run_dir, overrides or [])
     _note_jobs_unused(jobs)
-    return _run_one(recipe, run_dir, console, quiet, resume=True, device=device)
+    return _run_one(recipe, run_dir, console, quiet, resume=True, device=device, resumed_recipe_text=text)
 
 
 __all__ = ["run_recipe", "resume_any", "EngramError"]
