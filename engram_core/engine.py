@@ -37,7 +37,9 @@ from .rundir import (
     atomic_write_text,
     environment,
     load_checkpoint,
+    mark_run_dir,
     nonfinite_tensors,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from .tb import NullLogger, drop_events_after
@@ -216,6 +218,10 @@ class Engine:
                     self.stage_results[rec["stage"]] = rec["metrics"]
         env = environment(self.registry, self.device)
         env["distributed"] = self._distributed_env()  # a collective: every rank takes part
+        if main:  # the engine's folder (engram-run made it already; Python callers may not have)
+            mark_run_dir(self.run_dir)
+            if not resume:
+                remove_stale_temporaries(self.run_dir)
         if not resume and main:
             atomic_write_text(self.run_dir / "recipe.toml", r.to_toml(include_sweep=False))
         if main:
