@@ -320,8 +320,8 @@ def main(argv=None) -> int:
     info = {"setting": SETTING, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
             "device": torch.cuda.get_device_name(0), "cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None}
-    parts = [("modes", compare, bool(args.modes)), ("concurrent", concurrency, bool(args.concurrent)),
-             ("full_run", full_run, args.full_run), ("rollout_vmf", rollout, args.rollout)]
+    parts = [("modes", compare, bool(args.modes)), ("full_run", full_run, args.full_run),
+             ("concurrent", concurrency, bool(args.concurrent)), ("rollout_vmf", rollout, args.rollout)]
     with tempfile.TemporaryDirectory() as d:
         for key, measure, wanted in parts:
             if wanted:
