@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -345,8 +346,7 @@ def _describe(console: Console, kind: str, name: str) -> int:
     reg = load_registry()
     comp = reg.resolve(k, name, f"{KIND_SINGULAR[k]} name")
     console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})")
-    if comp.doc:
-        console.print(comp.doc, markup=False)
+    console.print(own_doc(comp.factory) or own_doc(comp.config_cls) or "(no docstring)", markup=False)
     caps = []
     for label, vals in (("provides", comp.provides), ("requires", comp.requires), ("offers", comp.offers)):
         if vals:
@@ -370,6 +370,15 @@ def _describe(console: Console, kind: str, name: str) -> int:
     return 0
 
 
+def own_doc(obj) -> str:
+    """The docstring written on `obj` itself: a class without one does not show its base
+    class's (`Memory`'s docstring says nothing about the memory being described)."""
+    import inspect
+
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else ""
+
+
 def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False) -> int:
     from .recipe import load_recipe
     from .validate import check_all
@@ -381,8 +390,13 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
 
         console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = check_all(recipe)  # every component built on the meta device, every sweep point
-    console.print(f"{recipe_path}: ok ({len(recipe.stages)} stages, {len(recipe.metrics)} metrics" + (f", sweep of {n} points)" if recipe.sweep else ")"))
+    console.print(f"{recipe_path}: ok ({_count(len(recipe.stages), 'stage')}, {_count(len(recipe.metrics), 'metric')}"
+                  + (f", sweep of {_count(n, 'point')})" if recipe.sweep else ")"))
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _report(console: Console, target: str, out: str | None, lines=None) -> int:
@@ -453,22 +467,119 @@ def _cache(console: Console, args) -> int:
 
 
 def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
+    """The final table (one column per evaluation stage, each metric's better direction, a
+    value that moved against it since the previous stage flagged) and the next commands."""
     stages = {k: v for k, v in (summary.get("stages") or {}).items() if v}
     if stages:
-        tags: list[str] = []
-        for res in stages.values():
-            for t in res:
-                if t not in tags:
-                    tags.append(t)
-        table = Table(title=f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)")
-        table.add_column("metric")
-        for s in stages:
-            table.add_column(s, justify="right")
-        for t in tags:
-            table.add_row(t, *[_fmt(stages[s].get(t)) for s in stages])
-        console.print(table)
+        from .metric_info import for_run
+
+        info = for_run(run_dir)
+        title = f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)"
+        _hint(console, title)  # a title line of its own: never broken across lines
+        table, worse = summary_table(stages, info)
+        _print_unwrapped(console, table)
+        legend = "↑ higher is better, ↓ lower is better"
+        if len(stages) > 1:
+            legend += "; (worse): moved against its direction since the previous stage"
+        _hint(console, legend)
+        if worse:
+            _hint(console, f"got worse: {', '.join(worse)}")
     _hint(console, f"run directory: {run_dir}")
-    _hint(console, f"review it:     tensorboard --logdir {run_dir}")
+    _hint(console, f"review it:     {runnable('tensorboard')} --logdir {run_dir}")
+
+
+def summary_table(stages: dict[str, dict], info) -> tuple[Table, list[str]]:
+    """The rich Table of `print_summary`, and the tags that got worse between stages."""
+    from .metric_info import got_worse
+
+    tags: list[str] = []
+    for res in stages.values():
+        tags += [t for t in res if t not in tags]
+    groups: dict[str, list[str]] = {}
+    for t in tags:  # rows by the tag's prefix (the first appearance orders them), costs last
+        groups.setdefault("cost" if info.of(t).is_cost else t.split("/")[0], []).append(t)
+    order = sorted(groups, key=lambda g: g == "cost")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("", justify="center")  # ↑ / ↓
+    for s in stages:
+        table.add_column(s, justify="right")
+    worse: list[str] = []
+    names = list(stages)
+    for gi, group in enumerate(order):
+        if gi:
+            table.add_section()
+        for t in groups[group]:
+            ti = info.of(t)
+            cells = []
+            for i, s in enumerate(names):
+                cell = _fmt(stages[s].get(t))
+                before = next((stages[p].get(t) for p in reversed(names[:i]) if stages[p].get(t) is not None), None)
+                if got_worse(ti, before, stages[s].get(t)):
+                    cell += " (worse)"
+                    if t not in worse:
+                        worse.append(t)
+                cells.append(cell)
+            table.add_row(escape(t), ti.arrow, *cells)
+    return table, worse
+
+
+def _print_unwrapped(console: Console, renderable) -> None:
+    """In a log or a pipe (no terminal width to respect) a table is printed at its natural
+    width rather than squeezed into 80 columns."""
+    if console.is_terminal:
+        console.print(renderable)
+    else:
+        natural = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+        width = console.width
+        console.width = max(width, natural)  # print(width=) cannot exceed the console's width
+        try:
+            console.print(renderable)
+        finally:
+            console.width = width
+
+
+def print_markdown_tables(console: Console, markdown: str) -> None:
+    """sweep.md on the console: its Markdown tables as tables, headings as bold lines, the
+    rest as text (a log gets aligned columns, not pipes and dashes)."""
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            table = Table()
+            for col in rows[0]:
+                table.add_column(escape(col), overflow="fold")
+            for r in rows[2:]:  # rows[1] is the |---| separator
+                table.add_row(*(escape(c) for c in r))
+            _print_unwrapped(console, table)
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|") and line.endswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line[1:-1])]
+            rows.append(cells)
+            continue
+        flush()
+        if line.startswith("#"):
+            console.print(line.lstrip("#").strip(), style="bold", markup=False, highlight=False, soft_wrap=True)
+        elif line.strip():
+            console.print(line.replace("`", ""), markup=False, highlight=False, soft_wrap=True)
+    flush()
+
+
+def runnable(command: str) -> str:
+    """`command` as it runs when typed: its name when the shell finds this environment's copy
+    on PATH, else the copy's absolute path (a venv that is not activated: `.venv/bin/...`)."""
+    import os
+    import shutil
+
+    here = Path(sys.executable).parent / command
+    if not here.exists():
+        return command
+    found = shutil.which(command)
+    if found is not None and os.path.realpath(found) == os.path.realpath(here):
+        return command
+    return str(here.absolute())
 
 
 def _fmt(v) -> str:
