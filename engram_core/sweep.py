@@ -38,7 +38,7 @@ def _run_one(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, resum
     if engine.dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     engine.dist.barrier()
-    console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})")
+    console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})", soft_wrap=True)
     try:
         summary = engine.run(resume=resume)
     except NonFiniteLossError:
