@@ -30,7 +30,8 @@ def test_got_worse_follows_the_declared_direction():
     assert got_worse(higher, 0.9, 0.5) and not got_worse(higher, 0.5, 0.9)
     assert not got_worse(unknown, 1.0, 100.0)
     assert got_worse(lower, 1.0, math.inf) and got_worse(lower, 1.0, math.nan)
-    assert not got_worse(lower, 1.0, 1.0 + 1e-12)  # rounding, not a change
+    assert not got_worse(lower, -2.18309561, -2.18309585) and not got_worse(lower, 1.0, 1.0 + 1e-12)  # rounding, not a change
+    assert got_worse(lower, 1.0, 1.001)
     assert not got_worse(lower, None, 1.0)
 
 
