@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     completion.overrides(pv.add_argument("overrides", nargs="*"))
     pv.add_argument("--print-config", action="store_true", help="also print the resolved recipe with each value's origin")
     pv.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
+    pv.add_argument("--no-forward", action="store_true", help="skip the dry forward (one batch of 2 through the first train stage's objective, on the CPU)")
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(console, args.dir, args.out, (args.x, args.series, args.metric) if args.x else None)
         if args.cmd == "cache":
             return _cache(console, args)
-        return _validate(console, args.recipe, args.overrides, args.print_config)
+        return _validate(console, args.recipe, args.overrides, args.print_config, forward=not args.no_forward)
     except EngramError as exc:
         return _fail(exc, getattr(args, "traceback", False))
     except BrokenPipeError:  # `engram plugins --json | head`: the reader left; not an error
@@ -379,7 +380,7 @@ def own_doc(obj) -> str:
     return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else ""
 
 
-def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False) -> int:
+def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False, forward: bool = True) -> int:
     from .recipe import load_recipe
     from .validate import check_all
 
@@ -390,9 +391,31 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
 
         console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = check_all(recipe)  # every component built on the meta device, every sweep point
+    note = _dry_forwards(recipe) if forward else "dry forward skipped (--no-forward)"
     console.print(f"{recipe_path}: ok ({_count(len(recipe.stages), 'stage')}, {_count(len(recipe.metrics), 'metric')}"
-                  + (f", sweep of {_count(n, 'point')})" if recipe.sweep else ")"))
+                  + (f", sweep of {_count(n, 'point')}" if recipe.sweep else "") + f"; {note})", markup=False, soft_wrap=True)
     return 0
+
+
+def _dry_forwards(recipe) -> str:
+    """engram_core.dry_forward on the recipe, or on each distinct sweep configuration (seeds
+    aside: they change no shape). Returns the note of the last one checked."""
+    from .dry_forward import dry_forward
+    from .recipe import point_recipe, sweep_points
+    from .validate import check_recipe
+
+    if not recipe.sweep:
+        return dry_forward(recipe, check_recipe(recipe))
+    seen, notes = set(), []
+    for _, point in sweep_points(recipe):
+        key = json.dumps({k: v for k, v in point.items() if k != "run.seed"}, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        r = point_recipe(recipe, point)
+        notes.append(dry_forward(r, check_recipe(r)))
+    ok = sum(n.startswith("dry forward ok") for n in notes)
+    return f"dry forward ok on {ok} of {_count(len(notes), 'configuration')}" + ("" if ok == len(notes) else ", the others skipped")
 
 
 def _count(n: int, noun: str) -> str:

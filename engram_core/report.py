@@ -499,7 +499,10 @@ def outcome_metrics(sweep: dict, info) -> list[str]:
         values = [s["final"][m] for s in sweep["summaries"] if s.get("status") == "completed" and m in s.get("final", {})]
         if _informative(values):
             out.append(m)
-    return out
+    # outcomes are what a metric says is better one way; a memory's own diagnostics (a gate's
+    # mean) only when nothing declares a direction
+    directional = [m for m in out if info is not None and info.of(m).direction != "unknown"]
+    return directional or out
 
 
 def _anchor_axis(ax, info, metric: str, values: list[float], levels: list[dict[str, float]], xs: list[float]) -> None:
@@ -509,7 +512,8 @@ def _anchor_axis(ax, info, metric: str, values: list[float], levels: list[dict[s
     ti = info.of(metric) if info is not None else None
     finite = [v for v in values if math.isfinite(v)]
     if ti is not None and ti.direction == "higher" and finite and min(finite) >= 0 and max(finite) <= 1:
-        ax.set_ylim(0, max(max(finite) * 1.15, 0.05))
+        top = ax.get_ylim()[1]  # autoscaled to the points and error bars
+        ax.set_ylim(0, min(max(top, 0.05), 1.05))
     labels = sorted({k for lv in levels for k in lv})
     for j, label in enumerate(labels):
         per_x = [(x, lv[label]) for x, lv in zip(xs, levels) if label in lv]
@@ -542,7 +546,8 @@ def plot_sweep(sweep: dict, path: str | Path, metrics: list[str] | None = None, 
     rows = math.ceil(n / cols)
     width = max(5.5, 0.9 * len(groups) + 2)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.6 * rows), squeeze=False)
-    labels = [_config_label(c) for c, _ in groups]
+    varying = [k for k in sweep["keys"] if len({json.dumps(c.get(k), sort_keys=True, default=str) for c, _ in groups}) > 1]
+    labels = [_config_label({k: v for k, v in c.items() if k in varying}) for c, _ in groups]  # what tells them apart
     xs = list(range(len(groups)))
     group_infos = [sweep_info(sweep, idx) for _, idx in groups]
     for ax, m in zip(axes.flat, metrics):
@@ -558,7 +563,8 @@ def plot_sweep(sweep: dict, path: str | Path, metrics: list[str] | None = None, 
         levels = [gi.of(m).levels(_first_final(sweep, idx)) if gi is not None else {} for gi, (_, idx) in zip(group_infos, groups)]
         _anchor_axis(ax, info, m, drawn, levels, xs)
         ax.set_xticks(xs)
-        ax.set_xticklabels(labels, fontsize=7)
+        long = max(map(len, (line for label in labels for line in label.split("\n"))), default=0) > 12
+        ax.set_xticklabels(labels, fontsize=7, rotation=25 if long else 0, ha="right" if long else "center")
         ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.set_title(m + _arrow(info, m), fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
