@@ -172,7 +172,7 @@ def _run_torchrun(run, targs, ChildFailedError, nproc: int) -> int:
         killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
         rank, failure = killed[0] if killed else exc.get_first_failure()
         how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with status {failure.exitcode}"
-        print(f"error: rank {rank} {how}; torchrun stopped the other ranks (resume with: engram-run --nproc {nproc} --resume RUN_DIR)", file=sys.stderr)
+        print(f"error: rank {rank} {how}; torchrun stopped the other ranks (resume with: {runnable('engram-run')} --nproc {nproc} --resume RUN_DIR)", file=sys.stderr)
         return 1 if failure.exitcode < 0 else failure.exitcode
     return 0
 
@@ -346,7 +346,7 @@ def _describe(console: Console, kind: str, name: str) -> int:
         raise RecipeError([("", f"unknown kind {kind!r}; kinds: dataset, head, memory, objective, metric")])
     reg = load_registry()
     comp = reg.resolve(k, name, f"{KIND_SINGULAR[k]} name")
-    console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})")
+    console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})", soft_wrap=True)
     console.print(own_doc(comp.factory) or own_doc(comp.config_cls) or "(no docstring)", markup=False)
     caps = []
     for label, vals in (("provides", comp.provides), ("requires", comp.requires), ("offers", comp.offers)):
