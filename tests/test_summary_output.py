@@ -152,4 +152,4 @@ def test_describe_shows_the_components_own_docstring_or_says_there_is_none():
 def test_validate_counts_in_the_singular(minimal_recipe):
     r = run_cli("validate", minimal_recipe, tool="engram")
     assert r.returncode == 0, r.stderr
-    assert "(2 stages, 1 metric)" in r.stdout
+    assert "(2 stages, 1 metric;" in r.stdout
