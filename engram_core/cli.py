@@ -400,20 +400,22 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
 def _dry_forwards(recipe) -> str:
     """engram_core.dry_forward on the recipe, or on each distinct sweep configuration (seeds
     aside: they change no shape). Returns the note of the last one checked."""
-    from .dry_forward import dry_forward
+    from .dry_forward import dry_forward, skip_reason
     from .recipe import point_recipe, sweep_points
     from .validate import check_recipe
 
+    def one(r) -> str:
+        return skip_reason(r) or dry_forward(r, check_recipe(r))  # no second meta build for a skipped one
+
     if not recipe.sweep:
-        return dry_forward(recipe, check_recipe(recipe))
+        return one(recipe)
     seen, notes = set(), []
     for _, point in sweep_points(recipe):
         key = json.dumps({k: v for k, v in point.items() if k != "run.seed"}, sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
-        r = point_recipe(recipe, point)
-        notes.append(dry_forward(r, check_recipe(r)))
+        notes.append(one(point_recipe(recipe, point)))
     ok = sum(n.startswith("dry forward ok") for n in notes)
     return f"dry forward ok on {ok} of {_count(len(notes), 'configuration')}" + ("" if ok == len(notes) else ", the others skipped")
 

@@ -39,6 +39,15 @@ def first_train_stage(recipe) -> tuple[int, Any] | None:
     return None
 
 
+def skip_reason(recipe) -> str | None:
+    """Why the dry forward will not run, known from the recipe alone (no build needed)."""
+    if getattr(recipe.data.component.factory, "dry_spec", None) is not None:
+        return "dry forward skipped: the data set gives its spec without data"
+    if first_train_stage(recipe) is None:
+        return "dry forward skipped: no train stage, or a fit stage comes first"
+    return None
+
+
 def dry_forward(recipe, built) -> str:
     """Run the check on `built` (validate's `DryBuild` of `recipe`). Returns a short note of
     what was checked or why it was skipped; raises ComponentError when the forward fails."""
@@ -47,12 +56,10 @@ def dry_forward(recipe, built) -> str:
     from .components import BuildContext, Model
     from .validate import blame, make_component
 
-    if built.model is None or built.dataset is None:
-        return "dry forward skipped: the data set gives its spec without data"
-    found = first_train_stage(recipe)
-    if found is None:
-        return "dry forward skipped: no train stage, or a fit stage comes first"
-    index, stage = found
+    reason = skip_reason(recipe)
+    if reason is not None or built.model is None or built.dataset is None:
+        return reason or "dry forward skipped: the model or the data set was not built"
+    index, stage = first_train_stage(recipe)
     n_params = sum(p.numel() for p in built.model.parameters())
     if n_params > MAX_PARAMS:
         return f"dry forward skipped: {n_params:,} parameters > {MAX_PARAMS:,}"
