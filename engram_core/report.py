@@ -740,7 +740,7 @@ def run_report_md(run: dict, figure: str | None, stages_figure: str | None = Non
     if stages_figure:
         lines += ["## Evaluation stages", "", f"![evaluation stages side by side]({stages_figure})", ""]
     for tag, image in images or []:
-        lines += [f"## {tag}", "", f"![{tag}]({image})", ""]
+        lines += [f"## {tag} (TensorBoard image)", "", f"![{tag}]({image})", ""]
     lines += ["## Stages", "", stage_table_md(run, info)]
     return "\n".join(lines)
 
