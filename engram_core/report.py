@@ -407,7 +407,7 @@ def plot_stage_comparison(run: dict, path: str | Path, info) -> Path | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(2.5 * cols, 2.3 * nrows), squeeze=False, layout="constrained")
     r = 0
     used = set()
-    for group, tags in groups:
+    for _group, tags in groups:  # a new row of panels per group
         for i, (tag, values) in enumerate(tags):
             ax = axes[r + i // cols][i % cols]
             used.add((r + i // cols, i % cols))
@@ -515,7 +515,7 @@ def _anchor_axis(ax, info, metric: str, values: list[float], levels: list[dict[s
         top = ax.get_ylim()[1]  # autoscaled to the points and error bars
         ax.set_ylim(0, min(max(top, 0.05), 1.05))
     labels = sorted({k for lv in levels for k in lv})
-    for j, label in enumerate(labels):
+    for label in labels:
         per_x = [(x, lv[label]) for x, lv in zip(xs, levels) if label in lv]
         if not per_x:
             continue

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import attrs
 import pytest
-import torch
 from torch import nn
 
 from engram_core import Memory, hookimpl
