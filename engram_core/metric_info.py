@@ -86,7 +86,8 @@ class MetricInfo:
         self.declarations = [ENGINE_DECLARATIONS, *declarations]
 
     @classmethod
-    def from_classes(cls, metric_classes: Iterable[type], recipe: Mapping[str, Any] | None = None) -> MetricInfo:
+    def from_classes(cls, metric_classes: Iterable[Any], recipe: Mapping[str, Any] | None = None) -> MetricInfo:
+        """From metric classes, or built metrics (an instance may set its own declarations)."""
         return cls(declaration_of(c, recipe or {}) for c in metric_classes)
 
     def of(self, tag: str) -> TagInfo:
@@ -98,7 +99,16 @@ class MetricInfo:
         return TagInfo(direction if direction in DIRECTIONS else UNKNOWN, group or tag.split("/")[0], dict(refs))
 
     def to_json(self) -> list[dict]:
+        """The metrics' declarations as JSON data (what `for_run` reads from metric_info.json)."""
         return self.declarations[1:]
+
+
+def write_for_run(run_dir: Path, metrics: Iterable[Any], recipe: Mapping[str, Any]) -> Path:
+    """metric_info.json in `run_dir`: the declarations of the run's built metrics, references
+    evaluated on its resolved recipe (what the engine can call once it has built them)."""
+    path = Path(run_dir) / INFO_FILE
+    path.write_text(json.dumps(MetricInfo.from_classes(metrics, recipe).to_json(), indent=1) + "\n")
+    return path
 
 
 def declaration_of(metric_cls: type, recipe: Mapping[str, Any]) -> dict[str, Any]:

@@ -153,3 +153,15 @@ def test_validate_counts_in_the_singular(minimal_recipe):
     r = run_cli("validate", minimal_recipe, tool="engram")
     assert r.returncode == 0, r.stderr
     assert "(2 stages, 1 metric;" in r.stdout
+
+
+def test_metric_info_json_round_trips_and_wins_over_the_recipe(tmp_path):
+    from engram_core.builtin.lm import CompletionAccuracy
+    from engram_core.metric_info import write_for_run
+
+    run = _fake_run(tmp_path, {"final": {"eval/acc": 0.5}})
+    write_for_run(run, [CompletionAccuracy], {"data": {"type": "mqar", "vocab_size": 16}})  # what the engine would write
+    info = for_run(run)
+    assert info.of("eval/acc").direction == HIGHER
+    assert info.of("eval/acc").levels({}) == {"chance": 1 / 8}
+    assert info.of("generate/dnll").direction == UNKNOWN  # the recipe's metrics are not consulted then
