@@ -3,12 +3,15 @@
     precision = "fp32"   plain fp32 (the default)
     precision = "bf16"   torch.autocast to bfloat16; weights, grads and optimizer state stay fp32
     precision = "fp16"   torch.autocast to float16 with a torch.amp.GradScaler (loss scaling)
-    compile = true       torch.compile of the head and the memory (nn.Module.compile, in place,
-                         so parameter names and checkpoints are the same as eager)
+    compile = true       torch.compile of the whole training forward: the objective on the head and
+                         the memory, loss included (the backward through AOTAutograd); parameter
+                         names and checkpoints are the same as eager. Evaluation stays eager.
+    cuda_graphs = true   the whole training step replayed as one CUDA graph (engram_core.graphs)
 
 Precision applies on CUDA; on the CPU a run stays fp32 (CPU autocast is slow on most CPUs and
-would change a GPU recipe's CPU smoke test), as docs/recipes.md has said from the start. `compile` compiles each module's forward: an objective that calls the head as
-`model.head(x)` runs compiled, a helper method (`model.head.predict`) stays eager.
+would change a GPU recipe's CPU smoke test), as docs/recipes.md has said from the start. An objective that calls the head as
+`model.head(x)` and one that calls a helper method (`model.head.predict`) both run compiled,
+since the compiled region is the objective's call itself.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ class CompileError(EngramError):
     """torch.compile could not compile a component; one line, exit 2."""
 
 
-def autocast(precision: str, device: torch.device):
-    """The autocast context of a forward pass at `precision` (a null context for fp32)."""
+def autocast(precision: str, device: torch.device, cache: bool = True):
+    """The autocast context of a forward pass at `precision` (a null context for fp32).
+    `cache=False` inside a captured CUDA graph (autocast's weight-cast cache must not
+    outlive the capture)."""
     dtype = AUTOCAST_DTYPES.get(precision)
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -41,15 +46,12 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
     return torch.amp.GradScaler(device.type)
 
 
-def compile_components(named: dict[str, torch.nn.Module | None]) -> None:
-    """Compile each module in place; a component may say it cannot (`compilable = False`)."""
+def check_compilable(named: dict[str, torch.nn.Module | None]) -> None:
+    """Before anything is compiled: a component may say it cannot be (`compilable = False`)."""
     for role, module in named.items():
-        if module is None:
-            continue
-        if getattr(module, "compilable", True) is False:
+        if module is not None and getattr(module, "compilable", True) is False:
             why = getattr(module, "compile_note", "") or "it declares compilable = False"
             raise CompileError(f"run.compile: the {role} ({type(module).__name__}) cannot be compiled: {why}; set run.compile = false")
-        module.compile()
 
 
 def is_compile_failure(exc: BaseException) -> bool:

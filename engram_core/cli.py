@@ -61,6 +61,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe, each value's origin (base, recipe, override, default); run nothing")
     p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks, through torchrun (torch.distributed.run --standalone --nproc_per_node N)")
     p.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="sweeps: run N points at once, each in its own process with its share of the CPU threads")
     from . import completion
 
     completion.recipe_files(recipe_arg)
@@ -70,6 +71,11 @@ def run_main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(raw)  # options may come between overrides
     from . import distributed
 
+    if args.jobs < 1 or (args.jobs > 1 and (args.nproc is not None or distributed.launched_by_torchrun())):
+        what = "expected a number of points at once >= 1" if args.jobs < 1 else \
+            "cannot be combined with a distributed run (--nproc or torchrun); run the sweep's points one after another over the ranks, or drop --nproc"
+        print(f"error: --jobs: {what}", file=sys.stderr)
+        return 2
     if args.nproc is not None and not distributed.launched_by_torchrun():
         if args.nproc < 1:
             print("error: --nproc: expected a number of ranks >= 1", file=sys.stderr)
@@ -95,6 +101,15 @@ def run_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full or failing disk under a writer that is not the run directory's own (TensorBoard's)
+        from .rundir import WRITE_FAULTS
+
+        if exc.errno not in WRITE_FAULTS or args.traceback:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: the disk failed{where}: {exc.strerror or exc} (errno {exc.errno}); free space (or use another --out), "
+              "then resume: engram-run --resume RUN_DIR", file=sys.stderr)
+        return 1
     except Exception as exc:
         if not (dist.enabled and distributed.lost_a_rank(exc)):
             raise
@@ -110,7 +125,12 @@ def _precheck(args, nproc: int) -> None:
     from .distributed import check_batch_split
     from .recipe import TrainStage, load_recipe, point_recipe, sweep_points
 
-    if args.resume or not args.recipe:
+    if args.resume:
+        from .rundir import check_resumable_dir
+
+        check_resumable_dir(Path(args.resume))  # a folder that is not a run: one line, before N processes start
+        return
+    if not args.recipe:
         return
     recipe = load_recipe(args.recipe, list(args.overrides))
     points = [point_recipe(recipe, p) for _, p in sweep_points(recipe)] if recipe.sweep else [recipe]
@@ -150,15 +170,26 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     # torchrun's agent replaces this process's signal handlers (and leaves SIGINT ignored
     # after it returns): a caller that runs on in this process (a notebook, a test session)
     # would then start children that ignore Ctrl-C. Put them back afterwards.
+    import os
     import signal
 
+    from .threads import AUTO_ENV, child_env
+
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    shared = child_env(nproc)  # the ranks share the cores (engram_core.threads), not torchrun's 1 thread each
+    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", AUTO_ENV)}
+    os.environ.update({k: shared[k] for k in saved_env if k in shared})
     try:
         return _run_torchrun(run, targs, ChildFailedError, nproc)
     finally:
         for sig, handler in saved.items():
             if handler is not None:
                 signal.signal(sig, handler)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_torchrun(run, targs, ChildFailedError, nproc: int) -> int:
@@ -199,7 +230,7 @@ def _run(args, console: Console) -> int:
         if not_overrides:
             raise RecipeError([("", f"--resume takes the run directory and key=value overrides, got {not_overrides[0]!r} "
                                     "(the run directory's recipe.toml is what resumes)")])
-        return resume_any(Path(args.resume), console, device=args.device, quiet=args.quiet, overrides=overrides)
+        return resume_any(Path(args.resume), console, device=args.device, quiet=args.quiet, overrides=overrides, jobs=args.jobs)
     if not args.recipe:
         raise RecipeError([("", "give a recipe file (or --resume RUN_DIR)")])
     overrides = list(args.overrides)
@@ -224,7 +255,7 @@ def _run(args, console: Console) -> int:
         if args.params:
             _print_params(console, check_recipe(recipe))
         return 0
-    return run_recipe(recipe, console, quiet=args.quiet)
+    return run_recipe(recipe, console, quiet=args.quiet, jobs=args.jobs)
 
 
 def _check_loggers(recipe) -> None:

@@ -94,7 +94,13 @@ def default_cache_dir() -> Path:
 
 
 class Dataset(abc.ABC):
-    """A data set with named splits. Batches are dicts of CPU tensors."""
+    """A data set with named splits. Batches are dicts of CPU tensors.
+
+    Optional protocol (no default here): ``place(device)``, which the engine calls once after
+    building the data set where it is defined, keeps the data on the run's device; `sample`
+    then still draws its indices with the CPU `generator` (same batches on every device,
+    exact resume) and returns tensors on that device (the core `mqar` does this).
+    """
 
     spec: DataSpec
     splits: tuple[str, ...] = ("train", "eval")
@@ -397,7 +403,11 @@ def _one_process():
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a batch onto `device`. A host tensor bound for CUDA goes through pinned
+    memory, so the copy is asynchronous (from pageable memory the host would wait)."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}

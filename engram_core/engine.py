@@ -11,17 +11,21 @@ import fnmatch
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 
-from . import distributed, sharded_state
-from .accel import autocast, compile_components, compile_failure, grad_scaler, is_compile_failure
+from . import distributed, sharded_state, threads
+from .accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
+from .graphs import CapturedStep, make_capturable
 from .loggers import open_run_logger
+from .meter import StepMeter
 from .nn.sharded_rows import clip_grad_norm_, serve_peers
 from .optim import registered_optimizers, row_holder
 from .progress import Progress
@@ -33,13 +37,49 @@ from .rundir import (
     atomic_write_text,
     environment,
     load_checkpoint,
+    mark_run_dir,
     nonfinite_tensors,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from .tb import NullLogger, drop_events_after
 from .validate import blame, component_label, describe, make_component, parameter_problems, stage_problems
 
-EVENT_HOOKS = ("on_step_end", "on_eval_end", "on_stage_end")
+
+@attrs.define(eq=False)
+class StageRun:
+    """What one train stage holds while it runs (built by `Engine._start_stage`)."""
+
+    index: int
+    stage: TrainStage
+    objective: Any
+    who: str  # the objective's label in error messages
+    start: int  # the stage step to begin at (> 0 on resume)
+    params: list
+    held: list  # (name, RowHolder) of tables whose rows live outside their parameter
+    opts: list
+    scheds: list
+    scaler: Any
+    forward: Callable  # batch -> (loss, terms): the objective on the model (DDP-wrapped on N ranks, compiled with run.compile)
+    no_sync: Callable
+    amp: Any  # the autocast context (reusable)
+    compiled: bool
+    local_size: int
+    splits: bool  # micro-batches or rank shards
+    meter: StepMeter
+    check_every_step: bool  # on the CPU, reading the loss costs nothing: stop at the very step
+    count_tokens: Callable | None
+    prefetchers: list
+    step_hooks: list
+    evaluates: bool
+    captured: CapturedStep | None = None
+    ahead: dict | None = None  # the next step's batch, drawn early and already handed to `prefetch`
+    tokens_since: int = 0
+    t_log: float = attrs.field(factory=time.perf_counter)
+
+    @property
+    def opt_ref(self):
+        return self.opts[0] if len(self.opts) == 1 else self.opts
 
 
 def pick_device(name: str) -> torch.device:
@@ -82,8 +122,17 @@ class Engine:
         self.progress = Progress(console=console, enabled=show_progress and self.dist.is_main)
         self.console = self.progress.console
         self.hparams = hparams or {}
-        self.step = 0
+        self.step = 0  # global optimiser steps over all stages
         self.stage_results: dict[str, dict[str, float]] = {}
+        self.status = "created"  # running, completed, failed, nonfinite, interrupted
+        self.error: str | None = None
+        self.t0 = time.time()
+        self.prior_wall = 0.0  # wall time of the run before a resume
+        self.metrics_log: MetricsLog | None = None
+        self.logger: Any = NullLogger()
+        self.sampler = torch.Generator().manual_seed(recipe.run.seed)  # draws every training batch
+        self._sampler_before_ahead: torch.Tensor | None = None  # the sampler before a prefetch's early draw
+        self._compile_checked = False  # the first compiled step has run (compile failures are reported then)
 
     # ---- build ------------------------------------------------------------------------
 
@@ -105,8 +154,11 @@ class Engine:
             points = [p for p in r.memory.component.provides if p in r.head.component.offers]
             point = points[0] if points else None
         self.model = Model(self.head, self.memory, point).to(self.device)
+        place = getattr(self.dataset, "place", None)
+        if callable(place):  # a data set that can keep its tensors on the run's device samples there
+            place(self.device)
         if r.run.compile:
-            compile_components(self._compiled())
+            check_compilable(self._compiled())
         ob = BuildContext(spec=spec, dataset=self.dataset, head=self.head, **base)
         self.objectives = {i: self._make(o, ob).to(self.device) for i, o in r.objectives.items()}
         self.metrics = [self._make(m, ob) for m in r.metrics]
@@ -166,6 +218,10 @@ class Engine:
                     self.stage_results[rec["stage"]] = rec["metrics"]
         env = environment(self.registry, self.device)
         env["distributed"] = self._distributed_env()  # a collective: every rank takes part
+        if main:  # the engine's folder (engram-run made it already; Python callers may not have)
+            mark_run_dir(self.run_dir)
+            if not resume:
+                remove_stale_temporaries(self.run_dir)
         if not resume and main:
             atomic_write_text(self.run_dir / "recipe.toml", r.to_toml(include_sweep=False))
         if main:
@@ -179,7 +235,6 @@ class Engine:
         if state is not None:
             start_stage = state["stage_index"] + (1 if state["stage_done"] else 0)
         self.status = "running"
-        self.error: str | None = None
         try:
             for i in range(start_stage, len(r.stages)):
                 st = r.stages[i]
@@ -311,7 +366,121 @@ class Engine:
 
         return factor
 
+    # ---- train: the loop, one step, forward/backward, optimiser step --------------------
+    #
+    # `_train` is the stage's loop; `train_step` one optimiser step; `forward_backward_step`
+    # one micro-batch. Nothing in the steady state reads a device value on the host: loss
+    # and terms stay in `StageRun.meter` (engram_core.meter) until a log step, and the loss
+    # is checked for NaN/inf there, before every evaluation and checkpoint, and at the
+    # stage's end (every step on the CPU, where reading it costs nothing).
+
     def _train(self, index: int, st: TrainStage, state: dict | None) -> None:
+        run = self._start_stage(index, st, state)
+        self.progress.start(st.name, st.steps, run.start)
+        for s in range(run.start, st.steps):
+            batch = self._next_batch(run, s)
+            log_now = (s + 1) % st.log_every == 0 or s + 1 == st.steps
+            lr_now = self._current_lr(run) if log_now else None  # the rate this step is taken with
+            self.train_step(run, batch)
+            self.step += 1
+            done = s + 1
+            if run.check_every_step:
+                self._check_finite(run)
+            if log_now:
+                self._log_train(run, done, lr_now)
+            self._step_hooks(run, done)
+            if run.evaluates and st.eval_every and done % st.eval_every == 0 and done != st.steps:
+                self._check_finite(run)
+                self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=False)
+            if st.checkpoint_every and done % st.checkpoint_every == 0 and done != st.steps:
+                self._check_finite(run)
+                self._checkpoint(index, done, False, run.opts, run.scheds, run.scaler)
+        self._check_finite(run)
+        self.progress.finish()
+        if run.evaluates:
+            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=True)
+        self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, run.opt_ref,
+                                         self.run_dir, st.steps, st.steps), run.objective)
+        self._set_memory(True)
+        self._checkpoint(index, st.steps, True, [], [])
+
+    def train_step(self, run: StageRun, batch: dict) -> None:
+        """One optimiser step on the global batch: eagerly, or as a replay of its CUDA graph."""
+        if run.captured is not None:
+            run.captured(to_device(batch, self.device))
+        else:
+            self._whole_step(run, batch)
+        run.meter.count_step()
+        for sc in run.scheds:
+            sc.step()
+
+    def _whole_step(self, run: StageRun, batch: dict) -> dict:
+        """Forward and backward of every micro-batch, then the optimiser step; what a CUDA
+        graph records. Returns the step's loss and terms (device tensors)."""
+        st = run.stage
+        for o in run.opts:
+            o.zero_grad(set_to_none=True)
+        pieces = distributed.micro_batches(self.dist.shard(batch, st.batch_size), run.local_size, st.grad_accum) if run.splits else (batch,)
+        loss_sum, terms_sum = None, {}
+        for k, piece in enumerate(pieces):
+            last = k == st.grad_accum - 1
+            loss, terms = self.forward_backward_step(run, to_device(piece, self.device), sync_grads=last)
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            for key, v in terms.items():
+                terms_sum[key] = terms_sum[key] + v if key in terms_sum else v
+        if self.dist.enabled:  # the global mean loss: every rank sees it, so all stop together on NaN
+            loss_sum = self.dist.all_reduce_mean(loss_sum.float().reshape(1)).reshape(())
+        self._optimizer_step(run)
+        run.meter.add(loss_sum, terms_sum)
+        return {"loss": loss_sum, **terms_sum}
+
+    def forward_backward_step(self, run: StageRun, piece: dict, sync_grads: bool = True) -> tuple[torch.Tensor, dict]:
+        """The objective's forward and the backward of one micro-batch (DDP all-reduces
+        gradients on the last one only). Returns its share of the loss and terms, detached."""
+        accum = run.stage.grad_accum
+        with run.no_sync() if not sync_grads else contextlib.nullcontext():
+            try:
+                with run.amp, blame(run.who, self.recipe.file):
+                    loss, terms = run.forward(piece)
+            except Exception as exc:
+                cause = getattr(exc, "original", exc)  # blame() wraps what the component raised
+                if run.compiled and not self._compile_checked and is_compile_failure(cause):
+                    raise compile_failure(cause, self._compiled()) from None
+                raise
+            self._compile_checked = True
+            part = loss / accum if accum > 1 else loss
+            (run.scaler.scale(part) if run.scaler is not None else part).backward()
+        shares = {}
+        for key, v in terms.items():
+            if key != "loss":
+                v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                shares[key] = v / accum if accum > 1 else v
+        return part.detach(), shares
+
+    def _optimizer_step(self, run: StageRun) -> None:
+        """Unscale (fp16), clip, step every optimiser. No host synchronisation."""
+        st = run.stage
+        if run.scaler is not None:
+            for o in run.opts:
+                run.scaler.unscale_(o)
+        if st.grad_clip > 0:
+            dense = [p for p in run.params if p.grad is not None and not p.grad.is_sparse]
+            for _, holder in run.held:  # rows held outside their parameter keep their gradients in device buffers
+                dense += holder.gradient_leaves()
+            clip_grad_norm_(dense, st.grad_clip, self.model)  # row-sharded tables: the norm over all ranks' rows
+        for o in run.opts:
+            if run.scaler is not None:
+                run.scaler.step(o)
+            else:
+                o.step()
+        if run.scaler is not None:
+            run.scaler.update()
+
+    # ---- train: the stage's set-up, batches, logging, checks ---------------------------
+
+    def _start_stage(self, index: int, st: TrainStage, state: dict | None) -> StageRun:
+        """Parameters, optimisers, schedules and the step function of a train stage; on
+        resume, their state from the checkpoint."""
         objective = self.objectives[index]
         chosen = self._select_params(st, index)
         held = [(n, row_holder(p)) for n, p in chosen if row_holder(p) is not None]
@@ -323,160 +492,148 @@ class Engine:
             raise RecipeError([(f"stages.{index}.param_groups", f"{unclaimed[0]} is a table whose rows live outside the model's parameters (its placement) and only a "
                                 f"row-wise optimiser trains it: add {{ params = [\"{unclaimed[0]}\"], optimizer = \"rowwise_adam\" }} (or \"rowwise_adagrad\"), "
                                 f"or freeze it")], self.recipe.file)
+        graphs = self.recipe.run.cuda_graphs
+        if graphs:
+            self._check_graphable(index, st, held)
+            make_capturable(opts, self.device, f"stages.{index}")
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor(st)) for o in opts]
-        params = [p for _, p in chosen]
         scaler = grad_scaler(self.recipe.run.precision, self.device)
-        start = 0
-        if state is not None:
-            # the recipe's hyperparameters win over the checkpoint's: `--resume RUN_DIR stages.0.lr=...`
-            recipe_groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in opts]
-            for o, s in zip(opts, state["optimizers"]):
-                o.load_state_dict(s)
-            sharded_state.load_optimizers(self.run_dir, state.get("sharded_tables"), opts, self.model)  # rows this rank owns
-            for sc, s in zip(scheds, state["schedulers"]):
-                sc.load_state_dict(s)
-            for o, sc, groups in zip(opts, scheds, recipe_groups):
-                for g, fresh in zip(o.param_groups, groups):
-                    # only what the recipe changed: the rate keeps its schedule factor and any
-                    # scaling a component applied (deq-hrr's warm restarts), so plain resume is exact
-                    if fresh["initial_lr"] != g["initial_lr"]:
-                        g["lr"] = g["lr"] * fresh["initial_lr"] / g["initial_lr"]
-                    for k, v in fresh.items():
-                        if k != "lr" and g.get(k) != v:
-                            g[k] = v
-                sc.base_lrs = [g["initial_lr"] for g in o.param_groups]
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start = state["stage_step"]
-            self._restore_rng(state)
+        start = self._restore_stage(state, opts, scheds, scaler) if state is not None else 0
         self._set_memory(st.memory)
         self.model.train()
         objective.train()
         # one process: objective(model, batch); N ranks: the same under DDP
         forward, no_sync = distributed.wrap_train_step(self.model, objective, self._components(objective), self.dist, self.device)
-        amp = autocast(self.recipe.run.precision, self.device)
-        accum = st.grad_accum
-        local_size = st.batch_size // self.dist.world_size
-        splits = self.dist.enabled or accum > 1
-        nullcontext = contextlib.nullcontext()  # reusable: it holds no state
-        count_tokens = getattr(self.dataset, "count_tokens", None)
-        step_hooks = [c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")]
-        prefetchers = self._prefetchers(objective)
-        ahead = None  # the next step's batch, drawn early and already handed to `prefetch`
-        sums: dict[str, Any] = {}  # terms stay tensors until a log step: no device sync per term
-        n_sum = 0
-        tokens_since = 0
-        t_log = time.perf_counter()
-        steps_since = 0
-        opt_ref = opts[0] if len(opts) == 1 else opts
-        evaluates = bool(self.metrics) and st.metrics != ()  # `metrics = []`: this stage does not evaluate
-        first_compiled_step = self.recipe.run.compile and not getattr(self, "_compile_checked", False)
-        self.progress.start(st.name, st.steps, start)
-        who = self.labels["objectives"][index]
-        for s in range(start, st.steps):
-            if ahead is not None:
-                batch, ahead = ahead, None
-            else:
-                with blame(who, self.recipe.file):
-                    batch = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
-                self._prefetch(prefetchers, batch)
-            self._sampler_before_ahead = None
-            if prefetchers and s + 1 < st.steps:
-                # draw the next batch now, so its rows move while this step runs; a checkpoint
-                # saves the sampler as it was before this draw, so resume draws it again
-                self._sampler_before_ahead = self.sampler.get_state()
-                with blame(who, self.recipe.file):
-                    ahead = objective.sample(self.dataset, st.split, st.batch_size, self.sampler)
-                self._prefetch(prefetchers, ahead)
-            if count_tokens is not None:
-                tokens_since += int(count_tokens(batch))
-            if splits:
-                pieces = distributed.micro_batches(self.dist.shard(batch, st.batch_size), local_size, accum)
-            else:
-                pieces = (batch,)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss_sum = None
-            terms_sum: dict[str, Any] = {}
-            for k, piece in enumerate(pieces):
-                # DDP all-reduces gradients on the last micro-batch only
-                with no_sync() if k < accum - 1 else nullcontext:
-                    try:
-                        with amp, blame(who, self.recipe.file):
-                            loss, terms = forward(to_device(piece, self.device))
-                    except Exception as exc:
-                        cause = getattr(exc, "original", exc)  # blame() wraps what the component raised
-                        if first_compiled_step and is_compile_failure(cause):
-                            raise compile_failure(cause, self._compiled()) from None
-                        raise
-                    part = loss / accum if accum > 1 else loss
-                    (scaler.scale(part) if scaler is not None else part).backward()
-                loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
-                for key, v in terms.items():
-                    if key != "loss":
-                        v = v.detach() if isinstance(v, torch.Tensor) else float(v)
-                        v = v / accum if accum > 1 else v
-                        terms_sum[key] = terms_sum[key] + v if key in terms_sum else v
-            first_compiled_step = False
-            self._compile_checked = True
-            # the global mean loss; every rank sees the same value, so all stop together on NaN
-            loss_value = float(self.dist.all_reduce_mean(loss_sum.float().reshape(1))) if self.dist.enabled else float(loss_sum)
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(self._nonfinite_message(index, st, s + 1, loss_value, terms_sum))
-            lr_now = opts[0].param_groups[0]["lr"]  # the lr this step is taken with
-            if scaler is not None:
-                for o in opts:
-                    scaler.unscale_(o)
-            if st.grad_clip > 0:
-                dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
-                for _, holder in held:  # rows held outside their parameter keep their gradients in device buffers
-                    dense += holder.gradient_leaves()
-                clip_grad_norm_(dense, st.grad_clip, self.model)  # row-sharded tables: the norm over all ranks' rows
-            for o in opts:
-                if scaler is not None:
-                    scaler.step(o)
-                else:
-                    o.step()
-            if scaler is not None:
-                scaler.update()
-            for sc in scheds:
-                sc.step()
-            self.step += 1
-            done = s + 1
-            n_sum += 1
-            steps_since += 1
-            sums["loss"] = sums.get("loss", 0.0) + loss_value
-            for key, v in terms_sum.items():
-                sums[key] = sums[key] + v if key in sums else v
-            if done % st.log_every == 0 or done == st.steps:
-                now = time.perf_counter()
-                dt = max(now - t_log, 1e-9)
-                means = self._train_means(sums, n_sum)
-                for k, v in means.items():
-                    self.logger.scalar(f"train/{k}", v, self.step)
-                self.logger.scalar("lr", lr_now, self.step)
-                self.logger.scalar("throughput/steps_per_s", steps_since / dt, self.step)
-                self.logger.scalar("throughput/samples_per_s", steps_since * st.batch_size / dt, self.step)  # global
-                if count_tokens is not None:
-                    self.logger.scalar("throughput/tokens_per_s", tokens_since / dt, self.step)
-                self.progress.update(done, means["loss"])
-                sums, n_sum, steps_since, tokens_since, t_log = {}, 0, 0, 0, now
-            if step_hooks:
-                ev = Event(self.step, st.name, self.model, {"loss": loss_value}, self.logger, opt_ref, self.run_dir, done, st.steps)
-                for fn in step_hooks:
-                    with blame(f"{self._label_of(getattr(fn, '__self__', fn))}.on_step_end", self.recipe.file):
-                        fn(ev)
-            last = done == st.steps
-            if evaluates and st.eval_every and done % st.eval_every == 0 and not last:
-                self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=False)
-            if st.checkpoint_every and done % st.checkpoint_every == 0 and not last:
-                self._checkpoint(index, done, False, opts, scheds, scaler)
-        self.progress.finish()
-        if evaluates:
-            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, objective, opt_ref, stage_end=True)
-        self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, opt_ref, self.run_dir, st.steps, st.steps), objective)
-        self._set_memory(True)
-        self._checkpoint(index, st.steps, True, [], [])
+        if self.recipe.run.compile:
+            forward = torch.compile(forward)  # the whole forward and loss; backward through AOTAutograd
+        run = StageRun(
+            index=index, stage=st, objective=objective, who=self.labels["objectives"][index], start=start,
+            params=[p for _, p in chosen], held=held, opts=opts, scheds=scheds, scaler=scaler, forward=forward, no_sync=no_sync,
+            amp=autocast(self.recipe.run.precision, self.device, cache=not graphs), compiled=self.recipe.run.compile,
+            local_size=st.batch_size // self.dist.world_size, splits=self.dist.enabled or st.grad_accum > 1,
+            meter=StepMeter(self.device, first_step=start), check_every_step=self.device.type != "cuda",
+            count_tokens=getattr(self.dataset, "count_tokens", None), prefetchers=self._prefetchers(objective),
+            step_hooks=[c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")],
+            evaluates=bool(self.metrics) and st.metrics != (),  # `metrics = []`: this stage does not evaluate
+        )
+        if graphs:
+            run.captured = CapturedStep(lambda batch: self._whole_step(run, batch), f"stages.{index} ({st.name})")
+        return run
+
+    def _restore_stage(self, state: dict, opts, scheds, scaler) -> int:
+        """Optimiser, schedule, scaler and sampler state of a stage stopped mid-way; returns
+        the step to continue from."""
+        # the recipe's hyperparameters win over the checkpoint's: `--resume RUN_DIR stages.0.lr=...`
+        recipe_groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in opts]
+        for o, s in zip(opts, state["optimizers"]):
+            o.load_state_dict(s)
+        sharded_state.load_optimizers(self.run_dir, state.get("sharded_tables"), opts, self.model)  # rows this rank owns
+        for sc, s in zip(scheds, state["schedulers"]):
+            sc.load_state_dict(s)
+        for o, sc, groups in zip(opts, scheds, recipe_groups):
+            for g, fresh in zip(o.param_groups, groups):
+                # only what the recipe changed: the rate keeps its schedule factor and any
+                # scaling a component applied (deq-hrr's warm restarts), so plain resume is exact
+                if fresh["initial_lr"] != g["initial_lr"]:
+                    g["lr"] = g["lr"] * fresh["initial_lr"] / g["initial_lr"]
+                for k, v in fresh.items():
+                    if k != "lr" and g.get(k) != v:
+                        g[k] = v
+            sc.base_lrs = [g["initial_lr"] for g in o.param_groups]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self._restore_rng(state)
+        return state["stage_step"]
+
+    def _check_graphable(self, index: int, st: TrainStage, held) -> None:
+        """What `run.cuda_graphs` cannot capture, said before the stage starts."""
+        why = None
+        if self.device.type != "cuda":
+            why = f"needs CUDA (this run is on {self.device})"
+        elif self.dist.enabled:
+            why = f"runs in one process (this run has {self.dist.world_size} ranks)"
+        elif st.grad_accum > 1:
+            why = f"needs grad_accum = 1 (stages.{index}.grad_accum = {st.grad_accum})"
+        elif self.recipe.run.precision == "fp16":
+            why = "cannot capture fp16 loss scaling (use run.precision = \"bf16\")"
+        elif held or self._prefetchers(self.objectives[index]):
+            why = "cannot capture tables whose rows are fetched between steps (memory.placement)"
+        if why:
+            raise RecipeError([("run.cuda_graphs", f"{why}; set run.cuda_graphs = false")], self.recipe.file)
+
+    def _next_batch(self, run: StageRun, s: int) -> dict:
+        """The step's global batch. With prefetching components, the next step's batch is
+        drawn one step early and handed to `prefetch`, so its rows move while this step runs;
+        a checkpoint saves the sampler as it was before that draw, so resume draws it again."""
+        st = run.stage
+        if run.ahead is not None:
+            batch, run.ahead = run.ahead, None
+        else:
+            batch = self._sample(run)
+            self._prefetch(run.prefetchers, batch)
+        self._sampler_before_ahead = None
+        if run.prefetchers and s + 1 < st.steps:
+            self._sampler_before_ahead = self.sampler.get_state()
+            run.ahead = self._sample(run)
+            self._prefetch(run.prefetchers, run.ahead)
+        if run.count_tokens is not None:
+            run.tokens_since += int(run.count_tokens(batch))
+        return batch
+
+    def _sample(self, run: StageRun) -> dict:
+        st = run.stage
+        with blame(run.who, self.recipe.file):
+            return run.objective.sample(self.dataset, st.split, st.batch_size, self.sampler)  # the global batch
+
+    @staticmethod
+    def _current_lr(run: StageRun) -> float:
+        lr = run.opts[0].param_groups[0]["lr"]
+        return float(lr)  # a tensor under run.cuda_graphs: read only at log steps
+
+    def _check_finite(self, run: StageRun) -> None:
+        """Stop the run if a step's loss was NaN or inf (one small synchronisation)."""
+        bad = run.meter.nonfinite()
+        if bad is not None:
+            raise NonFiniteLossError(self._nonfinite_message(run.index, run.stage, bad.step, bad.loss, bad.terms))
+
+    def _log_train(self, run: StageRun, done: int, lr_now: float) -> None:
+        """train/* means since the last log step, lr, throughput; the progress line."""
+        reading = run.meter.read()  # the one host synchronisation of a log step
+        if reading.nonfinite is not None:
+            bad = reading.nonfinite
+            raise NonFiniteLossError(self._nonfinite_message(run.index, run.stage, bad.step, bad.loss, bad.terms))
+        means = self._rank_means(reading.means)
+        now = time.perf_counter()
+        dt = max(now - run.t_log, 1e-9)
+        for k, v in means.items():
+            self.logger.scalar(f"train/{k}", v, self.step)
+        self.logger.scalar("lr", lr_now, self.step)
+        self.logger.scalar("throughput/steps_per_s", reading.steps / dt, self.step)
+        self.logger.scalar("throughput/samples_per_s", reading.steps * run.stage.batch_size / dt, self.step)  # global
+        if run.count_tokens is not None:
+            self.logger.scalar("throughput/tokens_per_s", run.tokens_since / dt, self.step)
+        self.progress.update(done, means["loss"])
+        threads.rebalance()  # runs started or ended since: this run's share of the cores (engram_core.threads)
+        run.tokens_since, run.t_log = 0, now
+
+    def _rank_means(self, means: dict[str, float]) -> dict[str, float]:
+        """Term means averaged over ranks (the loss already is, step by step)."""
+        terms = [k for k in means if k != "loss"]
+        if self.dist.enabled and terms:
+            packed = self.dist.all_reduce_mean(torch.tensor([means[k] for k in terms], dtype=torch.float64))
+            means.update(zip(terms, packed.tolist()))
+        return means
+
+    def _step_hooks(self, run: StageRun, done: int) -> None:
+        """Components' `on_step_end`; the event's loss is the step's loss tensor (reading it
+        as a number waits for the GPU)."""
+        if not run.step_hooks:
+            return
+        ev = Event(self.step, run.stage.name, self.model, {"loss": run.meter.last_loss}, self.logger, run.opt_ref, self.run_dir,
+                   done, run.stage.steps)
+        for fn in run.step_hooks:
+            with blame(f"{self._label_of(getattr(fn, '__self__', fn))}.on_step_end", self.recipe.file):
+                fn(ev)
 
     def _prefetchers(self, objective) -> list:
         """`prefetch(batch)` of every component that has one (and does not say
@@ -488,16 +645,6 @@ class Engine:
         for comp in prefetchers:
             with blame(f"{self._label_of(comp)}.prefetch", self.recipe.file):
                 comp.prefetch(batch)
-
-    def _train_means(self, sums: dict[str, Any], n: int) -> dict[str, float]:
-        """Mean train/* values since the last log step; term means are averaged over ranks
-        (the loss already is, step by step)."""
-        means = {k: float(v) / n for k, v in sums.items()}
-        terms = [k for k in means if k != "loss"]
-        if self.dist.enabled and terms:
-            packed = self.dist.all_reduce_mean(torch.tensor([means[k] for k in terms], dtype=torch.float64))
-            means.update(zip(terms, packed.tolist()))
-        return means
 
     def _autocast(self):
         return autocast(self.recipe.run.precision, self.device)
@@ -591,7 +738,6 @@ class Engine:
         self.metrics_log.append(record)
         if stage_end:
             self.stage_results[stage] = results
-        self.latest = results
         self._emit("on_eval_end", Event(self.step, stage, self.model, results, self.logger, optimizer, self.run_dir), objective)
         if was_training:
             self.model.train()
@@ -640,7 +786,7 @@ class Engine:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "world_size": self.dist.world_size,
             "n_records": len(self.metrics_log.records),
-            "wall_time_s": time.time() - self.t0 + getattr(self, "prior_wall", 0.0),
+            "wall_time_s": time.time() - self.t0 + self.prior_wall,
             "saved_at": time.time(),
         }
         state.update(self._rng_state())
@@ -651,7 +797,7 @@ class Engine:
         py = random.getstate()
         npst = np.random.get_state()
         out = {
-            "rng_sampler": self._sampler_before_ahead if getattr(self, "_sampler_before_ahead", None) is not None else self.sampler.get_state(),
+            "rng_sampler": self._sampler_before_ahead if self._sampler_before_ahead is not None else self.sampler.get_state(),
             "rng_torch": torch.get_rng_state(),
             "rng_python": [py[0], list(py[1]), py[2]],
             "rng_numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
@@ -682,26 +828,20 @@ class Engine:
         self.prior_wall = state.get("wall_time_s", 0.0)
         self._restore_rng(state)
 
-    @property
-    def sampler(self) -> torch.Generator:
-        if not hasattr(self, "_sampler"):
-            self._sampler = torch.Generator().manual_seed(self.recipe.run.seed)
-        return self._sampler
-
     # ---- summary ----------------------------------------------------------------------
 
     def summary(self) -> dict:
-        recs = self.metrics_log.records if hasattr(self, "metrics_log") else []
+        recs = self.metrics_log.records if self.metrics_log is not None else []
         final = recs[-1]["metrics"] if recs else {}
         return {
             "name": self.recipe.name,
-            "status": getattr(self, "status", "failed"),
+            "status": self.status,
             "run_dir": str(self.run_dir),
             "steps": self.step,
-            "wall_time_s": round(time.time() - self.t0 + getattr(self, "prior_wall", 0.0), 3),
+            "wall_time_s": round(time.time() - self.t0 + self.prior_wall, 3),
             "device": str(self.device),
             "world_size": self.dist.world_size,
             "final": final,
             "stages": dict(self.stage_results),
-            "error": getattr(self, "error", None),
+            "error": self.error,
         }

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from .errors import RecipeError, did_you_mean
 
 EXTENDS = "extends"
 DELETE = "__delete__"
@@ -148,6 +148,11 @@ def merge_into(target: dict, update: dict, origins: Origins | None, label: str |
     for key, value in update.items():
         path = (*prefix, key)
         old = target.get(key)
+        if value == DELETE and key not in target:  # a typo (`hiden`) must not leave `hidden` silently in place
+            where = ".".join(path)
+            raise RecipeError([(where, f"\"{DELETE}\" removes an inherited key, but no base recipe has '{where}'"
+                                       f"{did_you_mean(key, [k for k in target if isinstance(k, str)])}")],
+                              file=label if isinstance(label, str) else None)
         if value == DELETE or (prefix == () and key in NONE_TABLES and value == "none"):
             target.pop(key, None)
             if origins is not None:
@@ -196,12 +201,12 @@ def _patch_list(old: list, patches: dict, origins: Origins | None, label: str | 
 
 
 def _is_index(key: str) -> bool:
-    return key.isdigit()
+    return key.isdecimal() and key.isascii()  # `³`.isdigit() is True, int("³") fails
 
 
 def _strip_markers(node: Any) -> None:
     """A marker left after merging had nothing to act on (`__replace__` in a base's own
-    table is harmless and dropped; `__delete__` of a key no base has is dropped too)."""
+    table is harmless and dropped; `__delete__` of a key no base has is an error in `merge_into`)."""
     if isinstance(node, dict):
         node.pop(REPLACE, None)
         for k in [k for k, v in node.items() if v == DELETE]:

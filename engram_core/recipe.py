@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .config import (
 from .errors import ConfigError, RecipeError, did_you_mean
 from .registry import KIND_SINGULAR, Component, Registry, load_registry
 
+MAX_SWEEP_POINTS = 10_000  # every point is built and checked before the first runs
 SECTIONS = ("run", "data", "head", "memory", "stages", "metrics", "sweep")
 OPTIONAL_TABLES = ("memory",)
 NONE_WORD = "none"
@@ -43,38 +45,75 @@ DEVICE_WORDS = ("auto", "cpu", "cuda", "mps")
 DEVICE_ALIASES = {"gpu": "cuda", "cuda0": "cuda:0", "nvidia": "cuda", "cpu0": "cpu", "metal": "mps"}
 
 
+# a run directory is `<name>/<stamp>-<id><suffix>`: the name leaves room for the rest in 255 bytes
+MAX_RUN_NAME_BYTES = 200
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder under out_dir (never a path that leaves it), or None."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\") or name.startswith("~") or "\0" in name:
+        return (f"must be a plain folder name (no '/', '\\', '..' or '~'), got {name!r}; "
+                "use run.out_dir to choose where runs go")
+    if len(name.encode("utf-8")) > MAX_RUN_NAME_BYTES:
+        return (f"is {len(name.encode('utf-8'))} bytes long; a run name must fit in {MAX_RUN_NAME_BYTES} bytes "
+                "(its folder also holds a time stamp and an id, and file systems allow 255): shorten it")
+    return None
+
+
 def _run_name(inst, attribute, value):
-    """A run name is one folder name under out_dir: never a path that leaves it."""
-    if value in (".", "..") or any(c in value for c in "/\\") or value.startswith("~") or "\0" in value:
-        raise ConfigError(attribute.name, f"must be a plain folder name (no '/', '\\', '..' or '~'), got {value!r}; "
-                          "use run.out_dir to choose where runs go")
+    problem = run_name_problem(value) if value else None
+    if problem:
+        raise ConfigError(attribute.name, problem)
 
 
 @attrs.frozen
 class RunConfig:
     name: str = field("", help="run name (one folder name); default: the recipe file's stem", validator=_run_name)
-    seed: int = field(0, help="seeds torch, the training sampler and component factories")
+    seed: int = field(0, help="seeds torch, the training sampler and component factories (0 to 2**32-1)",
+                      validator=in_range(0, 2**32 - 1))
     device: str = field("auto", help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     out_dir: str = field("runs", help="parent folder of run directories")
     precision: str = field(
         "fp32", help="'fp32', 'bf16' (autocast, fp32 weights) or 'fp16' (autocast with a GradScaler)", validator=one_of("fp32", "bf16", "fp16")
     )
-    compile: bool = field(False, help="torch.compile the head and the memory")
+    compile: bool = field(False, help="torch.compile the training forward (objective, head, memory); evaluation stays eager")
+    cuda_graphs: bool = field(False, help="replay each training step as one CUDA graph after 3 eager steps (CUDA, one process)")
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
+    threads: int = field(0, help="CPU threads (torch intra-op) of this run; 0 = auto: the cores shared out between the engram runs of the machine (OMP_NUM_THREADS, when set, wins over auto)", validator=non_negative)
 
     def __attrs_post_init__(self):
         d = self.device
-        if not (d in DEVICE_WORDS or (d.startswith("cuda:") and d[5:].isdigit())):
+        if not (d in DEVICE_WORDS or (d.startswith("cuda:") and d[5:].isdecimal() and d.isascii())):
             hint = DEVICE_ALIASES.get(d.lower()) or did_you_mean(d, DEVICE_WORDS)
             hint = f" (did you mean '{hint}'?)" if hint and not hint.startswith(" ") else hint
             raise ConfigError("device", f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {d!r}{hint}")
 
 
+# Past these an optimiser's float32 arithmetic overflows (a traceback at step 1, not a
+# diverged loss): lr / (1 - beta1) and lr * weight_decay must stay below float32's 3.4e38.
+# No setting in use comes near them; a huge lr that diverges is still the user's to try.
+MAX_LR = 1e30
+MAX_WEIGHT_DECAY = 1e6
+
+
+def _rate(what: str, bound: float, check):
+    def validator(inst, attribute, value):
+        check(inst, attribute, value)
+        if value is not None and value > bound:
+            raise ConfigError(attribute.name, f"must be <= {bound:g}, got {value!r} (a {what} that large overflows the "
+                                              "optimiser's float32 arithmetic; typical values are 1e-5 to 1e-1)")
+    return validator
+
+
+learning_rate = _rate("learning rate", MAX_LR, finite_positive)
+decay_rate = _rate("weight decay", MAX_WEIGHT_DECAY, finite_non_negative)
+
+
 @attrs.frozen
 class ParamGroupConfig:
     params: tuple[str, ...] = field(help="glob patterns of parameter names in this group")
-    lr: float | None = field(None, help="learning rate (default: the stage's)", validator=finite_positive)
-    weight_decay: float | None = field(None, help="weight decay (default: the stage's)", validator=finite_non_negative)
+    lr: float | None = field(None, help="learning rate (default: the stage's)", validator=learning_rate)
+    weight_decay: float | None = field(None, help="weight decay (default: the stage's)", validator=decay_rate)
     optimizer: str | None = field(None, help="optimizer for this group (default: the stage's): a registered name (`engram_core.optim`)")
 
 
@@ -89,8 +128,8 @@ class TrainStage:
     optimizer: str = field(
         "adamw", help="'adamw', 'adam', 'sgd', 'sparse_adam', 'rowwise_adagrad', 'rowwise_adam' or a plugin's (engram_core.optim)"
     )
-    lr: float = field(1e-3, help="peak learning rate (finite, > 0)", validator=finite_positive)
-    weight_decay: float = field(0.0, help="weight decay (finite, >= 0)", validator=finite_non_negative)
+    lr: float = field(1e-3, help="peak learning rate (finite, > 0, <= 1e30)", validator=learning_rate)
+    weight_decay: float = field(0.0, help="weight decay (finite, >= 0, <= 1e6)", validator=decay_rate)
     betas: tuple[float, float] = field((0.9, 0.999), help="Adam betas: two values in [0, 1)", validator=adam_betas)
     momentum: float = field(0.0, help="SGD momentum, in [0, 1]", validator=in_range(0.0, 1.0))
     schedule: str = field("constant", help="'constant', 'cosine' or 'linear'", validator=one_of("constant", "cosine", "linear"))
@@ -230,7 +269,9 @@ def to_toml(data: dict) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """A TOML value (`1e-3`, `true`, `[1, 2]`, `{ type = "x" }`), else the bare string."""
+    """A TOML value (`1e-3`, `true`, `[1, 2]`, `{ type = "x" }`), else the bare string.
+
+    Raises ValueError for an integer too long for Python to read (over 4300 digits)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -244,7 +285,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise RecipeError([("", f"override {item!r} has an empty key path")])
-    return key, parse_value(value.strip())
+    try:
+        return key, parse_value(value.strip())
+    except ValueError:  # tomllib's int() past sys.get_int_max_str_digits
+        raise RecipeError([(key, f"override value is a number of {len(value.strip())} characters, too long to read; "
+                                 "give a number of ordinary size")]) from None
 
 
 def split_key(path: str) -> list[str]:
@@ -310,7 +355,7 @@ def _step(node: Any, part: str, where: str, label: str, create: bool) -> Any:
 
 
 def _index(part: str, n: int, where: str, label: str) -> int:
-    if not part.lstrip("-").isdigit():
+    if not (part.lstrip("-").isdecimal() and part.isascii()):  # `³`.isdigit() is True, int("³") fails
         raise RecipeError([(where, f"{label}: '{part}' is not a list index (0-based)")])
     idx = int(part)
     if not 0 <= idx < n:
@@ -342,6 +387,9 @@ def read_toml(path: str | Path) -> dict:
         raise RecipeError([("", f"TOML syntax error: {exc}")], file=str(path)) from None
     except UnicodeDecodeError as exc:
         raise RecipeError([("", f"not UTF-8 text: {exc}")], file=str(path)) from None
+    except ValueError as exc:  # an integer past sys.get_int_max_str_digits (not a TOMLDecodeError)
+        raise RecipeError([("", f"a value cannot be read ({str(exc).splitlines()[0][:120]}); give numbers of ordinary size")],
+                          file=str(path)) from None
 
 
 def load_recipe(
@@ -379,6 +427,9 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
             problems.append((key, f"unknown section{did_you_mean(key, SECTIONS)}; sections: {', '.join(SECTIONS)}"))
 
     run = _structure(raw.get("run", {}), RunConfig, "run", problems)
+    if run is not None and not run.name and run_name_problem(Path(file).stem):  # `...toml` has the stem `..`
+        problems.append(("run.name", f"missing, and the recipe file's name {Path(file).stem!r} cannot name a run folder "
+                                     "(it would leave run.out_dir): set run.name to a plain folder name"))
 
     def component(kind: str, table: Any, path: str) -> Resolved | None:
         if not isinstance(table, dict):
@@ -471,6 +522,11 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
             problems.append((f"sweep.{key}", "expected a non-empty list of values"))
         if key.split(".")[0] == "sweep":
             problems.append((f"sweep.{key}", "a sweep cannot sweep itself"))
+    sizes = {k: len(v) for k, v in sweep.items() if isinstance(v, list)}
+    if math.prod(sizes.values()) > MAX_SWEEP_POINTS:  # said at once, before each point is built and checked
+        shown = " x ".join(f"{n} ({k})" for k, n in sizes.items())
+        problems.append(("sweep", f"a grid of {math.prod(sizes.values()):,} points ({shown}) is more than {MAX_SWEEP_POINTS:,}; "
+                                  "sweep fewer values, or split it into several recipes"))
 
     if not problems:
         problems.extend(_check_stage_references(stages, metrics, memory))

@@ -173,25 +173,47 @@ def source_commit() -> tuple[str, list[str]]:
     return commit, changed
 
 
-def _run_job(job: Job, work: Path, cache: Path, device: str | None, threads: int | None, deadline: float | None) -> dict:
+def _job_env(cache: Path, on_cuda: bool, jobs: int) -> dict[str, str]:
+    """A run's environment. With several runs at once, a GPU run gets its share of the CPU
+    threads (cores // jobs, rebalanced as runs end: engram_core.threads); a CPU run keeps one
+    thread, as every published CPU row was made: the thread count changes the last bits of
+    CPU float sums, so another count would not reproduce those rows bit for bit."""
+    from . import threads
+
+    env = dict(os.environ, ENGRAM_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    if jobs <= 1:
+        return env
+    if on_cuda:
+        return threads.child_env(jobs, env)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop(threads.AUTO_ENV, None)
+    return env
+
+
+def _on_cuda(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None) -> dict:
     from .recipe import load_recipe, point_recipe
 
     jdir = work / job.row_id / f"seed{job.seed}"
     jdir.mkdir(parents=True, exist_ok=True)
     recipe_file = ROOT / job.row.recipe
     overrides = list(job.row.overrides)
+    recipe = load_recipe(recipe_file, overrides)
     if job.point is not None:  # the grid point as a recipe of its own, written by the recipe code itself
-        point = point_recipe(load_recipe(recipe_file, overrides), job.point)
+        recipe = point_recipe(recipe, job.point)
         recipe_file = jdir / "point.toml"
-        atomic_write_text(recipe_file, point.to_toml())
+        atomic_write_text(recipe_file, recipe.to_toml())
         overrides = []
     cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, f"run.seed={job.seed}",
            "--out", str(jdir / "runs"), "--quiet"]
     if device:
         cmd += ["--device", device]
-    env = dict(os.environ, ENGRAM_CACHE=str(cache), PYTHONUNBUFFERED="1")
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = _job_env(cache, _on_cuda(device or recipe.run.device), jobs)
     limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
     t0 = time.perf_counter()
     with open(jdir / "log.txt", "w") as log:
@@ -311,7 +333,6 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     cache.mkdir(parents=True, exist_ok=True)
     if any(cache.iterdir()):
         raise EngramError(f"{cache} is not empty: the pipeline runs from an empty cache")
-    threads = 1 if jobs > 1 else None
     deadline = time.time() + deadline_s if deadline_s else None
     print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time, cache {cache}", flush=True)
     context = {"commit": commit, "dirty": dirty, "versions": _versions(), "host": _host()}
@@ -322,7 +343,7 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     written = []
     t0 = time.perf_counter()
     with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        todo = {pool.submit(_run_job, j, work, cache, device, threads, deadline): j for j in all_jobs}
+        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline): j for j in all_jobs}
         for fut in futures.as_completed(todo):
             j = todo[fut]
             res = fut.result()
@@ -619,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run a page's rows from an empty cache and write their JSON")
     r.add_argument("page")
     r.add_argument("--rows", nargs="*", help="row ids or globs (default: all)")
-    r.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1 when > 1)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at a time; when > 1 a GPU run gets cores // N CPU threads, a CPU run one (as the published CPU rows)")
     r.add_argument("--device", help="force run.device (cpu, cuda)")
     r.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (the JSON says so)")
     r.add_argument("--keep", metavar="DIR", help="work folder to keep run directories and logs in (must be new)")

@@ -5,7 +5,8 @@ override may change what the optimiser does and when things happen — never a s
 data set or a component, which the checkpoint's tensors and RNG states depend on. The
 overrides are applied to the run's `recipe.toml`, checked like any recipe, and written
 back into it (with a comment line saying when and what), so the directory keeps stating
-exactly what ran.
+exactly what ran — once the engine has built the recipe and the checkpoint fits it: a
+resume that fails leaves the run exactly as it was.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import fnmatch
 import time
 from pathlib import Path
 
+import torch
+
 from .errors import RecipeError
 from .recipe import apply_override, load_recipe, parse_override, read_toml, split_key
-from .rundir import atomic_write_text, load_checkpoint
+from .rundir import load_checkpoint
 
 # settings a checkpoint stays valid under (glob patterns of override keys)
 RESUMABLE = (
     "run.device",
     "run.precision",
+    "run.threads",
     "stages.*.steps",
     "stages.*.lr",
     "stages.*.weight_decay",
@@ -58,10 +62,12 @@ NOT_RESUMABLE = ("cannot change on --resume: the checkpoint's weights, data or c
 
 
 def resume_recipe(run_dir: Path, overrides: list[str]):
-    """The run directory's recipe with `overrides` applied, checked, and written back to recipe.toml."""
+    """(recipe, text): the run directory's recipe with `overrides` applied and checked, and
+    the recipe.toml to write back — by the caller, once the engine has built it (a resume
+    that fails must leave the run as it was). `text` is None without overrides."""
     recipe_file = Path(run_dir) / "recipe.toml"
     if not overrides:
-        return load_recipe(recipe_file)
+        return load_recipe(recipe_file), None
     state = load_checkpoint(run_dir)
     problems = []
     parsed = []
@@ -76,7 +82,7 @@ def resume_recipe(run_dir: Path, overrides: list[str]):
             continue
         parts = path.split(".")
         if parts[0] == "stages" and state is not None:
-            i = int(parts[1]) if parts[1].isdigit() else -1
+            i = int(parts[1]) if parts[1].isdecimal() and parts[1].isascii() else -1
             current = state["stage_index"] + (1 if state["stage_done"] else 0)
             if 0 <= i < current:
                 problems.append((key, f"stage {i} already finished; only stage {current} onwards can change on --resume"))
@@ -97,5 +103,46 @@ def resume_recipe(run_dir: Path, overrides: list[str]):
     old_header = [line for line in recipe_file.read_text(encoding="utf-8").splitlines() if line.startswith(HEADER)]
     step = state["global_step"] if state is not None else 0
     note = f"{HEADER} {time.strftime('%Y-%m-%dT%H:%M:%S%z')} at global step {step} with: {' '.join(overrides)}"
-    atomic_write_text(recipe_file, "\n".join([*old_header, note, ""]) + recipe.to_toml(include_sweep=False))
-    return recipe
+    return recipe, "\n".join([*old_header, note, ""]) + recipe.to_toml(include_sweep=False)
+
+
+def check_checkpoint_fits(run_dir: Path, engine, recipe) -> None:
+    """The checkpoint was made by the model the engine just built from recipe.toml (else one
+    line: an edited recipe.toml no longer matches it), before the engine touches the run."""
+    state = load_checkpoint(run_dir)
+    if state is None:
+        return
+    file = str(Path(run_dir) / "recipe.toml")
+    ckpt = Path(run_dir) / "checkpoints" / "last.pt"
+    fix = f"undo the edit of recipe.toml (the checkpoint is {ckpt}), or start a new run with the edited recipe"
+    if state["stage_index"] >= len(recipe.stages):
+        raise RecipeError([("stages", f"the checkpoint is in stage {state['stage_index']}, but the recipe has "
+                                      f"{len(recipe.stages)} stages: {fix}")], file)
+    sharded = {f"{n}.weight" for n in (state.get("sharded_tables") or {}).get("tables", ())}
+    problems = _state_problems("", state["model"], engine.model, sharded)
+    for i, objective in engine.objectives.items():
+        saved = state.get("objectives", {}).get(str(i))
+        if saved is not None:
+            problems += _state_problems(f"objective.{i}.", saved, objective, set())
+    if problems:
+        raise RecipeError([("", f"recipe.toml no longer matches the checkpoint ({'; '.join(problems[:3])}"
+                                f"{'; ...' if len(problems) > 3 else ''}): {fix}")], file)
+
+
+def _state_problems(prefix: str, saved: dict, module, may_be_absent: set) -> list[str]:
+    """What keeps `saved` from loading into `module`: shapes first (the clearest line), then
+    the keys a load reports (the engine loads the same state again when it resumes; a
+    component that keeps more state than its parameters, an optimiser held inside a table,
+    consumes its own keys)."""
+    built = module.state_dict()
+    problems = [f"{prefix}{k}: checkpoint {tuple(v.shape)}, model {tuple(built[k].shape)}" for k, v in saved.items()
+                if isinstance(v, torch.Tensor) and isinstance(built.get(k), torch.Tensor) and tuple(v.shape) != tuple(built[k].shape)]
+    if problems:
+        return problems
+    try:
+        result = module.load_state_dict(saved, strict=False)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        return [f"{prefix}{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}"]
+    problems = [f"{prefix}{k} is not in the checkpoint" for k in result.missing_keys if k not in may_be_absent]
+    problems += [f"{prefix}{k} is in the checkpoint but not in the model" for k in result.unexpected_keys]
+    return problems

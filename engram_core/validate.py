@@ -25,6 +25,7 @@ import contextlib
 import fnmatch
 import inspect
 import traceback
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,39 @@ def blame(what: str, file: str | None = None, exit_code: int = 1) -> Iterator[No
         raise
     except Exception as exc:
         where = f"{file}: " if file else ""
+        inner = raised_in(exc)
+        if inner is not None and not what.startswith(inner):  # the memory a head called, not the objective that called it
+            raise ComponentError(f"{where}{inner} raised {describe(exc)} (called from {what})", exc, exit_code) from exc
         raise ComponentError(f"{where}{what} raised {describe(exc)}", exc, exit_code) from exc
+
+
+# every component make_component built, by identity -> its label ("memory 'x' (memory)")
+_LABELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _remember(component: Any, label: str) -> None:
+    try:
+        _LABELS[component] = label
+    except TypeError:  # not weak-referenceable or not hashable: named by its caller instead
+        pass
+
+
+def raised_in(exc: BaseException) -> str | None:
+    """The label of the innermost built component whose method the exception passed
+    through (the frames' `self`), or None. An objective calls the model, the head calls
+    the memory: the memory's own error names the memory and its recipe key."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:  # outermost to innermost
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None:
+            try:
+                label = _LABELS.get(owner)
+            except TypeError:
+                label = None
+            found = label or found
+        tb = tb.tb_next
+    return found
 
 
 def component_label(resolved: Resolved) -> str:
@@ -84,7 +117,9 @@ def make_component(resolved: Resolved, build: BuildContext, file: str, exit_code
     """`factory(config, build)`; config problems name the recipe key, anything else the component."""
     try:
         with blame(component_label(resolved), file, exit_code):
-            return resolved.component.factory(resolved.config, build)
+            component = resolved.component.factory(resolved.config, build)
+        _remember(component, component_label(resolved))
+        return component
     except ConfigProblems as exc:
         raise RecipeError([(_join(resolved.path, p), m) for p, m in exc.problems], file) from None
     except ConfigError as exc:

@@ -25,7 +25,8 @@ FAULTY = '''
 import os, time
 import attrs, torch
 from engram_core.hookspecs import hookimpl
-from engram_core.components import Head, Metric, Objective
+from engram_core.components import Head, Memory, Metric, Objective
+from engram_core.points import ResidualPoint
 
 
 @attrs.frozen
@@ -72,6 +73,21 @@ class NaNAtStep(FailsAtStep):
         return loss, {"nll": loss.detach()}
 
 
+class BrokenMemory(Memory, ResidualPoint):
+    """A residual memory whose apply_residual raises from training step `step` on."""
+
+    def __init__(self, cfg, build):
+        super().__init__()
+        self.cfg, self.calls = cfg, 0
+        self.scale = torch.nn.Parameter(torch.zeros(()))
+
+    def apply_residual(self, z, mu, log_sigma):
+        self.calls += int(self.training)
+        if self.training and self.calls >= self.cfg.step:
+            raise KeyError("slot 12 is not in the table")
+        return mu + self.scale * z, log_sigma
+
+
 class SlowStageEnd(Metric):
     """A metric whose eval-stage end waits (and says so in a file), so a test can kill -9 there."""
 
@@ -108,6 +124,11 @@ def engram_objectives(register):
 @hookimpl
 def engram_metrics(register):
     register("slow_stage_end", SlowStageEnd, Empty)
+
+
+@hookimpl
+def engram_memories(register):
+    register("broken_memory", BrokenMemory, AtStep, provides=("residual",))
 '''
 
 MALFORMED = '''
@@ -190,6 +211,20 @@ def test_exception_at_run_time_is_one_line_and_the_run_says_failed(plugins_path,
     assert summary["steps"] == 14
     r = run_cli(p, "--out", out, "--quiet", "--traceback", plugins="faulty")
     assert "Traceback" in r.stderr and "forward" in r.stderr
+
+
+def test_exception_inside_the_memory_names_the_memory_and_its_key(plugins_path, tmp_path):
+    p = recipe(tmp_path, steps=20)
+    p.write_text(p.read_text() + '\n[memory]\ntype = "broken_memory"\nstep = 5\n')
+    out = tmp_path / "runs"
+    r = run_cli(p, "--out", out, "--quiet", plugins="faulty")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = error_lines(r)
+    # the memory raised (inside the head, inside the objective's forward): named first, the caller after
+    assert "memory 'broken_memory' (memory) raised KeyError" in line, line
+    assert "called from objective 'gaussian_nll' (stages.0.objective)" in line
+    summary = json.loads((only_run(out) / "summary.json").read_text())
+    assert summary["status"] == "failed" and "memory 'broken_memory' (memory)" in summary["error"]
 
 
 def test_failed_sweep_point_gets_a_row_and_hparams(plugins_path, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_core.accel import CompileError, compile_components, grad_scaler
+from engram_core.accel import CompileError, check_compilable, grad_scaler
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import run_dirs
 
@@ -29,7 +29,7 @@ def test_a_component_that_cannot_compile_says_so_in_one_line():
         compile_note = "its forward reads a Python dict that changes every call"
 
     with pytest.raises(CompileError, match=r"^run.compile: the memory \(Stateful\) cannot be compiled: its forward reads"):
-        compile_components({"head": None, "memory": Stateful(2, 2)})
+        check_compilable({"head": None, "memory": Stateful(2, 2)})
 
 
 def test_precision_is_fp32_on_the_cpu():

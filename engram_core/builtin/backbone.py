@@ -17,9 +17,16 @@ set gives them (mqar: the context writes, the queries read); otherwise they foll
 the labels — the read positions are those whose next token is scored, the write
 positions every real token before the first read (a prompt writes, its completion
 reads). Every write must precede every read of its sequence (else a memory could pass a
-later token back to an earlier position); the head checks it. A classification batch
+later token back to an earlier position); the head checks it (see `CausalBackbone` for when:
+the check reads the masks on the host, so on an accelerator it runs on the first forward in
+training mode and the first in evaluation mode, not every step). A classification batch
 (``tokens``, ``label``) whose data set says its classes are tokens (``spec.label_offset``,
 e.g. deq-hrr's needle) is read as a one-token completion.
+
+Logits only where scored: ``scored_logits(batch)`` (what the core `token_lm` objective and
+`completion_accuracy` metric call) projects onto the vocabulary only the positions whose next
+label is scored, gathered from the final hidden states; same loss and gradients as the full
+logits, without the full (B, L, vocab) tensor.
 
 Generation (greedy, KV cache or not) writes a context or trace once from the prompt (all
 positions but the last) and reads at the last prompt position and every new token; the
@@ -83,9 +90,54 @@ def check_write_before_read(write_mask: torch.Tensor, read_mask: torch.Tensor) -
                          "a memory's writes must precede its reads (give the batch write_mask/read_mask that do)")
 
 
+def scored_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Scored tokens per sequence (B,): labels[:, 1:] that are not -100 (logit t predicts labels[t + 1])."""
+    return (labels[:, 1:] != -100).sum(1)
+
+
+def scored_positions(labels: torch.Tensor, per_sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (B, K), targets (B, K)), K = min(per_sequence, L - 1): the logit positions
+    whose next label is scored, in order, then (where a sequence has fewer than K) unscored
+    positions with target -100, which cross-entropy's ignore_index and the accuracy skip.
+
+    Shapes depend only on `per_sequence`, never on the data: no host synchronisation (a
+    boolean-mask index would wait for the device to count). `per_sequence` must be at least
+    every sequence's count (`check_scored_bound`), else scored tokens would be dropped.
+    """
+    target = labels[:, 1:]
+    steps = target.shape[1]
+    pos = torch.arange(steps, device=labels.device)
+    # scored positions sort before every unscored one, each group in position order
+    order_key = torch.where(target != -100, pos, pos + steps)
+    positions = order_key.topk(min(per_sequence, steps), dim=1, largest=False, sorted=True).indices
+    return positions, target.gather(1, positions)
+
+
+def check_scored_bound(labels: torch.Tensor, per_sequence: int) -> None:
+    counts = scored_counts(labels)
+    most = int(counts.max()) if counts.numel() else 0
+    if most > per_sequence:
+        i = int(counts.argmax())
+        raise ValueError(f"batch item {i} has {most} scored tokens, more than the {per_sequence} per sequence its data set "
+                         "declares (spec.max_scored): give the data set's true maximum")
+
+
 class CausalBackbone(Head):
     """The core sequence backbone. ``forward_batch(batch)`` → logits (B, L, vocab);
-    ``generate(prompt_ids, max_new_tokens, use_cache, eos_id)`` greedy decoding."""
+    ``scored_logits(batch)`` → logits at the scored positions only (B, K, vocab);
+    ``generate(prompt_ids, max_new_tokens, use_cache, eos_id)`` greedy decoding.
+
+    Host-side checks (writes before reads; no more scored tokens per sequence than the data
+    set declares) read the masks on the host. On CPU tensors they run on every forward (a
+    read there costs nothing); on an accelerator they would stall the step, so they run on
+    the head's first forward in training mode and its first in evaluation mode (the first
+    train and the first eval batch), and not in the steady state.
+
+    How many positions per sequence ``scored_logits`` projects: one for a classification
+    batch read as a completion; the data set's ``spec.max_scored`` where it declares one
+    (mqar: `n_pairs`), a fixed shape and no host synchronisation; otherwise the batch's
+    largest count, which a CUDA device must report to the host (one synchronisation a step).
+    """
 
     def __init__(self, cfg: CausalBackboneConfig, build: BuildContext):
         super().__init__()
@@ -102,6 +154,9 @@ class CausalBackbone(Head):
             dropout=cfg.dropout, mlp_ratio=cfg.mlp_ratio, window=cfg.window))
         self.lm.block_hooks.append(self._block_hook)
         self._call: dict | None = None  # the write/read masks and trace of the forward in progress
+        max_scored = spec.get("max_scored")
+        self.max_scored: int | None = int(max_scored) if max_scored is not None else None
+        self._checked_modes: set[bool] = set()  # training modes whose first accelerator batch was checked
 
     # what memories read from the head they attach to
     @property
@@ -138,8 +193,19 @@ class CausalBackbone(Head):
             return hidden + read * self.memory.read_trace(call["trace"], hidden)
         return hidden
 
-    def _run(self, ids, attention_mask=None, write_mask=None, read_mask=None, cache=None, use_cache=False):
-        """One forward through the points. Returns (logits of the token positions, cache)."""
+    def _checks_due(self, tensor: torch.Tensor) -> bool:
+        """Whether this forward runs the host-side checks (see the class doc)."""
+        if tensor.device.type == "cpu":
+            return True
+        if self.training in self._checked_modes:
+            return False
+        self._checked_modes.add(self.training)
+        return True
+
+    def _run(self, ids, attention_mask=None, write_mask=None, read_mask=None, cache=None, use_cache=False,
+             logit_positions=None, check=True):
+        """One forward through the points. Returns (logits of the token positions, or of
+        `logit_positions` (B, K) of them, cache)."""
         point = self.memory_point if self.memory_active else None
         b, t = ids.shape
         if cache is not None:  # a generation step: everything new is a read
@@ -153,20 +219,24 @@ class CausalBackbone(Head):
         if point in ("context", "trace"):
             if write_mask is None or read_mask is None:
                 raise ValueError(f"a {point} memory needs write_mask and read_mask (or labels to derive them from)")
-            check_write_before_read(write_mask, read_mask)
+            if check:
+                check_write_before_read(write_mask, read_mask)
         if point == "context":
             prefix = self.memory.write_context(ids, write_mask)
             k = prefix.shape[1]
             embeds = torch.cat([prefix.to(self.lm.tok.weight.dtype), self.lm.tok(ids)], dim=1)
             am = attention_mask if attention_mask is not None else ids.new_ones(b, t)
             am = torch.cat([am.new_ones(b, k), am], dim=1)
-            logits, new = self.lm(inputs_embeds=embeds, attention_mask=am, use_cache=use_cache, n_global=k)
+            shifted = None if logit_positions is None else logit_positions + k
+            logits, new = self.lm(inputs_embeds=embeds, attention_mask=am, use_cache=use_cache, n_global=k,
+                                  logit_positions=shifted)
             if new is not None:
                 new["ids"] = None  # prefix positions carry no token ids
-            return logits[:, k:], new
+            return (logits[:, k:] if logit_positions is None else logits), new
         self._call = {"trace": None, "write": write_mask, "read": read_mask}
         try:
-            logits, new = self.lm(input_ids=ids, attention_mask=attention_mask, use_cache=use_cache)
+            logits, new = self.lm(input_ids=ids, attention_mask=attention_mask, use_cache=use_cache,
+                                  logit_positions=logit_positions)
         finally:
             trace, self._call = self._call["trace"], None
         if new is not None:
@@ -198,11 +268,33 @@ class CausalBackbone(Head):
     def forward_batch(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """(logits (B, L, vocab), the completion view of the batch the logits belong to)."""
         view = self.completion_view(batch)
-        logits, _ = self._run(view["input_ids"], view.get("attention_mask"), view["write_mask"], view["read_mask"])
+        logits, _ = self._run(view["input_ids"], view.get("attention_mask"), view["write_mask"], view["read_mask"],
+                              check=self._checks_due(view["input_ids"]))
         return logits, view
 
+    def scored_logits(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(logits (B, K, vocab), targets (B, K), completion view): the logits only at the
+        positions whose next label is scored, and those labels; -100 pads a sequence with
+        fewer than K scored tokens. Cross-entropy (ignore_index -100) and argmax over them
+        equal those over ``forward_batch``'s full logits."""
+        view = self.completion_view(batch)
+        labels = view["labels"]
+        check = self._checks_due(labels)
+        if "input_ids" not in batch:  # a classification batch read as a one-token completion
+            per_sequence = 1
+        elif self.max_scored is not None:
+            per_sequence = self.max_scored
+        else:  # nothing declares a bound: the batch's own (a host read of a device count)
+            per_sequence = int(scored_counts(labels).max()) if labels.shape[0] else 0
+        if check:
+            check_scored_bound(labels, per_sequence)
+        positions, targets = scored_positions(labels, per_sequence)
+        logits, _ = self._run(view["input_ids"], view.get("attention_mask"), view["write_mask"], view["read_mask"],
+                              logit_positions=positions, check=check)
+        return logits, targets, view
+
     def forward(self, input_ids, attention_mask=None, write_mask=None, read_mask=None):
-        logits, _ = self._run(input_ids, attention_mask, write_mask, read_mask)
+        logits, _ = self._run(input_ids, attention_mask, write_mask, read_mask, check=self._checks_due(input_ids))
         return logits
 
     @torch.no_grad()
@@ -229,7 +321,7 @@ class CausalBackbone(Head):
                 m = torch.cat([mask, mask.new_ones(b, extra)], 1)
                 w = torch.cat([write, write.new_zeros(b, extra)], 1)
                 r = torch.cat([read, read.new_ones(b, extra)], 1)
-                logits, cache = self._run(seq, m, w, r, use_cache=use_cache)
+                logits, cache = self._run(seq, m, w, r, use_cache=use_cache, check=False)  # masks valid by construction
             nxt = logits[:, -1].argmax(-1)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)

@@ -48,7 +48,7 @@ class SyntheticDynamics(Dataset):
             except (OSError, ValueError) as exc:
                 raise ConfigError("path", f"cannot read {cfg.path} as an .npy array ({type(exc).__name__}: {exc}); "
                                           "save one with numpy.save(path, array)") from None
-            _check_shape(cfg.path, arr.shape)
+            _check_array(cfg.path, arr)  # validate reads the values too (memory-mapped): NaN is found now, not at step 900
             return DataSpec("synthetic_dynamics", dim=int(arr.shape[-1]))
         return DataSpec("synthetic_dynamics", dim=cfg.dim)
 
@@ -89,8 +89,29 @@ def _generate(cfg: SyntheticDynamicsConfig) -> torch.Tensor:
 
 
 def _check_shape(path: str, shape: tuple) -> None:
-    if len(shape) != 3 or shape[0] < 2 or shape[1] < 2:
-        raise ConfigError("path", f"{path}: expected an array of shape (sequences, frames, dim), got {shape}")
+    if len(shape) != 3 or shape[0] < 2 or shape[1] < 2 or shape[2] < 1:
+        raise ConfigError("path", f"{path}: expected an array of shape (sequences >= 2, frames >= 2, dim >= 1), got {shape}")
+
+
+def _check_array(path: str, arr) -> None:
+    """Shape, a real number type, and every value finite (else the file and the first bad index)."""
+    import numpy as np
+
+    _check_shape(path, arr.shape)
+    if arr.dtype.kind not in "fiu":
+        raise ConfigError("path", f"{path}: expected real numbers, got dtype {arr.dtype}; save a float array")
+    if arr.dtype.kind != "f":
+        return
+    rows = max(1, (1 << 22) // max(1, arr.shape[1] * arr.shape[2]))  # ~4M values a chunk: memory stays flat
+    for start in range(0, arr.shape[0], rows):
+        chunk = np.asarray(arr[start : start + rows])
+        with np.errstate(over="ignore"):  # what training sees: float64 past float32's range is inf too
+            bad = ~np.isfinite(chunk.astype(np.float32))
+        if bad.any():
+            i, t, d = (int(x) for x in np.argwhere(bad)[0])
+            raise ConfigError("path", f"{path}: non-finite value {chunk[i, t, d]} (as float32) at index [{start + i}, {t}, {d}] "
+                                      f"(sequence, frame, dim), the first of {int(bad.sum())} in sequences {start}..{start + len(chunk) - 1}; "
+                                      "clean the data (e.g. numpy.nan_to_num, or drop those sequences) and save it again")
 
 
 def _load_trajectories(path: str) -> torch.Tensor:
@@ -100,7 +121,7 @@ def _load_trajectories(path: str) -> torch.Tensor:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ConfigError("path", f"cannot read {path} as an .npy array: {exc}") from None
-    _check_shape(path, arr.shape)
+    _check_array(path, arr)
     return torch.from_numpy(arr.astype("float32"))
 
 

@@ -2,9 +2,15 @@
 
 Both read a batch in completion format: ``input_ids`` and ``labels`` (the token at each
 scored position, -100 elsewhere; the logits at t predict labels[t + 1]). A head with
-``forward_batch(batch) -> (logits, view)`` (the core `causal_backbone`) is given the
-whole batch, so it can take write/read masks from it or turn a classification batch
-into a completion; any other causal LM head is called as ``head(input_ids, attention_mask)``.
+``scored_logits(batch) -> (logits (B, K, vocab), targets (B, K), view)`` (the core
+`causal_backbone`) projects only the scored positions onto the vocabulary (mqar scores 4
+of 64); a head with ``forward_batch(batch) -> (logits, view)`` is given the whole batch, so
+it can take write/read masks from it or turn a classification batch into a completion;
+any other causal LM head is called as ``head(input_ids, attention_mask)``. Either way the
+loss and accuracy are the same: positions with target -100 count nowhere.
+
+Neither reads a device value on the host in the training step: the objective's terms stay
+tensors on the device (the engine reads them at log steps).
 """
 
 from __future__ import annotations
@@ -19,11 +25,24 @@ from ..components import BuildContext, Metric, Objective, model_device
 
 
 def logits_and_labels(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, L, vocab), labels (B, L)) over every position."""
     head = model.head
     if hasattr(head, "forward_batch"):
         logits, view = head.forward_batch(batch)
         return logits, view["labels"]
     return head(batch["input_ids"], batch.get("attention_mask")), batch["labels"]
+
+
+def scored_logits_and_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (B, K, vocab), targets (B, K), input labels (B, L)): the logits whose target
+    is scored (targets -100 elsewhere). Only where the head offers ``scored_logits`` are the
+    other positions never computed; otherwise K = L - 1, every position."""
+    head = model.head
+    if hasattr(head, "scored_logits"):
+        logits, targets, view = head.scored_logits(batch)
+        return logits, targets, view["labels"]
+    logits, labels = logits_and_labels(model, batch)
+    return logits[:, :-1], labels[:, 1:], labels
 
 
 @attrs.frozen
@@ -38,12 +57,12 @@ class TokenLMObjective(Objective):
         super().__init__()
 
     def forward(self, model, batch):
-        logits, labels = logits_and_labels(model, batch)
-        target = labels[:, 1:]
-        pred = logits[:, :-1]
-        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
+        logits, target, _ = scored_logits_and_targets(model, batch)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
         scored = target != -100
-        acc = (pred.argmax(-1) == target)[scored].float().mean()
+        # a masked sum over a count, on the device (boolean-mask indexing would wait for the host)
+        hits = ((logits.argmax(-1) == target) & scored).sum()
+        acc = hits.float() / scored.sum().float()
         return loss, {"ce": loss.detach(), "token_acc": acc.detach()}
 
 
@@ -77,23 +96,24 @@ class CompletionAccuracy(Metric):
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda *a: None)
         sync()
         t = time.perf_counter()
-        logits, labels = logits_and_labels(model, batch)
+        logits, target, labels = scored_logits_and_targets(model, batch)
         sync()
         self.seconds += time.perf_counter() - t
         self.tokens += labels.numel()
-        target = labels[:, 1:]
         scored = target != -100
-        right = (logits[:, :-1].argmax(-1) == target) & scored
-        self.hits += int(right.sum())
-        self.count += int(scored.sum())
-        self.seq_hits += int(((right | ~scored).all(1) & scored.any(1)).sum())
-        self.seqs += int(scored.any(1).sum())
+        right = (logits.argmax(-1) == target) & scored
+        # counts stay on the device until compute()
+        self.hits = self.hits + right.sum()
+        self.count = self.count + scored.sum()
+        self.seq_hits = self.seq_hits + ((right | ~scored).all(1) & scored.any(1)).sum()
+        self.seqs = self.seqs + scored.any(1).sum()
         self._params = sum(p.numel() for p in model.parameters())
 
     def compute(self):
+        hits, count, seq_hits, seqs = (int(v) for v in (self.hits, self.count, self.seq_hits, self.seqs))
         return {
-            "acc": self.hits / max(self.count, 1),
-            "seq_acc": self.seq_hits / max(self.seqs, 1),
+            "acc": hits / max(count, 1),
+            "seq_acc": seq_hits / max(seqs, 1),
             "params": float(getattr(self, "_params", 0)),
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
         }

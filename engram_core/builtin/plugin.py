@@ -53,6 +53,13 @@ def engram_loggers(register):
 
         return make(ctx)
 
+    def wandb_precheck():  # no API key: one line before the run, not a traceback after it
+        from ..loggers.wandb_logger import WandbLogger
+
+        return WandbLogger.precheck()
+
+    wandb.precheck = wandb_precheck
+
     def mlflow(ctx):
         from ..loggers.mlflow_logger import make
 

@@ -14,7 +14,6 @@ kept in the run directory (loggers.json), so a resumed run continues the same tr
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,11 @@ def check_loggers(names, registry) -> list[LoggerEntry]:
         if missing:
             problems.append((f"run.loggers.{i}", f"logger '{name}' needs the {', '.join(missing)} package: pip install '{entry.install or missing[0]}'"))
             continue
+        precheck = getattr(entry.factory, "precheck", None)  # e.g. credentials, before any run folder exists
+        problem = precheck() if callable(precheck) else None
+        if problem:
+            problems.append((f"run.loggers.{i}", problem))
+            continue
         chosen.append(entry)
     if problems:
         raise RecipeError(problems)
@@ -169,22 +173,39 @@ class TrackedRunLogger(RunLogger):
 
 def open_run_logger(run_dir: Path, purge_step: int | None, recipe, registry, resumed: bool) -> TrackedRunLogger:
     """TensorBoard plus the trackers of `run.loggers`, each handed the resolved recipe."""
+    from ..errors import EngramError
+    from ..rundir import atomic_write_json, read_json
+
     entries = check_loggers(getattr(recipe.run, "loggers", ()), registry)
     state_path = Path(run_dir) / STATE_FILE
-    state = json.loads(state_path.read_text()) if (resumed and state_path.exists()) else {}
+    state = read_json(state_path, STATE_FILE) if (resumed and state_path.exists()) else {}
     trackers = []
     for e in entries:
         ctx = LoggerContext(Path(run_dir), recipe.name, recipe, resumed, state.setdefault(e.name, {}))
-        trackers.append((e.name, e.factory(ctx)))
+        try:
+            trackers.append((e.name, e.factory(ctx)))
+        except EngramError as exc:  # a tracker that cannot start (W&B refused the key): the run says so too
+            _record_start_failure(Path(run_dir), recipe, str(exc).splitlines()[0])
+            raise
     if entries:
-        from ..rundir import atomic_write_json
-
         atomic_write_json(state_path, state)  # ids of the tracker runs, for --resume
     logger = TrackedRunLogger(Path(run_dir), purge_step, trackers, state)
     toml, table = recipe.to_toml(include_sweep=False), recipe.to_dict(include_sweep=False)
     for _, t in trackers:
         t.recipe(toml, table)
     return logger
+
+
+def _record_start_failure(run_dir: Path, recipe, line: str) -> None:
+    """summary.json of a new run whose trackers could not start (the engine writes it for
+    every failure after this point; a resumed run keeps the summary it had)."""
+    from ..rundir import atomic_write_json
+
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        return
+    atomic_write_json(summary, {"name": recipe.name, "status": "failed", "run_dir": str(run_dir), "steps": 0, "wall_time_s": 0.0,
+                                "device": None, "final": {}, "stages": {}, "error": line})
 
 
 def flatten(table: dict, prefix: str = "") -> dict[str, Any]:

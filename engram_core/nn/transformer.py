@@ -11,7 +11,9 @@ the llm-hash base model, the qwen-compressor reader. It supports
   after decoder block ``index`` (how a `layer` memory is injected),
 * ``window``: sliding-window attention (each position sees the `window` most recent
   positions, itself included); the first ``n_global`` positions of a sequence (prefix
-  memory vectors) stay visible to every position, window or not.
+  memory vectors) stay visible to every position, window or not,
+* ``logit_positions``: logits only at chosen positions (B, K) instead of all of them,
+  so a loss that scores a few positions does not project every one onto the vocabulary.
 """
 
 from __future__ import annotations
@@ -133,9 +135,14 @@ class CausalTransformer(nn.Module):
         use_cache: bool = False,
         return_hidden: bool = False,
         n_global: int = 0,
+        logit_positions: torch.Tensor | None = None,
     ):
         """`n_global`: the first positions that every position may attend to under a
-        sliding window (prefix memory vectors); kept in the cache for later steps."""
+        sliding window (prefix memory vectors); kept in the cache for later steps.
+
+        `logit_positions` (B, K) long: the logits are those of these positions only, (B, K,
+        vocab): the final hidden states are gathered there (after `ln_f`) before the output
+        projection. The returned hidden states stay (B, T, dim)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
@@ -163,7 +170,11 @@ class CausalTransformer(nn.Module):
             for hook in self.block_hooks:
                 x = hook(i, x, ids, positions)
         hidden = self.ln_f(x)
-        logits = self.lm_head(hidden)
+        if logit_positions is None:
+            logits = self.lm_head(hidden)
+        else:
+            index = logit_positions[..., None].expand(-1, -1, hidden.shape[-1])
+            logits = self.lm_head(hidden.gather(1, index))
         new_cache = None
         if use_cache:
             new_cache = {"kv": new_kv, "length": past_len + t, "ids": ids, "mask": attention_mask, "n_global": n_global}

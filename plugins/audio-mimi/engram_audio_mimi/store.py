@@ -93,7 +93,15 @@ def read_store(path: str | Path, key: str = "path") -> tuple[list[str], list[str
             dim = arr.shape[1]
         elif arr.shape[1] != dim:
             raise ConfigError(key, f"{path}/utterances/{name}: D = {arr.shape[1]} differs from D = {dim} of the others")
+        if arr.shape[1] < 1:
+            raise ConfigError(key, f"{path}/utterances/{name}: expected a (T, D) array with D >= 1, got shape {arr.shape}")
+        values = np.asarray(arr[...], dtype=np.float32)  # float64 past float32's range becomes inf here, as training sees it
+        bad = ~np.isfinite(values)
+        if bad.any():  # found when the data set is built (validate too), not as a NaN loss at some step
+            t, d = (int(x) for x in np.argwhere(bad)[0])
+            raise ConfigError(key, f"{path}/utterances/{name}: non-finite value {values[t, d]} at [frame {t}, dim {d}], "
+                                   f"the first of {int(bad.sum())} in this utterance; clean or drop it and export the store again")
         ids.append(name)
         speakers.append(str(arr.attrs["speaker"]))
-        arrays.append(np.asarray(arr[...], dtype=np.float32))
+        arrays.append(values)
     return ids, speakers, arrays, dict(root.attrs)

@@ -111,6 +111,18 @@ def test_store_without_speaker_attribute(tmp_path):
         ZdynDataset(ZdynConfig(path=str(tmp_path / "s.zarr")))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e300])
+def test_store_with_a_non_finite_value_names_utterance_and_frame(tmp_path, value):
+    rng = np.random.default_rng(0)
+    utts = [(f"u{i}", f"s{i % 3}", rng.standard_normal((10, 4))) for i in range(6)]
+    utts[4][2][7, 1] = value  # float64: 1e300 is inf once read as float32
+    path = write_store(tmp_path / "z.zarr", utts)
+    with pytest.raises(ConfigError) as e:
+        ZdynDataset(ZdynConfig(path=str(path)))
+    assert e.value.key == "path" and "utterances/u4" in e.value.message and "[frame 7, dim 1]" in e.value.message
+    assert "\n" not in e.value.message
+
+
 def _store(tmp_path):
     rng = np.random.default_rng(0)
     utts = [(f"u{i}", f"s{i % 3}", rng.standard_normal((10, 4))) for i in range(6)]

@@ -211,17 +211,19 @@ class HFInjector:
             self.live -= 1
 
     def _keep_memory_trainable(self):
-        """peft's get_peft_model freezes every parameter that is not an adapter's, the
-        memory included: once, when peft has wrapped the model since add_engram, give the
-        memory back the trainability it had (its own `requires_grad_` records the choice)."""
+        """A peft wrapping that `_watch_peft` did not see (peft's `inject_adapter_in_model`,
+        a PeftModel subclass built another way) froze the memory with the base. Giving its
+        trainability back now would be silent and too late (an optimiser built from the
+        trainable parameters before this call does not hold it): a training forward
+        refuses with the fix instead; inference runs as it is."""
         if self.peft_seen or not hasattr(self.model, "peft_config"):
             return
-        self.peft_seen = True
         mem = self.active()
-        if mem.trainable and not any(p.requires_grad for p in mem.parameters()):
-            for block in mem.blocks.values():
-                for name, p in block.named_parameters():
-                    p.requires_grad_(name != "gate_bias" or block.cfg.gate != "fixed")
+        if not (mem.trainable and not any(p.requires_grad for p in mem.parameters())):
+            self.peft_seen = True
+            return
+        if self.model.training and torch.is_grad_enabled():
+            raise ConfigError("model", PEFT_FROZE_MEMORY)
 
     def see_inputs(self, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -330,6 +332,100 @@ def engram_config(memory_size: int, inject_layers, gate_type: str, **kwargs) -> 
         raise ConfigError(None, str(exc)) from None
 
 
+PEFT_FROZE_MEMORY = (
+    "peft froze the Engram memory (model.engram) with the base model, so an optimiser built from the trainable "
+    "parameters does not hold it and it would never train: call model.engram.requires_grad_(True) (or build the "
+    "optimiser with engram_param_groups(model)) before building the optimiser, or add modules_to_save=[\"engram\"] "
+    "to the peft config; to train the adapters alone, call model.engram.requires_grad_(False)")
+
+
+def _watch_peft() -> None:
+    """Once per process: see every PeftModel that takes a model with Engram memory.
+
+    `get_peft_model(add_engram(base), config)` freezes every parameter that is not an
+    adapter's, the memory included, and nothing of the model runs again before the user
+    builds an optimiser from the trainable parameters (or Trainer does). The one moment
+    after the freeze that can be observed with public API is `PeftModel.__init__` storing
+    its tuner (`self.base_model = LoraModel(model, ...)`), which a global module
+    registration hook (`torch.nn.modules.module.register_module_module_registration_hook`)
+    sees. There the memory gets back the trainability it had (its own `requires_grad_`
+    records the user's choice; peft's inference mode keeps it frozen), so the optimiser,
+    `print_trainable_parameters()` and Trainer all see it; and the PeftModel's
+    `save_pretrained` / `load_adapter` carry the memory with the adapter."""
+    global _PEFT_WATCH
+    if _PEFT_WATCH is None:
+        _PEFT_WATCH = torch.nn.modules.module.register_module_module_registration_hook(_on_module_registered)
+
+
+_PEFT_WATCH = None
+
+
+def _on_module_registered(parent: nn.Module, name: str, child):
+    if name != "base_model" or not isinstance(child, nn.Module):
+        return None  # cheap: this runs for every submodule any module registers
+    inner = child.__dict__.get("_modules", {}).get("model")
+    if inner is None or "_engram_injector" not in inner.__dict__ or not callable(getattr(type(parent), "save_pretrained", None)):
+        return None
+    _adopt_peft_model(parent, child, inner)
+    return None
+
+
+def _peft_adapter_config(tuner):
+    configs = getattr(tuner, "peft_config", None) or {}
+    active = getattr(tuner, "active_adapter", None)
+    name = active[0] if isinstance(active, (list, tuple)) and active else active
+    return configs.get(name) if isinstance(configs, dict) else None
+
+
+def _adopt_peft_model(peft_model: nn.Module, tuner: nn.Module, model: nn.Module) -> None:
+    """What `_watch_peft` does when a PeftModel takes `model` (the transformers model
+    holding the memory; `tuner` is peft's LoraModel, ...)."""
+    injector = model.__dict__["_engram_injector"]
+    injector.peft_seen = True
+    mem = injector.active()  # model.engram, or a memory an engram head holds elsewhere
+    config = _peft_adapter_config(tuner)
+    if mem.trainable and not getattr(config, "inference_mode", False) and not any(p.requires_grad for p in mem.parameters()):
+        _make_trainable(mem)
+    if injector.held is None:  # a memory the head holds is saved with the run's checkpoint, not an adapter
+        _carry_memory_with_adapter(peft_model, model)
+
+
+def _make_trainable(mem: EngramHashMemory) -> None:
+    for block in mem.blocks.values():
+        for pname, p in block.named_parameters():
+            p.requires_grad_(pname != "gate_bias" or block.cfg.gate != "fixed")
+
+
+def _carry_memory_with_adapter(peft_model: nn.Module, model: nn.Module) -> None:
+    """The PeftModel's save_pretrained writes the memory into the adapter folder too
+    (engram_config.json + engram.safetensors), and its load_adapter reads it back from a
+    folder that has it: an adapter saved with a trained memory reloads with that memory,
+    with or without modules_to_save=["engram"]."""
+    if "save_pretrained" in peft_model.__dict__:
+        return
+    own_save, own_load = peft_model.save_pretrained, getattr(peft_model, "load_adapter", None)
+
+    @functools.wraps(own_save)
+    def save_pretrained(save_directory, *args, **kwargs):
+        out = own_save(save_directory, *args, **kwargs)
+        save_engram(model, save_directory)
+        return out
+
+    object.__setattr__(peft_model, "save_pretrained", save_pretrained)
+    if own_load is None:
+        return
+
+    @functools.wraps(own_load)
+    def load_adapter(model_id, *args, **kwargs):
+        out = own_load(model_id, *args, **kwargs)
+        folder = Path(str(model_id))
+        if (folder / ENGRAM_CONFIG).is_file():
+            load_engram(model, folder)
+        return out
+
+    object.__setattr__(peft_model, "load_adapter", load_adapter)
+
+
 ENGRAM_CONFIG = "engram_config.json"
 ENGRAM_WEIGHTS = "engram.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -388,6 +484,8 @@ def add_engram(
 
         canonical = tokenizer_canonical_ids(tokenizer, int(target.config.vocab_size))
     attach_engram(target, cfg, canonical=canonical, freeze_base=freeze_base and not _is_peft_model(model), table_dtype=table_dtype)
+    if _is_peft_model(model):  # peft already chose its trainable parameters: the memory trains, and is saved with the adapter
+        _carry_memory_with_adapter(model, target)
     return model
 
 
@@ -408,6 +506,7 @@ def attach_engram(model: nn.Module, cfg: EngramHashConfig, canonical=None, freez
             p.requires_grad_(False)
     model.add_module("engram", memory)
     HFInjector(model)  # model.engram, looked up at each call
+    _watch_peft()
     model.save_engram = types.MethodType(save_engram, model)
     model.load_engram = types.MethodType(load_engram, model)
     model.remove_engram = types.MethodType(remove_engram, model)
@@ -442,35 +541,91 @@ def save_engram(model: nn.Module, path) -> Path:
     if mem.cfg.canonical:
         state["canonical_ids"] = next(iter(mem.blocks.values())).hasher.canonical.cpu()
     save_file(state, str(path / ENGRAM_WEIGHTS))
-    meta = {"engram_hash": unstructure(mem.cfg), "table_dtype": getattr(mem, "table_dtype", None)}
+    meta = {"engram_hash": unstructure(mem.cfg), "table_dtype": getattr(mem, "table_dtype", None), "model": _model_dims(model)}
     (path / ENGRAM_CONFIG).write_text(json.dumps(meta, indent=2))
     return path
 
 
-def _read_engram_config(path: Path) -> tuple[dict, str | None]:
+def _model_dims(model: nn.Module) -> dict:
+    """What the memory's rows are only valid for: the hash reads token ids (the vocabulary)
+    and the projections the model's width."""
+    target = model.get_base_model() if _is_peft_model(model) else model
+    conf = getattr(target, "config", None)
+    dims = {"vocab_size": getattr(conf, "vocab_size", None), "hidden_size": getattr(conf, "hidden_size", None)}
+    try:
+        dims["num_layers"] = len(decoder_layers(target))
+    except Exception:  # a model whose layers are not where transformers puts them: the vocabulary and width still count
+        pass
+    return {k: int(v) for k, v in dims.items() if v is not None}
+
+
+def _read_engram_meta(path: Path) -> dict:
     if not (path / ENGRAM_WEIGHTS).is_file() or not (path / ENGRAM_CONFIG).is_file():
         raise ConfigError("path", f"{path} holds no {ENGRAM_WEIGHTS} and {ENGRAM_CONFIG} (written by save_engram or save_pretrained)")
-    meta = json.loads((path / ENGRAM_CONFIG).read_text())
+    try:
+        meta = json.loads((path / ENGRAM_CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("path", f"{path / ENGRAM_CONFIG} is damaged (not JSON: {exc}); save the memory again") from None
+    if not isinstance(meta, dict):
+        raise ConfigError("path", f"{path / ENGRAM_CONFIG} is damaged (not a JSON object); save the memory again")
     if "engram_hash" not in meta:  # written before the table dtype was saved: the config alone
         meta = {"engram_hash": meta, "table_dtype": None}
+    return meta
+
+
+def _read_engram_config(path: Path) -> tuple[dict, str | None]:
+    meta = _read_engram_meta(path)
     return meta["engram_hash"], meta.get("table_dtype")
 
 
-def load_engram(model: nn.Module, path) -> nn.Module:
-    """Load memory parameters written by `save_engram`; the configs must agree."""
+def _read_engram_weights(path: Path, device: str = "cpu") -> dict:
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path / ENGRAM_WEIGHTS), device=device)
+    except Exception as exc:  # safetensors raises its own error types for a torn or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ConfigError("path", f"{path / ENGRAM_WEIGHTS} is damaged, cannot be read ({type(exc).__name__}: {first}); "
+                                  "save the memory again (save_engram or save_pretrained)") from None
+
+
+def _check_model_dims(path: Path, saved: dict, model: nn.Module) -> None:
+    """The saved memory fits this model: same vocabulary (the hash addresses rows by token
+    id) and width, said in one line naming the mismatch."""
+    mine = _model_dims(model)
+    for key, why in (("vocab_size", "the hash addresses rows by token id, so every n-gram would read other rows"),
+                     ("hidden_size", "the memory's projections have the model's width"),
+                     ("num_layers", "the memory sits after given decoder layers")):
+        if key in saved and key in mine and saved[key] != mine[key]:
+            raise ConfigError(key, f"the Engram memory in {path} was saved for a model with {key}={saved[key]}, this model has "
+                                   f"{key}={mine[key]} ({why}); load it into the model it was trained with")
+
+
+def load_engram(model: nn.Module, path) -> nn.Module:
+    """Load memory parameters written by `save_engram`; the configs and the model's
+    vocabulary, width and depth (recorded in engram_config.json) must agree."""
     path = Path(path)
-    saved, _ = _read_engram_config(path)
+    meta = _read_engram_meta(path)
+    saved = meta["engram_hash"]
+    _check_model_dims(path, meta.get("model") or {}, model)
     mem = engram_memory(model)
     mine = unstructure(mem.cfg)
     diff = [k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k)]
     if diff:
         k = sorted(diff)[0]
         raise ConfigError(k, f"saved Engram has {k}={saved.get(k)!r}, this model's has {mine.get(k)!r}")
-    state = load_file(str(path / ENGRAM_WEIGHTS), device=str(next(mem.parameters()).device))
+    state = _read_engram_weights(path, device=str(next(mem.parameters()).device))
     state.pop("canonical_ids", None)
-    mem.load_state_dict(state)
+    mine_state = mem.state_dict()
+    wrong = [f"{k}: saved {tuple(v.shape)}, this model's {tuple(mine_state[k].shape)}" for k, v in state.items()
+             if k in mine_state and tuple(v.shape) != tuple(mine_state[k].shape)]
+    if wrong:  # a file saved before the model's dimensions were recorded: the shapes say it
+        raise ConfigError("hidden_size", f"the Engram memory in {path} does not fit this model ({wrong[0]}); "
+                                         "load it into the model it was trained with")
+    try:
+        mem.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError("path", f"{path / ENGRAM_WEIGHTS} does not match this memory ({str(exc).splitlines()[0][:160]})") from None
     return model
 
 
@@ -478,20 +633,50 @@ def from_pretrained(path, **kwargs) -> nn.Module:
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`, then the Engram memory that
     `model.save_pretrained(path)` wrote beside the weights (same config, same rows). A
     directory without memory gives the plain model. The base is frozen as add_engram does
-    (pass `freeze_base=False` to keep it trainable)."""
-    from safetensors.torch import load_file
+    (pass `freeze_base=False` to keep it trainable).
+
+    A peft adapter folder (adapter_config.json, no config.json; what a PeftModel's
+    save_pretrained writes, the memory with it) loads its base model from the local folder
+    the adapter names (or `base_model=DIR`), never from the model hub, then the memory,
+    then the adapter (`is_trainable=True` to train on)."""
     from transformers import AutoModelForCausalLM
 
     freeze_base = kwargs.pop("freeze_base", True)
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return _from_adapter_folder(folder, kwargs.pop("base_model", None), kwargs.pop("is_trainable", False), kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    path = Path(path)
-    if not (path / ENGRAM_CONFIG).is_file():
+    if not (folder / ENGRAM_CONFIG).is_file():
         return model
-    saved, table_dtype = _read_engram_config(path)
-    cfg = structure(saved, EngramHashConfig)
-    canonical = load_file(str(path / ENGRAM_WEIGHTS)).get("canonical_ids") if cfg.canonical else None
-    attach_engram(model, cfg, canonical=canonical, freeze_base=freeze_base, table_dtype=table_dtype)
-    return load_engram(model, path)
+    _attach_saved(model, folder, freeze_base)
+    return load_engram(model, folder)
+
+
+def _attach_saved(model: nn.Module, folder: Path, freeze_base: bool) -> None:
+    meta = _read_engram_meta(folder)
+    _check_model_dims(folder, meta.get("model") or {}, model)
+    cfg = structure(meta["engram_hash"], EngramHashConfig)
+    canonical = _read_engram_weights(folder).get("canonical_ids") if cfg.canonical else None
+    attach_engram(model, cfg, canonical=canonical, freeze_base=freeze_base, table_dtype=meta.get("table_dtype"))
+
+
+def _from_adapter_folder(folder: Path, base_model, is_trainable: bool, kwargs: dict) -> nn.Module:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("path", f"{folder / 'adapter_config.json'} is damaged (not JSON: {exc})") from None
+    base = base_model or adapter.get("base_model_name_or_path")
+    if not base or not (Path(str(base)).expanduser() / "config.json").is_file():
+        raise ConfigError("base_model", f"{folder} is a peft adapter folder whose base model {base!r} is not a local model folder "
+                                        f"(nothing is downloaded): from_pretrained({str(folder)!r}, base_model=LOCAL_MODEL_DIR)")
+    kwargs.setdefault("local_files_only", True)
+    model = AutoModelForCausalLM.from_pretrained(str(Path(str(base)).expanduser()), **kwargs)
+    if (folder / ENGRAM_CONFIG).is_file():
+        _attach_saved(model, folder, freeze_base=True)  # the PeftModel's load_adapter reads the rows (see _carry_memory_with_adapter)
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
 
 
 def remove_engram(model: nn.Module) -> nn.Module:

@@ -93,8 +93,8 @@ def test_peft_after_add_engram_keeps_memory_trainable_and_used():
     assert lora
     with torch.no_grad():
         wrapped(input_ids=torch.randint(3, VOCAB, (1, 4)))
-    # peft froze the memory with the base; the first call gives it back its trainability,
-    # so an optimiser over the trainable parameters built from here on includes it
+    # peft froze the memory with the base; add_engram's watch gave it back its trainability as
+    # get_peft_model returned, so an optimiser over the trainable parameters includes it
     assert all(p.requires_grad for p in model.engram.parameters())
     moved, changed, used = _moved_and_changed(model, wrapped)
     assert moved and changed > 1e-3 and used > 1e-3

@@ -1,0 +1,334 @@
+"""The engine against a hand-written PyTorch loop on one GPU: the memory zoo's backbone on
+mqar at Zoology's first setting (vocab 8192, length 64, 4 pairs, batch 512, 100k sequences).
+
+    python benchmarks/engine_gpu.py [--steps 600] [--repeats 2] [--modes eager compiled graphed compiled+graphed]
+                                    [--concurrent 1 2 4 8 16] [--full-run] [--rollout]
+
+* **hand**: a plain loop a PyTorch user would write for the same model (the core
+  `CausalTransformer`, 2 blocks, width 64, full attention), the data set on the GPU and
+  indices drawn there, logits only at the 4 scored positions of each sequence, AdamW
+  (weight decay 0.1), cosine schedule, gradient clipping at 1.0 — eager, `torch.compile`d
+  (the loss function), CUDA-graphed (the PyTorch docs' whole-step capture with a
+  capturable AdamW), or compiled and graphed.
+* **engine**: `python -m engram_core.run` on the same recipe (`run.compile`,
+  `run.cuda_graphs`), steps/s read from the run's own `throughput/steps_per_s`.
+* Each (mode, hand/engine) runs in its own process, in the order hand, engine, engine,
+  hand, ... (alternated and repeated `--repeats` times); a figure is the median over the
+  steady-state log windows (the first `--skip` windows — start-up, compile, capture — are
+  dropped) and over repeats, with every value kept in the JSON.
+* `--concurrent N ...`: N engine runs started together (eager unless `--concurrent-mode`),
+  threads left to the engine's default sharing; aggregate steps/s = the sum of each run's
+  median.
+* `--full-run`: the zoo setting's 3,000 steps in one `engram-run` (graphed), wall time from
+  launch to exit and the test accuracy it reaches.
+* `--rollout`: `recipes/rollout_vmf.toml` on CUDA against one CPU core (`OMP_NUM_THREADS=1`).
+
+Prints and saves JSON to benchmarks/results/engine_gpu-<device>.json. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_common import write_result  # noqa: E402
+
+SETTING = dict(vocab=8192, seq_len=64, n_pairs=4, batch=512, n_train=100_000, dim=64, layers=2, heads=4, lr=3e-3, wd=0.1)
+MODES = ("eager", "compiled", "graphed", "compiled+graphed")
+
+RECIPE = """
+[run]
+name = "zoo_gpu"
+seed = {seed}
+device = "cuda"
+compile = {compile}{graphs}
+[data]
+type = "mqar"
+n_pairs = {n_pairs}
+seq_len = {seq_len}
+vocab_size = {vocab}
+query_spacing = "power"
+n_train = {n_train}
+n_eval = 3000
+[head]
+type = "causal_backbone"
+dim = {dim}
+n_layers = {layers}
+n_heads = {heads}
+window = 0
+[[stages]]
+name = "train"
+objective = {{ type = "token_lm" }}
+steps = {steps}
+batch_size = {batch}
+lr = {lr}
+optimizer = "adamw"
+weight_decay = {wd}
+schedule = "cosine"
+warmup_steps = {warmup}
+grad_clip = 1.0
+eval_every = 0
+log_every = {log_every}
+[[metrics]]
+type = "completion_accuracy"
+"""
+
+
+# ---- the hand-written loop ------------------------------------------------------------------
+
+def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0) -> dict:
+    """steps/s of each log window of a plain PyTorch loop (one process)."""
+    import torch
+    import torch.nn.functional as F
+
+    from engram_core.builtin.mqar import MQARConfig, generate_mqar
+    from engram_core.nn import CausalTransformer, CausalTransformerConfig
+
+    s = SETTING
+    dev = torch.device("cuda")
+    torch.manual_seed(seed)
+    cfg = MQARConfig(n_pairs=s["n_pairs"], seq_len=s["seq_len"], vocab_size=s["vocab"], query_spacing="power", n_train=s["n_train"])
+    data = generate_mqar(cfg, s["n_train"], seed * 2 + 1)
+    ids_all = data["input_ids"].to(dev)
+    labels_all = data["labels"].to(dev)
+    # the positions whose next token is scored, n_pairs per sequence (known for this task)
+    scored = (labels_all[:, 1:] != -100)
+    pos_all = scored.int().argsort(dim=1, descending=True, stable=True)[:, : s["n_pairs"]].sort(dim=1).values
+    target_all = labels_all.gather(1, pos_all + 1)
+    model = CausalTransformer(CausalTransformerConfig(vocab_size=s["vocab"], dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"],
+                                                      max_len=s["seq_len"] + 16 + 64)).to(dev)
+    graphed = "graphed" in mode
+    lr = torch.tensor(s["lr"], device=dev) if graphed else s["lr"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["wd"], capturable=graphed)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, steps - warm))))
+
+    positions = torch.arange(s["seq_len"], device=dev)
+
+    def loss_fn(ids, pos, target):
+        x = model.tok(ids) + model.pos(positions)[None]
+        for block in model.blocks:
+            x, _ = block(x, None, None)
+        hidden = model.ln_f(x)
+        h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # only the scored positions
+        logits = model.lm_head(h)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
+    if "compiled" in mode:
+        loss_fn = torch.compile(loss_fn)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    n = ids_all.shape[0]
+
+    def step(ids, pos, target):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(ids, pos, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.detach()
+
+    def batch():
+        idx = torch.randint(0, n, (s["batch"],), device=dev, generator=gen)
+        return ids_all[idx], pos_all[idx], target_all[idx]
+
+    graph = static = None
+    windows, losses = [], []
+    t = time.perf_counter()
+    loss_sum = torch.zeros((), device=dev)
+    for i in range(steps):
+        b = batch()
+        if not graphed or i < 3:
+            if graphed:  # the docs' warm-up on a side stream
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    loss = step(*b)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                loss = step(*b)
+        elif graph is None:
+            static = [x.clone() for x in b]
+            graph = torch.cuda.CUDAGraph()
+            opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                static_loss = step(*static)
+            graph.replay()
+            loss = static_loss
+        else:
+            for dst, src in zip(static, b):
+                dst.copy_(src)
+            graph.replay()
+            loss = static_loss
+        loss_sum += loss
+        sched.step()
+        if (i + 1) % log_every == 0:
+            losses.append(float(loss_sum) / log_every)  # one sync per window, as the engine's log step
+            loss_sum.zero_()
+            now = time.perf_counter()
+            windows.append(log_every / (now - t))
+            t = now
+    return {"windows": windows, "loss": losses}
+
+
+# ---- the engine -----------------------------------------------------------------------------
+
+def engine_run(mode: str, steps: int, log_every: int, out: Path, seed: int = 0, extra_env: dict | None = None,
+               threads: str | None = None) -> subprocess.Popen:
+    recipe = out / f"zoo_{mode.replace('+', '_')}_{seed}_{time.time_ns()}.toml"
+    graphs = "\ncuda_graphs = true" if "graphed" in mode else ""  # absent when off: the script also times older commits
+    recipe.write_text(RECIPE.format(seed=seed, compile=str("compiled" in mode).lower(), graphs=graphs,
+                                    steps=steps, warmup=max(1, steps // 10), log_every=log_every, **SETTING))
+    env = dict(os.environ, **(extra_env or {}))
+    if threads is None:
+        env.pop("OMP_NUM_THREADS", None)  # the engine's default thread sharing
+    else:
+        env["OMP_NUM_THREADS"] = threads
+    run_out = out / f"runs_{recipe.stem}"
+    cmd = [sys.executable, "-m", "engram_core.run", str(recipe), "--out", str(run_out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.run_out = run_out  # type: ignore[attr-defined]
+    proc.t_start = time.perf_counter()  # type: ignore[attr-defined]
+    return proc
+
+
+def engine_result(proc: subprocess.Popen) -> dict:
+    text, _ = proc.communicate()
+    wall = time.perf_counter() - proc.t_start  # type: ignore[attr-defined]
+    if proc.returncode != 0:
+        raise SystemExit(f"engine run failed ({proc.returncode}):\n{text[-3000:]}")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = [p.parent for p in Path(proc.run_out).rglob("summary.json")]  # type: ignore[attr-defined]
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    windows = [e.value for e in acc.Scalars("throughput/steps_per_s")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"windows": windows, "wall_s": round(wall, 2), "final": summary["final"], "train_loss": [e.value for e in acc.Scalars("train/loss")]}
+
+
+def steady(windows: list[float], skip: int) -> float:
+    kept = windows[skip:] or windows[-1:]
+    return statistics.median(kept)
+
+
+def run_hand_subprocess(mode: str, steps: int, log_every: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--hand", mode, "--steps", str(steps), "--log-every", str(log_every)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"hand loop {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(args, tmp: Path) -> dict:
+    table = {}
+    for mode in args.modes:
+        hand, engine = [], []
+        for r in range(args.repeats):
+            order = ("hand", "engine") if r % 2 == 0 else ("engine", "hand")
+            for who in [w for w in order if w in args.sides]:
+                if who == "hand":
+                    res = run_hand_subprocess(mode, args.steps, args.log_every)
+                    hand.append(res)
+                else:
+                    res = engine_result(engine_run(mode, args.steps, args.log_every, tmp))
+                    engine.append(res)
+                print(f"  {mode:17s} {who:6s} {steady(res['windows'], args.skip):8.1f} steps/s", flush=True)
+        h = statistics.median(steady(x["windows"], args.skip) for x in hand) if hand else float("nan")
+        e = statistics.median(steady(x["windows"], args.skip) for x in engine) if engine else float("nan")
+        table[mode] = {"hand_steps_per_s": round(h, 1) if hand else None, "engine_steps_per_s": round(e, 1) if engine else None,
+                       "engine_vs_hand": round(e / h, 3) if hand and engine else None,
+                       "hand_runs": hand, "engine_runs": engine}
+        print(f"{mode:17s} hand {h:7.1f}  engine {e:7.1f}  engine/hand {e / h:.3f}", flush=True)
+    return table
+
+
+def concurrency(args, tmp: Path) -> dict:
+    out = {}
+    for n in args.concurrent:
+        procs = [engine_run(args.concurrent_mode, args.concurrent_steps, args.log_every, tmp, seed=i) for i in range(n)]
+        results = [engine_result(p) for p in procs]
+        each = [steady(r["windows"], args.skip) for r in results]
+        out[str(n)] = {"each_steps_per_s": [round(x, 1) for x in each], "aggregate_steps_per_s": round(sum(each), 1)}
+        print(f"{n:3d} concurrent ({args.concurrent_mode}): aggregate {sum(each):8.1f} steps/s, each {statistics.median(each):.1f}", flush=True)
+    one = out.get("1", {}).get("aggregate_steps_per_s")
+    if one:
+        for v in out.values():
+            v["vs_one_run"] = round(v["aggregate_steps_per_s"] / one, 2)
+    return out
+
+
+def full_run(args, tmp: Path) -> dict:
+    proc = engine_run(args.full_mode, 3000, 100, tmp)
+    res = engine_result(proc)
+    acc = res["final"].get("eval/acc")
+    print(f"3000 steps ({args.full_mode}): {res['wall_s']:.1f} s wall from launch to exit, eval/acc {acc}", flush=True)
+    return {"mode": args.full_mode, "wall_s": res["wall_s"], "eval_acc": acc, "final": res["final"]}
+
+
+def rollout(args, tmp: Path) -> dict:
+    out = {}
+    for r in range(args.rollout_repeats):
+        for dev in (("cuda", "cpu") if r % 2 == 0 else ("cpu", "cuda")):
+            env = dict(os.environ, OMP_NUM_THREADS="1") if dev == "cpu" else dict(os.environ)
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "engram_core.run", "recipes/rollout_vmf.toml", "--device", dev, "--out",
+                                str(tmp / f"rollout_{dev}_{r}")], env=env, capture_output=True, text=True, cwd=HERE.parent)
+            if p.returncode != 0:
+                raise SystemExit(f"rollout_vmf on {dev} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+            out.setdefault(dev, []).append(round(time.perf_counter() - t, 2))
+            print(f"rollout_vmf {dev}: {out[dev][-1]:.1f} s", flush=True)
+    return {k: {"wall_s": v, "median_s": statistics.median(v)} for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hand", choices=MODES, help=argparse.SUPPRESS)  # one hand-loop run (a subprocess of this script)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--skip", type=int, default=2, help="log windows dropped at the start of each run")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    p.add_argument("--sides", nargs="+", default=["hand", "engine"], choices=["hand", "engine"],
+                   help="what to time per mode (engine alone: an older commit's engine on PYTHONPATH)")
+    p.add_argument("--concurrent", type=int, nargs="*", default=[])
+    p.add_argument("--concurrent-mode", default="eager", choices=MODES)
+    p.add_argument("--concurrent-steps", type=int, default=1500)
+    p.add_argument("--full-run", action="store_true")
+    p.add_argument("--full-mode", default="graphed", choices=MODES)
+    p.add_argument("--rollout", action="store_true")
+    p.add_argument("--rollout-repeats", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_gpu-cuda.json)")
+    args = p.parse_args(argv)
+    if args.hand:
+        print(json.dumps(hand_loop(args.hand, args.steps, args.log_every)))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print("engine_gpu.py needs CUDA", file=sys.stderr)
+        return 2
+    info = {"setting": SETTING, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
+            "device": torch.cuda.get_device_name(0), "cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None}
+    parts = [("modes", compare, bool(args.modes)), ("concurrent", concurrency, bool(args.concurrent)),
+             ("full_run", full_run, args.full_run), ("rollout_vmf", rollout, args.rollout)]
+    with tempfile.TemporaryDirectory() as d:
+        for key, measure, wanted in parts:
+            if wanted:
+                info[key] = measure(args, Path(d))
+                write_result(info, args.out, "engine_gpu-cuda")  # after each part: a later failure keeps the earlier ones
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
