@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """Set up a development environment and run engram, in one command each.
 
-    python3 dev.py run     # make .venv, install core + every plugin, run recipes/rollout_vmf.toml
-    python3 dev.py test    # the same set-up, then the whole test suite (pytest)
+    python3 dev.py run                   # make .venv, install core + every plugin, run recipes/rollout_vmf.toml
+    python3 dev.py test                  # the same set-up, then the whole test suite (pytest)
+    python3 dev.py setup                 # only the set-up
+    python3 dev.py tensorboard RUN_DIR   # the venv's TensorBoard on a run (or sweep) directory
+    python3 dev.py engram ARGS...        # the venv's `engram` (plugins, describe, validate, report, ...)
+    python3 dev.py engram-run ARGS...    # the venv's `engram-run` (any recipe, --resume RUN_DIR, ...)
 
 Only the standard library is used here, so this works on a fresh machine with Python 3.11.
 The venv is ./.venv (override with ENGRAM_VENV). Extra arguments go to engram-run / pytest.
+Instead of the last three forms you can activate the venv once (`source .venv/bin/activate`)
+and type `tensorboard`, `engram` and `engram-run` directly.
 """
 
 from __future__ import annotations
@@ -27,9 +33,25 @@ def bin_path(name: str) -> Path:
     return VENV / ("Scripts" if os.name == "nt" else "bin") / name
 
 
-def sh(*cmd: str | Path) -> int:
-    print("+", " ".join(map(str, cmd)), flush=True)
-    return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+COMMANDS = ("run", "test", "setup", "tensorboard", "engram", "engram-run")
+
+
+def sh(*cmd: str | Path, echo: bool = True) -> int:
+    """Run `cmd`; on Ctrl-C let it finish its own clean-up, then re-raise KeyboardInterrupt."""
+    if echo:
+        print("+", " ".join(map(str, cmd)), flush=True)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # the terminal sent SIGINT to the whole process group: the child stops by itself
+        # (engram-run writes its checkpoint, pytest its summary); wait for it, then go
+        try:
+            proc.wait(timeout=30)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        raise
 
 
 def packages() -> list[str]:
@@ -79,13 +101,28 @@ def setup() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "test", "setup"):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # one line, no traceback; 130 = 128 + SIGINT, as shells report it
+        print("dev.py: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 2
     cmd, rest = argv[0], argv[1:]
+    if cmd == "tensorboard" and (not rest or rest[0].startswith("-")):
+        print("dev.py tensorboard: give a run or sweep directory (python3 dev.py tensorboard runs/minimal/<id>)", file=sys.stderr)
+        return 2
     setup()
     if cmd == "setup":
         return 0
+    if cmd == "tensorboard":
+        return sh(bin_path("tensorboard"), "--logdir", rest[0], *rest[1:])
+    if cmd in ("engram", "engram-run"):
+        return sh(bin_path(cmd), *rest, echo=False)  # its output only: `dev.py engram plugins --json | jq`
     if cmd == "run":
         recipe = HEADLINE if (ROOT / HEADLINE).exists() else FALLBACK
         return sh(bin_path("engram-run"), recipe, *rest)

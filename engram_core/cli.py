@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def _run_torchrun(run, targs, ChildFailedError, nproc: int) -> int:
         killed = [(r, f) for r, f in sorted(exc.failures.items()) if f.exitcode < 0 and f.signal_name() != "SIGTERM"]
         rank, failure = killed[0] if killed else exc.get_first_failure()
         how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with status {failure.exitcode}"
-        print(f"error: rank {rank} {how}; torchrun stopped the other ranks (resume with: engram-run --nproc {nproc} --resume RUN_DIR)", file=sys.stderr)
+        print(f"error: rank {rank} {how}; torchrun stopped the other ranks (resume with: {runnable('engram-run')} --nproc {nproc} --resume RUN_DIR)", file=sys.stderr)
         return 1 if failure.exitcode < 0 else failure.exitcode
     return 0
 
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     completion.overrides(pv.add_argument("overrides", nargs="*"))
     pv.add_argument("--print-config", action="store_true", help="also print the resolved recipe with each value's origin")
     pv.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
+    pv.add_argument("--no-forward", action="store_true", help="skip the dry forward (one batch of 2 through the first train stage's objective, on the CPU)")
     pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
     pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
     pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(console, args.dir, args.out, (args.x, args.series, args.metric) if args.x else None)
         if args.cmd == "cache":
             return _cache(console, args)
-        return _validate(console, args.recipe, args.overrides, args.print_config)
+        return _validate(console, args.recipe, args.overrides, args.print_config, forward=not args.no_forward)
     except EngramError as exc:
         return _fail(exc, getattr(args, "traceback", False))
     except BrokenPipeError:  # `engram plugins --json | head`: the reader left; not an error
@@ -375,9 +377,8 @@ def _describe(console: Console, kind: str, name: str) -> int:
         raise RecipeError([("", f"unknown kind {kind!r}; kinds: dataset, head, memory, objective, metric")])
     reg = load_registry()
     comp = reg.resolve(k, name, f"{KIND_SINGULAR[k]} name")
-    console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})")
-    if comp.doc:
-        console.print(comp.doc, markup=False)
+    console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})", soft_wrap=True)
+    console.print(own_doc(comp.factory) or own_doc(comp.config_cls) or "(no docstring)", markup=False)
     caps = []
     for label, vals in (("provides", comp.provides), ("requires", comp.requires), ("offers", comp.offers)):
         if vals:
@@ -401,7 +402,16 @@ def _describe(console: Console, kind: str, name: str) -> int:
     return 0
 
 
-def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False) -> int:
+def own_doc(obj) -> str:
+    """The docstring written on `obj` itself: a class without one does not show its base
+    class's (`Memory`'s docstring says nothing about the memory being described)."""
+    import inspect
+
+    doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else ""
+
+
+def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False, forward: bool = True) -> int:
     from .recipe import load_recipe
     from .validate import check_all
 
@@ -412,8 +422,37 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
 
         console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = check_all(recipe)  # every component built on the meta device, every sweep point
-    console.print(f"{recipe_path}: ok ({len(recipe.stages)} stages, {len(recipe.metrics)} metrics" + (f", sweep of {n} points)" if recipe.sweep else ")"))
+    note = _dry_forwards(recipe) if forward else "dry forward skipped (--no-forward)"
+    console.print(f"{recipe_path}: ok ({_count(len(recipe.stages), 'stage')}, {_count(len(recipe.metrics), 'metric')}"
+                  + (f", sweep of {_count(n, 'point')}" if recipe.sweep else "") + f"; {note})", markup=False, soft_wrap=True)
     return 0
+
+
+def _dry_forwards(recipe) -> str:
+    """engram_core.dry_forward on the recipe, or on each distinct sweep configuration (seeds
+    aside: they change no shape). Returns the note of the last one checked."""
+    from .dry_forward import dry_forward, skip_reason
+    from .recipe import point_recipe, sweep_points
+    from .validate import check_recipe
+
+    def one(r) -> str:
+        return skip_reason(r) or dry_forward(r, check_recipe(r))  # no second meta build for a skipped one
+
+    if not recipe.sweep:
+        return one(recipe)
+    seen, notes = set(), []
+    for _, point in sweep_points(recipe):
+        key = json.dumps({k: v for k, v in point.items() if k != "run.seed"}, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        notes.append(one(point_recipe(recipe, point)))
+    ok = sum(n.startswith("dry forward ok") for n in notes)
+    return f"dry forward ok on {ok} of {_count(len(notes), 'configuration')}" + ("" if ok == len(notes) else ", the others skipped")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _report(console: Console, target: str, out: str | None, lines=None) -> int:
@@ -484,22 +523,119 @@ def _cache(console: Console, args) -> int:
 
 
 def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
+    """The final table (one column per evaluation stage, each metric's better direction, a
+    value that moved against it since the previous stage flagged) and the next commands."""
     stages = {k: v for k, v in (summary.get("stages") or {}).items() if v}
     if stages:
-        tags: list[str] = []
-        for res in stages.values():
-            for t in res:
-                if t not in tags:
-                    tags.append(t)
-        table = Table(title=f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)")
-        table.add_column("metric")
-        for s in stages:
-            table.add_column(s, justify="right")
-        for t in tags:
-            table.add_row(t, *[_fmt(stages[s].get(t)) for s in stages])
-        console.print(table)
+        from .metric_info import for_run
+
+        info = for_run(run_dir)
+        title = f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)"
+        _hint(console, title)  # a title line of its own: never broken across lines
+        table, worse = summary_table(stages, info)
+        _print_unwrapped(console, table)
+        legend = "↑ higher is better, ↓ lower is better"
+        if len(stages) > 1:
+            legend += "; (worse): moved against its direction since the previous stage"
+        _hint(console, legend)
+        if worse:
+            _hint(console, f"got worse: {', '.join(worse)}")
     _hint(console, f"run directory: {run_dir}")
-    _hint(console, f"review it:     tensorboard --logdir {run_dir}")
+    _hint(console, f"review it:     {runnable('tensorboard')} --logdir {run_dir}")
+
+
+def summary_table(stages: dict[str, dict], info) -> tuple[Table, list[str]]:
+    """The rich Table of `print_summary`, and the tags that got worse between stages."""
+    from .metric_info import got_worse
+
+    tags: list[str] = []
+    for res in stages.values():
+        tags += [t for t in res if t not in tags]
+    groups: dict[str, list[str]] = {}
+    for t in tags:  # rows by the tag's prefix (the first appearance orders them), costs last
+        groups.setdefault("cost" if info.of(t).is_cost else t.split("/")[0], []).append(t)
+    order = sorted(groups, key=lambda g: g == "cost")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("", justify="center")  # ↑ / ↓
+    for s in stages:
+        table.add_column(s, justify="right")
+    worse: list[str] = []
+    names = list(stages)
+    for gi, group in enumerate(order):
+        if gi:
+            table.add_section()
+        for t in groups[group]:
+            ti = info.of(t)
+            cells = []
+            for i, s in enumerate(names):
+                cell = _fmt(stages[s].get(t))
+                before = next((stages[p].get(t) for p in reversed(names[:i]) if stages[p].get(t) is not None), None)
+                if got_worse(ti, before, stages[s].get(t)):
+                    cell += " (worse)"
+                    if t not in worse:
+                        worse.append(t)
+                cells.append(cell)
+            table.add_row(escape(t), ti.arrow, *cells)
+    return table, worse
+
+
+def _print_unwrapped(console: Console, renderable) -> None:
+    """In a log or a pipe (no terminal width to respect) a table is printed at its natural
+    width rather than squeezed into 80 columns."""
+    if console.is_terminal:
+        console.print(renderable)
+    else:
+        natural = console.measure(renderable, options=console.options.update_width(10_000)).maximum
+        width = console.width
+        console.width = max(width, natural)  # print(width=) cannot exceed the console's width
+        try:
+            console.print(renderable)
+        finally:
+            console.width = width
+
+
+def print_markdown_tables(console: Console, markdown: str) -> None:
+    """sweep.md on the console: its Markdown tables as tables, headings as bold lines, the
+    rest as text (a log gets aligned columns, not pipes and dashes)."""
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            table = Table()
+            for col in rows[0]:
+                table.add_column(escape(col), overflow="fold")
+            for r in rows[2:]:  # rows[1] is the |---| separator
+                table.add_row(*(escape(c) for c in r))
+            _print_unwrapped(console, table)
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|") and line.endswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line[1:-1])]
+            rows.append(cells)
+            continue
+        flush()
+        if line.startswith("#"):
+            console.print(line.lstrip("#").strip(), style="bold", markup=False, highlight=False, soft_wrap=True)
+        elif line.strip():
+            console.print(line.replace("`", ""), markup=False, highlight=False, soft_wrap=True)
+    flush()
+
+
+def runnable(command: str) -> str:
+    """`command` as it runs when typed: its name when the shell finds this environment's copy
+    on PATH, else the copy's absolute path (a venv that is not activated: `.venv/bin/...`)."""
+    import os
+    import shutil
+
+    here = Path(sys.executable).parent / command
+    if not here.exists():
+        return command
+    found = shutil.which(command)
+    if found is not None and os.path.realpath(found) == os.path.realpath(here):
+        return command
+    return str(here.absolute())
 
 
 def _fmt(v) -> str:

@@ -203,6 +203,15 @@ class Metric(abc.ABC):
     ctx: EvalContext | None = None
     dist_reduce_fx: dict[str, str] = {}
     shardable: bool = True
+    # What the values mean to a reader (engram_core.metric_info), by the names `compute`
+    # returns or globs over them: `directions` {"acc": "higher", "*/nll": "lower"} (a name
+    # not declared is "unknown": shown without a verdict); `groups` {"params": "cost"} (the
+    # heading a value is shown under; default the tag's prefix; "cost" is not an outcome);
+    # `references` {"acc": {"chance": 0.1}} (levels drawn beside the value: a number, the
+    # name of another value, or a function of the resolved recipe dict).
+    directions: dict[str, str] = {}
+    groups: dict[str, str] = {}
+    references: dict[str, dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -154,6 +154,10 @@ class GenerationConfig:
 class GenerationMetric(Metric):
     """Whole-sequence generation from each eval sequence's first frame (see the module docstring)."""
 
+    directions = {"*/nonfinite": "lower", "*/outside_range": "lower", "*/clip_rate": "lower", "*/nll": "lower",
+                  "*/dnll": "lower", "*/spectral_distance": "lower"}
+    groups = {"*/data_max_norm": "reference", "*/true_step_norm": "reference"}
+
     # distributed eval: every rank generates the whole split (seeded draws in a fixed order,
     # pooled spectra and the example sequences for the pictures would not shard exactly)
     shardable = False

@@ -93,15 +93,17 @@ def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, re
         if resumed_recipe_text is not None:
             atomic_write_text(run_dir / "recipe.toml", resumed_recipe_text)
     engine.dist.barrier()
-    console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})")
+    console.print(f"[bold]{recipe.name}[/] → {run_dir}  (device {engine.device})", soft_wrap=True)
     try:
         summary = engine.run(resume=resume)
     except NonFiniteLossError:
         print_summary(console, engine.summary(), run_dir)
         raise
     except KeyboardInterrupt:
+        from .cli import runnable
+
         console.print("\ninterrupted; resume with:", markup=False)
-        console.print(f"engram-run --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{runnable('engram-run')} --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
         raise
     print_summary(console, summary, run_dir)
     _warn_nonfinite(summary, run_dir)
@@ -152,9 +154,11 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     table = sweep_tables(sweep_dir, plan)[1]
     if dist.is_main:
         write_sweep_tables(sweep_dir, plan)
-    console.print(table, markup=False)
+    from .cli import print_markdown_tables, runnable
+
+    print_markdown_tables(console, table)
     console.print(f"sweep directory: {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"review it:       tensorboard --logdir {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"review it:       {runnable('tensorboard')} --logdir {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
     if failures:
         console.print(f"{failures} of {len(plan)} points failed (status and error in sweep.csv)", markup=False)
     return 1 if failures else 0

@@ -159,3 +159,24 @@ def test_a_wrongly_declared_batch_dim_fails_rather_than_checking_nothing():
 
     with pytest.raises(AssertionError, match="declared batch dim"):
         contract_for(Undeclared).test_batch_items_independent()
+
+
+@pytest.mark.parametrize("memory_cls,invariant,numbers", [
+    (LeaksAcrossBatch, "test_batch_items_independent", r"max \|difference\| [0-9.e+-]+ at index .*got .*expected"),
+    (IgnoresTheSeed, "test_same_seed_same_result", r"same seed: max \|difference\| [0-9.e+-]+"),
+    (ResetForgetsNothing, "test_reset_restores_initial_state", r"differs: \d+ of \d+ elements, max \|difference\|"),
+])
+def test_a_failed_invariant_says_by_how_much(memory_cls, invariant, numbers):
+    with pytest.raises(AssertionError, match=numbers):
+        getattr(contract_for(memory_cls), invariant)()
+
+
+def test_point_contract_assertions_carry_numbers():
+    from engram_core.testing.points import assert_close, assert_shape
+
+    with pytest.raises(AssertionError, match=r"read: max \|difference\| 0.5 at index \(1, 2\) \(got 0.5, expected 0; .*1 of 6 elements differ\)"):
+        a = torch.zeros(2, 3)
+        a[1, 2] = 0.5
+        assert_close(a, torch.zeros(2, 3), "read", 1e-5)
+    with pytest.raises(AssertionError, match=r"out: shape \(2, 3\), expected \(2, 4\)"):
+        assert_shape(torch.zeros(2, 3), (2, 4), "out")

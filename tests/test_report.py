@@ -63,8 +63,8 @@ def test_report_of_a_run(run_dir):
     assert "](curves.png)" in md
     _png(run_dir / "report" / "curves.png")
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert "| metric | train | final |" in md
-    row = f"| eval/loss | {summary['stages']['train']['eval/loss']:.4g} | {summary['stages']['final']['eval/loss']:.4g} |"
+    assert "| metric | better | train | final |" in md
+    row = f"| eval/loss | ↓ | {summary['stages']['train']['eval/loss']:.4g} | {summary['stages']['final']['eval/loss']:.4g} |"
     assert row in md
     assert "| train | train | 0–40 | yes |" in md
 

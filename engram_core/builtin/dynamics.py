@@ -190,6 +190,8 @@ class LossMetric(Metric):
     does not depend on the evaluating stage's batch size, only on the weights.
     """
 
+    directions = {"loss": "lower"}
+
     def __init__(self, cfg: LossMetricConfig, build: BuildContext):
         self.cfg = cfg
 

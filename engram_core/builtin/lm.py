@@ -78,6 +78,12 @@ class CompletionAccuracy(Metric):
     parameters of head and memory; ``tokens_per_s``: input tokens per second of the
     evaluation forward passes (no gradient)."""
 
+    directions = {"acc": "higher", "seq_acc": "higher", "tokens_per_s": "higher", "params": "lower"}
+    groups = {"params": "cost", "tokens_per_s": "cost"}
+    # mqar: a query's value is one of vocab_size - vocab_size // 2 tokens, so guessing scores 1/that
+    references = {"acc": {"chance": lambda recipe: 1 / (recipe["data"]["vocab_size"] - recipe["data"]["vocab_size"] // 2)
+                          if recipe["data"]["type"].split(":")[-1] == "mqar" else None}}
+
     def __init__(self, cfg: CompletionAccuracyConfig, build: BuildContext):
         self.cfg = cfg
 

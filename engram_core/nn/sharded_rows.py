@@ -161,6 +161,17 @@ class RouteRows(torch.autograd.Function):
         return grad, None, None
 
 
+def _routed_runs_eagerly() -> None:
+    """`torch.compiler.disable` on `ShardedEmbedding._routed` (collectives with data-dependent
+    split sizes run eagerly under run.compile), applied when the first sharded table is built
+    rather than as a decorator: the decorator imports torch._dynamo (~0.8 s), which commands
+    that only list or check components (`engram plugins`, `engram validate`) should not pay."""
+    if not getattr(ShardedEmbedding._routed, "_engram_eager", False):
+        eager = torch.compiler.disable(ShardedEmbedding._routed)
+        eager._engram_eager = True
+        ShardedEmbedding._routed = eager
+
+
 class ShardedEmbedding(nn.Module):
     """`nn.Embedding(num_rows, dim)` whose rows are split over the ranks of torch.distributed.
 
@@ -184,6 +195,7 @@ class ShardedEmbedding(nn.Module):
         self.last_unique = 0  # unique ids of the last lookup on this rank (communication telemetry)
         self.last_send_counts: list[int] = []  # ids it sent to each owner
         if self.sharded:
+            _routed_runs_eagerly()
             lookup_group()
             self.table_id = len(_tables)
             _tables.append(weakref.ref(self))
@@ -243,8 +255,7 @@ class ShardedEmbedding(nn.Module):
             return F.embedding(ids, self.weight, sparse=self.sparse)
         return self._routed(ids)
 
-    @torch.compiler.disable  # collectives with data-dependent split sizes: run eagerly under run.compile
-    def _routed(self, ids: torch.Tensor) -> torch.Tensor:
+    def _routed(self, ids: torch.Tensor) -> torch.Tensor:  # eager under run.compile: _routed_runs_eagerly
         flat = ids.reshape(-1)
         if torch.is_grad_enabled() and self.weight.requires_grad:
             out = RouteRows.apply(self.weight, flat, self)

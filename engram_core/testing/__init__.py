@@ -110,9 +110,14 @@ def _assert_state_equal(a: dict, b: dict, what: str) -> None:
     for k in a:
         va, vb = a[k], b[k]
         if isinstance(va, torch.Tensor):
-            assert torch.equal(va, vb), f"{what}: '{k}' differs"
+            if va.shape != vb.shape:
+                raise AssertionError(f"{what}: '{k}' has shape {tuple(vb.shape)}, was {tuple(va.shape)}")
+            if not torch.equal(va, vb):
+                diff = (va.double() - vb.double()).abs() if va.is_floating_point() else (va != vb).double()
+                raise AssertionError(f"{what}: '{k}' differs: {int((diff > 0).sum())} of {va.numel()} elements, "
+                                     f"max |difference| {diff.max().item():.4g}")
         else:
-            assert va == vb, f"{what}: '{k}' differs"
+            assert va == vb, f"{what}: '{k}' is {vb!r}, was {va!r}"
 
 
 class MemoryContract:
@@ -170,7 +175,9 @@ class MemoryContract:
         assert len(ta) == len(tb) and ta, f"{what}: run() returned no tensors or different structures"
         for x, y in zip(ta, tb):
             assert x.shape == y.shape, f"{what}: shapes {tuple(x.shape)} vs {tuple(y.shape)}"
-            assert torch.allclose(x.float(), y.float(), atol=self.atol, rtol=1e-5), f"{what}: max diff {(x.float() - y.float()).abs().max().item():.3g}"
+            from .points import assert_close
+
+            assert_close(x, y, what, self.atol, 1e-5)
 
     # -- the invariants ---------------------------------------------------------------------
 
@@ -195,7 +202,8 @@ class MemoryContract:
         with torch.no_grad():
             for t in _outputs(self.run(m, x)):
                 if t.is_floating_point():
-                    assert torch.isfinite(t).all(), f"non-finite output for seed={seed} scale={scale}"
+                    bad = int((~torch.isfinite(t)).sum())
+                    assert bad == 0, f"non-finite output for seed={seed} scale={scale}: {bad} of {t.numel()} elements (shape {tuple(t.shape)})"
 
     def test_batch_items_independent(self):
         m = self._fresh(0)
@@ -219,8 +227,10 @@ class MemoryContract:
                     if not (f.dim() > dim and f.shape[dim] == self.batch_size):
                         continue  # not a per-item output (a statistic, a scalar)
                     assert o.shape[dim] == 1, f"a batch of one gives shape {tuple(o.shape)}: its dim {dim} is not the batch"
-                    assert torch.allclose(f.narrow(dim, i, 1).float(), o.float(), atol=self.atol, rtol=1e-4), (
-                        f"item {i} depends on the rest of the batch (compared along batch dim {dim})")
+                    from .points import assert_close
+
+                    assert_close(o, f.narrow(dim, i, 1), f"item {i} alone vs in the batch (batch dim {dim}): it depends on the rest of the batch",
+                                 self.atol, 1e-4)
 
     def test_reset_restores_initial_state(self):
         m = self._fresh(0)

@@ -24,6 +24,24 @@ from ..components import BuildContext, DataSpec
 from ..points import implements
 
 
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float, rtol: float = 1e-5) -> None:
+    """`torch.allclose`, failing with the numbers: shapes, the largest difference and where."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    a, e = actual.detach().float(), expected.detach().float()
+    if torch.allclose(a, e, atol=atol, rtol=rtol):
+        return
+    diff = (a - e).abs()
+    where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
+    flat = diff.argmax()
+    raise AssertionError(f"{what}: max |difference| {diff.max().item():.4g} at index {where} "
+                         f"(got {a.flatten()[flat].item():.6g}, expected {e.flatten()[flat].item():.6g}; "
+                         f"atol {atol:g}, rtol {rtol:g}; {int((diff > atol + rtol * e.abs()).sum())} of {diff.numel()} elements differ)")
+
+
+def assert_shape(actual: torch.Tensor, expected: tuple[int, ...] | torch.Size, what: str) -> None:
+    assert tuple(actual.shape) == tuple(expected), f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected)}"
+
+
 def backbone_build(width: int = 32, vocab_size: int = 64, n_layers: int = 2, seed: int = 0, **spec) -> BuildContext:
     """A BuildContext whose head is a small core `causal_backbone` (what memories read:
     width, state_dim, memory_dims, token_embeddings) on a data spec with `vocab_size`."""
@@ -73,7 +91,8 @@ class ResidualPointContract(_PointContract):
         z, mu, ls = self._inputs(0)
         with torch.no_grad():
             mu2, ls2 = self._fresh().apply_residual(z, mu, ls)
-        assert mu2.shape == mu.shape and ls2.shape == ls.shape
+        assert_shape(mu2, mu.shape, "apply_residual: mu")
+        assert_shape(ls2, ls.shape, "apply_residual: log_sigma")
 
     def test_closed_passes_through(self):
         m = self._fresh()
@@ -81,7 +100,8 @@ class ResidualPointContract(_PointContract):
         z, mu, ls = self._inputs(1)
         with torch.no_grad():
             mu2, ls2 = m.apply_residual(z, mu, ls)
-        assert torch.allclose(mu2, mu, atol=self.atol) and torch.allclose(ls2, ls, atol=self.atol)
+        assert_close(mu2, mu, "closed memory: mu should pass through", self.atol)
+        assert_close(ls2, ls, "closed memory: log_sigma should pass through", self.atol)
 
 
 class LayerPointContract(_PointContract):
@@ -107,14 +127,14 @@ class LayerPointContract(_PointContract):
         h, ids = self._inputs(0)
         with torch.no_grad():
             for i in m.layer_indices():
-                assert m.apply_layer(i, h, ids).shape == h.shape
+                assert_shape(m.apply_layer(i, h, ids), h.shape, f"apply_layer({i}, hidden, ids)")
 
     def test_other_blocks_pass_through(self):
         m = self._fresh()
         h, ids = self._inputs(1)
         other = max(m.layer_indices()) + 1
         with torch.no_grad():
-            assert torch.equal(m.apply_layer(other, h, ids), h)
+            assert_close(m.apply_layer(other, h, ids), h, f"apply_layer({other}) outside layer_indices() should pass hidden through", 0.0, 0.0)
 
     def test_closed_gate_passes_through(self):
         m = self._fresh()
@@ -122,7 +142,7 @@ class LayerPointContract(_PointContract):
         h, ids = self._inputs(2)
         with torch.no_grad():
             for i in m.layer_indices():
-                assert torch.allclose(m.apply_layer(i, h, ids), h, atol=self.atol)
+                assert_close(m.apply_layer(i, h, ids), h, f"closed gate: apply_layer({i}) should pass hidden through", self.atol)
 
     def test_cached_step_matches_full_forward(self):
         m = self._fresh()
@@ -132,7 +152,7 @@ class LayerPointContract(_PointContract):
                 full = m.apply_layer(i, h, ids)
                 for t in (1, self.seq_len // 2, self.seq_len):
                     step = m.apply_layer(i, h[:, t - 1 : t], ids[:, :t])
-                    assert torch.allclose(step, full[:, t - 1 : t], atol=self.atol), f"cached step at position {t - 1} differs"
+                    assert_close(step, full[:, t - 1 : t], f"apply_layer({i}): cached step at position {t - 1} vs the full forward", self.atol)
 
 
 class ContextPointContract(_PointContract):
@@ -156,7 +176,7 @@ class ContextPointContract(_PointContract):
         k, w = m.context_shape()
         with torch.no_grad():
             out = m.write_context(ids, mask)
-        assert tuple(out.shape) == (self.batch_size, k, w)
+        assert_shape(out, (self.batch_size, k, w), "write_context(ids, mask) vs (batch, *context_shape())")
         assert w == self.width, f"context width {w} is not the head's width {self.width}"
 
     def test_masked_tokens_do_not_matter(self):
@@ -165,7 +185,7 @@ class ContextPointContract(_PointContract):
         other = ids.clone()
         other[mask == 0] = (other[mask == 0] + 1) % self.vocab_size
         with torch.no_grad():
-            assert torch.allclose(m.write_context(ids, mask), m.write_context(other, mask), atol=self.atol)
+            assert_close(m.write_context(other, mask), m.write_context(ids, mask), "write_context: changing masked-out tokens changed it", self.atol)
 
     def test_items_independent(self):
         m = self._fresh()
@@ -173,7 +193,7 @@ class ContextPointContract(_PointContract):
         with torch.no_grad():
             full = m.write_context(ids, mask)
             one = m.write_context(ids[1:2], mask[1:2])
-        assert torch.allclose(full[1:2], one, atol=self.atol)
+        assert_close(one, full[1:2], "write_context: item 1 alone vs in the batch", self.atol)
 
 
 class TracePointContract(_PointContract):
@@ -198,23 +218,23 @@ class TracePointContract(_PointContract):
         _, _, q = self._inputs(0)
         with torch.no_grad():
             out = m.read_trace(m.empty_trace(self.batch_size, q.device, q.dtype), q)
-        assert out.shape == q.shape
-        assert torch.count_nonzero(out) == 0
+        assert_shape(out, q.shape, "read_trace(empty_trace, queries)")
+        assert_close(out, torch.zeros_like(out), "read before any write should be zeros", 0.0, 0.0)
 
     def test_all_zero_write_mask_reads_zero(self):
         m = self._fresh()
         s, mask, q = self._inputs(1)
         with torch.no_grad():
             out = m.read_trace(m.write_trace(s, torch.zeros_like(mask)), q)
-        assert torch.allclose(out, torch.zeros_like(out), atol=self.atol)
+        assert_close(out, torch.zeros_like(out), "read after an all-zero write mask should be zeros", self.atol)
 
     def test_written_trace_is_read(self):
         m = self._fresh()
         s, mask, q = self._inputs(2)
         with torch.no_grad():
             out = m.read_trace(m.write_trace(s, mask), q)
-        assert out.shape == q.shape
-        assert out.abs().sum() > 0, "a written trace reads as zeros"
+        assert_shape(out, q.shape, "read_trace(write_trace(states, mask), queries)")
+        assert out.abs().sum() > 0, f"a written trace reads as zeros (sum |read| = {out.abs().sum().item():.3g})"
 
     def test_masked_positions_do_not_write(self):
         m = self._fresh()
@@ -224,7 +244,7 @@ class TracePointContract(_PointContract):
         with torch.no_grad():
             a = m.read_trace(m.write_trace(s, mask), q)
             b = m.read_trace(m.write_trace(other, mask), q)
-        assert torch.allclose(a, b, atol=self.atol)
+        assert_close(b, a, "write_trace: changing masked-out states changed the read", self.atol)
 
     def test_read_does_not_change_trace(self):
         m = self._fresh()
@@ -234,8 +254,8 @@ class TracePointContract(_PointContract):
             before = trace.clone()
             first = m.read_trace(trace, q)
             second = m.read_trace(trace, q)
-        assert torch.equal(trace, before)
-        assert torch.allclose(first, second, atol=self.atol)
+        assert_close(trace, before, "read_trace changed the trace", 0.0, 0.0)
+        assert_close(second, first, "a second read differs from the first", self.atol)
 
     def test_items_independent(self):
         m = self._fresh()
@@ -243,7 +263,7 @@ class TracePointContract(_PointContract):
         with torch.no_grad():
             full = m.read_trace(m.write_trace(s, mask), q)
             one = m.read_trace(m.write_trace(s[1:2], mask[1:2]), q[1:2])
-        assert torch.allclose(full[1:2], one, atol=self.atol)
+        assert_close(one, full[1:2], "read_trace: item 1 alone vs in the batch", self.atol)
 
 
-__all__ = ["backbone_build", "ResidualPointContract", "LayerPointContract", "ContextPointContract", "TracePointContract"]
+__all__ = ["assert_close", "assert_shape", "backbone_build", "ResidualPointContract", "LayerPointContract", "ContextPointContract", "TracePointContract"]

@@ -32,6 +32,9 @@ class DnllConfig:
 class DnllMetric(Metric):
     """`dnll` and `nll`: teacher-forced NLL of Δz_t | z_t, relative to the unconditional baseline."""
 
+    directions = {"dnll": "lower", "nll": "lower"}
+    references = {"dnll": {"baseline": 0.0}}  # 0: no better than the baseline model
+
     def __init__(self, cfg: DnllConfig, build: BuildContext):
         self.cfg = cfg
 
@@ -59,6 +62,9 @@ class DirectionCosConfig:
 
 class DirectionCosMetric(Metric):
     """`direction_cos`: mean cos(E[Δz | z_t], Δz_t) over the eval split."""
+
+    directions = {"direction_cos": "higher"}
+    references = {"direction_cos": {"chance": 0.0}}  # a random direction
 
     def __init__(self, cfg: DirectionCosConfig, build: BuildContext):
         pass
@@ -93,6 +99,10 @@ class RolloutMetric(Metric):
     dnll (finite steps only), nll, nonfinite (fraction of segments that produced a
     non-finite NLL or state), max_norm (max ‖ẑ‖), n_clipped (clip events), mean_step_norm
     (mean ‖Δẑ‖, the mean-shrinkage diagnostic) next to true_step_norm (mean ‖Δz‖)."""
+
+    directions = {"*/dnll": "lower", "*/nll": "lower", "*/nonfinite": "lower", "*/n_clipped": "lower", "*/clip_rate": "lower"}
+    groups = {"*/true_step_norm": "reference"}
+    references = {"*/dnll": {"baseline": 0.0}}
 
     dist_reduce_fx = {"max_norm": "max"}  # distributed eval: the largest norm over ranks, not their sum
 
@@ -204,6 +214,8 @@ class KappaStatsMetric(Metric):
     `vmf/log_m_error` (mean |E[log m] − log ‖Δz‖|). Compare `vmf/expected_cos` with
     `eval/direction_cos` (the measured cosine of μ_dir with Δz) to check κ's calibration."""
 
+    directions = {"vmf/log_m_error": "lower"}
+
     def __init__(self, cfg: KappaStatsConfig, build: BuildContext):
         head = build.head
         if head is not None and not hasattr(head, "components"):
@@ -262,6 +274,10 @@ class ArchetypesMetric(Metric):
       closest train archetype; the mean cosine (1 = the same directions, cross-speaker).
     The seed's decision rule: membership_acc > 0.6 and tightness > 0.75 and they generalise.
     """
+
+    directions = {"archetypes/membership_acc": "higher", "archetypes/centroid_match": "higher"}
+    groups = {"archetypes/chance_acc": "reference"}
+    references = {"archetypes/membership_acc": {"chance": "archetypes/chance_acc"}}
 
     def __init__(self, cfg: ArchetypesConfig, build: BuildContext):
         self.cfg = cfg

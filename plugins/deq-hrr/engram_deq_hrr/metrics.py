@@ -46,6 +46,10 @@ class DEQHRRAccuracyConfig:
 class DEQHRRAccuracy(Metric):
     """Accuracy of `forward_classify` and the HRR/DEQ telemetry."""
 
+    directions = {"acc": "higher", "best_acc": "higher", "acc@*": "higher"}
+    groups = {"majority_acc": "reference"}
+    references = {"acc": {"majority": "majority_acc"}, "acc@*": {"majority": "majority_acc"}}
+
     # distributed eval: `batches` tells `update` which split a batch is from as it goes (and
     # sizes, a label histogram of varying length and the majority label are not sums), so
     # every rank walks the whole split rather than a shard

@@ -28,6 +28,9 @@ class ExactMatchMetric(Metric):
     grouped by token length, so no prompt is padded (padding would shift learned
     positions and make results depend on batch composition)."""
 
+    directions = {"exact_match": "higher", "exact_match_*": "higher", "gen_ms_per_token": "lower", "gen_ms_per_example": "lower"}
+    groups = {"gen_ms_per_*": "cost"}
+
     def __init__(self, cfg: ExactMatchMetricConfig, build: BuildContext):
         self.cfg = cfg
 

@@ -36,6 +36,10 @@ class DigitAccuracy(Metric):
     """`acc/<mode>_b<budget>` for every mode × budget, and `acc/chance` (0.1) beside them;
     for the `breakdown` modes also per target position and per number of removed statements."""
 
+    directions = {"acc/*": "higher"}
+    groups = {"acc/chance": "reference"}
+    references = {"acc/*": {"chance": "acc/chance"}}
+
     def __init__(self, cfg: DigitAccuracyConfig, build: BuildContext):
         _check_modes(cfg.modes, build)
         for m in cfg.breakdown:
@@ -107,6 +111,11 @@ class Collapse(Metric):
     collapse/oracle_cos_digit, collapse/oracle_cos_kv   cosine of slot-pooled memory to each oracle target
     """
 
+    directions = {"collapse/batch_cos": "lower", "collapse/consecutive_cos": "lower", "collapse/erank": "higher",
+                  "collapse/rel_spread": "higher", "collapse/centroid_acc": "higher",
+                  "collapse/oracle_cos_digit": "higher", "collapse/oracle_cos_kv": "higher"}
+    references = {"collapse/centroid_acc": {"chance": 0.1}}  # ten digits
+
     def __init__(self, cfg: CollapseConfig, build: BuildContext):
         if cfg.budget:
             check_budgets([cfg.budget], build.spec, "budget")
@@ -170,6 +179,8 @@ class GradCheckConfig:
 class GradCheck(Metric):
     """`debug/encoder_grad_norm` (memory parameters) and `debug/reader_grad_norm` (head
     parameters that currently train), of the answer CE; training gradients are left intact."""
+
+    groups = {"debug/*": "debug"}  # gradient norms: diagnostics, no better direction
 
     needs_grad = True
 
