@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .commands import runnable
 from .errors import EngramError, RecipeError
 from .registry import KIND_SINGULAR, load_registry
 
@@ -621,21 +622,6 @@ def print_markdown_tables(console: Console, markdown: str) -> None:
         elif line.strip():
             console.print(line.replace("`", ""), markup=False, highlight=False, soft_wrap=True)
     flush()
-
-
-def runnable(command: str) -> str:
-    """`command` as it runs when typed: its name when the shell finds this environment's copy
-    on PATH, else the copy's absolute path (a venv that is not activated: `.venv/bin/...`)."""
-    import os
-    import shutil
-
-    here = Path(sys.executable).parent / command
-    if not here.exists():
-        return command
-    found = shutil.which(command)
-    if found is not None and os.path.realpath(found) == os.path.realpath(here):
-        return command
-    return str(here.absolute())
 
 
 def _fmt(v) -> str:

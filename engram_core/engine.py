@@ -21,11 +21,13 @@ import torch
 
 from . import distributed, sharded_state, threads
 from .accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
+from .commands import runnable
 from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from .graphs import CapturedStep, make_capturable
 from .loggers import open_run_logger
 from .meter import StepMeter
+from .metric_info import write_for_run
 from .nn.sharded_rows import clip_grad_norm_, serve_peers
 from .optim import registered_optimizers, row_holder
 from .progress import Progress
@@ -220,6 +222,7 @@ class Engine:
         env["distributed"] = self._distributed_env()  # a collective: every rank takes part
         if main:  # the engine's folder (engram-run made it already; Python callers may not have)
             mark_run_dir(self.run_dir)
+            write_for_run(self.run_dir, self.metrics, r.to_dict(include_sweep=False))  # directions, groups, chance lines
             if not resume:
                 remove_stale_temporaries(self.run_dir)
         if not resume and main:
@@ -759,7 +762,7 @@ class Engine:
         lr = f"{st.lr / 10:.3g}"
         return (f"stage '{st.name}' step {step} (stages.{index}): loss is {loss_value} ({shown}); the run stopped, {where}; "
                 f"try a lower learning rate or gradient clipping and resume: "
-                f"engram-run --resume {self.run_dir} stages.{index}.lr={lr}" + ("" if st.grad_clip else f" stages.{index}.grad_clip=1.0"))
+                f"{runnable('engram-run')} --resume {self.run_dir} stages.{index}.lr={lr}" + ("" if st.grad_clip else f" stages.{index}.grad_clip=1.0"))
 
     def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
         # every rank: its rows of row-sharded tables, with torch.distributed.checkpoint (engram_core.sharded_state)

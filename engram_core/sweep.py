@@ -100,7 +100,7 @@ def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, re
         print_summary(console, engine.summary(), run_dir)
         raise
     except KeyboardInterrupt:
-        from .cli import runnable
+        from .commands import runnable
 
         console.print("\ninterrupted; resume with:", markup=False)
         console.print(f"{runnable('engram-run')} --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
@@ -154,7 +154,8 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     table = sweep_tables(sweep_dir, plan)[1]
     if dist.is_main:
         write_sweep_tables(sweep_dir, plan)
-    from .cli import print_markdown_tables, runnable
+    from .cli import print_markdown_tables
+    from .commands import runnable
 
     print_markdown_tables(console, table)
     console.print(f"sweep directory: {sweep_dir}", markup=False, highlight=False, soft_wrap=True)

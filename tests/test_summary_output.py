@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from engram_core.cli import own_doc, print_markdown_tables, print_summary, runnable
+from engram_core.cli import own_doc, print_markdown_tables, print_summary
+from engram_core.commands import runnable
 from engram_core.metric_info import HIGHER, LOWER, UNKNOWN, MetricInfo, TagInfo, for_run, got_worse
 from engram_core.progress import Progress
 
