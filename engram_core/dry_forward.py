@@ -9,8 +9,9 @@ forward catches it, cheaply and only where it is safe to try:
 - the model is built again on the CPU from the config alone (``build.dry_run``: no weights
   loaded), and only when it has at most `MAX_PARAMS` parameters (counted on the meta build,
   free); a larger model is skipped, not allocated;
-- only when the data set was built by validate (one without `dry_spec`) — no data is made
-  for the check alone;
+- only when the data set was built by validate (one without `dry_spec`), or it offers
+  `dry_dataset(config, build)`: a few examples made in memory (the core `mqar`) — no
+  full data set is made for the check alone;
 - only when no `fit` stage comes before the first train stage (a memory fitted by k-means
   need not answer before its fit);
 - in eval mode, without gradients.
@@ -41,7 +42,8 @@ def first_train_stage(recipe) -> tuple[int, Any] | None:
 
 def skip_reason(recipe) -> str | None:
     """Why the dry forward will not run, known from the recipe alone (no build needed)."""
-    if getattr(recipe.data.component.factory, "dry_spec", None) is not None:
+    factory = recipe.data.component.factory
+    if getattr(factory, "dry_spec", None) is not None and getattr(factory, "dry_dataset", None) is None:
         return "dry forward skipped: the data set gives its spec without data"
     if first_train_stage(recipe) is None:
         return "dry forward skipped: no train stage, or a fit stage comes first"
@@ -57,7 +59,11 @@ def dry_forward(recipe, built) -> str:
     from .validate import blame, make_component
 
     reason = skip_reason(recipe)
-    if reason is not None or built.model is None or built.dataset is None:
+    dataset = built.dataset
+    if reason is None and dataset is None and getattr(recipe.data.component.factory, "dry_dataset", None) is not None:
+        with blame(f"data.dry_dataset ({recipe.data.type_as_written})", recipe.file):
+            dataset = recipe.data.component.factory.dry_dataset(recipe.data.config, BuildContext(seed=recipe.run.seed, dry_run=True))
+    if reason is not None or built.model is None or dataset is None:
         return reason or "dry forward skipped: the model or the data set was not built"
     index, stage = first_train_stage(recipe)
     n_params = sum(p.numel() for p in built.model.parameters())
@@ -65,7 +71,7 @@ def dry_forward(recipe, built) -> str:
         return f"dry forward skipped: {n_params:,} parameters > {MAX_PARAMS:,}"
     objective_cfg = recipe.objectives[index]
     where = f"stages.{index} ('{stage.name}', objective '{objective_cfg.type_as_written}')"
-    base = dict(spec=built.spec, dataset=built.dataset, seed=recipe.run.seed, device=torch.device("cpu"), dry_run=True)
+    base = dict(spec=built.spec, dataset=dataset, seed=recipe.run.seed, device=torch.device("cpu"), dry_run=True)
     torch.manual_seed(recipe.run.seed)
     with torch.device("cpu"):
         head = make_component(recipe.head, BuildContext(**base), recipe.file)
@@ -77,7 +83,7 @@ def dry_forward(recipe, built) -> str:
     objective.eval()
     batch_size = min(BATCH, stage.batch_size)
     with blame(f"dry forward of {where} on a batch of {batch_size} from split '{stage.split}'", recipe.file), torch.no_grad():
-        batch = objective.sample(built.dataset, stage.split, batch_size, torch.Generator().manual_seed(recipe.run.seed))
+        batch = objective.sample(dataset, stage.split, batch_size, torch.Generator().manual_seed(recipe.run.seed))
         out = objective(model, batch)
         loss = out[0] if isinstance(out, tuple) else out
         if not isinstance(loss, torch.Tensor):

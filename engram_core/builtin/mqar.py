@@ -155,9 +155,17 @@ class MQARDataset(Dataset):
 
     def __init__(self, cfg: MQARConfig, build: BuildContext | None = None):
         self.cfg = cfg
+        self._dry = build is not None and build.dry_run  # a check's few sequences: generated, never cached
         self.spec = self.dry_spec(cfg, build)
         self._splits = self._load(build.cache_dir if build is not None else None)
         self.device = torch.device("cpu")
+
+    @classmethod
+    def dry_dataset(cls, cfg: MQARConfig, build: BuildContext | None = None) -> MQARDataset:
+        """Four sequences of each split of this config (`engram validate`'s dry forward),
+        made in memory: nothing is cached for a check."""
+        small = attrs.evolve(cfg, n_train=4, n_eval=4)
+        return cls(small, BuildContext(seed=small.seed, dry_run=True))
 
     @staticmethod
     def dry_spec(cfg: MQARConfig, build: BuildContext | None = None) -> DataSpec:
@@ -175,6 +183,8 @@ class MQARDataset(Dataset):
         def build():
             return {"train": generate_mqar(cfg, cfg.n_train, cfg.seed * 2 + 1), "eval": generate_mqar(cfg, cfg.n_eval, cfg.seed * 2 + 2)}
 
+        if self._dry:
+            return build()
         return cache.load_or_build(
             self.cache_entry(cache_dir), build,
             save_fn=lambda splits, path: torch.save({s: pack(d, cfg) for s, d in splits.items()}, path),
