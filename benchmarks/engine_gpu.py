@@ -216,6 +216,19 @@ def engine_result(proc: subprocess.Popen) -> dict:
     return {"windows": windows, "wall_s": round(wall, 2), "final": summary["final"], "train_loss": [e.value for e in acc.Scalars("train/loss")]}
 
 
+def source_digest() -> str:
+    """sha256 of the engine's and the benchmark's sources: which code was timed, where the
+    copy on the GPU machine has no git history of its own (`git rev-parse` there names the
+    commit it was cloned at, not the tree it runs)."""
+    import hashlib
+
+    files = sorted((HERE.parent / "engram_core").rglob("*.py")) + [Path(__file__)]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(HERE.parent).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def steady(windows: list[float], skip: int) -> float:
     kept = windows[skip:] or windows[-1:]
     return statistics.median(kept)
@@ -319,7 +332,8 @@ def main(argv=None) -> int:
         return 2
     info = {"setting": SETTING, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
             "device": torch.cuda.get_device_name(0), "cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None}
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None,
+            "source_digest": source_digest()}
     parts = [("modes", compare, bool(args.modes)), ("full_run", full_run, args.full_run),
              ("concurrent", concurrency, bool(args.concurrent)), ("rollout_vmf", rollout, args.rollout)]
     with tempfile.TemporaryDirectory() as d:
