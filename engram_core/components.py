@@ -373,7 +373,7 @@ class Event:
     step: int
     stage: str
     model: Model
-    metrics: dict[str, float]
+    metrics: dict[str, Any]  # eval/stage end: {tag: float}; step end: {"loss": the step's 0-d loss tensor}
     logger: Any  # engram_core.tb.RunLogger: .scalar(tag, value, step), .histogram(...)
     optimizer: Any = None  # the stage's torch optimizer (or a list of them), None outside training
     run_dir: Path | None = None
