@@ -31,6 +31,7 @@ from .config import (
 )
 from .errors import ConfigError, RecipeError, did_you_mean
 from .registry import KIND_SINGULAR, Component, Registry, load_registry
+from .rundir import run_name_problem
 
 MAX_SWEEP_POINTS = 10_000  # every point is built and checked before the first runs
 SECTIONS = ("run", "data", "head", "memory", "stages", "metrics", "sweep")
@@ -46,20 +47,6 @@ DEVICE_ALIASES = {"gpu": "cuda", "cuda0": "cuda:0", "nvidia": "cuda", "cpu0": "c
 
 
 # a run directory is `<name>/<stamp>-<id><suffix>`: the name leaves room for the rest in 255 bytes
-MAX_RUN_NAME_BYTES = 200
-
-
-def run_name_problem(name: str) -> str | None:
-    """Why `name` cannot be one folder under out_dir (never a path that leaves it), or None."""
-    if name in ("", ".", "..") or any(c in name for c in "/\\") or name.startswith("~") or "\0" in name:
-        return (f"must be a plain folder name (no '/', '\\', '..' or '~'), got {name!r}; "
-                "use run.out_dir to choose where runs go")
-    if len(name.encode("utf-8")) > MAX_RUN_NAME_BYTES:
-        return (f"is {len(name.encode('utf-8'))} bytes long; a run name must fit in {MAX_RUN_NAME_BYTES} bytes "
-                "(its folder also holds a time stamp and an id, and file systems allow 255): shorten it")
-    return None
-
-
 def _run_name(inst, attribute, value):
     problem = run_name_problem(value) if value else None
     if problem:

@@ -53,10 +53,22 @@ def new_run_dir(out_dir: str | Path, name: str, suffix: str = "", create: bool =
     return path
 
 
+MAX_RUN_NAME_BYTES = 200
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one folder under out_dir (never a path that leaves it), or None."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\") or name.startswith("~") or "\0" in name:
+        return (f"must be a plain folder name (no '/', '\\', '..' or '~'), got {name!r}; "
+                "use run.out_dir to choose where runs go")
+    if len(name.encode("utf-8")) > MAX_RUN_NAME_BYTES:
+        return (f"is {len(name.encode('utf-8'))} bytes long; a run name must fit in {MAX_RUN_NAME_BYTES} bytes "
+                "(its folder also holds a time stamp and an id, and file systems allow 255): shorten it")
+    return None
+
+
 def check_run_name(name: str) -> None:
     """The run's folder name (run.name, else the recipe file's stem) stays one folder under out_dir."""
-    from .recipe import run_name_problem
-
     problem = run_name_problem(name)
     if problem:
         raise RecipeError([("run.name", f"{problem} (without run.name, the recipe file's name is used)")])
