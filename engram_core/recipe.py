@@ -406,6 +406,24 @@ def load_recipe(
     return recipe
 
 
+def _sweep_table(sweep: Any, problems: list) -> dict:
+    """The [sweep] table, its shape checked (problems appended); {} when it is not a table."""
+    if not isinstance(sweep, dict):
+        problems.append(("sweep", "expected a table of dotted paths to lists"))
+        return {}
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            problems.append((f"sweep.{key}", "expected a non-empty list of values"))
+        if key.split(".")[0] == "sweep":
+            problems.append((f"sweep.{key}", "a sweep cannot sweep itself"))
+    sizes = {k: len(v) for k, v in sweep.items() if isinstance(v, list)}
+    if math.prod(sizes.values()) > MAX_SWEEP_POINTS:  # said at once, before each point is built and checked
+        shown = " x ".join(f"{n} ({k})" for k, n in sizes.items())
+        problems.append(("sweep", f"a grid of {math.prod(sizes.values()):,} points ({shown}) is more than {MAX_SWEEP_POINTS:,}; "
+                                  "sweep fewer values, or split it into several recipes"))
+    return sweep
+
+
 def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
     problems: list[tuple[str, str]] = []
 
@@ -500,20 +518,7 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
         if r is not None:
             metrics.append(r)
 
-    sweep = raw.get("sweep", {})
-    if not isinstance(sweep, dict):
-        problems.append(("sweep", "expected a table of dotted paths to lists"))
-        sweep = {}
-    for key, values in sweep.items():
-        if not isinstance(values, list) or not values:
-            problems.append((f"sweep.{key}", "expected a non-empty list of values"))
-        if key.split(".")[0] == "sweep":
-            problems.append((f"sweep.{key}", "a sweep cannot sweep itself"))
-    sizes = {k: len(v) for k, v in sweep.items() if isinstance(v, list)}
-    if math.prod(sizes.values()) > MAX_SWEEP_POINTS:  # said at once, before each point is built and checked
-        shown = " x ".join(f"{n} ({k})" for k, n in sizes.items())
-        problems.append(("sweep", f"a grid of {math.prod(sizes.values()):,} points ({shown}) is more than {MAX_SWEEP_POINTS:,}; "
-                                  "sweep fewer values, or split it into several recipes"))
+    sweep = _sweep_table(raw.get("sweep", {}), problems)
 
     if not problems:
         problems.extend(_check_stage_references(stages, metrics, memory))
