@@ -31,7 +31,7 @@ import torch
 
 from engram_core.builtin.dynamics import MLPGaussianConfig, MLPGaussianHead, SyntheticDynamics, SyntheticDynamicsConfig
 from engram_core.components import BuildContext
-from engram_core.engine import Engine
+from engram_core.train.engine import Engine
 from engram_core.nn import gaussian_nll
 from engram_core.recipe import load_recipe
 

@@ -37,7 +37,7 @@ def worker(args) -> None:
     from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory
 
     from engram_core.components import BuildContext
-    from engram_core.nn.sharded_rows import sharded_tables
+    from engram_core.tables.sharded_rows import sharded_tables
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -109,7 +109,7 @@ def worker(args) -> None:
     if world > 1:
         allr = [None] * world
         torch_dist.all_gather_object(allr, mine)
-        from engram_core.distributed import leave_process_group
+        from engram_core.run.distributed import leave_process_group
 
         del tables
         leave_process_group()  # gc, barrier, leave (its docstring says why)

@@ -40,7 +40,7 @@ Files
 sidecar ``<same>.meta.json``: plugin, kind, the full key, config, seed, inputs, version,
 source digest, created time, size, torch/python versions. The artefact is written to a
 temporary name and moved into place with `os.replace`, then the sidecar (atomically, with
-`engram_core.rundir.atomic_write_json`); an entry counts as present only when its sidecar
+`engram_core.run.rundir.atomic_write_json`); an entry counts as present only when its sidecar
 names the same full key and the artefact has the recorded size. Anything else (a killed
 writer, a truncated file, a sidecar from another key, a load that raises) is a damaged entry:
 it is rebuilt, never trusted.
@@ -72,7 +72,7 @@ from typing import Any
 
 import attrs
 
-from .rundir import atomic_write_json
+from .run.rundir import atomic_write_json
 
 META_SUFFIX = ".meta.json"
 KEY_CHARS = 16  # of the sha256 hex digest, in file names (the sidecar holds all 64)

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .commands import runnable
+from .run.commands import runnable
 from .errors import EngramError, RecipeError
 from .registry import KIND_SINGULAR, load_registry
 
@@ -29,7 +29,7 @@ KIND_ALIASES = {
 
 
 def _fail(exc: EngramError, show_traceback: bool = False) -> int:
-    from .validate import ComponentError
+    from .train.validate import ComponentError
 
     if show_traceback and isinstance(exc, ComponentError):
         print(exc.stack(), file=sys.stderr, end="")
@@ -63,14 +63,14 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks, through torchrun (torch.distributed.run --standalone --nproc_per_node N)")
     p.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="sweeps: run N points at once, each in its own process with its share of the CPU threads")
-    from . import completion
+    from .tools import completion
 
     completion.recipe_files(recipe_arg)
     completion.overrides(overrides_arg)
     completion.autocomplete(p)  # a shell's completion request ends here (docs/cli.md)
     raw = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_intermixed_args(raw)  # options may come between overrides
-    from . import distributed
+    from .run import distributed
 
     if args.jobs < 1 or (args.jobs > 1 and (args.nproc is not None or distributed.launched_by_torchrun())):
         what = "expected a number of points at once >= 1" if args.jobs < 1 else \
@@ -103,7 +103,7 @@ def run_main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a full or failing disk under a writer that is not the run directory's own (TensorBoard's)
-        from .rundir import WRITE_FAULTS
+        from .run.rundir import WRITE_FAULTS
 
         if exc.errno not in WRITE_FAULTS or args.traceback:
             raise
@@ -123,11 +123,11 @@ def run_main(argv: list[str] | None = None) -> int:
 
 def _precheck(args, nproc: int) -> None:
     """Validate the recipe (every sweep point) and its batch split over `nproc` ranks."""
-    from .distributed import check_batch_split
+    from .run.distributed import check_batch_split
     from .recipe import TrainStage, load_recipe, point_recipe, sweep_points
 
     if args.resume:
-        from .rundir import check_resumable_dir
+        from .run.rundir import check_resumable_dir
 
         check_resumable_dir(Path(args.resume))  # a folder that is not a run: one line, before N processes start
         return
@@ -174,10 +174,10 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     import os
     import signal
 
-    from .threads import AUTO_ENV, child_env
+    from .run.threads import AUTO_ENV, child_env
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
-    shared = child_env(nproc)  # the ranks share the cores (engram_core.threads), not torchrun's 1 thread each
+    shared = child_env(nproc)  # the ranks share the cores (engram_core.run.threads), not torchrun's 1 thread each
     saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", AUTO_ENV)}
     os.environ.update({k: shared[k] for k in saved_env if k in shared})
     try:
@@ -217,7 +217,7 @@ def _warn_broken() -> None:
 
 
 def _run(args, console: Console) -> int:
-    from . import distributed
+    from .run import distributed
     from .recipe import load_recipe
     from .sweep import resume_any, run_recipe
 
@@ -242,12 +242,12 @@ def _run(args, console: Console) -> int:
     recipe = load_recipe(args.recipe, overrides)
     _check_loggers(recipe)
     if args.print_config:
-        from .explain import print_config
+        from .tools.explain import print_config
 
         console.print(print_config(recipe), markup=False, end="", soft_wrap=True)
         return 0
     if args.dry_run:
-        from .validate import check_all, check_recipe
+        from .train.validate import check_all, check_recipe
 
         n = check_all(recipe)  # every component built on the meta device: all problems at once
         console.print(recipe.to_toml(), markup=False, end="")
@@ -261,7 +261,7 @@ def _run(args, console: Console) -> int:
 
 def _check_loggers(recipe) -> None:
     """run.loggers names known trackers whose packages are installed (before anything runs)."""
-    from .loggers import check_loggers
+    from .run.loggers import check_loggers
 
     try:
         check_loggers(recipe.run.loggers, load_registry())
@@ -288,10 +288,10 @@ def _print_params(console: Console, built) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["results"]:  # the results pipeline has its own sub-commands (run, render, check, list)
-        from .results import main as results_main
+        from .tools.results import main as results_main
 
         return results_main(argv[1:])
-    from . import completion
+    from .tools import completion
 
     p = argparse.ArgumentParser(prog="engram", description="Inspect plugins, components and recipes.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -414,12 +414,12 @@ def own_doc(obj) -> str:
 
 def _validate(console: Console, recipe_path: str, overrides: list[str], print_config: bool = False, forward: bool = True) -> int:
     from .recipe import load_recipe
-    from .validate import check_all
+    from .train.validate import check_all
 
     recipe = load_recipe(recipe_path, overrides)
     _check_loggers(recipe)
     if print_config:
-        from .explain import print_config as explain
+        from .tools.explain import print_config as explain
 
         console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = check_all(recipe)  # every component built on the meta device, every sweep point
@@ -430,11 +430,11 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
 
 
 def _dry_forwards(recipe) -> str:
-    """engram_core.dry_forward on the recipe, or on each distinct sweep configuration (seeds
+    """engram_core.train.dry_forward on the recipe, or on each distinct sweep configuration (seeds
     aside: they change no shape). Returns the note of the last one checked."""
-    from .dry_forward import dry_forward, skip_reason
+    from .train.dry_forward import dry_forward, skip_reason
     from .recipe import point_recipe, sweep_points
-    from .validate import check_recipe
+    from .train.validate import check_recipe
 
     def one(r) -> str:
         return skip_reason(r) or dry_forward(r, check_recipe(r))  # no second meta build for a skipped one
@@ -457,7 +457,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def _report(console: Console, target: str, out: str | None, lines=None) -> int:
-    from .report import write_report
+    from .tools.report import write_report
 
     path = write_report(Path(target), Path(out) if out else None, lines)
     console.print(f"report: {path}", markup=False)
@@ -528,7 +528,7 @@ def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
     value that moved against it since the previous stage flagged) and the next commands."""
     stages = {k: v for k, v in (summary.get("stages") or {}).items() if v}
     if stages:
-        from .metric_info import for_run
+        from .run.metric_info import for_run
 
         info = for_run(run_dir)
         title = f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)"
@@ -547,7 +547,7 @@ def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
 
 def summary_table(stages: dict[str, dict], info) -> tuple[Table, list[str]]:
     """The rich Table of `print_summary`, and the tags that got worse between stages."""
-    from .metric_info import got_worse
+    from .run.metric_info import got_worse
 
     tags: list[str] = []
     for res in stages.values():

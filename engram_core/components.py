@@ -139,7 +139,7 @@ class Head(nn.Module):
 class Memory(nn.Module):
     """A memory type. Set `independent_batch_items = False` if items in a batch interact.
 
-    Distributed runs (engram_core.distributed) read, where a component defines them (a head
+    Distributed runs (engram_core.run.distributed) read, where a component defines them (a head
     or objective may too): `ddp_find_unused_parameters = True`; `self_managed_parameters()`
     (left out of DDP, synced by the component itself); `sharded_actions = ("fit",)` (the
     action runs on every rank and reduces through `ctx.dist`; otherwise rank 0 runs it and
@@ -203,7 +203,7 @@ class Metric(abc.ABC):
     ctx: EvalContext | None = None
     dist_reduce_fx: dict[str, str] = {}
     shardable: bool = True
-    # What the values mean to a reader (engram_core.metric_info), by the names `compute`
+    # What the values mean to a reader (engram_core.run.metric_info), by the names `compute`
     # returns or globs over them: `directions` {"acc": "higher", "*/nll": "lower"} (a name
     # not declared is "unknown": shown without a verdict); `groups` {"params": "cost"} (the
     # heading a value is shown under; default the tag's prefix; "cost" is not an outcome);
@@ -374,7 +374,7 @@ class Event:
     stage: str
     model: Model
     metrics: dict[str, Any]  # eval/stage end: {tag: float}; step end: {"loss": the step's 0-d loss tensor}
-    logger: Any  # engram_core.tb.RunLogger: .scalar(tag, value, step), .histogram(...)
+    logger: Any  # engram_core.run.tb.RunLogger: .scalar(tag, value, step), .histogram(...)
     optimizer: Any = None  # the stage's torch optimizer (or a list of them), None outside training
     run_dir: Path | None = None
     stage_step: int = 0
@@ -393,11 +393,11 @@ class FitContext:
     split: str
     logger: Any
     step: int
-    dist: Any = attrs.field(factory=lambda: _one_process())  # engram_core.distributed.Dist: rank, world_size, collectives
+    dist: Any = attrs.field(factory=lambda: _one_process())  # engram_core.run.distributed.Dist: rank, world_size, collectives
 
 
 def _one_process():
-    from .distributed import Dist
+    from .run.distributed import Dist
 
     return Dist()
 

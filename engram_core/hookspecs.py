@@ -46,8 +46,8 @@ def engram_metrics(register):
 def engram_loggers(register):
     """Register experiment trackers that `run.loggers` can name:
     ``register("wandb", factory, modules=("wandb",), install="engram-core[wandb]")``.
-    ``factory(ctx)`` gets an `engram_core.loggers.LoggerContext` and returns an
-    `engram_core.loggers.Logger`; `modules` are checked before the run starts, and a missing
+    ``factory(ctx)`` gets an `engram_core.run.loggers.LoggerContext` and returns an
+    `engram_core.run.loggers.Logger`; `modules` are checked before the run starts, and a missing
     one is a one-line error telling the user to ``pip install`` `install`."""
 
 
@@ -57,4 +57,4 @@ def engram_optimizers(register):
     ``register("lion", factory, help="...")``. ``factory(param_groups, stage)`` gets the
     torch parameter groups and the `engram_core.recipe.TrainStage` and returns a
     `torch.optim.Optimizer` (see `engram_core.optim`). ``holds_rows=True``: it can train
-    tables whose rows live outside their parameter (`engram_core.optim.rowwise.RowHolder`)."""
+    tables whose rows live outside their parameter (`engram_core.tables.rowwise.RowHolder`)."""

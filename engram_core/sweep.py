@@ -18,13 +18,13 @@ from typing import Any
 
 from rich.console import Console
 
-from . import distributed, threads
-from .engine import Engine
+from .run import distributed, threads
+from .train.engine import Engine
 from .errors import EngramError, NonFiniteLossError, RecipeError
 from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
-from .report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
-from .resume import check_checkpoint_fits, check_resumable, resume_recipe
-from .rundir import (
+from .tools.report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
+from .train.checkpoint import check_checkpoint_fits, check_resumable, resume_recipe
+from .run.rundir import (
     atomic_write_json,
     atomic_write_text,
     check_resumable_dir,
@@ -59,7 +59,7 @@ def _note_jobs_unused(jobs: int) -> None:
 
 def _check_run_device(recipe: Recipe, device: str | None = None) -> None:
     """The device check `engram validate` makes (mps on a machine without it, cuda:N past the last)."""
-    from .validate import check_device
+    from .train.validate import check_device
 
     problems = check_device(device or recipe.run.device)
     if problems:
@@ -100,7 +100,7 @@ def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, re
         print_summary(console, engine.summary(), run_dir)
         raise
     except KeyboardInterrupt:
-        from .commands import runnable
+        from .run.commands import runnable
 
         console.print("\ninterrupted; resume with:", markup=False)
         console.print(f"{runnable('engram-run')} --resume {run_dir}", markup=False, highlight=False, soft_wrap=True)
@@ -155,7 +155,7 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     if dist.is_main:
         write_sweep_tables(sweep_dir, plan)
     from .cli import print_markdown_tables
-    from .commands import runnable
+    from .run.commands import runnable
 
     print_markdown_tables(console, table)
     console.print(f"sweep directory: {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
@@ -386,7 +386,7 @@ def record_failed_point(point_dir: Path, recipe: Recipe, hparams: dict, exc: Bas
     status = "nonfinite" if isinstance(exc, NonFiniteLossError) else "failed"
     atomic_write_json(summary_path, {"name": recipe.name, "status": status, "run_dir": str(point_dir), "steps": 0,
                                      "wall_time_s": 0.0, "device": None, "final": {}, "stages": {}, "error": line})
-    from .tb import RunLogger
+    from .run.tb import RunLogger
 
     logger = RunLogger(point_dir)
     logger.hparams(hparams, {})

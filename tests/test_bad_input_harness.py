@@ -227,7 +227,7 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from engram_core import rundir  # noqa: E402
+from engram_core.run import rundir  # noqa: E402
 from engram_core.builtin.dynamics import SyntheticDynamics  # noqa: E402
 
 
@@ -549,7 +549,7 @@ def test_full_disk_while_appending_metrics(tmp_path, monkeypatch):
 
 
 def test_full_disk_under_another_writer_is_one_line(tmp_path, monkeypatch):
-    from engram_core import tb
+    from engram_core.run import tb
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "events.out.tfevents")

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from engram_core.components import Metric, reduce_states
-from engram_core.distributed import (
+from engram_core.run.distributed import (
     Dist,
     check_batch_split,
     leave_process_group,

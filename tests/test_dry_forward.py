@@ -1,5 +1,5 @@
 """`engram validate`'s dry forward: a memory that builds but whose forward fails on the
-recipe's shapes is caught before training (engram_core.dry_forward)."""
+recipe's shapes is caught before training (engram_core.train.dry_forward)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from torch import nn
 
 from engram_core import Memory, hookimpl
-from engram_core.dry_forward import MAX_PARAMS, dry_forward
+from engram_core.train.dry_forward import MAX_PARAMS, dry_forward
 from engram_core.points import LayerPoint
 from engram_core.recipe import load_recipe
 from engram_core.registry import load_registry
-from engram_core.validate import ComponentError, check_recipe
+from engram_core.train.validate import ComponentError, check_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_a_working_recipe_passes_and_says_what_it_ran(tmp_path, registry):
 
 
 def test_a_large_model_is_skipped_not_allocated(tmp_path, registry, monkeypatch):
-    import engram_core.dry_forward as df
+    import engram_core.train.dry_forward as df
 
     monkeypatch.setattr(df, "MAX_PARAMS", 10)
     recipe = load_recipe(_zoo_recipe(tmp_path, None), registry=registry)

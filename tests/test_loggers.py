@@ -12,7 +12,7 @@ import torch
 
 from engram_core.errors import RecipeError
 from engram_core.hookspecs import hookimpl
-from engram_core.loggers import Logger, TrackedRunLogger, check_loggers
+from engram_core.run.loggers import Logger, TrackedRunLogger, check_loggers
 from engram_core.registry import load_registry
 from engram_core.testing.cli import run_cli
 
@@ -135,7 +135,7 @@ def test_a_plugin_registers_a_logger_through_the_hook(tmp_path, monkeypatch):
     plugin.engram_loggers = engram_loggers
     monkeypatch.setitem(sys.modules, "recorder_plugin", plugin)
     reg = load_registry(extra={"recorder": plugin})
-    from engram_core.engine import Engine
+    from engram_core.train.engine import Engine
     from engram_core.recipe import load_recipe
 
     recipe = load_recipe(MINIMAL, [*TINY, 'run.loggers=["tensorboard", "recorder"]'], registry=reg)

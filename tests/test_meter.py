@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engram_core.meter import StepMeter
+from engram_core.train.meter import StepMeter
 
 
 def test_means_over_a_window_then_a_fresh_window():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_core.accel import CompileError, check_compilable, grad_scaler
+from engram_core.run.accel import CompileError, check_compilable, grad_scaler
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import run_dirs
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engram_core.report import aggregate_seeds, config_groups, load_run, load_sweep, plot_curves, plot_sweep
+from engram_core.tools.report import aggregate_seeds, config_groups, load_run, load_sweep, plot_curves, plot_sweep
 from engram_core.sweep import sweep_tables
 from engram_core.testing.cli import run_cli
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_core.metric_info import MetricInfo
-from engram_core.report import (
+from engram_core.run.metric_info import MetricInfo
+from engram_core.tools.report import (
     curve_panels,
     draw_lines,
     line_series,
@@ -89,7 +89,7 @@ def test_sweep_outcomes_leave_out_costs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(registry, "_cached", None)
     sweep = _fake_sweep(tmp_path, ["none", {"type": "hrr", "dim": 64}], [[0.04, 0.045], [0.6, 0.7]])
-    from engram_core.report import sweep_info
+    from engram_core.tools.report import sweep_info
 
     info = sweep_info(sweep)
     assert outcome_metrics(sweep, info) == ["eval/acc"]  # params and tokens_per_s are costs

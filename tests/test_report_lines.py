@@ -2,8 +2,8 @@
 
 import pytest
 
-from engram_core.report import ReportError, line_series, plot_sweep_lines
-from engram_core.results import render_figure
+from engram_core.tools.report import ReportError, line_series, plot_sweep_lines
+from engram_core.tools.results import render_figure
 
 
 def _agg(mean, n=3):

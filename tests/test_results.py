@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from engram_core import results as R
+from engram_core.tools import results as R
 from engram_core.testing.cli import run_cli
 
 SPEC = """
@@ -147,8 +147,8 @@ def test_json_naming_a_missing_or_invalid_recipe_fails_the_check(trial, tmp_path
 
 def test_the_pipeline_refuses_uncommitted_code(monkeypatch, tmp_path):
     (tmp_path / "p.toml").write_text(SPEC)
-    monkeypatch.setattr(R, "source_commit", lambda: ("abc", ["engram_core/engine.py"]))
-    with pytest.raises(R.EngramError, match="uncommitted changes .*engram_core/engine.py"):
+    monkeypatch.setattr(R, "source_commit", lambda: ("abc", ["engram_core/train/engine.py"]))
+    with pytest.raises(R.EngramError, match="uncommitted changes .*engram_core/train/engine.py"):
         R.run_page(R.load_page(tmp_path / "p.toml"))
 
 

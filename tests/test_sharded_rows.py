@@ -1,4 +1,4 @@
-"""The row-sharded table (engram_core.nn.sharded_rows): 2 gloo ranks equal one process.
+"""The row-sharded table (engram_core.tables.sharded_rows): 2 gloo ranks equal one process.
 
 One torchrun of this file (2 ranks) checks, against an ordinary nn.Embedding updated on the
 whole global batch in one process: the initial rows, forward, backward (dense and sparse),
@@ -18,9 +18,9 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-from engram_core.distributed import leave_process_group
-from engram_core.nn.row_tables import make_row_table
-from engram_core.nn.sharded_rows import RowRange, ShardedEmbedding, clip_grad_norm_, serve_peers
+from engram_core.run.distributed import leave_process_group
+from engram_core.tables.row_tables import make_row_table
+from engram_core.tables.sharded_rows import RowRange, ShardedEmbedding, clip_grad_norm_, serve_peers
 
 ROWS, DIM, STEPS = 37, 5, 4
 

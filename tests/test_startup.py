@@ -61,7 +61,7 @@ def test_engram_plugins_does_not_import_torch_dynamo():
 def test_a_sharded_table_still_runs_its_lookup_eagerly_under_compile():
     import torch
 
-    from engram_core.nn.sharded_rows import ShardedEmbedding, _routed_runs_eagerly
+    from engram_core.tables.sharded_rows import ShardedEmbedding, _routed_runs_eagerly
 
     _routed_runs_eagerly()
     _routed_runs_eagerly()  # once: not wrapped twice

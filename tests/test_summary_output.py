@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 
 from engram_core.cli import own_doc, print_markdown_tables, print_summary
-from engram_core.commands import runnable
-from engram_core.metric_info import HIGHER, LOWER, UNKNOWN, MetricInfo, TagInfo, for_run, got_worse
-from engram_core.progress import Progress
+from engram_core.run.commands import runnable
+from engram_core.run.metric_info import HIGHER, LOWER, UNKNOWN, MetricInfo, TagInfo, for_run, got_worse
+from engram_core.run.progress import Progress
 
 from .conftest import run_cli
 
@@ -158,7 +158,7 @@ def test_validate_counts_in_the_singular(minimal_recipe):
 
 def test_metric_info_json_round_trips_and_wins_over_the_recipe(tmp_path):
     from engram_core.builtin.lm import CompletionAccuracy
-    from engram_core.metric_info import write_for_run
+    from engram_core.run.metric_info import write_for_run
 
     run = _fake_run(tmp_path, {"final": {"eval/acc": 0.5}})
     write_for_run(run, [CompletionAccuracy], {"data": {"type": "mqar", "vocab_size": 16}})  # what the engine would write

@@ -1,4 +1,4 @@
-"""The CPU thread policy (engram_core.threads): the registry of live engram processes, the
+"""The CPU thread policy (engram_core.run.threads): the registry of live engram processes, the
 automatic share, what wins over it, and a folder that cannot be written."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_core import threads
+from engram_core.run import threads
 
-REGISTERING_CHILD = "from engram_core import threads; threads.register(); print('registered', flush=True); import sys; sys.stdin.read()"
+REGISTERING_CHILD = "from engram_core.run import threads; threads.register(); print('registered', flush=True); import sys; sys.stdin.read()"
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +156,7 @@ def test_a_run_registers_while_it_runs_and_takes_its_recipe_threads(tmp_path, pr
 
 
 def test_the_results_pipeline_shares_threads_between_gpu_runs_and_keeps_cpu_runs_at_one(tmp_path, monkeypatch):
-    from engram_core import results
+    from engram_core.tools import results
 
     monkeypatch.setattr(threads, "cpu_count", lambda: 16)
     monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the caller's own setting

@@ -49,19 +49,19 @@ def engram_metrics(register):
 def engram_loggers(register):
     # imported only when a run asks for them: neither package is a dependency of the core
     def wandb(ctx):
-        from ..loggers.wandb_logger import make
+        from ..run.loggers.wandb_logger import make
 
         return make(ctx)
 
     def wandb_precheck():  # no API key: one line before the run, not a traceback after it
-        from ..loggers.wandb_logger import WandbLogger
+        from ..run.loggers.wandb_logger import WandbLogger
 
         return WandbLogger.precheck()
 
     wandb.precheck = wandb_precheck
 
     def mlflow(ctx):
-        from ..loggers.mlflow_logger import make
+        from ..run.loggers.mlflow_logger import make
 
         return make(ctx)
 

@@ -3,7 +3,7 @@ causal transformer, a byte-level tokenizer. Plain modules and functions."""
 
 from .gaussian import diagonal_gaussian_nll_per_item, gaussian_nll
 from .retrieval import soft_topk, soft_topk_weights
-from .sharded_rows import ShardedEmbedding  # also registers the row-table placement 'sharded'
+from ..tables.sharded_rows import ShardedEmbedding  # also registers the row-table placement 'sharded'
 from .tokenizer import ByteTokenizer
 from .transformer import CausalTransformer, CausalTransformerConfig
 

@@ -10,7 +10,7 @@ Plugins add optimisers through the ``engram_optimizers`` hook::
 ``lr``, ``weight_decay`` and, for groups of the recipe's ``param_groups``, what they set)
 and the `TrainStage`, and returns a `torch.optim.Optimizer`. The core registers
 ``adamw``, ``adam``, ``sgd``, ``sparse_adam`` and the row-wise table optimisers
-``rowwise_adagrad`` and ``rowwise_adam`` (`engram_core.optim.rowwise`).
+``rowwise_adagrad`` and ``rowwise_adam`` (`engram_core.tables.rowwise`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from ..errors import PluginError
-from .rowwise import RowwiseAdagrad, RowwiseAdam, attach_row_holder, row_holder
+from ..tables.rowwise import RowwiseAdagrad, RowwiseAdam, attach_row_holder, row_holder
 
 __all__ = ["RowwiseAdagrad", "RowwiseAdam", "attach_row_holder", "row_holder", "OptimizerEntry", "registered_optimizers"]
 
@@ -32,7 +32,7 @@ class OptimizerEntry:
     plugin: str
     factory: Callable[[list[dict], Any], Any]
     help: str = ""
-    holds_rows: bool = False  # can train rows kept outside their parameter (engram_core.optim.rowwise.RowHolder)
+    holds_rows: bool = False  # can train rows kept outside their parameter (engram_core.tables.rowwise.RowHolder)
 
 
 def registered_optimizers(registry) -> dict[str, OptimizerEntry]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from engram_core.inherit import load_tree
+from engram_core.recipe.extends import load_tree
 from engram_core.testing.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"

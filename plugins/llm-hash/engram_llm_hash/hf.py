@@ -533,7 +533,7 @@ def save_engram(model: nn.Module, path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     mem = engram_memory(model)
-    from engram_core.nn.sharded_rows import sharded_tables
+    from engram_core.tables.sharded_rows import sharded_tables
 
     if sharded_tables(mem):  # each rank holds only its rows: a file of one rank's state would lack the table
         raise ConfigError("placement", "save_engram writes the whole table, but with placement 'sharded' on several ranks each holds only its rows; save from one process (the run's checkpoint loads there)")
@@ -754,7 +754,7 @@ def engram_optimizer(
     `fused_backward=True` updates each parameter as its gradient is made and frees it (no
     dense table-sized gradient with `sparse=True`); use it with one backward per step
     (no gradient accumulation). `options` go to the optimiser (betas, eps)."""
-    from engram_core.optim.rowwise import ROWWISE_OPTIMIZERS
+    from engram_core.tables.rowwise import ROWWISE_OPTIMIZERS
 
     if optimizer not in ROWWISE_OPTIMIZERS:
         raise ConfigError("optimizer", f"must be one of {', '.join(map(repr, ROWWISE_OPTIMIZERS))}, got {optimizer!r}")

@@ -34,7 +34,7 @@ from torch import nn
 
 from engram_core.components import BuildContext, FitContext, Memory
 from engram_core.config import ConfigError, field, non_negative, one_of, positive
-from engram_core.nn.row_tables import KNOWN_PLACEMENTS, make_row_table
+from engram_core.tables.row_tables import KNOWN_PLACEMENTS, make_row_table
 
 from . import kernels
 from .hashing import NgramHasher, byte_token_texts, canonical_map
@@ -108,7 +108,7 @@ class EngramBlock(nn.Module):
             vocab_size, cfg.memory_size, cfg.orders, cfg.heads_per_order, seed=cfg.hash_seed * 1000003 + layer, canonical=canonical
         )
         h = self.hasher.n_heads
-        # rows are read only through the row-table protocol (engram_core.nn.row_tables)
+        # rows are read only through the row-table protocol (engram_core.tables.row_tables)
         self.table = make_row_table(cfg.placement, self.hasher.total_rows, cfg.slot_dim, sparse=cfg.sparse)
         if hasattr(self.table, "init_normal_"):  # a sharded table draws only the rows it owns
             self.table.init_normal_(cfg.init_std)

@@ -15,9 +15,9 @@ from engram_llm_hash.memory import EngramHashConfig
 from llm_hash_helpers import DIM, VOCAB, memory, perturb
 
 from engram_core.config import ConfigError
-from engram_core.inherit import load_tree
-from engram_core.nn.host_rows import HostRowTable
-from engram_core.nn.row_tables import DeviceRowTable
+from engram_core.recipe.extends import load_tree
+from engram_core.tables.host_rows import HostRowTable
+from engram_core.tables.row_tables import DeviceRowTable
 from engram_core.optim import RowwiseAdagrad, RowwiseAdam
 
 
@@ -39,7 +39,7 @@ def test_unknown_placement_is_one_config_error():
 
 
 def test_unimplemented_placement_is_one_config_error(monkeypatch):
-    from engram_core.nn import row_tables
+    from engram_core.tables import row_tables
 
     monkeypatch.setitem(row_tables.PLACEMENTS, "sharded", None)  # as before a placement is registered
     with pytest.raises(ConfigError, match="'sharded' is not implemented yet; use one of 'device'") as err:
@@ -257,7 +257,7 @@ def test_host_placement_kill_and_resume_same_final_metrics(tmp_path, monkeypatch
     killed = tmp_path / "killed.toml"
     killed.write_text(path.read_text().replace('name = "ref"', 'name = "killed"'))
     # one thread in all three runs (reference, killed, resumed): another thread count sums in
-    # another order, and the automatic share (engram_core.threads) depends on what else runs
+    # another order, and the automatic share (engram_core.run.threads) depends on what else runs
     args = ["stages.2.checkpoint_every=5", "stages.2.eval_every=30", "run.threads=1"]
     assert run_main([str(path), *args, "--quiet"]) == 0
     _, expected = _summary(tmp_path, "ref")

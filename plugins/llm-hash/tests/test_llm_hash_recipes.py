@@ -8,7 +8,7 @@ import pytest
 import tomli_w
 
 from engram_core.cli import run_main
-from engram_core.inherit import load_tree
+from engram_core.recipe.extends import load_tree
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 NAMES = ["exact_match", "four_way", "long_recall", "kv_memorisation", "hybrid", "prepopulate"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_core.distributed import leave_process_group
+from engram_core.run.distributed import leave_process_group
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import final_metrics, max_relative_difference, rank_pids, run_dirs, run_ranks, start_ranks
 
@@ -259,7 +259,7 @@ def _memory_main(out_file: str) -> None:
 
 
 def _owned(name: str, world: int, rank: int, rows: int) -> slice:
-    from engram_core.nn.sharded_rows import RowRange
+    from engram_core.tables.sharded_rows import RowRange
 
     r = RowRange(rows, rank, world)
     return slice(r.start, r.stop)

@@ -30,7 +30,7 @@ is made. `step()` then has nothing left to do for those parameters. Use it with 
 backward per step (no gradient accumulation over micro-batches, no fp16 GradScaler).
 
 Rows that are not a parameter's own data (a table in host memory whose forward reads a
-prefetched device buffer, `engram_core.nn.host_rows`) are reached through a `RowHolder`
+prefetched device buffer, `engram_core.tables.host_rows`) are reached through a `RowHolder`
 attached to the parameter: at `step()` the optimiser takes the step's working set from it
 (the touched rows' values, their state and gradients, on the device), applies the rule,
 and tells the holder, which stores rows and state back. Such parameters are updated at

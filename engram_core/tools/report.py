@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .errors import EngramError
+from ..errors import EngramError
 
 SEED_KEY = "run.seed"
 CURVE_PREFIXES = ("train/", "eval/", "rollout/")
@@ -222,7 +222,7 @@ def fmt_agg(mean: float, sd: float, n: int, values: list[float]) -> str:
 def seed_table(plan: list[dict], summaries: list[dict], seed_key: str = SEED_KEY) -> tuple[list[str], list[dict]]:
     """The across-seeds table: (metric names, rows); each row {"config", "points" (dirs),
     "seeds", "n" (completed points), "agg" (`aggregate_seeds` of the group)}."""
-    from .recipe import value_label
+    from ..recipe import value_label
 
     rows, metrics = [], []
     for config, idx in config_groups(plan, seed_key):
@@ -396,7 +396,7 @@ def plot_stage_comparison(run: dict, path: str | Path, info) -> Path | None:
     panel per metric, grouped by its prefix (eval, rollout, generate, ...); a bar that moved
     against the metric's direction since the previous stage is red. Returns None when
     fewer than two stages evaluated."""
-    from .metric_info import got_worse
+    from ..run.metric_info import got_worse
 
     groups = stage_comparison(run, info)
     if not groups:
@@ -467,15 +467,15 @@ def save_images(run_dir: str | Path, out: str | Path) -> list[tuple[str, Path]]:
 
 
 def _config_label(config: dict) -> str:
-    from .recipe import value_label
+    from ..recipe import value_label
 
     return "\n".join(f"{k}={value_label(v)}" for k, v in config.items()) or "all points"
 
 
 def sweep_info(sweep: dict, indices: list[int] | None = None):
-    """The metric declarations of a sweep's points (engram_core.metric_info), from the first
+    """The metric declarations of a sweep's points (engram_core.run.metric_info), from the first
     point among `indices` (default: all) that has a run directory; None when none has."""
-    from .metric_info import for_run
+    from ..run.metric_info import for_run
 
     for i in indices if indices is not None else range(len(sweep["plan"])):
         d = Path(sweep["dir"]) / sweep["plan"][i]["dir"]
@@ -591,7 +591,7 @@ def _first_final(sweep: dict, idx: list[int]) -> dict:
 
 def _x_value(v: Any) -> float | str:
     """A swept value on an x axis: a number, else its label (a categorical axis)."""
-    from .recipe import value_label
+    from ..recipe import value_label
 
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
@@ -603,7 +603,7 @@ def line_series(points: list[tuple[dict, dict]], x: str, series: list[str]) -> d
     `series` keys, ordered by the point's value of `x` (numbers ascending; labels of other
     values — a memory's table — in the order the sweep lists them: a categorical axis).
     Points without `x` are left out."""
-    from .recipe import value_label
+    from ..recipe import value_label
 
     lines: dict[str, list[tuple[float | str, dict]]] = {}
     order: dict[float | str, int] = {}
@@ -692,9 +692,9 @@ def plot_sweep_lines(sweep: dict, path: str | Path, x: str, series: list[str], m
 
 def stage_table_md(run: dict, info=None) -> str:
     """Each stage's final metrics (summary.json's `stages`): one row per metric, a column per
-    stage; with `info` (engram_core.metric_info) a column of ↑/↓ and "(worse)" after a value
+    stage; with `info` (engram_core.run.metric_info) a column of ↑/↓ and "(worse)" after a value
     that moved against its direction since the previous stage."""
-    from .metric_info import got_worse
+    from ..run.metric_info import got_worse
 
     spans = {s["name"]: s for s in run["stages"]}
     results = run["summary"].get("stages") or {}
@@ -746,7 +746,7 @@ def run_report_md(run: dict, figure: str | None, stages_figure: str | None = Non
 
 
 def sweep_report_md(sweep: dict, figure: str | None, seed_key: str = SEED_KEY) -> str:
-    from .sweep import sweep_tables
+    from ..sweep import sweep_tables
 
     statuses: dict[str, int] = {}
     for s in sweep["summaries"]:
@@ -781,7 +781,7 @@ def write_report(target: str | Path, out: str | Path | None = None, lines: tuple
             lfig = plot_sweep_lines(sweep, out / "lines.png", x, series, metric)
             text += f"\n## {metric} against {x}\n\n" + (f"![{metric} against {x}]({lfig.name})\n" if lfig else "(no completed point has it)\n")
     else:
-        from .metric_info import for_run
+        from ..run.metric_info import for_run
 
         run = load_run(target)
         info = for_run(target)
@@ -789,7 +789,7 @@ def write_report(target: str | Path, out: str | Path | None = None, lines: tuple
         stages_fig = plot_stage_comparison(run, out / "stages.png", info)
         images = [(tag, p.name) for tag, p in save_images(target, out)]
         text = run_report_md(run, fig.name if fig else None, stages_fig.name if stages_fig else None, images, info)
-    from .rundir import atomic_write_text
+    from ..run.rundir import atomic_write_text
 
     atomic_write_text(out / "report.md", text)
     return out / "report.md"

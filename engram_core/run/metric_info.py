@@ -153,8 +153,8 @@ def for_run(run_dir: Path) -> MetricInfo:
 
 
 def _metric_classes(recipe: Mapping[str, Any]) -> list[type]:
-    from .errors import EngramError
-    from .registry import load_registry
+    from ..errors import EngramError
+    from ..registry import load_registry
 
     try:
         reg = load_registry()

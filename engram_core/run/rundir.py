@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import EngramError, RecipeError
+from ..errors import EngramError, RecipeError
 
 CHECKPOINT = "last.pt"
 # Written into every run (and sweep) directory the engine makes: `--resume` refuses a folder

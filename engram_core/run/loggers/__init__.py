@@ -1,10 +1,10 @@
 """Experiment trackers beside TensorBoard: `run.loggers = ["wandb", "mlflow"]`.
 
-TensorBoard is always written (`engram_core.tb.RunLogger`). A *tracker logger* receives
+TensorBoard is always written (`engram_core.run.tb.RunLogger`). A *tracker logger* receives
 everything the run logger writes: scalars, histograms, figures, text, hparams, the resolved
 recipe, and the summary at the end. Plugins add trackers through the ``engram_loggers``
 hook (engram_core.hookspecs); the core registers ``wandb`` and ``mlflow``
-(engram_core.loggers.wandb_logger, .mlflow_logger), each an extra of engram-core.
+(engram_core.run.loggers.wandb_logger, .mlflow_logger), each an extra of engram-core.
 
 A tracker is a subclass of `Logger` overriding what it records; it is built as
 ``factory(ctx)`` with a `LoggerContext` when the run starts. A tracker's `state` dict is
@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import torch
 
-from ..errors import PluginError, RecipeError, did_you_mean
+from ...errors import PluginError, RecipeError, did_you_mean
 from ..tb import RunLogger
 
 TENSORBOARD = "tensorboard"  # always on; accepted in run.loggers for clarity
@@ -173,7 +173,7 @@ class TrackedRunLogger(RunLogger):
 
 def open_run_logger(run_dir: Path, purge_step: int | None, recipe, registry, resumed: bool) -> TrackedRunLogger:
     """TensorBoard plus the trackers of `run.loggers`, each handed the resolved recipe."""
-    from ..errors import EngramError
+    from ...errors import EngramError
     from ..rundir import atomic_write_json, read_json
 
     entries = check_loggers(getattr(recipe.run, "loggers", ()), registry)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .recipe import Recipe, _toml_key, _toml_value
+from ..recipe import Recipe
+from ..recipe.toml import toml_key, toml_value
 
 MAX_PAD = 56
 
@@ -43,11 +44,11 @@ def _table(out: list[str], header: str, dotted: str, table: dict, key: tuple[str
     out.append(header)
     leaves = [(k, v) for k, v in table.items() if not (isinstance(v, dict) and v)]
     subs = [(k, v) for k, v in table.items() if isinstance(v, dict) and v]
-    lines = [(f"{_toml_key(k)} = {_toml_value(v)}", origin_label(recipe, (*key, k))) for k, v in leaves]
+    lines = [(f"{toml_key(k)} = {toml_value(v)}", origin_label(recipe, (*key, k))) for k, v in leaves]
     pad = min(MAX_PAD, max((len(t) for t, _ in lines), default=0))
     out += [f"{text.ljust(pad)}  # {where}" for text, where in lines]
     for k, v in subs:
-        _table(out, f"[{dotted}.{_toml_key(k)}]", f"{dotted}.{_toml_key(k)}", v, (*key, k), recipe)
+        _table(out, f"[{dotted}.{toml_key(k)}]", f"{dotted}.{toml_key(k)}", v, (*key, k), recipe)
 
 
 def origins_by_key(recipe: Recipe) -> dict[str, Any]:

@@ -178,7 +178,7 @@ class ShardedEmbedding(nn.Module):
     `weight` holds this rank's rows only (all of them on one process, where the module is an
     ordinary table: F.embedding, an ordinary state_dict). On N ranks `weight` is left out of
     DDP and out of `state_dict()`: the engine writes it, and its optimiser state, with
-    `engram_core.sharded_state` (torch.distributed.checkpoint), which loads on any number of
+    `engram_core.tables.state` (torch.distributed.checkpoint), which loads on any number of
     ranks. `load_state_dict` given the whole table (a one-process checkpoint) keeps this
     rank's rows. Initial rows are N(0, init_std) drawn exactly as one `normal_` over the whole
     table would draw them, so N ranks start from the one-process table."""
@@ -279,7 +279,7 @@ class ShardedEmbedding(nn.Module):
 
 
 def _drop_rows_from_state(module, state_dict, prefix, local_metadata):
-    state_dict.pop(prefix + "weight", None)  # N ranks: written by engram_core.sharded_state
+    state_dict.pop(prefix + "weight", None)  # N ranks: written by engram_core.tables.state
 
 
 def _take_own_rows(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -17,7 +17,7 @@ import re
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import EngramError
+from ...errors import EngramError
 from . import Logger, LoggerContext
 
 STEP = "global_step"

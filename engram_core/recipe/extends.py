@@ -28,7 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError, did_you_mean
+from ..errors import RecipeError, did_you_mean
+from .toml import read_toml  # the one TOML reader, with its one-line errors
 
 EXTENDS = "extends"
 DELETE = "__delete__"
@@ -104,8 +105,6 @@ def _leaves(prefix: Key, value: Any):
 
 
 def read_file(path: Path) -> dict:
-    from .recipe import read_toml  # the one TOML reader, with its one-line errors
-
     return read_toml(path)
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import EngramError
+from ..errors import EngramError
 
 WARMUP_STEPS = 3  # eager steps before capture (the PyTorch docs use 3 on a side stream)
 

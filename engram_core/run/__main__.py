@@ -6,8 +6,8 @@ of a sweep directory, as `engram-run --jobs N` starts it (engram_core.sweep.poin
 
 import sys
 
-from .cli import run_main
-from .sweep import POINT_FLAG, point_main
+from ..cli import run_main
+from ..sweep import POINT_FLAG, point_main
 
 if __name__ == "__main__":
     if sys.argv[1:2] == [POINT_FLAG]:

@@ -1,7 +1,7 @@
 """`engram validate`'s dry forward: one forward pass of the first train stage's objective
 on a batch of two drawn from the recipe's own data, on the CPU, before anything trains.
 
-Building on the meta device (engram_core.validate) checks every component's construction
+Building on the meta device (engram_core.train.validate) checks every component's construction
 and shapes it declares, but not the shapes its forward meets: a memory whose forward fails
 on the recipe's sequence length or width passes the meta build and fails at step 1. The dry
 forward catches it, cheaply and only where it is safe to try:
@@ -30,7 +30,7 @@ BATCH = 2
 
 def first_train_stage(recipe) -> tuple[int, Any] | None:
     """(index, stage) of the first train stage, or None when a fit stage comes first or there is none."""
-    from .recipe import FitStage, TrainStage
+    from ..recipe import FitStage, TrainStage
 
     for i, st in enumerate(recipe.stages):
         if isinstance(st, FitStage):
@@ -55,7 +55,7 @@ def dry_forward(recipe, built) -> str:
     what was checked or why it was skipped; raises ComponentError when the forward fails."""
     import torch
 
-    from .components import BuildContext, Model
+    from ..components import BuildContext, Model
     from .validate import blame, make_component
 
     reason = skip_reason(recipe)

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from .components import BuildContext, Model
-from .config import ConfigProblems
-from .errors import ConfigError, EngramError, RecipeError, did_you_mean
-from .recipe import FitStage, Recipe, Resolved, TrainStage
+from ..components import BuildContext, Model
+from ..config import ConfigProblems
+from ..errors import ConfigError, EngramError, RecipeError, did_you_mean
+from ..recipe import FitStage, Recipe, Resolved, TrainStage
 
 META = torch.device("meta")
 
@@ -324,7 +324,7 @@ def _dry_spec(data: Resolved, dry_spec, build: BuildContext, file: str):
 
 def check_all(recipe: Recipe, device: str | None = None) -> int:
     """The recipe and, for a sweep, every point: all problems in one RecipeError. Returns the point count."""
-    from .recipe import point_recipe, sweep_points
+    from ..recipe import point_recipe, sweep_points
 
     if not recipe.sweep:
         check_recipe(recipe, device)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import RecipeError
-from .recipe import apply_override, load_recipe, parse_override, read_toml, split_key
-from .rundir import load_checkpoint
+from ..errors import RecipeError
+from ..recipe import apply_override, load_recipe, parse_override, read_toml, split_key
+from ..run.rundir import load_checkpoint
 
 # settings a checkpoint stays valid under (glob patterns of override keys)
 RESUMABLE = (

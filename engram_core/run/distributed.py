@@ -33,7 +33,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 
 @attrs.define
@@ -188,7 +188,7 @@ def teardown(finished: bool = True) -> None:
     if _current.enabled:
         leave_process_group(finished)
         return
-    from .nn.sharded_rows import forget_process_group
+    from ..tables.sharded_rows import forget_process_group
 
     forget_process_group()
 
@@ -200,7 +200,7 @@ def leave_process_group(finished: bool = True) -> None:
     for the others: a rank that exits while a peer's gloo threads still talk to it makes that
     peer abort ("terminate called without an active exception"). After a failure there is no
     barrier, since the peer may be gone."""
-    from .nn.sharded_rows import forget_process_group
+    from ..tables.sharded_rows import forget_process_group
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         if finished:

@@ -7,7 +7,7 @@ A results page is two files under `docs/results/`:
 - `<page>.md`, hand-written prose with generated blocks between markers
   `<!-- results:table ID -->` … `<!-- results:end -->` (and `results:figure ID`).
 
-Three commands (`engram results …`, or `python -m engram_core.results …`):
+Three commands (`engram results …`, or `python -m engram_core.tools.results …`):
 
     run PAGE [--rows ID ...] [--jobs N]   run the page's rows from an EMPTY cache (a new
                                           ENGRAM_CACHE folder), write one JSON per row
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import attrs
 
-from .errors import EngramError, RecipeError
+from ..errors import EngramError, RecipeError
 from .report import aggregate_seeds, final_metrics, load_scalars, stage_spans
-from .rundir import atomic_write_json, atomic_write_text
+from ..run.rundir import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -118,7 +118,7 @@ class Job:
 
 def expand(row: Row) -> list[tuple[str, dict | None, str, tuple[int, ...]]]:
     """(expanded id, sweep point or None, point label, seeds) for a row; validates the recipe."""
-    from .recipe import load_recipe, point_recipe, sweep_points, value_label
+    from ..recipe import load_recipe, point_recipe, sweep_points, value_label
 
     recipe = load_recipe(ROOT / row.recipe, list(row.overrides))
     if not recipe.sweep:
@@ -175,10 +175,10 @@ def source_commit() -> tuple[str, list[str]]:
 
 def _job_env(cache: Path, on_cuda: bool, jobs: int) -> dict[str, str]:
     """A run's environment. With several runs at once, a GPU run gets its share of the CPU
-    threads (cores // jobs, rebalanced as runs end: engram_core.threads); a CPU run keeps one
+    threads (cores // jobs, rebalanced as runs end: engram_core.run.threads); a CPU run keeps one
     thread, as every published CPU row was made: the thread count changes the last bits of
     CPU float sums, so another count would not reproduce those rows bit for bit."""
-    from . import threads
+    from ..run import threads
 
     env = dict(os.environ, ENGRAM_CACHE=str(cache), PYTHONUNBUFFERED="1")
     if jobs <= 1:
@@ -197,7 +197,7 @@ def _on_cuda(device: str) -> bool:
 
 
 def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None) -> dict:
-    from .recipe import load_recipe, point_recipe
+    from ..recipe import load_recipe, point_recipe
 
     jdir = work / job.row_id / f"seed{job.seed}"
     jdir.mkdir(parents=True, exist_ok=True)
@@ -372,7 +372,7 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
         "cache": "empty at the start of the page run (a new ENGRAM_CACHE folder)",
         "device": sorted({r.get("device") or "?" for r in runs}),
         "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": f"python -m engram_core.results run {page.name} --rows {j.row.id}",
+        "command": f"python -m engram_core.tools.results run {page.name} --rows {j.row.id}",
         "wall_time_s": [r["wall_time_s"] for r in runs],
         "status": [r["status"] for r in runs],
         "metrics": dict(sorted(aggregate([r["metrics"] for r in ok]).items())),
@@ -432,7 +432,7 @@ def _cell(c, data: dict[str, dict], fmt: str, values: bool) -> str:
 
 def row_label(rid: str, d: dict, labels: dict[str, str]) -> str:
     """The spec's label of the row (the page's current wording), with the sweep point after it."""
-    from .recipe import value_label
+    from ..recipe import value_label
 
     if rid in labels and d.get("point"):  # the spec names this grid point
         return labels[rid]
@@ -565,7 +565,7 @@ def _cell_rows(spec: dict) -> list[str]:
 def _provenance(patterns: list[str], data: dict[str, dict]) -> str:
     rows = _rows_matching(data, patterns)
     if not rows:
-        return "\n*(no data yet: `python -m engram_core.results run` writes it)*\n"
+        return "\n*(no data yet: `python -m engram_core.tools.results run` writes it)*\n"
     seeds = sorted({sum(s == "completed" for s in data[r]["status"]) for r in rows})
     devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
     commits = sorted({data[r]["commit"][:10] for r in rows})
@@ -598,7 +598,7 @@ def render_page(page: Page, draw: bool = True, data: dict[str, dict] | None = No
 def check_page(page: Page) -> list[str]:
     """Problems, one line each: a generated block that differs from its JSON, JSON whose recipe is
     missing or does not validate, a table cell that names a row with no JSON."""
-    from .recipe import load_recipe, point_recipe
+    from ..recipe import load_recipe, point_recipe
 
     problems = []
     if not page.md_file.exists():
@@ -610,13 +610,13 @@ def check_page(page: Page) -> list[str]:
         for (a, b) in zip(BLOCK.finditer(current), BLOCK.finditer(expected)):
             if a.group(0) != b.group(0):
                 problems.append(f"{page.md_file}: block {a.group(2)} {a.group(3)} differs from what its JSON renders "
-                                f"(hand-edited? run: python -m engram_core.results render {page.name})")
+                                f"(hand-edited? run: python -m engram_core.tools.results render {page.name})")
         if not problems:
-            problems.append(f"{page.md_file}: generated blocks differ from the spec (run: python -m engram_core.results render {page.name})")
+            problems.append(f"{page.md_file}: generated blocks differ from the spec (run: python -m engram_core.tools.results render {page.name})")
     for f in page.figures:
         png = figure_png(page, f)
         if data and not png.exists():
-            problems.append(f"{png}: missing (run: python -m engram_core.results render {page.name})")
+            problems.append(f"{png}: missing (run: python -m engram_core.tools.results render {page.name})")
     for rid, d in data.items():
         recipe = ROOT / d["recipe"]
         if not recipe.is_file():

@@ -11,7 +11,7 @@ keeps what the engine needs from each step as tensors on the run's device:
 `add` is a handful of device operations and no synchronisation; `read` copies everything
 to the host in one transfer (one synchronisation) and starts a new window. Terms an
 objective returns as Python numbers are summed on the host; a captured CUDA graph cannot
-update those (engram_core.graphs refuses them).
+update those (engram_core.train.graphs refuses them).
 """
 
 from __future__ import annotations

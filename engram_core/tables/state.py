@@ -22,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from .nn.sharded_rows import ShardedEmbedding, sharded_tables
+from .sharded_rows import ShardedEmbedding, sharded_tables
 
 FOLDER_PREFIX = "tables-"
 

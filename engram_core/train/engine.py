@@ -19,21 +19,22 @@ import attrs
 import numpy as np
 import torch
 
-from . import distributed, sharded_state, threads
-from .accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
-from .commands import runnable
-from .components import BuildContext, EvalContext, Event, FitContext, Model, to_device
-from .errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
+from ..run import distributed, threads
+from ..tables import state as sharded_state
+from ..run.accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
+from ..run.commands import runnable
+from ..components import BuildContext, EvalContext, Event, FitContext, Model, to_device
+from ..errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from .graphs import CapturedStep, make_capturable
-from .loggers import open_run_logger
+from ..run.loggers import open_run_logger
 from .meter import StepMeter
-from .metric_info import write_for_run
-from .nn.sharded_rows import clip_grad_norm_, serve_peers
-from .optim import registered_optimizers, row_holder
-from .progress import Progress
-from .recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
-from .registry import Registry, load_registry
-from .rundir import (
+from ..run.metric_info import write_for_run
+from ..tables.sharded_rows import clip_grad_norm_, serve_peers
+from ..optim import registered_optimizers, row_holder
+from ..run.progress import Progress
+from ..recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
+from ..registry import Registry, load_registry
+from ..run.rundir import (
     MetricsLog,
     atomic_write_json,
     atomic_write_text,
@@ -44,7 +45,7 @@ from .rundir import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from .tb import NullLogger, drop_events_after
+from ..run.tb import NullLogger, drop_events_after
 from .validate import blame, component_label, describe, make_component, parameter_problems, stage_problems
 
 
@@ -167,7 +168,7 @@ class Engine:
         self.metric_types = [(m.component.name, m.type_as_written) for m in r.metrics]
         self.labels = {"objectives": {i: component_label(o) for i, o in r.objectives.items()},
                        "metrics": [component_label(m) for m in r.metrics]}
-        # the same checks as `engram validate` (engram_core.validate), on the real components
+        # the same checks as `engram validate` (engram_core.train.validate), on the real components
         targets = {"head": self.head, "memory": self.memory, "data": self.dataset}
         problems = stage_problems(r, tuple(self.dataset.splits), targets)
         names = [n for n, _ in self.model.named_parameters()]
@@ -373,7 +374,7 @@ class Engine:
     #
     # `_train` is the stage's loop; `train_step` one optimiser step; `forward_backward_step`
     # one micro-batch. Nothing in the steady state reads a device value on the host: loss
-    # and terms stay in `StageRun.meter` (engram_core.meter) until a log step, and the loss
+    # and terms stay in `StageRun.meter` (engram_core.train.meter) until a log step, and the loss
     # is checked for NaN/inf there, before every evaluation and checkpoint, and at the
     # stage's end (every step on the CPU, where reading it costs nothing).
 
@@ -616,7 +617,7 @@ class Engine:
         if run.count_tokens is not None:
             self.logger.scalar("throughput/tokens_per_s", run.tokens_since / dt, self.step)
         self.progress.update(done, means["loss"])
-        threads.rebalance()  # runs started or ended since: this run's share of the cores (engram_core.threads)
+        threads.rebalance()  # runs started or ended since: this run's share of the cores (engram_core.run.threads)
         run.tokens_since, run.t_log = 0, now
 
     def _rank_means(self, means: dict[str, float]) -> dict[str, float]:
@@ -765,7 +766,7 @@ class Engine:
                 f"{runnable('engram-run')} --resume {self.run_dir} stages.{index}.lr={lr}" + ("" if st.grad_clip else f" stages.{index}.grad_clip=1.0"))
 
     def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
-        # every rank: its rows of row-sharded tables, with torch.distributed.checkpoint (engram_core.sharded_state)
+        # every rank: its rows of row-sharded tables, with torch.distributed.checkpoint (engram_core.tables.state)
         tables = sharded_state.save(self.run_dir, f"s{index}-{stage_step}" + ("-done" if done else ""), self.model, opts) if self.dist.enabled else None
         if not self.dist.is_main:
             return  # every rank holds the same weights, optimizer and sampler state: rank 0 saves them

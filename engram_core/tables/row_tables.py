@@ -17,7 +17,7 @@ Placements (`register_placement` adds one without touching this module):
   the state dict as ``<prefix>weight``; `.to()`, dtype casts and any optimiser work as on
   an `nn.Embedding` (it is one).
 - ``host``: rows in (pinned) host memory, gathered into a device buffer ahead of the
-  forward (`engram_core.nn.host_rows`); trained by a row-wise optimiser
+  forward (`engram_core.tables.host_rows`); trained by a row-wise optimiser
   (`engram_core.optim`). The state dict holds the rows under the same key, so a
   checkpoint of one placement loads into the other.
 """

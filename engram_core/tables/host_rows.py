@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..optim.rowwise import attach_row_holder, nonzero_rows
+from .rowwise import attach_row_holder, nonzero_rows
 from .row_tables import register_placement
 
 
@@ -197,7 +197,7 @@ class HostRowTable(nn.Module):
         self._sync_fetches = self._updates = self._rows_moved = self._bytes_moved = 0
         self._seconds = {"prefetch": 0.0, "wait": 0.0, "miss": 0.0, "update": 0.0}
 
-    # ---- the optimiser's side (engram_core.optim.rowwise.RowHolder) ---------------------
+    # ---- the optimiser's side (engram_core.tables.rowwise.RowHolder) ---------------------
 
     def gradient_leaves(self) -> list[torch.Tensor]:
         """The device buffers whose `.grad` holds this step's row gradients (what gradient
@@ -226,7 +226,7 @@ class HostRowTable(nn.Module):
         for seg in step:
             if seg.values.grad is None:
                 continue
-            sel, _ = nonzero_rows(seg.values.grad)  # the touched rows (engram_core.optim.rowwise)
+            sel, _ = nonzero_rows(seg.values.grad)  # the touched rows (engram_core.tables.rowwise)
             state = {name: _state_rows(seg, name, shape).index_select(0, sel) for name, shape in specs}
             parts.append((seg.rows.index_select(0, sel), seg.values.detach().index_select(0, sel), state, seg.values.grad.index_select(0, sel)))
         rows = torch.cat([p[0] for p in parts])

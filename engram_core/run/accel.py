@@ -6,7 +6,7 @@
     compile = true       torch.compile of the whole training forward: the objective on the head and
                          the memory, loss included (the backward through AOTAutograd); parameter
                          names and checkpoints are the same as eager. Evaluation stays eager.
-    cuda_graphs = true   the whole training step replayed as one CUDA graph (engram_core.graphs)
+    cuda_graphs = true   the whole training step replayed as one CUDA graph (engram_core.train.graphs)
 
 Precision applies on CUDA; on the CPU a run stays fp32 (CPU autocast is slow on most CPUs and
 would change a GPU recipe's CPU smoke test), as docs/recipes.md has said from the start. An objective that calls the head as
@@ -20,7 +20,7 @@ import contextlib
 
 import torch
 
-from .errors import EngramError
+from ..errors import EngramError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
