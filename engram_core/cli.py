@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .run.commands import runnable
 from .errors import EngramError, RecipeError
 from .registry import KIND_SINGULAR, load_registry
+from .run.commands import runnable
 
 KIND_ALIASES = {
     "dataset": "datasets", "datasets": "datasets", "data": "datasets",
@@ -123,8 +123,8 @@ def run_main(argv: list[str] | None = None) -> int:
 
 def _precheck(args, nproc: int) -> None:
     """Validate the recipe (every sweep point) and its batch split over `nproc` ranks."""
-    from .run.distributed import check_batch_split
     from .recipe import TrainStage, load_recipe, point_recipe, sweep_points
+    from .run.distributed import check_batch_split
 
     if args.resume:
         from .run.rundir import check_resumable_dir
@@ -217,8 +217,8 @@ def _warn_broken() -> None:
 
 
 def _run(args, console: Console) -> int:
-    from .run import distributed
     from .recipe import load_recipe
+    from .run import distributed
     from .sweep import resume_any, run_recipe
 
     if distributed.current().is_main:
@@ -432,8 +432,8 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
 def _dry_forwards(recipe) -> str:
     """engram_core.train.dry_forward on the recipe, or on each distinct sweep configuration (seeds
     aside: they change no shape). Returns the note of the last one checked."""
-    from .train.dry_forward import dry_forward, skip_reason
     from .recipe import point_recipe, sweep_points
+    from .train.dry_forward import dry_forward, skip_reason
     from .train.validate import check_recipe
 
     def one(r) -> str:

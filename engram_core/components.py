@@ -81,6 +81,9 @@ class BuildContext:
     # True when `engram validate` / `--dry-run` builds (device "meta"): build the shapes and
     # run every check, but load no weights and generate nothing large
     dry_run: bool = False
+    # the registry the recipe was resolved against: for components made of other registered
+    # components (weighted_sum), so none of them loads a registry of its own
+    registry: Any = None
 
 
 def default_cache_dir() -> Path:

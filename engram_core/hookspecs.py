@@ -1,8 +1,12 @@
-"""Hook specifications of the pluggy project ``engram``: one hook per kind of component.
+"""Hook specifications of the pluggy project ``engram``: one hook per kind of thing a plugin adds.
 
-A plugin is a module with functions marked ``@hookimpl``; each receives a
-``register(name, factory, config_cls, *, provides=(), requires=(), offers=())``
-callback. Plugins are found through the entry-point group ``engram``::
+A plugin is a module with functions marked ``@hookimpl``; each receives a ``register``
+callback. Components (the five kinds) take
+``register(name, factory, config_cls, *, provides=(), requires=(), offers=())``;
+extensions (optimisers, loggers, placements, commands) take ``register(name, factory, **options)``
+(`engram_core.registry.Extension`). Every hook goes through the one registry
+(`engram_core.registry`), which calls each plugin's hooks once, when it loads, and isolates a
+broken plugin. Plugins are found through the entry-point group ``engram``::
 
     [project.entry-points.engram]
     my-plugin = "my_package.plugin"
@@ -15,6 +19,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 KINDS = ("datasets", "heads", "memories", "objectives", "metrics")
+EXTENSIONS = ("optimizers", "loggers", "placements", "commands")
 
 
 @hookspec
@@ -58,3 +63,19 @@ def engram_optimizers(register):
     torch parameter groups and the `engram_core.recipe.TrainStage` and returns a
     `torch.optim.Optimizer` (see `engram_core.optim`). ``holds_rows=True``: it can train
     tables whose rows live outside their parameter (`engram_core.tables.rowwise.RowHolder`)."""
+
+
+@hookspec
+def engram_placements(register):
+    """Register where a large table's rows may live (a memory's `placement` key):
+    ``register("host", factory, help="...")``. ``factory(num_rows, dim, sparse=False)`` returns
+    a row table (`engram_core.tables.row_tables`: called like an `nn.Embedding`, with
+    `full_weight`, `prefetch(rows)` and `stats()`)."""
+
+
+@hookspec
+def engram_commands(register):
+    """Register a subcommand of ``engram``: ``register("report", configure, help="...")``.
+    ``configure(parser)`` adds its arguments to an `argparse` parser and returns
+    ``handler(args, console) -> int`` (the exit status). A plugin's command runs when typed
+    (`engram NAME`); `engram --help` lists the core's commands without importing plugins."""

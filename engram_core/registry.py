@@ -1,7 +1,10 @@
-"""Registries of components, filled by plugins through the pluggy hooks.
+"""The one registry, filled by plugins through the pluggy hooks of `engram_core.hookspecs`.
 
-Loading is per entry point, so one broken plugin is reported (with its error) and
-every other plugin still works. ``ENGRAM_PLUGINS`` (comma-separated entry-point
+It holds the five kinds of component (`Component`, looked up by short or qualified name)
+and the extensions (`Extension`: optimisers, experiment loggers, row-table placements and
+`engram` subcommands). Loading is per entry point and every hook of a plugin is called
+once, when it loads, so one broken plugin is reported (with its error) and every other
+plugin still works. ``ENGRAM_PLUGINS`` (comma-separated entry-point
 names; empty means none) limits which third-party plugins load, so tests can run
 hermetically; the core's own components always load.
 """
@@ -29,6 +32,20 @@ KIND_SINGULAR = {
     "memories": "memory",
     "objectives": "objective",
     "metrics": "metric",
+    "optimizers": "optimizer",
+    "loggers": "logger",
+    "placements": "placement",
+    "commands": "command",
+}
+# what `engram describe KIND NAME` and completion accept for each kind
+KIND_ALIASES = {"dataset": "datasets", "data": "datasets", "head": "heads", "memory": "memories",
+                "objective": "objectives", "metric": "metrics"}
+# the keyword arguments each extension kind's `register` takes, beside name and factory
+EXTENSION_OPTIONS = {
+    "optimizers": ("help", "holds_rows"),
+    "loggers": ("help", "modules", "install"),
+    "placements": ("help",),
+    "commands": ("help",),
 }
 
 
@@ -54,6 +71,28 @@ class Component:
         return inspect.getdoc(self.factory) or ""
 
 
+@attrs.frozen
+class Extension:
+    """An optimiser, experiment logger, row-table placement or `engram` subcommand.
+
+    optimizers  factory(param_groups, stage) -> torch.optim.Optimizer; `holds_rows`: it can train
+                tables whose rows live outside their parameter (engram_core.tables.rowwise)
+    loggers     factory(LoggerContext) -> Logger; `modules` are checked before a run starts and a
+                missing one is a one-line error telling the user to `pip install` `install`
+    placements  factory(num_rows, dim, sparse=False) -> a row table (engram_core.tables.row_tables)
+    commands    factory(argparse parser) -> handler(args, console) -> exit status
+    """
+
+    kind: str
+    name: str
+    plugin: str
+    factory: Callable[..., Any]
+    help: str = ""
+    holds_rows: bool = False
+    modules: tuple[str, ...] = ()
+    install: str = ""
+
+
 @attrs.define
 class PluginInfo:
     name: str
@@ -74,6 +113,7 @@ class Registry:
 
     def __init__(self) -> None:
         self.components: dict[str, dict[str, Component]] = {k: {} for k in hookspecs.KINDS}
+        self.extensions: dict[str, dict[str, Extension]] = {k: {} for k in EXTENSION_OPTIONS}
         self.plugins: dict[str, PluginInfo] = {}
         self.filtered: dict[str, Any] = {}  # installed entry points that ENGRAM_PLUGINS left out
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -93,16 +133,20 @@ class Registry:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
-            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in (*hookspecs.KINDS, 'loggers', 'optimizers'))})"
+            info.error = f"unknown hook implementation: {exc} (hooks: {', '.join('engram_' + k for k in KIND_SINGULAR)})"
             return
         staged: list[Component] = []
+        extensions: list[Extension] = []
         try:
-            for kind in hookspecs.KINDS:
+            for kind in KIND_SINGULAR:
                 caller = getattr(self.pm.hook, f"engram_{kind}")
                 for impl in caller.get_hookimpls():
                     if impl.plugin_name != name:
                         continue
-                    impl.function(register=self._registrar(kind, name, staged))
+                    if kind in EXTENSION_OPTIONS:
+                        impl.function(register=self._extension_registrar(kind, name, extensions))
+                    else:
+                        impl.function(register=self._registrar(kind, name, staged))
         except MalformedRegistration as exc:  # this plugin is broken; every other one still loads
             self.pm.unregister(name=name)
             info.error = str(exc)
@@ -119,6 +163,30 @@ class Registry:
         for comp in staged:
             self.components[comp.kind][comp.qualified] = comp
             info.components.append(f"{KIND_SINGULAR[comp.kind]} {comp.name}")
+        for ext in extensions:
+            self.extensions[ext.kind][ext.name] = ext
+            info.components.append(f"{KIND_SINGULAR[ext.kind]} {ext.name}")
+
+    def _extension_registrar(self, kind: str, plugin: str, staged: list[Extension]):
+        allowed = EXTENSION_OPTIONS[kind]
+
+        def register(name, factory, **options):
+            what = f"plugin {plugin}: {KIND_SINGULAR[kind]} {name!r}"
+            if not isinstance(name, str) or not name or ":" in name:
+                raise MalformedRegistration(f"{what}: the name must be a non-empty string without ':'")
+            if not callable(factory):
+                raise MalformedRegistration(f"{what}: factory must be callable, got {factory!r}")
+            unknown = sorted(set(options) - set(allowed))
+            if unknown:
+                raise MalformedRegistration(f"{what}: unknown keyword {unknown[0]!r}; {kind} take {', '.join(allowed)}")
+            if "modules" in options:
+                options["modules"] = tuple(options["modules"])
+            clash = self.extensions[kind].get(name) or next((e for e in staged if e.kind == kind and e.name == name), None)
+            if clash is not None:
+                raise PluginError(f"{KIND_SINGULAR[kind]} '{name}' is registered twice: by {clash.plugin} and by {plugin}")
+            staged.append(Extension(kind, name, plugin, factory, **options))
+
+        return register
 
     def _registrar(self, kind: str, plugin: str, staged: list[Component]):
         def register(name, factory, config_cls, *, provides=(), requires=(), offers=()):

@@ -18,12 +18,9 @@ from typing import Any
 
 from rich.console import Console
 
-from .run import distributed, threads
-from .train.engine import Engine
 from .errors import EngramError, NonFiniteLossError, RecipeError
 from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
-from .tools.report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
-from .train.checkpoint import check_checkpoint_fits, check_resumable, resume_recipe
+from .run import distributed, threads
 from .run.rundir import (
     atomic_write_json,
     atomic_write_text,
@@ -34,6 +31,9 @@ from .run.rundir import (
     read_summary,
     remove_stale_temporaries,
 )
+from .tools.report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
+from .train.checkpoint import check_checkpoint_fits, check_resumable, resume_recipe
+from .train.engine import Engine
 
 SWEEP_FILE = "sweep.json"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engram_core.optim import RowwiseAdagrad, RowwiseAdam, registered_optimizers
+from engram_core.optim import RowwiseAdagrad, RowwiseAdam
 from engram_core.registry import load_registry
 
 ROWS, DIM = 50, 6
@@ -156,5 +156,5 @@ def test_elementwise_groups_are_adamw():
 
 
 def test_registered_for_recipes():
-    known = registered_optimizers(load_registry())
+    known = load_registry().extensions["optimizers"]
     assert {"adamw", "adam", "sgd", "sparse_adam", "rowwise_adagrad", "rowwise_adam"} <= set(known)

@@ -39,9 +39,9 @@ class WeightedSumObjective(Objective):
 
     def __init__(self, cfg: WeightedSumConfig, build: BuildContext):
         super().__init__()
-        from ..registry import load_registry
-
-        reg = load_registry()
+        reg = build.registry
+        if reg is None:
+            raise ConfigError("type", "weighted_sum is built from a recipe's registry (BuildContext.registry); none was given")
         self.terms = torch.nn.ModuleList()
         self.weights: list[float] = []
         self.names: list[str] = []

@@ -168,9 +168,8 @@ def _structure(data: Any, cls: type, path: str, problems: list) -> Any:
 
 def _check_optimizers(stages, registry: Registry) -> list[tuple[str, str]]:
     """Every optimizer a train stage or parameter group names is registered."""
-    from ..optim import registered_optimizers
 
-    known = sorted(registered_optimizers(registry))
+    known = sorted(registry.extensions["optimizers"])
     problems = []
     for i, st in enumerate(stages):
         if not isinstance(st, TrainStage):

@@ -40,7 +40,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .rowwise import attach_row_holder, nonzero_rows
-from .row_tables import register_placement
 
 
 class _Segment:
@@ -465,6 +464,3 @@ def host_row_table(num_rows: int, dim: int, sparse: bool = False) -> HostRowTabl
     if not isinstance(num_rows, int) or num_rows < 1:
         raise ConfigError("placement", f"a host table needs at least one row, got {num_rows!r}")
     return HostRowTable(num_rows, dim, sparse=sparse)
-
-
-register_placement("host", host_row_table)

@@ -11,81 +11,47 @@ like an `nn.Embedding`:
     table.prefetch(rows)             # rows the next forward will read (a hint; may be a no-op)
     table.stats()                    # placement telemetry for `memory/...` tags
 
-Placements (`register_placement` adds one without touching this module):
+Placements (registered through the ``engram_placements`` hook; the core registers these):
 
 - ``device``: an `nn.Embedding` on the model's device. `weight` is the full table, in
   the state dict as ``<prefix>weight``; `.to()`, dtype casts and any optimiser work as on
   an `nn.Embedding` (it is one).
 - ``host``: rows in (pinned) host memory, gathered into a device buffer ahead of the
   forward (`engram_core.tables.host_rows`); trained by a row-wise optimiser
-  (`engram_core.optim`). The state dict holds the rows under the same key, so a
+  (`engram_core.tables.rowwise`). The state dict holds the rows under the same key, so a
   checkpoint of one placement loads into the other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-
-
-class DeviceRowTable(nn.Embedding):
-    """The whole table as one `nn.Embedding` (dense or sparse gradients)."""
-
-    placement = "device"
-
-    def __init__(self, num_rows: int, dim: int, sparse: bool = False):
-        super().__init__(num_rows, dim, sparse=sparse)
-        self.register_load_state_dict_pre_hook(_drop_held_optimizer_state)
-
-    @property
-    def full_weight(self) -> torch.Tensor:
-        return self.weight
-
-    def set_dtype(self, dtype: torch.dtype) -> None:
-        """Keep the master rows in `dtype` (reads are cast by the caller)."""
-        self.to(dtype)
-
-    def prefetch(self, rows: torch.Tensor) -> None:
-        """Nothing to do: every row is already where the forward reads it."""
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-
-def _drop_held_optimizer_state(module, state_dict, prefix, *args) -> None:
-    """A checkpoint of a placement that keeps the rows' optimiser state beside them (host)
-    loads here too: the rows load, that state is left out (here it is the optimiser's)."""
-    for key in [k for k in state_dict if k.startswith(prefix + "optimizer.")]:
-        del state_dict[key]
-
-
-RowTableFactory = Callable[..., nn.Module]
-PLACEMENTS: dict[str, RowTableFactory | None] = {"device": DeviceRowTable}
-
-
-def register_placement(name: str, factory: RowTableFactory) -> None:
-    """Make `make_row_table(name, ...)` build `factory(num_rows, dim, sparse=...)`."""
-    PLACEMENTS[name] = factory
+from ..errors import ConfigError, did_you_mean
+from ..registry import load_registry
 
 
 def make_row_table(placement: str, num_rows: int, dim: int, sparse: bool = False) -> nn.Module:
-    """The row table of `placement`; an unknown or unimplemented one is a ConfigError
-    on the key ``placement`` naming those that work."""
-    factory = PLACEMENTS.get(placement)
-    if factory is None:
-        ready = ", ".join(repr(k) for k, v in PLACEMENTS.items() if v is not None)
-        what = "is not implemented yet" if placement in KNOWN_PLACEMENTS else "is not a placement"
-        raise ConfigError("placement", f"{placement!r} {what}; use one of {ready}")
-    return factory(num_rows, dim, sparse=sparse)
+    """The row table of `placement`, a name registered through the ``engram_placements`` hook;
+    an unknown one is a ConfigError on the key ``placement`` naming those there are."""
+    known = placements()
+    entry = known.get(placement)
+    if entry is None:
+        raise ConfigError("placement", f"{placement!r} is not a placement{did_you_mean(placement, known)}; use one of {', '.join(map(repr, known))}")
+    return entry.factory(num_rows, dim, sparse=sparse)
 
 
-# every placement a config may name; those without a factory yet are refused at build time
+def placements() -> dict:
+    """Every registered placement, by name (`engram_core.registry.Extension`)."""
+    return load_registry().extensions["placements"]
+
+
+def known_placement(inst, attribute, value) -> None:
+    """An attrs validator: `value` names a registered placement."""
+    known = placements()
+    if value not in known:
+        raise ConfigError(attribute.name, f"{value!r} is not a placement{did_you_mean(str(value), known)}; use one of {', '.join(map(repr, known))}")
+
+
+# the placements the core registers (engram_core.builtin.plugin); plugins may add more
 KNOWN_PLACEMENTS = ("device", "host", "sharded")
-
-
-
-from . import host_rows  # noqa: E402,F401  (registers the "host" placement)

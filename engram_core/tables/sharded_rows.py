@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .row_tables import register_placement
 
 # rows drawn per slice at initialisation: a multiple of 16 values per slice keeps the CPU
 # normal_ stream of the slices identical to one normal_ over the whole table
@@ -352,6 +351,3 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, model: nn.Modul
     total = (rep_sq + own_sq).sqrt()
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
-
-
-register_placement("sharded", lambda num_rows, dim, sparse=False: ShardedEmbedding(num_rows, dim, sparse=sparse))

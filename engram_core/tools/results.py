@@ -44,8 +44,8 @@ from pathlib import Path
 import attrs
 
 from ..errors import EngramError, RecipeError
-from .report import aggregate_seeds, final_metrics, load_scalars, stage_spans
 from ..run.rundir import atomic_write_json, atomic_write_text
+from .report import aggregate_seeds, final_metrics, load_scalars, stage_spans
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"

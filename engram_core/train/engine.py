@@ -19,21 +19,17 @@ import attrs
 import numpy as np
 import torch
 
-from ..run import distributed, threads
-from ..tables import state as sharded_state
-from ..run.accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
-from ..run.commands import runnable
 from ..components import BuildContext, EvalContext, Event, FitContext, Model, to_device
 from ..errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
-from .graphs import CapturedStep, make_capturable
-from ..run.loggers import open_run_logger
-from .meter import StepMeter
-from ..run.metric_info import write_for_run
-from ..tables.sharded_rows import clip_grad_norm_, serve_peers
-from ..optim import registered_optimizers, row_holder
-from ..run.progress import Progress
+from ..optim import row_holder
 from ..recipe import EvalStage, FitStage, Recipe, Resolved, TrainStage
 from ..registry import Registry, load_registry
+from ..run import distributed, threads
+from ..run.accel import autocast, check_compilable, compile_failure, grad_scaler, is_compile_failure
+from ..run.commands import runnable
+from ..run.loggers import open_run_logger
+from ..run.metric_info import write_for_run
+from ..run.progress import Progress
 from ..run.rundir import (
     MetricsLog,
     atomic_write_json,
@@ -46,6 +42,10 @@ from ..run.rundir import (
     save_checkpoint,
 )
 from ..run.tb import NullLogger, drop_events_after
+from ..tables import state as sharded_state
+from ..tables.sharded_rows import clip_grad_norm_, serve_peers
+from .graphs import CapturedStep, make_capturable
+from .meter import StepMeter
 from .validate import blame, component_label, describe, make_component, parameter_problems, stage_problems
 
 
@@ -145,7 +145,7 @@ class Engine:
     def build(self) -> None:
         r = self.recipe
         seed_everything(r.run.seed)
-        base = dict(seed=r.run.seed, device=self.device, run_dir=self.run_dir)
+        base = dict(seed=r.run.seed, device=self.device, run_dir=self.run_dir, registry=self.registry)
         self.dataset = self._make(r.data, BuildContext(**base))
         spec = self.dataset.spec
         bc = BuildContext(spec=spec, dataset=self.dataset, **base)
@@ -314,7 +314,7 @@ class Engine:
         if self.dist.enabled:
             return [("memory.placement", f"{held[0]} keeps its rows in this process's host memory, which {self.dist.world_size} ranks "
                      "would each update apart: run it in one process, or use a placement made for several ranks ('sharded')")]
-        known = registered_optimizers(self.registry)
+        known = self.registry.extensions["optimizers"]
         problems = []
         for i, st in enumerate(self.recipe.stages):
             if not isinstance(st, TrainStage):
@@ -352,7 +352,7 @@ class Engine:
             if g["params"]:
                 groups.setdefault(g.pop("_opt"), []).append({k: v for k, v in g.items() if k != "_pats"})
         # the recipe's names were checked against the registered optimisers when it loaded
-        known = registered_optimizers(self.registry)
+        known = self.registry.extensions["optimizers"]
         return [known[kind].factory(pgs, st) for kind, pgs in groups.items()]
 
     @staticmethod

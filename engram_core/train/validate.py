@@ -35,6 +35,7 @@ from ..components import BuildContext, Model
 from ..config import ConfigProblems
 from ..errors import ConfigError, EngramError, RecipeError, did_you_mean
 from ..recipe import FitStage, Recipe, Resolved, TrainStage
+from ..registry import load_registry
 
 META = torch.device("meta")
 
@@ -258,7 +259,7 @@ def check_recipe(recipe: Recipe, device: str | None = None) -> DryBuild:
         return None
 
     seed = recipe.run.seed
-    base = dict(seed=seed, device=META, dry_run=True)
+    base = dict(seed=seed, device=META, dry_run=True, registry=load_registry())
     # the data set: its spec from the settings alone where it can, else built (cached) on the CPU
     data = recipe.data
     dry_spec = getattr(data.component.factory, "dry_spec", None)

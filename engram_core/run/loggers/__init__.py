@@ -14,14 +14,13 @@ kept in the run directory (loggers.json), so a resumed run continues the same tr
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
-from ...errors import PluginError, RecipeError, did_you_mean
+from ...errors import RecipeError, did_you_mean
 from ..tb import RunLogger
 
 TENSORBOARD = "tensorboard"  # always on; accepted in run.loggers for clarity
@@ -66,34 +65,10 @@ class Logger:
         """status: 'completed', 'interrupted', 'nonfinite', 'failed' or 'running'."""
 
 
-@attrs.frozen
-class LoggerEntry:
-    name: str
-    plugin: str
-    factory: Callable[[LoggerContext], Logger]
-    modules: tuple[str, ...] = ()  # importable modules it needs
-    install: str = ""  # what to pip install when one is missing
-
-
-def registered_loggers(registry) -> dict[str, LoggerEntry]:
-    """Every tracker the loaded plugins register through ``engram_loggers``."""
-    found: dict[str, LoggerEntry] = {}
-    hook = registry.pm.hook.engram_loggers
-    for impl in hook.get_hookimpls():
-        plugin = impl.plugin_name
-
-        def register(name, factory, *, modules=(), install="", _plugin=plugin):
-            if name in found or name == TENSORBOARD:
-                raise PluginError(f"logger '{name}' is registered twice: by {found[name].plugin if name in found else 'core'} and by {_plugin}")
-            found[name] = LoggerEntry(name, _plugin, factory, tuple(modules), install)
-
-        impl.function(register=register)
-    return found
-
-
-def check_loggers(names, registry) -> list[LoggerEntry]:
-    """The trackers `run.loggers` names, or one RecipeError line per bad name or missing package."""
-    known = registered_loggers(registry)
+def check_loggers(names, registry) -> list:
+    """The trackers `run.loggers` names (`engram_core.registry.Extension`s), or one RecipeError
+    line per bad name or missing package."""
+    known = {n: e for n, e in registry.extensions["loggers"].items() if n != TENSORBOARD}
     problems, chosen = [], []
     for i, name in enumerate(names):
         if name == TENSORBOARD:

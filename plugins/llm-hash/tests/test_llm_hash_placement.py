@@ -17,7 +17,7 @@ from llm_hash_helpers import DIM, VOCAB, memory, perturb
 from engram_core.config import ConfigError
 from engram_core.recipe.extends import load_tree
 from engram_core.tables.host_rows import HostRowTable
-from engram_core.tables.row_tables import DeviceRowTable
+from engram_core.tables.device_rows import DeviceRowTable
 from engram_core.optim import RowwiseAdagrad, RowwiseAdam
 
 
@@ -38,12 +38,25 @@ def test_unknown_placement_is_one_config_error():
         EngramHashConfig(placement="gpu")
 
 
-def test_unimplemented_placement_is_one_config_error(monkeypatch):
-    from engram_core.tables import row_tables
+def test_a_placement_a_plugin_registers_is_built_and_named_in_errors(monkeypatch):
+    import types
 
-    monkeypatch.setitem(row_tables.PLACEMENTS, "sharded", None)  # as before a placement is registered
-    with pytest.raises(ConfigError, match="'sharded' is not implemented yet; use one of 'device'") as err:
-        memory(placement="sharded")
+    from engram_core import registry
+    from engram_core.hookspecs import hookimpl
+    from engram_core.tables.row_tables import make_row_table
+
+    plugin = types.ModuleType("placement_plugin")
+
+    @hookimpl
+    def engram_placements(register):
+        register("plain", lambda num_rows, dim, sparse=False: torch.nn.Embedding(num_rows, dim, sparse=sparse), help="for a test")
+
+    plugin.engram_placements = engram_placements
+    monkeypatch.setattr(registry, "_cached", registry.load_registry(extra={"placement-test": plugin}))
+    table = make_row_table("plain", 5, 3)
+    assert isinstance(table, torch.nn.Embedding) and tuple(table.weight.shape) == (5, 3)
+    with pytest.raises(ConfigError, match="'gpu' is not a placement; use one of 'device', 'host', 'sharded', 'plain'") as err:
+        make_row_table("gpu", 5, 3)
     assert err.value.key == "placement"
 
 
