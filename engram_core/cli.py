@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -16,35 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import EngramError, RecipeError
-from .registry import KIND_SINGULAR, load_registry
+from .hookspecs import hookimpl
+from .registry import KIND_ALIASES, KIND_SINGULAR, load_registry
 from .run.commands import runnable
-
-KIND_ALIASES = {
-    "dataset": "datasets", "datasets": "datasets", "data": "datasets",
-    "head": "heads", "heads": "heads",
-    "memory": "memories", "memories": "memories",
-    "objective": "objectives", "objectives": "objectives",
-    "metric": "metrics", "metrics": "metrics",
-}
-
-
-def _fail(exc: EngramError, show_traceback: bool = False) -> int:
-    from .train.validate import ComponentError
-
-    if show_traceback and isinstance(exc, ComponentError):
-        print(exc.stack(), file=sys.stderr, end="")
-    lines = exc.lines() if isinstance(exc, RecipeError) else [str(exc)]
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
-    if isinstance(exc, ComponentError) and not show_traceback:
-        print("(run again with --traceback for the whole stack)", file=sys.stderr)
-    return exc.exit_code
-
-
-def _hint(console: Console, text: str) -> None:
-    """A line to copy (a command, a path): never wrapped, never styled, even in CI logs."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
-
+from .run.console import fail, hint, print_markdown_tables, print_summary  # noqa: F401  (the last two re-exported: their earlier home)
 
 # ---- engram-run ------------------------------------------------------------------------
 
@@ -63,7 +37,7 @@ def run_main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, metavar="N", help="one run over N local ranks, through torchrun (torch.distributed.run --standalone --nproc_per_node N)")
     p.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="sweeps: run N points at once, each in its own process with its share of the CPU threads")
-    from .tools import completion
+    from . import completion
 
     completion.recipe_files(recipe_arg)
     completion.overrides(overrides_arg)
@@ -85,7 +59,7 @@ def run_main(argv: list[str] | None = None) -> int:
             try:
                 _precheck(args, args.nproc)  # a bad recipe fails here, before N processes start
             except EngramError as exc:
-                return _fail(exc)
+                return fail(exc)
             return _torchrun(args.nproc, _without_nproc(raw))
     dist = distributed.setup()
     console = Console(highlight=False, quiet=not dist.is_main)  # rank 0 speaks for the run
@@ -98,7 +72,7 @@ def run_main(argv: list[str] | None = None) -> int:
         finished = code == 0  # only a rank that finished its run waits for the others
         return code
     except EngramError as exc:
-        return _fail(exc, args.traceback) if dist.is_main else exc.exit_code
+        return fail(exc, args.traceback) if dist.is_main else exc.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -242,7 +216,7 @@ def _run(args, console: Console) -> int:
     recipe = load_recipe(args.recipe, overrides)
     _check_loggers(recipe)
     if args.print_config:
-        from .tools.explain import print_config
+        from .recipe.explain import print_config
 
         console.print(print_config(recipe), markup=False, end="", soft_wrap=True)
         return 0
@@ -286,54 +260,81 @@ def _print_params(console: Console, built) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import completion
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["results"]:  # the results pipeline has its own sub-commands (run, render, check, list)
-        from .tools.results import main as results_main
+    p = argparse.ArgumentParser(prog="engram", description="Inspect plugins, components and recipes; report and publish runs.",
+                                epilog="plugins may add commands: `engram plugins` lists them")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    handlers = {}
+    for name, command in command_registry(argv).items():
+        handlers[name] = command.factory(sub.add_parser(name, help=command.help, description=command.help))
+    completion.autocomplete(p)  # a shell's completion request ends here (docs/cli.md)
+    args = p.parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        return handlers[args.cmd](args, console)
+    except EngramError as exc:
+        return fail(exc, getattr(args, "traceback", False))
+    except BrokenPipeError:  # `engram plugins --json | head`: the reader left; not an error
+        _quiet_stdout()
+        return 0
 
-        return results_main(argv[1:])
-    from .tools import completion
 
-    p = argparse.ArgumentParser(prog="engram", description="Inspect plugins, components and recipes.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("results", help="run, render and check the results pages (engram results --help)", add_help=False)
-    pp = sub.add_parser("plugins", help="installed plugins, their versions and components")
+def command_registry(argv: list[str]) -> dict:
+    """`engram`'s subcommands (`engram_core.registry.Extension`s of kind "commands"): the kernel's
+    own (this module's hook) and those of engram-core's own entry points (the tools), loaded
+    without importing any component plugin; when the command typed is none of these, every
+    plugin's too (a plugin's command runs when typed)."""
+    from importlib import metadata
+
+    from . import __version__
+    from .registry import CORE, ENTRY_POINT_GROUP, PluginInfo, Registry, is_core_entry_point
+
+    reg = Registry()
+    reg.add_plugin(CORE, sys.modules[__name__], PluginInfo(CORE, __name__, "engram-core", __version__))
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if is_core_entry_point(ep):
+            reg.add_plugin(ep.name, ep.load(), PluginInfo(ep.name, ep.value, "engram-core", __version__))
+    commands = dict(reg.extensions["commands"])
+    typed = next((a for a in argv if not a.startswith("-")), None)
+    if typed is not None and typed not in commands:
+        for name, command in load_registry().extensions["commands"].items():
+            commands.setdefault(name, command)
+    return commands
+
+
+@hookimpl
+def engram_commands(register):
+    register("plugins", _plugins_command, help="installed plugins, their versions and components")
+    register("describe", _describe_command, help="a component's documentation and config keys")
+    register("validate", _validate_command, help="check a recipe without running it")
+
+
+def _plugins_command(pp):
     pp.add_argument("--json", action="store_true", help="machine-readable output")
     pp.add_argument("--verbose", action="store_true", help="tracebacks of broken plugins")
-    pd = sub.add_parser("describe", help="a component's documentation and config keys")
+    return lambda args, console: _plugins(console, args.json, args.verbose)
+
+
+def _describe_command(pd):
+    from . import completion
+
     pd.add_argument("kind", help="dataset, head, memory, objective or metric").completer = lambda prefix, **_: [
         k for k in ("dataset", "head", "memory", "objective", "metric") if k.startswith(prefix)]
     completion.component_names(pd.add_argument("name"))
-    pv = sub.add_parser("validate", help="check a recipe without running it")
+    return lambda args, console: _describe(console, args.kind, args.name)
+
+
+def _validate_command(pv):
+    from . import completion
+
     completion.recipe_files(pv.add_argument("recipe"))
     completion.overrides(pv.add_argument("overrides", nargs="*"))
     pv.add_argument("--print-config", action="store_true", help="also print the resolved recipe with each value's origin")
     pv.add_argument("--traceback", action="store_true", help="show the whole stack of an error raised inside a component")
     pv.add_argument("--no-forward", action="store_true", help="skip the dry forward (one batch of 2 through the first train stage's objective, on the CPU)")
-    pr = sub.add_parser("report", help="a run or sweep directory as Markdown and PNG figures")
-    pr.add_argument("dir", metavar="RUN_OR_SWEEP_DIR")
-    pr.add_argument("--out", metavar="DIR", help="where to write report.md and the figures (default: DIR/report/)")
-    pr.add_argument("--x", metavar="KEY", help="sweeps: also plot --metric against this swept key (e.g. data.n_pairs)")
-    pr.add_argument("--series", metavar="KEY", action="append", default=[], help="sweeps: one line per value of this swept key (repeatable; e.g. memory)")
-    pr.add_argument("--metric", metavar="TAG", default="eval/acc", help="the metric of the --x plot (default eval/acc)")
-    _add_cache_parser(sub)
-    completion.autocomplete(p)  # a shell's completion request ends here (docs/cli.md)
-    args = p.parse_args(argv)
-    console = Console(highlight=False)
-    try:
-        if args.cmd == "plugins":
-            return _plugins(console, args.json, args.verbose)
-        if args.cmd == "describe":
-            return _describe(console, args.kind, args.name)
-        if args.cmd == "report":
-            return _report(console, args.dir, args.out, (args.x, args.series, args.metric) if args.x else None)
-        if args.cmd == "cache":
-            return _cache(console, args)
-        return _validate(console, args.recipe, args.overrides, args.print_config, forward=not args.no_forward)
-    except EngramError as exc:
-        return _fail(exc, getattr(args, "traceback", False))
-    except BrokenPipeError:  # `engram plugins --json | head`: the reader left; not an error
-        _quiet_stdout()
-        return 0
+    return lambda args, console: _validate(console, args.recipe, args.overrides, args.print_config, forward=not args.no_forward)
 
 
 def _quiet_stdout() -> None:
@@ -419,7 +420,7 @@ def _validate(console: Console, recipe_path: str, overrides: list[str], print_co
     recipe = load_recipe(recipe_path, overrides)
     _check_loggers(recipe)
     if print_config:
-        from .tools.explain import print_config as explain
+        from .recipe.explain import print_config as explain
 
         console.print(explain(recipe), markup=False, end="", soft_wrap=True)
     n = check_all(recipe)  # every component built on the meta device, every sweep point
@@ -454,182 +455,6 @@ def _dry_forwards(recipe) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _report(console: Console, target: str, out: str | None, lines=None) -> int:
-    from .tools.report import write_report
-
-    path = write_report(Path(target), Path(out) if out else None, lines)
-    console.print(f"report: {path}", markup=False)
-    return 0
-
-
-# ---- engram cache ---------------------------------------------------------------------------
-
-
-def _add_cache_parser(sub) -> None:
-    pc = sub.add_parser("cache", help="list or clear cached artefacts (generated data, pretrained readers)")
-    pc.add_argument("--dir", help="the cache folder (default: $ENGRAM_CACHE, else ~/.cache/engram)")
-    cs = pc.add_subparsers(dest="cache_cmd", required=True)
-    cl = cs.add_parser("list", help="every entry: plugin, kind, key, size, created, config")
-    cl.add_argument("--json", action="store_true", help="machine-readable output (the full sidecars)")
-    cc = cs.add_parser("clear", help="remove entries matching PATTERN (all without one)")
-    cc.add_argument("pattern", nargs="?", help="glob on plugin/kind-key, e.g. 'qwen-compressor/reader-*' or 'deq-hrr'")
-    cc.add_argument("--yes", "-y", action="store_true", help="do not ask (a non-terminal is never asked)")
-
-
-def _cache(console: Console, args) -> int:
-    from . import cache
-    from .components import default_cache_dir
-
-    root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
-    items = cache.scan(root)
-    if args.cache_cmd == "list":
-        if args.json:
-            out = [{"plugin": i.plugin, "kind": i.kind, "key": i.key, "path": str(i.path), "size": i.size,
-                    "damaged": i.damaged, "created": (i.meta or {}).get("created"), "meta": i.meta} for i in items]
-            print(json.dumps({"cache_dir": str(root), "entries": out, "total_size": sum(i.size for i in items)}, indent=2))
-            return 0
-        # plain aligned lines (greppable, and readable in 80 columns), the config summary last
-        rows = [("plugin", "kind", "key", "size", "created", "config")]
-        for i in items:
-            summary = cache.config_summary(i.meta, 10_000) + (" (damaged: rebuilt on next use)" if i.damaged and i.meta else "")
-            created = ((i.meta or {}).get("created") or "-")[:16].replace("T", " ")
-            rows.append((i.plugin, i.kind, i.key, cache.human_size(i.size), created, summary))
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
-        console.print(f"cache folder {root}", markup=False, highlight=False)
-        for r in rows if items else []:
-            head = "  ".join(r[c].rjust(widths[c]) if c == 3 else r[c].ljust(widths[c]) for c in range(5))
-            room = max(20, console.width - len(head) - 2)
-            tail = r[5] if len(r[5]) <= room else r[5][: room - 1] + "…"
-            console.print(f"{head}  {tail}", markup=False, highlight=False, soft_wrap=True)
-        console.print(f"{len(items)} entries, {cache.human_size(sum(i.size for i in items))} in total")
-        return 0
-    chosen = cache.select(items, args.pattern)
-    what = f"matching {args.pattern!r}" if args.pattern else "(everything)"
-    if not chosen:
-        console.print(f"nothing to remove {what} in {root}")
-        return 0
-    for i in chosen:
-        console.print(f"remove {i.stem}  {cache.human_size(i.size)}", markup=False)
-    total = sum(i.size for i in chosen)
-    if not args.yes and sys.stdin.isatty():
-        answer = input(f"remove {len(chosen)} entries {what}, {cache.human_size(total)}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            console.print("nothing removed")
-            return 1
-    freed = cache.clear(chosen)
-    console.print(f"removed {len(chosen)} entries, freed {cache.human_size(freed)} ({freed} bytes)")
-    return 0
-
-
-def print_summary(console: Console, summary: dict, run_dir: Path) -> None:
-    """The final table (one column per evaluation stage, each metric's better direction, a
-    value that moved against it since the previous stage flagged) and the next commands."""
-    stages = {k: v for k, v in (summary.get("stages") or {}).items() if v}
-    if stages:
-        from .run.metric_info import for_run
-
-        info = for_run(run_dir)
-        title = f"{summary['name']}: final metrics ({summary['status']}, {summary['steps']} steps, {summary['wall_time_s']:.0f}s)"
-        _hint(console, title)  # a title line of its own: never broken across lines
-        table, worse = summary_table(stages, info)
-        _print_unwrapped(console, table)
-        legend = "↑ higher is better, ↓ lower is better"
-        if len(stages) > 1:
-            legend += "; (worse): moved against its direction since the previous stage"
-        _hint(console, legend)
-        if worse:
-            _hint(console, f"got worse: {', '.join(worse)}")
-    _hint(console, f"run directory: {run_dir}")
-    _hint(console, f"review it:     {runnable('tensorboard')} --logdir {run_dir}")
-
-
-def summary_table(stages: dict[str, dict], info) -> tuple[Table, list[str]]:
-    """The rich Table of `print_summary`, and the tags that got worse between stages."""
-    from .run.metric_info import got_worse
-
-    tags: list[str] = []
-    for res in stages.values():
-        tags += [t for t in res if t not in tags]
-    groups: dict[str, list[str]] = {}
-    for t in tags:  # rows by the tag's prefix (the first appearance orders them), costs last
-        groups.setdefault("cost" if info.of(t).is_cost else t.split("/")[0], []).append(t)
-    order = sorted(groups, key=lambda g: g == "cost")
-    table = Table()
-    table.add_column("metric")
-    table.add_column("", justify="center")  # ↑ / ↓
-    for s in stages:
-        table.add_column(s, justify="right")
-    worse: list[str] = []
-    names = list(stages)
-    for gi, group in enumerate(order):
-        if gi:
-            table.add_section()
-        for t in groups[group]:
-            ti = info.of(t)
-            cells = []
-            for i, s in enumerate(names):
-                cell = _fmt(stages[s].get(t))
-                before = next((stages[p].get(t) for p in reversed(names[:i]) if stages[p].get(t) is not None), None)
-                if got_worse(ti, before, stages[s].get(t)):
-                    cell += " (worse)"
-                    if t not in worse:
-                        worse.append(t)
-                cells.append(cell)
-            table.add_row(escape(t), ti.arrow, *cells)
-    return table, worse
-
-
-def _print_unwrapped(console: Console, renderable) -> None:
-    """In a log or a pipe (no terminal width to respect) a table is printed at its natural
-    width rather than squeezed into 80 columns."""
-    if console.is_terminal:
-        console.print(renderable)
-    else:
-        natural = console.measure(renderable, options=console.options.update_width(10_000)).maximum
-        width = console.width
-        console.width = max(width, natural)  # print(width=) cannot exceed the console's width
-        try:
-            console.print(renderable)
-        finally:
-            console.width = width
-
-
-def print_markdown_tables(console: Console, markdown: str) -> None:
-    """sweep.md on the console: its Markdown tables as tables, headings as bold lines, the
-    rest as text (a log gets aligned columns, not pipes and dashes)."""
-    rows: list[list[str]] = []
-
-    def flush() -> None:
-        if rows:
-            table = Table()
-            for col in rows[0]:
-                table.add_column(escape(col), overflow="fold")
-            for r in rows[2:]:  # rows[1] is the |---| separator
-                table.add_row(*(escape(c) for c in r))
-            _print_unwrapped(console, table)
-            rows.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|") and line.endswith("|"):
-            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line[1:-1])]
-            rows.append(cells)
-            continue
-        flush()
-        if line.startswith("#"):
-            console.print(line.lstrip("#").strip(), style="bold", markup=False, highlight=False, soft_wrap=True)
-        elif line.strip():
-            console.print(line.replace("`", ""), markup=False, highlight=False, soft_wrap=True)
-    flush()
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if abs(v) >= 1e5 or (v != 0 and abs(v) < 1e-3):
-        return f"{v:.3e}"
-    return f"{v:.4f}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,8 +38,13 @@ KIND_SINGULAR = {
     "commands": "command",
 }
 # what `engram describe KIND NAME` and completion accept for each kind
-KIND_ALIASES = {"dataset": "datasets", "data": "datasets", "head": "heads", "memory": "memories",
-                "objective": "objectives", "metric": "metrics"}
+KIND_ALIASES = {
+    "dataset": "datasets", "datasets": "datasets", "data": "datasets",
+    "head": "heads", "heads": "heads",
+    "memory": "memories", "memories": "memories",
+    "objective": "objectives", "objectives": "objectives",
+    "metric": "metrics", "metrics": "metrics",
+}
 # the keyword arguments each extension kind's `register` takes, beside name and factory
 EXTENSION_OPTIONS = {
     "optimizers": ("help", "holds_rows"),
@@ -116,6 +121,7 @@ class Registry:
         self.extensions: dict[str, dict[str, Extension]] = {k: {} for k in EXTENSION_OPTIONS}
         self.plugins: dict[str, PluginInfo] = {}
         self.filtered: dict[str, Any] = {}  # installed entry points that ENGRAM_PLUGINS left out
+        self.enabled: str | None = None  # ENGRAM_PLUGINS when it was loaded (load_registry)
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
 
@@ -238,6 +244,9 @@ class Registry:
             info = self.plugins.get(plugin)
             if info is not None and info.broken:
                 raise RecipeError([(path, f"{what} '{name}' comes from plugin '{plugin}', which is broken: {info.error}")])
+            where = self.provider_hint(kind, name)
+            if where:
+                raise RecipeError([(path, f"unknown {what} '{name}': {where}")])
             raise RecipeError([(path, f"unknown {what} '{name}'{did_you_mean(name, table)}; known: {', '.join(sorted(table)) or 'none'}")])
         matches = [c for c in table.values() if c.name == name]
         if len(matches) == 1:
@@ -251,7 +260,8 @@ class Registry:
         if where:
             raise RecipeError([(path, f"unknown {what} '{name}': {where}")])
         hint = did_you_mean(name, short)
-        msg = f"unknown {what} '{name}'{hint}; known: {', '.join(short) or 'none'}"
+        msg = (f"unknown {what} '{name}'{hint}; known: {', '.join(short) or 'none'} "
+               "(a component of a plugin that is not installed is unknown here: `engram plugins` lists what is)")
         if broken:
             msg += "; broken plugins that may provide it: " + ", ".join(f"{p.name} ({p.error})" for p in broken)
         raise RecipeError([(path, msg)])
@@ -270,21 +280,18 @@ class Registry:
         return self._side
 
     def provider_hint(self, kind: str, name: str) -> str:
-        """Where a component that is not loaded comes from: a plugin ENGRAM_PLUGINS filtered out, or one to install."""
-        from .catalogue import FIRST_PARTY, providers
-
+        """Where a component that is not loaded comes from: a plugin ENGRAM_PLUGINS filtered out,
+        or, for a qualified name (`plugin:name`), a plugin no installed entry point provides."""
         short = name.split(":", 1)[-1]
         for ep_name, side in self._filtered_registries().items():
             if any(c.name == short for c in side.components[kind].values()):
                 enabled = os.environ.get("ENGRAM_PLUGINS", "")
                 return (f"it comes from plugin '{ep_name}', which is installed but not enabled "
                         f"(ENGRAM_PLUGINS={enabled!r}); add {ep_name} to ENGRAM_PLUGINS, or unset it to load every plugin")
-        for plugin in providers(kind, name):
-            if plugin in self.plugins or plugin in self.filtered:
-                continue
-            dist, folder, _ = FIRST_PARTY[plugin]
-            return (f"it comes from plugin '{plugin}', which is not installed; install it "
-                    f"(pip install -e {folder} in an engram checkout, or pip install {dist})")
+        plugin = name.split(":", 1)[0] if ":" in name else None
+        if plugin is not None and plugin not in self.plugins and plugin not in self.filtered:
+            return (f"it comes from plugin '{plugin}', which is not installed (no entry point '{plugin}' in the group "
+                    f"'{ENTRY_POINT_GROUP}'): install its package (in an engram checkout: pip install -e plugins/{plugin})")
         return ""
 
 
@@ -305,6 +312,11 @@ def _enabled_filter() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+def is_core_entry_point(ep) -> bool:
+    """An entry point of engram-core's own distribution (its tools): always loaded, like the core."""
+    return ep.dist is not None and ep.dist.name.replace("_", "-").lower() == "engram-core"
+
+
 _cached: Registry | None = None
 
 
@@ -314,9 +326,10 @@ def load_registry(refresh: bool = False, extra: dict[str, Any] | None = None) ->
     `extra` maps names to plugin modules registered in addition (tests use it).
     """
     global _cached
-    if _cached is not None and not refresh and extra is None:
+    if _cached is not None and not refresh and extra is None and _cached.enabled == os.environ.get("ENGRAM_PLUGINS"):
         return _cached
     reg = Registry()
+    reg.enabled = os.environ.get("ENGRAM_PLUGINS")  # the filter it was loaded under: a cache for another is stale
     from . import __version__
     from .builtin import plugin as core_plugin
 
@@ -325,7 +338,7 @@ def load_registry(refresh: bool = False, extra: dict[str, Any] | None = None) ->
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         if ep.name == CORE:
             continue
-        if wanted is not None and ep.name not in wanted:
+        if wanted is not None and ep.name not in wanted and not is_core_entry_point(ep):
             reg.filtered[ep.name] = ep
             continue
         dist = ep.dist.name if ep.dist else None

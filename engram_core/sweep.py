@@ -31,7 +31,7 @@ from .run.rundir import (
     read_summary,
     remove_stale_temporaries,
 )
-from .tools.report import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
+from .run.summary import SEED_KEY, aggregate_seeds, config_groups, final_metrics, seed_table_md
 from .train.checkpoint import check_checkpoint_fits, check_resumable, resume_recipe
 from .train.engine import Engine
 
@@ -77,7 +77,7 @@ def _run_engine(recipe: Recipe, run_dir: Path, console: Console, quiet: bool, re
     """Build, then make (or reuse) the run directory and run. On resume nothing in the
     directory changes until the engine has built and the checkpoint fits what it built;
     `resumed_recipe_text` (recipe.toml with the overrides) is written only then."""
-    from .cli import print_summary
+    from .run.console import print_summary
 
     _check_run_device(recipe, device)
     engine = Engine(recipe, run_dir, console=console, show_progress=not quiet, hparams=hparams, device=device)
@@ -154,8 +154,8 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     table = sweep_tables(sweep_dir, plan)[1]
     if dist.is_main:
         write_sweep_tables(sweep_dir, plan)
-    from .cli import print_markdown_tables
     from .run.commands import runnable
+    from .run.console import print_markdown_tables
 
     print_markdown_tables(console, table)
     console.print(f"sweep directory: {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
@@ -222,7 +222,7 @@ def point_main(argv: list[str]) -> int:
     exit 0 completed (or done before), 1 failed (recorded), 2 bad input, 130 interrupted."""
     import argparse
 
-    from .cli import _fail
+    from .run.console import fail
 
     p = argparse.ArgumentParser(prog=f"python -m engram_core.run {POINT_FLAG}")
     p.add_argument("sweep_dir")
@@ -241,7 +241,7 @@ def point_main(argv: list[str]) -> int:
         plan = json.loads((sweep_dir / SWEEP_FILE).read_text())["points"]
         status = _run_point(recipe, sweep_dir, plan[args.index], len(plan), console, True, args.device)
     except EngramError as exc:
-        return _fail(exc)
+        return fail(exc)
     except KeyboardInterrupt:
         return 130
     finally:
@@ -471,7 +471,7 @@ def resume_any(run_dir: Path, console: Console, device: str | None = None, quiet
     check_resumable(run_dir, overrides or [])
     summary = read_summary(run_dir / "summary.json")  # a damaged one is rewritten when the run ends
     if summary is not None and summary.get("status") == "completed":
-        from .cli import print_summary
+        from .run.console import print_summary
 
         if overrides:
             raise RecipeError([("", f"--resume: {run_dir} already completed; overrides apply to unfinished runs "

@@ -42,7 +42,7 @@ def test_bash_completes_recipes_override_keys_and_component_names():
 def test_component_names_come_from_the_cache_without_importing_torch(tmp_path):
     code = """
 import json, sys
-from engram_core.tools.completion import complete_component_name
+from engram_core.completion import complete_component_name
 class Args: kind = "head"
 print(json.dumps([complete_component_name("mlp_", Args()), "torch" in sys.modules]))
 """
@@ -55,7 +55,7 @@ print(json.dumps([complete_component_name("mlp_", Args()), "torch" in sys.module
 
 
 def test_recipe_keys_are_remembered_until_a_file_of_the_recipe_changes(tmp_path, monkeypatch):
-    from engram_core.tools import completion
+    from engram_core import completion
 
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ENGRAM_PLUGINS", "")
@@ -73,7 +73,7 @@ def test_recipe_keys_are_remembered_until_a_file_of_the_recipe_changes(tmp_path,
 
 
 def test_completion_cache_folder_follows_the_components_rule(monkeypatch, tmp_path):
-    from engram_core.tools.completion import cache_dir
+    from engram_core.completion import cache_dir
     from engram_core.components import default_cache_dir
 
     for env in ({"ENGRAM_CACHE": str(tmp_path)}, {"XDG_CACHE_HOME": str(tmp_path)}, {}):

@@ -24,7 +24,6 @@ Placements (registered through the ``engram_placements`` hook; the core register
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean

@@ -44,11 +44,28 @@ from pathlib import Path
 import attrs
 
 from ..errors import EngramError, RecipeError
-from ..run.rundir import atomic_write_json, atomic_write_text
 from .report import aggregate_seeds, final_metrics, load_scalars, stage_spans
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
+CHECKOUT_ENV = "ENGRAM_CHECKOUT"
+
+
+def checkout() -> Path:
+    """The engram checkout whose docs/results/ the pipeline reads and writes: $ENGRAM_CHECKOUT,
+    else the current folder or the nearest one above it that has docs/results/ (the installed
+    package is not tied to a checkout)."""
+    named = os.environ.get(CHECKOUT_ENV)
+    if named:
+        return Path(named).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "docs" / "results").is_dir():
+            return folder
+    raise EngramError(f"engram results works inside an engram checkout: no docs/results/ in {here} or above it "
+                      f"(cd into the repository, or set {CHECKOUT_ENV}=PATH)")
+
+
+def results_folder() -> Path:
+    return checkout() / "docs" / "results"
 SEED_KEY = "run.seed"
 
 
@@ -77,8 +94,9 @@ class Page:
     figures: tuple[dict, ...]
 
 
-def load_page(name_or_path: str | Path, results_dir: Path = RESULTS) -> Page:
+def load_page(name_or_path: str | Path, results_dir: Path | None = None) -> Page:
     p = Path(name_or_path)
+    results_dir = results_dir or results_folder()
     spec = p if p.suffix == ".toml" else results_dir / f"{p.name.removesuffix('.md')}.toml"
     if not spec.is_file():
         raise RecipeError([("", f"no results page spec {spec}; pages: {', '.join(list_pages(results_dir)) or 'none'}")])
@@ -100,8 +118,8 @@ def load_page(name_or_path: str | Path, results_dir: Path = RESULTS) -> Page:
                 tuple(raw.get("tables", ())), tuple(raw.get("figures", ())))
 
 
-def list_pages(results_dir: Path = RESULTS) -> list[str]:
-    return sorted(p.stem for p in results_dir.glob("*.toml"))
+def list_pages(results_dir: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in (results_dir or results_folder()).glob("*.toml"))
 
 
 # ---- expanding rows into jobs -----------------------------------------------------------------
@@ -120,7 +138,7 @@ def expand(row: Row) -> list[tuple[str, dict | None, str, tuple[int, ...]]]:
     """(expanded id, sweep point or None, point label, seeds) for a row; validates the recipe."""
     from ..recipe import load_recipe, point_recipe, sweep_points, value_label
 
-    recipe = load_recipe(ROOT / row.recipe, list(row.overrides))
+    recipe = load_recipe(checkout() / row.recipe, list(row.overrides))
     if not recipe.sweep:
         return [(row.id, None, "", row.seeds)]
     groups: dict[str, tuple[dict, list[int]]] = {}
@@ -153,7 +171,7 @@ def jobs_of(page: Page, only: list[str] | None = None) -> list[Job]:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+        return subprocess.run(["git", *args], cwd=checkout(), capture_output=True, text=True, check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -198,10 +216,11 @@ def _on_cuda(device: str) -> bool:
 
 def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None) -> dict:
     from ..recipe import load_recipe, point_recipe
+    from ..run.rundir import atomic_write_text  # torch: only when writing
 
     jdir = work / job.row_id / f"seed{job.seed}"
     jdir.mkdir(parents=True, exist_ok=True)
-    recipe_file = ROOT / job.row.recipe
+    recipe_file = checkout() / job.row.recipe
     overrides = list(job.row.overrides)
     recipe = load_recipe(recipe_file, overrides)
     if job.point is not None:  # the grid point as a recipe of its own, written by the recipe code itself
@@ -217,7 +236,7 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
     t0 = time.perf_counter()
     with open(jdir / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=checkout(), env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=max(1.0, min(limits)) if limits else None)
         except subprocess.TimeoutExpired:
@@ -357,6 +376,8 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
 
 
 def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
+    from ..run.rundir import atomic_write_json  # torch: only when writing
+
     runs.sort(key=lambda r: r["seed"])
     ok = [r for r in runs if r["status"] == "completed"]
     label = j.row.label + (f" ({j.point_label})" if j.point_label and j.row.label else j.point_label)
@@ -618,7 +639,7 @@ def check_page(page: Page) -> list[str]:
         if data and not png.exists():
             problems.append(f"{png}: missing (run: python -m engram_core.tools.results render {page.name})")
     for rid, d in data.items():
-        recipe = ROOT / d["recipe"]
+        recipe = checkout() / d["recipe"]
         if not recipe.is_file():
             problems.append(f"{page.data_dir / (rid + '.json')}: recipe {d['recipe']} does not exist")
             continue
@@ -634,9 +655,9 @@ def check_page(page: Page) -> list[str]:
 # ---- command line -----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="engram results", description="Run, render and check the results pages (docs/results/).")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def configure(p: argparse.ArgumentParser):
+    """`engram results`' arguments on `p`; returns the handler `handler(args, console) -> int`."""
+    sub = p.add_subparsers(dest="results_cmd", required=True)
     r = sub.add_parser("run", help="run a page's rows from an empty cache and write their JSON")
     r.add_argument("page")
     r.add_argument("--rows", nargs="*", help="row ids or globs (default: all)")
@@ -651,29 +672,42 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="generated blocks equal their JSON; JSON recipes validate")
     c.add_argument("pages", nargs="*")
     sub.add_parser("list", help="the pages and their rows")
+    return _handle
+
+
+def _handle(args, console=None) -> int:
+    from ..run.rundir import atomic_write_text  # torch: only when writing
+
+    if args.results_cmd == "run":
+        page = load_page(args.page)
+        run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline)
+        if not args.no_render:
+            atomic_write_text(page.md_file, render_page(page))
+        return 0
+    if args.results_cmd == "render":
+        for name in args.pages or list_pages():
+            page = load_page(name)
+            atomic_write_text(page.md_file, render_page(page))
+            print(f"rendered {page.md_file}")
+        return 0
+    if args.results_cmd == "check":
+        problems = [line for name in (args.pages or list_pages()) for line in check_page(load_page(name))]
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 1 if problems else 0
+    for name in list_pages():
+        page = load_page(name)
+        print(f"{name}: " + ", ".join(f"{r.id} ({r.recipe}, {len(r.seeds)} seeds)" for r in page.rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engram_core.tools.results ...`: the same as `engram results ...`."""
+    p = argparse.ArgumentParser(prog="engram results", description="Run, render and check the results pages (docs/results/).")
+    handler = configure(p)
     args = p.parse_args(argv)
     try:
-        if args.cmd == "run":
-            page = load_page(args.page)
-            run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline)
-            if not args.no_render:
-                atomic_write_text(page.md_file, render_page(page))
-            return 0
-        if args.cmd == "render":
-            for name in args.pages or list_pages():
-                page = load_page(name)
-                atomic_write_text(page.md_file, render_page(page))
-                print(f"rendered {page.md_file}")
-            return 0
-        if args.cmd == "check":
-            problems = [line for name in (args.pages or list_pages()) for line in check_page(load_page(name))]
-            for line in problems:
-                print(f"error: {line}", file=sys.stderr)
-            return 1 if problems else 0
-        for name in list_pages():
-            page = load_page(name)
-            print(f"{name}: " + ", ".join(f"{r.id} ({r.recipe}, {len(r.seeds)} seeds)" for r in page.rows))
-        return 0
+        return handler(args)
     except EngramError as exc:
         lines = exc.lines() if isinstance(exc, RecipeError) else [str(exc)]
         for line in lines:

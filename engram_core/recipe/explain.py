@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..recipe import Recipe
-from ..recipe.toml import toml_key, toml_value
+from .schema import Recipe
+from .toml import toml_key, toml_value
 
 MAX_PAD = 56
 

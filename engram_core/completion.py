@@ -63,7 +63,7 @@ def _names(kind: str) -> list[str]:
     store = _Store()
     names = store.data.get("names")
     if names is None:
-        from ..registry import load_registry
+        from .registry import load_registry
 
         reg = load_registry()
         names = {k: sorted({c.name for c in table.values()}) for k, table in reg.components.items()}
@@ -86,7 +86,7 @@ def plugins_fingerprint() -> str:
     import hashlib
     from importlib import metadata, util
 
-    from .. import __version__
+    from . import __version__
 
     parts = [__version__, os.environ.get("ENGRAM_PLUGINS", "<every plugin>"), str(_source_mtime(Path(__file__).parent))]
     for ep in sorted(metadata.entry_points(group="engram"), key=lambda e: (e.name, e.value)):
@@ -160,9 +160,9 @@ def recipe_keys(recipe_path: str) -> list[str]:
 
 def _load_recipe_keys(recipe_path: str) -> tuple[list[str], list[str]]:
     """The keys (the recipe resolved; else as written, when it does not resolve) and the files read."""
-    from ..errors import EngramError
-    from ..recipe.extends import load_tree
-    from ..run.loggers import flatten
+    from .errors import EngramError
+    from .recipe.extends import load_tree
+    from .run.loggers import flatten
 
     try:
         tree, origins = load_tree(recipe_path)
@@ -170,7 +170,7 @@ def _load_recipe_keys(recipe_path: str) -> tuple[list[str], list[str]]:
         return [], []
     files = sorted({str(Path(label).resolve()) for label in origins.by_key.values() if Path(label).is_file()})
     try:
-        from ..recipe import load_recipe
+        from .recipe import load_recipe
 
         return list(flatten(load_recipe(recipe_path).to_dict())), files
     except EngramError:
@@ -185,14 +185,14 @@ def complete_override(prefix: str, parsed_args: Any = None, **_) -> list[str]:
         return [f"{key}={c}" for c in choices if c.startswith(value)]
     recipe_path = getattr(parsed_args, "recipe", None)
     keys: list[str] = recipe_keys(recipe_path) if recipe_path else []
-    from ..recipe import SECTIONS
+    from .recipe import SECTIONS
 
     keys += [s for s in SECTIONS if not any(k.split(".")[0] == s for k in keys)]
     return [f"{k}=" for k in keys if k.startswith(prefix)]
 
 
 def complete_component_name(prefix: str, parsed_args: Any = None, **_) -> list[str]:
-    from ..cli import KIND_ALIASES
+    from .registry import KIND_ALIASES
 
     kind = KIND_ALIASES.get(getattr(parsed_args, "kind", "") or "")
     return [n for n in _names(kind) if n.startswith(prefix)] if kind else []
