@@ -33,6 +33,10 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
+from . import _moved  # noqa: E402  (earlier module paths, for one release)
+
+_moved.install()
+
 
 def __getattr__(name: str):
     module = _LAZY.get(name)

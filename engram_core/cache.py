@@ -170,14 +170,6 @@ def generator_digest(generator) -> str:
     return sha256_hex(generator.get_state().numpy().tobytes())
 
 
-def file_digest(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---- entries -----------------------------------------------------------------------------
 
 

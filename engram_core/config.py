@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -364,11 +364,6 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
-
-
-def validate_choice(value: str, choices: Sequence[str], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{did_you_mean(value, choices)}")
 
 
 Validator = Callable[[Any, Any, Any], None]

@@ -6,7 +6,6 @@ log keeps one line per event, which grep and a later reader can rely on."""
 from __future__ import annotations
 
 import re
-import sys
 import time
 
 from rich.console import Console
@@ -83,7 +82,3 @@ class Progress:
 
     def stop(self) -> None:
         self.finish()
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
