@@ -50,64 +50,84 @@ def _sweep_table(sweep: Any, problems: list) -> dict:
 
 
 def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
+    """The raw recipe table as a `Recipe`: every problem found, one line each, in one RecipeError."""
     problems: list[tuple[str, str]] = []
-
     for key in raw:
         if key not in SECTIONS:
             problems.append((key, f"unknown section{did_you_mean(key, SECTIONS)}; sections: {', '.join(SECTIONS)}"))
-
     run = _structure(raw.get("run", {}), RunConfig, "run", problems)
     if run is not None and not run.name and run_name_problem(Path(file).stem):  # `...toml` has the stem `..`
         problems.append(("run.name", f"missing, and the recipe file's name {Path(file).stem!r} cannot name a run folder "
                                      "(it would leave run.out_dir): set run.name to a plain folder name"))
-
-    def component(kind: str, table: Any, path: str) -> Resolved | None:
-        if not isinstance(table, dict):
-            problems.append((path, f"expected a table with a 'type' key, got {type(table).__name__}"))
-            return None
-        if "type" not in table:
-            problems.append((f"{path}.type", f"missing required key (which {KIND_SINGULAR[kind]}: one of {', '.join(sorted({c.name for c in reg.components[kind].values()}))})"))
-            return None
-        type_name = table["type"]
-        if not isinstance(type_name, str):
-            problems.append((f"{path}.type", f"expected a string, got {type_name!r}"))
-            return None
-        try:
-            comp = reg.resolve(kind, type_name, f"{path}.type")
-        except RecipeError as exc:
-            problems.extend(exc.problems)
-            return None
-        body = {k: v for k, v in table.items() if k != "type"}
-        cfg = _structure(body, comp.config_cls, path, problems)
-        if cfg is None:
-            return None
-        out = Resolved(comp, cfg, path, type_name)
-        # a composite (weighted_sum) names its parts: each is resolved and checked like a top-level one
-        parts = getattr(comp.factory, "sub_components", None)
-        for suffix, sub_kind, sub_table in (parts(cfg) if parts is not None else ()):
-            child = component(sub_kind, sub_table, f"{path}.{suffix}")
-            if child is not None:
-                out.children.append(child)
-        return out
-
     data = head = memory = None
-    if "data" not in raw:
-        problems.append(("data", "missing required table [data]"))
-    else:
-        data = component("datasets", raw["data"], "data")
-    if "head" not in raw:
-        problems.append(("head", "missing required table [head]"))
-    else:
-        head = component("heads", raw["head"], "head")
+    for key, kind in (("data", "datasets"), ("head", "heads")):
+        if key not in raw:
+            problems.append((key, f"missing required table [{key}]"))
+        elif key == "data":
+            data = _component(reg, kind, raw[key], key, problems)
+        else:
+            head = _component(reg, kind, raw[key], key, problems)
     if raw.get("memory") not in (None, NONE_WORD):
-        memory = component("memories", raw["memory"], "memory")
+        memory = _component(reg, "memories", raw["memory"], "memory", problems)
+    stages, objectives = _stages(raw.get("stages", []), reg, problems)
+    metrics: list[Resolved] = []
+    raw_metrics = raw.get("metrics", [])
+    if not isinstance(raw_metrics, list):
+        problems.append(("metrics", "expected [[metrics]] entries"))
+        raw_metrics = []
+    for i, m in enumerate(raw_metrics):
+        r = _component(reg, "metrics", m, f"metrics.{i}", problems)
+        if r is not None:
+            metrics.append(r)
+    sweep = _sweep_table(raw.get("sweep", {}), problems)
+    if not problems:
+        problems.extend(_check_stage_references(stages, metrics, memory))
+        problems.extend(_check_optimizers(stages, reg))
+    if not problems and data and head:
+        problems.extend(check_capabilities(data, head, memory, objectives, metrics))
+    if problems:
+        raise RecipeError(problems, file=file)
+    assert data is not None and head is not None and run is not None
+    return Recipe(file, run, data, head, memory, stages, objectives, metrics, sweep, raw)
 
+
+def _component(reg: Registry, kind: str, table: Any, path: str, problems: list) -> Resolved | None:
+    """One component table (`type` plus its config keys) looked up and structured; None after a problem."""
+    if not isinstance(table, dict):
+        problems.append((path, f"expected a table with a 'type' key, got {type(table).__name__}"))
+        return None
+    if "type" not in table:
+        problems.append((f"{path}.type", f"missing required key (which {KIND_SINGULAR[kind]}: one of {', '.join(sorted({c.name for c in reg.components[kind].values()}))})"))
+        return None
+    type_name = table["type"]
+    if not isinstance(type_name, str):
+        problems.append((f"{path}.type", f"expected a string, got {type_name!r}"))
+        return None
+    try:
+        comp = reg.resolve(kind, type_name, f"{path}.type")
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+        return None
+    cfg = _structure({k: v for k, v in table.items() if k != "type"}, comp.config_cls, path, problems)
+    if cfg is None:
+        return None
+    out = Resolved(comp, cfg, path, type_name)
+    # a composite (weighted_sum) names its parts: each is resolved and checked like a top-level one
+    parts = getattr(comp.factory, "sub_components", None)
+    for suffix, sub_kind, sub_table in (parts(cfg) if parts is not None else ()):
+        child = _component(reg, sub_kind, sub_table, f"{path}.{suffix}", problems)
+        if child is not None:
+            out.children.append(child)
+    return out
+
+
+def _stages(raw_stages: Any, reg: Registry, problems: list) -> tuple[list[Stage], dict[int, Resolved]]:
+    """The [[stages]] entries structured (names filled in and unique) and each train stage's objective."""
     stages: list[Stage] = []
     objectives: dict[int, Resolved] = {}
-    raw_stages = raw.get("stages", [])
     if not isinstance(raw_stages, list) or not raw_stages:
         problems.append(("stages", "expected at least one [[stages]] entry"))
-        raw_stages = []
+        return stages, objectives
     names: dict[str, int] = {}
     for i, st in enumerate(raw_stages):
         path = f"stages.{i}"
@@ -118,8 +138,7 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
         if kind not in STAGE_CLASSES:
             problems.append((f"{path}.kind", f"must be one of 'train', 'fit', 'eval', got {kind!r}{did_you_mean(str(kind), STAGE_CLASSES)}"))
             continue
-        cls = STAGE_CLASSES[kind]
-        stage = _structure(st, cls, path, problems)
+        stage = _structure(st, STAGE_CLASSES[kind], path, problems)
         if stage is None:
             continue
         if not stage.name:
@@ -129,31 +148,10 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
         names[stage.name] = i
         stages.append(stage)
         if isinstance(stage, TrainStage):
-            obj = component("objectives", stage.objective, f"{path}.objective")
+            obj = _component(reg, "objectives", stage.objective, f"{path}.objective", problems)
             if obj is not None:
                 objectives[i] = obj
-
-    metrics: list[Resolved] = []
-    raw_metrics = raw.get("metrics", [])
-    if not isinstance(raw_metrics, list):
-        problems.append(("metrics", "expected [[metrics]] entries"))
-        raw_metrics = []
-    for i, m in enumerate(raw_metrics):
-        r = component("metrics", m, f"metrics.{i}")
-        if r is not None:
-            metrics.append(r)
-
-    sweep = _sweep_table(raw.get("sweep", {}), problems)
-
-    if not problems:
-        problems.extend(_check_stage_references(stages, metrics, memory))
-        problems.extend(_check_optimizers(stages, reg))
-    if not problems and data and head:
-        problems.extend(check_capabilities(data, head, memory, objectives, metrics))
-    if problems:
-        raise RecipeError(problems, file=file)
-    assert data is not None and head is not None and run is not None
-    return Recipe(file, run, data, head, memory, stages, objectives, metrics, sweep, raw)
+    return stages, objectives
 
 
 def _structure(data: Any, cls: type, path: str, problems: list) -> Any:

@@ -1,4 +1,5 @@
-"""`engram-run --resume RUN_DIR key=value ...`: resume with settings that keep the checkpoint valid.
+"""Checkpoints: the engine's checkpoint state (`CheckpointState`, a part of `Engine`), and
+`engram-run --resume RUN_DIR key=value ...`: resume with settings that keep the checkpoint valid.
 
 A diverged run is resumed with a lower learning rate, a stopped one with more steps. An
 override may change what the optimiser does and when things happen — never a shape, a
@@ -12,14 +13,17 @@ resume that fails leaves the run exactly as it was.
 from __future__ import annotations
 
 import fnmatch
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import RecipeError
 from ..recipe import apply_override, load_recipe, parse_override, read_toml, split_key
-from ..run.rundir import load_checkpoint
+from ..run.rundir import load_checkpoint, nonfinite_tensors, save_checkpoint
+from ..tables import state as sharded_state
 
 # settings a checkpoint stays valid under (glob patterns of override keys)
 RESUMABLE = (
@@ -42,6 +46,7 @@ RESUMABLE = (
     "stages.*.param_groups.*.lr",
     "stages.*.param_groups.*.weight_decay",
 )
+
 HEADER = "# resumed"
 
 
@@ -146,3 +151,74 @@ def _state_problems(prefix: str, saved: dict, module, may_be_absent: set) -> lis
     problems = [f"{prefix}{k} is not in the checkpoint" for k in result.missing_keys if k not in may_be_absent]
     problems += [f"{prefix}{k} is in the checkpoint but not in the model" for k in result.unexpected_keys]
     return problems
+
+
+class CheckpointState:
+    """The engine's checkpoint state: writing a stage's checkpoint (model, optimisers, schedules, RNG, the stage's progress) and restoring what every stage shares. A part of `Engine` (engram_core.train.engine)."""
+
+    def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
+        # every rank: its rows of row-sharded tables, with torch.distributed.checkpoint (engram_core.tables.state)
+        tables = sharded_state.save(self.run_dir, f"s{index}-{stage_step}" + ("-done" if done else ""), self.model, opts) if self.dist.enabled else None
+        if not self.dist.is_main:
+            return  # every rank holds the same weights, optimizer and sampler state: rank 0 saves them
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:  # never replace a good checkpoint with weights that are NaN or inf
+            self.progress.note(f"checkpoint skipped at step {self.step}: non-finite weights in {', '.join(bad[:3])}")
+            return
+        self.logger.flush()  # what the checkpoint knows is on disk in the event files too
+        state = {
+            "format": 1,
+            "stage_index": index,
+            "stage_step": stage_step,
+            "stage_done": done,
+            "global_step": self.step,
+            "model": self.model.state_dict(),
+            "objectives": {str(i): o.state_dict() for i, o in self.objectives.items()},
+            "metrics": {str(i): m.state_dict() for i, m in enumerate(self.metrics) if hasattr(m, "state_dict")},
+            "optimizers": sharded_state.strip_rows([o.state_dict() for o in opts], opts, self.model),
+            "sharded_tables": tables,
+            "schedulers": [s.state_dict() for s in scheds],
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "world_size": self.dist.world_size,
+            "n_records": len(self.metrics_log.records),
+            "wall_time_s": time.time() - self.t0 + self.prior_wall,
+            "saved_at": time.time(),
+        }
+        state.update(self._rng_state())
+        save_checkpoint(self.run_dir, state)
+        sharded_state.prune(self.run_dir, tables["folder"] if tables else None)
+
+    def _rng_state(self) -> dict:
+        py = random.getstate()
+        npst = np.random.get_state()
+        out = {
+            "rng_sampler": self._sampler_before_ahead if self._sampler_before_ahead is not None else self.sampler.get_state(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": [py[0], list(py[1]), py[2]],
+            "rng_numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]), float(npst[4])],
+        }
+        if self.device.type == "cuda":
+            out["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def _restore_rng(self, state: dict) -> None:
+        self.sampler.set_state(state["rng_sampler"])
+        torch.set_rng_state(state["rng_torch"])
+        py = state["rng_python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npst = state["rng_numpy"]
+        np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), npst[2], npst[3], npst[4]))
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+
+    def _restore_common(self, state: dict) -> None:
+        sharded_state.load_model_state(self.run_dir, state, self.model)
+        for i, o in self.objectives.items():
+            if str(i) in state["objectives"]:
+                o.load_state_dict(state["objectives"][str(i)])
+        for i, m in enumerate(self.metrics):
+            if str(i) in state.get("metrics", {}) and hasattr(m, "load_state_dict"):
+                m.load_state_dict(state["metrics"][str(i)])
+        self.step = state["global_step"]
+        self.prior_wall = state.get("wall_time_s", 0.0)
+        self._restore_rng(state)
