@@ -238,7 +238,7 @@ class Metric(abc.ABC):
             cls.reset = _checked_reset(cls.__dict__["reset"])
             cls.__setattr__ = _recording_setattr  # only classes with their own reset may be legacy
         if cls.__dict__.get("dist_reduce_fx"):
-            warnings.warn(f"{cls.__module__}.{cls.__qualname__}: {LEGACY_FX_WARNING}", DeprecationWarning, stacklevel=2)
+            warnings.warn(f"{cls.__module__}.{cls.__qualname__}: {LEGACY_FX_WARNING}", DeprecationWarning, stacklevel=3)  # the class statement (under ABCMeta.__new__)
 
     def add_state(self, name: str, default: Any, dist_reduce_fx: str | None = None) -> None:
         """Declare a state (in ``__init__``): `reset` sets it to a fresh copy of `default`
