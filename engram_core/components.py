@@ -238,7 +238,8 @@ class Metric(abc.ABC):
             cls.reset = _checked_reset(cls.__dict__["reset"])
             cls.__setattr__ = _recording_setattr  # only classes with their own reset may be legacy
         if cls.__dict__.get("dist_reduce_fx"):
-            warnings.warn(f"{cls.__module__}.{cls.__qualname__}: {LEGACY_FX_WARNING}", DeprecationWarning, stacklevel=3)  # the class statement (under ABCMeta.__new__)
+            # stacklevel 3: the class statement, under ABCMeta.__new__
+            warnings.warn(f"{cls.__module__}.{cls.__qualname__}: {LEGACY_FX_WARNING}", DeprecationWarning, stacklevel=3)
 
     def add_state(self, name: str, default: Any, dist_reduce_fx: str | None = None) -> None:
         """Declare a state (in ``__init__``): `reset` sets it to a fresh copy of `default`
@@ -337,12 +338,16 @@ def _checked_reset(reset):
             object.__setattr__(self, "_recording_states", set())
             object.__setattr__(self, "_base_resets", 0)
         try:
-            return reset(self, *args, **kwargs)
-        finally:
+            result = reset(self, *args, **kwargs)
+        except BaseException:
             if outer:
-                assigned = self.__dict__["_recording_states"] - {"ctx", "_base_resets"}
                 object.__setattr__(self, "_recording_states", None)
-                _settle_reset(self, assigned)
+            raise
+        if outer:
+            assigned = self.__dict__["_recording_states"] - {"ctx"}
+            object.__setattr__(self, "_recording_states", None)
+            _settle_reset(self, assigned)
+        return result
 
     wrapped.__name__ = reset.__name__
     wrapped.__qualname__ = getattr(reset, "__qualname__", reset.__name__)
@@ -355,7 +360,7 @@ def _settle_reset(metric: Metric, assigned: set[str]) -> None:
     cls = type(metric)
     if metric.__dict__.get("_declared_states"):
         if not metric.__dict__.get("_base_resets"):
-            raise TypeError(f"{cls.__name__}.reset declares states with add_state but does not call "
+            raise TypeError(f"{cls.__name__} declares states with add_state, but its reset does not call "
                             "super().reset(), which restores them; call it first")
         return  # what the override assigned besides is scratch, not state
     object.__setattr__(metric, "_state_names", assigned)

@@ -282,7 +282,7 @@ def test_an_overridden_reset_that_forgets_super_is_an_error():
             return {}
 
     m = Forgets()
-    with pytest.raises(TypeError, match=r"Forgets\.reset .* does not call super\(\)\.reset\(\)"):
+    with pytest.raises(TypeError, match=r"Forgets declares states with add_state, but its reset does not call super\(\)\.reset\(\)"):
         m.reset()
 
 
@@ -337,6 +337,34 @@ def test_legacy_reset_warns_once_per_class_and_still_reduces():
     one = _one_process(cls)
     assert _states(ranks[0]) == _states(ranks[1]) == _states(one)
     assert one.largest == float(torch.cat([b["x"] for b in _batches()]).max())  # the class dict's "max"
+
+
+def test_only_classes_with_their_own_reset_record_attribute_writes():
+    assert AllKinds.__setattr__ is object.__setattr__  # a declared metric's writes are plain
+    assert Legacy.__setattr__ is not object.__setattr__
+
+
+def test_an_error_inside_a_legacy_reset_comes_out_unchanged():
+    class Breaks(Metric):
+        fail = True
+
+        def reset(self):
+            self.count = 0
+            if self.fail:
+                raise KeyError("no such split")
+
+        def update(self, model, batch): ...
+
+        def compute(self):
+            return {}
+
+    m = Breaks()
+    with pytest.raises(KeyError, match="no such split"):
+        m.reset()
+    m.fail = False  # an attribute write outside reset is not recorded as a state
+    with pytest.warns(DeprecationWarning):
+        m.reset()
+    assert m.state_names() == ("count",)
 
 
 def test_legacy_reset_that_assigns_nothing_does_not_warn():
