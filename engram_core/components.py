@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import abc
 import collections
+import copy
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -188,23 +191,39 @@ class Objective(nn.Module):
         ...
 
 
+# Reductions a state may name in `add_state(..., dist_reduce_fx=...)` (None: the rule by type).
+DIST_REDUCE_FX = ("sum", "max", "min", "cat", "union", "none")
+
+
+@attrs.frozen
+class MetricState:
+    """One declared metric state: its default (restored, as a fresh copy, by `reset`) and reduction."""
+
+    default: Any
+    dist_reduce_fx: str | None
+
+
 class Metric(abc.ABC):
     """reset / update / compute, in the manner of torchmetrics.
 
     `compute` returns ``{name: value}``; a name without a slash is logged as
     ``eval/<name>``, one with a slash (``rollout/dnll``) as it is.
 
-    Distributed runs deal the eval batches over the ranks, then call `dist_reduce` before
-    `compute`. A metric's *states* are the attributes its `reset` assigns; the default
-    reduction sums numbers, tensors and dicts of them, concatenates lists, unions sets, ORs
-    bools and keeps anything else (a generator, None) as it is. Name another reduction per
-    state in `dist_reduce_fx` ({"max_norm": "max"}; "sum", "max", "min", "cat", "union",
-    "none"), override `dist_reduce`, or set `shardable = False` (every rank then walks the
-    whole split and nothing is reduced).
+    *States* are declared in ``__init__`` with ``self.add_state(name, default,
+    dist_reduce_fx=None)``; `reset` gives every state a fresh copy of its default. Distributed
+    runs deal the eval batches over the ranks, then call `dist_reduce` before `compute`: each
+    state is reduced by its `dist_reduce_fx` ("sum", "max", "min", "cat", "union", "none"), or
+    by the rule by type when None (sums numbers, tensors and dicts of them, concatenates lists,
+    unions sets, ORs bools, keeps anything else as it is). Override `dist_reduce`, or set
+    `shardable = False` (every rank then walks the whole split and nothing is reduced).
+
+    Deprecated, read for one more release: a subclass that declares no state and overrides
+    `reset` has as states the attributes its `reset` assigns (one DeprecationWarning per
+    class), reduced by the class dict `dist_reduce_fx` ({"max_norm": "max"}) or the rule by type.
     """
 
     ctx: EvalContext | None = None
-    dist_reduce_fx: dict[str, str] = {}
+    dist_reduce_fx: dict[str, str] = {}  # deprecated: name the reduction in add_state
     shardable: bool = True
     # What the values mean to a reader (engram_core.run.metric_info), by the names `compute`
     # returns or globs over them: `directions` {"acc": "higher", "*/nll": "lower"} (a name
@@ -219,16 +238,45 @@ class Metric(abc.ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "reset" in cls.__dict__:
-            cls.reset = _recording_states(cls.__dict__["reset"])
+            cls.reset = _checked_reset(cls.__dict__["reset"])
+            cls.__setattr__ = _recording_setattr  # only classes with their own reset may be legacy
+        if cls.__dict__.get("dist_reduce_fx"):
+            # stacklevel 3: the class statement, under ABCMeta.__new__
+            warnings.warn(f"{cls.__module__}.{cls.__qualname__}: {LEGACY_FX_WARNING}", DeprecationWarning, stacklevel=3)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        recording = self.__dict__.get("_recording_states")
-        if recording is not None:
-            recording.add(name)
-        object.__setattr__(self, name, value)
+    def add_state(self, name: str, default: Any, dist_reduce_fx: str | None = None) -> None:
+        """Declare a state (in ``__init__``): `reset` sets it to a fresh copy of `default`
+        (lists, dicts, sets and tensors are deep-copied, so no evaluation sees another's),
+        `dist_reduce` combines the ranks' values by `dist_reduce_fx` (None: the rule by type)."""
+        who = f"{type(self).__name__}.add_state({name!r})"
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{who}: a state's name must be an identifier")
+        if hasattr(Metric, name) or name in _INTERNAL_NAMES or callable(getattr(type(self), name, None)):
+            raise ValueError(f"{who}: {name!r} is taken by the Metric API or a method; choose another name")
+        if dist_reduce_fx is not None and dist_reduce_fx not in DIST_REDUCE_FX:
+            raise ValueError(f"{who}: unknown dist_reduce_fx {dist_reduce_fx!r} "
+                             f"(use {', '.join(DIST_REDUCE_FX)}, or None for the rule by type)")
+        legacy_fx = self.dist_reduce_fx.get(name)
+        if legacy_fx is not None and dist_reduce_fx is not None and legacy_fx != dist_reduce_fx:
+            raise ValueError(f"{who}: dist_reduce_fx {dist_reduce_fx!r} contradicts the class's "
+                             f"dist_reduce_fx[{name!r}] = {legacy_fx!r}; keep the add_state one")
+        states = self.__dict__.setdefault("_declared_states", {})
+        states[name] = MetricState(_fresh_copy(default), dist_reduce_fx or legacy_fx)
+        object.__setattr__(self, name, _fresh_copy(default))
+
+    def reset(self) -> None:
+        """Every declared state back to a fresh copy of its default. A subclass overriding
+        `reset` (to clear scratch attributes) calls ``super().reset()``."""
+        for name, state in self.__dict__.get("_declared_states", {}).items():
+            object.__setattr__(self, name, _fresh_copy(state.default))
+        self.__dict__["_base_resets"] = self.__dict__.get("_base_resets", 0) + 1
 
     def state_names(self) -> tuple[str, ...]:
-        """The attributes the last `reset` assigned (what `dist_reduce` reduces)."""
+        """The declared states (a legacy metric: the attributes its last `reset` assigned) —
+        what `dist_reduce` reduces."""
+        declared = self.__dict__.get("_declared_states")
+        if declared:
+            return tuple(declared)
         return tuple(sorted(self.__dict__.get("_state_names", ())))
 
     def dist_reduce(self, dist) -> None:
@@ -237,9 +285,14 @@ class Metric(abc.ABC):
         local = {n: _to_cpu(getattr(self, n)) for n in names}
         gathered = dist.all_gather_object(local)
         for n in names:
-            fx = self.dist_reduce_fx.get(n, "default")
-            value = reduce_states([g[n] for g in gathered], fx, f"{type(self).__name__}.{n}")
+            value = reduce_states([g[n] for g in gathered], self._reduction(n), f"{type(self).__name__}.{n}")
             object.__setattr__(self, n, _to_device_like(value, getattr(self, n)))
+
+    def _reduction(self, name: str) -> str:
+        declared = self.__dict__.get("_declared_states", {}).get(name)
+        if declared is not None and declared.dist_reduce_fx is not None:
+            return declared.dist_reduce_fx
+        return self.dist_reduce_fx.get(name, "default")
 
     def bind(self, ctx: EvalContext) -> None:
         """Called before each evaluation with the model, objective, data set and step."""
@@ -249,34 +302,82 @@ class Metric(abc.ABC):
         return dataset.eval_batches(split, batch_size)
 
     @abc.abstractmethod
-    def reset(self) -> None: ...
-
-    @abc.abstractmethod
     def update(self, model: Model, batch: Batch) -> None: ...
 
     @abc.abstractmethod
     def compute(self) -> dict[str, float]: ...
 
 
-def _recording_states(reset):
-    """Wrap a Metric subclass's `reset` so the attributes it assigns become its states."""
+def _fresh_copy(value: Any) -> Any:
+    """A copy sharing nothing mutable with `value` (a tensor stays on its device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
+# Legacy states (until the release after next): a subclass that overrides `reset` and declares
+# nothing with add_state has as states the attributes its `reset` assigns, recorded here.
+LEGACY_RESET_WARNING = "declare states with add_state in __init__; reset-assigned states are read for one more release"
+LEGACY_FX_WARNING = ("name each state's reduction in add_state(name, default, dist_reduce_fx=...); "
+                     "the class dict dist_reduce_fx is read for one more release")
+_INTERNAL_NAMES = {"_declared_states", "_state_names", "_recording_states", "_base_resets"}
+_warned_legacy: weakref.WeakSet = weakref.WeakSet()
+
+
+def _recording_setattr(self, name: str, value: Any) -> None:
+    recording = self.__dict__.get("_recording_states")
+    if recording is not None:
+        recording.add(name)
+    object.__setattr__(self, name, value)
+
+
+def _checked_reset(reset):
+    """Wrap a Metric subclass's own `reset`: a metric with declared states must call
+    ``super().reset()``; one without (legacy) has the attributes the call assigns as states."""
 
     def wrapped(self, *args, **kwargs):
         outer = self.__dict__.get("_recording_states") is None
         if outer:
             object.__setattr__(self, "_recording_states", set())
+            object.__setattr__(self, "_base_resets", 0)
         try:
-            return reset(self, *args, **kwargs)
-        finally:
+            result = reset(self, *args, **kwargs)
+        except BaseException:
             if outer:
-                names = self.__dict__["_recording_states"] - {"ctx"}
                 object.__setattr__(self, "_recording_states", None)
-                object.__setattr__(self, "_state_names", names)
+            raise
+        if outer:
+            assigned = self.__dict__["_recording_states"] - {"ctx"}
+            object.__setattr__(self, "_recording_states", None)
+            _settle_reset(self, assigned)
+        return result
 
     wrapped.__name__ = reset.__name__
+    wrapped.__qualname__ = getattr(reset, "__qualname__", reset.__name__)
     wrapped.__doc__ = reset.__doc__
     wrapped.__wrapped__ = reset
     return wrapped
+
+
+def _settle_reset(metric: Metric, assigned: set[str]) -> None:
+    cls = type(metric)
+    if metric.__dict__.get("_declared_states"):
+        if not metric.__dict__.get("_base_resets"):
+            raise TypeError(f"{cls.__name__} declares states with add_state, but its reset does not call "
+                            "super().reset(), which restores them; call it first")
+        return  # what the override assigned besides is scratch, not state
+    object.__setattr__(metric, "_state_names", assigned)
+    if assigned and cls not in _warned_legacy:
+        _warned_legacy.add(cls)
+        _warn_at_reset(cls)
+
+
+def _warn_at_reset(cls: type) -> None:
+    """The legacy warning, pointing at the `reset` that assigns the states (the plugin's line)."""
+    owner = next(c for c in cls.__mro__ if "reset" in c.__dict__)
+    code = getattr(owner.__dict__["reset"], "__wrapped__", owner.__dict__["reset"]).__code__
+    message = f"{cls.__module__}.{cls.__qualname__}: {LEGACY_RESET_WARNING}"
+    warnings.warn_explicit(message, DeprecationWarning, code.co_filename, code.co_firstlineno, module=owner.__module__)
 
 
 def reduce_states(values: list[Any], fx: str = "default", what: str = "state") -> Any:

@@ -194,6 +194,8 @@ class LossMetric(Metric):
 
     def __init__(self, cfg: LossMetricConfig, build: BuildContext):
         self.cfg = cfg
+        self.add_state("total", 0.0, dist_reduce_fx="sum")  # the loss weighted by items
+        self.add_state("count", 0, dist_reduce_fx="sum")
 
     def batches(self, dataset, split, batch_size):
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -205,10 +207,6 @@ class LossMetric(Metric):
         n = _batch_len(fixed)
         for i in range(0, n, batch_size):
             yield _slice(fixed, i, i + batch_size)
-
-    def reset(self):
-        self.total = 0.0
-        self.count = 0
 
     def update(self, model, batch):
         if self.ctx is None or self.ctx.objective is None:

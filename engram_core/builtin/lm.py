@@ -86,10 +86,9 @@ class CompletionAccuracy(Metric):
 
     def __init__(self, cfg: CompletionAccuracyConfig, build: BuildContext):
         self.cfg = cfg
-
-    def reset(self):
-        self.hits = self.count = self.seq_hits = self.seqs = self.tokens = 0
-        self.seconds = 0.0
+        for name in ("hits", "count", "seq_hits", "seqs", "tokens"):
+            self.add_state(name, 0, dist_reduce_fx="sum")  # counts (hits ... seqs become device tensors)
+        self.add_state("seconds", 0.0, dist_reduce_fx="sum")  # tokens_per_s: all tokens over all ranks' time
 
     def update(self, model, batch):
         dev = model_device(model)

@@ -37,11 +37,9 @@ class DnllMetric(Metric):
 
     def __init__(self, cfg: DnllConfig, build: BuildContext):
         self.cfg = cfg
-
-    def reset(self):
-        self.sum_nll = 0.0
-        self.sum_base = 0.0
-        self.count = 0
+        self.add_state("sum_nll", 0.0, dist_reduce_fx="sum")
+        self.add_state("sum_base", 0.0, dist_reduce_fx="sum")
+        self.add_state("count", 0, dist_reduce_fx="sum")
 
     def update(self, model, batch):
         nll = step_nll(model.head, batch["z"], batch["dz"])
@@ -67,11 +65,8 @@ class DirectionCosMetric(Metric):
     references = {"direction_cos": {"chance": 0.0}}  # a random direction
 
     def __init__(self, cfg: DirectionCosConfig, build: BuildContext):
-        pass
-
-    def reset(self):
-        self.total = 0.0
-        self.count = 0
+        self.add_state("total", 0.0, dist_reduce_fx="sum")
+        self.add_state("count", 0, dist_reduce_fx="sum")
 
     def update(self, model, batch):
         cos = F.cosine_similarity(mean_step(model.head, batch["z"]), batch["dz"], dim=-1)
@@ -104,10 +99,14 @@ class RolloutMetric(Metric):
     groups = {"*/true_step_norm": "reference"}
     references = {"*/dnll": {"baseline": 0.0}}
 
-    dist_reduce_fx = {"max_norm": "max"}  # distributed eval: the largest norm over ranks, not their sum
-
     def __init__(self, cfg: RolloutMetricConfig, build: BuildContext):
         self.cfg = cfg
+        for name in ("sum_d", "sum_nll", "step_norm", "true_norm"):
+            self.add_state(name, 0.0, dist_reduce_fx="sum")
+        for name in ("finite_count", "nonfinite_segments", "segments", "n_clipped", "steps"):
+            self.add_state(name, 0, dist_reduce_fx="sum")
+        self.add_state("max_norm", 0.0, dist_reduce_fx="max")  # distributed eval: the largest norm over ranks, not their sum
+        self.generator = None
         if build.dataset is not None:
             if not hasattr(build.dataset, "eval_segments"):
                 raise ConfigError(
@@ -119,17 +118,8 @@ class RolloutMetric(Metric):
         return dataset.eval_segments(split, self.cfg.horizon, self.cfg.segments, batch_size, self.cfg.seed)
 
     def reset(self):
-        self.sum_d = 0.0
-        self.sum_nll = 0.0
-        self.finite_count = 0
-        self.nonfinite_segments = 0
-        self.segments = 0
-        self.max_norm = 0.0
-        self.n_clipped = 0
-        self.step_norm = 0.0
-        self.true_norm = 0.0
-        self.steps = 0
-        self.generator = None
+        super().reset()
+        self.generator = None  # scratch, not a state: each evaluation samples the same noise from `seed` again
 
     def update(self, model, batch):
         z0, dz = batch["z0"], batch["dz"]
@@ -181,12 +171,9 @@ class GateMeanMetric(Metric):
     """`memory/gate_mean` (and `memory/gate_std`) of a memory with a gate (gated_residual, hybrid)."""
 
     def __init__(self, cfg: GateMeanConfig, build: BuildContext):
-        pass
-
-    def reset(self):
-        self.s = 0.0
-        self.s2 = 0.0
-        self.n = 0
+        self.add_state("s", 0.0, dist_reduce_fx="sum")
+        self.add_state("s2", 0.0, dist_reduce_fx="sum")
+        self.add_state("n", 0, dist_reduce_fx="sum")
 
     def update(self, model, batch):
         mem = model.memory
@@ -220,12 +207,10 @@ class KappaStatsMetric(Metric):
         head = build.head
         if head is not None and not hasattr(head, "components"):
             raise ConfigError(None, "kappa_stats needs the vmf_magnitude head")
-
-    def reset(self):
-        self.log_kappa = []
-        self.expected = 0.0
-        self.log_m_err = 0.0
-        self.n = 0
+        self.add_state("log_kappa", [], dist_reduce_fx="cat")  # one tensor per batch, in split order
+        self.add_state("expected", 0.0, dist_reduce_fx="sum")
+        self.add_state("log_m_err", 0.0, dist_reduce_fx="sum")
+        self.add_state("n", 0, dist_reduce_fx="sum")
 
     def update(self, model, batch):
         from .distributions import vmf_mean_resultant
@@ -283,6 +268,8 @@ class ArchetypesMetric(Metric):
         self.cfg = cfg
         self._centroids = None
         self._tight_train = None
+        self.add_state("u", [], dist_reduce_fx="cat")  # unit true steps, one tensor per batch, in split order
+        self.add_state("pred", [], dist_reduce_fx="cat")  # unit predicted mean steps, likewise
 
     def _fit_train(self, device) -> torch.Tensor:
         if self._centroids is None:
@@ -298,10 +285,6 @@ class ArchetypesMetric(Metric):
             self._tight_train = float((u * c[labels]).sum(-1).mean())
             self._centroids = c
         return self._centroids.to(device)
-
-    def reset(self):
-        self.u = []
-        self.pred = []
 
     def update(self, model, batch):
         keep = batch["dz"].norm(dim=-1) > self.cfg.min_step

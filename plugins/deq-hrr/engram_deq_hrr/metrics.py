@@ -58,7 +58,19 @@ class DEQHRRAccuracy(Metric):
     def __init__(self, cfg: DEQHRRAccuracyConfig, build: BuildContext):
         self.cfg = cfg
         self.best = float("-inf")
-        self.reset()
+        self._current = ""  # the split `batches` is walking: scratch, not a state
+        # Never reduced across ranks (shardable = False); the reductions say what each state is.
+        self.add_state("correct", 0, dist_reduce_fx="sum")
+        self.add_state("total", 0, dist_reduce_fx="sum")
+        self.add_state("sums", {}, dist_reduce_fx="sum")  # {telemetry name: weighted sum}
+        self.add_state("counts", {}, dist_reduce_fx="sum")  # {telemetry name: items}
+        self.add_state("winners", set(), dist_reduce_fx="union")  # prototypes that won a read
+        self.add_state("main_length", 0, dist_reduce_fx="max")
+        self.add_state("n_prototypes", 0, dist_reduce_fx="max")
+        # no built-in reduction fits these: {L: [hits, n]} adds lists, histograms differ in length
+        self.add_state("length_hits", {}, dist_reduce_fx="none")
+        self.add_state("label_counts", None, dist_reduce_fx="none")
+        self.add_state("majority_label", None, dist_reduce_fx="none")  # set by `batches` from the train split
 
     # the best accuracy survives checkpoints (the engine saves a metric's state_dict)
     def state_dict(self) -> dict:
@@ -86,17 +98,8 @@ class DEQHRRAccuracy(Metric):
             self.majority_label = int(counts.argmax())
 
     def reset(self) -> None:
+        super().reset()
         self._current = ""
-        self.main_length = 0
-        self.length_hits: dict[str, list[int]] = {}
-        self.majority_label: int | None = None
-        self.label_counts: torch.Tensor | None = None
-        self.correct = 0
-        self.total = 0
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.winners: set[int] = set()
-        self.n_prototypes = 0
 
     def _add(self, name: str, values: torch.Tensor | float, n: int | None = None) -> None:
         if isinstance(values, torch.Tensor):

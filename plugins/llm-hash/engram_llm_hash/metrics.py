@@ -33,6 +33,11 @@ class ExactMatchMetric(Metric):
 
     def __init__(self, cfg: ExactMatchMetricConfig, build: BuildContext):
         self.cfg = cfg
+        self.add_state("hits", defaultdict(int), dist_reduce_fx="sum")  # {category: count}, summed per key
+        self.add_state("counts", defaultdict(int), dist_reduce_fx="sum")
+        self.add_state("gen_s", 0.0, dist_reduce_fx="sum")
+        self.add_state("gen_tokens", 0, dist_reduce_fx="sum")
+        self.add_state("n", 0, dist_reduce_fx="sum")
 
     def batches(self, dataset, split, batch_size):
         codec = dataset.codec
@@ -50,13 +55,6 @@ class ExactMatchMetric(Metric):
                 chunk = g[i : i + bs]
                 ids = torch.tensor([codec.prompt_ids(e.prompt) for e in chunk], dtype=torch.long)
                 yield {"prompt_ids": ids, "answers": [e.completion for e in chunk], "category": [e.category for e in chunk], "budget": budget}
-
-    def reset(self):
-        self.hits: dict[str, int] = defaultdict(int)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.gen_s = 0.0
-        self.gen_tokens = 0
-        self.n = 0
 
     def update(self, model, batch):
         codec = self.ctx.dataset.codec if self.ctx is not None else None

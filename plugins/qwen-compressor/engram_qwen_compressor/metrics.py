@@ -48,16 +48,14 @@ class DigitAccuracy(Metric):
         check_budgets(cfg.budgets, build.spec)
         self.cfg = cfg
         self.chance = build.spec.chance if build.spec is not None else 0.1
+        self.add_state("correct", {}, dist_reduce_fx="sum")  # {tag: hits}, summed per key
+        self.add_state("count", {}, dist_reduce_fx="sum")  # {tag: examples}
 
     def batches(self, dataset, split, batch_size):
         n = min(self.cfg.max_examples, dataset.num_examples(split))
         for budget in _dataset_budgets(dataset, self.cfg.budgets):
             for i in range(0, n, batch_size):
                 yield dataset.make_batch(dataset.episodes(split, range(i, min(n, i + batch_size))), budget)
-
-    def reset(self):
-        self.correct: dict[str, float] = {}
-        self.count: dict[str, int] = {}
 
     def update(self, model, batch):
         budget = int(batch["budget"][0])
@@ -120,15 +118,14 @@ class Collapse(Metric):
         if cfg.budget:
             check_budgets([cfg.budget], build.spec, "budget")
         self.cfg = cfg
+        for name in ("mem", "digits", "cos_digit", "cos_kv"):
+            self.add_state(name, [], dist_reduce_fx="cat")  # one tensor per batch, in split order
 
     def batches(self, dataset, split, batch_size):
         n = min(self.cfg.max_examples, dataset.num_examples(split))
         budget = self.cfg.budget or dataset.spec.budget
         for i in range(0, n, batch_size):
             yield dataset.make_batch(dataset.episodes(split, range(i, min(n, i + batch_size))), budget)
-
-    def reset(self):
-        self.mem, self.digits, self.cos_digit, self.cos_kv = [], [], [], []
 
     def update(self, model, batch):
         head = model.head
@@ -187,15 +184,15 @@ class GradCheck(Metric):
     def __init__(self, cfg: GradCheckConfig, build: BuildContext):
         _check_modes([cfg.mode], build, "mode")
         self.cfg = cfg
+        self.add_state("enc", 0.0, dist_reduce_fx="sum")  # gradient norms summed over batches
+        self.add_state("rdr", 0.0, dist_reduce_fx="sum")
+        self.add_state("n", 0, dist_reduce_fx="sum")
 
     def batches(self, dataset, split, batch_size):
         n = dataset.num_examples(split)
         for j in range(self.cfg.n_batches):
             lo = (j * batch_size) % n
             yield dataset.make_batch(dataset.episodes(split, range(lo, min(n, lo + batch_size))), dataset.spec.budget)
-
-    def reset(self):
-        self.enc, self.rdr, self.n = 0.0, 0.0, 0
 
     def update(self, model, batch):
         params = [p for p in model.parameters() if p.requires_grad]
