@@ -31,9 +31,9 @@ import torch
 
 from engram_core.builtin.dynamics import MLPGaussianConfig, MLPGaussianHead, SyntheticDynamics, SyntheticDynamicsConfig
 from engram_core.components import BuildContext
-from engram_core.train.engine import Engine
 from engram_core.nn import gaussian_nll
 from engram_core.recipe import load_recipe
+from engram_core.train.engine import Engine
 
 SETTINGS = dict(dim=16, n_sequences=128, length=128, layers=3, batch=256, lr=1e-3, weight_decay=0.01, warmup=20, clip=1.0, log_every=10)
 

@@ -382,14 +382,14 @@ def _describe(console: Console, kind: str, name: str) -> int:
     console.print(f"[bold]{KIND_SINGULAR[k]} {comp.qualified}[/]  ({comp.factory.__module__}.{comp.factory.__name__})", soft_wrap=True)
     console.print(own_doc(comp.factory) or own_doc(comp.config_cls) or "(no docstring)", markup=False)
     caps = []
-    for label, vals in (("provides", comp.provides), ("requires", comp.requires), ("offers", comp.offers)):
+    for label, vals in (("provides", comp.provides), ("requires", comp.requires), ("points", comp.points)):
         if vals:
             caps.append(f"{label}: {', '.join(vals)}")
     if caps:
         console.print("; ".join(caps))
     from .points import PROTOCOLS, point_signature
 
-    points = [p for p in (comp.provides if k == "memories" else comp.offers if k == "heads" else ()) if p in PROTOCOLS]
+    points = [p for p in comp.points if p in PROTOCOLS]
     for point in points:
         role = "implements" if k == "memories" else "calls"
         console.print(f"point '{point}' ({role} engram_core.points.{PROTOCOLS[point].__name__}):", markup=False)

@@ -2,7 +2,10 @@
 
 A plugin is a module with functions marked ``@hookimpl``; each receives a ``register``
 callback. Components (the five kinds) take
-``register(name, factory, config_cls, *, provides=(), requires=(), offers=())``;
+``register(name, factory, config_cls, *, provides=(), requires=(), points=())``:
+`provides`/`requires` name capabilities (what a head, data set or memory can do; what an
+objective, metric or memory needs), `points` name attachment points (those a head offers,
+those a memory attaches at);
 extensions (optimisers, loggers, placements, commands) take ``register(name, factory, **options)``
 (`engram_core.registry.Extension`). Every hook goes through the one registry
 (`engram_core.registry`), which calls each plugin's hooks once, when it loads, and isolates a
@@ -29,12 +32,14 @@ def engram_datasets(register):
 
 @hookspec
 def engram_heads(register):
-    """Register heads; pass ``provides=("dynamics",)`` and ``offers=("residual",)``."""
+    """Register heads; pass capabilities ``provides=("dynamics",)`` and the attachment points it
+    offers, ``points=("residual",)``."""
 
 
 @hookspec
 def engram_memories(register):
-    """Register memory types; ``provides`` names the attachment points they fit."""
+    """Register memory types; ``points`` names the attachment points they fit (and ``provides``
+    any capability they add, ``requires`` any they need from the head or data set)."""
 
 
 @hookspec

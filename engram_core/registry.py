@@ -61,9 +61,14 @@ class Component:
     plugin: str
     factory: Callable[..., Any]
     config_cls: type
-    provides: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()  # capabilities: what objectives, metrics and memories may require
     requires: tuple[str, ...] = ()
-    offers: tuple[str, ...] = ()
+    points: tuple[str, ...] = ()  # attachment points: a head's it offers, a memory's it attaches at
+
+    @property
+    def offers(self) -> tuple[str, ...]:
+        """A head's attachment points (the earlier name of `points` for heads)."""
+        return self.points
 
     @property
     def qualified(self) -> str:
@@ -195,7 +200,7 @@ class Registry:
         return register
 
     def _registrar(self, kind: str, plugin: str, staged: list[Component]):
-        def register(name, factory, config_cls, *, provides=(), requires=(), offers=()):
+        def register(name, factory, config_cls, *, provides=(), requires=(), points=(), offers=()):
             what = f"plugin {plugin}: {KIND_SINGULAR[kind]} {name!r}"
             if not isinstance(name, str) or not name or ":" in name:
                 raise MalformedRegistration(f"{what}: the name must be a non-empty string without ':'")
@@ -203,16 +208,17 @@ class Registry:
                 raise MalformedRegistration(f"{what}: config class must be an attrs class, got {config_cls!r}")
             if not callable(factory):
                 raise MalformedRegistration(f"{what}: factory must be callable, got {factory!r}")
-            for label, caps in (("provides", provides), ("requires", requires), ("offers", offers)):
+            for label, caps in (("provides", provides), ("requires", requires), ("points", points), ("offers", offers)):
                 if isinstance(caps, str) or not all(isinstance(c, str) for c in caps):
                     raise MalformedRegistration(f"{what}: {label} must be a tuple of strings, got {caps!r}")
-            comp = Component(kind, name, plugin, factory, config_cls, tuple(provides), tuple(requires), tuple(offers))
+            provides, points = _points_of(kind, what, tuple(provides), tuple(points), tuple(offers))
+            comp = Component(kind, name, plugin, factory, config_cls, provides, tuple(requires), points)
             if kind == "memories":
                 # a memory that says it fits a point must implement that point's protocol;
                 # the plugin is then listed as broken (with why) and the others still load
                 from .points import check_memory_implements
 
-                problems = check_memory_implements(factory, comp.provides)
+                problems = check_memory_implements(factory, comp.points)
                 if problems:
                     raise TypeError(f"memory '{name}' ({getattr(factory, '__qualname__', factory)}) " + "; ".join(problems))
             clash = self.components[kind].get(comp.qualified) or next(
@@ -293,6 +299,26 @@ class Registry:
             return (f"it comes from plugin '{plugin}', which is not installed (no entry point '{plugin}' in the group "
                     f"'{ENTRY_POINT_GROUP}'): install its package (in an engram checkout: pip install -e plugins/{plugin})")
         return ""
+
+
+def _points_of(kind: str, what: str, provides: tuple, points: tuple, offers: tuple) -> tuple[tuple, tuple]:
+    """(capabilities, attachment points) of a registration. Earlier registrations said a head's
+    points with `offers` and a memory's with `provides` (which then also counted as its
+    capabilities): both still work for one release, with a DeprecationWarning."""
+    import warnings
+
+    if points and kind not in ("heads", "memories"):
+        raise MalformedRegistration(f"{what}: only heads and memories have attachment points (points=)")
+    if offers:
+        if kind != "heads":
+            raise MalformedRegistration(f"{what}: offers= is a head's attachment points; say points=")
+        warnings.warn(f"{what}: offers= is now points= (offers goes after the next release)", DeprecationWarning, stacklevel=4)
+        points = tuple(dict.fromkeys(points + offers))
+    if kind == "memories" and provides and not points:
+        warnings.warn(f"{what}: say the points it attaches at with points={provides!r}; provides= now names "
+                      "capabilities only (read as both for one more release)", DeprecationWarning, stacklevel=4)
+        points = provides
+    return provides, points
 
 
 def _dist_of(obj: Any) -> str:

@@ -227,8 +227,8 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from engram_core.run import rundir  # noqa: E402
 from engram_core.builtin.dynamics import SyntheticDynamics  # noqa: E402
+from engram_core.run import rundir  # noqa: E402
 
 
 def _small(tmp_path: Path, name: str = "small.toml", steps: int = 30) -> Path:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 from engram_core.components import Metric, reduce_states
+from engram_core.errors import RecipeError
 from engram_core.run.distributed import (
     Dist,
     check_batch_split,
@@ -30,7 +31,6 @@ from engram_core.run.distributed import (
     slice_batch,
     wrap_train_step,
 )
-from engram_core.errors import RecipeError
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import (
     alive,

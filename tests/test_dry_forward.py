@@ -11,10 +11,10 @@ import pytest
 from torch import nn
 
 from engram_core import Memory, hookimpl
-from engram_core.train.dry_forward import MAX_PARAMS, dry_forward
 from engram_core.points import LayerPoint
 from engram_core.recipe import load_recipe
 from engram_core.registry import load_registry
+from engram_core.train.dry_forward import MAX_PARAMS, dry_forward
 from engram_core.train.validate import ComponentError, check_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ class FixedWidthMemory(Memory, LayerPoint):
 
 @hookimpl
 def engram_memories(register):
-    register("fixed_width", FixedWidthMemory, FixedWidthConfig, provides=("layer",))
+    register("fixed_width", FixedWidthMemory, FixedWidthConfig, points=("layer",))
 
 
 def _zoo_recipe(tmp_path: Path, memory: str | None) -> Path:

@@ -163,8 +163,8 @@ def test_sweep_writes_one_run_per_point_and_tables(small_recipe, tmp_path):
 
 def test_param_groups_and_freezing(small_recipe, tmp_path):
     from engram_core import registry
-    from engram_core.train.engine import Engine
     from engram_core.recipe import load_recipe
+    from engram_core.train.engine import Engine
 
     registry._cached = None
     os.environ["ENGRAM_PLUGINS"] = ""

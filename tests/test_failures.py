@@ -112,7 +112,7 @@ class SlowStageEnd(Metric):
 
 @hookimpl
 def engram_heads(register):
-    register("exploding_head", ExplodingHead, Empty, provides=("dynamics",), offers=("residual",))
+    register("exploding_head", ExplodingHead, Empty, provides=("dynamics",), points=("residual",))
 
 
 @hookimpl
@@ -128,7 +128,7 @@ def engram_metrics(register):
 
 @hookimpl
 def engram_memories(register):
-    register("broken_memory", BrokenMemory, AtStep, provides=("residual",))
+    register("broken_memory", BrokenMemory, AtStep, points=("residual",))
 '''
 
 MALFORMED = '''

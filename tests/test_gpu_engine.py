@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram_core.train.engine import Engine
 from engram_core.recipe import load_recipe
 from engram_core.testing.cli import run_cli
 from engram_core.testing.dist import run_dirs
+from engram_core.train.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = ROOT / "recipes" / "minimal.toml"

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from engram_core.errors import RecipeError
+from engram_core.recipe import load_recipe
 from engram_core.recipe.explain import origins_by_key, print_config
 from engram_core.recipe.extends import load_tree
-from engram_core.recipe import load_recipe
 from engram_core.testing.cli import run_cli
 
 MINIMAL = (Path(__file__).resolve().parents[1] / "recipes" / "minimal.toml").read_text()

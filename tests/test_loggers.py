@@ -12,8 +12,8 @@ import torch
 
 from engram_core.errors import RecipeError
 from engram_core.hookspecs import hookimpl
-from engram_core.run.loggers import Logger, TrackedRunLogger, check_loggers
 from engram_core.registry import load_registry
+from engram_core.run.loggers import Logger, TrackedRunLogger, check_loggers
 from engram_core.testing.cli import run_cli
 
 MINIMAL = str(Path(__file__).resolve().parents[1] / "recipes" / "minimal.toml")
@@ -135,8 +135,8 @@ def test_a_plugin_registers_a_logger_through_the_hook(tmp_path, monkeypatch):
     plugin.engram_loggers = engram_loggers
     monkeypatch.setitem(sys.modules, "recorder_plugin", plugin)
     reg = load_registry(extra={"recorder": plugin})
-    from engram_core.train.engine import Engine
     from engram_core.recipe import load_recipe
+    from engram_core.train.engine import Engine
 
     recipe = load_recipe(MINIMAL, [*TINY, 'run.loggers=["tensorboard", "recorder"]'], registry=reg)
     RECORDED.clear()

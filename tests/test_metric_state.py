@@ -23,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from engram_core.components import DIST_REDUCE_FX, Metric
-from engram_core.distributed import Dist, leave_process_group
+from engram_core.run.distributed import Dist, leave_process_group
 
 
 class AllKinds(Metric):

@@ -135,7 +135,7 @@ def test_capability_mismatch_is_one_line_naming_both():
 
     @hookimpl
     def engram_memories(register):
-        register("layer_mem", Mem, Empty, provides=("layer",))
+        register("layer_mem", Mem, Empty, points=("layer",))
 
     @hookimpl
     def engram_objectives(register):
@@ -160,3 +160,37 @@ def test_describe_lists_every_config_key():
         assert key in r.stdout
     bad = run_cli("describe", "head", "mlp", tool="engram")
     assert bad.returncode == 2 and "unknown head" in bad.stderr
+
+
+def test_earlier_point_keywords_still_register_with_a_warning():
+    """`offers=` (a head's points) and a memory's `provides=` (its points) are the earlier
+    spellings of `points=`: they register as before, for one release, with a warning."""
+    import types
+
+    from engram_core.registry import PluginInfo, Registry
+
+    class Mem:
+        def layer_indices(self):
+            return (0,)
+
+        def apply_layer(self, index, hidden, ids):
+            return hidden
+
+    plugin = types.ModuleType("earlier_keywords")
+
+    @hookimpl
+    def engram_heads(register):
+        register("old_head", object, Empty, provides=("causal_lm",), offers=("layer",))
+
+    @hookimpl
+    def engram_memories(register):
+        register("old_mem", Mem, Empty, provides=("layer",))
+
+    plugin.engram_heads, plugin.engram_memories = engram_heads, engram_memories
+    reg = Registry()
+    with pytest.warns(DeprecationWarning, match="offers= is now points="):
+        reg.add_plugin("earlier", plugin, PluginInfo("earlier", "earlier_keywords"))
+    head = reg.components["heads"]["earlier:old_head"]
+    mem = reg.components["memories"]["earlier:old_mem"]
+    assert head.points == ("layer",) and head.provides == ("causal_lm",)
+    assert mem.points == ("layer",) and mem.provides == ("layer",)  # read as both, as before

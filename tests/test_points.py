@@ -121,7 +121,7 @@ def test_a_memory_that_does_not_implement_its_point_breaks_only_its_plugin():
 
     @hookimpl
     def engram_memories(register):
-        register("no_trace", NoTrace, Empty, provides=("trace",))
+        register("no_trace", NoTrace, Empty, points=("trace",))
 
     reg = load_registry(extra={"bad": _module("bad", engram_memories=engram_memories)})
     err = reg.plugins["bad"].error
@@ -130,11 +130,11 @@ def test_a_memory_that_does_not_implement_its_point_breaks_only_its_plugin():
     assert "core:causal_backbone" in reg.components["heads"]  # the rest still loads
 
 
-def test_every_installed_memory_implements_what_it_provides():
+def test_every_installed_memory_implements_the_points_it_names():
     reg = load_registry()
     assert not [p for p in reg.plugins.values() if p.broken]
     for comp in reg.components["memories"].values():
-        assert check_memory_implements(comp.factory, comp.provides) == [], comp.qualified
+        assert check_memory_implements(comp.factory, comp.points) == [], comp.qualified
 
 
 def test_describe_shows_the_point_and_its_signature():

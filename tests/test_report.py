@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engram_core.tools.report import aggregate_seeds, config_groups, load_run, load_sweep, plot_curves, plot_sweep
 from engram_core.sweep import sweep_tables
 from engram_core.testing.cli import run_cli
+from engram_core.tools.report import aggregate_seeds, config_groups, load_run, load_sweep, plot_curves, plot_sweep
 
 MINIMAL = Path(__file__).resolve().parents[1] / "recipes" / "minimal.toml"
 SHRINK = ["stages.0.steps=40", "stages.0.eval_every=20", "stages.0.warmup_steps=5", "stages.0.checkpoint_every=0"]

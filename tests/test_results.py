@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from engram_core.tools import results as R
 from engram_core.testing.cli import run_cli
+from engram_core.tools import results as R
 
 SPEC = """
 [[rows]]

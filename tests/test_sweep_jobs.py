@@ -20,8 +20,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engram_core.run import threads
 from engram_core.recipe import load_recipe
+from engram_core.run import threads
 from engram_core.sweep import _report_point
 from engram_core.testing.cli import run_cli
 

@@ -27,8 +27,8 @@ def engram_datasets(register):
 
 @hookimpl
 def engram_heads(register):
-    register("mlp_gaussian", MLPGaussianHead, MLPGaussianConfig, provides=("dynamics",), offers=("residual",))
-    register("causal_backbone", CausalBackbone, CausalBackboneConfig, provides=("causal_lm",), offers=("layer", "context", "trace"))
+    register("mlp_gaussian", MLPGaussianHead, MLPGaussianConfig, provides=("dynamics",), points=("residual",))
+    register("causal_backbone", CausalBackbone, CausalBackboneConfig, provides=("causal_lm",), points=("layer", "context", "trace"))
 
 
 @hookimpl

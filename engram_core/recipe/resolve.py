@@ -194,7 +194,8 @@ def _check_stage_references(stages, metrics, memory) -> list[tuple[str, str]]:
 
 
 def check_capabilities(data: Resolved, head: Resolved, memory: Resolved | None, objectives: dict, metrics: list) -> list[tuple[str, str]]:
-    """Every requirement met by what the data set, head or memory provides; memory attachable."""
+    """Every requirement met by the capabilities the data set, head or memory provides; the
+    memory attachable at one of the points the head offers."""
     problems = []
     offered = {
         "data": (data.component, set(data.component.provides)),
@@ -202,13 +203,13 @@ def check_capabilities(data: Resolved, head: Resolved, memory: Resolved | None, 
     }
     if memory is not None:
         offered["memory"] = (memory.component, set(memory.component.provides))
-        points = set(memory.component.provides) & set(head.component.offers)
-        if memory.component.provides and not points:
+        points = set(memory.component.points) & set(head.component.points)
+        if memory.component.points and not points:
             problems.append(
                 (
                     "memory.type",
-                    f"memory '{memory.type_as_written}' attaches at {_fmt(memory.component.provides)}, "
-                    f"but head '{head.type_as_written}' offers {_fmt(head.component.offers)}",
+                    f"memory '{memory.type_as_written}' attaches at {_fmt(memory.component.points)}, "
+                    f"but head '{head.type_as_written}' offers {_fmt(head.component.points)}",
                 )
             )
         if memory.component.requires:

@@ -76,7 +76,7 @@ def dry_forward(recipe, built) -> str:
     with torch.device("cpu"):
         head = make_component(recipe.head, BuildContext(**base), recipe.file)
         memory = make_component(recipe.memory, BuildContext(head=head, **base), recipe.file) if recipe.memory else None
-        points = [p for p in recipe.memory.component.provides if p in recipe.head.component.offers] if recipe.memory else []
+        points = [p for p in recipe.memory.component.points if p in recipe.head.component.points] if recipe.memory else []
         model = Model(head, memory, points[0] if points else None)
         objective = make_component(objective_cfg, BuildContext(head=head, **base), recipe.file)
     model.eval()

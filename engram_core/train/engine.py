@@ -108,7 +108,7 @@ class Engine(TrainLoop, Evaluation, CheckpointState):
         point = None
         if r.memory is not None:
             self.memory = self._make(r.memory, BuildContext(spec=spec, dataset=self.dataset, head=self.head, **base))
-            points = [p for p in r.memory.component.provides if p in r.head.component.offers]
+            points = [p for p in r.memory.component.points if p in r.head.component.points]
             point = points[0] if points else None
         self.model = Model(self.head, self.memory, point).to(self.device)
         place = getattr(self.dataset, "place", None)

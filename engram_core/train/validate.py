@@ -282,7 +282,7 @@ def check_recipe(recipe: Recipe, device: str | None = None) -> DryBuild:
             mb = BuildContext(spec=out.spec, dataset=out.dataset, head=out.head, **base)
             out.memory = attempt(make_component, recipe.memory, mb, file)
         if out.head is not None:
-            points = [p for p in recipe.memory.component.provides if p in recipe.head.component.offers] if recipe.memory else []
+            points = [p for p in recipe.memory.component.points if p in recipe.head.component.points] if recipe.memory else []
             try:
                 with blame(f"head '{recipe.head.type_as_written}' (head) attaching memory", file, 2):
                     out.model = Model(out.head, out.memory, points[0] if points else None)

@@ -41,22 +41,22 @@ def engram_datasets(register):
 
 @hookimpl
 def engram_heads(register):
-    register("gaussian_mlp", GaussianMLPHead, GaussianMLPConfig, provides=("dynamics",), offers=("residual",))
-    register("vmf_magnitude", VMFMagnitudeHead, VMFMagnitudeConfig, provides=("dynamics", "vmf"), offers=("direction",))
+    register("gaussian_mlp", GaussianMLPHead, GaussianMLPConfig, provides=("dynamics",), points=("residual",))
+    register("vmf_magnitude", VMFMagnitudeHead, VMFMagnitudeConfig, provides=("dynamics", "vmf"), points=("direction",))
     # the least-squares baseline (fit it with a `fit` stage: target = "head", action = "fit");
     # output = "gaussian" takes a memory at `residual`, output = "vmf" at `direction`
-    register("linear", LinearHead, LinearConfig, provides=("dynamics",), offers=("residual", "direction"))
+    register("linear", LinearHead, LinearConfig, provides=("dynamics",), points=("residual", "direction"))
     # the linear head plus an MLP correction starting at zero: fit, then train the correction
-    register("linear_mlp", LinearMLPHead, LinearMLPConfig, provides=("dynamics",), offers=("residual", "direction"))
+    register("linear_mlp", LinearMLPHead, LinearMLPConfig, provides=("dynamics",), points=("residual", "direction"))
 
 
 @hookimpl
 def engram_memories(register):
-    register("kmeans", KMeansMemory, KMeansMemoryConfig, provides=("residual",))
-    register("residual_topk", ResidualTopKMemory, ResidualTopKConfig, provides=("residual",))
-    register("gated_residual", GatedResidualMemory, GatedResidualConfig, provides=("residual",))
-    register("hybrid", HybridMemory, GatedResidualConfig, provides=("residual",))
-    register("basis", BasisMemory, BasisMemoryConfig, provides=("residual", "direction"))
+    register("kmeans", KMeansMemory, KMeansMemoryConfig, points=("residual",))
+    register("residual_topk", ResidualTopKMemory, ResidualTopKConfig, points=("residual",))
+    register("gated_residual", GatedResidualMemory, GatedResidualConfig, points=("residual",))
+    register("hybrid", HybridMemory, GatedResidualConfig, points=("residual",))
+    register("basis", BasisMemory, BasisMemoryConfig, points=("residual", "direction"))
 
 
 @hookimpl

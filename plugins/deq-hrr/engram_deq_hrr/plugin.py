@@ -25,12 +25,12 @@ def engram_datasets(register):
 
 @hookimpl
 def engram_heads(register):
-    register("deq_classifier", DEQClassifier, DEQClassifierConfig, provides=("classify", "deq"), offers=("trace",))
+    register("deq_classifier", DEQClassifier, DEQClassifierConfig, provides=("classify", "deq"), points=("trace",))
 
 
 @hookimpl
 def engram_memories(register):
-    register("hrr", HRRMemory, HRRMemoryConfig, provides=("trace",))
+    register("hrr", HRRMemory, HRRMemoryConfig, points=("trace",))
 
 
 @hookimpl

@@ -17,14 +17,14 @@ def engram_datasets(register):
 
 @hookimpl
 def engram_heads(register):
-    register("tiny_causal_lm", TinyCausalLMHead, TinyCausalLMConfig, provides=("causal_lm",), offers=("layer",))
-    register("hf_causal_lm", HFCausalLMHead, HFCausalLMConfig, provides=("causal_lm",), offers=("layer",))
+    register("tiny_causal_lm", TinyCausalLMHead, TinyCausalLMConfig, provides=("causal_lm",), points=("layer",))
+    register("hf_causal_lm", HFCausalLMHead, HFCausalLMConfig, provides=("causal_lm",), points=("layer",))
 
 
 @hookimpl
 def engram_memories(register):
-    register("engram_hash", EngramHashMemory, EngramHashConfig, provides=("layer",))
-    register("hybrid_hash_content", HybridHashContentMemory, HybridHashContentConfig, provides=("layer",))
+    register("engram_hash", EngramHashMemory, EngramHashConfig, points=("layer",))
+    register("hybrid_hash_content", HybridHashContentMemory, HybridHashContentConfig, points=("layer",))
 
 
 @hookimpl

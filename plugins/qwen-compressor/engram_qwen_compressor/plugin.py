@@ -26,14 +26,14 @@ def engram_datasets(register):
 
 @hookimpl
 def engram_heads(register):
-    register("reader", CompressorReader, ReaderConfig, provides=("reader", "causal_lm"), offers=("context",))
+    register("reader", CompressorReader, ReaderConfig, provides=("reader", "causal_lm"), points=("context",))
 
 
 @hookimpl
 def engram_memories(register):
-    register("mem_encoder", MemEncoder, MemEncoderConfig, provides=("context",))
-    register("reader_encoder", ReaderEncoder, ReaderEncoderConfig, provides=("context",), requires=("reader",))
-    register("token_select", TokenSelect, TokenSelectConfig, provides=("context",), requires=("reader",))
+    register("mem_encoder", MemEncoder, MemEncoderConfig, points=("context",), provides=("context",))
+    register("reader_encoder", ReaderEncoder, ReaderEncoderConfig, points=("context",), provides=("context",), requires=("reader",))
+    register("token_select", TokenSelect, TokenSelectConfig, points=("context",), provides=("context",), requires=("reader",))
 
 
 @hookimpl
