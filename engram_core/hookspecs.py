@@ -23,6 +23,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 KINDS = ("datasets", "heads", "memories", "objectives", "metrics")
 EXTENSIONS = ("optimizers", "loggers", "placements", "commands")
+ENGINE_HOOKS = ("held_rows", "clip_grad_norm", "serve_peers", "save_extras", "load_extras", "prune_extras",
+                "extra_state_keys")
 
 
 @hookspec
@@ -84,3 +86,55 @@ def engram_commands(register):
     ``configure(parser)`` adds its arguments to an `argparse` parser and returns
     ``handler(args, console) -> int`` (the exit status). A plugin's command runs when typed
     (`engram NAME`); `engram --help` lists the core's commands without importing plugins."""
+
+
+# ---- engine hooks: state the model's parameters do not hold --------------------------------
+# How the engine reaches large tables whose rows live outside their parameter (host memory)
+# or are split over ranks (engram_core.tables implements every one): the engine imports no
+# table code. Each is called with keyword arguments; a plugin implements only those it needs.
+
+
+@hookspec
+def engram_held_rows(model):
+    """[(parameter name, holder)] for parameters of `model` whose rows live outside them. A
+    holder has `claim(optimizer or None)`, `optimizer` (the one that claimed it) and
+    `gradient_leaves()` (the device tensors holding its gradient this step, clipped with the
+    rest). Such a parameter trains only under an optimiser registered with `holds_rows`."""
+
+
+@hookspec(firstresult=True)
+def engram_clip_grad_norm(params, max_norm, model):
+    """Clip as `torch.nn.utils.clip_grad_norm_` does where `model` holds gradients that call
+    would miss (rows split over ranks: the norm over every rank's rows); return the total
+    norm, or None to let the engine clip."""
+
+
+@hookspec
+def engram_serve_peers():
+    """A rank has read its share of a sharded evaluation: answer the other ranks' requests
+    until all are done (row-sharded tables answer lookups). Collective; returns what it served."""
+
+
+@hookspec
+def engram_save_extras(run_dir, tag, model, optimizers, optimizer_states):
+    """Every rank, at each checkpoint: write state the checkpoint must not hold (each rank's
+    own rows) under run_dir/checkpoints/, drop it from `optimizer_states` (rank 0's, about to be
+    saved), and return {checkpoint key: what finds it again}, or None."""
+
+
+@hookspec
+def engram_load_extras(run_dir, state, model, optimizers):
+    """Load what `engram_save_extras` wrote for the checkpoint `state`: into `model` when
+    `optimizers` is None (before any stage), else into the restored `optimizers`."""
+
+
+@hookspec
+def engram_prune_extras(run_dir, state):
+    """After rank 0 wrote the checkpoint `state`: remove what older checkpoints' extras left."""
+
+
+@hookspec
+def engram_extra_state_keys(state):
+    """Model state-dict keys the checkpoint `state` keeps outside its "model" entry (so a
+    resume does not call them missing)."""
+

@@ -73,8 +73,6 @@ def engram_loggers(register):
 def engram_optimizers(register):
     import torch
 
-    from ..tables.rowwise import RowwiseAdagrad, RowwiseAdam
-
     def sparse_adam(groups, st):
         for g in groups:  # SparseAdam has no weight decay
             g.pop("weight_decay", None)
@@ -84,38 +82,3 @@ def engram_optimizers(register):
     register("adam", lambda groups, st: torch.optim.Adam(groups, lr=st.lr, betas=st.betas), help="torch.optim.Adam")
     register("sgd", lambda groups, st: torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum), help="torch.optim.SGD (stage momentum)")
     register("sparse_adam", sparse_adam, help="torch.optim.SparseAdam, for sparse table gradients (no weight decay)")
-    register(
-        "rowwise_adagrad",
-        lambda groups, st: RowwiseAdagrad(groups, lr=st.lr),
-        help="row-wise Adagrad: one accumulator per row, touched rows only",
-        holds_rows=True,
-    )
-    register(
-        "rowwise_adam",
-        lambda groups, st: RowwiseAdam(groups, lr=st.lr, betas=st.betas),
-        help="row-wise Adam: per-row second moment and step count, touched rows only",
-        holds_rows=True,
-    )
-
-
-@hookimpl
-def engram_placements(register):
-    # where a large table's rows live (engram_core.tables); each module is imported when a table is built
-    def device(num_rows, dim, sparse=False):
-        from ..tables.device_rows import DeviceRowTable
-
-        return DeviceRowTable(num_rows, dim, sparse=sparse)
-
-    def host(num_rows, dim, sparse=False):
-        from ..tables.host_rows import host_row_table
-
-        return host_row_table(num_rows, dim, sparse=sparse)
-
-    def sharded(num_rows, dim, sparse=False):
-        from ..tables.sharded_rows import ShardedEmbedding
-
-        return ShardedEmbedding(num_rows, dim, sparse=sparse)
-
-    register("device", device, help="an nn.Embedding on the model's device")
-    register("host", host, help="rows in pinned host memory, gathered ahead of the forward; a row-wise optimiser trains them")
-    register("sharded", sharded, help="rows split over the ranks of a torchrun run, looked up with all-to-all")

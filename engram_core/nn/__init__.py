@@ -1,7 +1,6 @@
 """Building blocks shared by plugins: Gaussian NLL, soft top-k retrieval, a small
 causal transformer, a byte-level tokenizer. Plain modules and functions."""
 
-from ..tables.sharded_rows import ShardedEmbedding  # re-exported: its earlier public path
 from .gaussian import diagonal_gaussian_nll_per_item, gaussian_nll
 from .retrieval import soft_topk, soft_topk_weights
 from .tokenizer import ByteTokenizer
@@ -15,5 +14,14 @@ __all__ = [
     "CausalTransformer",
     "CausalTransformerConfig",
     "ByteTokenizer",
-    "ShardedEmbedding",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ShardedEmbedding":  # moved to engram_core.tables.sharded_rows; the earlier name works for one release
+        import importlib
+        import warnings
+
+        warnings.warn("engram_core.nn.ShardedEmbedding moved to engram_core.tables.sharded_rows.ShardedEmbedding", DeprecationWarning, stacklevel=2)
+        return importlib.import_module("engram_core.tables.sharded_rows").ShardedEmbedding
+    raise AttributeError(f"module 'engram_core.nn' has no attribute {name!r}")

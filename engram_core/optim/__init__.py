@@ -15,6 +15,16 @@ and the `TrainStage`, and returns a `torch.optim.Optimizer`. The core registers
 
 from __future__ import annotations
 
-from ..tables.rowwise import RowwiseAdagrad, RowwiseAdam, attach_row_holder, row_holder
+import importlib
+import warnings
 
-__all__ = ["RowwiseAdagrad", "RowwiseAdam", "attach_row_holder", "row_holder"]
+# the row-wise optimisers and row holders moved to engram_core.tables.rowwise (an optional part
+# the kernel does not import); their earlier names here import it on use, for one release
+_MOVED = ("RowwiseAdagrad", "RowwiseAdam", "attach_row_holder", "row_holder")
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module 'engram_core.optim' has no attribute {name!r}")
+    warnings.warn(f"engram_core.optim.{name} moved to engram_core.tables.rowwise.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module("engram_core.tables.rowwise"), name)

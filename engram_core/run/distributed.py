@@ -188,9 +188,21 @@ def teardown(finished: bool = True) -> None:
     if _current.enabled:
         leave_process_group(finished)
         return
-    from ..tables.sharded_rows import forget_process_group
+    _left_process_group()
 
-    forget_process_group()
+
+_ON_LEAVE: dict = {}  # id -> what to call once the run left its process group (or never had one)
+
+
+def on_leave(fn) -> None:
+    """Call `fn()` when the run leaves its process group (`teardown`): for anything built on the
+    group that must not outlive it (row-sharded tables' lookup group). Registering twice is once."""
+    _ON_LEAVE[id(fn)] = fn
+
+
+def _left_process_group() -> None:
+    for fn in list(_ON_LEAVE.values()):
+        fn()
 
 
 def leave_process_group(finished: bool = True) -> None:
@@ -200,8 +212,6 @@ def leave_process_group(finished: bool = True) -> None:
     for the others: a rank that exits while a peer's gloo threads still talk to it makes that
     peer abort ("terminate called without an active exception"). After a failure there is no
     barrier, since the peer may be gone."""
-    from ..tables.sharded_rows import forget_process_group
-
     if torch_dist.is_available() and torch_dist.is_initialized():
         if finished:
             import gc
@@ -209,7 +219,7 @@ def leave_process_group(finished: bool = True) -> None:
             gc.collect()
             torch_dist.barrier()
         torch_dist.destroy_process_group()
-    forget_process_group()
+    _left_process_group()
     _current = Dist()
 
 

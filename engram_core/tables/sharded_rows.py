@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..run import distributed
 
 # rows drawn per slice at initialisation: a multiple of 16 values per slice keeps the CPU
 # normal_ stream of the slices identical to one normal_ over the whole table
@@ -73,7 +74,7 @@ def lookup_group():
 
 
 def forget_process_group() -> None:
-    """Drop the lookup group and the table ids (distributed.teardown calls it)."""
+    """Drop the lookup group and the table ids (`distributed.teardown` calls it: `on_leave`)."""
     global _group
     _group = None
     _tables.clear()
@@ -198,6 +199,7 @@ class ShardedEmbedding(nn.Module):
             lookup_group()
             self.table_id = len(_tables)
             _tables.append(weakref.ref(self))
+            distributed.on_leave(forget_process_group)  # the lookup group must not outlive the run's
             self.register_state_dict_post_hook(_drop_rows_from_state)
             self.register_load_state_dict_pre_hook(_take_own_rows)
             self.register_load_state_dict_post_hook(_rows_come_from_sharded_state)  # e.g. Dist.broadcast_state

@@ -23,7 +23,6 @@ import torch
 from ..errors import RecipeError
 from ..recipe import apply_override, load_recipe, parse_override, read_toml, split_key
 from ..run.rundir import load_checkpoint, nonfinite_tensors, save_checkpoint
-from ..tables import state as sharded_state
 
 # settings a checkpoint stays valid under (glob patterns of override keys)
 RESUMABLE = (
@@ -123,8 +122,8 @@ def check_checkpoint_fits(run_dir: Path, engine, recipe) -> None:
     if state["stage_index"] >= len(recipe.stages):
         raise RecipeError([("stages", f"the checkpoint is in stage {state['stage_index']}, but the recipe has "
                                       f"{len(recipe.stages)} stages: {fix}")], file)
-    sharded = {f"{n}.weight" for n in (state.get("sharded_tables") or {}).get("tables", ())}
-    problems = _state_problems("", state["model"], engine.model, sharded)
+    elsewhere = set().union(*engine.registry.pm.hook.engram_extra_state_keys(state=state))
+    problems = _state_problems("", state["model"], engine.model, elsewhere)
     for i, objective in engine.objectives.items():
         saved = state.get("objectives", {}).get(str(i))
         if saved is not None:
@@ -157,8 +156,15 @@ class CheckpointState:
     """The engine's checkpoint state: writing a stage's checkpoint (model, optimisers, schedules, RNG, the stage's progress) and restoring what every stage shares. A part of `Engine` (engram_core.train.engine)."""
 
     def _checkpoint(self, index: int, stage_step: int, done: bool, opts, scheds, scaler=None) -> None:
-        # every rank: its rows of row-sharded tables, with torch.distributed.checkpoint (engram_core.tables.state)
-        tables = sharded_state.save(self.run_dir, f"s{index}-{stage_step}" + ("-done" if done else ""), self.model, opts) if self.dist.enabled else None
+        # every rank: state the checkpoint must not hold (its rows of row-sharded tables), through
+        # the engine hook engram_save_extras, which also drops it from rank 0's optimiser states
+        opt_states = [o.state_dict() for o in opts] if self.dist.is_main else []
+        extras = {}
+        if self.dist.enabled:
+            tag = f"s{index}-{stage_step}" + ("-done" if done else "")
+            for found in self.registry.pm.hook.engram_save_extras(run_dir=self.run_dir, tag=tag, model=self.model,
+                                                                   optimizers=opts, optimizer_states=opt_states):
+                extras.update(found or {})
         if not self.dist.is_main:
             return  # every rank holds the same weights, optimizer and sampler state: rank 0 saves them
         bad = nonfinite_tensors(self.model.state_dict())
@@ -175,8 +181,7 @@ class CheckpointState:
             "model": self.model.state_dict(),
             "objectives": {str(i): o.state_dict() for i, o in self.objectives.items()},
             "metrics": {str(i): m.state_dict() for i, m in enumerate(self.metrics) if hasattr(m, "state_dict")},
-            "optimizers": sharded_state.strip_rows([o.state_dict() for o in opts], opts, self.model),
-            "sharded_tables": tables,
+            "optimizers": opt_states,
             "schedulers": [s.state_dict() for s in scheds],
             "scaler": scaler.state_dict() if scaler is not None else None,
             "world_size": self.dist.world_size,
@@ -185,8 +190,9 @@ class CheckpointState:
             "saved_at": time.time(),
         }
         state.update(self._rng_state())
+        state.update(extras)
         save_checkpoint(self.run_dir, state)
-        sharded_state.prune(self.run_dir, tables["folder"] if tables else None)
+        self.registry.pm.hook.engram_prune_extras(run_dir=self.run_dir, state=state)
 
     def _rng_state(self) -> dict:
         py = random.getstate()
@@ -212,7 +218,7 @@ class CheckpointState:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
 
     def _restore_common(self, state: dict) -> None:
-        sharded_state.load_model_state(self.run_dir, state, self.model)
+        self._load_model_state(state)
         for i, o in self.objectives.items():
             if str(i) in state["objectives"]:
                 o.load_state_dict(state["objectives"][str(i)])
@@ -222,3 +228,16 @@ class CheckpointState:
         self.step = state["global_step"]
         self.prior_wall = state.get("wall_time_s", 0.0)
         self._restore_rng(state)
+
+    def _load_model_state(self, state: dict) -> None:
+        """The model's weights from the checkpoint; weights a plugin keeps elsewhere (each rank's
+        rows of row-sharded tables: `engram_extra_state_keys`) are loaded by `engram_load_extras`."""
+        elsewhere = set().union(*self.registry.pm.hook.engram_extra_state_keys(state=state))
+        if not elsewhere:
+            self.model.load_state_dict(state["model"])
+        else:
+            result = self.model.load_state_dict(state["model"], strict=False)
+            wrong = [k for k in result.missing_keys if k not in elsewhere] + list(result.unexpected_keys)
+            if wrong:
+                raise RuntimeError(f"checkpoint does not match the model: {', '.join(wrong[:5])}")
+        self.registry.pm.hook.engram_load_extras(run_dir=self.run_dir, state=state, model=self.model, optimizers=None)

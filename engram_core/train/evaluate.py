@@ -13,7 +13,6 @@ from ..run.rundir import (
     load_checkpoint,
     nonfinite_tensors,
 )
-from ..tables.sharded_rows import serve_peers
 from .validate import blame
 
 
@@ -58,7 +57,7 @@ class Evaluation:
                     for batch in batches:
                         metric.update(self.model, to_device(batch, self.device))
                     if self.dist.enabled:
-                        serve_peers()  # row-sharded tables: answer the lookups of ranks with more batches
+                        self.registry.pm.hook.engram_serve_peers()  # row-sharded tables: answer the lookups of ranks with more batches
                 if sharded:
                     metric.dist_reduce(self.dist)
                 computed = metric.compute()

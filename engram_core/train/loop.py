@@ -14,12 +14,9 @@ import torch
 
 from ..components import Event, to_device
 from ..errors import NonFiniteLossError, RecipeError
-from ..optim import row_holder
 from ..recipe import TrainStage
 from ..run import distributed, threads
 from ..run.accel import autocast, compile_failure, grad_scaler, is_compile_failure
-from ..tables import state as sharded_state
-from ..tables.sharded_rows import clip_grad_norm_
 from .graphs import CapturedStep, make_capturable
 from .meter import StepMeter
 from .validate import blame
@@ -79,10 +76,20 @@ class TrainLoop:
             raise RecipeError([(f"stages.{index}.train", "no parameter trains in this stage (check train/freeze patterns)")], self.recipe.file)
         return chosen
 
+    def _held_rows(self) -> list:
+        """(name, holder) of the parameters whose rows live outside them (engine hook `engram_held_rows`)."""
+        return [pair for found in self.registry.pm.hook.engram_held_rows(model=self.model) for pair in found]
+
+    def _clip_grad_norm(self, params: list, max_norm: float) -> None:
+        """Clip to `max_norm`; a plugin clips where the model holds gradients torch's call would
+        miss (row-sharded tables: the norm over every rank's rows, `engram_clip_grad_norm`)."""
+        if self.registry.pm.hook.engram_clip_grad_norm(params=params, max_norm=max_norm, model=self.model) is None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def _held_row_problems(self) -> list[tuple[str, str]]:
         """Tables whose rows live outside their parameter (memory.placement) can only be
         trained by an optimiser registered with `holds_rows`: said before any stage runs."""
-        held = [n for n, p in self.model.named_parameters() if row_holder(p) is not None]
+        held = [n for n, _ in self._held_rows()]
         if not held:
             return []
         if self.dist.enabled:
@@ -237,7 +244,7 @@ class TrainLoop:
             dense = [p for p in run.params if p.grad is not None and not p.grad.is_sparse]
             for _, holder in run.held:  # rows held outside their parameter keep their gradients in device buffers
                 dense += holder.gradient_leaves()
-            clip_grad_norm_(dense, st.grad_clip, self.model)  # row-sharded tables: the norm over all ranks' rows
+            self._clip_grad_norm(dense, st.grad_clip)
         for o in run.opts:
             if run.scaler is not None:
                 run.scaler.step(o)
@@ -251,7 +258,8 @@ class TrainLoop:
         resume, their state from the checkpoint."""
         objective = self.objectives[index]
         chosen = self._select_params(st, index)
-        held = [(n, row_holder(p)) for n, p in chosen if row_holder(p) is not None]
+        names = {n for n, _ in chosen}
+        held = [(n, holder) for n, holder in self._held_rows() if n in names]
         for _, holder in held:
             holder.claim(None)  # this stage's optimisers claim them again
         opts = self._optimizers(st, chosen)
@@ -295,7 +303,7 @@ class TrainLoop:
         recipe_groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in opts]
         for o, s in zip(opts, state["optimizers"]):
             o.load_state_dict(s)
-        sharded_state.load_optimizers(self.run_dir, state.get("sharded_tables"), opts, self.model)  # rows this rank owns
+        self.registry.pm.hook.engram_load_extras(run_dir=self.run_dir, state=state, model=self.model, optimizers=opts)  # rows this rank owns
         for sc, s in zip(scheds, state["schedulers"]):
             sc.load_state_dict(s)
         for o, sc, groups in zip(opts, scheds, recipe_groups):
