@@ -118,7 +118,7 @@ def detach(model):
 
 
 def optimizers(model, args, fused_ok: bool):
-    from engram_core.optim import RowwiseAdagrad, RowwiseAdam
+    from engram_core.tables.rowwise import RowwiseAdagrad, RowwiseAdam
 
     mem = getattr(model, "engram", None)
     tables = [b.table.weight for b in mem.blocks.values()] if mem is not None else []

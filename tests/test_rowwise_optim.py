@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from engram_core.optim import RowwiseAdagrad, RowwiseAdam
 from engram_core.registry import load_registry
+from engram_core.tables.rowwise import RowwiseAdagrad, RowwiseAdam
 
 ROWS, DIM = 50, 6
 

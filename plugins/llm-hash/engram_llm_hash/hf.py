@@ -33,7 +33,7 @@ from torch import nn
 
 from engram_core.components import BuildContext
 from engram_core.config import ConfigError, structure, unstructure
-from engram_core.optim import row_holder
+from engram_core.tables.rowwise import row_holder
 
 from .memory import EngramHashConfig, EngramHashMemory, check_layers
 

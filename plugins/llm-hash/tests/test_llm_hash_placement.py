@@ -15,10 +15,10 @@ from engram_llm_hash.memory import EngramHashConfig
 from llm_hash_helpers import DIM, VOCAB, memory, perturb
 
 from engram_core.config import ConfigError
-from engram_core.optim import RowwiseAdagrad, RowwiseAdam
 from engram_core.recipe.extends import load_tree
 from engram_core.tables.device_rows import DeviceRowTable
 from engram_core.tables.host_rows import HostRowTable
+from engram_core.tables.rowwise import RowwiseAdagrad, RowwiseAdam
 
 
 def test_device_placement_is_an_embedding_with_full_weight():

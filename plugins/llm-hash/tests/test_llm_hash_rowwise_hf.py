@@ -5,7 +5,7 @@ import torch
 from engram_llm_hash import add_engram, engram_optimizer, engram_param_groups
 from hf_tiny import VOCAB, tiny_model
 
-from engram_core.optim import RowwiseAdam
+from engram_core.tables.rowwise import RowwiseAdam
 
 transformers = pytest.importorskip("transformers")
 
