@@ -35,10 +35,10 @@ import math
 import attrs
 import torch
 
-from .components import BuildContext, Metric
-from .config import field, in_range, non_negative, one_of, positive
-from .errors import ConfigError
-from .nn import diagonal_gaussian_nll_per_item
+from engram_core.components import BuildContext, Metric
+from engram_core.config import field, in_range, non_negative, one_of, positive
+from engram_core.errors import ConfigError
+from engram_core.nn import diagonal_gaussian_nll_per_item
 
 
 def nll_and_step(head, z: torch.Tensor, dz: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None):
