@@ -89,7 +89,7 @@ def attach(model, args, placement: str, device):
     """Engram on `model`, its tables made where they live and in their dtype (a 4 × 10⁸-row
     table never exists as a float32 copy first), the memory's other weights in the model's."""
     from engram_llm_hash.hf import HFInjector, _DimsOnly, decoder_layers, engram_config
-    from engram_llm_hash.memory import EngramHashMemory
+    from engram_llm_hash.memories import EngramHashMemory
 
     from engram_core.components import BuildContext
 

@@ -91,7 +91,7 @@ def copy_bandwidth(args, device) -> dict:
 
 def make_block(size, kernels_choice, args, device, sparse=False):
     from engram_llm_hash.hf import _DimsOnly
-    from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory
+    from engram_llm_hash.memories import EngramHashConfig, EngramHashMemory
 
     from engram_core.components import BuildContext
 

@@ -34,7 +34,7 @@ import torch
 def worker(args) -> None:
     import torch.distributed as torch_dist
     from engram_llm_hash.hf import _DimsOnly
-    from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory
+    from engram_llm_hash.memories import EngramHashConfig, EngramHashMemory
 
     from engram_core.components import BuildContext
     from engram_core.tables.sharded_rows import sharded_tables

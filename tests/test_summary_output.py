@@ -37,11 +37,14 @@ def test_got_worse_follows_the_declared_direction():
 
 
 def test_declarations_match_names_and_globs_and_resolve_references():
+    from engram_core import Metric
     from engram_core.builtin.lm import CompletionAccuracy
-    from engram_core.generation import GenerationMetric
+
+    class Rollouts(Metric):  # tags under a configurable prefix (as audio-mimi's `generate`)
+        directions = {"*/spectral_distance": "lower"}
 
     recipe = {"data": {"type": "mqar", "vocab_size": 64}}
-    info = MetricInfo.from_classes([CompletionAccuracy, GenerationMetric], recipe)
+    info = MetricInfo.from_classes([CompletionAccuracy, Rollouts], recipe)
     assert info.of("eval/acc").direction == HIGHER
     assert info.of("eval/acc").levels({}) == {"chance": pytest.approx(1 / 32)}
     assert info.of("eval/params").is_cost and info.of("eval/tokens_per_s").is_cost
@@ -55,7 +58,7 @@ def test_declarations_match_names_and_globs_and_resolve_references():
 def _fake_run(tmp_path: Path, stages: dict) -> Path:
     run = tmp_path / "runs" / "r" / "20261205-000000-abcdef"
     run.mkdir(parents=True)
-    (run / "recipe.toml").write_text('[run]\nname = "r"\n\n[[metrics]]\ntype = "loss"\n\n[[metrics]]\ntype = "core:generate"\nprefix = "generate"\n')
+    (run / "recipe.toml").write_text('[run]\nname = "r"\n\n[[metrics]]\ntype = "loss"\n\n[[metrics]]\ntype = "core:completion_accuracy"\n')
     summary = {"name": "a_recipe_with_a_long_name_for_the_title", "status": "completed", "steps": 2300, "wall_time_s": 27.4,
                "stages": stages}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -64,19 +67,21 @@ def _fake_run(tmp_path: Path, stages: dict) -> Path:
 
 def test_final_table_marks_directions_and_flags_what_got_worse(tmp_path):
     run = _fake_run(tmp_path, {
-        "pre": {"eval/loss": -60.0, "generate/spectral_distance": 1.68, "generate/a_very_long_metric_name_that_is_wide": 1.0},
-        "post": {"eval/loss": -70.0, "generate/spectral_distance": 4.23, "generate/a_very_long_metric_name_that_is_wide": 2.0},
+        "pre": {"eval/loss": -60.0, "eval/seq_acc": 0.9, "eval/params": 1.68, "eval/a_very_long_metric_name_that_is_wide": 1.0},
+        "post": {"eval/loss": -70.0, "eval/seq_acc": 0.5, "eval/params": 4.23, "eval/a_very_long_metric_name_that_is_wide": 2.0},
     })
     console, buf = _log_console()
     print_summary(console, json.loads((run / "summary.json").read_text()), run)
     out = buf.getvalue()
     lines = out.splitlines()
     assert lines[0] == "a_recipe_with_a_long_name_for_the_title: final metrics (completed, 2300 steps, 27s)"  # one line
-    row = next(l for l in lines if "generate/spectral_distance" in l)
+    row = next(l for l in lines if "eval/params" in l)  # lower is better (completion_accuracy declares it)
     assert "↓" in row and "4.2300 (worse)" in row and "1.6800 (worse)" not in row
+    row = next(l for l in lines if "eval/seq_acc" in l)  # higher is better
+    assert "↑" in row and "0.5000 (worse)" in row and "0.9000 (worse)" not in row
     assert "-70.0000 (worse)" not in out  # the loss fell: better
-    assert "got worse: generate/spectral_distance" in out
-    assert any("generate/a_very_long_metric_name_that_is_wide" in l for l in lines)  # not folded at 80 columns
+    assert "got worse: eval/seq_acc, eval/params" in out
+    assert any("eval/a_very_long_metric_name_that_is_wide" in l for l in lines)  # not folded at 80 columns
     hint = next(l for l in lines if l.startswith("review it:"))
     command = hint.split()[2]
     assert command == "tensorboard" or (os.path.isabs(command) and os.access(command, os.X_OK))  # runs as printed
@@ -99,7 +104,8 @@ def test_run_info_comes_from_the_recipes_metric_classes(tmp_path):
     run = _fake_run(tmp_path, {"final": {"eval/loss": 1.0}})
     info = for_run(run)
     assert info.of("eval/loss").direction == LOWER
-    assert info.of("generate/dnll").direction == LOWER
+    assert info.of("eval/params").direction == LOWER  # completion_accuracy's own declaration, found from recipe.toml
+    assert info.of("eval/seq_acc").direction == HIGHER
     assert for_run(tmp_path / "nowhere").of("eval/loss").direction == LOWER  # the engine's tags are known anyway
 
 
@@ -157,6 +163,7 @@ def test_validate_counts_in_the_singular(minimal_recipe):
 
 
 def test_metric_info_json_round_trips_and_wins_over_the_recipe(tmp_path):
+    from engram_core.builtin.dynamics import LossMetric
     from engram_core.builtin.lm import CompletionAccuracy
     from engram_core.run.metric_info import write_for_run
 
@@ -164,5 +171,6 @@ def test_metric_info_json_round_trips_and_wins_over_the_recipe(tmp_path):
     write_for_run(run, [CompletionAccuracy], {"data": {"type": "mqar", "vocab_size": 16}})  # what the engine would write
     info = for_run(run)
     assert info.of("eval/acc").direction == HIGHER
-    assert info.of("eval/acc").levels({}) == {"chance": 1 / 8}
-    assert info.of("generate/dnll").direction == UNKNOWN  # the recipe's metrics are not consulted then
+    assert info.of("eval/acc").levels({}) == {"chance": 1 / 8}  # recipe.toml has no data table: only the JSON knows it
+    write_for_run(run, [LossMetric], {})
+    assert for_run(run).of("eval/acc").direction == UNKNOWN  # the recipe's completion_accuracy is not consulted then

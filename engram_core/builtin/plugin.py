@@ -1,7 +1,6 @@
 """The core is its own first plugin: generic components enough for recipes/minimal.toml,
 and the shared sequence backbone and task on which every plugin's memories meet."""
 
-from ..generation import GenerationConfig, GenerationMetric
 from ..hookspecs import hookimpl
 from .backbone import CausalBackbone, CausalBackboneConfig
 from .composite import WeightedSumConfig, WeightedSumObjective
@@ -42,7 +41,6 @@ def engram_objectives(register):
 def engram_metrics(register):
     register("loss", LossMetric, LossMetricConfig)
     register("completion_accuracy", CompletionAccuracy, CompletionAccuracyConfig, requires=("causal_lm",))
-    register("generate", GenerationMetric, GenerationConfig, requires=("dynamics",))
 
 
 @hookimpl

@@ -49,8 +49,8 @@ def known_placement(inst, attribute, value) -> None:
     """An attrs validator: `value` names a registered placement."""
     known = placements()
     if value not in known:
-        raise ConfigError(attribute.name, f"{value!r} is not a placement{did_you_mean(str(value), known)}; use one of {', '.join(map(repr, known))}")
+        raise ConfigError(attribute.name, f"must be one of {', '.join(map(repr, known))}, got {value!r}{did_you_mean(str(value), known)}")
 
 
-# the placements the core registers (engram_core.builtin.plugin); plugins may add more
+# the placements engram-core registers (engram_core.tables.plugin); plugins may add more
 KNOWN_PLACEMENTS = ("device", "host", "sharded")

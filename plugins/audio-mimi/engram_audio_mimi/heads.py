@@ -21,10 +21,10 @@ from torch import nn
 from engram_core.builtin.dynamics import MLPGaussianConfig, MLPGaussianHead
 from engram_core.components import BuildContext, Head
 from engram_core.config import ConfigError, field, non_negative, positive
-from engram_core.generation import nll_and_step  # noqa: F401  (the protocol helper, re-exported)
 from engram_core.nn import diagonal_gaussian_nll_per_item
 
 from .distributions import VonMisesFisher, vmf_log_normalizer_and_resultant, vmf_mean_resultant
+from .generation import nll_and_step  # noqa: F401  (the protocol helper, re-exported)
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 

@@ -2,7 +2,7 @@
 
 Rollout (the seed's Phase 4.5): from a true z_0, ẑ_{t+1} = ẑ_t + μ(ẑ_t) (mean rollout) or
 ẑ_t + Δ̃ with Δ̃ a reparameterised draw (sampled rollout); at every step the *true* Δz_t
-is scored under the model conditioned on ẑ_t (`engram_core.generation.rollout`).
+is scored under the model conditioned on ẑ_t (`engram_audio_mimi.generation.rollout`).
 
 Stabilisers of the training rollout (seed 001's list): the clip rescales ẑ to norm ≤
 `clip_norm` after each step (on by default at the train split's largest ‖z‖; the share of
@@ -18,8 +18,8 @@ import torch
 
 from engram_core.components import BuildContext, Objective
 from engram_core.config import ConfigError, field, in_range, non_negative, one_of
-from engram_core.generation import rollout
 
+from .generation import rollout
 from .heads import step_nll
 
 

@@ -3,6 +3,7 @@
 from engram_core.hookspecs import hookimpl
 
 from .data import ZdynConfig, ZdynDataset
+from .generation import GenerationConfig, GenerationMetric
 from .heads import GaussianMLPConfig, GaussianMLPHead, VMFMagnitudeConfig, VMFMagnitudeHead
 from .linear import LinearConfig, LinearHead
 from .linear_mlp import LinearMLPConfig, LinearMLPHead
@@ -74,3 +75,5 @@ def engram_metrics(register):
     register("gate_mean", GateMeanMetric, GateMeanConfig)
     register("kappa_stats", KappaStatsMetric, KappaStatsConfig)  # checks for a vMF head itself
     register("archetypes", ArchetypesMetric, ArchetypesConfig, requires=("dynamics",))
+    # whole-sequence generation of any dynamics head (sequences from the data set's `utterances`)
+    register("generate", GenerationMetric, GenerationConfig, requires=("dynamics",))

@@ -43,7 +43,7 @@ def fitted(cls, cfg, seed=0):
 
 
 def fit_options(mem):
-    return {"iters": 5, "gate_steps": 5} if isinstance(mem, GatedResidualMemory) else {"iters": 5}
+    return {"iters": 5, "gate_steps": 5} if isinstance(mem, (GatedResidualMemory, HybridMemory)) else {"iters": 5}
 
 
 def head_model(head, mem):
@@ -216,3 +216,40 @@ def test_gate_fit_lowers_the_nll():
     before, g0 = nll(), float(mem.gate(data.z).detach().mean())
     mem.fit(ctx, iters=5, gate_steps=100)
     assert nll() < before and float(mem.gate(data.z).detach().mean()) > g0
+
+
+# ---- layout: what checkpoints hold, and a flat class tree ------------------------------------
+
+_GATE = ["gate_layer.weight", "gate_layer.bias"]
+_STORE = ["keys", "values", "tau", "counts"]
+
+
+@pytest.mark.parametrize(
+    "cls, cfg, names",
+    [
+        (KMeansMemory, KMeansMemoryConfig(k=8), ["keys", "mean", "log_var", "counts", "fitted"]),
+        (ResidualTopKMemory, ResidualTopKConfig(k=8), _STORE),
+        (GatedResidualMemory, GatedResidualConfig(k=8), _STORE + _GATE),
+        (HybridMemory, GatedResidualConfig(k=8), _STORE + _GATE),
+        (BasisMemory, BasisMemoryConfig(prototypes=4),
+         ["prototypes", "confidence", "query.weight", "query.bias", "scale.weight", "scale.bias"]),
+    ],
+)
+def test_state_dict_names_are_those_saved_checkpoints_hold(cls, cfg, names):
+    """Checkpoints and cached runs written before the memories moved into one module each
+    (and before gated_residual and hybrid stopped inheriting residual_topk) must load."""
+    _, mem = build(cls, cfg)
+    assert list(mem.state_dict()) == names
+    _, other = build(cls, cfg, seed=1)
+    other.load_state_dict(mem.state_dict())  # strict: no key missing or unexpected
+
+
+def test_every_memory_is_at_most_two_classes_below_memory():
+    from engram_core.components import Memory
+    from engram_core.registry import load_registry
+
+    mine = [c.factory for c in load_registry().components["memories"].values() if c.plugin == "audio-mimi"]
+    assert len(mine) == 5
+    for cls in mine:
+        below = [k for k in cls.__mro__ if issubclass(k, Memory) and k is not Memory]
+        assert len(below) <= 2, (cls.__name__, [k.__name__ for k in below])

@@ -11,7 +11,7 @@ from .data import (
     NeedleDataset,
 )
 from .head import DEQClassifier, DEQClassifierConfig
-from .memory import HRRMemory, HRRMemoryConfig
+from .memories import HRRMemory, HRRMemoryConfig
 from .metrics import DEQHRRAccuracy, DEQHRRAccuracyConfig
 from .objective import DEQHRRTaskConfig, DEQHRRTaskObjective
 

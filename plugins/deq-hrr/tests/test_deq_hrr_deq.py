@@ -5,7 +5,7 @@ import torch
 from engram_deq_hrr.data import NeedleConfig, NeedleDataset
 from engram_deq_hrr.deq import DEQFixedPoint, anderson, fixed_point_iteration
 from engram_deq_hrr.head import DEQClassifier, DEQClassifierConfig
-from engram_deq_hrr.memory import HRRMemory, HRRMemoryConfig
+from engram_deq_hrr.memories import HRRMemory, HRRMemoryConfig
 
 from engram_core.components import BuildContext, Model
 

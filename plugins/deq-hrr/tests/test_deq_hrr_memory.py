@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engram_deq_hrr.hrr import bind, cosine
-from engram_deq_hrr.memory import HRRMemory, HRRMemoryConfig
+from engram_deq_hrr.memories import HRRMemory, HRRMemoryConfig
 
 from engram_core.components import BuildContext, DataSpec
 from engram_core.config import ConfigError, structure
@@ -174,3 +174,13 @@ def test_stats_and_reset():
 def test_bad_config(bad, match):
     with pytest.raises(ConfigError, match=match):
         structure(bad, HRRMemoryConfig)
+
+
+def test_the_old_module_path_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("engram_deq_hrr.memory", None)
+    with pytest.warns(DeprecationWarning, match="engram_deq_hrr.memories"):
+        old = importlib.import_module("engram_deq_hrr.memory")
+    assert old.HRRMemory is HRRMemory and old.HRRMemoryConfig is HRRMemoryConfig

@@ -6,7 +6,7 @@ import pytest
 import torch
 from engram_deq_hrr.data import NeedleConfig, NeedleDataset
 from engram_deq_hrr.head import DEQClassifier, DEQClassifierConfig
-from engram_deq_hrr.memory import HRRMemory, HRRMemoryConfig
+from engram_deq_hrr.memories import HRRMemory, HRRMemoryConfig
 from engram_deq_hrr.metrics import DEQHRRAccuracy, DEQHRRAccuracyConfig
 from engram_deq_hrr.objective import PER_EPOCH_COLUMNS, DEQHRRTaskConfig, DEQHRRTaskObjective
 from engram_deq_hrr.scheduler import NCESchedulerConfig

@@ -1,7 +1,7 @@
 """hrr against the `trace` point's contract, on the core backbone's width and vocabulary."""
 
 import torch
-from engram_deq_hrr.memory import HRRMemory, HRRMemoryConfig
+from engram_deq_hrr.memories import HRRMemory, HRRMemoryConfig
 
 from engram_core.testing.points import TracePointContract, backbone_build
 

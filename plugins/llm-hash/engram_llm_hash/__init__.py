@@ -17,7 +17,7 @@ from .hf import (
     remove_engram,
     save_engram,
 )
-from .memory import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
+from .memories import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
 
 __all__ = [
     "NgramHasher",

@@ -35,7 +35,8 @@ from engram_core.components import BuildContext
 from engram_core.config import ConfigError, structure, unstructure
 from engram_core.tables.rowwise import row_holder
 
-from .memory import EngramHashConfig, EngramHashMemory, check_layers
+from .blocks import EngramHashConfig, check_layers
+from .memories import EngramHashMemory
 
 GATE_ALIASES = {"context": "context", "content-based": "context", "learned": "learned", "fixed": "fixed"}
 

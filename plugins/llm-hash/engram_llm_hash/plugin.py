@@ -4,7 +4,7 @@ from engram_core.hookspecs import hookimpl
 
 from .data import ExactMatchConfig, ExactMatchDataset, LongRecallConfig, LongRecallDataset
 from .heads import HFCausalLMConfig, HFCausalLMHead, TinyCausalLMConfig, TinyCausalLMHead
-from .memory import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
+from .memories import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
 from .metrics import ExactMatchMetric, ExactMatchMetricConfig
 from .objectives import CompletionCE, CompletionCEConfig
 

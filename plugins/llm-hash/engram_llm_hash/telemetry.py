@@ -19,8 +19,13 @@ The collision rate is computed from the rows the forward read, not by hashing ag
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .hashing import NgramHasher
 
 
 class BlockTelemetry(nn.Module):
@@ -108,5 +113,22 @@ def rows_collision_stats(mixes: torch.Tensor, rows: torch.Tensor, moduli: torch.
             _, inverse, counts = torch.unique(slots, return_inverse=True, return_counts=True)
             rates.append(float((counts[inverse] > 1).float().mean()))
             p = int(moduli[h])
+            expected.append(1.0 - (1.0 - 1.0 / p) ** (m - 1))
+    return sum(rates) / len(rates), sum(expected) / len(expected)
+
+
+def collision_stats(mixes: torch.Tensor, hasher: NgramHasher) -> tuple[float, float]:
+    """Observed vs birthday-bound collision fraction for distinct n-grams `mixes` (N, O),
+    hashing them again with `hasher` (a check of `rows_collision_stats`, which reads the rows)."""
+    rates, expected = [], []
+    for o in range(mixes.shape[1]):
+        uniq = torch.unique(mixes[:, o])
+        m = uniq.numel()
+        for j in range(hasher.heads_per_order):
+            h = o * hasher.heads_per_order + j
+            p = int(hasher.moduli[h])
+            slots = torch.remainder(uniq, p)
+            _, inverse, counts = torch.unique(slots, return_inverse=True, return_counts=True)
+            rates.append(float((counts[inverse] > 1).float().mean()))
             expected.append(1.0 - (1.0 - 1.0 / p) ** (m - 1))
     return sum(rates) / len(rates), sum(expected) / len(expected)

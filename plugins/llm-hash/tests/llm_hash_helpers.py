@@ -4,7 +4,7 @@ import torch
 from engram_llm_hash.data import ExactMatchConfig, ExactMatchDataset
 from engram_llm_hash.heads import TinyCausalLMConfig, TinyCausalLMHead
 from engram_llm_hash.hf import _DimsOnly
-from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory
+from engram_llm_hash.memories import EngramHashConfig, EngramHashMemory
 
 from engram_core.components import BuildContext, Model
 

@@ -74,7 +74,7 @@ def test_slices_are_distinct_primes_and_size_one_control():
 def test_collision_rate_matches_birthday_bound(p):
     """Distinct random 3-grams into p slots: the fraction sharing a slot with another is
     1 - (1 - 1/p)^(m-1) (the birthday bound) within sampling error."""
-    from engram_llm_hash.memory import collision_stats
+    from engram_llm_hash.telemetry import collision_stats
 
     g = torch.Generator().manual_seed(0)
     m = p // 2

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 from engram_llm_hash import kernels  # noqa: E402
 from engram_llm_hash.hashing import NgramHasher, canonical_map  # noqa: E402
 from engram_llm_hash.hf import _DimsOnly  # noqa: E402
-from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory  # noqa: E402
+from engram_llm_hash.memories import EngramHashConfig, EngramHashMemory  # noqa: E402
 
 from engram_core.components import BuildContext  # noqa: E402
 

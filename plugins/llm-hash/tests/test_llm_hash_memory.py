@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
+from engram_llm_hash.memories import (
+    EngramHashConfig,
+    EngramHashMemory,
+    HybridHashContentConfig,
+    HybridHashContentMemory,
+)
 from llm_hash_helpers import DIM, LAYERS, VOCAB, dims_build, memory, perturb, tiny_model
 
 from engram_core.components import BuildContext, FitContext
@@ -193,3 +198,17 @@ def test_all_ones_mask_takes_the_padded_path_to_the_same_result():
     ones = torch.ones(2, 9, dtype=torch.long)
     for t in (9, 1):
         assert torch.equal(m.apply_layer(0, h[:, -t:], ids, ones), m.apply_layer(0, h[:, -t:], ids))
+
+
+def test_the_old_module_path_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    from engram_llm_hash import blocks, telemetry
+
+    sys.modules.pop("engram_llm_hash.memory", None)
+    with pytest.warns(DeprecationWarning, match="engram_llm_hash.memories"):
+        old = importlib.import_module("engram_llm_hash.memory")
+    assert old.EngramHashMemory is EngramHashMemory and old.HybridHashContentMemory is HybridHashContentMemory
+    assert old.EngramHashConfig is EngramHashConfig and old.HybridHashContentConfig is HybridHashContentConfig
+    assert old.check_layers is blocks.check_layers and old.collision_stats is telemetry.collision_stats

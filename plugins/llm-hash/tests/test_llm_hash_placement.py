@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 import torch
-from engram_llm_hash.memory import EngramHashConfig
+from engram_llm_hash.memories import EngramHashConfig
 from llm_hash_helpers import DIM, VOCAB, memory, perturb
 
 from engram_core.config import ConfigError

@@ -1,7 +1,12 @@
 """engram_hash and hybrid_hash_content against the `layer` point's contract."""
 
 import torch
-from engram_llm_hash.memory import EngramHashConfig, EngramHashMemory, HybridHashContentConfig, HybridHashContentMemory
+from engram_llm_hash.memories import (
+    EngramHashConfig,
+    EngramHashMemory,
+    HybridHashContentConfig,
+    HybridHashContentMemory,
+)
 
 from engram_core.testing.points import LayerPointContract, backbone_build
 

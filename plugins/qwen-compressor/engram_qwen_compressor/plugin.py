@@ -3,7 +3,7 @@
 from engram_core.hookspecs import hookimpl
 
 from .data import DigitKVConfig, DigitKVDataset
-from .memory import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
+from .memories import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig, TokenSelect, TokenSelectConfig
 from .metrics import Collapse, CollapseConfig, DigitAccuracy, DigitAccuracyConfig, GradCheck, GradCheckConfig
 from .objectives import (
     AnswerCE,
@@ -16,7 +16,6 @@ from .objectives import (
     OracleCosineConfig,
 )
 from .reader import CompressorReader, ReaderConfig
-from .select import TokenSelect, TokenSelectConfig
 
 
 @hookimpl

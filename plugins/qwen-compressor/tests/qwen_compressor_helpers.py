@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from engram_qwen_compressor.data import DigitKVConfig, DigitKVDataset
-from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig
+from engram_qwen_compressor.memories import MemEncoder, MemEncoderConfig
 from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
 
 from engram_core.components import BuildContext, Model

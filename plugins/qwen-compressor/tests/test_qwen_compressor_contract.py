@@ -1,7 +1,8 @@
 """Both memories pass the core's memory contract kit (engram_core.testing.MemoryContract)."""
 
+import pytest
 import torch
-from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
+from engram_qwen_compressor.memories import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
 from engram_qwen_compressor.reader import CompressorReader, ReaderConfig
 from qwen_compressor_helpers import small_data
 
@@ -64,3 +65,17 @@ class TestReaderEncoderContract(MemoryContract):
 
     def run(self, memory, inputs):
         return memory(inputs["ids"], inputs["mask"])
+
+
+@pytest.mark.parametrize("old, names", [("memory", ["MemEncoder", "MemEncoderConfig", "ReaderEncoder", "ReaderEncoderConfig"]),
+                                        ("select", ["TokenSelect", "TokenSelectConfig"])])
+def test_the_old_module_paths_still_import_with_a_deprecation_warning(old, names):
+    import importlib
+    import sys
+
+    import engram_qwen_compressor.memories as new
+
+    sys.modules.pop(f"engram_qwen_compressor.{old}", None)
+    with pytest.warns(DeprecationWarning, match="engram_qwen_compressor.memories"):
+        module = importlib.import_module(f"engram_qwen_compressor.{old}")
+    assert all(getattr(module, n) is getattr(new, n) for n in names)

@@ -3,7 +3,7 @@ objectives and metrics, and the one-line errors for bad input."""
 
 import pytest
 import torch
-from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
+from engram_qwen_compressor.memories import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig
 from engram_qwen_compressor.metrics import (
     Collapse,
     CollapseConfig,

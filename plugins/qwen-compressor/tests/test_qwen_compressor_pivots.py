@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from engram_qwen_compressor.memories import TokenSelect, TokenSelectConfig
 from engram_qwen_compressor.objectives import (
     CompressorLoss,
     CompressorLossConfig,
@@ -15,7 +16,6 @@ from engram_qwen_compressor.objectives import (
     slot_targets,
     text_ce,
 )
-from engram_qwen_compressor.select import TokenSelect, TokenSelectConfig
 from qwen_compressor_helpers import batch, save_tiny_qwen2, small_data, small_model
 from test_qwen_compressor_recipes import RECIPES, shrink
 

@@ -1,6 +1,6 @@
 """mem_encoder against the `context` point's contract, on the core backbone."""
 
-from engram_qwen_compressor.memory import MemEncoder, MemEncoderConfig
+from engram_qwen_compressor.memories import MemEncoder, MemEncoderConfig
 
 from engram_core.testing.points import ContextPointContract, backbone_build
 

@@ -1,14 +1,11 @@
-"""engram_core.generation: whole-sequence rollouts and the `generate` metric on toy heads."""
+"""engram_audio_mimi.generation: whole-sequence rollouts and the `generate` metric on toy heads."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
-
-from engram_core.components import EvalContext
-from engram_core.generation import (
+from engram_audio_mimi.generation import (
     GenerationConfig,
     GenerationMetric,
     log_spectral_distance,
@@ -16,6 +13,9 @@ from engram_core.generation import (
     rollout,
     trajectory_figure,
 )
+from torch import nn
+
+from engram_core.components import EvalContext
 
 
 class Seqs:
@@ -135,3 +135,17 @@ def test_pictures_and_audio_go_to_the_logger():
     assert ("audio", "generate/post/audio_true_0", 400, 100) in calls
     fig = trajectory_figure({"true": data.z[:1], "gen": data.z[:1]})
     assert len(fig.axes) == 3
+
+
+def test_generate_is_audio_mimis_metric_and_declares_its_directions(tmp_path):
+    from engram_core.registry import load_registry
+    from engram_core.run.metric_info import LOWER, MetricInfo, for_run
+
+    comp = load_registry().resolve("metrics", "generate", "metric")
+    assert comp.plugin == "audio-mimi" and comp.factory is GenerationMetric
+    info = MetricInfo.from_classes([GenerationMetric])
+    assert info.of("generate_mean/spectral_distance").direction == LOWER  # a glob over the configurable prefix
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.toml").write_text('[[metrics]]\ntype = "audio-mimi:generate"\nprefix = "generate"\n')
+    assert for_run(run).of("generate/dnll").direction == LOWER  # found through the registry from recipe.toml

@@ -35,10 +35,10 @@ import math
 import attrs
 import torch
 
-from .components import BuildContext, Metric
-from .config import field, in_range, non_negative, one_of, positive
-from .errors import ConfigError
-from .nn import diagonal_gaussian_nll_per_item
+from engram_core.components import BuildContext, Metric
+from engram_core.config import field, in_range, non_negative, one_of, positive
+from engram_core.errors import ConfigError
+from engram_core.nn import diagonal_gaussian_nll_per_item
 
 
 def nll_and_step(head, z: torch.Tensor, dz: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None):
@@ -164,6 +164,13 @@ class GenerationMetric(Metric):
 
     def __init__(self, cfg: GenerationConfig, build: BuildContext):
         self.cfg = cfg
+        for name in ("n_seq", "bad_seq", "frames", "outside", "clipped", "steps", "true_steps", "nll_count", "spec_count"):
+            self.add_state(name, 0)
+        for name in ("max_norm", "step_sum", "true_sum", "nll_sum", "dnll_sum"):
+            self.add_state(name, 0.0)
+        for name in ("p_gen", "p_true", "example"):
+            self.add_state(name, None)
+        self.generator = None
         data = build.dataset
         if data is not None and not hasattr(data, "utterances"):
             raise ConfigError(None, f"needs a data set with whole sequences (utterances(split)), got {type(data).__name__}")
@@ -192,24 +199,8 @@ class GenerationMetric(Metric):
         return self._data_max_norm
 
     def reset(self):
-        self.n_seq = 0
-        self.bad_seq = 0
-        self.max_norm = 0.0
-        self.frames = 0
-        self.outside = 0
-        self.clipped = 0
-        self.step_sum = 0.0
-        self.steps = 0
-        self.true_sum = 0.0
-        self.true_steps = 0
-        self.nll_sum = 0.0
-        self.dnll_sum = 0.0
-        self.nll_count = 0
-        self.p_gen = None
-        self.p_true = None
-        self.spec_count = 0
-        self.example = None
-        self.generator = None
+        super().reset()
+        self.generator = None  # scratch of one evaluation, not a state
 
     def update(self, model, batch):
         z = batch["z"]  # (B, T, D) true sequences
