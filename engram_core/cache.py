@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fnmatch
 import hashlib
 import inspect
 import json
@@ -66,7 +65,7 @@ import shutil
 import tempfile
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +74,8 @@ import attrs
 from .run.rundir import atomic_write_json
 
 META_SUFFIX = ".meta.json"
+
+
 KEY_CHARS = 16  # of the sha256 hex digest, in file names (the sidecar holds all 64)
 
 
@@ -173,13 +174,13 @@ def generator_digest(generator) -> str:
 # ---- entries -----------------------------------------------------------------------------
 
 
-def _size(path: Path) -> int:
+def path_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -230,13 +231,13 @@ class Entry:
         if meta is None or meta.get("key") != self.key:
             return False
         try:
-            return _size(self.path) == meta.get("size")
+            return path_size(self.path) == meta.get("size")
         except OSError:
             return False
 
     def remove(self) -> None:
         if self.path is not None:
-            _remove(self.path)
+            remove_path(self.path)
             self.meta_path.unlink(missing_ok=True)
 
     def commit(self, tmp: Path) -> None:
@@ -244,19 +245,19 @@ class Entry:
         path = self.path
         if path.exists():
             if self.exists():  # another process finished first: keep its entry, others may be reading it
-                _remove(tmp)
+                remove_path(tmp)
                 return
             # an incomplete left-over: move it aside in one step (a folder cannot be replaced), then drop it;
             # its sidecar goes first, so it never describes the artefact that replaces it
             self.meta_path.unlink(missing_ok=True)
             trash = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, trash)
-            _remove(trash)
+            remove_path(trash)
         try:
             os.replace(tmp, path)
         except OSError:
             # another process put a folder there first; keep theirs if it is complete
-            _remove(tmp)
+            remove_path(tmp)
             if self.exists():
                 return
             raise
@@ -265,7 +266,7 @@ class Entry:
         meta = dict(self.meta)
         meta.update(
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            size=_size(path),
+            size=path_size(path),
             torch=torch.__version__,
             python=platform.python_version(),
         )
@@ -403,118 +404,3 @@ def save(e: Entry, value: Any, save_fn: Callable[[Any, Path], None]) -> None:
         e.commit(tmp)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-# ---- listing and clearing ----------------------------------------------------------------
-
-
-@attrs.define
-class Listed:
-    """An artefact found on disk, with its sidecar's contents (None where it has none)."""
-
-    plugin: str
-    name: str  # <kind>-<key16>[.<ext>]
-    path: Path
-    meta: dict | None
-    size: int  # bytes on disk, sidecar included
-    damaged: bool = False  # no sidecar, an unreadable one, a size that disagrees, a left-over temp
-
-    @property
-    def kind(self) -> str:
-        if self.name.startswith("."):
-            return "(temp)"
-        return (self.meta or {}).get("kind") or self.name.rsplit("-", 1)[0]
-
-    @property
-    def key(self) -> str:
-        if self.name.startswith("."):
-            return self.name
-        return (self.meta or {}).get("key", "")[:KEY_CHARS] or self.name.rsplit("-", 1)[-1].split(".")[0]
-
-    @property
-    def stem(self) -> str:
-        """`plugin/kind-key16`, what `engram cache clear PATTERN` matches."""
-        if self.name.startswith("."):
-            return f"{self.plugin}/{self.name}"
-        return f"{self.plugin}/{self.kind}-{self.key}"
-
-    def files(self) -> list[Path]:
-        return [self.path, self.path.parent / (self.path.name + META_SUFFIX)]
-
-
-def scan(cache_dir: Path | str) -> list[Listed]:
-    """Every artefact under `cache_dir/<plugin>/`, with its sidecar where it has one."""
-    root = Path(cache_dir)
-    out: list[Listed] = []
-    if not root.is_dir():
-        return out
-    for plugin_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for p in sorted(plugin_dir.iterdir()):
-            if p.name.endswith(META_SUFFIX):
-                art = plugin_dir / p.name[: -len(META_SUFFIX)]
-                if not art.exists():  # a sidecar whose artefact is gone
-                    out.append(Listed(plugin_dir.name, art.name, art, None, p.stat().st_size, True))
-                continue
-            side = plugin_dir / (p.name + META_SUFFIX)
-            meta = None
-            try:
-                meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
-            except (OSError, ValueError):
-                meta = None
-            meta = meta if isinstance(meta, dict) else None
-            try:
-                art = _size(p)
-                size = art + (side.stat().st_size if side.exists() else 0)
-            except OSError:
-                continue
-            damaged = p.name.startswith(".") or meta is None or meta.get("size") != art
-            out.append(Listed(plugin_dir.name, p.name, p, meta, size, damaged))
-    return out
-
-
-def select(items: Iterable[Listed], pattern: str | None) -> list[Listed]:
-    """Items whose `plugin/kind-key16` (or plugin/file name) matches the glob `pattern`."""
-    if not pattern:
-        return list(items)
-    pat = pattern.rstrip("/")
-    if "/" not in pat:
-        pat = pat + "/*" if not any(c in pat for c in "*?[") else pat
-    return [i for i in items if fnmatch.fnmatchcase(i.stem, pat) or fnmatch.fnmatchcase(f"{i.plugin}/{i.name}", pat)]
-
-
-def clear(items: Iterable[Listed]) -> int:
-    """Remove the items (artefact and sidecar); returns the bytes freed."""
-    freed = 0
-    for i in items:
-        freed += i.size
-        for f in i.files():
-            if f.exists() or f.is_symlink():
-                _remove(f)
-    return freed
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def config_summary(meta: dict | None, width: int = 60) -> str:
-    """A short `key=value, ...` line of an entry's scalar config values (nested keys dotted), then the seed."""
-    if not meta:
-        return "(no sidecar: incomplete, or left by an older engram)"
-    parts: list[str] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        elif not isinstance(value, list) or len(value) <= 4:
-            parts.append(f"{prefix[:-1]}={json.dumps(value) if isinstance(value, list) else value}")
-
-    walk("", meta.get("config") or {})
-    parts.append(f"seed={meta.get('seed')}")
-    text = ", ".join(parts)
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -312,11 +312,11 @@ def _points_of(kind: str, what: str, provides: tuple, points: tuple, offers: tup
     if offers:
         if kind != "heads":
             raise MalformedRegistration(f"{what}: offers= is a head's attachment points; say points=")
-        warnings.warn(f"{what}: offers= is now points= (offers goes after the next release)", DeprecationWarning, stacklevel=4)
+        warnings.warn(f"{what}: offers= is now points= (offers goes after the next release)", DeprecationWarning, stacklevel=3)
         points = tuple(dict.fromkeys(points + offers))
     if kind == "memories" and provides and not points:
         warnings.warn(f"{what}: say the points it attaches at with points={provides!r}; provides= now names "
-                      "capabilities only (read as both for one more release)", DeprecationWarning, stacklevel=4)
+                      "capabilities only (read as both for one more release)", DeprecationWarning, stacklevel=3)
         points = provides
     return provides, points
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engram_core import cache
+from engram_core.tools import cache_listing
 from engram_core.testing.cli import run_cli
 
 
@@ -230,7 +231,7 @@ def test_concurrent_builders_build_once(tmp_path):
     with ctx.Pool(3) as pool:
         out = pool.map(_build_slowly, [str(tmp_path)] * 3)
     assert sorted(out) == ["built", "loaded", "loaded"]
-    assert [p.name for p in cache.scan(tmp_path)] == [make(tmp_path).name]
+    assert [p.name for p in cache_listing.scan(tmp_path)] == [make(tmp_path).name]
 
 
 def _build_slowly(root):

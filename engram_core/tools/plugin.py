@@ -66,8 +66,8 @@ def _cache_arguments(pc) -> None:
 
 
 def _cache(console: Console, args) -> int:
-    from .. import cache
     from ..components import default_cache_dir
+    from . import cache_listing as cache
 
     root = Path(args.dir).expanduser() if args.dir else default_cache_dir()
     items = cache.scan(root)
