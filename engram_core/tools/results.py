@@ -7,18 +7,23 @@ A results page is two files under `docs/results/`:
 - `<page>.md`, hand-written prose with generated blocks between markers
   `<!-- results:table ID -->` … `<!-- results:end -->` (and `results:figure ID`).
 
-Three commands (`engram results …`, or `python -m engram_core.tools.results …`):
+The commands (`engram results …`, or `python -m engram_core.tools.results …`):
 
     run PAGE [--rows ID ...] [--jobs N]   run the page's rows from an EMPTY cache (a new
                                           ENGRAM_CACHE folder), write one JSON per row
                                           under docs/results/data/<page>/
     render PAGE                           fill the page's tables and figures from its JSON
     check [PAGE ...]                      every generated block equals what its JSON renders,
-                                          every JSON names a recipe that exists and validates
+                                          every JSON names a recipe that exists and validates,
+                                          and resolves to the recipe its runs ran
+    stale [PAGE ...] [--json]             rows whose code path changed since their commit
+                                          (engram_core.tools.stale)
+    list                                  the pages and their rows
 
 A row's JSON holds the recipe, overrides, sweep point, seeds, commit, device, torch and
 transformers versions, wall times, every final metric of every seed, the aggregate
-(mean, sd, n, values) and each seed's eval curves. Tables show mean ± sd over seeds; the single
+(mean, sd, n, values), each seed's eval curves and the resolved recipe the seeds ran
+(engram_core.tools.row_recipe). Tables show mean ± sd over seeds; the single
 values stay in the JSON (and in the table with `values = true`).
 
 A row whose recipe has a `[sweep]` expands into one row per grid point, `<id>.<NN>`; a sweep
