@@ -3,6 +3,7 @@ and a page runs from an empty cache into JSON, tables and figures."""
 
 import json
 import shutil
+import tomllib
 
 import pytest
 
@@ -104,6 +105,13 @@ def test_a_page_runs_into_one_json_per_row(trial):
     # a sweep over run.seed becomes the rows' seeds, the other key the rows
     w = json.loads((page.data_dir / "width.00.json").read_text())
     assert w["point"] == {"head.hidden": 16} and w["seeds"] == [3, 4]
+    # what the runs ran (their run directory's recipe.toml), defaults included, without the
+    # keys the pipeline sets per run; one record per row, the seeds having run the same recipe
+    ran = tomllib.loads(d["resolved_recipe"])
+    assert ran["stages"][0]["steps"] == 30 and ran["stages"][0]["weight_decay"] == 0.0
+    assert "seed" not in ran["run"] and "out_dir" not in ran["run"]
+    assert tomllib.loads(w["resolved_recipe"])["head"]["hidden"] == 16
+    assert not any("resolved_recipe" in r for r in d["runs"] + w["runs"])
 
 
 def test_tables_and_figures_are_rendered_from_the_json(trial):
@@ -114,7 +122,7 @@ def test_tables_and_figures_are_rendered_from_the_json(trial):
     assert f"{d['mean']:.4f} ± {d['sd']:.4f}" in text
     assert "| head.hidden=16 |" in text and "![bars](figures/trial-bars.png)" in text
     assert (page.md_file.parent / "figures" / "trial-bars.png").stat().st_size > 1000
-    assert R.check_page(page) == []
+    assert R.check_page(page) == []  # the recorded resolved recipes equal today's, sweep points included
 
 
 def test_a_hand_edited_number_fails_the_check(trial, tmp_path):

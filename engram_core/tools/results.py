@@ -7,18 +7,23 @@ A results page is two files under `docs/results/`:
 - `<page>.md`, hand-written prose with generated blocks between markers
   `<!-- results:table ID -->` … `<!-- results:end -->` (and `results:figure ID`).
 
-Three commands (`engram results …`, or `python -m engram_core.tools.results …`):
+The commands (`engram results …`, or `python -m engram_core.tools.results …`):
 
     run PAGE [--rows ID ...] [--jobs N]   run the page's rows from an EMPTY cache (a new
                                           ENGRAM_CACHE folder), write one JSON per row
                                           under docs/results/data/<page>/
     render PAGE                           fill the page's tables and figures from its JSON
     check [PAGE ...]                      every generated block equals what its JSON renders,
-                                          every JSON names a recipe that exists and validates
+                                          every JSON names a recipe that exists and validates,
+                                          and resolves to the recipe its runs ran
+    stale [PAGE ...] [--json]             rows whose code path changed since their commit
+                                          (engram_core.tools.stale)
+    list                                  the pages and their rows
 
 A row's JSON holds the recipe, overrides, sweep point, seeds, commit, device, torch and
 transformers versions, wall times, every final metric of every seed, the aggregate
-(mean, sd, n, values) and each seed's eval curves. Tables show mean ± sd over seeds; the single
+(mean, sd, n, values), each seed's eval curves and the resolved recipe the seeds ran
+(engram_core.tools.row_recipe). Tables show mean ± sd over seeds; the single
 values stay in the JSON (and in the table with `values = true`).
 
 A row whose recipe has a `[sweep]` expands into one row per grid point, `<id>.<NN>`; a sweep
@@ -44,6 +49,7 @@ from pathlib import Path
 import attrs
 
 from ..errors import EngramError, RecipeError
+from . import row_recipe
 from .report import aggregate_seeds, final_metrics, load_scalars, stage_spans
 
 CHECKOUT_ENV = "ENGRAM_CHECKOUT"
@@ -247,8 +253,10 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     run_dirs = sorted((jdir / "runs").glob("*/*/summary.json"))
     if rc != 0 or not run_dirs:
         tail = (jdir / "log.txt").read_text()[-1500:]
+        started = sorted((jdir / "runs").glob("*/*/recipe.toml"))  # a run that failed after it began
         return {"seed": job.seed, "status": "timeout" if rc is None else "failed", "returncode": rc,
-                "wall_time_s": round(wall, 1), "log_tail": tail}
+                "wall_time_s": round(wall, 1), "log_tail": tail,
+                "resolved_recipe": row_recipe.from_run_dir(started[-1].parent) if started else None}
     rd = run_dirs[-1].parent
     summary = json.loads((rd / "summary.json").read_text())
     curves = _curves(rd / "metrics.jsonl")
@@ -261,6 +269,7 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
         "torch_threads": env_json.get("torch_threads"),
         "metrics": final_metrics(summary) | _last_train_values(rd) | _curve_minima(curves),
         "curves": curves,
+        "resolved_recipe": row_recipe.from_run_dir(rd),
     }
 
 
@@ -354,7 +363,7 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
         raise EngramError(f"{cache} is not empty: the pipeline runs from an empty cache")
     deadline = time.time() + deadline_s if deadline_s else None
     print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time, cache {cache}", flush=True)
-    context = {"commit": commit, "dirty": dirty, "versions": _versions(), "host": _host()}
+    context = {"commit": commit, "dirty": dirty, "forced_device": device, "versions": _versions(), "host": _host()}
     expected = {}
     for j in all_jobs:
         expected[j.row_id] = expected.get(j.row_id, 0) + 1
@@ -380,6 +389,7 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
 
     runs.sort(key=lambda r: r["seed"])
     ok = [r for r in runs if r["status"] == "completed"]
+    resolved = _row_resolved_recipe(runs)
     label = j.row.label + (f" ({j.point_label})" if j.point_label and j.row.label else j.point_label)
     data = {
         "page": page.name,
@@ -397,12 +407,27 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
         "wall_time_s": [r["wall_time_s"] for r in runs],
         "status": [r["status"] for r in runs],
         "metrics": dict(sorted(aggregate([r["metrics"] for r in ok]).items())),
+        "resolved_recipe": resolved,
         "runs": runs,
     }
     page.data_dir.mkdir(parents=True, exist_ok=True)
     path = page.data_dir / f"{j.row_id}.json"
     atomic_write_json(path, data)
     return path
+
+
+def _row_resolved_recipe(runs: list[dict]) -> str | None:
+    """The row's resolved recipe (engram_core.tools.row_recipe): the one its seeds ran, the
+    completed ones first. The seeds' records are equal by construction (only run.seed and
+    run.out_dir differ, and neither is recorded); a run whose record differs all the same keeps
+    its own under `runs[i].resolved_recipe`, so nothing is hidden."""
+    texts = [r.pop("resolved_recipe", None) for r in runs]
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["status"] != "completed")
+    resolved = next((texts[i] for i in order if texts[i] is not None), None)
+    for r, text in zip(runs, texts):
+        if text is not None and text != resolved:
+            r["resolved_recipe"] = text
+    return resolved
 
 
 # ---- rendering ---------------------------------------------------------------------------------
@@ -618,9 +643,8 @@ def render_page(page: Page, draw: bool = True, data: dict[str, dict] | None = No
 
 def check_page(page: Page) -> list[str]:
     """Problems, one line each: a generated block that differs from its JSON, JSON whose recipe is
-    missing or does not validate, a table cell that names a row with no JSON."""
-    from ..recipe import load_recipe, point_recipe
-
+    missing or does not validate, a table cell that names a row with no JSON, a row whose
+    recorded resolved recipe is not what its recipe resolves to today (engram_core.tools.row_recipe)."""
     problems = []
     if not page.md_file.exists():
         return [f"{page.md_file}: missing"]
@@ -644,11 +668,17 @@ def check_page(page: Page) -> list[str]:
             problems.append(f"{page.data_dir / (rid + '.json')}: recipe {d['recipe']} does not exist")
             continue
         try:
-            r = load_recipe(recipe, list(d["overrides"]))
-            if d.get("point"):
-                point_recipe(r, d["point"])
+            r = row_recipe.resolve_today(recipe, list(d["overrides"]), d.get("point"), d.get("forced_device"))
         except EngramError as exc:
             problems.append(f"{page.data_dir / (rid + '.json')}: {d['recipe']} with {d['overrides']} does not validate: {exc}")
+            continue
+        recorded = d.get("resolved_recipe")
+        if recorded:  # rows made before resolved recipes were recorded: `engram results stale` lists them
+            diffs = row_recipe.differences(recorded, row_recipe.text_today(r))
+            if diffs:
+                problems.append(f"{page.data_dir / (rid + '.json')}: row {rid} was made by another recipe than "
+                                f"{d['recipe']} resolves to today ({row_recipe.describe(diffs)}); re-make it: "
+                                f"engram results run {page.name} --rows {row_recipe.spec_row_id(rid, d)}")
     return problems
 
 
@@ -671,6 +701,9 @@ def configure(p: argparse.ArgumentParser):
     d.add_argument("pages", nargs="*")
     c = sub.add_parser("check", help="generated blocks equal their JSON; JSON recipes validate")
     c.add_argument("pages", nargs="*")
+    s = sub.add_parser("stale", help="rows whose code path changed since their commit, or made before resolved recipes were recorded")
+    s.add_argument("pages", nargs="*")
+    s.add_argument("--json", action="store_true", help="the report as JSON (each row's path, changed files and reasons)")
     sub.add_parser("list", help="the pages and their rows")
     return _handle
 
@@ -695,6 +728,12 @@ def _handle(args, console=None) -> int:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return 1 if problems else 0
+    if args.results_cmd == "stale":
+        from .stale import format_report, stale_rows
+
+        report = stale_rows(checkout(), {name: load_data(load_page(name)) for name in (args.pages or list_pages())})
+        print(json.dumps(report, indent=2) if args.json else "\n".join(format_report(report)))
+        return 0  # a report: stale rows are for the author to re-make, not an error
     for name in list_pages():
         page = load_page(name)
         print(f"{name}: " + ", ".join(f"{r.id} ({r.recipe}, {len(r.seeds)} seeds)" for r in page.rows))

@@ -1,0 +1,106 @@
+"""A results row's resolved recipe: what its runs ran, recorded in its JSON and checked in CI.
+
+The record is the `recipe.toml` of the row's run directory — the engine writes it from the
+recipe it built, defaults included, so it is exactly what ran — with the keys the pipeline
+itself sets per run removed (`PIPELINE_KEYS`): `run.seed` (each seed is its own run; the
+row's seeds are in the JSON beside it) and `run.out_dir` (the pipeline's temporary folder).
+What is left is the same for every seed of a row and the same on every machine.
+
+`engram results check` resolves the row's recipe again from today's code and files (the
+JSON's recipe, overrides, sweep point and the pipeline's `--device`), removes the same keys,
+and compares: a default, a recipe or a base it `extends` that changed since the row was made
+shows up as the keys that differ.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+PIPELINE_KEYS = (("run", "seed"), ("run", "out_dir"))  # set by the pipeline per run, not by the row
+SHOWN_DIFFERENCES = 3
+MISSING = object()
+
+
+def normalised(tables: dict) -> str:
+    """The recipe tables as TOML text, without the pipeline's per-run keys."""
+    from ..recipe import to_toml
+
+    tables = json.loads(json.dumps(tables))  # a deep copy of plain TOML data
+    for section, key in PIPELINE_KEYS:
+        if isinstance(tables.get(section), dict):
+            tables[section].pop(key, None)
+    return to_toml(tables)
+
+
+def from_run_dir(run_dir: Path) -> str | None:
+    """The resolved recipe a run directory holds (None when the run stopped before writing it)."""
+    path = Path(run_dir) / "recipe.toml"
+    if not path.is_file():
+        return None
+    return normalised(tomllib.loads(path.read_text(encoding="utf-8")))
+
+
+def device_override(forced_device: str | None) -> list[str]:
+    """The override `engram results run --device DEV` added to every run of the row."""
+    return [f"run.device={json.dumps(forced_device)}"] if forced_device else []
+
+
+def resolve_today(recipe_file: Path, overrides: list[str], point: dict | None, forced_device: str | None = None,
+                  registry=None):
+    """The row's recipe as today's code resolves it: what a re-run of the row would run
+    (raises EngramError when it no longer resolves)."""
+    from ..recipe import load_recipe, point_recipe
+
+    recipe = load_recipe(recipe_file, [*overrides, *device_override(forced_device)], registry)
+    return point_recipe(recipe, point, registry) if point is not None else recipe  # {}: a sweep over seeds only
+
+
+def text_today(recipe) -> str:
+    """A resolved Recipe in the recorded form."""
+    from ..recipe import to_toml
+
+    return normalised(tomllib.loads(to_toml(recipe.to_dict(include_sweep=False))))
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    if isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        out = {}
+        for i, v in enumerate(node):
+            out.update(_leaves(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: node}
+
+
+def differences(recorded: str, today: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, today's value) for every leaf that differs, in the order
+    the keys appear in the recipe; a value missing on one side is `MISSING`."""
+    old, new = _leaves(tomllib.loads(recorded)), _leaves(tomllib.loads(today))
+    keys = list(old) + [k for k in new if k not in old]
+    return [(k, old.get(k, MISSING), new.get(k, MISSING)) for k in keys if old.get(k, MISSING) != new.get(k, MISSING)]
+
+
+def show_value(v: Any) -> str:
+    from ..recipe.toml import toml_value
+
+    return "(absent)" if v is MISSING else toml_value(v)
+
+
+def describe(diffs: list[tuple[str, Any, Any]]) -> str:
+    """`stages.0.lr 0.001 -> 0.002, ...` for the first few differences."""
+    shown = ", ".join(f"{k} {show_value(a)} -> {show_value(b)}" for k, a, b in diffs[:SHOWN_DIFFERENCES])
+    more = len(diffs) - SHOWN_DIFFERENCES
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def spec_row_id(rid: str, d: dict) -> str:
+    """The page spec's id of a JSON row (a sweep point `<id>.<NN>`, its point {} when the
+    sweep is over seeds only, belongs to row `<id>`)."""
+    return rid.rsplit(".", 1)[0] if d.get("point") is not None else rid

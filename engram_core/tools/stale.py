@@ -1,0 +1,237 @@
+"""`engram results stale`: the published rows whose code has changed since they were made.
+
+A row's JSON names the commit it was made at. The code on the row's path is:
+
+- the kernel and engram-core's optional parts that every run imports: everything under
+  `engram_core/` except `engram_core/tools/` (the commands, the results pipeline itself:
+  they read runs, they do not make them) and `engram_core/testing/` (test helpers);
+- the package folder of every plugin whose components, optimisers, loggers or row-table
+  placements the row's recipe uses, found through the registry: the module of each
+  component's factory (and of its plugin's entry point) → its top-level package → that
+  folder in the checkout (e.g. `plugins/llm-hash/engram_llm_hash/`); a component of
+  engram-core itself is already in the kernel;
+- the row's recipe file and every file it `extends`, followed down the chain.
+
+`git diff --name-only --no-renames ROW_COMMIT HEAD` lists what changed; a renamed file appears
+under both its names, so a move counts as a change. Files the row was made with uncommitted
+(the JSON's `dirty`) count as changed too when they are on its path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..errors import EngramError, RecipeError
+from . import row_recipe
+
+KERNEL = "engram_core"
+KERNEL_LEFT_OUT = ("engram_core/tools", "engram_core/testing")
+SHOWN_FILES = 3
+NOT_RECORDED = "made before resolved recipes were recorded"
+COMMIT_NOT_FOUND = "commit not found"
+
+
+@attrs.frozen
+class CodePath:
+    """The files a row's numbers depend on, as paths relative to the checkout."""
+
+    include: tuple[str, ...]  # folders and files
+    exclude: tuple[str, ...] = ()
+    outside: tuple[str, ...] = ()  # package folders outside the checkout (installed): not compared
+
+    def holds(self, file: str) -> bool:
+        return any(_under(file, p) for p in self.include) and not any(_under(file, p) for p in self.exclude)
+
+    def most_specific_first(self, files: list[str]) -> list[str]:
+        """Recipe files, then plugin files, then the kernel's (the order `include` is built in, reversed)."""
+        return sorted(files, key=lambda f: -max(i for i, p in enumerate(self.include) if _under(f, p)))
+
+
+def _under(file: str, prefix: str) -> bool:
+    return file == prefix or file.startswith(prefix.rstrip("/") + "/")
+
+
+def recipe_files(recipe_file: Path) -> list[Path]:
+    """The recipe and every file it `extends`, each once, in the order they are read."""
+    from ..recipe.extends import EXTENDS
+    from ..recipe.toml import read_toml
+
+    out: list[Path] = []
+    todo = [Path(os.path.normpath(recipe_file))]
+    while todo:
+        path = todo.pop(0)
+        if path in out or not path.is_file():
+            continue
+        out.append(path)
+        try:
+            bases = read_toml(path).get(EXTENDS, [])
+        except RecipeError:
+            continue  # the recipe check reports a broken file; its own path is still listed
+        bases = [bases] if isinstance(bases, str) else bases
+        todo += [Path(os.path.normpath(path.parent / b)) for b in bases if isinstance(b, str)]
+    return out
+
+
+def package_folder(module: str) -> Path | None:
+    """The folder of a module's top-level package (the file, for a single-module plugin)."""
+    top = module.split(":", 1)[0].split(".", 1)[0]
+    loaded = sys.modules.get(top)
+    try:
+        spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(spec.origin).resolve() if spec.origin else None
+
+
+def used_modules(recipe, registry) -> set[str]:
+    """Modules whose code a run of `recipe` calls: each component's factory and its plugin's
+    entry module, and those of the optimisers, loggers and placements it names."""
+    from ..recipe import TrainStage
+
+    resolved = [recipe.data, recipe.head, recipe.memory, *recipe.objectives.values(), *recipe.metrics]
+    parts = [part for top in resolved if top is not None for part in top.walk()]
+    registered: list[Any] = [part.component for part in parts]
+    wanted = {"optimizers": set(), "loggers": set(recipe.run.loggers), "placements": set()}
+    for stage in recipe.stages:
+        if isinstance(stage, TrainStage):
+            wanted["optimizers"] |= {stage.optimizer, *(g.optimizer for g in stage.param_groups if g.optimizer)}
+    for part in parts:
+        placement = getattr(part.config, "placement", None)
+        if isinstance(placement, str):
+            wanted["placements"].add(placement)
+    for kind, names in wanted.items():
+        registered += [registry.extensions[kind][n] for n in sorted(names) if n in registry.extensions[kind]]
+    modules = {getattr(r.factory, "__module__", None) for r in registered}
+    modules |= {registry.plugins[r.plugin].module for r in registered if r.plugin in registry.plugins}
+    return {m for m in modules if m}
+
+
+def code_path(root: Path, recipe_file: Path, recipe=None, registry=None) -> CodePath:
+    """The row's code path (module docstring); without a resolved recipe, the kernel and the
+    recipe files only."""
+    from ..registry import load_registry
+
+    root = root.resolve()
+    include, outside = [KERNEL], []
+
+    def add(path: Path) -> None:
+        try:
+            rel = path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            outside.append(str(path))
+            return
+        if rel not in include:
+            include.append(rel)
+
+    if recipe is not None:
+        for module in sorted(used_modules(recipe, registry or load_registry())):
+            if module.split(".", 1)[0] == KERNEL:
+                continue
+            folder = package_folder(module)
+            if folder is not None:
+                add(folder)
+    for path in recipe_files(recipe_file):
+        add(path)
+    return CodePath(tuple(include), KERNEL_LEFT_OUT, tuple(sorted(set(outside))))
+
+
+class Git:
+    """The checkout's history, read with the git command line; each commit's diff read once."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        rc, head = self._run("rev-parse", "HEAD")
+        if rc != 0:
+            raise EngramError(f"{root} is not a git checkout with a commit (git rev-parse HEAD failed): "
+                              "`engram results stale` compares each row's commit with HEAD")
+        self.head = head.strip()
+        self._changed: dict[str, list[str]] = {}
+
+    def _run(self, *args: str) -> tuple[int, str]:
+        try:
+            proc = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
+        except OSError as exc:
+            raise EngramError(f"git could not be run ({exc}): `engram results stale` needs git on PATH") from None
+        return proc.returncode, proc.stdout
+
+    def has_commit(self, commit: str) -> bool:
+        return bool(commit) and self._run("cat-file", "-e", f"{commit}^{{commit}}")[0] == 0
+
+    def changed_since(self, commit: str) -> list[str]:
+        if commit not in self._changed:
+            rc, out = self._run("diff", "--name-only", "--no-renames", commit, self.head)
+            if rc != 0:
+                raise EngramError(f"git diff {commit} {self.head} failed in {self.root}")
+            self._changed[commit] = out.splitlines()
+        return self._changed[commit]
+
+
+def stale_row(root: Path, git: Git, page: str, rid: str, d: dict) -> dict:
+    """One row's report: its commit, the files on its path changed since, and why it is stale
+    (an empty `reasons` when it is current)."""
+    commit = d.get("commit") or ""
+    out: dict[str, Any] = {"page": page, "row": rid, "commit": commit, "reasons": [], "changed": [], "path": [],
+                           "not_compared": [], "remake": f"engram results run {page} --rows {row_recipe.spec_row_id(rid, d)}"}
+    recipe_file = root / d["recipe"]
+    recipe = None
+    try:
+        recipe = row_recipe.resolve_today(recipe_file, list(d.get("overrides", [])), d.get("point"), d.get("forced_device"))
+    except EngramError as exc:
+        out["reasons"].append(f"its recipe does not resolve today ({_first_line(exc)})")
+    path = code_path(root, recipe_file, recipe)
+    out["path"], out["not_compared"] = [*path.include, *(f":!{p}" for p in path.exclude)], list(path.outside)
+    if git.has_commit(commit):
+        changed = [f for f in git.changed_since(commit) if path.holds(f)]
+        changed += [f for f in d.get("dirty") or [] if path.holds(f) and f not in changed]
+        out["changed"] = changed = path.most_specific_first(changed)
+        if changed:
+            shown = ", ".join(changed[:SHOWN_FILES]) + (f", +{len(changed) - SHOWN_FILES} more" if len(changed) > SHOWN_FILES else "")
+            out["reasons"].append(f"{len(changed)} file{'s' * (len(changed) != 1)} on its path changed ({shown})")
+    else:
+        out["reasons"].append(COMMIT_NOT_FOUND if commit else "no commit recorded")
+    recorded = d.get("resolved_recipe")
+    if not recorded:
+        out["reasons"].append(NOT_RECORDED)
+    elif recipe is not None:
+        diffs = row_recipe.differences(recorded, row_recipe.text_today(recipe))
+        if diffs:
+            out["reasons"].append(f"resolved recipe differs ({row_recipe.describe(diffs)})")
+    return out
+
+
+def _first_line(exc: EngramError) -> str:
+    lines = exc.lines() if isinstance(exc, RecipeError) else [str(exc)]
+    return lines[0] if lines else type(exc).__name__
+
+
+def stale_rows(root: Path, pages: dict[str, dict[str, dict]]) -> dict:
+    """{"head", "checked", "rows": [the report of every stale row]} over {page: {row id: JSON}}."""
+    git = Git(root)
+    reports = [stale_row(root, git, page, rid, d) for page, data in pages.items() for rid, d in sorted(data.items())]
+    return {"head": git.head, "checked": len(reports), "rows": [r for r in reports if r["reasons"]]}
+
+
+def format_report(report: dict) -> list[str]:
+    """One line per stale row, then the commands that re-make them, one per page."""
+    lines = [f"{r['page']}  {r['row']}  {(r['commit'] or '?')[:9]}  " + "; ".join(r["reasons"]) for r in report["rows"]]
+    by_page: dict[str, list[str]] = {}
+    for r in report["rows"]:
+        rows = by_page.setdefault(r["page"], [])
+        spec = r["remake"].rsplit(" ", 1)[1]
+        if spec not in rows:
+            rows.append(spec)
+    lines.append(f"{len(report['rows'])} of {report['checked']} rows stale at {report['head'][:9]}"
+                 + (":" if by_page else ""))
+    lines += [f"  engram results run {page} --rows {' '.join(rows)}" for page, rows in by_page.items()]
+    return lines
