@@ -21,6 +21,28 @@ full length, either drawing each step from the model (`sample`) or taking its me
                   of the first `spectrum_frames` frames, averaged over sequences), then
                   averaged over dimensions; 0 = the same temporal texture.
 
+Several sampled paths (`paths` = k > 1, sample mode only). An extreme statistic of one
+random generation (its max ‖ẑ‖) is itself random; to put a spread beside it, each eval
+sequence is generated k times, independently, from the metric's own seeded generator (the
+k copies of a batch are rolled out together, so the draws are reproducible and path p of
+sequence i is the same at every evaluation). *Path p* is the p-th generation of every
+eval sequence: one sampled generation of the whole split. Then the keys above pool all k
+paths (nonfinite, outside_range, clip_rate: shares over all N·k generated sequences or all
+their frames; max_norm: the largest over all paths; step, NLL and spectra: means over all
+paths; true_step_norm: over the N true sequences, as before), and these are added:
+
+- max_norm_path_mean, max_norm_path_sd   mean and sample sd (n − 1) over the k paths of
+                  each path's max ‖ẑ‖ over the whole split (M_p = max over sequences and
+                  frames of path p; max_norm = max_p M_p);
+- outside_range_path_sd   sample sd over the k paths of each path's share of frames outside
+                  the range (their mean is outside_range, every path has the same frames);
+- paths_outside   share of the k paths with at least one frame, of any sequence, outside
+                  the range (non-finite counts as outside): the share M_p > data_max_norm;
+- sequences_outside  share of the N·k generated sequences with at least one frame outside.
+
+With paths = 1 (the default) the draws and every key are exactly those of a single path,
+and the keys above are not reported (a spread of one path is undefined).
+
 Any head works that has `nll_and_step(z, dz, mode, generator)` or the Gaussian
 `predict(z) -> (μ, log σ)`; any data set with `utterances(split)` (a list of (T, D)
 tensors). At each eval `on_eval_end` draws generated vs true trajectories and spectra to
@@ -145,18 +167,37 @@ class GenerationConfig:
         validator=in_range(-1.0, None),
     )
     seed: int = field(0, help="seed of the sampled steps (the same draws at every evaluation)")
+    paths: int = field(
+        1,
+        help="sample mode: independent sampled generations of each eval sequence; > 1 adds their spread "
+        "(max_norm_path_mean/_sd, outside_range_path_sd, paths_outside, sequences_outside)",
+        validator=positive,
+    )
     batch_size: int = field(256, help="sequences generated at once", validator=positive)
     prefix: str = field("generate", help="tag group: <prefix>/nonfinite, <prefix>/max_norm, ...")
     pictures: bool = field(True, help="draw generated vs true trajectories and spectra to TensorBoard at each eval")
     audio: int = field(2, help="sequences decoded to audio for TensorBoard when the data set has a decoder; 0 = none", validator=non_negative)
+
+    def __attrs_post_init__(self):
+        if self.paths != 1 and self.rollout == "mean":
+            raise ConfigError(
+                "paths",
+                f"mean rollouts are deterministic, so every path would be the same: set paths = 1 or rollout = \"sample\", got {self.paths}",
+            )
 
 
 class GenerationMetric(Metric):
     """Whole-sequence generation from each eval sequence's first frame (see the module docstring)."""
 
     directions = {"*/nonfinite": "lower", "*/outside_range": "lower", "*/clip_rate": "lower", "*/nll": "lower",
-                  "*/dnll": "lower", "*/spectral_distance": "lower"}
-    groups = {"*/data_max_norm": "reference", "*/true_step_norm": "reference"}
+                  "*/dnll": "lower", "*/spectral_distance": "lower", "*/paths_outside": "lower",
+                  "*/sequences_outside": "lower",
+                  # like max_norm: nearer the data's range is better, neither way; an sd is the
+                  # noise of a value, not an outcome
+                  "*/max_norm_path_mean": "unknown", "*/max_norm_path_sd": "unknown",
+                  "*/outside_range_path_sd": "unknown"}
+    groups = {"*/data_max_norm": "reference", "*/true_step_norm": "reference",
+              "*/max_norm_path_sd": "spread", "*/outside_range_path_sd": "spread"}
 
     # distributed eval: every rank generates the whole split (seeded draws in a fixed order,
     # pooled spectra and the example sequences for the pictures would not shard exactly)
@@ -170,6 +211,12 @@ class GenerationMetric(Metric):
             self.add_state(name, 0.0)
         for name in ("p_gen", "p_true", "example"):
             self.add_state(name, None)
+        # per sampled path p (the p-th generation of every sequence): its max ‖ẑ‖ and its
+        # frames outside the range, over the whole split; sequences that leave the range
+        paths = cfg.paths
+        self.add_state("path_max", torch.zeros(paths, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("path_outside", torch.zeros(paths, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("seq_outside", 0, dist_reduce_fx="sum")
         self.generator = None
         data = build.dataset
         if data is not None and not hasattr(data, "utterances"):
@@ -202,22 +249,36 @@ class GenerationMetric(Metric):
         super().reset()
         self.generator = None  # scratch of one evaluation, not a state
 
-    def update(self, model, batch):
-        z = batch["z"]  # (B, T, D) true sequences
-        dz = z[:, 1:] - z[:, :-1]
+    def generate(self, head, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The `paths` generations of the (B, T, D) sequences z, path-major: row p·B + i is
+        path p of sequence i. `rollout`'s output, with "states" (paths·B, T, D) from the
+        true first frame. Sampled draws come from the metric's generator, seeded at the
+        first batch of each evaluation, so the paths are the same at every evaluation."""
         gen = None
         if self.cfg.rollout == "sample":
             if self.generator is None:
                 self.generator = torch.Generator(device=z.device).manual_seed(self.cfg.seed)
             gen = self.generator
+        if self.cfg.paths > 1:  # one rollout of the k copies: one draw per copy and step
+            z = z.repeat(self.cfg.paths, 1, 1)
+        dz = z[:, 1:] - z[:, :-1]
         clip = self._range() if self.cfg.clip_norm == -1 else max(self.cfg.clip_norm, 0.0)
-        out = rollout(model.head, z[:, 0], dz, self.cfg.rollout, clip, gen, keep_states=True)
-        states = torch.cat([z[:, :1], out["states"]], 1)  # (B, T, D) generated, from the true first frame
+        out = rollout(head, z[:, 0], dz, self.cfg.rollout, clip, gen, keep_states=True)
+        out["states"] = torch.cat([z[:, :1], out["states"]], 1)
+        return out
+
+    def update(self, model, batch):
+        z = batch["z"]  # (B, T, D) true sequences
+        dz = z[:, 1:] - z[:, :-1]
+        paths = self.cfg.paths
+        out = self.generate(model.head, z)
+        states = out["states"]  # (paths·B, T, D) generated, from the true first frame
+        z_of_state = z.repeat(paths, 1, 1) if paths > 1 else z  # the true sequence beside each
         nll = out["nll"].double()
         finite_state = torch.isfinite(states).all(-1)
         finite = torch.isfinite(nll) & finite_state[:, 1:]
         bad = ~(finite.all(1) & torch.isfinite(out["step_norm"]).all(1))
-        self.n_seq += z.shape[0]
+        self.n_seq += states.shape[0]
         self.bad_seq += int(bad.sum())
         norms = states.norm(dim=-1)
         fin_norms = norms[finite_state]
@@ -225,7 +286,12 @@ class GenerationMetric(Metric):
             self.max_norm = max(self.max_norm, float(fin_norms.max()))
         limit = self._range()
         self.frames += states.shape[0] * (states.shape[1] - 1)
-        self.outside += int(((norms[:, 1:] > limit * (1 + 1e-6)) | ~finite_state[:, 1:]).sum())
+        out_of_range = (norms[:, 1:] > limit * (1 + 1e-6)) | ~finite_state[:, 1:]
+        self.outside += int(out_of_range.sum())
+        self.seq_outside += int(out_of_range.any(1).sum())
+        per_path_norms = torch.where(finite_state, norms, torch.zeros_like(norms)).double().reshape(paths, -1)
+        self.path_max = torch.maximum(self.path_max, per_path_norms.max(1).values.cpu())
+        self.path_outside += out_of_range.reshape(paths, -1).sum(1).cpu()
         self.clipped += int(out["clipped"].sum())
         st = out["step_norm"][torch.isfinite(out["step_norm"])]
         self.step_sum += float(st.double().sum())
@@ -239,6 +305,8 @@ class GenerationMetric(Metric):
             base = diagonal_gaussian_nll_per_item(
                 spec.dz_mean.to(dz.device, dz.dtype), spec.dz_log_std.to(dz.device, dz.dtype), dz
             ).double()
+            if paths > 1:
+                base = base.repeat(paths, 1)
             self.dnll_sum += float((nll - base)[finite].sum())
         else:
             self.dnll_sum = math.nan
@@ -246,12 +314,13 @@ class GenerationMetric(Metric):
         ok = ~bad
         if states.shape[1] >= n and bool(ok.any()):
             pg = power_spectrum(states[ok, :n]).sum(0)
-            pt = power_spectrum(z[ok, :n]).sum(0)
+            pt = power_spectrum(z_of_state[ok, :n]).sum(0)
             self.p_gen = pg if self.p_gen is None else self.p_gen + pg
             self.p_true = pt if self.p_true is None else self.p_true + pt
             self.spec_count += int(ok.sum())
         if self.example is None:
-            self.example = {"true": z[: max(self.cfg.audio, 1)].detach().cpu(), "gen": states[: max(self.cfg.audio, 1)].detach().cpu()}
+            shown = min(max(self.cfg.audio, 1), z.shape[0])  # path 0 of the first sequences
+            self.example = {"true": z[:shown].detach().cpu(), "gen": states[:shown].detach().cpu()}
 
     def compute(self):
         p = self.cfg.prefix
@@ -272,11 +341,27 @@ class GenerationMetric(Metric):
                 log_spectral_distance(self.p_gen / self.spec_count, self.p_true / self.spec_count) if self.spec_count else math.inf
             ),
         }
+        if self.cfg.paths > 1:
+            out.update(self.path_spread())
         if self.p_gen is not None:
             self._last = {"p_gen": (self.p_gen / self.spec_count).cpu(), "p_true": (self.p_true / self.spec_count).cpu(), **(self.example or {})}
         else:
             self._last = dict(self.example or {})
         return out
+
+    def path_spread(self) -> dict[str, float]:
+        """The spread over the k sampled paths (the module docstring defines each key)."""
+        p = self.cfg.prefix
+        k = self.cfg.paths
+        frames_per_path = self.frames // k
+        share_outside = self.path_outside.double() / max(frames_per_path, 1)
+        return {
+            f"{p}/max_norm_path_mean": float(self.path_max.mean()),
+            f"{p}/max_norm_path_sd": float(self.path_max.std(correction=1)),
+            f"{p}/outside_range_path_sd": float(share_outside.std(correction=1)),
+            f"{p}/paths_outside": float((self.path_outside > 0).double().mean()),
+            f"{p}/sequences_outside": self.seq_outside / max(self.n_seq, 1),
+        }
 
     # ---- pictures and audio ------------------------------------------------------------
 
