@@ -15,6 +15,7 @@ from engram_core.builtin.mqar import (
     unpack,
 )
 from engram_core.components import BuildContext
+from engram_core.config import ConfigError
 
 
 def test_keys_are_distinct_in_range_and_seeded():
@@ -123,3 +124,20 @@ def test_batches_on_cuda_are_the_cpu_batches():
     placed.place("cuda")
     for a, b in zip(before, _batches(placed)):
         assert all(b[k].is_cuda and torch.equal(a[k], b[k].cpu()) for k in a)
+
+
+def test_a_val_split_is_disjoint_from_train_and_eval_and_changes_neither(tmp_path):
+
+    base = MQARConfig(n_pairs=4, seq_len=32, vocab_size=64, n_train=200, n_eval=50, seed=3)
+    with_val = MQARConfig(n_pairs=4, seq_len=32, vocab_size=64, n_train=200, n_eval=50, n_val=50, seed=3)
+    a = MQARDataset(base, BuildContext(cache_dir=tmp_path / "a"))
+    b = MQARDataset(with_val, BuildContext(cache_dir=tmp_path / "b"))
+    assert a.splits == ("train", "eval") and b.splits == ("train", "val", "eval")
+    for split in ("train", "eval"):  # adding val changes neither
+        assert torch.equal(a._split(split)["input_ids"], b._split(split)["input_ids"])
+    seen = {tuple(r) for s in ("train", "eval") for r in b._split(s)["input_ids"].tolist()}
+    val = [tuple(r) for r in b._split("val")["input_ids"].tolist()]
+    assert sum(r in seen for r in val) <= 1  # another stream: a repeat is a coincidence of 64^8 sequences
+    assert b._split("val")["labels"].ne(-100).sum(1).eq(4).all()  # scored like the others
+    with pytest.raises(ConfigError, match="no split 'val'"):
+        a._split("val")

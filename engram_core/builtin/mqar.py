@@ -17,7 +17,9 @@ predicts labels[t + 1]); ``write_mask`` the context region; ``read_mask`` the qu
 region (memories are written from the context, read in the queries). No
 ``attention_mask``: a sequence is never padded, and without one the attention needs no
 per-sequence mask (on a GPU a (B, 1, L, L) mask costs more than the rest of the block).
-The train and eval splits are generated from different seeds of `seed`.
+The train and eval splits are generated from different seeds of `seed`; with `n_val` > 0 a
+third split, `val`, from another (disjoint streams: adding it changes neither train nor eval).
+Choose on `val` (a stage's `eval_split = "val"`), report on `eval`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class MQARConfig:
                                validator=one_of(*SPACINGS))
     power_a: float = field(0.01, help="'power' spacing: exponent a of the slot weights i^(a-1)", validator=in_range(1e-6, 1.0))
     n_train: int = field(20000, help="training sequences", validator=positive)
-    n_eval: int = field(512, help="evaluation sequences", validator=positive)
+    n_eval: int = field(512, help="evaluation sequences (the reported split)", validator=positive)
+    n_val: int = field(0, help="validation sequences, split 'val', for choices (steps, rates); 0: no val split",
+                       validator=in_range(0, None))
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
 
     def __attrs_post_init__(self):
@@ -143,7 +147,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class MQARDataset(Dataset):
-    """Multi-query associative recall (Zoology-style), splits train and eval.
+    """Multi-query associative recall (Zoology-style), splits train and eval (and val with `n_val`).
 
     Generated once per config and seed and cached (`engram_core.cache`, plugin "core", kind
     "mqar": the key holds the full config, the seed, DATA_VERSION and the generator's source).
@@ -151,10 +155,9 @@ class MQARDataset(Dataset):
     with the same CPU-generated indices, so they are the same on every device.
     """
 
-    splits = ("train", "eval")
-
     def __init__(self, cfg: MQARConfig, build: BuildContext | None = None):
         self.cfg = cfg
+        self.splits = ("train", "val", "eval") if cfg.n_val else ("train", "eval")
         self._dry = build is not None and build.dry_run  # a check's few sequences: generated, never cached
         self.spec = self.dry_spec(cfg, build)
         self._splits = self._load(build.cache_dir if build is not None else None)
@@ -164,7 +167,7 @@ class MQARDataset(Dataset):
     def dry_dataset(cls, cfg: MQARConfig, build: BuildContext | None = None) -> MQARDataset:
         """Four sequences of each split of this config (`engram validate`'s dry forward),
         made in memory: nothing is cached for a check."""
-        small = attrs.evolve(cfg, n_train=4, n_eval=4)
+        small = attrs.evolve(cfg, n_train=4, n_eval=4, n_val=4 if cfg.n_val else 0)
         return cls(small, BuildContext(seed=small.seed, dry_run=True))
 
     @staticmethod
@@ -181,7 +184,10 @@ class MQARDataset(Dataset):
         cfg = self.cfg
 
         def build():
-            return {"train": generate_mqar(cfg, cfg.n_train, cfg.seed * 2 + 1), "eval": generate_mqar(cfg, cfg.n_eval, cfg.seed * 2 + 2)}
+            splits = {"train": generate_mqar(cfg, cfg.n_train, cfg.seed * 2 + 1), "eval": generate_mqar(cfg, cfg.n_eval, cfg.seed * 2 + 2)}
+            if cfg.n_val:  # a stream no train or eval split uses (those are seed * 2 + 1 and + 2)
+                splits["val"] = generate_mqar(cfg, cfg.n_val, 2**62 + cfg.seed)
+            return splits
 
         if self._dry:
             return build()
