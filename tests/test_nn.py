@@ -81,3 +81,19 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(tok.encode("KEY05 = 8 · ü", bos=True, eos=True)) == "KEY05 = 8 · ü"
     ids, mask = tok.batch(["ab", "abcd"], pad_left=True)
     assert ids.shape == (2, 5) and mask[0].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_plain_causal_attention_takes_the_maskless_path_with_the_same_outputs():
+    """No cache, window or padding: SDPA runs with is_causal (its fused kernels may run) and
+    gives what the explicit causal mask gives; with a cache the masked path still serves."""
+    torch.manual_seed(0)
+    cfg = CausalTransformerConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_len=64)
+    m = CausalTransformer(cfg).eval()
+    ids = torch.randint(0, 50, (3, 40))
+    with torch.no_grad():
+        plain = m(ids)[0]
+        masked = m(ids, attention_mask=torch.ones(3, 40, dtype=torch.long))[0]
+        _, cache = m(ids[:, :39], use_cache=True)
+        last = m(ids[:, 39:], cache=cache, use_cache=True)[0]
+    torch.testing.assert_close(plain, masked, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last[:, -1], plain[:, -1], rtol=1e-5, atol=1e-5)

@@ -74,6 +74,11 @@ class _Block(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         s = k.shape[2]
+        p_drop = self.p_drop if self.training else 0.0
+        if past is None and not self.window and attn_mask is None:
+            # plain causal attention: no mask tensor, so SDPA may take its fused (flash) kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p_drop)
+            return self._finish(x, y, b, t, d), (k, v)
         # causal mask over the whole (past + new) key range, plus padding
         causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t)
         if self.window:
@@ -84,11 +89,14 @@ class _Block(nn.Module):
         mask = causal[None, None]
         if attn_mask is not None:
             mask = mask & attn_mask[:, None, None, :s].bool()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_drop if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        return self._finish(x, y, b, t, d), (k, v)
+
+    def _finish(self, x, y, b: int, t: int, d: int):
+        """The heads' outputs (B, H, t, d/H) projected and added; then the MLP."""
         y = y.transpose(1, 2).reshape(b, t, d)
         x = x + self.drop(self.proj(y))
-        x = x + self.drop(self.mlp(self.ln2(x)))
-        return x, (k, v)
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class CausalTransformer(nn.Module):
