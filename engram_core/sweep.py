@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from .errors import EngramError, NonFiniteLossError, RecipeError
-from .recipe import Recipe, load_recipe, point_recipe, sweep_points, value_label
+from .recipe import Recipe, load_recipe, point_recipe, sweep_points, then_points, value_label
 from .run import distributed, threads
 from .run.rundir import (
     atomic_write_json,
@@ -138,18 +138,17 @@ def run_sweep(recipe: Recipe, console: Console, quiet: bool, jobs: int = 1) -> i
 
 def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Console, quiet: bool, device: str | None, jobs: int = 1) -> int:
     dist = distributed.current()
-    if jobs > 1 and not dist.enabled:
-        failures = _run_points_at_once(recipe, sweep_dir, plan, console, device, jobs)
-    else:
-        failures = 0
-        for entry in plan:
-            try:
-                failures += _run_point(recipe, sweep_dir, entry, len(plan), console, quiet, device) == "failed"
-            except KeyboardInterrupt:
-                write_sweep_tables(sweep_dir, plan)
-                raise
+    failures = _run_plan(recipe, sweep_dir, plan, console, quiet, device, jobs)
+    if recipe.select is not None and not any(e.get("selected") for e in plan):
+        chosen = _select(recipe, sweep_dir, plan, console)  # on rank 0, then every rank's
+        if chosen is None:
+            failures += 1
+        elif chosen:
+            plan.extend(chosen)
             if dist.is_main:
-                write_sweep_tables(sweep_dir, plan)
+                atomic_write_json(sweep_dir / SWEEP_FILE, {"name": recipe.name, "points": plan})
+            dist.barrier()
+            failures += _run_plan(recipe, sweep_dir, plan, console, quiet, device, jobs)
     dist.barrier()
     table = sweep_tables(sweep_dir, plan)[1]
     if dist.is_main:
@@ -163,6 +162,62 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     if failures:
         console.print(f"{failures} of {len(plan)} points failed (status and error in sweep.csv)", markup=False)
     return 1 if failures else 0
+
+
+def _run_plan(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Console, quiet: bool, device: str | None, jobs: int) -> int:
+    """Run every point of `plan` not done yet (one at a time, or `jobs` at once); the number that failed."""
+    dist = distributed.current()
+    if jobs > 1 and not dist.enabled:
+        return _run_points_at_once(recipe, sweep_dir, plan, console, device, jobs)
+    failures = 0
+    for entry in plan:
+        try:
+            failures += _run_point(recipe, sweep_dir, entry, len(plan), console, quiet, device) == "failed"
+        except KeyboardInterrupt:
+            write_sweep_tables(sweep_dir, plan)
+            raise
+        if dist.is_main:
+            write_sweep_tables(sweep_dir, plan)
+    return failures
+
+
+SELECTION_FILE = "selection.json"
+
+
+def _select(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Console) -> list[dict] | None:
+    """`[select]`: the grid point with the best `metric` (completed points only; the first of a
+    tie), recorded in selection.json; returns the entries of its `then` runs ([] when `then`
+    asks for none), or None when no completed point has the metric (said in one line)."""
+    sel = recipe.select
+    dist = distributed.current()
+    values = {}
+    for entry in plan:
+        summary = read_summary(sweep_dir / entry["dir"] / "summary.json") or {}
+        v = final_metrics(summary).get(sel.metric) if summary.get("status") == "completed" else None
+        values[entry["label"]] = v if isinstance(v, (int, float)) and math.isfinite(v) else None
+    scored = [(v, i) for i, v in enumerate(values.values()) if v is not None]
+    if not scored:
+        console.print(f"select: no completed point has the metric {sel.metric!r} (see sweep.md for the metrics each point has)",
+                      markup=False, soft_wrap=True)
+        return None
+    best = max(scored, key=lambda t: (t[0] if sel.mode == "max" else -t[0], -t[1]))[1]
+    chosen = plan[best]
+    same = point_recipe(recipe, chosen["point"]).to_toml(include_sweep=False)
+    entries = []
+    for label, point in then_points(recipe, chosen["point"]):
+        if point_recipe(recipe, point).to_toml(include_sweep=False) == same:
+            continue  # the chosen grid point itself (e.g. the seed it ran with): already run
+        index = len(plan) + len(entries)
+        entries.append({"index": index, "label": label, "point": point, "dir": f"{index:03d}", "selected": True})
+    record = {"metric": sel.metric, "mode": sel.mode, "values": values,
+              "chosen": {"label": chosen["label"], "point": chosen["point"], "dir": chosen["dir"], "value": values[chosen["label"]]},
+              "then": [e["label"] for e in entries]}
+    if dist.is_main:
+        atomic_write_json(sweep_dir / SELECTION_FILE, record)
+    console.print(f"select: {chosen['label']} has the {'highest' if sel.mode == 'max' else 'lowest'} {sel.metric} "
+                  f"({values[chosen['label']]:.4g} of {len(scored)} completed points)"
+                  + (f"; running it again: {', '.join(e['label'] for e in entries)}" if entries else ""), markup=False, soft_wrap=True)
+    return entries
 
 
 def point_done(point_dir: Path) -> bool:
@@ -418,7 +473,7 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
         for k in final_metrics(summary):
             if k not in metric_cols:
                 metric_cols.append(k)
-    keys = list(plan[0]["point"]) if plan else []
+    keys = list(dict.fromkeys(k for entry in plan for k in entry["point"]))  # [select] then-runs may add keys
     seeded = SEED_KEY in keys
     agg_of: dict[int, dict] = {}
     if seeded:
@@ -433,7 +488,7 @@ def sweep_tables(sweep_dir: Path, plan: list[dict]) -> tuple[str, str]:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, (entry, summary) in enumerate(zip(plan, summaries)):
         values = final_metrics(summary)
-        vals = [entry["dir"], *[value_label(entry["point"][k]) for k in keys], summary.get("status", "?")]
+        vals = [entry["dir"], *[value_label(entry["point"][k]) if k in entry["point"] else "-" for k in keys], summary.get("status", "?")]
         mvals = [values.get(c) for c in metric_cols]
         extra = []
         for m in metric_cols if seeded else []:

@@ -9,7 +9,7 @@
 - `grid`    the `[sweep]` grid's points and the recipe of one point
 """
 
-from .grid import point_recipe, sweep_points, value_label
+from .grid import point_recipe, sweep_points, then_points, value_label
 from .load import apply_override, load_recipe, parse_override, parse_value, split_key
 from .resolve import check_capabilities, resolve
 from .schema import (
@@ -26,6 +26,7 @@ from .schema import (
     Recipe,
     Resolved,
     RunConfig,
+    SelectConfig,
     Stage,
     TrainStage,
 )
@@ -33,7 +34,7 @@ from .toml import read_toml, to_toml
 
 __all__ = [
     "DEVICE_ALIASES", "DEVICE_WORDS", "MAX_SWEEP_POINTS", "NONE_WORD", "OPTIONAL_TABLES", "SECTIONS", "STAGE_CLASSES",
-    "EvalStage", "FitStage", "ParamGroupConfig", "Recipe", "Resolved", "RunConfig", "Stage", "TrainStage",
+    "EvalStage", "FitStage", "ParamGroupConfig", "Recipe", "Resolved", "RunConfig", "SelectConfig", "Stage", "TrainStage",
     "apply_override", "check_capabilities", "load_recipe", "parse_override", "parse_value", "point_recipe", "read_toml",
-    "resolve", "split_key", "sweep_points", "to_toml", "value_label",
+    "resolve", "split_key", "sweep_points", "then_points", "to_toml", "value_label",
 ]

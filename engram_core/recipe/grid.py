@@ -26,6 +26,18 @@ def sweep_points(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def then_points(recipe: Recipe, chosen: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, point) of each run `[select] then` asks for: the chosen grid point with each
+    combination of `then`'s values, in a stable order."""
+    then = recipe.select.then if recipe.select is not None else {}
+    keys = list(then)
+    out = []
+    for combo in itertools.product(*(then[k] for k in keys)):
+        point = {**chosen, **dict(zip(keys, combo))}
+        out.append((",".join(f"{k}={value_label(v)}" for k, v in point.items()), point))
+    return out
+
+
 def value_label(v: Any) -> str:
     if isinstance(v, dict):  # a component by its type, a stage by its name
         return str(v.get("type") or v.get("name") or "table")
@@ -37,6 +49,7 @@ def value_label(v: Any) -> str:
 def point_recipe(recipe: Recipe, point: dict[str, Any], registry: Registry | None = None) -> Recipe:
     raw = copy.deepcopy(recipe.raw)
     raw.pop("sweep", None)
+    raw.pop("select", None)
     try:
         for k, v in point.items():
             apply_override(raw, k, v, what="sweep")

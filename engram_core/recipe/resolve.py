@@ -26,6 +26,7 @@ from .schema import (
     Recipe,
     Resolved,
     RunConfig,
+    SelectConfig,
     Stage,
     TrainStage,
 )
@@ -47,6 +48,23 @@ def _sweep_table(sweep: Any, problems: list) -> dict:
         problems.append(("sweep", f"a grid of {math.prod(sizes.values()):,} points ({shown}) is more than {MAX_SWEEP_POINTS:,}; "
                                   "sweep fewer values, or split it into several recipes"))
     return sweep
+
+
+def _select_table(table: Any, sweep: dict, problems: list) -> SelectConfig | None:
+    """The [select] table structured and checked against the [sweep] it chooses from."""
+    select = _structure(table, SelectConfig, "select", problems)
+    if select is None:
+        return None
+    if not sweep:
+        problems.append(("select", "chooses among the points of a [sweep]; the recipe has none"))
+    for key, values in select.then.items():
+        if not isinstance(values, list) or not values:
+            problems.append((f"select.then.{key}", "expected a non-empty list of values"))
+        elif key in sweep:
+            problems.append((f"select.then.{key}", "the grid sweeps it already; `then` re-runs the chosen point with keys it does not sweep"))
+        elif key.split(".")[0] in ("sweep", "select"):
+            problems.append((f"select.then.{key}", "expected a dotted path of the recipe (e.g. run.seed)"))
+    return select
 
 
 def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
@@ -80,6 +98,7 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
         if r is not None:
             metrics.append(r)
     sweep = _sweep_table(raw.get("sweep", {}), problems)
+    select = _select_table(raw["select"], sweep, problems) if "select" in raw else None
     if not problems:
         problems.extend(_check_stage_references(stages, metrics, memory))
         problems.extend(_check_optimizers(stages, reg))
@@ -88,7 +107,7 @@ def resolve(raw: dict, reg: Registry, file: str) -> Recipe:
     if problems:
         raise RecipeError(problems, file=file)
     assert data is not None and head is not None and run is not None
-    return Recipe(file, run, data, head, memory, stages, objectives, metrics, sweep, raw)
+    return Recipe(file, run, data, head, memory, stages, objectives, metrics, sweep, raw, select=select)
 
 
 def _component(reg: Registry, kind: str, table: Any, path: str, problems: list) -> Resolved | None:

@@ -26,7 +26,7 @@ from .toml import to_toml
 MAX_SWEEP_POINTS = 10_000  # every point is built and checked before the first runs
 
 
-SECTIONS = ("run", "data", "head", "memory", "stages", "metrics", "sweep")
+SECTIONS = ("run", "data", "head", "memory", "stages", "metrics", "sweep", "select")
 
 
 OPTIONAL_TABLES = ("memory",)
@@ -185,6 +185,18 @@ class Resolved:
         return {"type": self.type_as_written, **unstructure(self.config)}
 
 
+@attrs.frozen
+class SelectConfig:
+    """`[select]`: after the `[sweep]` grid, choose its best point by a metric (measured on a
+    validation split), then run that point again with each combination of `then`."""
+
+    metric: str = field(help="a final metric of every point, as summary.json names it ('<stage>:<tag>' for an earlier "
+                             "stage's, e.g. 'val:eval/acc'); measure it on a validation split, report on another")
+    mode: str = field("max", help="'max' or 'min': which value wins", validator=one_of("max", "min"))
+    then: dict = field(factory=dict, help="dotted paths to lists, e.g. { \"run.seed\" = [1, 2] }: the chosen point run again "
+                                          "with each combination (keys the grid does not sweep)")
+
+
 @attrs.define
 class Recipe:
     file: str
@@ -198,6 +210,7 @@ class Recipe:
     sweep: dict[str, list]
     raw: dict  # the raw tables after overrides (sweep points start from it)
     origins: Any = None  # engram_core.recipe.extends.Origins: the file (or override) of each value in raw
+    select: SelectConfig | None = None  # [select]: choose the sweep's best point, then re-run it
 
     @property
     def name(self) -> str:
@@ -220,6 +233,8 @@ class Recipe:
         out["metrics"] = [m.to_table() for m in self.metrics]
         if include_sweep and self.sweep:
             out["sweep"] = self.sweep
+        if include_sweep and self.select is not None:
+            out["select"] = unstructure(self.select)
         return out
 
     def to_toml(self, include_sweep: bool = True) -> str:

@@ -99,7 +99,7 @@ def seed_table(plan: list[dict], summaries: list[dict], seed_key: str = SEED_KEY
         rows.append({
             "config": {k: value_label(v) for k, v in config.items()},
             "points": [plan[i]["dir"] for i in idx],
-            "seeds": [value_label(plan[i]["point"].get(seed_key)) for i in idx],
+            "seeds": [value_label(plan[i]["point"].get(seed_key, "recipe")) for i in idx],  # "recipe": the recipe's run.seed
             "n": len(done),
             "agg": agg,
         })
