@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engram_core import cache
-from engram_core.tools import cache_listing
 from engram_core.testing.cli import run_cli
+from engram_core.tools import cache_listing
 
 
 @attrs.frozen

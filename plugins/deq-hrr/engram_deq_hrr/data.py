@@ -84,7 +84,9 @@ class NeedleConfig:
     n_values: int = field(16, help="distinct value tokens = classes", validator=in_range(2, None))
     n_fillers: int = field(32, help="distinct filler tokens", validator=positive)
     n_train: int = field(4096, help="training sequences", validator=positive)
-    n_eval: int = field(512, help="evaluation sequences", validator=positive)
+    n_eval: int = field(512, help="evaluation sequences (the reported split)", validator=positive)
+    n_val: int = field(0, help="validation sequences, split 'val', for choices (steps, lengths, β); 0: none",
+                       validator=in_range(0, None))
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
     train_lengths: tuple[int, ...] = field((), help="extra training splits `train@L` at these lengths (a length "
                                                     "curriculum: a stage with split = 'train@L')")
@@ -142,6 +144,8 @@ class NeedleDataset(_TensorSplits):
         def make() -> dict:
             splits = {"train": generate_needle(cfg, cfg.n_train, cfg.seed * 2 + 1),
                       "eval": generate_needle(cfg, cfg.n_eval, cfg.seed * 2 + 2)}
+            if cfg.n_val:  # a stream of its own: adding it changes neither train nor eval
+                splits["val"] = generate_needle(cfg, cfg.n_val, 2**62 + cfg.seed)
             # each extra length has its own generator seed, distinct from the main splits'
             for length in cfg.train_lengths:
                 splits[f"train@{length}"] = generate_needle(cfg, cfg.n_train, _length_seed(cfg.seed, length, 1), length)

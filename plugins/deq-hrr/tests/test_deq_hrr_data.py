@@ -127,3 +127,13 @@ def test_listops_recall_layout_and_labels():
         assert ops[op](digits + [defs[var]]) == int(d["label"][i])
     with pytest.raises(ConfigError, match="shorter than the layout"):
         structure({"seq_len": 8, "n_defs": 4}, ListOpsRecallConfig)
+
+
+def test_a_val_split_leaves_train_and_eval_as_they_were(tmp_path):
+    base = NeedleDataset(NeedleConfig(seq_len=32, n_train=20, n_eval=10), BuildContext(cache_dir=tmp_path / "a"))
+    with_val = NeedleDataset(NeedleConfig(seq_len=32, n_train=20, n_eval=10, n_val=10), BuildContext(cache_dir=tmp_path / "b"))
+    assert "val" not in base.splits and "val" in with_val.splits
+    for split in ("train", "eval"):
+        for k, v in base._split(split).items():
+            assert torch.equal(v, with_val._split(split)[k]), (split, k)
+    assert not torch.equal(with_val._split("val")["tokens"], with_val._split("eval")["tokens"])

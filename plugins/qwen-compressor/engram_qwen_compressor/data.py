@@ -93,7 +93,9 @@ class DigitKVConfig:
         factory=lambda: [64, 96, 128], help="every budget evaluated (each must leave a whole statement removed)"
     )
     n_train: int = field(20000, help="training episodes", validator=positive)
-    n_eval: int = field(512, help="evaluation episodes", validator=positive)
+    n_eval: int = field(512, help="evaluation episodes (the reported split)", validator=positive)
+    n_val: int = field(0, help="validation episodes, split 'val', for choices (steps, budgets); 0: none",
+                       validator=in_range(0, None))
     gold_fields: bool = field(True, help="include gold digit / gold statement tokens (needed by oracle modes)")
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
 
@@ -228,10 +230,9 @@ class DigitKVDataset(Dataset):
     `gold_kv_ids / gold_kv_mask`.
     """
 
-    splits = ("train", "eval")
-
     def __init__(self, cfg: DigitKVConfig, build: BuildContext | None = None):
         self.cfg = cfg
+        self.splits = ("train", "val", "eval") if cfg.n_val else ("train", "eval")
         self.tok = make_tokenizer(cfg.tokenizer)
         self.spec = make_spec(cfg, self.tok)
         self.answer_ids = self.spec.answer_token_ids
@@ -260,8 +261,11 @@ class DigitKVDataset(Dataset):
     def _load(self, cache_dir) -> dict[str, list[Episode]]:
         def build():
             g = torch.Generator().manual_seed(self.cfg.seed)
-            return {"train": _generate(self.cfg, self.tok, self.cfg.n_train, g),
-                    "eval": _generate(self.cfg, self.tok, self.cfg.n_eval, g)}
+            out = {"train": _generate(self.cfg, self.tok, self.cfg.n_train, g),
+                   "eval": _generate(self.cfg, self.tok, self.cfg.n_eval, g)}
+            if self.cfg.n_val:  # drawn after the others from the same stream: they stay as they were
+                out["val"] = _generate(self.cfg, self.tok, self.cfg.n_val, g)
+            return out
 
         return cache.load_or_build(
             self.cache_entry(cache_dir), build,

@@ -141,3 +141,15 @@ def test_config_errors_name_the_key():
         DigitKVConfig(budgets=[])
     with pytest.raises(ConfigError, match="split"):
         small_data().sample("test", 2, torch.Generator())
+
+
+def test_a_val_split_leaves_train_and_eval_as_they_were(tmp_path):
+    base = DigitKVDataset(DigitKVConfig(n_train=16, n_eval=8, budgets=[64]), BuildContext(cache_dir=tmp_path / "a"))
+    with_val = DigitKVDataset(DigitKVConfig(n_train=16, n_eval=8, n_val=8, budgets=[64]), BuildContext(cache_dir=tmp_path / "b"))
+    assert base.splits == ("train", "eval") and with_val.splits == ("train", "val", "eval")
+    for split in ("train", "eval"):
+        assert base.episodes(split, range(8)) == with_val.episodes(split, range(8))
+    assert with_val.num_examples("val") == 8
+    assert with_val.episodes("val", range(8)) != with_val.episodes("eval", range(8))
+    with pytest.raises(ConfigError, match="got 'val'"):
+        base.episodes("val", [0])
