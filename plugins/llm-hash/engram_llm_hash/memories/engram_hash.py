@@ -3,8 +3,10 @@ as a gated residual after it (the blocks, their config and the hashing: `engram_
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -117,6 +119,20 @@ class EngramHashMemory(Memory):
         forwards read)."""
         block = self.blocks[layer or next(iter(self.blocks))]
         return block.telemetry.collision_rate(block.hasher.moduli)
+
+    @contextlib.contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Forwards inside read the memory as usual but leave its telemetry (slot usage,
+        the collision sample, the last gates) as it was: a metric scoring a side split
+        (the unseen keys) does not change what the stage's own evaluation reports."""
+        before = {key: block.track for key, block in self.blocks.items()}
+        for block in self.blocks.values():
+            block.track = False
+        try:
+            yield
+        finally:
+            for key, block in self.blocks.items():
+                block.track = before[key]
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = {}
