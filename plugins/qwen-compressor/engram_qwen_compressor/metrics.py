@@ -30,15 +30,31 @@ class DigitAccuracyConfig:
     breakdown: list[str] = field(factory=lambda: ["latent"], help="modes whose accuracy is also reported per target "
                                  "position (`acc_pos/<mode>_b<B>_p<i>`, i = statement index) and per number of removed "
                                  "statements (`acc_nrem/<mode>_n<k>`)")
+    greedy: bool = field(False, help="also score every mode by greedy decoding through the reader: "
+                                     "`greedy/<mode>_b<B>` is the exact match of the generated answer (argmax over the "
+                                     "whole vocabulary, the answer being one token), `greedy_nondigit/<mode>_b<B>` the "
+                                     "share of generations that are not a digit at all")
+
+
+def greedy_answer(head, logits: torch.Tensor) -> torch.Tensor:
+    """The answer the reader generates greedily, (B,) token ids: the argmax over its whole
+    vocabulary at the answer position. The answer is one token (a digit), so greedy decoding
+    of it is this one step; the reader was trained on nothing after the answer, so no
+    continuation is asked of it."""
+    return logits.argmax(-1)
 
 
 class DigitAccuracy(Metric):
     """`acc/<mode>_b<budget>` for every mode × budget, and `acc/chance` (0.1) beside them;
-    for the `breakdown` modes also per target position and per number of removed statements."""
+    for the `breakdown` modes also per target position and per number of removed statements.
 
-    directions = {"acc/*": "higher"}
+    `acc/*` is teacher-forced: the answer position's logits restricted to the ten digits,
+    so a reader that would generate something else is still scored by its best digit.
+    With `greedy = true`, `greedy/*` scores the answer the reader generates (exact match)."""
+
+    directions = {"acc/*": "higher", "greedy/*": "higher", "greedy_nondigit/*": "lower"}
     groups = {"acc/chance": "reference"}
-    references = {"acc/*": {"chance": "acc/chance"}}
+    references = {"acc/*": {"chance": "acc/chance"}, "greedy/*": {"chance": "acc/chance"}}
 
     def __init__(self, cfg: DigitAccuracyConfig, build: BuildContext):
         _check_modes(cfg.modes, build)
@@ -65,6 +81,11 @@ class DigitAccuracy(Metric):
             logits = model.head.answer_logits(batch, mode)
             hits = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float()
             self._add(f"acc/{mode}_b{budget}", hits)
+            if self.cfg.greedy:
+                generated = greedy_answer(model.head, logits)
+                digits = torch.tensor(model.head.answer_token_ids, device=generated.device)
+                self._add(f"greedy/{mode}_b{budget}", (generated == batch["answer"]).float())
+                self._add(f"greedy_nondigit/{mode}_b{budget}", (~torch.isin(generated, digits)).float())
             if mode in self.cfg.breakdown and "target_pos" in batch:
                 for group, name in ((batch["target_pos"], f"acc_pos/{mode}_b{budget}_p"), (batch["n_removed"], f"acc_nrem/{mode}_n")):
                     for v in group.unique().tolist():

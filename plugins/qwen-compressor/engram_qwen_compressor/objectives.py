@@ -198,7 +198,8 @@ class CompressorLossConfig:
     ae_weight: float = field(0.0, help="weight of autoencoding: next-token CE of the removed text read by the reader "
                                        "from [BOS] memory (ICAE / 500xCompressor pretraining)", validator=non_negative)
     slot_weight: float = field(0.0, help="weight of the slot-target warm start: slot j regresses onto the reader's "
-                                         "embedding of removed statement j's value digit (MSE / target power)",
+                                         "embedding of removed statement j's value digit (MSE / target power); needs "
+                                         "the generator's value positions (`removed_value_pos`)",
                                validator=non_negative)
     digits_only: bool = field(False, help="answer CE over the ten digit tokens only")
     budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")

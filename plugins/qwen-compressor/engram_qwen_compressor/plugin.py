@@ -3,7 +3,7 @@
 from engram_core.hookspecs import hookimpl
 
 from .data import DigitKVConfig, DigitKVDataset
-from .memories import MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig, TokenSelect, TokenSelectConfig
+from .memories import Gather, GatherConfig, MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig, TokenSelect, TokenSelectConfig
 from .metrics import Collapse, CollapseConfig, DigitAccuracy, DigitAccuracyConfig, GradCheck, GradCheckConfig
 from .objectives import (
     AnswerCE,
@@ -33,6 +33,7 @@ def engram_memories(register):
     register("mem_encoder", MemEncoder, MemEncoderConfig, points=("context",), provides=("context",))
     register("reader_encoder", ReaderEncoder, ReaderEncoderConfig, points=("context",), provides=("context",), requires=("reader",))
     register("token_select", TokenSelect, TokenSelectConfig, points=("context",), provides=("context",), requires=("reader",))
+    register("gather", Gather, GatherConfig, points=("context",), provides=("context",), requires=("reader",))
 
 
 @hookimpl

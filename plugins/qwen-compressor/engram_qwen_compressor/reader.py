@@ -315,7 +315,11 @@ class CompressorReader(Head):
         if mode == "latent":
             if not self.memory_active:
                 raise ConfigError("mode", "mode 'latent' needs a memory table (e.g. [memory] type = \"mem_encoder\")")
-            return self.write_memory(batch), None
+            # a memory with `context_mask` (the parameter-free `gather`) says which slots hold something;
+            # the learned memories fill every slot
+            slot_mask = getattr(self.memory, "context_mask", None)
+            mask = slot_mask(batch["removed_ids"], batch["removed_mask"]) if slot_mask is not None else None
+            return self.write_memory(batch), mask
         if mode == "oracle_slots":
             emb = self.embed(batch["removed_ids"])  # the token shift runs over the removed text, as when it was read
             pos = batch["removed_value_pos"]

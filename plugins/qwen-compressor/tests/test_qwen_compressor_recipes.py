@@ -10,8 +10,8 @@ from engram_core.testing.cli import run_cli
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 NAMES = ["budget_sweep", "collapse_debug", "template_oracle", "lora_reader", "contrastive", "overfit_one",
-         "reader_as_encoder", "warm_start", "autoencode", "token_select"]
-TRAIN_STAGES = {"collapse_debug": [2], "warm_start": [1, 2], "autoencode": [1, 2]}  # training stages ([1] elsewhere)
+         "reader_as_encoder", "warm_start", "autoencode", "token_select", "gather"]
+TRAIN_STAGES = {"collapse_debug": [2], "warm_start": [1, 2], "autoencode": [1, 2], "gather": []}  # training stages ([1] elsewhere)
 
 
 def shrink(name):
@@ -41,6 +41,9 @@ def test_recipe_runs(name, tmp_path):
     assert "collapse/batch_cos" in final and "memory/param_update" in final
     if name == "budget_sweep":
         assert {f"acc/{m}_b{b}" for m in ("discard", "summary", "latent", "oracle_kv") for b in (64, 96, 128)} <= set(final)
+    if name == "gather":  # the no-training baseline: teacher-forced and greedy scores of every mode
+        assert {f"{s}/{m}_b{b}" for s in ("acc", "greedy") for m in ("latent", "oracle_slots") for b in (64, 96, 128)} <= set(final)
+        assert final["memory/param_update"] == 0.0
     # the pretrained reader was cached by content: a second run loads it
     assert list((tmp_path / "cache" / "qwen-compressor").glob("reader-*.pt"))
 
