@@ -7,6 +7,7 @@ page, a recipe that extends a base, and a row JSON written by hand)."""
 import json
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,22 @@ def test_engram_results_stale_cli(checkout, tmp_path):
     write(not_git / "docs/results/fake.toml", (root / "docs/results/fake.toml").read_text())
     r = run_cli("results", "stale", tool="engram", env={R.CHECKOUT_ENV: str(not_git)})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a git checkout" in r.stderr, r.stderr
+
+
+def test_an_option_added_at_its_default_is_not_a_difference():
+    """A config key the record lacks, holding its default today (an option added since the row
+    was made), does not fail the check; the same key at another value does."""
+
+    import tomli_w
+
+    from engram_core.recipe import load_recipe
+
+    minimal = Path(__file__).resolve().parents[1] / "recipes" / "minimal.toml"
+    for override, expected in (([], []), (["stages.0.momentum=0.5"], ["stages.0.momentum"])):
+        r = load_recipe(minimal, override)
+        today = row_recipe.text_today(r)
+        tables = tomllib.loads(today)
+        del tables["stages"][0]["momentum"]  # as a row made before the key existed records it
+        recorded = tomli_w.dumps(tables)
+        assert [k for k, _, _ in row_recipe.differences(recorded, today, r)] == expected
+        assert [k for k, _, _ in row_recipe.differences(recorded, today)] == ["stages.0.momentum"]  # without the recipe: strict

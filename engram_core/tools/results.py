@@ -674,7 +674,7 @@ def check_page(page: Page) -> list[str]:
             continue
         recorded = d.get("resolved_recipe")
         if recorded:  # rows made before resolved recipes were recorded: `engram results stale` lists them
-            diffs = row_recipe.differences(recorded, row_recipe.text_today(r))
+            diffs = row_recipe.differences(recorded, row_recipe.text_today(r), r)
             if diffs:
                 problems.append(f"{page.data_dir / (rid + '.json')}: row {rid} was made by another recipe than "
                                 f"{d['recipe']} resolves to today ({row_recipe.describe(diffs)}); re-make it: "

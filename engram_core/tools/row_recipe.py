@@ -79,12 +79,53 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: node}
 
 
-def differences(recorded: str, today: str) -> list[tuple[str, Any, Any]]:
+def differences(recorded: str, today: str, recipe=None) -> list[tuple[str, Any, Any]]:
     """(dotted key, recorded value, today's value) for every leaf that differs, in the order
-    the keys appear in the recipe; a value missing on one side is `MISSING`."""
+    the keys appear in the recipe; a value missing on one side is `MISSING`. Given today's
+    resolved `recipe`, a key the record lacks whose value today is its config field's default
+    is not a difference: an option added since the row was made, at the default that keeps the
+    earlier behaviour (whether the code under it changed is what `engram results stale` says)."""
     old, new = _leaves(tomllib.loads(recorded)), _leaves(tomllib.loads(today))
     keys = list(old) + [k for k in new if k not in old]
-    return [(k, old.get(k, MISSING), new.get(k, MISSING)) for k in keys if old.get(k, MISSING) != new.get(k, MISSING)]
+    return [(k, old.get(k, MISSING), new.get(k, MISSING)) for k in keys if old.get(k, MISSING) != new.get(k, MISSING)
+            and not (k not in old and recipe is not None and added_at_default(recipe, k, new[k]))]
+
+
+def added_at_default(recipe, key: str, value: Any) -> bool:
+    """Whether `key` of the resolved `recipe` is a config field (of the run, a stage, or a
+    component's config) holding its default `value`."""
+    import attrs
+
+    parts = key.split(".")
+    try:
+        if parts[0] in ("data", "head", "memory") and len(parts) == 2:
+            obj, name = getattr(recipe, parts[0]).config, parts[1]
+        elif parts[0] == "run" and len(parts) == 2:
+            obj, name = recipe.run, parts[1]
+        elif parts[0] == "metrics" and len(parts) == 3:
+            obj, name = recipe.metrics[int(parts[1])].config, parts[2]
+        elif parts[0] == "stages" and len(parts) == 4 and parts[2] == "objective":
+            obj, name = recipe.objectives[int(parts[1])].config, parts[3]
+        elif parts[0] == "stages" and len(parts) == 3:
+            obj, name = recipe.stages[int(parts[1])], parts[2]
+        else:
+            return False
+        field = attrs.fields_dict(type(obj))[name]
+    except (AttributeError, IndexError, KeyError, ValueError, TypeError):
+        return False
+    if field.default is attrs.NOTHING:
+        return False
+    default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+    return _plain(default) == _plain(value)
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists (TOML has only arrays), to compare a default with a TOML value."""
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def show_value(v: Any) -> str:

@@ -204,7 +204,7 @@ def stale_row(root: Path, git: Git, page: str, rid: str, d: dict) -> dict:
     if not recorded:
         out["reasons"].append(NOT_RECORDED)
     elif recipe is not None:
-        diffs = row_recipe.differences(recorded, row_recipe.text_today(recipe))
+        diffs = row_recipe.differences(recorded, row_recipe.text_today(recipe), recipe)
         if diffs:
             out["reasons"].append(f"resolved recipe differs ({row_recipe.describe(diffs)})")
     return out
