@@ -11,11 +11,20 @@ W and the convolution are spectrally normalised (`spectral_norm`) and scaled by
 
 With ``trunk = "gru"`` the states come instead from a plain (non-equilibrium) recurrent
 cell, a GRU over the same injections: the ablation that asks what the equilibrium adds.
+With ``trunk = "transformer"`` they come from a small causal transformer over the same
+injections (`engram_core.nn.CausalTransformer`, no positional embeddings by default):
+every position attends to the whole prefix, so with ``memory = none`` it is the
+global-mixing baseline without a memory that the DEQ's local trunk is compared with.
 
 An attached `hrr` memory is written from z*_1..z*_{T-1} and read with the final state
 z*_T as query; its gated output is added to z*_T before the classifier. hrr's own call
 adds the oracle mix, the read logits and the diagnostics; any other memory providing
 `trace` is called through the point alone (`write_trace`, then `read_trace` at the query).
+
+The read reaches the logits by two paths: through the state (the gated read added to z*_T,
+then the classifier) and, with `read_logits`, straight as a vote (the prototype scores
+added to the logits). `forward_detailed(..., knockout=...)` removes exactly one of them
+at evaluation (`KNOCKOUTS`): "read_state" keeps the vote, "vote" keeps the state path.
 """
 
 from __future__ import annotations
@@ -29,17 +38,23 @@ import torch.nn.utils.parametrize
 from torch import nn
 
 from engram_core.components import BuildContext, Head
-from engram_core.config import field, in_range, one_of, positive
+from engram_core.config import ConfigError, field, in_range, one_of, positive
+from engram_core.nn.transformer import CausalTransformer, CausalTransformerConfig
 
 from .deq import GRADIENTS, SOLVERS, DEQFixedPoint
+
+# Evaluation-time knock-outs of one path of the memory read into the logits (see the module doc).
+KNOCKOUTS = ("read_state", "vote")
 
 
 @attrs.frozen
 class DEQClassifierConfig:
     """DEQ trunk (solver, gradients, spectral norm) and the classifier on its final state."""
 
-    trunk: str = field("deq", help="sequence trunk: 'deq' (the equilibrium z* = f(z*, x)) or 'gru' (a plain recurrent "
-                                   "cell over the same injections, for ablations)", validator=one_of("deq", "gru"))
+    trunk: str = field("deq", help="sequence trunk: 'deq' (the equilibrium z* = f(z*, x)), 'gru' (a plain recurrent "
+                                   "cell over the same injections, for ablations) or 'transformer' (a causal transformer "
+                                   "over the same injections: global mixing, the baseline without memory)",
+                       validator=one_of("deq", "gru", "transformer"))
     hidden: int = field(64, help="width H of the equilibrium state z", validator=positive)
     embed: int = field(64, help="token embedding width", validator=positive)
     conv_kernel: int = field(3, help="causal depthwise convolution width inside f (>= 1)", validator=positive)
@@ -67,6 +82,18 @@ class DEQClassifierConfig:
                                          "needs one prototype per class")
     read_logits_gated: bool = field(False, help="scale that vote by the read gate, so a closed gate removes it (with "
                                                "ungated votes the task loss already holds an InfoNCE-like term)")
+    transformer_layers: int = field(2, help="trunk = 'transformer': decoder blocks", validator=positive)
+    transformer_heads: int = field(4, help="trunk = 'transformer': attention heads (must divide hidden)", validator=positive)
+    transformer_mlp_ratio: int = field(1, help="trunk = 'transformer': MLP width = ratio * hidden", validator=positive)
+    transformer_positions: str = field("none", help="trunk = 'transformer': 'none' (no positional embedding, like the "
+                                                    "DEQ: content and the previous token only; any length) or 'learned' "
+                                                    "(a learned table of transformer_max_len positions)",
+                                       validator=one_of("none", "learned"))
+    transformer_max_len: int = field(1024, help="trunk = 'transformer': longest sequence it accepts", validator=positive)
+
+    def __attrs_post_init__(self):
+        if self.trunk == "transformer" and self.hidden % self.transformer_heads:
+            raise ConfigError("transformer_heads", f"must divide hidden ({self.hidden}), got {self.transformer_heads}")
 
 
 class DEQClassifier(Head):
@@ -100,8 +127,30 @@ class DEQClassifier(Head):
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cls_in, cfg.hidden), nn.GELU(),
                                         nn.Linear(cfg.hidden, self.n_classes))
         self.rnn = nn.GRU(cfg.hidden, cfg.hidden, batch_first=True) if cfg.trunk == "gru" else None
+        self.transformer = self._build_transformer(cfg, int(build.seed)) if cfg.trunk == "transformer" else None
         self.deq = DEQFixedPoint(cfg.solver, cfg.max_iter, cfg.tol, cfg.grad, cfg.backward_max_iter, cfg.backward_tol,
                                  cfg.phantom_steps, cfg.phantom_damping, cfg.anderson_m, cfg.damping)
+
+    @staticmethod
+    def _build_transformer(cfg: DEQClassifierConfig, seed: int) -> CausalTransformer:
+        """A causal transformer of width `hidden` fed the injections as `inputs_embeds`."""
+        tcfg = CausalTransformerConfig(vocab_size=1, dim=cfg.hidden, n_layers=cfg.transformer_layers,
+                                       n_heads=cfg.transformer_heads, max_len=cfg.transformer_max_len,
+                                       mlp_ratio=cfg.transformer_mlp_ratio)
+        # its own initialisation draws from the global RNG: fork it so the head is a function
+        # of the build seed alone, like the DEQ's weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 104729)
+            model = CausalTransformer(tcfg)
+        # the token table and output projection are unused (the injections come in as
+        # inputs_embeds, the classifier reads the states): frozen, so they neither train
+        # nor count as trainable parameters
+        model.tok.weight.requires_grad_(False)
+        if cfg.transformer_positions == "none":
+            with torch.no_grad():
+                model.pos.weight.zero_()
+            model.pos.weight.requires_grad_(False)
+        return model
 
     # -- the equilibrium ---------------------------------------------------------------
 
@@ -132,6 +181,8 @@ class DEQClassifier(Head):
         u = self.injection(tokens)
         if self.rnn is not None:
             return self.rnn(u)[0]
+        if self.transformer is not None:
+            return self.transformer(inputs_embeds=u, return_hidden=True)[2]
 
         def f(z: torch.Tensor) -> torch.Tensor:
             return torch.tanh(self._mix(z) + u)
@@ -140,12 +191,19 @@ class DEQClassifier(Head):
 
     # -- public API -----------------------------------------------------------------------
 
-    def forward_detailed(self, batch: dict, oracle_mix: float = 0.0, detach_writes: bool = False) -> dict:
+    def forward_detailed(self, batch: dict, oracle_mix: float = 0.0, detach_writes: bool = False,
+                         knockout: str | None = None) -> dict:
+        """Logits and diagnostics. `knockout` (one of `KNOCKOUTS`, evaluation only) removes one
+        path of the memory read into the logits: "read_state" drops the gated read added to
+        the query state (the vote stays), "vote" drops the prototype scores added to the
+        logits (the read still enters the state)."""
+        if knockout is not None and knockout not in KNOCKOUTS:
+            raise ValueError(f"knockout must be one of {KNOCKOUTS} or None, got {knockout!r}")
         # spectral-norm weights are computed once per forward (not once per solver iteration)
         with torch.nn.utils.parametrize.cached():
-            return self._forward_detailed(batch, oracle_mix, detach_writes)
+            return self._forward_detailed(batch, oracle_mix, detach_writes, knockout)
 
-    def _forward_detailed(self, batch: dict, oracle_mix: float, detach_writes: bool) -> dict:
+    def _forward_detailed(self, batch: dict, oracle_mix: float, detach_writes: bool, knockout: str | None) -> dict:
         # fill the parametrisation cache now, with grad enabled: a first access inside the
         # solver's no_grad would cache a weight without a graph and W would never train
         _ = self.state_map.weight
@@ -158,7 +216,7 @@ class DEQClassifier(Head):
         else:
             last_idx = lengths.to(tokens.device).long() - 1
         query_state = z.gather(1, last_idx.view(-1, 1, 1).expand(-1, 1, z.shape[-1])).squeeze(1)
-        if self.rnn is not None:
+        if self.rnn is not None or self.transformer is not None:
             out: dict = {"solver_iters": 0, "solver_residual": 0.0}
         else:
             out = {"solver_iters": self.deq.forward_stats.iterations, "solver_residual": self.deq.forward_stats.residual}
@@ -176,14 +234,16 @@ class DEQClassifier(Head):
                 # any other trace memory: only the `trace` point (engram_core.points.TracePoint),
                 # written from every position before the query, read with the query state
                 trace = self.memory.write_trace(z, write_mask, key_states)
-                h = h + self.memory.read_trace(trace, query_state[:, None])[:, 0]
+                if knockout != "read_state":
+                    h = h + self.memory.read_trace(trace, query_state[:, None])[:, 0]
             else:
                 targets = batch.get("read_target", batch.get("label")) if oracle_mix > 0 else None
                 mem = self.memory(z, query_state, write_mask, detach_writes=detach_writes, oracle=targets,
                                   oracle_mix=oracle_mix, key_states=key_states)
-                h = h + mem["out"]
+                if knockout != "read_state":
+                    h = h + mem["out"]
                 out["memory"] = mem
-            if self.cfg.read_logits and "memory" in out:
+            if self.cfg.read_logits and "memory" in out and knockout != "vote":
                 # the cleanup's vote is not scaled by the read gate: while reads are still
                 # noise, a gated vote is switched off by the task loss before it can improve
                 read_logits = mem["scores"] / self.memory.cfg.cleanup_temp

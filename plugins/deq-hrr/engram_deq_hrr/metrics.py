@@ -18,6 +18,12 @@ Scheduler state (when the objective has an `NCEScheduler`): ``memory/gate_opened
 ``memory/best_pre_gate_acc``. During a train stage these describe the epochs completed
 before this evaluation; in an eval stage after training, the whole schedule.
 ``majority_acc``: the accuracy of always answering the training split's most frequent class.
+
+Knock-outs of one path (`knockouts`, in the stages matching `knockouts_in`): the same
+eval split once more per named knock-out of the head (`head.KNOCKOUTS`), reported as
+``acc_without_<path>``: ``acc_without_read_state`` (the read no longer enters the query
+state; its vote still reaches the logits) and ``acc_without_vote`` (the vote is dropped;
+the read still enters the state). A stage with ``memory = false`` removes both.
 """
 
 from __future__ import annotations
@@ -29,9 +35,17 @@ import attrs
 import torch
 
 from engram_core.components import BuildContext, Metric, model_device, to_device
-from engram_core.config import field
+from engram_core.config import ConfigError, field
+
+from .head import KNOCKOUTS
 
 LENGTH_SPLIT = "eval@"
+
+
+def _known_knockouts(inst, attribute, value):
+    unknown = [k for k in value if k not in KNOCKOUTS]
+    if unknown:
+        raise ConfigError(attribute.name, f"unknown knock-out {unknown[0]!r}: expected a list of {', '.join(map(repr, KNOCKOUTS))}")
 
 
 @attrs.frozen
@@ -41,12 +55,18 @@ class DEQHRRAccuracyConfig:
     lengths_in: tuple[str, ...] = field(("*",), help="stage-name globs in which acc@L is measured on the eval@L "
                                                      "splits (e.g. ['final'] to skip them during training)")
     majority: bool = field(True, help="report majority_acc (the training split's most frequent class)")
+    knockouts: tuple[str, ...] = field((), help="paths of the memory read to knock out, one at a time, for an extra "
+                                                "accuracy acc_without_<path>: 'read_state' (the read added to the query "
+                                                "state; the vote stays), 'vote' (the prototype scores added to the "
+                                                "logits; the state path stays)", validator=_known_knockouts)
+    knockouts_in: tuple[str, ...] = field(("*",), help="stage-name globs in which the knock-outs are measured "
+                                                       "(e.g. ['final'])")
 
 
 class DEQHRRAccuracy(Metric):
     """Accuracy of `forward_classify` and the HRR/DEQ telemetry."""
 
-    directions = {"acc": "higher", "best_acc": "higher", "acc@*": "higher"}
+    directions = {"acc": "higher", "best_acc": "higher", "acc@*": "higher", "acc_without_*": "higher"}
     groups = {"majority_acc": "reference"}
     references = {"acc": {"majority": "majority_acc"}, "acc@*": {"majority": "majority_acc"}}
 
@@ -65,6 +85,7 @@ class DEQHRRAccuracy(Metric):
         self.add_state("sums", {}, dist_reduce_fx="sum")  # {telemetry name: weighted sum}
         self.add_state("counts", {}, dist_reduce_fx="sum")  # {telemetry name: items}
         self.add_state("winners", set(), dist_reduce_fx="union")  # prototypes that won a read
+        self.add_state("knockout_hits", {}, dist_reduce_fx="sum")  # {knock-out: items right}
         self.add_state("main_length", 0, dist_reduce_fx="max")
         self.add_state("n_prototypes", 0, dist_reduce_fx="max")
         # no built-in reduction fits these: {L: [hits, n]} adds lists, histograms differ in length
@@ -126,6 +147,9 @@ class DEQHRRAccuracy(Metric):
         self.label_counts = counts if self.label_counts is None else _add_counts(self.label_counts, counts)
         self.correct += int((out["logits"].argmax(-1) == label).sum())
         self.total += n
+        for knockout in self._knockouts(model):
+            logits = model.head.forward_detailed(batch, knockout=knockout)["logits"]
+            self.knockout_hits[knockout] = self.knockout_hits.get(knockout, 0) + int((logits.argmax(-1) == label).sum())
         self._add("solver_iters", float(out["solver_iters"]), n)
         self._add("solver_residual", float(out["solver_residual"]), n)
         mem = out.get("memory")
@@ -138,10 +162,21 @@ class DEQHRRAccuracy(Metric):
             self.winners.update(int(i) for i in diag["top1"].unique().tolist())
             self.n_prototypes = model.memory.n_prototypes
 
+    def _knockouts(self, model) -> tuple[str, ...]:
+        """The knock-outs to measure in this stage: none without an active memory."""
+        stage = self.ctx.stage if self.ctx is not None else ""
+        if not self.cfg.knockouts or not model.head.memory_active:
+            return ()
+        if not any(fnmatch.fnmatchcase(stage, pat) for pat in self.cfg.knockouts_in):
+            return ()
+        return self.cfg.knockouts
+
     def compute(self) -> dict[str, float]:
         acc = self.correct / max(self.total, 1)
         self.best = max(self.best, acc)
         out = {"acc": acc, "best_acc": self.best}
+        for knockout, hits in self.knockout_hits.items():
+            out[f"acc_without_{knockout}"] = hits / max(self.total, 1)
         if self.length_hits:
             out[f"acc@{self.main_length}"] = acc
             for length, (hit, total) in self.length_hits.items():
