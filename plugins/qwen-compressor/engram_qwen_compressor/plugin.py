@@ -3,7 +3,16 @@
 from engram_core.hookspecs import hookimpl
 
 from .data import DigitKVConfig, DigitKVDataset
-from .memories import Gather, GatherConfig, MemEncoder, MemEncoderConfig, ReaderEncoder, ReaderEncoderConfig, TokenSelect, TokenSelectConfig
+from .memories import (
+    Gather,
+    GatherConfig,
+    MemEncoder,
+    MemEncoderConfig,
+    ReaderEncoder,
+    ReaderEncoderConfig,
+    TokenSelect,
+    TokenSelectConfig,
+)
 from .metrics import Collapse, CollapseConfig, DigitAccuracy, DigitAccuracyConfig, GradCheck, GradCheckConfig
 from .objectives import (
     AnswerCE,
