@@ -178,3 +178,31 @@ def test_a_failed_run_is_recorded_not_hidden(tmp_path):
 
 
 
+
+
+def test_a_select_row_records_the_choice_and_the_winners_seeds(tmp_path):
+    """A row whose recipe has [select] runs its sweep whole: the JSON records which point won on
+    the selection metric, and its metrics are the winner's seeds."""
+    spec = tmp_path / "sel.toml"
+    spec.write_text('''
+[[rows]]
+id = "chosen_lr"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=30", "stages.0.eval_every=15", "stages.0.warmup_steps=5",
+             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1, 2] } }']
+
+[[tables]]
+id = "main"
+rows = ["chosen_lr"]
+columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
+''')
+    (tmp_path / "sel.md").write_text("# sel\n\n<!-- results:table main -->\n<!-- results:end -->\n")
+    page = R.load_page(spec)
+    (written,) = R.run_page(page, allow_dirty=True)
+    d = json.loads(written.read_text())
+    sel = d["selection"]
+    assert sel["metric"] == "eval/loss" and sel["mode"] == "min"
+    assert sel["chosen"]["value"] == min(v for v in sel["values"].values() if v is not None)
+    assert d["point"] == sel["chosen"]["point"] and d["seeds"] == [0, 1, 2]
+    assert d["metrics"]["eval/loss"]["n"] == 3
+    assert not [p for p in R.check_page(page) if "does not validate" in p or "another recipe" in p]

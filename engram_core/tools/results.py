@@ -145,6 +145,10 @@ def expand(row: Row) -> list[tuple[str, dict | None, str, tuple[int, ...]]]:
     from ..recipe import load_recipe, point_recipe, sweep_points, value_label
 
     recipe = load_recipe(checkout() / row.recipe, list(row.overrides))
+    if recipe.select is not None:  # one job: the whole sweep, which chooses on its metric and re-runs the winner's seeds
+        for _, point in sweep_points(recipe):
+            point_recipe(recipe, point)
+        return [(row.id, None, "", (recipe.run.seed,))]
     if not recipe.sweep:
         return [(row.id, None, "", row.seeds)]
     groups: dict[str, tuple[dict, list[int]]] = {}
@@ -229,6 +233,8 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     recipe_file = checkout() / job.row.recipe
     overrides = list(job.row.overrides)
     recipe = load_recipe(recipe_file, overrides)
+    if recipe.select is not None:
+        return _run_select_job(job, jdir, recipe_file, overrides, cache, device, jobs, deadline, recipe)
     if job.point is not None:  # the grid point as a recipe of its own, written by the recipe code itself
         recipe = point_recipe(recipe, job.point)
         recipe_file = jdir / "point.toml"
@@ -271,6 +277,48 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
         "curves": curves,
         "resolved_recipe": row_recipe.from_run_dir(rd),
     }
+
+
+def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str], cache: Path, device: str | None, jobs: int,
+                    deadline: float | None, recipe) -> dict:
+    """A row whose recipe has `[select]`: the sweep runs whole (grid, choice on its metric, the
+    winner again with `then`); the row's runs are the winner's (its grid run and the `then`
+    runs), and `selection` records every point's value and which won."""
+    cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, "--out", str(jdir / "runs"), "--quiet"]
+    if device:
+        cmd += ["--device", device]
+    env = _job_env(cache, _on_cuda(device or recipe.run.device), jobs)
+    limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
+    t0 = time.perf_counter()
+    with open(jdir / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=checkout(), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=max(1.0, min(limits)) if limits else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = None
+    sweeps = sorted((jdir / "runs").glob("*/*-sweep/selection.json"))
+    if not sweeps:
+        return {"seed": job.seed, "status": "timeout" if rc is None else "failed", "returncode": rc,
+                "wall_time_s": round(time.perf_counter() - t0, 1), "log_tail": (jdir / "log.txt").read_text()[-1500:]}
+    sweep_dir = sweeps[-1].parent
+    selection = json.loads(sweeps[-1].read_text())
+    plan = json.loads((sweep_dir / "sweep.json").read_text())["points"]
+    winners = [selection["chosen"]["dir"], *(e["dir"] for e in plan if e.get("selected"))]
+    runs = []
+    for d in winners:
+        rd = sweep_dir / d
+        summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").exists() else {"status": "failed"}
+        seed = tomllib.loads((rd / "recipe.toml").read_text())["run"]["seed"] if (rd / "recipe.toml").exists() else None
+        env_json = json.loads((rd / "env.json").read_text()) if (rd / "env.json").exists() else {}
+        curves = _curves(rd / "metrics.jsonl") if (rd / "metrics.jsonl").exists() else {}
+        runs.append({"seed": seed, "status": summary.get("status"), "wall_time_s": summary.get("wall_time_s"),
+                     "device": env_json.get("device_name") or env_json.get("device"), "torch_threads": env_json.get("torch_threads"),
+                     "metrics": final_metrics(summary) | _last_train_values(rd) | _curve_minima(curves), "curves": curves,
+                     "resolved_recipe": row_recipe.from_run_dir(rd) if (rd / "recipe.toml").exists() else None})
+    return {"seed": job.seed, "status": "completed" if rc == 0 else "failed", "wall_time_s": round(time.perf_counter() - t0, 1),
+            "select_runs": runs, "selection": selection}
 
 
 def _last_train_values(run_dir: Path) -> dict[str, float]:
@@ -375,6 +423,12 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
         for fut in futures.as_completed(todo):
             j = todo[fut]
             res = fut.result()
+            if "select_runs" in res:  # a [select] row: one job, the winner's runs
+                print(f"  {j.row_id}: chose {res['selection']['chosen']['label']} on {res['selection']['metric']}; "
+                      f"{len(res['select_runs'])} runs of it ({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
+                chosen = attrs.evolve(j, point=res["selection"]["chosen"]["point"])  # the row's recipe is the winner's
+                written.append(_write_row(page, chosen, res["select_runs"], {**context, "selection": res["selection"]}))
+                continue
             results.setdefault(j.row_id, []).append(res)
             print(f"  {j.row_id} seed {j.seed}: {res['status']} in {res['wall_time_s']} s "
                   f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
