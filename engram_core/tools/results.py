@@ -244,17 +244,8 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
            "--out", str(jdir / "runs"), "--quiet"]
     if device:
         cmd += ["--device", device]
-    env = _job_env(cache, _on_cuda(device or recipe.run.device), jobs)
-    limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
     t0 = time.perf_counter()
-    with open(jdir / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=checkout(), env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=max(1.0, min(limits)) if limits else None)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
+    rc = _launch(cmd, jdir, _job_env(cache, _on_cuda(device or recipe.run.device), jobs), job, deadline)
     wall = time.perf_counter() - t0
     run_dirs = sorted((jdir / "runs").glob("*/*/summary.json"))
     if rc != 0 or not run_dirs:
@@ -263,19 +254,37 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
         return {"seed": job.seed, "status": "timeout" if rc is None else "failed", "returncode": rc,
                 "wall_time_s": round(wall, 1), "log_tail": tail,
                 "resolved_recipe": row_recipe.from_run_dir(started[-1].parent) if started else None}
-    rd = run_dirs[-1].parent
-    summary = json.loads((rd / "summary.json").read_text())
-    curves = _curves(rd / "metrics.jsonl")
-    env_json = json.loads((rd / "env.json").read_text())
+    return _run_record(run_dirs[-1].parent, job.seed, round(wall, 1))
+
+
+def _launch(cmd: list[str], jdir: Path, env: dict[str, str], job: Job, deadline: float | None) -> int | None:
+    """Run `cmd` in the checkout, its output in jdir/log.txt; its exit status, None when it ran
+    past the row's `timeout_s` or the page's deadline (then it is killed)."""
+    limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
+    with open(jdir / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=checkout(), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=max(1.0, min(limits)) if limits else None)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+
+
+def _run_record(rd: Path, seed: int | None, wall: float | None = None) -> dict:
+    """What a row's JSON keeps of one finished run directory."""
+    summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").exists() else {"status": "failed"}
+    env_json = json.loads((rd / "env.json").read_text()) if (rd / "env.json").exists() else {}
+    curves = _curves(rd / "metrics.jsonl") if (rd / "metrics.jsonl").exists() else {}
     return {
-        "seed": job.seed,
+        "seed": seed,
         "status": summary.get("status"),
-        "wall_time_s": summary.get("wall_time_s", round(wall, 1)),
+        "wall_time_s": summary.get("wall_time_s", wall),
         "device": env_json.get("device_name") or env_json.get("device"),
         "torch_threads": env_json.get("torch_threads"),
         "metrics": final_metrics(summary) | _last_train_values(rd) | _curve_minima(curves),
         "curves": curves,
-        "resolved_recipe": row_recipe.from_run_dir(rd),
+        "resolved_recipe": row_recipe.from_run_dir(rd) if (rd / "recipe.toml").exists() else None,
     }
 
 
@@ -287,17 +296,8 @@ def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str
     cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, "--out", str(jdir / "runs"), "--quiet"]
     if device:
         cmd += ["--device", device]
-    env = _job_env(cache, _on_cuda(device or recipe.run.device), jobs)
-    limits = [t for t in (job.row.timeout_s or None, None if deadline is None else deadline - time.time()) if t is not None]
     t0 = time.perf_counter()
-    with open(jdir / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=checkout(), env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=max(1.0, min(limits)) if limits else None)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = None
+    rc = _launch(cmd, jdir, _job_env(cache, _on_cuda(device or recipe.run.device), jobs), job, deadline)
     sweeps = sorted((jdir / "runs").glob("*/*-sweep/selection.json"))
     if not sweeps:
         return {"seed": job.seed, "status": "timeout" if rc is None else "failed", "returncode": rc,
@@ -309,14 +309,8 @@ def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str
     runs = []
     for d in winners:
         rd = sweep_dir / d
-        summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").exists() else {"status": "failed"}
         seed = tomllib.loads((rd / "recipe.toml").read_text())["run"]["seed"] if (rd / "recipe.toml").exists() else None
-        env_json = json.loads((rd / "env.json").read_text()) if (rd / "env.json").exists() else {}
-        curves = _curves(rd / "metrics.jsonl") if (rd / "metrics.jsonl").exists() else {}
-        runs.append({"seed": seed, "status": summary.get("status"), "wall_time_s": summary.get("wall_time_s"),
-                     "device": env_json.get("device_name") or env_json.get("device"), "torch_threads": env_json.get("torch_threads"),
-                     "metrics": final_metrics(summary) | _last_train_values(rd) | _curve_minima(curves), "curves": curves,
-                     "resolved_recipe": row_recipe.from_run_dir(rd) if (rd / "recipe.toml").exists() else None})
+        runs.append(_run_record(rd, seed))
     return {"seed": job.seed, "status": "completed" if rc == 0 else "failed", "wall_time_s": round(time.perf_counter() - t0, 1),
             "select_runs": runs, "selection": selection}
 

@@ -114,3 +114,32 @@ class LearnedGate:
         self.enabled = was_enabled
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
+
+
+class GatedStore(TopKStore, LearnedGate):
+    """The top-k store and the learned gate together, built from a `GatedResidualConfig` and
+    fitted store first, then gate (gated_residual and hybrid differ only in `targets`, what
+    the store's values are fitted to, and in how `forward` blends)."""
+
+    targets: Callable[[dict], torch.Tensor]
+
+    def _init_gated(self, cfg) -> None:
+        self._init_store(cfg.k, cfg.topk, cfg.tau)
+        self.cfg = cfg
+        self._init_gate(cfg.gate_init)
+
+    def fit(
+        self,
+        ctx: FitContext,
+        iters: int = 20,
+        max_items: int = 100000,
+        gate_steps: int = 200,
+        gate_lr: float = 1e-2,
+        gate_batch: int = 256,
+    ) -> None:
+        """Fit keys and values (k-means of z, then each key's mean target: the residual for
+        gated_residual, Δz itself for hybrid), then `gate_steps` Adam steps on the gate alone,
+        minimising the head's NLL with the memory on (batches drawn with ctx.generator).
+        gate_steps = 0 leaves the gate to a later train stage (train = ["memory.gate*"])."""
+        self._fit_store(ctx, iters, max_items, type(self).targets)
+        self._fit_gate(ctx, max_items, gate_steps, gate_lr, gate_batch)
