@@ -57,9 +57,10 @@ class Example:
 
 
 class TextCodec:
-    """The byte tokenizer of the core, or a local HF tokenizer directory."""
+    """The byte tokenizer of the core, a local HF tokenizer directory, or an engram model's
+    (`engram:stdlib-lm-cpu`, engram_core.lm: its cached folder, pretrained first if missing)."""
 
-    def __init__(self, name: str = "byte"):
+    def __init__(self, name: str = "byte", cache_dir=None):
         self.name = name
         if name == "byte":
             from engram_core.nn import ByteTokenizer
@@ -70,9 +71,9 @@ class TextCodec:
             self.vocab_size, self.pad_id, self.bos_id, self.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
             self.hf = None
         else:
-            path = Path(name).expanduser()
+            path = _model_folder(name, "tokenizer", cache_dir)
             if not path.is_dir():
-                raise ConfigError("tokenizer", f"must be 'byte' or a local tokenizer directory, got {name!r}")
+                raise ConfigError("tokenizer", f"must be 'byte', 'engram:NAME' or a local tokenizer directory, got {name!r}")
             from transformers import AutoTokenizer
 
             try:
@@ -101,6 +102,16 @@ class TextCodec:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return ([self.bos_id] if self.bos_id is not None else []) + self.encode(prompt)
+
+
+def _model_folder(name: str, key: str, cache_dir=None) -> Path:
+    """`engram:NAME` -> the general LM's tokenizer (engram_core.lm: trained if missing, the
+    model is not needed for it); else the path."""
+    if name.startswith("engram:"):
+        from engram_core.lm import tokenizer_folder
+
+        return tokenizer_folder(name, cache_dir, key=key)
+    return Path(name).expanduser()
 
 
 def collate(examples: list[Example], codec: TextCodec) -> dict:
@@ -277,7 +288,7 @@ class ExactMatchConfig:
     n_seen: int = field(0, help="train facts in the 'seen' recall split (0 = all)", validator=in_range(0, None))
     seed: int = field(0, help="seed of the generator and the split (independent of run.seed)")
     path: str = field("", help="a JSONL file of {input, output, split[, category]} to use instead of the generated data")
-    tokenizer: str = field("byte", help="'byte' (offline byte-level) or a local HF tokenizer directory")
+    tokenizer: str = field("byte", help="'byte' (offline byte-level), 'engram:NAME' (the general LM's) or a local HF tokenizer directory")
 
     def __attrs_post_init__(self):
         if self.pretrain_fraction + self.valid_fraction + self.test_fraction >= 0.95:
@@ -291,7 +302,7 @@ class ExactMatchDataset(TextCompletionDataset):
 
     def __init__(self, cfg: ExactMatchConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        self.codec = TextCodec(cfg.tokenizer)
+        self.codec = TextCodec(cfg.tokenizer, build.cache_dir if build is not None else None)
         if cfg.path:
             p = Path(cfg.path).expanduser()
             if not p.is_file():
@@ -364,7 +375,7 @@ class LongRecallConfig:
         validator=in_range(0, None),
     )
     seed: int = field(0, help="seed of the generator")
-    tokenizer: str = field("byte", help="'byte' or a local HF tokenizer directory")
+    tokenizer: str = field("byte", help="'byte', 'engram:NAME' (the general LM's) or a local HF tokenizer directory")
 
     def __attrs_post_init__(self):
         if self.max_distraction < self.min_distraction:
@@ -380,7 +391,7 @@ class LongRecallDataset(TextCompletionDataset):
 
     def __init__(self, cfg: LongRecallConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        self.codec = TextCodec(cfg.tokenizer)
+        self.codec = TextCodec(cfg.tokenizer, build.cache_dir if build is not None else None)
         splits = _cached_splits(build, "long_recall", cfg, self._generate)
         self._splits = splits
         self.splits = tuple(splits)

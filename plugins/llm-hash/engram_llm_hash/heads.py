@@ -109,7 +109,7 @@ class TinyCausalLMHead(Head):
 class HFCausalLMConfig:
     """A transformers causal LM loaded with from_pretrained from a local directory."""
 
-    model_dir: str = field(help="local directory holding config.json and weights (no downloads)")
+    model_dir: str = field(help="local directory holding config.json and weights (no downloads), or 'engram:NAME' (engram_core.lm)")
     lora_r: int = field(0, help="LoRA rank (0 = no adapters)", validator=non_negative)
     lora_alpha: float = field(16.0, help="LoRA alpha", validator=positive)
     lora_targets: list[str] = field(factory=lambda: ["q_proj", "v_proj"], help="names of the Linear layers that get LoRA adapters")
@@ -128,7 +128,14 @@ class HFCausalLMHead(Head):
         from .hf import decoder_layers, load_causal_lm
 
         self.cfg = cfg
-        self.model = load_causal_lm(cfg.model_dir)
+        if build.dry_run and cfg.model_dir.startswith("engram:"):
+            from engram_core.lm import cached_model, skeleton_model
+
+            # a check builds the shapes: the general LM is pretrained by the run, not by `engram validate`
+            self.model = skeleton_model(cfg.model_dir) if cached_model(cfg.model_dir, build.cache_dir) is None else \
+                load_causal_lm(cfg.model_dir, cache_dir=build.cache_dir)
+        else:
+            self.model = load_causal_lm(cfg.model_dir, cache_dir=build.cache_dir)
         spec = build.spec
         self.codec = spec.codec
         vocab = int(self.model.config.vocab_size)

@@ -784,7 +784,7 @@ def _quiet_transformers():
     return quiet()
 
 
-def load_causal_lm(model_dir: str, key: str = "model_dir", dtype=None):
+def load_causal_lm(model_dir: str, key: str = "model_dir", dtype=None, cache_dir=None):
     """`AutoModelForCausalLM.from_pretrained` of a local directory, with one-line errors.
 
     Whether the directory holds a decoder-only causal LM is decided first, on a model built
@@ -792,7 +792,12 @@ def load_causal_lm(model_dir: str, key: str = "model_dir", dtype=None):
     that is not one gives one line and no loading noise."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    p = Path(model_dir).expanduser()
+    if model_dir.startswith("engram:"):  # the general LM made here (engram_core.lm), pretrained first if not cached
+        from engram_core.lm import resolve_model
+
+        p = resolve_model(model_dir, cache_dir, key=key)
+    else:
+        p = Path(model_dir).expanduser()
     if not p.is_dir():
         raise ConfigError(key, f"model directory does not exist: {model_dir}")
     with _quiet_transformers():
