@@ -61,6 +61,18 @@ def sh(*cmd) -> None:
         sys.exit(f"oldest_hf: failed ({rc}): {' '.join(map(str, cmd))}")
 
 
+def core_group() -> tuple[list[str], list[str]]:
+    """engram-core's own extras that use transformers (`lm`): (exact pins, its test files)."""
+    pins = floors(ROOT / "pyproject.toml")
+    extras = [e for e, reqs in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"].items()
+              if e != "test" and any(re.match(rf"\s*({'|'.join(HF)})\b", r) for r in reqs)]
+    if not pins or not extras:
+        return [], []
+    tests = [t for t in hf_tests(ROOT) if re.search(r"importorskip\(\"transformers\"\)|^\s*(from|import) transformers\b",
+                                                     (ROOT / t).read_text(), re.M)]  # files that use it, not name it
+    return [f"{n}=={v}" for n, v in sorted(pins.items())] + [f".[test,{','.join(extras)}]"], tests
+
+
 def main() -> int:
     groups: dict[tuple, list[Path]] = {}
     for pp in sorted((ROOT / "plugins").glob("*/pyproject.toml")):
@@ -74,6 +86,12 @@ def main() -> int:
     if not (VENV / "bin" / "python").exists():
         venv.create(VENV, with_pip=True)
     py = VENV / "bin" / "python"
+    core_pins, core_tests = core_group()
+    if core_tests:  # engram-core's own transformers extra (engram_core.lm), before any plugin is installed
+        *exact, core = core_pins
+        print(f"== oldest: {', '.join(exact)} for engram-core{core[1:]}", flush=True)
+        sh(py, "-m", "pip", "install", "--quiet", TORCH, *exact, "-e", core)
+        sh(py, "-m", "pytest", "-q", "-p", "no:randomly", *core_tests)
     sh(py, "-m", "pip", "install", "--quiet", TORCH, "-e", ".[test]")
     installed: list[str] = []
     for pins, plugins in groups.items():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..components import BuildContext, Dataset, DataSpec, Head, Metric, model_device
 from ..config import ConfigError, field, non_negative, one_of
-from . import PREFIX, cached_model, is_engram_model, preset, quiet_transformers, resolve_model, skeleton_model
+from . import PREFIX, is_engram_model, preset, quiet_transformers, resolve_model, skeleton_model
 from .pretrain import SIZES, PretrainConfig
 from .tokens import load_tokens
 
@@ -115,7 +115,7 @@ class PretrainedLMHead(Head):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        if build.dry_run and is_engram_model(cfg.model_dir) and cached_model(cfg.model_dir, build.cache_dir) is None:
+        if build.dry_run and is_engram_model(cfg.model_dir):
             self.model = skeleton_model(cfg.model_dir)  # the shapes only: nothing is pretrained for a check
         else:
             seed = cfg.seed if cfg.seed is not None else build.seed

@@ -72,8 +72,8 @@ def _lm(args, console) -> int:
         console.print(f"{name}: {folder}", markup=False)
         mfu = f"{report['mfu']:.1%}" if report.get("mfu") is not None else "n/a (CPU)"
         console.print(f"  {report['parameters'] / 1e6:.2f}M parameters, {report['tokens_seen']:,} tokens seen "
-                      f"({report['epochs']:.2f} epochs of {report['train_tokens']:,}) on {report['device']}: "
-                      f"{report['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", markup=False)
+                      f"({report['epochs']:.2f} epochs of {report['train_tokens']:,})", markup=False)
+        console.print(f"  on {report['device']}: {report['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", markup=False)
         last = report["curve"][-1]
         console.print(f"  val loss {last['val_loss']:.3f} at step {last['step']} (best at step {report['best_val_step']})", markup=False)
         return 0

@@ -129,11 +129,10 @@ class HFCausalLMHead(Head):
 
         self.cfg = cfg
         if build.dry_run and cfg.model_dir.startswith("engram:"):
-            from engram_core.lm import cached_model, skeleton_model
+            from engram_core.lm import skeleton_model
 
             # a check builds the shapes: the general LM is pretrained by the run, not by `engram validate`
-            self.model = skeleton_model(cfg.model_dir) if cached_model(cfg.model_dir, build.cache_dir) is None else \
-                load_causal_lm(cfg.model_dir, cache_dir=build.cache_dir)
+            self.model = skeleton_model(cfg.model_dir)
         else:
             self.model = load_causal_lm(cfg.model_dir, cache_dir=build.cache_dir)
         spec = build.spec
