@@ -165,3 +165,14 @@ def test_corpus_perplexity_pairs_memory_on_and_off(tmp_path, tiny_size):
     m = _evaluate(metric, WithMemory(head, Switch()), dataset=None, split="seen")  # the recipe's data is not read
     assert m["corpus/ppl"] == pytest.approx(300, rel=1e-4) and m["corpus/ppl_no_memory"] < 300
     assert m["corpus/acc_no_memory"] > 0 and m["corpus/kept"] < 1.0
+
+
+def test_missing_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    from engram_core.lm import require_extra
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tokenizers" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs tokenizers: pip install 'engram-core\[lm\]'"):
+        require_extra("model_dir")

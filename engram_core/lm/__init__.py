@@ -25,6 +25,17 @@ def is_engram_model(name: str) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def require_extra(key: str) -> None:
+    """One line, not an ImportError, where transformers or tokenizers is missing."""
+    import importlib.util
+
+    from ..errors import ConfigError
+
+    missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(key, f"the general LM needs {' and '.join(missing)}: pip install 'engram-core[lm]'")
+
+
 def preset(name: str, key: str = "model_dir"):
     """The `PretrainConfig` of `engram:NAME`, or one line naming the models there are."""
     from ..errors import ConfigError
@@ -51,6 +62,7 @@ def resolve_model(name: str, cache_dir=None, device=None, key: str = "model_dir"
 
     from .pretrain import pretrained_folder
 
+    require_extra(key)
     cfg = preset(name, key)
     return pretrained_folder(cfg if seed is None else attrs.evolve(cfg, seed=seed), _cache(cache_dir), device)
 
@@ -68,6 +80,7 @@ def tokenizer_folder(name: str, cache_dir=None, key: str = "tokenizer") -> Path:
     tokenised corpus: only the BPE is trained if missing, not the model."""
     from .tokens import cache_entry, load_tokens
 
+    require_extra(key)
     cfg = preset(name, key).tokens
     e = cache_entry(cfg, _cache(cache_dir))
     if not e.exists():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..components import BuildContext, Dataset, DataSpec, Head, Metric, model_device
 from ..config import ConfigError, field, non_negative, one_of
-from . import PREFIX, is_engram_model, preset, quiet_transformers, resolve_model, skeleton_model
+from . import PREFIX, is_engram_model, preset, quiet_transformers, require_extra, resolve_model, skeleton_model
 from .pretrain import SIZES, PretrainConfig
 from .tokens import load_tokens
 
@@ -49,6 +49,7 @@ class StdlibTextDataset(Dataset):
 
     def __init__(self, cfg: StdlibTextConfig, build: BuildContext | None = None):
         self.cfg = cfg
+        require_extra("type")
         preset = _preset(cfg.model, "model")
         self.context = cfg.context or preset.context
         self.spec = self.dry_spec(cfg, build)
@@ -113,6 +114,7 @@ class PretrainedLMHead(Head):
 
     def __init__(self, cfg: PretrainedLMConfig, build: BuildContext):
         super().__init__()
+        require_extra("type")
         from transformers import AutoModelForCausalLM
 
         if build.dry_run and is_engram_model(cfg.model_dir):
