@@ -19,6 +19,7 @@ from engram_core.components import BuildContext, Head
 from engram_core.config import ConfigError, field, in_range, non_negative, positive
 from engram_core.nn import CausalTransformer, CausalTransformerConfig
 
+from .data import TextCodec
 from .hashing import byte_token_texts
 
 
@@ -136,7 +137,9 @@ class HFCausalLMHead(Head):
         else:
             self.model = load_causal_lm(cfg.model_dir, cache_dir=build.cache_dir)
         spec = build.spec
-        self.codec = spec.codec
+        # the data set's tokenizer; a data set without one (engram_core.lm's stdlib_text) is read
+        # with the model's own, which a checkpoint folder (and an engram: model) ships beside its weights
+        self.codec = spec.get("codec") or TextCodec(cfg.model_dir, build.cache_dir)
         vocab = int(self.model.config.vocab_size)
         if int(spec.vocab_size) > vocab:
             raise ConfigError("model_dir", f"the data's tokenizer has {spec.vocab_size} ids but the model's vocabulary is {vocab}")

@@ -60,3 +60,18 @@ def test_general_base_recipes_choose_then_run_seeds(tmp_path, tiny_general_lm, n
         assert "corpus/kept" not in stages["knockout_seen"]
     else:
         assert "corpus/kept" not in after
+
+
+@pytest.mark.parametrize("name", ["general_code_completion", "general_code_completion_full", "general_code_completion_lora"])
+def test_code_completion_recipes_choose_on_val(tmp_path, tiny_general_lm, name):
+    def edit(raw):
+        _small(raw)
+        raw["data"] = {"type": "stdlib_text", "model": "engram:stdlib-lm-cpu", "max_windows": 4}  # shrink() wrote long_recall's keys
+
+    code, raw = run_recipe(tmp_path, name, edit)
+    assert code == 0 and raw["data"]["type"] == "stdlib_text"
+    selection = json.loads(next((tmp_path / "runs" / name).rglob("selection.json")).read_text())
+    assert selection["metric"] == "val:eval/ppl" and selection["mode"] == "min"
+    done = [s for s in summaries(tmp_path, name) if s.get("status") == "completed"]
+    test = done[-1]["stages"]["test"]
+    assert test["eval/ppl"] > 1 and ("eval/ppl_no_memory" in test) == (name == "general_code_completion")
