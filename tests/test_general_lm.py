@@ -25,6 +25,8 @@ from engram_core.lm.components import (  # noqa: E402
     PerplexityConfig,
     PretrainedLMConfig,
     PretrainedLMHead,
+    PretrainReport,
+    PretrainReportConfig,
     StdlibTextConfig,
     StdlibTextDataset,
 )
@@ -138,6 +140,10 @@ def test_pretrained_head_beats_its_untrained_self(tmp_path, tiny_size):
     assert not (tmp_path / "empty").exists()
     untrained = _evaluate(Perplexity(PerplexityConfig(), build), Model(fresh), data, "test")
     assert trained["ppl"] < untrained["ppl"]
+    report = _evaluate(PretrainReport(PretrainReportConfig(), build), Model(head), data, "test")
+    assert report["pretrain/parameters"] == sum(p.numel() for p in head.parameters()) and report["pretrain/tokens_per_s"] > 0
+    assert "pretrain/mfu" not in report  # CPU: no peak to compare with
+    assert _evaluate(PretrainReport(PretrainReportConfig(), build), Model(fresh), data, "test") == {}
 
 
 class Switch(torch.nn.Module):

@@ -9,6 +9,7 @@ fine-tune on it and `completion_accuracy` reads it too.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 
@@ -112,6 +113,8 @@ class PretrainedLMConfig:
 class PretrainedLMHead(Head):
     """``forward(input_ids, attention_mask) -> logits`` and greedy ``generate``."""
 
+    pretrain_report: dict | None = None  # an engram model's pretrain_report.json
+
     def __init__(self, cfg: PretrainedLMConfig, build: BuildContext):
         super().__init__()
         require_extra("type")
@@ -126,6 +129,8 @@ class PretrainedLMHead(Head):
                 raise ConfigError("model_dir", f"{cfg.model_dir} is not a transformers model directory (no config.json)")
             with quiet_transformers():
                 self.model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
+            report = folder / "pretrain_report.json"
+            self.pretrain_report = json.loads(report.read_text()) if report.is_file() else None
         vocab = int(self.model.config.vocab_size)
         if build.spec is not None and int(build.spec.vocab_size) > vocab:
             raise ConfigError("model_dir", f"the data's vocabulary has {build.spec.vocab_size} ids, the model's {vocab}")
@@ -297,3 +302,36 @@ class NgramPerplexity(Metric):
         return {"unigram_ppl": math.exp(self.uni_nll / n), "bigram_ppl": math.exp(self.bi_nll / n),
                 "unigram_ppl_byte": math.exp(self.uni_nll / b), "bigram_ppl_byte": math.exp(self.bi_nll / b),
                 "unigram_k": float(getattr(self, "k", float("nan"))), "bigram_lambda": float(getattr(self, "lam", float("nan")))}
+
+
+@attrs.frozen
+class PretrainReportConfig:
+    """What pretraining an engram model cost, from its `pretrain_report.json`."""
+
+
+class PretrainReport(Metric):
+    """``pretrain/tokens_per_s``, ``pretrain/mfu`` (CUDA only), ``pretrain/train_seconds``,
+    ``pretrain/parameters``, ``pretrain/epochs`` and the last ``pretrain/val_loss`` of the
+    `pretrained_lm` head's model (nothing for a model that was not pretrained here)."""
+
+    groups = {"pretrain/*": "cost"}
+    directions = {"pretrain/tokens_per_s": "higher", "pretrain/mfu": "higher"}
+    shardable = False
+
+    def __init__(self, cfg: PretrainReportConfig, build: BuildContext):
+        self.add_state("report", None)
+
+    def batches(self, dataset, split, batch_size):
+        return iter([{}])  # reads no data: one call to update
+
+    def update(self, model, batch):
+        self.report = getattr(model.head, "pretrain_report", None)
+
+    def compute(self):
+        r = self.report or {}
+        out = {f"pretrain/{k}": float(r[k]) for k in ("tokens_per_s", "train_seconds", "parameters", "epochs") if r.get(k) is not None}
+        if r.get("mfu") is not None:
+            out["pretrain/mfu"] = float(r["mfu"])
+        if r.get("curve"):
+            out["pretrain/val_loss"] = float(r["curve"][-1]["val_loss"])
+        return out
