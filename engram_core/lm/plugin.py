@@ -30,7 +30,14 @@ def engram_heads(register):
 
 @hookimpl
 def engram_metrics(register):
-    from .components import NgramPerplexity, NgramPerplexityConfig, Perplexity, PerplexityConfig, PretrainReport, PretrainReportConfig
+    from .components import (
+        NgramPerplexity,
+        NgramPerplexityConfig,
+        Perplexity,
+        PerplexityConfig,
+        PretrainReport,
+        PretrainReportConfig,
+    )
 
     register("perplexity", Perplexity, PerplexityConfig, requires=("causal_lm",))
     register("pretrain_report", PretrainReport, PretrainReportConfig)
