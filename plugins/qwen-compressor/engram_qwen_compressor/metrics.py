@@ -34,6 +34,9 @@ class DigitAccuracyConfig:
                                      "`greedy/<mode>_b<B>` is the exact match of the generated answer (argmax over the "
                                      "whole vocabulary, the answer being one token), `greedy_nondigit/<mode>_b<B>` the "
                                      "share of generations that are not a digit at all")
+    mean_over_budgets: bool = field(False, help="also report `acc/<mode>_mean` (and `greedy/<mode>_mean`): the accuracy "
+                                                "pooled over every budget (each budget has the same episodes), one number "
+                                                "a `[select]` can choose by")
 
 
 def greedy_answer(head, logits: torch.Tensor) -> torch.Tensor:
@@ -81,11 +84,16 @@ class DigitAccuracy(Metric):
             logits = model.head.answer_logits(batch, mode)
             hits = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float()
             self._add(f"acc/{mode}_b{budget}", hits)
+            if self.cfg.mean_over_budgets:
+                self._add(f"acc/{mode}_mean", hits)
             if self.cfg.greedy:
                 generated = greedy_answer(model.head, logits)
                 digits = torch.tensor(model.head.answer_token_ids, device=generated.device)
-                self._add(f"greedy/{mode}_b{budget}", (generated == batch["answer"]).float())
+                exact = (generated == batch["answer"]).float()
+                self._add(f"greedy/{mode}_b{budget}", exact)
                 self._add(f"greedy_nondigit/{mode}_b{budget}", (~torch.isin(generated, digits)).float())
+                if self.cfg.mean_over_budgets:
+                    self._add(f"greedy/{mode}_mean", exact)
             if mode in self.cfg.breakdown and "target_pos" in batch:
                 for group, name in ((batch["target_pos"], f"acc_pos/{mode}_b{budget}_p"), (batch["n_removed"], f"acc_nrem/{mode}_n")):
                     for v in group.unique().tolist():

@@ -2,7 +2,11 @@
 
 Default backend `core`: `engram_core.nn.CausalTransformer`, trained from scratch in a
 first stage on full-context prompts, then frozen by the recipe's `train`/`freeze` globs.
-Backend `hf`: any local `AutoModelForCausalLM` directory (a Qwen2 in the seed).
+Backend `hf`: any local `AutoModelForCausalLM` directory (a Qwen2 in the seed), or
+`engram:NAME`, the general causal LM made here (engram_core.lm, a transformers Llama
+pretrained on the Python standard library's source; its cached folder, pretrained first
+if missing): a *general* frozen reader, not one trained on the task. The prefix enters as
+`inputs_embeds` in the LM's own input-embedding space, and the answer is read from its logits.
 
 Modes (how the reader's input is built from a digit_kv batch):
 
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from engram_core.components import BuildContext, Head
-from engram_core.config import ConfigError, existing_path, field, non_negative, one_of, positive
+from engram_core.config import ConfigError, field, non_negative, one_of, positive
 from engram_core.nn import CausalTransformer, CausalTransformerConfig
 
 from .lora import AdapterSwitch, add_lora
@@ -51,6 +55,18 @@ ORACLE_MODES = ("oracle_digit", "oracle_kv")  # need the gold fields; oracle_slo
 READER_VERSION = 4
 
 
+def model_path(inst, attribute, value):
+    """'' (not given), `engram:NAME` (a model made here, engram_core.lm) or a path that exists."""
+    if not value:
+        return
+    if value.startswith("engram:"):
+        from engram_core.lm import preset
+
+        preset(value, attribute.name)  # an unknown name is one line naming the models there are
+    elif not Path(value).expanduser().exists():
+        raise ConfigError(attribute.name, f"path does not exist: {value} (a local model directory or 'engram:NAME')")
+
+
 @attrs.frozen
 class ReaderConfig:
     """A causal LM reader (core transformer trained here, or a local HF model) with optional LoRA."""
@@ -61,7 +77,8 @@ class ReaderConfig:
     n_layers: int = field(2, help="core: decoder blocks", validator=positive)
     n_heads: int = field(4, help="core: attention heads (must divide dim)", validator=positive)
     max_len: int = field(512, help="core: longest sequence incl. prefix memory", validator=positive)
-    hf_path: str = field("", help="hf: local directory saved by save_pretrained", validator=existing_path)
+    hf_path: str = field("", help="hf: local directory saved by save_pretrained, or 'engram:NAME' (the general LM made "
+                                  "here, engram_core.lm: pretrained into the cache if missing)", validator=model_path)
     token_shift: int = field(5, help="core: add the previous 1..n token embeddings, each through its own projection, "
                                      "to every token's embedding (0 = off) so a key can be matched by one attention layer",
                              validator=non_negative)
@@ -80,6 +97,33 @@ class ReaderConfig:
             raise ConfigError("hf_path", "backend 'hf' needs hf_path, a local directory with a saved causal LM")
         if self.dim % self.n_heads:
             raise ConfigError("n_heads", f"must divide dim ({self.dim}), got {self.n_heads}")
+
+
+def _load_hf_lm(name: str, spec, build: BuildContext):
+    """The HF reader's model: from its folder, or for `engram:NAME` the general LM made here
+    (pretrained into the cache by a run if missing; a check, `build.dry_run`, builds a random
+    model of its shape instead, so `engram validate` never pretrains)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data_tok = getattr(spec, "tokenizer", "")
+    if name.startswith("engram:"):
+        from engram_core.lm import cached_model, quiet_transformers, resolve_model, skeleton_model
+
+        if data_tok != name and str(data_tok).startswith("engram:"):
+            raise ConfigError("hf_path", f"the reader is {name} but the data are tokenized by {data_tok}; "
+                                         f"set data.tokenizer = {name!r}")
+        if build.dry_run and cached_model(name, build.cache_dir) is None:
+            return skeleton_model(name, key="hf_path")
+        path = resolve_model(name, build.cache_dir, key="hf_path")
+    else:
+        path = Path(name).expanduser()
+        if build.dry_run:  # `engram validate`: the architecture from its config, no weights read
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        from engram_core.lm import quiet_transformers
+    with quiet_transformers():
+        # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
+        # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(torch.float32)
 
 
 class CompressorReader(Head):
@@ -115,18 +159,11 @@ class CompressorReader(Head):
                                   or [torch.empty(0, cfg.dim, cfg.dim)]).reshape(cfg.token_shift, cfg.dim, cfg.dim)
                 self.register_buffer("shift", rot)
         else:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
             if getattr(spec, "tokenizer", "byte") == "byte":  # said before anything is loaded
                 raise ConfigError("backend", f"the HF reader in {cfg.hf_path!r} reads its own tokenizer's ids, but the data "
-                                             "are byte tokens: set data.tokenizer to the model's directory")
-            path = Path(cfg.hf_path).expanduser()
-            if build.dry_run:  # `engram validate`: the architecture from its config, no weights read
-                self.lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-            else:
-                # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
-                # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
-                self.lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(torch.float32)
+                                             "are byte tokens: set data.tokenizer to the model's directory (or its "
+                                             "'engram:NAME')")
+            self.lm = _load_hf_lm(cfg.hf_path, spec, build)
             hf_vocab = self.lm.config.vocab_size
             if hf_vocab < spec.vocab_size:
                 raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data tokenizer's ({spec.vocab_size}); "
