@@ -158,11 +158,12 @@ GENERAL_SHRINK = ["data.n_turns=6", "data.n_train=48", "data.n_eval=8", "data.n_
                   "metrics.1.budget=16"]
 
 
-@pytest.mark.parametrize("name", ["general_compressor_sweep", "general_compressor_gather", "general_compressor_tuned"])
+@pytest.mark.parametrize("name", ["general_compressor_sweep", "general_compressor_gather", "general_compressor_tuned",
+                                  "general_compressor_lora"])
 def test_general_recipes_run_choose_on_val_and_report_test(name, tmp_path, monkeypatch):
     folder = _tiny_model_dir(tmp_path, monkeypatch)
     extra = [f"head.hf_path={folder}", f"data.tokenizer={folder}"] + GENERAL_SHRINK
-    train = {"general_compressor_sweep": 0, "general_compressor_tuned": 1}.get(name)
+    train = {"general_compressor_sweep": 0, "general_compressor_lora": 0, "general_compressor_tuned": 1}.get(name)
     if train is not None:
         extra += [f"stages.{train}.objective.budgets=[8, 16]", f"stages.{train}.batch_size=4", f"stages.{train}.eval_every=0",
                   f'sweep."stages.{train}.steps"=[1, 2]', f'sweep."stages.{train}.lr"=[1e-3]', 'select.then={ "run.seed" = [0, 1] }']
@@ -176,9 +177,12 @@ def test_general_recipes_run_choose_on_val_and_report_test(name, tmp_path, monke
     final = summaries[0]["final"]
     assert {f"{k}/{m}_b{b}" for k in ("acc", "greedy") for m in ("discard", "summary", "full", "latent", "oracle_slots")
             for b in (8, 16)} <= set(final)
-    if train is not None:
-        assert len(summaries) == 3  # two grid points, then the winner again with seed 1
-        assert "val:acc/latent_mean" in json.loads(next((tmp_path / "runs").rglob("000/summary.json")).read_text())["stages"]["val"] \
-            or any("acc/latent_mean" in s["stages"].get("val", {}) for s in summaries)
+    if train is not None:  # two grid points chosen between on val, then the winner again with seed 1
+        assert len(summaries) == 3
         selection = json.loads(next((tmp_path / "runs").rglob("selection.json")).read_text())
-        assert selection["metric"] == "val:acc/latent_mean" and selection["then"] == ["run.seed=1"] or selection["then"]
+        assert selection["metric"] == "val:acc/latent_mean" and len(selection["values"]) == 2
+        assert len(selection["then"]) == 1 and "run.seed=1" in selection["then"][0]
+        for s in summaries:  # val chooses, test (the last stage, `final`) reports
+            assert "acc/latent_mean" in s["stages"]["val"] and s["final"] == s["stages"]["test"]
+    else:
+        assert len(summaries) == 1 and list(summaries[0]["stages"]) == ["test"]
