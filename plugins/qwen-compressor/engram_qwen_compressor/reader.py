@@ -101,25 +101,30 @@ class ReaderConfig:
 
 def _load_hf_lm(name: str, spec, build: BuildContext):
     """The HF reader's model: from its folder, or for `engram:NAME` the general LM made here
-    (pretrained into the cache by a run if missing; a check, `build.dry_run`, builds a random
-    model of its shape instead, so `engram validate` never pretrains)."""
+    (pretrained into the cache by a run if missing). A check (`build.dry_run`, built on the
+    meta device) builds the architecture from the config alone and reads no weights; for an
+    `engram:NAME` that is not cached yet, a model of its shape, so `engram validate` never pretrains."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engram_core.lm import quiet_transformers
 
     data_tok = getattr(spec, "tokenizer", "")
     if name.startswith("engram:"):
-        from engram_core.lm import cached_model, quiet_transformers, resolve_model, skeleton_model
+        from engram_core.lm import cached_model, resolve_model, skeleton_model
 
         if data_tok != name and str(data_tok).startswith("engram:"):
             raise ConfigError("hf_path", f"the reader is {name} but the data are tokenized by {data_tok}; "
                                          f"set data.tokenizer = {name!r}")
-        if build.dry_run and cached_model(name, build.cache_dir) is None:
-            return skeleton_model(name, key="hf_path")
-        path = resolve_model(name, build.cache_dir, key="hf_path")
+        if build.dry_run:
+            path = cached_model(name, build.cache_dir)
+            if path is None:
+                return skeleton_model(name, key="hf_path")
+        else:
+            path = resolve_model(name, build.cache_dir, key="hf_path")
     else:
         path = Path(name).expanduser()
-        if build.dry_run:  # `engram validate`: the architecture from its config, no weights read
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-        from engram_core.lm import quiet_transformers
+    if build.dry_run:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     with quiet_transformers():
         # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
         # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
@@ -371,12 +376,14 @@ class CompressorReader(Head):
             return self.embed(ids), mask
         return None, None
 
-    def answer_logits(self, batch: dict, mode: str, return_prefix: bool = False):
+    def reader_input(self, batch: dict, mode: str, ids: torch.Tensor | None = None):
+        """(embeddings, mask, answer position, prefix or None) of `mode`'s reader input: the
+        view's tokens (or `ids` in its place, same shape) with the prefix right after BOS."""
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         view = VIEW[mode]
-        ids, mask, pos = batch[f"{view}_ids"], batch[f"{view}_mask"], batch[f"{view}_answer_pos"]
-        emb = self.embed(ids)
+        mask, pos = batch[f"{view}_mask"], batch[f"{view}_answer_pos"]
+        emb = self.embed(batch[f"{view}_ids"] if ids is None else ids)
         prefix, pmask = self.prefix_for(batch, mode)
         if prefix is not None:
             if prefix.shape[-1] != self.width:
@@ -386,9 +393,41 @@ class CompressorReader(Head):
             emb = torch.cat([emb[:, :1], prefix.to(emb.dtype), emb[:, 1:]], dim=1)
             mask = torch.cat([mask[:, :1], pmask.to(mask.dtype), mask[:, 1:]], dim=1)
             pos = pos + prefix.shape[1]
+        return emb, mask, pos, prefix
+
+    def answer_logits(self, batch: dict, mode: str, return_prefix: bool = False):
+        emb, mask, pos, prefix = self.reader_input(batch, mode)
         logits = self.run(emb, mask)
         out = logits[torch.arange(logits.shape[0], device=logits.device), pos]
         return (out, prefix) if return_prefix else out
+
+    def answer_span_logits(self, batch: dict, mode: str, length: int, return_prefix: bool = False):
+        """Teacher-forced logits (B, length, V) of a multi-token answer: the view holds the answer
+        after the question, and position `answer_pos + j` predicts answer token j."""
+        emb, mask, pos, prefix = self.reader_input(batch, mode)
+        logits = self.run(emb, mask)
+        at = pos[:, None] + torch.arange(length, device=pos.device)[None]
+        out = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+        return (out, prefix) if return_prefix else out
+
+    @torch.no_grad()
+    def greedy_answer(self, batch: dict, mode: str, steps: int) -> torch.Tensor:
+        """The reader's greedy generation of `steps` tokens after the question, (B, steps): each
+        step's argmax is written into the view in place of the teacher token there, so the next
+        step reads the reader's own answer (causal: a position sees nothing after it)."""
+        view = VIEW[mode]
+        ids = batch[f"{view}_ids"].clone()
+        pos = batch[f"{view}_answer_pos"]
+        if int((pos + steps).max()) >= ids.shape[1]:
+            raise ConfigError("steps", f"the {view} view has no room for {steps} generated tokens")
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        out = []
+        for j in range(steps):
+            emb, mask, ppos, _ = self.reader_input(batch, mode, ids=ids)
+            token = self.run(emb, mask)[rows, ppos + j].argmax(-1)
+            out.append(token)
+            ids[rows, pos + j + 1] = token
+        return torch.stack(out, 1)
 
     def digit_logits(self, answer_logits: torch.Tensor) -> torch.Tensor:
         """Logits restricted to the ten digit tokens, (B, 10)."""

@@ -114,10 +114,17 @@ def test_gather_and_oracle_slots_are_the_lms_input_embeddings(tmp_path, tiny_siz
 
 
 def test_a_check_builds_the_shape_and_never_pretrains(tmp_path, tiny_size):
+    """`engram validate` builds the head on the meta device: a model of the LM's shape, and no
+    pretraining when it is not cached; when it is, its config (its weights are not read)."""
     ds = tiny_data(tmp_path)
-    head, _ = tiny_reader(ds, tmp_path, dry_run=True)
+    with torch.device("meta"):
+        head, _ = tiny_reader(ds, tmp_path, dry_run=True)
     assert head.width == 16
     assert not list((tmp_path / "lm").glob("general_lm-*"))
+    tiny_reader(ds, tmp_path)  # a run pretrains it
+    with torch.device("meta"):
+        head, _ = tiny_reader(ds, tmp_path, dry_run=True)
+    assert head.width == 16 and head.lm.get_input_embeddings().weight.is_meta
 
 
 def test_engram_names_are_checked_in_one_line(tmp_path, tiny_size):
@@ -186,3 +193,125 @@ def test_general_recipes_run_choose_on_val_and_report_test(name, tmp_path, monke
             assert "acc/latent_mean" in s["stages"]["val"] and s["final"] == s["stages"]["test"]
     else:
         assert len(summaries) == 1 and list(summaries[0]["stages"]) == ["test"]
+
+
+# ---- stdlib_assign: NAME = VALUE in a removed span of real stdlib source ----------------------
+
+
+def tiny_assign(cache, **kw):
+    from engram_qwen_compressor.stdlib_assign import StdlibAssignConfig, StdlibAssignDataset
+
+    cfg = StdlibAssignConfig(**{"tokenizer": NAME, "context_tokens": 64, "max_line_tokens": 48, "budget": 16,
+                                "budgets": [8, 16], "n_train": 24, "n_eval": 8, "n_val": 8, **kw})
+    return StdlibAssignDataset(cfg, BuildContext(cache_dir=cache))
+
+
+def test_stdlib_assign_removes_an_inserted_assignment_and_asks_for_its_value(tmp_path, tiny_size):
+    ds = tiny_assign(tmp_path)
+    from engram_core.lm import tokenizer_folder
+    from engram_core.lm.corpus import CorpusConfig, corpus_files, read_text
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_folder(NAME, tmp_path)))
+    test_files = corpus_files(CorpusConfig())["test"]
+    test_text = "\n".join(read_text(p) for p in test_files)
+    for budget in (8, 16):
+        b = ds.make_batch(ds.episodes("eval", range(8)), budget)
+        for i in range(8):
+            removed = tok.decode(b["removed_ids"][i][b["removed_mask"][i].bool()])
+            answer = tok.decode(b["answer_ids"][i][b["answer_mask"][i].bool()])
+            question = tok.decode(b["question_ids"][i][b["question_mask"][i].bool()])
+            name = question.strip().rstrip(" =")
+            value = answer.strip()
+            assert answer == f" {value}\n" and value.isdigit() and 0 <= int(value) <= 9999
+            assert f"{name} = {value}\n" in removed  # the line is in the removed span ...
+            kept = tok.decode(b["kept_ids"][i][1:b["kept_answer_pos"][i] + 1])
+            assert f"= {value}" not in kept and kept.endswith(question)  # ... not in the kept tail
+            summary = tok.decode(b["summary_ids"][i][1:b["summary_answer_pos"][i] + 1])
+            assert f"{name} = {value}\n" in summary  # the summary view hands it back as text
+            at = b["removed_value_pos"][i][b["removed_value_mask"][i].bool()]
+            assert tok.decode(b["removed_ids"][i][at]) == f" {value}"
+            # the view holds the answer after the question (teacher forcing)
+            p = int(b["kept_answer_pos"][i])
+            assert tok.decode(b["kept_ids"][i][p + 1:p + 1 + len(tok.encode(answer, add_special_tokens=False))]) == answer
+        assert len(b["kept_ids"][0]) - int(b["kept_answer_pos"].max()) > b["answer_ids"].shape[1]  # room to generate
+    # eval episodes are windows of the LM corpus's test files (code the LM never trained on)
+    e = ds.episodes("eval", [0])[0]
+    line_start, line_end = e.line
+    after = tok.decode(e.context[line_end:line_end + 12])
+    assert after.strip()[:20] in test_text
+
+
+def test_value_ce_and_greedy_match_through_the_general_reader(tmp_path, tiny_size):
+    from engram_qwen_compressor.metrics import ValueMatch, ValueMatchConfig
+    from engram_qwen_compressor.objectives import value_ce
+
+    ds = tiny_assign(tmp_path)
+    head, build = tiny_reader(ds, tmp_path)
+    mem = MemEncoder(MemEncoderConfig(n_slots=3, dim=16, n_heads=2, n_cross_layers=1), build)
+    model = Model(head, mem, "context")
+    b = ds.sample("train", 4, torch.Generator().manual_seed(0))
+    ce, token_acc, exact, prefix = value_ce(head, b, "latent")
+    assert prefix.shape == (4, 3, 16) and torch.isfinite(ce) and 0 <= float(token_acc) <= 1
+    ce.backward()
+    assert model.memory.proj.weight.grad.abs().sum() > 0
+    # greedy generation equals step-by-step argmax of the LM on its own growing answer
+    generated = head.greedy_answer(b, "summary", 3)
+    ids = b["summary_ids"][0, : int(b["summary_answer_pos"][0]) + 1].tolist()
+    for j in range(3):
+        with torch.no_grad():
+            nxt = int(head.lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        assert nxt == int(generated[0, j])
+        ids.append(nxt)
+    metric = ValueMatch(ValueMatchConfig(modes=["summary", "latent"], mean_over_budgets=True, max_examples=8), build)
+    with torch.no_grad():
+        for batch in metric.batches(ds, "eval", 4):
+            metric.update(model, batch)
+    out = metric.compute()
+    assert {f"{t}/{m}_b{bb}" for t in ("match", "tf_match", "token_acc") for m in ("summary", "latent") for bb in (8, 16)} <= set(out)
+    assert out["match/chance"] == pytest.approx(1 / 10000)
+
+
+def test_a_learned_answer_is_generated_and_matched(tmp_path, tiny_size):
+    """The exact match is not stuck at zero: a reader whose LM head is taught one episode's
+    answer (full view) generates it, and the metric counts it."""
+    from engram_qwen_compressor.metrics import ValueMatch, ValueMatchConfig
+    from engram_qwen_compressor.objectives import value_ce
+
+    ds = tiny_assign(tmp_path)
+    head, build = tiny_reader(ds, tmp_path)
+    model = Model(head, None, None)
+    b = ds.make_batch(ds.episodes("eval", [0, 0]), 16)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-2)
+    for _ in range(60):
+        ce, _, exact, _ = value_ce(head, b, "full")
+        opt.zero_grad()
+        ce.backward()
+        opt.step()
+    assert float(exact) == 1.0
+    metric = ValueMatch(ValueMatchConfig(modes=["full"], budgets=[16], max_examples=1), build)
+    with torch.no_grad():
+        for batch in metric.batches(ds, "eval", 1):
+            metric.update(model, batch)
+    assert metric.compute()["match/full_b16"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["general_assign_sweep", "general_assign_lora"])
+def test_stdlib_assign_recipes_choose_on_val_and_report_test(name, tmp_path, monkeypatch):
+    folder = _tiny_model_dir(tmp_path, monkeypatch)
+    extra = [f"head.hf_path={folder}", f"data.tokenizer={folder}", "data.context_tokens=64", "data.max_line_tokens=48",
+             "data.budget=16", "data.budgets=[8, 16]", "data.n_train=24", "data.n_eval=8", "data.n_val=8",
+             "memory.n_slots=4", "metrics.0.max_examples=8", "stages.0.objective.budgets=[8, 16]", "stages.0.batch_size=4",
+             "stages.0.eval_every=0", 'sweep."stages.0.steps"=[1, 2]', 'sweep."stages.0.lr"=[1e-3]',
+             'select.then={ "run.seed" = [0, 1] }']
+    r = run_cli(RECIPES / f"{name}.toml", *extra, "--out", tmp_path / "runs", "--quiet", plugins="qwen-compressor",
+                env={"ENGRAM_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("summary.json")]
+    assert len(summaries) == 3 and all(s["status"] == "completed" for s in summaries)
+    for s in summaries:
+        assert {f"{t}/{m}_b{b}" for t in ("match", "tf_match", "token_acc")
+                for m in ("discard", "summary", "full", "latent", "oracle_slots") for b in (8, 16)} <= set(s["final"])
+        assert "token_acc/latent_mean" in s["stages"]["val"] and s["final"] == s["stages"]["test"]
+    selection = json.loads(next((tmp_path / "runs").rglob("selection.json")).read_text())
+    assert selection["metric"] == "val:token_acc/latent_mean" and len(selection["values"]) == 2
