@@ -79,6 +79,9 @@ class ReaderConfig:
     max_len: int = field(512, help="core: longest sequence incl. prefix memory", validator=positive)
     hf_path: str = field("", help="hf: local directory saved by save_pretrained, or 'engram:NAME' (the general LM made "
                                   "here, engram_core.lm: pretrained into the cache if missing)", validator=model_path)
+    hf_init: str = field("pretrained", help="hf: 'pretrained' (the model's weights) or 'random' (a fresh initialisation of "
+                                            "the same architecture: the control for what pretraining gives a reader)",
+                         validator=one_of("pretrained", "random"))
     token_shift: int = field(5, help="core: add the previous 1..n token embeddings, each through its own projection, "
                                      "to every token's embedding (0 = off) so a key can be matched by one attention layer",
                              validator=non_negative)
@@ -99,11 +102,13 @@ class ReaderConfig:
             raise ConfigError("n_heads", f"must divide dim ({self.dim}), got {self.n_heads}")
 
 
-def _load_hf_lm(name: str, spec, build: BuildContext):
+def _load_hf_lm(name: str, spec, build: BuildContext, random_init: bool = False):
     """The HF reader's model: from its folder, or for `engram:NAME` the general LM made here
     (pretrained into the cache by a run if missing). A check (`build.dry_run`, built on the
     meta device) builds the architecture from the config alone and reads no weights; for an
-    `engram:NAME` that is not cached yet, a model of its shape, so `engram validate` never pretrains."""
+    `engram:NAME` that is not cached yet, a model of its shape, so `engram validate` never pretrains.
+    `random_init`: the same architecture freshly initialised (torch's generator, seeded by the
+    run), its weights never read (an `engram:NAME` is then not pretrained either)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from engram_core.lm import quiet_transformers
@@ -115,6 +120,8 @@ def _load_hf_lm(name: str, spec, build: BuildContext):
         if data_tok != name and str(data_tok).startswith("engram:"):
             raise ConfigError("hf_path", f"the reader is {name} but the data are tokenized by {data_tok}; "
                                          f"set data.tokenizer = {name!r}")
+        if random_init:
+            return skeleton_model(name, key="hf_path")
         if build.dry_run:
             path = cached_model(name, build.cache_dir)
             if path is None:
@@ -123,7 +130,7 @@ def _load_hf_lm(name: str, spec, build: BuildContext):
             path = resolve_model(name, build.cache_dir, key="hf_path")
     else:
         path = Path(name).expanduser()
-    if build.dry_run:
+    if build.dry_run or random_init:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
     with quiet_transformers():
         # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
@@ -168,7 +175,7 @@ class CompressorReader(Head):
                 raise ConfigError("backend", f"the HF reader in {cfg.hf_path!r} reads its own tokenizer's ids, but the data "
                                              "are byte tokens: set data.tokenizer to the model's directory (or its "
                                              "'engram:NAME')")
-            self.lm = _load_hf_lm(cfg.hf_path, spec, build)
+            self.lm = _load_hf_lm(cfg.hf_path, spec, build, random_init=cfg.hf_init == "random")
             hf_vocab = self.lm.config.vocab_size
             if hf_vocab < spec.vocab_size:
                 raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data tokenizer's ({spec.vocab_size}); "

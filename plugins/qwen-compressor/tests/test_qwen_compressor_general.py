@@ -127,6 +127,18 @@ def test_a_check_builds_the_shape_and_never_pretrains(tmp_path, tiny_size):
     assert head.width == 16 and head.lm.get_input_embeddings().weight.is_meta
 
 
+def test_random_init_is_the_same_architecture_without_pretraining(tmp_path, tiny_size):
+    """`hf_init = "random"`: the control for what pretraining gives a reader. The architecture is
+    the LM's, its weights a fresh initialisation, and nothing is pretrained for it."""
+    ds = tiny_data(tmp_path)
+    fresh, _ = tiny_reader(ds, tmp_path, hf_init="random")
+    assert not list((tmp_path / "lm").glob("general_lm-*"))
+    pretrained, _ = tiny_reader(ds, tmp_path)
+    a, b = fresh.lm.state_dict(), pretrained.lm.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
 def test_engram_names_are_checked_in_one_line(tmp_path, tiny_size):
     with pytest.raises(ConfigError, match="hf_path.*no engram model 'engram:nope'.*engram:stdlib-lm-cpu"):
         ReaderConfig(backend="hf", hf_path="engram:nope")
