@@ -59,8 +59,9 @@ def test_digit_kv_reads_the_general_lms_tokenizer(tmp_path, tiny_size):
     """`data.tokenizer = "engram:NAME"` is the LM's own BPE: BOS/PAD are its <s>/<pad>, every
     digit one token, budgets count its tokens; only the BPE is made for it, not the model."""
     ds = tiny_data(tmp_path)
-    from engram_core.lm import cached_model, tokenizer_folder
     from transformers import AutoTokenizer
+
+    from engram_core.lm import cached_model, tokenizer_folder
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_folder(NAME, tmp_path)))
     assert ds.spec.tokenizer == NAME and ds.spec.vocab_size == len(tok) == 300
@@ -220,9 +221,10 @@ def tiny_assign(cache, **kw):
 
 def test_stdlib_assign_removes_an_inserted_assignment_and_asks_for_its_value(tmp_path, tiny_size):
     ds = tiny_assign(tmp_path)
+    from transformers import AutoTokenizer
+
     from engram_core.lm import tokenizer_folder
     from engram_core.lm.corpus import CorpusConfig, corpus_files, read_text
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_folder(NAME, tmp_path)))
     test_files = corpus_files(CorpusConfig())["test"]
