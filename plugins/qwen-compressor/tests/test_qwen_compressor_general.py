@@ -179,11 +179,12 @@ GENERAL_SHRINK = ["data.n_turns=6", "data.n_train=48", "data.n_eval=8", "data.n_
 
 
 @pytest.mark.parametrize("name", ["general_compressor_sweep", "general_compressor_gather", "general_compressor_tuned",
-                                  "general_compressor_lora"])
+                                  "general_compressor_lora", "general_compressor_contrastive",
+                                  "general_compressor_token_select"])
 def test_general_recipes_run_choose_on_val_and_report_test(name, tmp_path, monkeypatch):
     folder = _tiny_model_dir(tmp_path, monkeypatch)
     extra = [f"head.hf_path={folder}", f"data.tokenizer={folder}"] + GENERAL_SHRINK
-    train = {"general_compressor_sweep": 0, "general_compressor_lora": 0, "general_compressor_tuned": 1}.get(name)
+    train = {"general_compressor_gather": None, "general_compressor_tuned": 1}.get(name, 0)
     if train is not None:
         extra += [f"stages.{train}.objective.budgets=[8, 16]", f"stages.{train}.batch_size=4", f"stages.{train}.eval_every=0",
                   f'sweep."stages.{train}.steps"=[1, 2]', f'sweep."stages.{train}.lr"=[1e-3]', 'select.then={ "run.seed" = [0, 1] }']
