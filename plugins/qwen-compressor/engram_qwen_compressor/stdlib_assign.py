@@ -7,7 +7,8 @@ val / test *files*, so held-out episodes are code the LM never saw), with one li
 `NAME = VALUE` inserted at a line boundary, indented like the line after it. NAME is an
 identifier of the same file, upper-cased (a constant's name the window does not hold); VALUE
 a random integer in [0, max_value], so neither the LM's prior nor the file can give it. The
-line lies wholly in the removed segment at every budget. The question is a new line
+line lies wholly in the removed segment at every budget up to the data's largest (`budgets`,
+`budget`), which is therefore the largest any component may ask for. The question is a new line
 `NAME =`; the answer is VALUE's tokens and the end of the line (the tokenizer's newline), so
 greedy generation must produce the number and stop.
 
@@ -54,8 +55,8 @@ class StdlibAssignConfig:
     budget: int = field(48, help="kept context tokens for training batches (`sample`)", validator=positive)
     budgets: list[int] = field(factory=lambda: [24, 48], help="every budget evaluated")
     max_value: int = field(9999, help="VALUE is a uniform integer in [0, max_value]", validator=in_range(1, None))
-    max_line_tokens: int = field(24, help="longest source line used (longer lines are skipped with their file's "
-                                          "window restarting after them)", validator=positive)
+    max_line_tokens: int = field(24, help="longest source line used (a longer one ends the window) and longest "
+                                          "inserted line (a longer NAME is drawn again)", validator=positive)
     include_tests: bool = field(False, help="also draw windows from the stdlib's test suites (as the LM corpus option)")
     n_train: int = field(10000, help="training episodes", validator=positive)
     n_eval: int = field(512, help="evaluation episodes (the reported split; from the corpus's test files)",
@@ -69,21 +70,21 @@ class StdlibAssignConfig:
             raise ConfigError("budgets", f"must be a non-empty list of positive integers, got {self.budgets!r}")
 
 
-def _line_budget(cfg: StdlibAssignConfig, tok: TextTokenizer) -> tuple[int, int]:
-    """(longest inserted line, largest budget the window allows): the line must end before the
-    kept tail at every budget, and one source line may precede it."""
-    longest = len(tok.encode("        " + "X" * 24 + " =")) + len(tok.encode(f" {cfg.max_value}")) + 1
-    return longest, cfg.context_tokens - longest - 1
+def _largest_budget(cfg: StdlibAssignConfig) -> int:
+    """The largest budget of the data (`budgets` and `budget`): every episode's inserted line
+    ends before the last this many tokens, so every budget up to it removes the line."""
+    return max([*cfg.budgets, cfg.budget])
 
 
 def make_spec(cfg: StdlibAssignConfig, tok: TextTokenizer) -> DataSpec:
-    longest, max_budget = _line_budget(cfg, tok)
+    longest, room = cfg.max_line_tokens, cfg.context_tokens - cfg.max_line_tokens
     for key, values in (("budgets", list(cfg.budgets)), ("budget", [cfg.budget])):
         for b in values:
-            if b > max_budget:
-                raise ConfigError(key, f"budget {b} could keep part of the inserted line (up to {longest} tokens) in a "
-                                       f"{cfg.context_tokens}-token context: the largest budget is {max_budget}; lower "
-                                       "it or raise data.context_tokens")
+            if b > room:
+                raise ConfigError(key, f"budget {b} leaves no room for the inserted line (up to max_line_tokens = "
+                                       f"{longest} tokens) in a {cfg.context_tokens}-token context: the largest budget "
+                                       f"is {room}; lower it or raise data.context_tokens")
+    max_budget = _largest_budget(cfg)
     newline = tok.encode("\n")
     if len(newline) != 1:
         raise ConfigError("tokenizer", "stdlib_assign needs the newline to be one token")
@@ -91,7 +92,8 @@ def make_spec(cfg: StdlibAssignConfig, tok: TextTokenizer) -> DataSpec:
     return DataSpec(
         "stdlib_assign", vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, answer_token_ids=digits,
         newline_id=newline[0], chance=1.0 / (cfg.max_value + 1), budget=cfg.budget, budgets=tuple(cfg.budgets),
-        max_budget=max_budget, max_gold_len=longest, max_full_len=1 + cfg.context_tokens + 40 + longest,
+        max_budget=max_budget, min_context_len=cfg.context_tokens, max_gold_len=longest,
+        max_full_len=1 + cfg.context_tokens + 40 + longest,
         gold_fields=True, tokenizer=tok.name,
     )
 
@@ -127,8 +129,7 @@ def _generate(cfg: StdlibAssignConfig, tok: TextTokenizer, split: str, n: int, g
     from engram_core.lm.corpus import CorpusConfig, corpus_files, read_text
 
     files = corpus_files(CorpusConfig(include_tests=cfg.include_tests))[CORPUS_SPLIT[split]]
-    longest, max_budget = _line_budget(cfg, tok)
-    room = cfg.context_tokens - max(max(cfg.budgets), cfg.budget) - longest  # tokens of source allowed before the line
+    end = cfg.context_tokens - _largest_budget(cfg)  # the inserted line ends at or before this token
     newline = tok.encode("\n")
     parsed: dict[int, _SourceFile] = {}
     out: list[Episode] = []
@@ -156,16 +157,24 @@ def _generate(cfg: StdlibAssignConfig, tok: TextTokenizer, split: str, n: int, g
         if name in window_text:
             continue
         value = int(torch.randint(0, cfg.max_value + 1, (1,), generator=g))
-        # the line goes at a boundary k whose preceding source fits `room`
+        u = float(torch.rand((), generator=g))
+        # the line goes at a line boundary k such that it ends before the largest budget's tail
+        # (its length depends on the indentation of the line it precedes)
         before = [0]
         for _, ids in window:
             before.append(before[-1] + len(ids))
-        ks = [k for k in range(len(window)) if before[k] <= room]
-        k = ks[int(torch.randint(0, len(ks), (1,), generator=g))]
-        follow = window[k][0]
-        indent = follow[: len(follow) - len(follow.lstrip())] if follow.strip() else ""
-        head = tok.encode(f"{indent}{name} =")
         value_ids = tok.encode(f" {value}")
+        heads = []
+        for k in range(len(window)):
+            follow = window[k][0]
+            indent = follow[: len(follow) - len(follow.lstrip())] if follow.strip() else ""
+            head = tok.encode(f"{indent}{name} =")
+            length = len(head) + len(value_ids) + len(newline)
+            if length <= cfg.max_line_tokens and before[k] + length <= end:
+                heads.append((k, head))
+        if not heads:
+            continue  # a name too long for max_line_tokens, or no boundary early enough: draw again
+        k, head = heads[min(int(u * len(heads)), len(heads) - 1)]
         context = [i for _, ids in window[:k] for i in ids]
         line_start = len(context)
         context += head + value_ids + newline

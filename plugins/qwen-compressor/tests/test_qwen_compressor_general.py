@@ -257,6 +257,22 @@ def test_stdlib_assign_removes_an_inserted_assignment_and_asks_for_its_value(tmp
     assert after.strip()[:20] in test_text
 
 
+def test_every_episode_removes_its_line_at_the_largest_budget(tmp_path, tiny_size):
+    """The line ends before the largest budget's tail in every episode (whatever its name's and
+    indentation's length), and a budget beyond the data's largest is one line."""
+    ds = tiny_assign(tmp_path, n_train=300, budgets=[8, 24], budget=16, context_tokens=96, max_line_tokens=40)
+    for split in ("train", "val", "eval"):
+        eps = ds.episodes(split, range(ds.num_examples(split)))
+        assert all(e.line[1] <= len(e.context) - 24 and e.line[1] - e.line[0] <= 40 for e in eps)
+        ds.make_batch(eps, 24)
+    with pytest.raises(ConfigError, match="budgets: budget 20 leaves no room for the inserted line"):
+        tiny_assign(tmp_path, budgets=[8, 20], context_tokens=40, max_line_tokens=24)
+    from engram_qwen_compressor.data import check_budgets
+
+    with pytest.raises(ConfigError, match="budget 30"):
+        check_budgets([30], ds.spec)
+
+
 def test_value_ce_and_greedy_match_through_the_general_reader(tmp_path, tiny_size):
     from engram_qwen_compressor.metrics import ValueMatch, ValueMatchConfig
     from engram_qwen_compressor.objectives import value_ce
