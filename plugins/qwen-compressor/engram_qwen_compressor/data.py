@@ -86,8 +86,9 @@ class DigitKVConfig:
     target_range: str = field("removed", help="'removed': target drawn uniformly over the statements removed at each "
                                               "budget; 'prompt': over all statements (some stay in the kept tail)",
                               validator=one_of(*TARGET_RANGES))
-    tokenizer: str = field("byte", help="'byte' (UTF-8 bytes) or a local directory with a saved HF tokenizer "
-                                        "(the reader's model directory on the HF path); budgets count its tokens")
+    tokenizer: str = field("byte", help="'byte' (UTF-8 bytes), 'engram:NAME' (the general LM's tokenizer, engram_core.lm) "
+                                        "or a local directory with a saved HF tokenizer (the reader's model directory on "
+                                        "the HF path); budgets count its tokens")
     budget: int = field(64, help="kept context tokens for training batches (`sample`)", validator=positive)
     budgets: list[int] = field(
         factory=lambda: [64, 96, 128], help="every budget evaluated (each must leave a whole statement removed)"
@@ -230,22 +231,27 @@ class DigitKVDataset(Dataset):
     `gold_kv_ids / gold_kv_mask`.
     """
 
+    # Every split a recipe may name before the data are built: `engram validate` reads the
+    # class's (it builds only `dry_spec`). A built data set has 'val' only with `n_val` > 0;
+    # the engine checks the stages against the built one's splits before anything runs.
+    splits = ("train", "val", "eval")
+
     def __init__(self, cfg: DigitKVConfig, build: BuildContext | None = None):
         self.cfg = cfg
         self.splits = ("train", "val", "eval") if cfg.n_val else ("train", "eval")
-        self.tok = make_tokenizer(cfg.tokenizer)
+        cache_dir = build.cache_dir if build is not None else None
+        self.tok = make_tokenizer(cfg.tokenizer, cache_dir)
         self.spec = make_spec(cfg, self.tok)
         self.answer_ids = self.spec.answer_token_ids
         self._questions = {k: self.tok.encode(QUESTION.format(k=f"{k:02d}")) for k in range(cfg.n_keys)}
         newline = self.tok.encode(NEWLINE_TEXT)
         self._newline = newline[-1] if newline else None
-        cache_dir = build.cache_dir if build is not None else None
         self._episodes = self._load(cache_dir)
 
     @staticmethod
     def dry_spec(cfg: DigitKVConfig, build: BuildContext | None = None) -> DataSpec:
         """The spec without generating episodes (`engram validate`): budgets are checked here."""
-        return make_spec(cfg, make_tokenizer(cfg.tokenizer))
+        return make_spec(cfg, make_tokenizer(cfg.tokenizer, build.cache_dir if build is not None else None))
 
     # ---- generation and cache ------------------------------------------------------
 

@@ -34,6 +34,9 @@ class DigitAccuracyConfig:
                                      "`greedy/<mode>_b<B>` is the exact match of the generated answer (argmax over the "
                                      "whole vocabulary, the answer being one token), `greedy_nondigit/<mode>_b<B>` the "
                                      "share of generations that are not a digit at all")
+    mean_over_budgets: bool = field(False, help="also report `acc/<mode>_mean` (and `greedy/<mode>_mean`): the accuracy "
+                                                "pooled over every budget (each budget has the same episodes), one number "
+                                                "a `[select]` can choose by")
 
 
 def greedy_answer(head, logits: torch.Tensor) -> torch.Tensor:
@@ -81,11 +84,16 @@ class DigitAccuracy(Metric):
             logits = model.head.answer_logits(batch, mode)
             hits = (model.head.digit_logits(logits).argmax(-1) == batch["digit"]).float()
             self._add(f"acc/{mode}_b{budget}", hits)
+            if self.cfg.mean_over_budgets:
+                self._add(f"acc/{mode}_mean", hits)
             if self.cfg.greedy:
                 generated = greedy_answer(model.head, logits)
                 digits = torch.tensor(model.head.answer_token_ids, device=generated.device)
-                self._add(f"greedy/{mode}_b{budget}", (generated == batch["answer"]).float())
+                exact = (generated == batch["answer"]).float()
+                self._add(f"greedy/{mode}_b{budget}", exact)
                 self._add(f"greedy_nondigit/{mode}_b{budget}", (~torch.isin(generated, digits)).float())
+                if self.cfg.mean_over_budgets:
+                    self._add(f"greedy/{mode}_mean", exact)
             if mode in self.cfg.breakdown and "target_pos" in batch:
                 for group, name in ((batch["target_pos"], f"acc_pos/{mode}_b{budget}_p"), (batch["n_removed"], f"acc_nrem/{mode}_n")):
                     for v in group.unique().tolist():
@@ -233,3 +241,65 @@ class GradCheck(Metric):
 
     def compute(self):
         return {"debug/encoder_grad_norm": self.enc / max(self.n, 1), "debug/reader_grad_norm": self.rdr / max(self.n, 1)}
+
+
+@attrs.frozen
+class ValueMatchConfig:
+    """Exact match of a multi-token answer (stdlib_assign's VALUE and the end of its line) per mode and budget."""
+
+    modes: list[str] = field(factory=lambda: ["discard", "summary", "full", "latent"],
+                             help=f"reader modes to evaluate: {', '.join(MODES)}")
+    budgets: list[int] = field(factory=list, help="budgets (kept context tokens); [] = the data set's `budgets`")
+    max_examples: int = field(256, help="evaluation episodes used (the first ones of the split)", validator=positive)
+    mean_over_budgets: bool = field(False, help="also report `match/<mode>_mean` (pooled over every budget)")
+
+
+class ValueMatch(Metric):
+    """`match/<mode>_b<B>`: the reader generates greedily as many tokens as the answer has and
+    every one is right (VALUE's digits, then the newline that ends the line: a longer number
+    is wrong); `tf_match/*` the same teacher-forced (each token the argmax after the true
+    ones), `token_acc/*` the share of right answer tokens teacher-forced; `match/chance`
+    1 / (max_value + 1) beside them."""
+
+    directions = {"match/*": "higher", "tf_match/*": "higher", "token_acc/*": "higher"}
+    groups = {"match/chance": "reference"}
+    references = {"match/*": {"chance": "match/chance"}}
+
+    def __init__(self, cfg: ValueMatchConfig, build: BuildContext):
+        _check_modes(cfg.modes, build)
+        check_budgets(cfg.budgets, build.spec)
+        self.cfg = cfg
+        self.chance = build.spec.chance if build.spec is not None else 0.0
+        self.add_state("correct", {}, dist_reduce_fx="sum")
+        self.add_state("count", {}, dist_reduce_fx="sum")
+
+    def batches(self, dataset, split, batch_size):
+        n = min(self.cfg.max_examples, dataset.num_examples(split))
+        for budget in _dataset_budgets(dataset, self.cfg.budgets):
+            for i in range(0, n, batch_size):
+                yield dataset.make_batch(dataset.episodes(split, range(i, min(n, i + batch_size))), budget)
+
+    def update(self, model, batch):
+        budget = int(batch["budget"][0])
+        ids, mask = batch["answer_ids"], batch["answer_mask"].bool()
+        for mode in self.cfg.modes:
+            if mode == "latent" and not model.head.memory_active:
+                continue
+            generated = model.head.greedy_answer(batch, mode, ids.shape[1])
+            exact = ((generated == ids) | ~mask).all(1).float()
+            logits = model.head.answer_span_logits(batch, mode, ids.shape[1])
+            tf = ((logits.argmax(-1) == ids) | ~mask).all(1).float()
+            right = ((logits.argmax(-1) == ids) & mask).float().sum(1) / mask.float().sum(1)
+            for tag, hits in (("match", exact), ("tf_match", tf), ("token_acc", right)):
+                self._add(f"{tag}/{mode}_b{budget}", hits)
+                if self.cfg.mean_over_budgets:
+                    self._add(f"{tag}/{mode}_mean", hits)
+
+    def _add(self, key: str, hits: torch.Tensor) -> None:
+        self.correct[key] = self.correct.get(key, 0.0) + float(hits.sum())
+        self.count[key] = self.count.get(key, 0) + int(hits.numel())
+
+    def compute(self):
+        out = {k: self.correct[k] / max(self.count[k], 1) for k in self.correct}
+        out["match/chance"] = float(self.chance)
+        return out

@@ -312,3 +312,48 @@ class Contrastive(Objective):
         prefix = head.write_memory(batch)
         nce = supervised_info_nce(prefix, batch["digit"], self.cfg.temperature)
         return nce, {"info_nce": nce.detach()}
+
+
+# ---- stdlib_assign: a multi-token answer (VALUE and the end of its line) ----------------------
+
+
+def value_ce(head, batch: dict, mode: str):
+    """(mean CE over the answer tokens, teacher-forced token accuracy, teacher-forced exact
+    match, prefix or None) of a multi-token answer (`answer_ids / answer_mask`) under `mode`."""
+    ids, mask = batch["answer_ids"], batch["answer_mask"].bool()
+    logits, prefix = head.answer_span_logits(batch, mode, ids.shape[1], return_prefix=True)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1), reduction="none").view_as(ids)
+    w = mask.to(ce.dtype)
+    right = logits.argmax(-1) == ids
+    token_acc = (right.to(ce.dtype) * w).sum() / w.sum().clamp_min(1.0)
+    exact = (right | ~mask).all(1).to(ce.dtype).mean()
+    return (ce * w).sum() / w.sum().clamp_min(1.0), token_acc, exact, prefix
+
+
+@attrs.frozen
+class ValueCEConfig:
+    """Teacher-forced CE of every answer token (VALUE's, then the newline), averaged over `modes`."""
+
+    modes: list[str] = field(factory=lambda: ["latent"], help=f"reader input modes, each a forward pass: {', '.join(MODES)}")
+    budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")
+
+
+class ValueCE(Objective):
+    """Answer CE for `stdlib_assign`; logs `ce_<mode>`, `token_acc_<mode>`, `exact_<mode>` (teacher-forced)."""
+
+    def __init__(self, cfg: ValueCEConfig, build: BuildContext):
+        super().__init__()
+        _check_modes(cfg.modes, build)
+        _check_budgets(cfg.budgets, build)
+        self.cfg = cfg
+
+    def sample(self, dataset, split, batch_size, generator):
+        return _sample(self.cfg, dataset, split, batch_size, generator)
+
+    def forward(self, model, batch):
+        total, terms = 0.0, {}
+        for mode in self.cfg.modes:
+            ce, token_acc, exact, _ = value_ce(model.head, batch, mode)
+            total = total + ce
+            terms.update({f"ce_{mode}": ce.detach(), f"token_acc_{mode}": token_acc.detach(), f"exact_{mode}": exact.detach()})
+        return total / len(self.cfg.modes), terms

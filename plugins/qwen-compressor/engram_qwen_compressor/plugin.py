@@ -13,7 +13,16 @@ from .memories import (
     TokenSelect,
     TokenSelectConfig,
 )
-from .metrics import Collapse, CollapseConfig, DigitAccuracy, DigitAccuracyConfig, GradCheck, GradCheckConfig
+from .metrics import (
+    Collapse,
+    CollapseConfig,
+    DigitAccuracy,
+    DigitAccuracyConfig,
+    GradCheck,
+    GradCheckConfig,
+    ValueMatch,
+    ValueMatchConfig,
+)
 from .objectives import (
     AnswerCE,
     AnswerCEConfig,
@@ -23,13 +32,17 @@ from .objectives import (
     ContrastiveConfig,
     OracleCosine,
     OracleCosineConfig,
+    ValueCE,
+    ValueCEConfig,
 )
 from .reader import CompressorReader, ReaderConfig
+from .stdlib_assign import StdlibAssignConfig, StdlibAssignDataset
 
 
 @hookimpl
 def engram_datasets(register):
     register("digit_kv", DigitKVDataset, DigitKVConfig, provides=("digit_kv",))
+    register("stdlib_assign", StdlibAssignDataset, StdlibAssignConfig, provides=("stdlib_assign",))
 
 
 @hookimpl
@@ -51,6 +64,7 @@ def engram_objectives(register):
     register("compressor_loss", CompressorLoss, CompressorLossConfig, requires=("reader", "digit_kv"))
     register("oracle_cosine", OracleCosine, OracleCosineConfig, requires=("reader", "context", "digit_kv"))
     register("contrastive", Contrastive, ContrastiveConfig, requires=("reader", "context", "digit_kv"))
+    register("value_ce", ValueCE, ValueCEConfig, requires=("reader", "stdlib_assign"))
 
 
 @hookimpl
@@ -58,3 +72,4 @@ def engram_metrics(register):
     register("digit_accuracy", DigitAccuracy, DigitAccuracyConfig, requires=("reader", "digit_kv"))
     register("collapse", Collapse, CollapseConfig, requires=("reader", "context", "digit_kv"))
     register("grad_check", GradCheck, GradCheckConfig, requires=("reader", "digit_kv"))
+    register("value_match", ValueMatch, ValueMatchConfig, requires=("reader", "stdlib_assign"))

@@ -2,7 +2,11 @@
 
 Default backend `core`: `engram_core.nn.CausalTransformer`, trained from scratch in a
 first stage on full-context prompts, then frozen by the recipe's `train`/`freeze` globs.
-Backend `hf`: any local `AutoModelForCausalLM` directory (a Qwen2 in the seed).
+Backend `hf`: any local `AutoModelForCausalLM` directory (a Qwen2 in the seed), or
+`engram:NAME`, the general causal LM made here (engram_core.lm, a transformers Llama
+pretrained on the Python standard library's source; its cached folder, pretrained first
+if missing): a *general* frozen reader, not one trained on the task. The prefix enters as
+`inputs_embeds` in the LM's own input-embedding space, and the answer is read from its logits.
 
 Modes (how the reader's input is built from a digit_kv batch):
 
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from engram_core.components import BuildContext, Head
-from engram_core.config import ConfigError, existing_path, field, non_negative, one_of, positive
+from engram_core.config import ConfigError, field, non_negative, one_of, positive
 from engram_core.nn import CausalTransformer, CausalTransformerConfig
 
 from .lora import AdapterSwitch, add_lora
@@ -51,6 +55,18 @@ ORACLE_MODES = ("oracle_digit", "oracle_kv")  # need the gold fields; oracle_slo
 READER_VERSION = 4
 
 
+def model_path(inst, attribute, value):
+    """'' (not given), `engram:NAME` (a model made here, engram_core.lm) or a path that exists."""
+    if not value:
+        return
+    if value.startswith("engram:"):
+        from engram_core.lm import preset
+
+        preset(value, attribute.name)  # an unknown name is one line naming the models there are
+    elif not Path(value).expanduser().exists():
+        raise ConfigError(attribute.name, f"path does not exist: {value} (a local model directory or 'engram:NAME')")
+
+
 @attrs.frozen
 class ReaderConfig:
     """A causal LM reader (core transformer trained here, or a local HF model) with optional LoRA."""
@@ -61,7 +77,11 @@ class ReaderConfig:
     n_layers: int = field(2, help="core: decoder blocks", validator=positive)
     n_heads: int = field(4, help="core: attention heads (must divide dim)", validator=positive)
     max_len: int = field(512, help="core: longest sequence incl. prefix memory", validator=positive)
-    hf_path: str = field("", help="hf: local directory saved by save_pretrained", validator=existing_path)
+    hf_path: str = field("", help="hf: local directory saved by save_pretrained, or 'engram:NAME' (the general LM made "
+                                  "here, engram_core.lm: pretrained into the cache if missing)", validator=model_path)
+    hf_init: str = field("pretrained", help="hf: 'pretrained' (the model's weights) or 'random' (a fresh initialisation of "
+                                            "the same architecture: the control for what pretraining gives a reader)",
+                         validator=one_of("pretrained", "random"))
     token_shift: int = field(5, help="core: add the previous 1..n token embeddings, each through its own projection, "
                                      "to every token's embedding (0 = off) so a key can be matched by one attention layer",
                              validator=non_negative)
@@ -80,6 +100,42 @@ class ReaderConfig:
             raise ConfigError("hf_path", "backend 'hf' needs hf_path, a local directory with a saved causal LM")
         if self.dim % self.n_heads:
             raise ConfigError("n_heads", f"must divide dim ({self.dim}), got {self.n_heads}")
+
+
+def _load_hf_lm(name: str, spec, build: BuildContext, random_init: bool = False):
+    """The HF reader's model: from its folder, or for `engram:NAME` the general LM made here
+    (pretrained into the cache by a run if missing). A check (`build.dry_run`, built on the
+    meta device) builds the architecture from the config alone and reads no weights; for an
+    `engram:NAME` that is not cached yet, a model of its shape, so `engram validate` never pretrains.
+    `random_init`: the same architecture freshly initialised (torch's generator, seeded by the
+    run), its weights never read (an `engram:NAME` is then not pretrained either)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from engram_core.lm import quiet_transformers
+
+    data_tok = getattr(spec, "tokenizer", "")
+    if name.startswith("engram:"):
+        from engram_core.lm import cached_model, resolve_model, skeleton_model
+
+        if data_tok != name and str(data_tok).startswith("engram:"):
+            raise ConfigError("hf_path", f"the reader is {name} but the data are tokenized by {data_tok}; "
+                                         f"set data.tokenizer = {name!r}")
+        if random_init:
+            return skeleton_model(name, key="hf_path")
+        if build.dry_run:
+            path = cached_model(name, build.cache_dir)
+            if path is None:
+                return skeleton_model(name, key="hf_path")
+        else:
+            path = resolve_model(name, build.cache_dir, key="hf_path")
+    else:
+        path = Path(name).expanduser()
+    if build.dry_run or random_init:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    with quiet_transformers():
+        # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
+        # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(torch.float32)
 
 
 class CompressorReader(Head):
@@ -115,18 +171,11 @@ class CompressorReader(Head):
                                   or [torch.empty(0, cfg.dim, cfg.dim)]).reshape(cfg.token_shift, cfg.dim, cfg.dim)
                 self.register_buffer("shift", rot)
         else:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
             if getattr(spec, "tokenizer", "byte") == "byte":  # said before anything is loaded
                 raise ConfigError("backend", f"the HF reader in {cfg.hf_path!r} reads its own tokenizer's ids, but the data "
-                                             "are byte tokens: set data.tokenizer to the model's directory")
-            path = Path(cfg.hf_path).expanduser()
-            if build.dry_run:  # `engram validate`: the architecture from its config, no weights read
-                self.lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
-            else:
-                # float32 by `.to()` rather than a from_pretrained keyword: that keyword is `torch_dtype`
-                # before transformers 4.56 and `dtype` after, and `.to()` means the same on every version
-                self.lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(torch.float32)
+                                             "are byte tokens: set data.tokenizer to the model's directory (or its "
+                                             "'engram:NAME')")
+            self.lm = _load_hf_lm(cfg.hf_path, spec, build, random_init=cfg.hf_init == "random")
             hf_vocab = self.lm.config.vocab_size
             if hf_vocab < spec.vocab_size:
                 raise ConfigError("hf_path", f"the model's vocabulary ({hf_vocab}) is smaller than the data tokenizer's ({spec.vocab_size}); "
@@ -334,12 +383,14 @@ class CompressorReader(Head):
             return self.embed(ids), mask
         return None, None
 
-    def answer_logits(self, batch: dict, mode: str, return_prefix: bool = False):
+    def reader_input(self, batch: dict, mode: str, ids: torch.Tensor | None = None):
+        """(embeddings, mask, answer position, prefix or None) of `mode`'s reader input: the
+        view's tokens (or `ids` in its place, same shape) with the prefix right after BOS."""
         if mode not in MODES:
             raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
         view = VIEW[mode]
-        ids, mask, pos = batch[f"{view}_ids"], batch[f"{view}_mask"], batch[f"{view}_answer_pos"]
-        emb = self.embed(ids)
+        mask, pos = batch[f"{view}_mask"], batch[f"{view}_answer_pos"]
+        emb = self.embed(batch[f"{view}_ids"] if ids is None else ids)
         prefix, pmask = self.prefix_for(batch, mode)
         if prefix is not None:
             if prefix.shape[-1] != self.width:
@@ -349,9 +400,41 @@ class CompressorReader(Head):
             emb = torch.cat([emb[:, :1], prefix.to(emb.dtype), emb[:, 1:]], dim=1)
             mask = torch.cat([mask[:, :1], pmask.to(mask.dtype), mask[:, 1:]], dim=1)
             pos = pos + prefix.shape[1]
+        return emb, mask, pos, prefix
+
+    def answer_logits(self, batch: dict, mode: str, return_prefix: bool = False):
+        emb, mask, pos, prefix = self.reader_input(batch, mode)
         logits = self.run(emb, mask)
         out = logits[torch.arange(logits.shape[0], device=logits.device), pos]
         return (out, prefix) if return_prefix else out
+
+    def answer_span_logits(self, batch: dict, mode: str, length: int, return_prefix: bool = False):
+        """Teacher-forced logits (B, length, V) of a multi-token answer: the view holds the answer
+        after the question, and position `answer_pos + j` predicts answer token j."""
+        emb, mask, pos, prefix = self.reader_input(batch, mode)
+        logits = self.run(emb, mask)
+        at = pos[:, None] + torch.arange(length, device=pos.device)[None]
+        out = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
+        return (out, prefix) if return_prefix else out
+
+    @torch.no_grad()
+    def greedy_answer(self, batch: dict, mode: str, steps: int) -> torch.Tensor:
+        """The reader's greedy generation of `steps` tokens after the question, (B, steps): each
+        step's argmax is written into the view in place of the teacher token there, so the next
+        step reads the reader's own answer (causal: a position sees nothing after it)."""
+        view = VIEW[mode]
+        ids = batch[f"{view}_ids"].clone()
+        pos = batch[f"{view}_answer_pos"]
+        if int((pos + steps).max()) >= ids.shape[1]:
+            raise ConfigError("steps", f"the {view} view has no room for {steps} generated tokens")
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        out = []
+        for j in range(steps):
+            emb, mask, ppos, _ = self.reader_input(batch, mode, ids=ids)
+            token = self.run(emb, mask)[rows, ppos + j].argmax(-1)
+            out.append(token)
+            ids[rows, pos + j + 1] = token
+        return torch.stack(out, 1)
 
     def digit_logits(self, answer_logits: torch.Tensor) -> torch.Tensor:
         """Logits restricted to the ten digit tokens, (B, 10)."""

@@ -2,7 +2,9 @@
 
 The HF path is what lets a pretrained reader (a Qwen2) read the task in its own
 vocabulary: `data.tokenizer` names a directory saved by `save_pretrained` (usually the
-reader's model directory), and every budget then counts that tokenizer's tokens.
+reader's model directory), or `engram:NAME`, the tokenizer of the general LM made here
+(engram_core.lm: the same files its model folder holds; only the BPE is trained if it is
+not cached, never the model), and every budget then counts that tokenizer's tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class HFTextTokenizer(TextTokenizer):
     documents after `<|endoftext|>`); PAD is its PAD, else the same EOS.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, name: str | None = None):
         from transformers import AutoTokenizer
 
         p = Path(path).expanduser()
@@ -49,7 +51,7 @@ class HFTextTokenizer(TextTokenizer):
         except Exception as exc:  # a directory without tokenizer files: one line, not a traceback
             raise ConfigError("tokenizer", f"no tokenizer could be loaded from {path!r} ({type(exc).__name__}); "
                                            "save one there with tokenizer.save_pretrained") from None
-        self.name = str(p)
+        self.name = name or str(p)
         special = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
         if special is None:
             raise ConfigError("tokenizer", f"the tokenizer in {path!r} has neither a BOS nor an EOS token")
@@ -63,5 +65,12 @@ class HFTextTokenizer(TextTokenizer):
         return list(self.tok.encode(text, add_special_tokens=False))
 
 
-def make_tokenizer(spec: str) -> TextTokenizer:
-    return TextTokenizer() if spec == "byte" else HFTextTokenizer(spec)
+def make_tokenizer(spec: str, cache_dir=None) -> TextTokenizer:
+    """'byte', `engram:NAME` (the general LM's tokenizer, from `cache_dir`) or a local directory."""
+    if spec == "byte":
+        return TextTokenizer()
+    if spec.startswith("engram:"):
+        from engram_core.lm import tokenizer_folder
+
+        return HFTextTokenizer(str(tokenizer_folder(spec, cache_dir, key="tokenizer")), name=spec)
+    return HFTextTokenizer(spec)
