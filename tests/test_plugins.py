@@ -65,7 +65,7 @@ def test_broken_plugin_is_listed_and_others_still_work(tmp_path):
 def test_env_var_limits_which_plugins_load(tmp_path):
     fake_dist(tmp_path, "broken_pkg", "broken", "module_that_does_not_exist_xyz")
     r = cli(["plugins", "--json"], tmp_path, plugins="")
-    assert [p["name"] for p in json.loads(r.stdout)] == ["core", "engram-tables", "engram-tools"]  # the core and its own optional parts
+    assert [p["name"] for p in json.loads(r.stdout)] == ["core", "engram-lm", "engram-tables", "engram-tools"]  # the core and its own optional parts
 
 
 def test_recipe_needing_a_broken_plugin_says_so(tmp_path):

@@ -69,7 +69,8 @@ def test_every_page_has_data_behind_its_tables():
         data = R.load_data(page)
         for t in page.tables:
             refs = t.get("rows") or R._cell_rows(t)
-            assert R._rows_matching(data, refs), f"{name}: table {t['id']} has no JSON behind it"
+            # a table may wait for its rows only with the reason on the page (`pending`)
+            assert R._rows_matching(data, refs) or t.get("pending"), f"{name}: table {t['id']} has no JSON behind it"
 
 
 @pytest.fixture(scope="module")

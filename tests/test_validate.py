@@ -58,3 +58,14 @@ def test_component_of_a_filtered_or_missing_plugin_names_it():
 def test_dry_run_params_lists_names_without_building_weights():
     r = run_cli(MINIMAL, "--dry-run", "--params")
     assert r.returncode == 0 and "head.trunk.0.weight" in r.stdout
+
+
+def test_a_validation_split_that_the_settings_give_is_accepted(tmp_path):
+    """mqar's `val` exists only with n_val > 0: the check reads the splits from the spec its
+    settings give, without generating the data."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\ntype = "mqar"\nvocab_size = 64\nseq_len = 32\nn_pairs = 4\nn_train = 8\nn_eval = 8\n'
+                      '[head]\ntype = "causal_backbone"\n[[stages]]\nkind = "eval"\nsplit = "val"\n')
+    one_line(run_cli("validate", recipe, tool="engram", plugins=""), "stages.0.split", "no split 'val'")
+    r = run_cli("validate", recipe, "data.n_val=8", tool="engram", plugins="")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

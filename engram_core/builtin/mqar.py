@@ -174,7 +174,7 @@ class MQARDataset(Dataset):
     def dry_spec(cfg: MQARConfig, build: BuildContext | None = None) -> DataSpec:
         """The spec from the settings alone (`engram validate` generates nothing)."""
         return DataSpec("mqar", vocab_size=cfg.vocab_size, max_len=cfg.seq_len, seq_len=cfg.seq_len, n_pairs=cfg.n_pairs,
-                        task="mqar", max_scored=cfg.n_pairs)
+                        task="mqar", max_scored=cfg.n_pairs, splits=("train", "val", "eval") if cfg.n_val else ("train", "eval"))
 
     def cache_entry(self, cache_dir=None) -> cache.Entry:
         return cache.entry(cache_dir, plugin="core", kind="mqar", config=self.cfg, seed=self.cfg.seed, version=DATA_VERSION,

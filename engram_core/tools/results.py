@@ -644,7 +644,7 @@ def _blocks(page: Page, data: dict[str, dict], draw: bool) -> dict[tuple[str, st
     out = {}
     for t in page.tables:
         labels = page_labels(page)
-        out[("table", t["id"])] = render_table(t, data, labels) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data)
+        out[("table", t["id"])] = render_table(t, data, labels) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data, t.get("pending"))
     for f in page.figures:
         if draw and data:
             render_figure(f, data, figure_png(page, f), page_labels(page))
@@ -656,8 +656,10 @@ def _cell_rows(spec: dict) -> list[str]:
     return sorted({c[1:].partition(":")[0] for line in spec.get("cells", []) for c in line if isinstance(c, str) and c.startswith("@")})
 
 
-def _provenance(patterns: list[str], data: dict[str, dict]) -> str:
+def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None = None) -> str:
     rows = _rows_matching(data, patterns)
+    if not rows and pending:  # a table whose rows are defined but not made yet, and why (the page says so)
+        return f"\n*(not made yet: {pending})*\n"
     if not rows:
         return "\n*(no data yet: `python -m engram_core.tools.results run` writes it)*\n"
     seeds = sorted({sum(s == "completed" for s in data[r]["status"]) for r in rows})

@@ -267,7 +267,8 @@ def check_recipe(recipe: Recipe, device: str | None = None) -> DryBuild:
         spec = attempt(_dry_spec, data, dry_spec, BuildContext(seed=seed, dry_run=True), file)
         if spec is not None:
             out.spec = spec
-            out.splits = tuple(getattr(data.component.factory, "splits", ("train", "eval")))
+            # a spec may say which splits these settings give (mqar's val exists only with n_val)
+            out.splits = tuple(spec.get("splits") or getattr(data.component.factory, "splits", ("train", "eval")))
     else:
         ds = attempt(make_component, data, BuildContext(seed=seed, dry_run=True), file)
         if ds is not None:
