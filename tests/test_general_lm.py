@@ -182,3 +182,12 @@ def test_missing_extra_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tokenizers" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs tokenizers: pip install 'engram-core\[lm\]'"):
         require_extra("model_dir")
+
+
+def test_engram_lm_unknown_name_is_one_line_exit_2():
+    from engram_core.testing.cli import run_cli
+
+    r = run_cli("lm", "pretrain", "gpt-5", tool="engram", plugins=None)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "engram:stdlib-lm-cpu" in lines[0], lines

@@ -8,6 +8,7 @@ so an install without the `lm` extra still lists every other plugin.
 from __future__ import annotations
 
 import json
+import sys
 
 from ..hookspecs import hookimpl
 
@@ -70,7 +71,7 @@ def _lm(args, console) -> int:
     try:
         folder = resolve_model(name, device=args.device, key="NAME")
     except ConfigError as exc:
-        console.print(f"engram lm: {exc}", markup=False)
+        print(f"error: engram lm {args.lm_cmd}: {exc}", file=sys.stderr)  # one line, never wrapped
         return 2
     if args.lm_cmd == "pretrain":
         report = json.loads((folder / "pretrain_report.json").read_text())
