@@ -294,8 +294,8 @@ def command_registry(argv: list[str]) -> dict:
     reg = Registry()
     reg.add_plugin(CORE, sys.modules[__name__], PluginInfo(CORE, __name__, "engram-core", __version__))
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if is_core_entry_point(ep):
-            reg.add_plugin(ep.name, ep.load(), PluginInfo(ep.name, ep.value, "engram-core", __version__))
+        if is_core_entry_point(ep):  # their commands only: a core part's components (engram_core.lm) import torch
+            reg.add_plugin(ep.name, ep.load(), PluginInfo(ep.name, ep.value, "engram-core", __version__), kinds=("commands",))
     commands = dict(reg.extensions["commands"])
     typed = next((a for a in argv if not a.startswith("-")), None)
     if typed is not None and typed not in commands:

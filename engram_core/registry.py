@@ -132,8 +132,9 @@ class Registry:
 
     # -- loading ------------------------------------------------------------------
 
-    def add_plugin(self, name: str, module: Any, info: PluginInfo) -> None:
-        """Register one plugin module and call its hooks; failures mark it broken."""
+    def add_plugin(self, name: str, module: Any, info: PluginInfo, kinds: tuple[str, ...] | None = None) -> None:
+        """Register one plugin module and call its hooks (only those of `kinds`, e.g.
+        ("commands",), where given: `engram --help` builds no component); failures mark it broken."""
         self.plugins[name] = info
         try:
             self.pm.register(module, name=name)
@@ -150,6 +151,8 @@ class Registry:
         extensions: list[Extension] = []
         try:
             for kind in KIND_SINGULAR:
+                if kinds is not None and kind not in kinds:
+                    continue
                 caller = getattr(self.pm.hook, f"engram_{kind}")
                 for impl in caller.get_hookimpls():
                     if impl.plugin_name != name:
