@@ -80,9 +80,11 @@ def test_unknown_command_prints_the_usage(fake_venv):
 
 @pytest.mark.parametrize("cmd", ["test", "run"])
 def test_ctrl_c_exits_130_with_one_line(fake_venv, cmd):
-    # the child sleeps as a test session or a run would; Ctrl-C reaches the whole process group
+    # the child sleeps as a test session or a run would; Ctrl-C reaches the whole process group.
+    # `exec`: the sleep is the child itself, so a signal that lands between the echo and the
+    # sleep cannot leave an orphaned sleep holding the pipe open (a flake under load)
     for name in ("python", "engram-run"):
-        (fake_venv / "bin" / name).write_text("#!/bin/sh\necho started\nsleep 30\n")
+        (fake_venv / "bin" / name).write_text("#!/bin/sh\necho started\nexec sleep 30\n")
     env = {**os.environ, "ENGRAM_VENV": str(fake_venv)}
     proc = subprocess.Popen([sys.executable, str(DEV), cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
