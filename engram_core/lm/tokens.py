@@ -59,28 +59,14 @@ def train_tokenizer(texts, vocab_size: int):
 
 
 def bytes_per_token(tokenizer) -> torch.Tensor:
-    """How many UTF-8 bytes each id decodes to on its own (byte-level BPE: exact, since every
-    id is a whole number of bytes); special ids count 0."""
-    byte_of = {c: b for b, c in _byte_level_alphabet().items()}
+    """How many UTF-8 bytes each id stands for. Exact for a byte-level BPE: each character of a
+    piece is one byte in GPT-2's byte-to-character map. Special ids count 0."""
     out = torch.zeros(len(tokenizer), dtype=torch.long)
     specials = set(tokenizer.all_special_ids)
     for piece, i in tokenizer.get_vocab().items():
         if i not in specials:
-            out[i] = sum(1 for ch in piece if ch in byte_of)
+            out[i] = len(piece)
     return out
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, the one ByteLevel pre-tokenisation uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def encode_split(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -95,7 +81,7 @@ def encode_split(tokenizer, texts: list[str]) -> torch.Tensor:
 
 def cache_entry(cfg: TokensConfig, cache_dir) -> cache.Entry:
     return cache.entry(cache_dir, plugin="lm", kind="stdlib_tokens", config=cfg, seed=None, version=VERSION,
-                       builder=[corpus_module, train_tokenizer, bytes_per_token, _byte_level_alphabet, encode_split],
+                       builder=[corpus_module, train_tokenizer, bytes_per_token, encode_split],
                        ext="tokens", inputs={"corpus": corpus_digest(cfg.corpus)})
 
 

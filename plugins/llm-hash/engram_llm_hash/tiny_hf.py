@@ -37,19 +37,11 @@ def table_corpus() -> list[str]:
 
 
 def train_byte_level_bpe(vocab_size: int):
-    """A byte-level BPE of `vocab_size` ids (3 specials: <pad>, <s>, </s>) as a
-    transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE of `vocab_size` ids (3 specials: <pad>, <s>, </s>) trained on the
+    tables, as a transformers fast tokenizer (engram_core.lm's trainer, the general LM's own)."""
+    from engram_core.lm.tokens import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(table_corpus(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return train_tokenizer(table_corpus(), vocab_size)
 
 
 def save_tiny_causal_lm(path, family: str = "llama", vocab_size: int | None = None, hidden: int = 64, layers: int = 2, seed: int = 0, tokenizer: str = "byte"):

@@ -218,7 +218,40 @@ def _pack(seqs: list[list[int]], pad: int, fill: int | None = None) -> tuple[tor
     return ids, mask
 
 
-class DigitKVDataset(Dataset):
+class EpisodeStore:
+    """The cached episode splits of an episodic task (`digit_kv`, `stdlib_assign`): a subclass
+    sets `_episodes` ({split: [episode]}) and `task` (its name, for errors)."""
+
+    task = "digit_kv"
+    _episodes: dict[str, list]
+
+    def __len__(self) -> int:
+        return len(self._episodes["train"])
+
+    def num_examples(self, split: str) -> int:
+        self._check_split(split)
+        return len(self._episodes[split])
+
+    def _check_split(self, split: str) -> None:
+        if split not in self._episodes:
+            raise ConfigError("split", f"{self.task} has splits {', '.join(self._episodes)}, got {split!r}")
+
+    def episodes(self, split: str, indices) -> list:
+        self._check_split(split)
+        eps = self._episodes[split]
+        return [eps[int(i)] for i in indices]
+
+
+def cached_episodes(entry: cache.Entry, build, episode_cls) -> dict[str, list]:
+    """`build()`'s {split: [episode]} through the cache, each episode an attrs instance of `episode_cls`."""
+    return cache.load_or_build(
+        entry, build,
+        save_fn=lambda eps, p: torch.save({s: [attrs.asdict(e) for e in v] for s, v in eps.items()}, p),
+        load_fn=lambda p: {s: [episode_cls(**e) for e in v] for s, v in torch.load(p, weights_only=True).items()},
+    )
+
+
+class DigitKVDataset(EpisodeStore, Dataset):
     """Synthetic digit-recall episodes with a budgeted context (seed 003's task).
 
     Batches (for one budget B) hold `{full,kept,summary}_ids / _mask / _answer_pos`
@@ -273,29 +306,9 @@ class DigitKVDataset(Dataset):
                 out["val"] = _generate(self.cfg, self.tok, self.cfg.n_val, g)
             return out
 
-        return cache.load_or_build(
-            self.cache_entry(cache_dir), build,
-            save_fn=lambda eps, p: torch.save({s: [attrs.asdict(e) for e in v] for s, v in eps.items()}, p),
-            load_fn=lambda p: {s: [Episode(**e) for e in v] for s, v in torch.load(p, weights_only=True).items()},
-        )
+        return cached_episodes(self.cache_entry(cache_dir), build, Episode)
 
     # ---- batches -------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self._episodes["train"])
-
-    def num_examples(self, split: str) -> int:
-        self._check_split(split)
-        return len(self._episodes[split])
-
-    def _check_split(self, split: str) -> None:
-        if split not in self._episodes:
-            raise ConfigError("split", f"digit_kv has splits {', '.join(self._episodes)}, got {split!r}")
-
-    def episodes(self, split: str, indices) -> list[Episode]:
-        self._check_split(split)
-        eps = self._episodes[split]
-        return [eps[int(i)] for i in indices]
 
     def target_of(self, e: Episode, budget: int) -> tuple[int, list[int]]:
         """(target statement index, indices of the statements wholly removed) at `budget`."""

@@ -159,10 +159,10 @@ class AnswerCEConfig:
     budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")
 
 
-class AnswerCE(Objective):
-    """Answer CE; `modes = ["full", "summary"]` pretrains the reader, `["latent"]` trains the memory."""
+class _ModesObjective(Objective):
+    """An answer objective over `cfg.modes`, its batches drawn at `cfg.budgets` (AnswerCE, ValueCE)."""
 
-    def __init__(self, cfg: AnswerCEConfig, build: BuildContext):
+    def __init__(self, cfg, build: BuildContext):
         super().__init__()
         _check_modes(cfg.modes, build)
         _check_budgets(cfg.budgets, build)
@@ -170,6 +170,10 @@ class AnswerCE(Objective):
 
     def sample(self, dataset, split, batch_size, generator):
         return _sample(self.cfg, dataset, split, batch_size, generator)
+
+
+class AnswerCE(_ModesObjective):
+    """Answer CE; `modes = ["full", "summary"]` pretrains the reader, `["latent"]` trains the memory."""
 
     def forward(self, model, batch):
         total, terms = 0.0, {}
@@ -338,17 +342,8 @@ class ValueCEConfig:
     budgets: list[int] = field(factory=list, help="draw each batch at a random one of these budgets; [] = data.budget")
 
 
-class ValueCE(Objective):
+class ValueCE(_ModesObjective):
     """Answer CE for `stdlib_assign`; logs `ce_<mode>`, `token_acc_<mode>`, `exact_<mode>` (teacher-forced)."""
-
-    def __init__(self, cfg: ValueCEConfig, build: BuildContext):
-        super().__init__()
-        _check_modes(cfg.modes, build)
-        _check_budgets(cfg.budgets, build)
-        self.cfg = cfg
-
-    def sample(self, dataset, split, batch_size, generator):
-        return _sample(self.cfg, dataset, split, batch_size, generator)
 
     def forward(self, model, batch):
         total, terms = 0.0, {}

@@ -35,6 +35,7 @@ from engram_core import cache
 from engram_core.components import BuildContext, Dataset, DataSpec
 from engram_core.config import ConfigError, field, in_range, positive
 
+from .data import EpisodeStore, cached_episodes
 from .tokens import TextTokenizer, make_tokenizer
 
 PLUGIN = "qwen-compressor"
@@ -211,8 +212,10 @@ def _pack(seqs: list[list[int]], pad: int):
     return ids, mask
 
 
-class StdlibAssignDataset(Dataset):
+class StdlibAssignDataset(EpisodeStore, Dataset):
     """Recall of an inserted `NAME = VALUE` from real stdlib source cut by a budget (see the module)."""
+
+    task = "stdlib_assign"
 
     splits = ("train", "val", "eval")  # what a recipe may name before the data are built (see digit_kv)
 
@@ -249,27 +252,7 @@ class StdlibAssignDataset(Dataset):
                 out["val"] = _generate(self.cfg, self.tok, "val", self.cfg.n_val, g)
             return out
 
-        return cache.load_or_build(
-            self.cache_entry(cache_dir), build,
-            save_fn=lambda eps, p: torch.save({s: [attrs.asdict(e) for e in v] for s, v in eps.items()}, p),
-            load_fn=lambda p: {s: [Episode(**e) for e in v] for s, v in torch.load(p, weights_only=True).items()},
-        )
-
-    def __len__(self) -> int:
-        return len(self._episodes["train"])
-
-    def num_examples(self, split: str) -> int:
-        self._check_split(split)
-        return len(self._episodes[split])
-
-    def _check_split(self, split: str) -> None:
-        if split not in self._episodes:
-            raise ConfigError("split", f"stdlib_assign has splits {', '.join(self._episodes)}, got {split!r}")
-
-    def episodes(self, split: str, indices) -> list[Episode]:
-        self._check_split(split)
-        eps = self._episodes[split]
-        return [eps[int(i)] for i in indices]
+        return cached_episodes(self.cache_entry(cache_dir), build, Episode)
 
     def make_batch(self, episodes: list[Episode], budget: int) -> dict[str, torch.Tensor]:
         bos, pad, nl = self.tok.bos_id, self.tok.pad_id, self.spec.newline_id
