@@ -51,7 +51,7 @@ RECIPE = """
 name = "zoo_gpu"
 seed = {seed}
 device = "cuda"
-compile = {compile}{graphs}
+compile = {compile}{graphs}{run_extra}
 [data]
 type = "mqar"
 n_pairs = {n_pairs}
@@ -76,7 +76,7 @@ optimizer = "adamw"
 weight_decay = {wd}
 schedule = "cosine"
 warmup_steps = {warmup}
-grad_clip = 1.0
+grad_clip = 1.0{stage_extra}
 eval_every = 0
 log_every = {log_every}
 [[metrics]]
@@ -86,16 +86,25 @@ type = "completion_accuracy"
 
 # ---- the hand-written loop ------------------------------------------------------------------
 
-def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0) -> dict:
-    """steps/s of each log window of a plain PyTorch loop (one process)."""
+def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0, precision: str = "fp32", fused: bool = False,
+              profile: int = 0) -> dict:
+    """steps/s of each log window of a plain PyTorch loop (one process). `precision`: fp32,
+    tf32 (fp32 matmuls on TF32 tensor cores) or bf16 (autocast); `fused`: AdamW(fused=True);
+    `profile` > 0: the last `profile` steps run under torch.profiler (see `kernel_table`)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
+
+    if precision == "tf32":
+        torch.set_float32_matmul_precision("high")
 
     from engram_core.builtin.mqar import MQARConfig, generate_mqar
     from engram_core.nn import CausalTransformer, CausalTransformerConfig
 
     s = SETTING
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU only to try the script out
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(seed)
     cfg = MQARConfig(n_pairs=s["n_pairs"], seq_len=s["seq_len"], vocab_size=s["vocab"], query_spacing="power", n_train=s["n_train"])
     data = generate_mqar(cfg, s["n_train"], seed * 2 + 1)
@@ -109,13 +118,18 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0) -> dict:
                                                       max_len=s["seq_len"] + 16 + 64)).to(dev)
     graphed = "graphed" in mode
     lr = torch.tensor(s["lr"], device=dev) if graphed else s["lr"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["wd"], capturable=graphed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=s["wd"], capturable=graphed, **({"fused": True} if fused else {}))
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False) if precision == "bf16" else contextlib.nullcontext()
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else 0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, steps - warm))))
 
     positions = torch.arange(s["seq_len"], device=dev)
 
     def loss_fn(ids, pos, target):
+        with amp:
+            return _loss(ids, pos, target)
+
+    def _loss(ids, pos, target):
         x = model.tok(ids) + model.pos(positions)[None]
         for block in model.blocks:
             x, _ = block(x, None, None)
@@ -145,7 +159,13 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0) -> dict:
     windows, losses = [], []
     t = time.perf_counter()
     loss_sum = torch.zeros((), device=dev)
+    prof = None
     for i in range(steps):
+        if profile and i == steps - profile:
+            sync()
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+            t_prof = time.perf_counter()
         b = batch()
         if not graphed or i < 3:
             if graphed:  # the docs' warm-up on a side stream
@@ -177,17 +197,77 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0) -> dict:
             now = time.perf_counter()
             windows.append(log_every / (now - t))
             t = now
-    return {"windows": windows, "loss": losses}
+    out = {"windows": windows, "loss": losses}
+    if prof is not None:
+        sync()
+        wall = (time.perf_counter() - t_prof) / profile
+        prof.__exit__(None, None, None)
+        out["profile"] = kernel_table(prof, profile, wall)
+    return out
+
+
+def kernel_table(prof, steps: int, wall_s: float, top: int = 18) -> dict:
+    """Per step: wall ms, GPU kernel ms (the sum of kernel durations), kernel launches, and
+    the kernels that take the most GPU time (name cut to 90 characters)."""
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if "CUDA" in str(getattr(ev, "device_type", "")) and ev.device_time > 0:
+            kernels.setdefault(ev.name[:90], []).append(ev.device_time)  # µs
+    total = sum(sum(v) for v in kernels.values())
+    rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"wall_ms_per_step": round(wall_s * 1e3, 3), "gpu_ms_per_step": round(total / steps / 1e3, 3),
+            "kernels_per_step": round(sum(len(v) for v in kernels.values()) / steps, 1),
+            "top": [{"kernel": k, "us_per_step": round(sum(v) / steps, 1), "calls_per_step": round(len(v) / steps, 2)} for k, v in rows]}
+
+
+def engine_profile(mode: str, steps: int, profile: int, precision: str, fused: bool = False) -> dict:
+    """The engine's own train step (`Engine._next_batch` + `train_step`) in this process,
+    the last `profile` of `steps` steps under torch.profiler: what the engine launches that
+    the hand loop does not."""
+    import torch
+
+    from engram_core.recipe import load_recipe
+    from engram_core.train.engine import Engine
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    out_dir = Path(tempfile.mkdtemp())
+    recipe = out_dir / "zoo.toml"
+    recipe.write_text(recipe_text(mode, steps, 10**6, 0, precision, fused))
+    r = load_recipe(recipe)
+    e = Engine(r, out_dir / "run", show_progress=False, device=None if torch.cuda.is_available() else "cpu")
+    e.build()
+    run = e._start_stage(0, r.stages[0], None)
+    prof = None
+    for i in range(steps):
+        if i == steps - profile:
+            sync()
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+            t = time.perf_counter()
+        e.train_step(run, e._next_batch(run, i))
+        e.step += 1
+    sync()
+    wall = (time.perf_counter() - t) / profile
+    prof.__exit__(None, None, None)
+    return kernel_table(prof, profile, wall)
 
 
 # ---- the engine -----------------------------------------------------------------------------
 
+def recipe_text(mode: str, steps: int, log_every: int, seed: int = 0, precision: str = "fp32", fused: bool = False) -> str:
+    """The zoo setting as a recipe. Keys at their defaults are left out: the script also times
+    older commits, whose schema may not know them."""
+    graphs = "\ncuda_graphs = true" if "graphed" in mode else ""
+    run_extra = {"tf32": '\nmatmul_precision = "high"', "bf16": '\nprecision = "bf16"'}.get(precision, "")
+    stage_extra = '\noptimizer_impl = "fused"' if fused else ""
+    return RECIPE.format(seed=seed, compile=str("compiled" in mode).lower(), graphs=graphs, run_extra=run_extra, stage_extra=stage_extra,
+                         steps=steps, warmup=max(1, steps // 10), log_every=log_every, **SETTING)
+
+
 def engine_run(mode: str, steps: int, log_every: int, out: Path, seed: int = 0, extra_env: dict | None = None,
-               threads: str | None = None) -> subprocess.Popen:
+               threads: str | None = None, precision: str = "fp32", fused: bool = False) -> subprocess.Popen:
     recipe = out / f"zoo_{mode.replace('+', '_')}_{seed}_{time.time_ns()}.toml"
-    graphs = "\ncuda_graphs = true" if "graphed" in mode else ""  # absent when off: the script also times older commits
-    recipe.write_text(RECIPE.format(seed=seed, compile=str("compiled" in mode).lower(), graphs=graphs,
-                                    steps=steps, warmup=max(1, steps // 10), log_every=log_every, **SETTING))
+    recipe.write_text(recipe_text(mode, steps, log_every, seed, precision, fused))
     env = dict(os.environ, **(extra_env or {}))
     if threads is None:
         env.pop("OMP_NUM_THREADS", None)  # the engine's default thread sharing
@@ -234,9 +314,9 @@ def steady(windows: list[float], skip: int) -> float:
     return statistics.median(kept)
 
 
-def run_hand_subprocess(mode: str, steps: int, log_every: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--hand", mode, "--steps", str(steps), "--log-every", str(log_every)],
-                         capture_output=True, text=True)
+def run_hand_subprocess(mode: str, steps: int, log_every: int, precision: str = "fp32", fused: bool = False) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--hand", mode, "--steps", str(steps), "--log-every", str(log_every),
+                          "--precision", precision] + (["--fused"] if fused else []), capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"hand loop {mode} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -250,10 +330,10 @@ def compare(args, tmp: Path) -> dict:
             order = ("hand", "engine") if r % 2 == 0 else ("engine", "hand")
             for who in [w for w in order if w in args.sides]:
                 if who == "hand":
-                    res = run_hand_subprocess(mode, args.steps, args.log_every)
+                    res = run_hand_subprocess(mode, args.steps, args.log_every, args.precision, args.fused)
                     hand.append(res)
                 else:
-                    res = engine_result(engine_run(mode, args.steps, args.log_every, tmp))
+                    res = engine_result(engine_run(mode, args.steps, args.log_every, tmp, precision=args.precision, fused=args.fused))
                     engine.append(res)
                 print(f"  {mode:17s} {who:6s} {steady(res['windows'], args.skip):8.1f} steps/s", flush=True)
         h = statistics.median(steady(x["windows"], args.skip) for x in hand) if hand else float("nan")
@@ -268,7 +348,8 @@ def compare(args, tmp: Path) -> dict:
 def concurrency(args, tmp: Path) -> dict:
     out = {}
     for n in args.concurrent:
-        procs = [engine_run(args.concurrent_mode, args.concurrent_steps, args.log_every, tmp, seed=i) for i in range(n)]
+        procs = [engine_run(args.concurrent_mode, args.concurrent_steps, args.log_every, tmp, seed=i, precision=args.precision,
+                            fused=args.fused) for i in range(n)]
         results = [engine_result(p) for p in procs]
         each = [steady(r["windows"], args.skip) for r in results]
         out[str(n)] = {"each_steps_per_s": [round(x, 1) for x in each], "aggregate_steps_per_s": round(sum(each), 1)}
@@ -281,7 +362,7 @@ def concurrency(args, tmp: Path) -> dict:
 
 
 def full_run(args, tmp: Path) -> dict:
-    proc = engine_run(args.full_mode, 3000, 100, tmp)
+    proc = engine_run(args.full_mode, 3000, 100, tmp, precision=args.precision, fused=args.fused)
     res = engine_result(proc)
     acc = res["final"].get("eval/acc")
     print(f"3000 steps ({args.full_mode}): {res['wall_s']:.1f} s wall from launch to exit, eval/acc {acc}", flush=True)
@@ -303,6 +384,32 @@ def rollout(args, tmp: Path) -> dict:
     return {k: {"wall_s": v, "median_s": statistics.median(v)} for k, v in out.items()}
 
 
+def profiles(args, tmp: Path) -> dict:
+    """--profile SIDE:MODE:PRECISION[:fused] ...: one profiled run each, in its own process."""
+    out = {}
+    for spec in args.profile:
+        side, mode, precision, *rest = spec.split(":")
+        if side == "hand":
+            cmd = [sys.executable, __file__, "--hand", mode, "--steps", str(args.steps), "--log-every", str(args.log_every),
+                   "--precision", precision, "--profile", "--profile-steps", str(args.profile_steps)] + (["--fused"] if rest else [])
+        else:
+            cmd = [sys.executable, __file__, "--steps", str(args.steps), "--profile-steps", str(args.profile_steps),
+                   "--engine-profile", mode, precision] + (["--fused"] if rest else [])
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            out[spec] = {"error": p.stderr[-2000:]}
+            print(f"{spec}: failed\n{p.stderr[-2000:]}", flush=True)
+            continue
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        table = res.get("profile", res)
+        out[spec] = table
+        print(f"{spec}: wall {table['wall_ms_per_step']} ms/step, GPU {table['gpu_ms_per_step']} ms/step, "
+              f"{table['kernels_per_step']} kernels/step", flush=True)
+        for row in table["top"]:
+            print(f"    {row['us_per_step']:8.1f} us {row['calls_per_step']:5.1f}x  {row['kernel']}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hand", choices=MODES, help=argparse.SUPPRESS)  # one hand-loop run (a subprocess of this script)
@@ -320,21 +427,33 @@ def main(argv=None) -> int:
     p.add_argument("--full-mode", default="graphed", choices=MODES)
     p.add_argument("--rollout", action="store_true")
     p.add_argument("--rollout-repeats", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                   help="both sides: fp32, TF32 matmuls (engine: run.matmul_precision = 'high') or bf16 autocast (run.precision = 'bf16')")
+    p.add_argument("--fused", action="store_true", help="both sides: AdamW(fused=True) (engine: optimizer_impl = 'fused')")
+    p.add_argument("--profile", nargs="*", default=None, metavar="SIDE:MODE:PRECISION[:fused]",
+                   help="kernel tables of single runs, e.g. hand:eager:fp32 engine:graphed:fp32 hand:graphed:bf16:fused")
+    p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--engine-profile", nargs=2, help=argparse.SUPPRESS)  # MODE PRECISION: one engine profile (a subprocess)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engine_gpu-cuda.json)")
     args = p.parse_args(argv)
     if args.hand:
-        print(json.dumps(hand_loop(args.hand, args.steps, args.log_every)))
+        print(json.dumps(hand_loop(args.hand, args.steps, args.log_every, precision=args.precision, fused=args.fused,
+                                   profile=args.profile_steps if args.profile is not None else 0)))
+        return 0
+    if args.engine_profile:  # one engine profile (a subprocess of this script)
+        mode, precision = args.engine_profile
+        print(json.dumps(engine_profile(mode, args.steps, args.profile_steps, precision, args.fused)))
         return 0
     import torch
 
     if not torch.cuda.is_available():
         print("engine_gpu.py needs CUDA", file=sys.stderr)
         return 2
-    info = {"setting": SETTING, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
+    info = {"setting": SETTING, "precision": args.precision, "fused_adamw": args.fused, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
             "device": torch.cuda.get_device_name(0), "cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None,
             "source_digest": source_digest()}
-    parts = [("modes", compare, bool(args.modes)), ("full_run", full_run, args.full_run),
+    parts = [("profile", profiles, bool(args.profile)), ("modes", compare, bool(args.modes)), ("full_run", full_run, args.full_run),
              ("concurrent", concurrency, bool(args.concurrent)), ("rollout_vmf", rollout, args.rollout)]
     with tempfile.TemporaryDirectory() as d:
         for key, measure, wanted in parts:

@@ -103,10 +103,11 @@ def engram_held_rows(model):
 
 
 @hookspec(firstresult=True)
-def engram_clip_grad_norm(params, max_norm, model):
-    """Clip as `torch.nn.utils.clip_grad_norm_` does where `model` holds gradients that call
-    would miss (rows split over ranks: the norm over every rank's rows); return the total
-    norm, or None to let the engine clip."""
+def engram_grad_clipper(model):
+    """Asked once per train stage: a callable ``clip(params, max_norm) -> total norm`` that
+    clips as `torch.nn.utils.clip_grad_norm_` does where `model` holds gradients that call
+    would miss (rows split over ranks: the norm over every rank's rows), or None to let the
+    engine clip with torch's call."""
 
 
 @hookspec

@@ -47,7 +47,7 @@ KIND_ALIASES = {
 }
 # the keyword arguments each extension kind's `register` takes, beside name and factory
 EXTENSION_OPTIONS = {
-    "optimizers": ("help", "holds_rows"),
+    "optimizers": ("help", "holds_rows", "implementations"),
     "loggers": ("help", "modules", "install"),
     "placements": ("help",),
     "commands": ("help",),
@@ -86,7 +86,8 @@ class Extension:
     """An optimiser, experiment logger, row-table placement or `engram` subcommand.
 
     optimizers  factory(param_groups, stage) -> torch.optim.Optimizer; `holds_rows`: it can train
-                tables whose rows live outside their parameter (engram_core.tables.rowwise)
+                tables whose rows live outside their parameter (engram_core.tables.rowwise);
+                `implementations`: the values of `stages.N.optimizer_impl` besides 'auto' it honours
     loggers     factory(LoggerContext) -> Logger; `modules` are checked before a run starts and a
                 missing one is a one-line error telling the user to `pip install` `install`
     placements  factory(num_rows, dim, sparse=False) -> a row table (engram_core.tables.row_tables)
@@ -99,6 +100,7 @@ class Extension:
     factory: Callable[..., Any]
     help: str = ""
     holds_rows: bool = False
+    implementations: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
     install: str = ""
 

@@ -80,7 +80,8 @@ def test_cuda_graphs_on_the_cpu_is_one_line(tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("mode", [["run.cuda_graphs=true"], ["run.compile=true"], ["run.compile=true", "run.cuda_graphs=true"]])
+@pytest.mark.parametrize("mode", [["run.cuda_graphs=true"], ["run.compile=true"], ["run.compile=true", "run.cuda_graphs=true"],
+                                  ["run.cuda_graphs=true", 'stages.0.optimizer_impl="fused"'], ['stages.0.optimizer_impl="fused"']])
 def test_compiled_and_graphed_steps_follow_eager(tmp_path, mode):
     eager = _train_losses(tmp_path)
     other = _train_losses(tmp_path, *mode)

@@ -52,3 +52,28 @@ def test_a_finite_run_reads_no_failure():
     m = StepMeter(torch.device("cpu"))
     m.add(torch.tensor(1.0), {})
     assert m.nonfinite() is None
+
+
+def test_steps_are_counted_over_windows_and_a_check_each_step_sees_each_row_once():
+    m = StepMeter(torch.device("cpu"), first_step=100, capacity=3)
+    losses = [1.0, 2.0, 3.0, 4.0, math.inf, 6.0]
+    for i, loss in enumerate(losses):
+        m.add(torch.tensor(loss), {"ce": torch.tensor(loss + 1)})
+        m.count_step()
+        found = m.nonfinite()  # the CPU's check after every step
+        assert (found is None) == (i < 4)
+        if (i + 1) % 3 == 0:
+            r = m.read()
+            assert r.steps == 3
+    assert found.step == 105 and found.loss == math.inf and found.terms == {"ce": math.inf}
+    assert r.means["loss"] == pytest.approx((4.0 + math.inf + 6.0) / 3)
+
+
+def test_a_window_longer_than_the_table_is_an_error_not_a_silent_wrap():
+    m = StepMeter(torch.device("cpu"), capacity=2)
+    for _ in range(2):
+        m.add(torch.tensor(1.0), {})
+        m.count_step()
+    m.add(torch.tensor(1.0), {})
+    with pytest.raises(RuntimeError, match="3 steps without a read, but it holds 2 rows"):
+        m.count_step()

@@ -49,3 +49,40 @@ def test_each_setting_trains_on_cuda(tmp_path, setting):
     assert summary["status"] == "completed"
     loss = summary["final"]["eval/loss"]
     assert loss == loss and loss < 0  # finite, and learnt: these 60 steps reach -2.59 in fp32 on the CPU
+
+
+def test_an_optimizer_without_the_asked_implementation_is_one_line():
+    r = run_cli(MINIMAL, 'stages.0.optimizer="sparse_adam"', 'stages.0.optimizer_impl="fused"', "--dry-run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "stages.0.optimizer_impl: optimizer 'sparse_adam' (stages.0.optimizer) has no 'fused' implementation" in r.stderr
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
+def test_each_optimizer_implementation_trains_the_same(tmp_path, impl):
+    """torch's three AdamW implementations are the same algorithm: the run's loss agrees with
+    'auto' to float rounding (the CPU has all three)."""
+    finals = {}
+    for which in ("auto", impl):
+        out = tmp_path / which
+        r = run_cli(MINIMAL, *SHORT, "stages.0.steps=20", f'stages.0.optimizer_impl="{which}"', "--device", "cpu", "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        (run_dir,) = run_dirs(out)
+        finals[which] = json.loads((run_dir / "summary.json").read_text())["final"]["eval/loss"]
+    assert finals[impl] == pytest.approx(finals["auto"], rel=1e-4, abs=1e-5)
+
+
+def test_matmul_precision_is_left_alone_on_the_cpu():
+    from engram_core.run.accel import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    set_matmul_precision("medium", torch.device("cpu"))
+    assert torch.get_float32_matmul_precision() == before
+
+
+@cuda
+def test_tf32_matmuls_train_on_cuda(tmp_path):
+    r = run_cli(MINIMAL, *SHORT, 'run.matmul_precision="high"', "--device", "cuda", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    loss = json.loads((run_dir / "summary.json").read_text())["final"]["eval/loss"]
+    assert loss == loss and loss < 0

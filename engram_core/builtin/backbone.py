@@ -35,6 +35,8 @@ trace and prefix live in the cache.
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,14 @@ def scored_counts(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum(1)
 
 
+@functools.lru_cache(maxsize=16)
+def _order_keys(steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """0..steps-1 and steps..2*steps-1 on `device`, made once per length (two launches a step
+    fewer: an eager step of a small model is its launches)."""
+    pos = torch.arange(2 * steps, device=device)
+    return pos[:steps], pos[steps:]
+
+
 def scored_positions(labels: torch.Tensor, per_sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions (B, K), targets (B, K)), K = min(per_sequence, L - 1): the logit positions
     whose next label is scored, in order, then (where a sequence has fewer than K) unscored
@@ -106,9 +116,12 @@ def scored_positions(labels: torch.Tensor, per_sequence: int) -> tuple[torch.Ten
     """
     target = labels[:, 1:]
     steps = target.shape[1]
-    pos = torch.arange(steps, device=labels.device)
+    if torch.compiler.is_compiling():  # the compiler fuses the aranges itself (and skips caches with a warning)
+        pos, unscored = _order_keys.__wrapped__(steps, labels.device)
+    else:
+        pos, unscored = _order_keys(steps, labels.device)
     # scored positions sort before every unscored one, each group in position order
-    order_key = torch.where(target != -100, pos, pos + steps)
+    order_key = torch.where(target != -100, pos, unscored)
     positions = order_key.topk(min(per_sequence, steps), dim=1, largest=False, sorted=True).indices
     return positions, target.gather(1, positions)
 

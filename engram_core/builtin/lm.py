@@ -59,10 +59,10 @@ class TokenLMObjective(Objective):
     def forward(self, model, batch):
         logits, target, _ = scored_logits_and_targets(model, batch)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
-        scored = target != -100
-        # a masked sum over a count, on the device (boolean-mask indexing would wait for the host)
-        hits = ((logits.argmax(-1) == target) & scored).sum()
-        acc = hits.float() / scored.sum().float()
+        # a sum over a count, on the device (boolean-mask indexing would wait for the host); an
+        # argmax is never -100, so unscored targets cannot count as hits
+        hits = (logits.argmax(-1) == target).sum()
+        acc = hits / (target != -100).sum()
         return loss, {"ce": loss.detach(), "token_acc": acc.detach()}
 
 

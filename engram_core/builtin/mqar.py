@@ -139,9 +139,14 @@ def unpack(stored: dict[str, torch.Tensor], cfg: MQARConfig) -> dict[str, torch.
 DATA_VERSION = 2  # 2: keys and uniform query slots by Floyd's algorithm, power-law slots by Gumbel top-k (1: argsort, multinomial; never cached)
 
 
+def _one_row(t: torch.Tensor) -> bool:
+    """A tensor expanded from one row (the masks: the same for every sequence)."""
+    return t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t` on `device`; a tensor expanded from one row (the masks) stays one row there."""
-    if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+    if _one_row(t):
         return t[:1].to(device).expand(t.shape)
     return t.to(device)
 
@@ -215,7 +220,8 @@ class MQARDataset(Dataset):
         idx = torch.randint(0, data["input_ids"].shape[0], (batch_size,), generator=generator)
         if self.device.type != "cpu":
             idx = idx.to(self.device, non_blocking=True)
-        return {k: v[idx] for k, v in data.items()}
+        # the masks are one row for every sequence: a view of it, not a gather (a kernel less each)
+        return {k: v[:1].expand(batch_size, -1) if _one_row(v) else v[idx] for k, v in data.items()}
 
     def eval_batches(self, split, batch_size) -> Iterator[dict]:
         data = self._split(split)

@@ -76,7 +76,14 @@ def engram_optimizers(register):
             g.pop("weight_decay", None)
         return torch.optim.SparseAdam(groups, lr=st.lr, betas=st.betas)
 
-    register("adamw", lambda groups, st: torch.optim.AdamW(groups, lr=st.lr, betas=st.betas), help="torch.optim.AdamW")
-    register("adam", lambda groups, st: torch.optim.Adam(groups, lr=st.lr, betas=st.betas), help="torch.optim.Adam")
-    register("sgd", lambda groups, st: torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum), help="torch.optim.SGD (stage momentum)")
+    def impl(st) -> dict:  # stages.N.optimizer_impl as torch's keywords; 'auto' leaves torch's own choice
+        return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}.get(st.optimizer_impl, {})
+
+    impls = ("fused", "foreach", "for-loop")
+    register("adamw", lambda groups, st: torch.optim.AdamW(groups, lr=st.lr, betas=st.betas, **impl(st)), help="torch.optim.AdamW",
+             implementations=impls)
+    register("adam", lambda groups, st: torch.optim.Adam(groups, lr=st.lr, betas=st.betas, **impl(st)), help="torch.optim.Adam",
+             implementations=impls)
+    register("sgd", lambda groups, st: torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum, **impl(st)),
+             help="torch.optim.SGD (stage momentum)", implementations=impls)
     register("sparse_adam", sparse_adam, help="torch.optim.SparseAdam, for sparse table gradients (no weight decay)")

@@ -196,6 +196,11 @@ def _check_optimizers(stages, registry: Registry) -> list[tuple[str, str]]:
         for path, name in named:
             if name not in known:
                 problems.append((path, f"unknown optimizer {name!r}{did_you_mean(name, known)}; optimizers: {', '.join(known)}"))
+            elif st.optimizer_impl != "auto" and st.optimizer_impl not in registry.extensions["optimizers"][name].implementations:
+                has = registry.extensions["optimizers"][name].implementations
+                problems.append((f"stages.{i}.optimizer_impl", f"optimizer {name!r} ({path}) has no {st.optimizer_impl!r} implementation; "
+                                 f"it has {', '.join(repr(x) for x in ('auto', *has))}: set optimizer_impl = 'auto'"))
+                break
     return problems
 
 

@@ -61,6 +61,9 @@ class RunConfig:
     precision: str = field(
         "fp32", help="'fp32', 'bf16' (autocast, fp32 weights) or 'fp16' (autocast with a GradScaler)", validator=one_of("fp32", "bf16", "fp16")
     )
+    matmul_precision: str = field(
+        "highest", help="float32 matmuls on CUDA (torch.set_float32_matmul_precision): 'highest' (fp32), 'high' (TF32) or 'medium' (bf16)",
+        validator=one_of("highest", "high", "medium"))
     compile: bool = field(False, help="torch.compile the training forward (objective, head, memory); evaluation stays eager")
     cuda_graphs: bool = field(False, help="replay each training step as one CUDA graph after 3 eager steps (CUDA, one process)")
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
@@ -117,6 +120,9 @@ class TrainStage:
     optimizer: str = field(
         "adamw", help="'adamw', 'adam', 'sgd', 'sparse_adam', 'rowwise_adagrad', 'rowwise_adam' or a plugin's (engram_core.optim)"
     )
+    optimizer_impl: str = field(
+        "auto", help="how adamw/adam/sgd run: 'auto' (torch's choice), 'fused' (one kernel), 'foreach' or 'for-loop'",
+        validator=one_of("auto", "fused", "foreach", "for-loop"))
     lr: float = field(1e-3, help="peak learning rate (finite, > 0, <= 1e30)", validator=learning_rate)
     weight_decay: float = field(0.0, help="weight decay (finite, >= 0, <= 1e6)", validator=decay_rate)
     betas: tuple[float, float] = field((0.9, 0.999), help="Adam betas: two values in [0, 1)", validator=adam_betas)

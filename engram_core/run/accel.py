@@ -7,6 +7,8 @@
                          the memory, loss included (the backward through AOTAutograd); parameter
                          names and checkpoints are the same as eager. Evaluation stays eager.
     cuda_graphs = true   the whole training step replayed as one CUDA graph (engram_core.train.graphs)
+    matmul_precision     float32 matmuls on CUDA: "highest" (fp32, torch's default), "high" (TF32
+                         tensor cores), "medium" (bf16 passes) — torch.set_float32_matmul_precision
 
 Precision applies on CUDA; on the CPU a run stays fp32 (CPU autocast is slow on most CPUs and
 would change a GPU recipe's CPU smoke test), as docs/recipes.md has said from the start. An objective that calls the head as
@@ -37,6 +39,14 @@ def autocast(precision: str, device: torch.device, cache: bool = True):
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def set_matmul_precision(precision: str, device: torch.device) -> None:
+    """`run.matmul_precision` for this process's float32 matmuls, on CUDA only: on the CPU a
+    run keeps torch's default, so a GPU recipe's CPU smoke test keeps its numerics (as with
+    `run.precision`)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision(precision)
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:

@@ -59,12 +59,14 @@ def engram_held_rows(model):
 
 
 @hookimpl
-def engram_clip_grad_norm(params, max_norm, model):
+def engram_grad_clipper(model):
+    import functools
+
     from .sharded_rows import clip_grad_norm_, sharded_tables
 
     if not sharded_tables(model):
         return None
-    return clip_grad_norm_(params, max_norm, model)
+    return functools.partial(clip_grad_norm_, model=model)
 
 
 @hookimpl

@@ -28,11 +28,13 @@ from ..run.rundir import load_checkpoint, nonfinite_tensors, save_checkpoint
 RESUMABLE = (
     "run.device",
     "run.precision",
+    "run.matmul_precision",
     "run.threads",
     "stages.*.steps",
     "stages.*.lr",
     "stages.*.weight_decay",
     "stages.*.betas",
+    "stages.*.optimizer_impl",
     "stages.*.momentum",
     "stages.*.schedule",
     "stages.*.warmup_steps",

@@ -19,7 +19,7 @@ from ..errors import ConfigError, EngramError, NonFiniteLossError, RecipeError
 from ..recipe import FitStage, Recipe, Resolved, TrainStage
 from ..registry import Registry, load_registry
 from ..run import distributed
-from ..run.accel import check_compilable
+from ..run.accel import check_compilable, set_matmul_precision
 from ..run.loggers import open_run_logger
 from ..run.metric_info import write_for_run
 from ..run.progress import Progress
@@ -99,6 +99,7 @@ class Engine(TrainLoop, Evaluation, CheckpointState):
     def build(self) -> None:
         r = self.recipe
         seed_everything(r.run.seed)
+        set_matmul_precision(r.run.matmul_precision, self.device)
         base = dict(seed=r.run.seed, device=self.device, run_dir=self.run_dir, registry=self.registry)
         self.dataset = self._make(r.data, BuildContext(**base))
         spec = self.dataset.spec

@@ -42,7 +42,8 @@ def make_capturable(optimizers: list[torch.optim.Optimizer], device: torch.devic
                                     f"(capturable: adam, adamw), got {type(opt).__name__}; set run.cuda_graphs = false")
         for group in opt.param_groups:
             group["capturable"] = True
-            group["foreach"] = True
+            if not group.get("fused"):  # fused is one kernel already; foreach otherwise (the for-loop would be hundreds)
+                group["foreach"] = True
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
             if "initial_lr" in group:
                 group["initial_lr"] = float(group["initial_lr"])

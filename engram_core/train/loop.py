@@ -48,6 +48,7 @@ class StageRun:
     prefetchers: list
     step_hooks: list
     evaluates: bool
+    clip: Callable  # clip(params, max_norm): torch's clip_grad_norm_ or a plugin's (`_grad_clipper`)
     captured: CapturedStep | None = None
     ahead: dict | None = None  # the next step's batch, drawn early and already handed to `prefetch`
     tokens_since: int = 0
@@ -80,11 +81,11 @@ class TrainLoop:
         """(name, holder) of the parameters whose rows live outside them (engine hook `engram_held_rows`)."""
         return [pair for found in self.registry.pm.hook.engram_held_rows(model=self.model) for pair in found]
 
-    def _clip_grad_norm(self, params: list, max_norm: float) -> None:
-        """Clip to `max_norm`; a plugin clips where the model holds gradients torch's call would
-        miss (row-sharded tables: the norm over every rank's rows, `engram_clip_grad_norm`)."""
-        if self.registry.pm.hook.engram_clip_grad_norm(params=params, max_norm=max_norm, model=self.model) is None:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
+    def _grad_clipper(self) -> Callable:
+        """`clip(params, max_norm)`: torch's, unless a plugin clips where the model holds
+        gradients torch's call would miss (row-sharded tables: the norm over every rank's rows,
+        `engram_grad_clipper`). Asked once a stage: a hook call a step costs an eager step time."""
+        return self.registry.pm.hook.engram_grad_clipper(model=self.model) or torch.nn.utils.clip_grad_norm_
 
     def _held_row_problems(self) -> list[tuple[str, str]]:
         """Tables whose rows live outside their parameter (memory.placement) can only be
@@ -244,7 +245,7 @@ class TrainLoop:
             dense = [p for p in run.params if p.grad is not None and not p.grad.is_sparse]
             for _, holder in run.held:  # rows held outside their parameter keep their gradients in device buffers
                 dense += holder.gradient_leaves()
-            self._clip_grad_norm(dense, st.grad_clip)
+            run.clip(dense, st.grad_clip)
         for o in run.opts:
             if run.scaler is not None:
                 run.scaler.step(o)
@@ -287,10 +288,11 @@ class TrainLoop:
             params=[p for _, p in chosen], held=held, opts=opts, scheds=scheds, scaler=scaler, forward=forward, no_sync=no_sync,
             amp=autocast(self.recipe.run.precision, self.device, cache=not graphs), compiled=self.recipe.run.compile,
             local_size=st.batch_size // self.dist.world_size, splits=self.dist.enabled or st.grad_accum > 1,
-            meter=StepMeter(self.device, first_step=start), check_every_step=self.device.type != "cuda",
+            meter=StepMeter(self.device, first_step=start, capacity=min(st.log_every, st.steps)), check_every_step=self.device.type != "cuda",
             count_tokens=getattr(self.dataset, "count_tokens", None), prefetchers=self._prefetchers(objective),
             step_hooks=[c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")],
             evaluates=bool(self.metrics) and st.metrics != (),  # `metrics = []`: this stage does not evaluate
+            clip=self._grad_clipper(),
         )
         if graphs:
             run.captured = CapturedStep(lambda batch: self._whole_step(run, batch), f"stages.{index} ({st.name})")

@@ -3,18 +3,23 @@
 A training step on a GPU must not wait for the GPU: reading the loss as a Python number
 (`float(loss)`, `loss.item()`, `if loss != loss`) makes the host wait until every queued
 kernel has run, so the next step cannot be queued while this one computes. `StepMeter`
-keeps what the engine needs from each step as tensors on the run's device:
+keeps each step's loss and tensor terms as one row of a small table on the run's device:
 
-* running sums of the loss and of every tensor term since the last read (float64);
-* the first step whose loss was not finite, with the loss and terms of that step.
+* `add` writes the step's row where a device-side slot counter points and advances the
+  counter: four kernel launches and no synchronisation (an eager step of a small model on a
+  GPU is its launches, so the engine's own bookkeeping is kept to these);
+* `read` copies the window's rows to the host in one transfer (one synchronisation),
+  averages them there in float64, finds the first row whose loss is NaN or inf, and starts
+  a new window; `nonfinite` does the same check without starting one.
 
-`add` is a handful of device operations and no synchronisation; `read` copies everything
-to the host in one transfer (one synchronisation) and starts a new window. Terms an
-objective returns as Python numbers are summed on the host; a captured CUDA graph cannot
-update those (engram_core.train.graphs refuses them).
+The table holds `capacity` rows: the engine reads at every log step, so a window never has
+more steps than `log_every`. Terms an objective returns as Python numbers are summed on the
+host; a captured CUDA graph cannot update those (engram_core.train.graphs refuses them).
 """
 
 from __future__ import annotations
+
+import math
 
 import attrs
 import torch
@@ -22,7 +27,7 @@ import torch
 
 @attrs.frozen
 class NonFiniteStep:
-    """The first step of a window whose loss was NaN or inf."""
+    """The first step of a stage whose loss was NaN or inf."""
 
     step: int  # 1-based step of the stage
     loss: float
@@ -37,29 +42,30 @@ class MeterReading:
 
 
 class StepMeter:
-    """Device-side loss and term sums of the steps since the last `read()`."""
+    """Device-side rows [loss, *terms] of the steps since the last `read()`."""
 
-    def __init__(self, device: torch.device, first_step: int = 0):
+    def __init__(self, device: torch.device, first_step: int = 0, capacity: int = 1024):
         self.device = device
-        self.keys: list[str] = []  # tensor terms, in the order first seen
-        self.sums = torch.zeros(1, dtype=torch.float64, device=device)  # [loss, *keys]
+        self.capacity = max(1, capacity)
+        self.keys: list[str] = []  # tensor terms, in the order first seen (columns 1.. of a row)
+        self.rows = torch.zeros(self.capacity, 1, dtype=torch.float32, device=device)
+        self.slot = torch.zeros(1, dtype=torch.int64, device=device)  # the row the next step writes
         self.host_sums: dict[str, float] = {}  # terms returned as Python numbers
         self.host_last: dict[str, float] = {}
-        # step counter, first non-finite step (-1: none yet) and its values, all on the device
-        self.counter = torch.full((), first_step, dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.bad_values = torch.zeros(1, dtype=torch.float64, device=device)
+        self.window_start = first_step  # stage steps done before the window's first row
         self.steps = 0  # host count of steps in this window
+        self.first_bad: NonFiniteStep | None = None  # found by a read; kept: the stage stops
+        self.scanned = 0  # rows of the window a check has looked at
         self.last_loss: torch.Tensor | None = None  # the latest step's loss (a device tensor)
+        self._zero: torch.Tensor | None = None  # a term a step did not return counts 0
 
     def _grow(self, new_keys: list[str]) -> None:
+        """Columns for terms first seen now (earlier rows of the window count them as 0)."""
         self.keys += new_keys
-        pad = torch.zeros(len(new_keys), dtype=torch.float64, device=self.device)
-        self.sums = torch.cat([self.sums, pad])
-        self.bad_values = torch.cat([self.bad_values, pad])
+        self.rows = torch.cat([self.rows, self.rows.new_zeros(self.capacity, len(new_keys))], dim=1)
 
     def add(self, loss: torch.Tensor, terms: dict) -> None:
-        """Device work of one step: counter, sums, first non-finite step. No host sync."""
+        """Device work of one step: its row, written at the slot; the slot advanced. No host sync."""
         tensor_terms = {k: v for k, v in terms.items() if k != "loss" and isinstance(v, torch.Tensor)}
         for k, v in terms.items():
             if k != "loss" and not isinstance(v, torch.Tensor):
@@ -68,44 +74,56 @@ class StepMeter:
         new = [k for k in tensor_terms if k not in self.keys]
         if new:
             self._grow(new)
-        zero = loss.new_zeros((), dtype=torch.float64)
-        parts = [loss.detach().reshape(()).to(torch.float64)]
-        parts += [tensor_terms[k].detach().reshape(()).to(torch.float64) if k in tensor_terms else zero for k in self.keys]
-        values = torch.stack(parts)
-        self.last_loss = parts[0]
-        self.sums += values
-        self.counter += 1
-        newly_bad = (~torch.isfinite(values[0])) & (self.first_bad < 0)
-        self.first_bad.copy_(torch.where(newly_bad, self.counter, self.first_bad))
-        self.bad_values.copy_(torch.where(newly_bad, values, self.bad_values))
+        parts = [loss.detach().reshape(()).float()]
+        parts += [tensor_terms[k].detach().reshape(()).float() if k in tensor_terms else self._zeros(loss) for k in self.keys]
+        row = torch.stack(parts)
+        self.last_loss = row[0]
+        self.rows.index_copy_(0, self.slot, row[None])
+        self.slot.add_(1)
+        self.slot.remainder_(self.capacity)  # never past the table (the engine reads well before)
+
+    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        if self._zero is None:
+            self._zero = like.new_zeros((), dtype=torch.float32)
+        return self._zero
 
     def count_step(self) -> None:
         """Host bookkeeping of one step (outside a captured graph)."""
         self.steps += 1
+        if self.steps > self.capacity:
+            raise RuntimeError(f"StepMeter: {self.steps} steps without a read, but it holds {self.capacity} rows")
+
+    def _scan(self, rows: list[list[float]], first: int) -> NonFiniteStep | None:
+        """The first non-finite loss among `rows` (rows `first`.. of the window), once found kept."""
+        if self.first_bad is None:
+            for i, row in enumerate(rows):
+                if not math.isfinite(row[0]):
+                    terms = dict(zip(self.keys, row[1:]))
+                    terms.update(self.host_last)
+                    self.first_bad = NonFiniteStep(self.window_start + first + i + 1, row[0], terms)
+                    break
+        self.scanned = first + len(rows)
+        return self.first_bad
 
     def nonfinite(self) -> NonFiniteStep | None:
-        """The first non-finite step so far, or None (one small synchronisation)."""
-        if int(self.first_bad) < 0:  # the common case: one scalar read
-            return None
-        packed = torch.cat([self.first_bad.reshape(1).to(torch.float64), self.bad_values]).tolist()
-        return self._bad(packed)
-
-    def _bad(self, packed: list[float]) -> NonFiniteStep | None:
-        if packed[0] < 0:
-            return None
-        terms = dict(zip(self.keys, packed[2:]))
-        terms.update(self.host_last)
-        return NonFiniteStep(int(packed[0]), packed[1], terms)
+        """The first non-finite step so far, or None (one small synchronisation). Reads only
+        the rows no check has seen: on the CPU the engine checks after every step."""
+        if self.first_bad is not None or self.scanned >= self.steps:
+            return self.first_bad
+        return self._scan(self.rows[self.scanned : self.steps].tolist(), self.scanned)
 
     def read(self) -> MeterReading:
         """Means since the last read and the first non-finite step; starts a new window."""
-        packed = torch.cat([self.sums, self.first_bad.reshape(1).to(torch.float64), self.bad_values]).tolist()
+        rows = self.rows[: self.steps].tolist() if self.steps else []
         n = max(self.steps, 1)
-        k = len(self.keys) + 1
-        means = {"loss": packed[0] / n, **{key: v / n for key, v in zip(self.keys, packed[1:k])}}
+        columns = list(zip(*rows)) if rows else [()] * (len(self.keys) + 1)
+        sums = [math.fsum(c) for c in columns]
+        means = {"loss": sums[0] / n, **{key: v / n for key, v in zip(self.keys, sums[1:])}}
         means.update({key: v / n for key, v in self.host_sums.items()})
-        reading = MeterReading(self.steps, means, self._bad(packed[k:]))
-        self.sums.zero_()
+        reading = MeterReading(self.steps, means, self._scan(rows, 0))
+        self.window_start += self.steps
+        self.scanned = 0
+        self.slot.zero_()
         self.host_sums = {}
         self.steps = 0
         return reading
