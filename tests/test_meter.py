@@ -55,7 +55,7 @@ def test_a_finite_run_reads_no_failure():
 
 
 def test_steps_are_counted_over_windows_and_a_check_each_step_sees_each_row_once():
-    m = StepMeter(torch.device("cpu"), first_step=100, capacity=3)
+    m = StepMeter(torch.device("cpu"), first_step=100, capacity=4)
     losses = [1.0, 2.0, 3.0, 4.0, math.inf, 6.0]
     for i, loss in enumerate(losses):
         m.add(torch.tensor(loss), {"ce": torch.tensor(loss + 1)})
@@ -69,11 +69,11 @@ def test_steps_are_counted_over_windows_and_a_check_each_step_sees_each_row_once
     assert r.means["loss"] == pytest.approx((4.0 + math.inf + 6.0) / 3)
 
 
-def test_a_window_longer_than_the_table_is_an_error_not_a_silent_wrap():
-    m = StepMeter(torch.device("cpu"), capacity=2)
+def test_a_window_as_long_as_the_table_is_an_error_before_a_row_falls_past_it():
+    m = StepMeter(torch.device("cpu"), capacity=3)
     for _ in range(2):
         m.add(torch.tensor(1.0), {})
         m.count_step()
     m.add(torch.tensor(1.0), {})
-    with pytest.raises(RuntimeError, match="3 steps without a read, but it holds 2 rows"):
+    with pytest.raises(RuntimeError, match="3 steps without a read fill its 3 rows"):
         m.count_step()

@@ -288,7 +288,7 @@ class TrainLoop:
             params=[p for _, p in chosen], held=held, opts=opts, scheds=scheds, scaler=scaler, forward=forward, no_sync=no_sync,
             amp=autocast(self.recipe.run.precision, self.device, cache=not graphs), compiled=self.recipe.run.compile,
             local_size=st.batch_size // self.dist.world_size, splits=self.dist.enabled or st.grad_accum > 1,
-            meter=StepMeter(self.device, first_step=start, capacity=min(st.log_every, st.steps)), check_every_step=self.device.type != "cuda",
+            meter=StepMeter(self.device, first_step=start, capacity=min(st.log_every, st.steps) + 1), check_every_step=self.device.type != "cuda",
             count_tokens=getattr(self.dataset, "count_tokens", None), prefetchers=self._prefetchers(objective),
             step_hooks=[c.on_step_end for c in self._components(objective) if hasattr(c, "on_step_end")],
             evaluates=bool(self.metrics) and st.metrics != (),  # `metrics = []`: this stage does not evaluate

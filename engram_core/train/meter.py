@@ -6,14 +6,14 @@ kernel has run, so the next step cannot be queued while this one computes. `Step
 keeps each step's loss and tensor terms as one row of a small table on the run's device:
 
 * `add` writes the step's row where a device-side slot counter points and advances the
-  counter: four kernel launches and no synchronisation (an eager step of a small model on a
+  counter: three kernel launches and no synchronisation (an eager step of a small model on a
   GPU is its launches, so the engine's own bookkeeping is kept to these);
 * `read` copies the window's rows to the host in one transfer (one synchronisation),
   averages them there in float64, finds the first row whose loss is NaN or inf, and starts
   a new window; `nonfinite` does the same check without starting one.
 
 The table holds `capacity` rows: the engine reads at every log step, so a window never has
-more steps than `log_every`. Terms an objective returns as Python numbers are summed on the
+more steps than `log_every`, and the engine gives it one row more than that. Terms an objective returns as Python numbers are summed on the
 host; a captured CUDA graph cannot update those (engram_core.train.graphs refuses them).
 """
 
@@ -80,7 +80,6 @@ class StepMeter:
         self.last_loss = row[0]
         self.rows.index_copy_(0, self.slot, row[None])
         self.slot.add_(1)
-        self.slot.remainder_(self.capacity)  # never past the table (the engine reads well before)
 
     def _zeros(self, like: torch.Tensor) -> torch.Tensor:
         if self._zero is None:
@@ -90,8 +89,8 @@ class StepMeter:
     def count_step(self) -> None:
         """Host bookkeeping of one step (outside a captured graph)."""
         self.steps += 1
-        if self.steps > self.capacity:
-            raise RuntimeError(f"StepMeter: {self.steps} steps without a read, but it holds {self.capacity} rows")
+        if self.steps >= self.capacity:  # the next step's row would fall past the table (a device-side error)
+            raise RuntimeError(f"StepMeter: {self.steps} steps without a read fill its {self.capacity} rows")
 
     def _scan(self, rows: list[list[float]], first: int) -> NonFiniteStep | None:
         """The first non-finite loss among `rows` (rows `first`.. of the window), once found kept."""
