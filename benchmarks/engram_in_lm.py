@@ -9,7 +9,9 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
   both, so the difference is the memory's cost; the tables go in their own group via
   `engram_param_groups`, 5× lr, no weight decay);
 - greedy decoding with the KV cache (`generate(use_cache=True)`), tokens/s, model in bf16,
-  with the memory and without it (`remove_engram`); and whether cached equals uncached
+  with the memory and without it (a copy of the model made before `add_engram`), the two
+  alternated `--decode-repeats` times after one untimed generate of each (median, sd and
+  every value); and whether cached equals uncached
   greedy tokens for a short continuation (the memory is non-zero after the training steps),
   with the scores that tell rounding from a bug where they differ (`cache_consistency`).
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import platform
 import statistics
 import sys
@@ -57,6 +60,7 @@ def parse(argv=None):
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
     p.add_argument("--new-tokens", type=int, default=256, help="greedy tokens decoded")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens compared cached vs uncached")
+    p.add_argument("--decode-repeats", type=int, default=5, help="timed generates of each model, alternated (after one untimed each)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or aot_eager for a quick CPU check)")
@@ -130,25 +134,47 @@ def time_training(model, groups, args, device, run=None) -> dict:
     }
 
 
-@torch.no_grad()
-def time_decode(model, args, device) -> dict:
-    model.eval()
+DECODE_OPTS = dict(do_sample=False, pad_token_id=2)
+
+
+def decode_prompt(args, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(3, args.vocab, (args.decode_batch, args.prompt), generator=g).to(device)
-    opts = dict(do_sample=False, pad_token_id=2)
-    model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, use_cache=True, **opts)  # warm-up
+    return torch.randint(3, args.vocab, (args.decode_batch, args.prompt), generator=g).to(device)
+
+
+@torch.no_grad()
+def decode_once(model, prompt, args, device) -> float:
+    """Seconds of one greedy generate of `new_tokens` tokens with the KV cache."""
     sync(device)
     t = time.perf_counter()
-    out = model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True, **opts)
+    out = model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
+                         **DECODE_OPTS)
     sync(device)
-    dt = time.perf_counter() - t
-    new = out.shape[1] - prompt.shape[1]
-    return {
-        "tokens_per_s": args.decode_batch * new / dt,
-        "ms_per_token": 1000 * dt / new,
-        "new_tokens": new,
-        **cache_consistency(model, prompt, args.check_tokens, opts),
-    }
+    assert out.shape[1] - prompt.shape[1] == args.new_tokens
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def time_decodes(models: dict, args, device) -> dict:
+    """Greedy decoding of each model, alternated (A B, B A, ...) `decode_repeats` times after
+    one untimed generate of each (a process's first generate is slow whichever model runs it);
+    tokens/s as the median over the repeats, with the sd and every value."""
+    prompt = decode_prompt(args, device)
+    for m in models.values():
+        m.eval()
+        m.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, use_cache=True, **DECODE_OPTS)  # warm-up, dropped
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(args.decode_repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            seconds[name].append(decode_once(models[name], prompt, args, device))
+    out = {}
+    for name, secs in seconds.items():
+        rates = [args.decode_batch * args.new_tokens / s for s in secs]
+        out[name] = {"tokens_per_s": statistics.median(rates), "tokens_per_s_sd": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                     "tokens_per_s_each": [round(x, 2) for x in rates], "ms_per_token": 1000 * statistics.median(secs) / args.new_tokens,
+                     "new_tokens": args.new_tokens}
+    return out
 
 
 @torch.no_grad()
@@ -185,6 +211,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     model = build(args, device)
+    base_for_decode = None if args.no_decode else copy.deepcopy(model)  # the same weights, never given a memory
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Qwen2-shaped model: {n_params / 1e6:.1f}M parameters, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
           f"train batch {args.batch}x{args.seq}, {args.precision}, device {device}, "
@@ -209,15 +236,17 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    model.to(torch.bfloat16 if args.decode_dtype == "bf16" else torch.float32)  # the memory follows the model
+    decode_dtype = torch.bfloat16 if args.decode_dtype == "bf16" else torch.float32
+    model.to(decode_dtype)  # the memory follows the model
     if args.no_decode:
         engram_decode = base_decode = None
-    else:  # eager decoding (generate's own compile is another topic)
-        engram_decode = time_decode(model, args, device)
-        print(f"  greedy decode with Engram: {engram_decode['tokens_per_s']:.1f} tokens/s", flush=True)
-        model.remove_engram()
-        base_decode = time_decode(model, args, device)
-        print(f"  greedy decode without Engram: {base_decode['tokens_per_s']:.1f} tokens/s", flush=True)
+    else:  # eager decoding (generate's own compile is another topic), the two models alternated
+        timed = time_decodes({"with_engram": model, "without_engram": base_for_decode.to(decode_dtype)}, args, device)
+        engram_decode, base_decode = timed["with_engram"], timed["without_engram"]
+        engram_decode.update(cache_consistency(model, decode_prompt(args, device), args.check_tokens, DECODE_OPTS))
+        for name, d in timed.items():
+            print(f"  greedy decode {name.replace('_', ' ')}: {d['tokens_per_s']:.1f} ± {d['tokens_per_s_sd']:.1f} tokens/s "
+                  f"(median of {args.decode_repeats}, alternated)", flush=True)
 
     import transformers
 
