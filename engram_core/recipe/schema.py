@@ -110,6 +110,16 @@ class ParamGroupConfig:
 
 
 @attrs.frozen
+class StopAtConfig:
+    """End a train stage early once an evaluation reaches a threshold (Lightning's
+    EarlyStopping `stopping_threshold`; Zoology stops at validation accuracy 0.99)."""
+
+    metric: str = field(help="a metric of the stage's evaluations, as summary.json names it (eval/acc)")
+    threshold: float = field(help="stop at the first evaluation where the metric reaches this")
+    mode: str = field("max", help="'max': stop when metric >= threshold; 'min': when metric <= threshold", validator=one_of("max", "min"))
+
+
+@attrs.frozen
 class TrainStage:
     objective: dict = field(help="component table of the objective: { type = ..., ... }")
     steps: int = field(help="optimisation steps", validator=positive)
@@ -132,6 +142,8 @@ class TrainStage:
     min_lr_ratio: float = field(0.0, help="lr at the end of a decay, as a fraction of lr", validator=in_range(0.0, 1.0))
     grad_clip: float = field(0.0, help="max global gradient norm; 0 = off", validator=finite_non_negative)
     eval_every: int = field(0, help="steps between evaluations; 0 = only at the stage's end", validator=non_negative)
+    stop_at: StopAtConfig | None = field(None, help="{ metric = \"eval/acc\", threshold = 0.99 }: end the stage at the first evaluation "
+                                               "(every eval_every steps, on eval_split) that reaches the threshold")
     checkpoint_every: int = field(0, help="steps between checkpoints; 0 = at the stage's end", validator=non_negative)
     log_every: int = field(10, help="steps between train/* scalars", validator=positive)
     train: tuple[str, ...] = field(("*",), help="glob patterns of parameters that train")
@@ -141,6 +153,10 @@ class TrainStage:
     split: str = field("train", help="split the objective samples from")
     eval_split: str = field("eval", help="split the metrics run on")
     metrics: tuple[str, ...] | None = field(None, help="metric types to run (default: all)")
+
+    def __attrs_post_init__(self):
+        if self.stop_at is not None and not self.eval_every:
+            raise ConfigError("stop_at", "needs evaluations during the stage to stop at: set eval_every (steps between them) > 0")
 
 
 @attrs.frozen

@@ -81,6 +81,7 @@ class Engine(TrainLoop, Evaluation, CheckpointState):
         self.hparams = hparams or {}
         self.step = 0  # global optimiser steps over all stages
         self.stage_results: dict[str, dict[str, float]] = {}
+        self.stopped_at: dict[str, int] = {}  # train stages that `stop_at` ended early: the stage step
         self.status = "created"  # running, completed, failed, nonfinite, interrupted
         self.error: str | None = None
         self.t0 = time.time()
@@ -174,6 +175,8 @@ class Engine(TrainLoop, Evaluation, CheckpointState):
             for rec in self.metrics_log.records:
                 if rec.get("stage_end"):
                     self.stage_results[rec["stage"]] = rec["metrics"]
+                    if "stopped_at" in rec:
+                        self.stopped_at[rec["stage"]] = rec["stopped_at"]
         env = environment(self.registry, self.device)
         env["distributed"] = self._distributed_env()  # a collective: every rank takes part
         if main:  # the engine's folder (engram-run made it already; Python callers may not have)
@@ -305,5 +308,6 @@ class Engine(TrainLoop, Evaluation, CheckpointState):
             "world_size": self.dist.world_size,
             "final": final,
             "stages": dict(self.stage_results),
+            "stopped_at": dict(self.stopped_at),  # stage -> step, where `stop_at` ended a train stage early
             "error": self.error,
         }

@@ -33,8 +33,10 @@ class Evaluation:
                 return self.objectives[j]
         return None
 
-    def evaluate(self, stage: str, split: str, batch_size: int, subset, objective, optimizer, stage_end: bool) -> dict[str, float]:
-        """Run the metrics on `split`; log, record and tell components. Returns {tag: value}."""
+    def evaluate(self, stage: str, split: str, batch_size: int, subset, objective, optimizer, stage_end: bool,
+                 note: dict | None = None) -> dict[str, float]:
+        """Run the metrics on `split`; log, record and tell components. Returns {tag: value}.
+        `note`: more keys of the metrics.jsonl record (a stage stopped early: `stopped_at`)."""
         was_training = self.model.training
         self.model.eval()
         if objective is not None:
@@ -71,7 +73,8 @@ class Evaluation:
         for k, v in results.items():
             self.logger.scalar(k, v, self.step)
         self.logger.flush()
-        record = {"stage": stage, "step": self.step, "split": split, "stage_end": stage_end, "time_s": round(time.time() - self.t0, 3), "metrics": results}
+        record = {"stage": stage, "step": self.step, "split": split, "stage_end": stage_end, "time_s": round(time.time() - self.t0, 3),
+                  "metrics": results, **(note or {})}
         self.metrics_log.append(record)
         if stage_end:
             self.stage_results[stage] = results

@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from ..components import Event, to_device
-from ..errors import NonFiniteLossError, RecipeError
+from ..errors import NonFiniteLossError, RecipeError, did_you_mean
 from ..recipe import TrainStage
 from ..run import distributed, threads
 from ..run.accel import autocast, compile_failure, grad_scaler, is_compile_failure
@@ -169,18 +169,34 @@ class TrainLoop:
             self._step_hooks(run, done)
             if run.evaluates and st.eval_every and done % st.eval_every == 0 and done != st.steps:
                 self._check_finite(run)
-                self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=False)
+                results = self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=False)
+                if self._reached(index, st, results):
+                    self.stopped_at[st.name] = done
+                    self.progress.note(f"stage {st.name}: {st.stop_at.metric} reached {st.stop_at.threshold:g} at step {done}; stopping (stop_at)")
+                    break
             if st.checkpoint_every and done % st.checkpoint_every == 0 and done != st.steps:
                 self._check_finite(run)
                 self._checkpoint(index, done, False, run.opts, run.scheds, run.scaler)
         self._check_finite(run)
         self.progress.finish()
         if run.evaluates:
-            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=True)
+            note = {"stopped_at": self.stopped_at[st.name]} if st.name in self.stopped_at else None
+            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=True, note=note)
         self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, run.opt_ref,
                                          self.run_dir, st.steps, st.steps), run.objective)
         self._set_memory(True)
         self._checkpoint(index, st.steps, True, [], [])
+
+    def _reached(self, index: int, st: TrainStage, results: dict[str, float]) -> bool:
+        """Whether an evaluation reached `stop_at` (a metric it did not give is a recipe error)."""
+        stop = st.stop_at
+        if stop is None:
+            return False
+        if stop.metric not in results:
+            raise RecipeError([(f"stages.{index}.stop_at.metric", f"the stage's evaluation gives no {stop.metric!r}"
+                                f"{did_you_mean(stop.metric, list(results))}; it gives {', '.join(results)}")], self.recipe.file)
+        value = results[stop.metric]
+        return value >= stop.threshold if stop.mode == "max" else value <= stop.threshold
 
     def train_step(self, run: StageRun, batch: dict) -> None:
         """One optimiser step on the global batch: eagerly, or as a replay of its CUDA graph."""
