@@ -174,6 +174,14 @@ class Memory(nn.Module):
     def reset(self) -> None:
         """Restore the state a freshly built memory has (traces, counters). Default: nothing."""
 
+    def state_numbers(self, seq_len: int) -> int | None:
+        """Numbers one sequence's inference carries from position to position in this memory,
+        beyond the head's own (Zoology's "state size"; parameters are not state), for a
+        sequence of `seq_len` tokens; None: not declared. Heads count what they can see
+        themselves (a trace, a context prefix in the attention cache); a layer memory that
+        looks back at earlier tokens says how many it keeps."""
+        return None
+
 
 class Objective(nn.Module):
     """Computes ``(loss, terms)``; terms are logged as ``train/<term>``.

@@ -186,6 +186,27 @@ class CausalBackbone(Head):
     def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.tok(ids)
 
+    def state_size(self, seq_len: int) -> int | None:
+        """Numbers one sequence carries from position to position at inference, at `seq_len`
+        tokens (Zoology's "state size", the x axis of its accuracy plots): the keys and values
+        every layer keeps of each visible position (all of them under full attention, the last
+        `window` under a window, plus a context prefix's K positions, which stay visible), the
+        trace of a trace memory (`empty_trace` of one sequence), and what a layer memory
+        declares (`Memory.state_numbers`); None where a memory declares nothing."""
+        cfg = self.cfg
+        visible = seq_len if not cfg.window else min(cfg.window, seq_len)
+        point = self.memory_point if self.memory_active else None
+        extra = 0
+        if point == "context":
+            visible += self.memory.context_shape()[0]
+        elif point == "trace":
+            extra = self.memory.empty_trace(1, self.lm.tok.weight.device, self.lm.tok.weight.dtype).numel()
+        elif point is not None:
+            extra = self.memory.state_numbers(seq_len)
+            if extra is None:
+                return None
+        return 2 * cfg.dim * visible * cfg.n_layers + extra
+
     # -- the points ----------------------------------------------------------------------
 
     def _block_hook(self, index, hidden, ids, positions):

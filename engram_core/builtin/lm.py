@@ -76,10 +76,12 @@ class CompletionAccuracy(Metric):
     one per query, for a one-token completion the classification accuracy); ``seq_acc``:
     share of sequences with every scored token right; ``params``: trainable and frozen
     parameters of head and memory; ``tokens_per_s``: input tokens per second of the
-    evaluation forward passes (no gradient)."""
+    evaluation forward passes (no gradient); ``state_size``, where the head can say it
+    (`causal_backbone.state_size`): numbers one sequence carries from position to position
+    at inference, at the evaluated length (Zoology's state size)."""
 
-    directions = {"acc": "higher", "seq_acc": "higher", "tokens_per_s": "higher", "params": "lower"}
-    groups = {"params": "cost", "tokens_per_s": "cost"}
+    directions = {"acc": "higher", "seq_acc": "higher", "tokens_per_s": "higher", "params": "lower", "state_size": "lower"}
+    groups = {"params": "cost", "tokens_per_s": "cost", "state_size": "cost"}
     # mqar: a query's value is one of vocab_size - vocab_size // 2 tokens, so guessing scores 1/that
     references = {"acc": {"chance": lambda recipe: 1 / (recipe["data"]["vocab_size"] - recipe["data"]["vocab_size"] // 2)
                           if recipe["data"]["type"].split(":")[-1] == "mqar" else None}}
@@ -107,12 +109,17 @@ class CompletionAccuracy(Metric):
         self.seq_hits = self.seq_hits + ((right | ~scored).all(1) & scored.any(1)).sum()
         self.seqs = self.seqs + scored.any(1).sum()
         self._params = sum(p.numel() for p in model.parameters())
+        state_size = getattr(model.head, "state_size", None)
+        self._state = state_size(labels.shape[1]) if callable(state_size) else None
 
     def compute(self):
         hits, count, seq_hits, seqs = (int(v) for v in (self.hits, self.count, self.seq_hits, self.seqs))
-        return {
+        out = {
             "acc": hits / max(count, 1),
             "seq_acc": seq_hits / max(seqs, 1),
             "params": float(getattr(self, "_params", 0)),
             "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
         }
+        if getattr(self, "_state", None) is not None:
+            out["state_size"] = float(self._state)
+        return out

@@ -44,3 +44,20 @@ def test_the_trace_runs_in_the_memory_zoo_unchanged(tmp_path):
     (run_dir,) = (tmp_path / "memory_zoo").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and 0.0 <= summary["final"]["eval/acc"] <= 1.0
+
+
+def test_the_state_size_counts_the_trace_the_cache_keeps():
+    """The head counts a trace memory's state from `empty_trace`: what cached decoding keeps."""
+    from engram_core.components import Model
+
+    build = backbone_build(width=32, seq_len=24)
+    head = build.head.eval()
+    memory = OuterProductTraceMemory(OuterProductTraceConfig(key_dim=8, value_dim=6), build)
+    Model(head, memory, "trace")
+    ids = torch.randint(1, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    write = torch.zeros_like(ids)
+    write[:, :12] = 1
+    with torch.no_grad():
+        _, cache = head._run(ids, None, write, 1 - write, use_cache=True, check=False)
+    kept = (sum(k.numel() + v.numel() for k, v in cache["kv"]) + cache["trace"].numel()) // 2
+    assert head.state_size(24) == kept == 2 * 32 * 24 * 2 + 8 * 6

@@ -63,3 +63,28 @@ def test_exact_match_data_trains_and_generates_on_the_core_backbone(tmp_path):
             cached = head.generate(b["prompt_ids"], 5, use_cache=True)
             assert torch.equal(cached, head.generate(b["prompt_ids"], 5, use_cache=False))
     assert 0.0 <= metric.compute()["exact_match"] <= 1.0
+
+
+def test_the_state_is_the_ids_the_blocks_reach_back_to():
+    """`state_numbers`: each block's last max_order - 1 + conv reach ids. The memory's output at
+    the last position is the same whatever the ids before that reach, and changes with the
+    id at its far end (so the count is not larger than the memory needs, nor smaller)."""
+    torch.manual_seed(0)
+    cfg = EngramHashConfig(memory_size=512, layers=[0], orders=[2, 3], heads_per_order=2, slot_dim=8, conv_kernel=3, gate="fixed", gate_bias=5.0)
+    memory = EngramHashMemory(cfg, backbone_build(width=32, vocab_size=64)).eval()
+    block = memory.blocks["0"]
+    with torch.no_grad():
+        block.conv.weight.normal_()  # zero at init: the conv would read nothing
+    reach = max(cfg.orders) - 1 + block.receptive
+    assert memory.state_numbers(100) == reach == 2 + 2 * 3
+    L = 24
+    ids = torch.randint(1, 64, (1, L), generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(1, L, 32)
+    far = ids.clone()
+    far[:, : L - 1 - reach] = torch.randint(1, 64, (1, L - 1 - reach), generator=torch.Generator().manual_seed(2))
+    edge = ids.clone()
+    edge[:, L - 1 - reach] = (ids[:, L - 1 - reach] % 63) + 1
+    with torch.no_grad():
+        out, out_far, out_edge = (memory.apply_layer(0, hidden, x)[:, -1] for x in (ids, far, edge))
+    assert torch.equal(out, out_far)
+    assert not torch.allclose(out, out_edge)

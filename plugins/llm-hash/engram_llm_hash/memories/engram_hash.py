@@ -48,6 +48,12 @@ class EngramHashMemory(Memory):
         waits for a broadcast from one that failed."""
         return ("fit",) if any(getattr(b.table, "sharded", False) for b in self.blocks.values()) else ()
 
+    def state_numbers(self, seq_len: int) -> int:
+        """What decoding carries from token to token: each block's last max_order - 1 + its
+        conv's reach token ids (the rows and values are recomputed from them; the table is a
+        parameter, not state). Whatever the sequence's length."""
+        return sum(max(b.cfg.orders) - 1 + b.receptive for b in self.blocks.values())
+
     # -- the injection point (engram_core.points.LayerPoint) ------------------------
     def layer_indices(self) -> tuple[int, ...]:
         return tuple(int(k) for k in self.blocks)
