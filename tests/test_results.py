@@ -207,3 +207,16 @@ columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
     assert d["point"] == sel["chosen"]["point"] and d["seeds"] == [0, 1, 2]
     assert d["metrics"]["eval/loss"]["n"] == 3
     assert not [p for p in R.check_page(page) if "does not validate" in p or "another recipe" in p]
+
+
+def test_a_scatter_figure_puts_each_row_at_its_x_metric(tmp_path):
+    """`kind = "scatter"`: Zoology's accuracy against state size, one point per row."""
+    def row(acc, size):
+        agg = lambda v: {"mean": v, "sd": 0.0, "n": 2, "values": [v, v]}  # noqa: E731
+        return {"metrics": {"eval/acc": agg(acc), "eval/state_size": agg(size)}, "runs": []}
+
+    data = {"attention": row(0.99, 16384.0), "hrr": row(0.4, 1088.0), "none": {"metrics": {}, "runs": []}}
+    out = tmp_path / "f.png"
+    R.render_figure({"id": "s", "kind": "scatter", "rows": ["*"], "key": "eval/acc", "x": "eval/state_size", "logx": True,
+                     "hline": 0.1}, data, out)
+    assert out.stat().st_size > 1000

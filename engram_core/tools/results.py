@@ -575,7 +575,8 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     """`kind = "bars"`: one metric per row, mean ± sd with the single seeds as dots;
     `kind = "curves"`: an eval curve per row (mean over seeds against the step);
     `kind = "lines"`: `key` against the sweep-point key `x`, one line per value of the
-    `series` point keys (mean ± sd over seeds)."""
+    `series` point keys (mean ± sd over seeds); `kind = "scatter"`: one point per row, `key`
+    against the metric `x` (mean ± sd over seeds), `logx` for a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -591,6 +592,19 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
         pts = [({"row": names.get(r.rsplit(".", 1)[0], r.rsplit(".", 1)[0]), **(data[r].get("point") or {})}, data[r]["metrics"].get(spec["key"]))
                for r in rows]
         draw_lines(ax, line_series(pts, spec["x"], ["row", *spec.get("series", [])]), spec.get("xlabel", spec["x"]), spec.get("ylabel", spec["key"]))
+    elif spec.get("kind") == "scatter":
+        # one point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
+        # accuracy against state size), labelled by the row; `logx = true` for sizes
+        for rid in rows:
+            y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
+            if not y or not y["n"] or not x or not x["n"]:
+                continue
+            ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3)
+            ax.annotate(row_label(rid, data[rid], labels or {}), (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if spec.get("logx"):
+            ax.set_xscale("log")
+        ax.set_xlabel(spec.get("xlabel", spec["x"]))
+        ax.set_ylabel(spec.get("ylabel", spec["key"]))
     elif spec.get("kind", "bars") == "bars":
         key = spec["key"]
         for i, rid in enumerate(rows):
