@@ -192,17 +192,23 @@ class CausalBackbone(Head):
         every layer keeps of each visible position (all of them under full attention, the last
         `window` under a window, plus a context prefix's K positions, which stay visible), the
         trace of a trace memory (`empty_trace` of one sequence), and what a layer memory
-        declares (`Memory.state_numbers`); None where a memory declares nothing."""
+        declares (`Memory.state_numbers`); None where a memory cannot say (a layer memory that
+        declares nothing, or one without the point's `context_shape` / `empty_trace`)."""
         cfg = self.cfg
         visible = seq_len if not cfg.window else min(cfg.window, seq_len)
         point = self.memory_point if self.memory_active else None
         extra = 0
+        memory = self.memory
         if point == "context":
-            visible += self.memory.context_shape()[0]
+            if not hasattr(memory, "context_shape"):
+                return None
+            visible += memory.context_shape()[0]
         elif point == "trace":
-            extra = self.memory.empty_trace(1, self.lm.tok.weight.device, self.lm.tok.weight.dtype).numel()
+            if not hasattr(memory, "empty_trace"):
+                return None
+            extra = memory.empty_trace(1, self.lm.tok.weight.device, self.lm.tok.weight.dtype).numel()
         elif point is not None:
-            extra = self.memory.state_numbers(seq_len)
+            extra = memory.state_numbers(seq_len) if hasattr(memory, "state_numbers") else None
             if extra is None:
                 return None
         return 2 * cfg.dim * visible * cfg.n_layers + extra
