@@ -33,10 +33,8 @@ class Evaluation:
                 return self.objectives[j]
         return None
 
-    def evaluate(self, stage: str, split: str, batch_size: int, subset, objective, optimizer, stage_end: bool,
-                 note: dict | None = None) -> dict[str, float]:
-        """Run the metrics on `split`; log, record and tell components. Returns {tag: value}.
-        `note`: more keys of the metrics.jsonl record (a stage stopped early: `stopped_at`)."""
+    def evaluate(self, stage: str, split: str, batch_size: int, subset, objective, optimizer, stage_end: bool) -> dict[str, float]:
+        """Run the metrics on `split`; log, record and tell components. Returns {tag: value}."""
         was_training = self.model.training
         self.model.eval()
         if objective is not None:
@@ -73,11 +71,10 @@ class Evaluation:
         for k, v in results.items():
             self.logger.scalar(k, v, self.step)
         self.logger.flush()
-        record = {"stage": stage, "step": self.step, "split": split, "stage_end": stage_end, "time_s": round(time.time() - self.t0, 3),
-                  "metrics": results, **(note or {})}
-        self.metrics_log.append(record)
         if stage_end:
-            self.stage_results[stage] = results
+            self._record_stage_end(stage, split, results)
+        else:
+            self.metrics_log.append(self._eval_record(stage, split, results, stage_end=False))
         self._emit("on_eval_end", Event(self.step, stage, self.model, results, self.logger, optimizer, self.run_dir), objective)
         if was_training:
             self.model.train()
@@ -85,6 +82,15 @@ class Evaluation:
                 objective.train()
         self.progress.note(f"eval @ {self.step} ({time.perf_counter() - t:.1f}s): " + ", ".join(f"{k}={v:.4g}" for k, v in list(results.items())[:6]))
         return results
+
+    def _eval_record(self, stage: str, split: str, results: dict[str, float], stage_end: bool) -> dict:
+        return {"stage": stage, "step": self.step, "split": split, "stage_end": stage_end, "time_s": round(time.time() - self.t0, 3),
+                "metrics": results}
+
+    def _record_stage_end(self, stage: str, split: str, results: dict[str, float], note: dict | None = None) -> None:
+        """The stage's final metrics: a stage-end record (`note`: more keys, e.g. `stopped_at`)."""
+        self.metrics_log.append({**self._eval_record(stage, split, results, stage_end=True), **(note or {})})
+        self.stage_results[stage] = results
 
     def _nonfinite_message(self, index: int, st: TrainStage, step: int, loss_value: float, terms: dict) -> str:
         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) or "no terms"

@@ -155,6 +155,7 @@ class TrainLoop:
     def _train(self, index: int, st: TrainStage, state: dict | None) -> None:
         run = self._start_stage(index, st, state)
         self.progress.start(st.name, st.steps, run.start)
+        stopped = None  # the evaluation that reached `stop_at`, if one did
         for s in range(run.start, st.steps):
             batch = self._next_batch(run, s)
             log_now = (s + 1) % st.log_every == 0 or s + 1 == st.steps
@@ -171,7 +172,7 @@ class TrainLoop:
                 self._check_finite(run)
                 results = self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=False)
                 if self._reached(index, st, results):
-                    self.stopped_at[st.name] = done
+                    self.stopped_at[st.name], stopped = done, results
                     self.progress.note(f"stage {st.name}: {st.stop_at.metric} reached {st.stop_at.threshold:g} at step {done}; stopping (stop_at)")
                     break
             if st.checkpoint_every and done % st.checkpoint_every == 0 and done != st.steps:
@@ -179,9 +180,10 @@ class TrainLoop:
                 self._checkpoint(index, done, False, run.opts, run.scheds, run.scaler)
         self._check_finite(run)
         self.progress.finish()
-        if run.evaluates:
-            note = {"stopped_at": self.stopped_at[st.name]} if st.name in self.stopped_at else None
-            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=True, note=note)
+        if stopped is not None:  # the evaluation that stopped it is the stage's last: the model has not changed since
+            self._record_stage_end(st.name, st.eval_split, stopped, {"stopped_at": self.stopped_at[st.name]})
+        elif run.evaluates:
+            self.evaluate(st.name, st.eval_split, st.batch_size, st.metrics, run.objective, run.opt_ref, stage_end=True)
         self._emit("on_stage_end", Event(self.step, st.name, self.model, self.stage_results.get(st.name, {}), self.logger, run.opt_ref,
                                          self.run_dir, st.steps, st.steps), run.objective)
         self._set_memory(True)
