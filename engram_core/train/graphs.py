@@ -64,26 +64,33 @@ class CapturedStep:
 
     def __call__(self, batch: dict) -> dict:
         self.calls += 1
+        if self.inputs is None:
+            self._make_inputs(batch)
+        self._copy_in(batch)
         if self.graph is not None:
-            self._copy_in(batch)
             self.graph.replay()
             return self.outputs
         if self.calls <= self.warmup:
-            return self._side_stream(batch)
-        return self._capture(batch)
+            return self._side_stream()
+        return self._capture()
 
-    def _side_stream(self, batch: dict) -> dict:
+    def _make_inputs(self, batch: dict) -> None:
+        """The graph's input buffers, contiguous. The warm-up steps read them too, so what
+        they compile (`run.compile` specialises on strides) is what the capture replays: a
+        data set's expanded view (stride 0) would otherwise recompile inside the capture."""
+        if not all(isinstance(v, torch.Tensor) for v in batch.values()):
+            raise GraphCaptureError(f"{self.where}: run.cuda_graphs needs batches of tensors only; set run.cuda_graphs = false")
+        self.inputs = {k: torch.empty_like(v, memory_format=torch.contiguous_format) for k, v in batch.items()}
+
+    def _side_stream(self) -> dict:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self.step(batch)
+            out = self.step(self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         return out
 
-    def _capture(self, batch: dict) -> dict:
-        if not all(isinstance(v, torch.Tensor) for v in batch.values()):
-            raise GraphCaptureError(f"{self.where}: run.cuda_graphs needs batches of tensors only; set run.cuda_graphs = false")
-        self.inputs = {k: v.clone() for k, v in batch.items()}
+    def _capture(self) -> dict:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:
