@@ -144,7 +144,9 @@ class CausalBackbone(Head):
     set declares) read the masks on the host. On CPU tensors they run on every forward (a
     read there costs nothing); on an accelerator they would stall the step, so they run on
     the head's first forward in training mode and its first in evaluation mode (the first
-    train and the first eval batch), and not in the steady state.
+    train and the first eval batch), and not in the steady state. Code being traced by
+    torch.compile skips them (a host read would split the graph); the engine runs a compiled
+    stage's first step eagerly, so they run there.
 
     How many positions per sequence ``scored_logits`` projects: one for a classification
     batch read as a completion; the data set's ``spec.max_scored`` where it declares one
@@ -235,6 +237,8 @@ class CausalBackbone(Head):
 
     def _checks_due(self, tensor: torch.Tensor) -> bool:
         """Whether this forward runs the host-side checks (see the class doc)."""
+        if torch.compiler.is_compiling():  # a host read would split the graph (the engine runs a compiled stage's first step eagerly)
+            return False
         if tensor.device.type == "cpu":
             return True
         if self.training in self._checked_modes:

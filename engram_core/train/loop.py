@@ -40,6 +40,7 @@ class StageRun:
     no_sync: Callable
     amp: Any  # the autocast context (reusable)
     compiled: bool
+    eager_forward: Callable | None  # run.compile: the stage's first forward runs this (see forward_backward_step)
     local_size: int
     splits: bool  # micro-batches or rank shards
     meter: StepMeter
@@ -235,15 +236,19 @@ class TrainLoop:
         gradients on the last one only). Returns its share of the loss and terms, detached."""
         accum = run.stage.grad_accum
         with run.no_sync() if not sync_grads else contextlib.nullcontext():
+            # run.compile: the first forward is eager, so components' one-off host-side checks
+            # (the backbone reads its masks on the host once per mode) neither split the
+            # compiled graph nor stay in it; later forwards are compiled
+            forward, run.eager_forward = run.eager_forward or run.forward, None
             try:
                 with run.amp, blame(run.who, self.recipe.file):
-                    loss, terms = run.forward(piece)
+                    loss, terms = forward(piece)
             except Exception as exc:
                 cause = getattr(exc, "original", exc)  # blame() wraps what the component raised
                 if run.compiled and not self._compile_checked and is_compile_failure(cause):
                     raise compile_failure(cause, self._compiled()) from None
                 raise
-            self._compile_checked = True
+            self._compile_checked = self._compile_checked or forward is run.forward
             part = loss / accum if accum > 1 else loss
             (run.scaler.scale(part) if run.scaler is not None else part).backward()
         shares = {}
@@ -299,12 +304,13 @@ class TrainLoop:
         objective.train()
         # one process: objective(model, batch); N ranks: the same under DDP
         forward, no_sync = distributed.wrap_train_step(self.model, objective, self._components(objective), self.dist, self.device)
+        eager_forward = None
         if self.recipe.run.compile:
-            forward = torch.compile(forward)  # the whole forward and loss; backward through AOTAutograd
+            eager_forward, forward = forward, torch.compile(forward)  # the whole forward and loss; backward through AOTAutograd
         run = StageRun(
             index=index, stage=st, objective=objective, who=self.labels["objectives"][index], start=start,
             params=[p for _, p in chosen], held=held, opts=opts, scheds=scheds, scaler=scaler, forward=forward, no_sync=no_sync,
-            amp=autocast(self.recipe.run.precision, self.device, cache=not graphs), compiled=self.recipe.run.compile,
+            amp=autocast(self.recipe.run.precision, self.device, cache=not graphs), compiled=self.recipe.run.compile, eager_forward=eager_forward,
             local_size=st.batch_size // self.dist.world_size, splits=self.dist.enabled or st.grad_accum > 1,
             meter=StepMeter(self.device, first_step=start, capacity=min(st.log_every, st.steps) + 1), check_every_step=self.device.type != "cuda",
             count_tokens=getattr(self.dataset, "count_tokens", None), prefetchers=self._prefetchers(objective),
