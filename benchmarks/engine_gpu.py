@@ -296,6 +296,16 @@ def engine_result(proc: subprocess.Popen) -> dict:
     return {"windows": windows, "wall_s": round(wall, 2), "final": summary["final"], "train_loss": [e.value for e in acc.Scalars("train/loss")]}
 
 
+def clean_commit() -> str | None:
+    """HEAD's short hash where the tree has no changes to tracked files, else None (a copy on
+    the GPU machine keeps the git history of the commit it was cloned at; `source_digest`
+    then names the code)."""
+    git = ["git", "-C", str(HERE)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return head if head and not dirty else None
+
+
 def source_digest() -> str:
     """sha256 of the engine's and the benchmark's sources: which code was timed, where the
     copy on the GPU machine has no git history of its own (`git rev-parse` there names the
@@ -345,7 +355,7 @@ def compare(args, tmp: Path) -> dict:
     return table
 
 
-def concurrency(args, tmp: Path) -> dict:
+def concurrency(args, tmp: Path, save=lambda partial: None) -> dict:
     out = {}
     for n in args.concurrent:
         procs = [engine_run(args.concurrent_mode, args.concurrent_steps, args.log_every, tmp, seed=i, precision=args.precision,
@@ -354,10 +364,11 @@ def concurrency(args, tmp: Path) -> dict:
         each = [steady(r["windows"], args.skip) for r in results]
         out[str(n)] = {"each_steps_per_s": [round(x, 1) for x in each], "aggregate_steps_per_s": round(sum(each), 1)}
         print(f"{n:3d} concurrent ({args.concurrent_mode}): aggregate {sum(each):8.1f} steps/s, each {statistics.median(each):.1f}", flush=True)
-    one = out.get("1", {}).get("aggregate_steps_per_s")
-    if one:
-        for v in out.values():
-            v["vs_one_run"] = round(v["aggregate_steps_per_s"] / one, 2)
+        one = out.get("1", {}).get("aggregate_steps_per_s")
+        if one:
+            for v in out.values():
+                v["vs_one_run"] = round(v["aggregate_steps_per_s"] / one, 2)
+        save(out)  # after each N: a larger N stopped by a time limit keeps the smaller ones
     return out
 
 
@@ -451,15 +462,22 @@ def main(argv=None) -> int:
         return 2
     info = {"setting": SETTING, "precision": args.precision, "fused_adamw": args.fused, "steps": args.steps, "log_every": args.log_every, "skip": args.skip, "repeats": args.repeats,
             "device": torch.cuda.get_device_name(0), "cpu_cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or None,
-            "source_digest": source_digest()}
+            "commit": clean_commit(), "source_digest": source_digest()}
     parts = [("profile", profiles, bool(args.profile)), ("modes", compare, bool(args.modes)), ("full_run", full_run, args.full_run),
              ("concurrent", concurrency, bool(args.concurrent)), ("rollout_vmf", rollout, args.rollout)]
     with tempfile.TemporaryDirectory() as d:
         for key, measure, wanted in parts:
-            if wanted:
-                info[key] = measure(args, Path(d))
-                write_result(info, args.out, "engine_gpu-cuda")  # after each part: a later failure keeps the earlier ones
+            if not wanted:
+                continue
+
+            def save(partial, key=key):
+                info[key] = partial
+                write_result(info, args.out, "engine_gpu-cuda")
+
+            if key == "concurrent":
+                save(measure(args, Path(d), save))
+            else:
+                save(measure(args, Path(d)))  # after each part: a later failure keeps the earlier ones
     return 0
 
 
