@@ -181,9 +181,11 @@ def test_a_failed_run_is_recorded_not_hidden(tmp_path):
 
 
 
-def test_a_select_row_records_the_choice_and_the_winners_seeds(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_select_row_records_the_choice_and_the_winners_seeds(tmp_path, capsys, jobs):
     """A row whose recipe has [select] runs its sweep whole: the JSON records which point won on
-    the selection metric, and its metrics are the winner's seeds."""
+    the selection metric, and its metrics are the winner's seeds. With --jobs 2 and one row,
+    the sweep runs its two points at once and the row is the same."""
     spec = tmp_path / "sel.toml"
     spec.write_text('''
 [[rows]]
@@ -199,7 +201,8 @@ columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
 ''')
     (tmp_path / "sel.md").write_text("# sel\n\n<!-- results:table main -->\n<!-- results:end -->\n")
     page = R.load_page(spec)
-    (written,) = R.run_page(page, allow_dirty=True)
+    (written,) = R.run_page(page, allow_dirty=True, jobs=jobs)
+    assert ("[select] sweeps 2 points at a time" in capsys.readouterr().out) == (jobs == 2)
     d = json.loads(written.read_text())
     sel = d["selection"]
     assert sel["metric"] == "eval/loss" and sel["mode"] == "min"

@@ -224,7 +224,8 @@ def _on_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
-def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None) -> dict:
+def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None,
+             sweep_jobs: int = 1) -> dict:
     from ..recipe import load_recipe, point_recipe
     from ..run.rundir import atomic_write_text  # torch: only when writing
 
@@ -234,7 +235,7 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     overrides = list(job.row.overrides)
     recipe = load_recipe(recipe_file, overrides)
     if recipe.select is not None:
-        return _run_select_job(job, jdir, recipe_file, overrides, cache, device, jobs, deadline, recipe)
+        return _run_select_job(job, jdir, recipe_file, overrides, cache, device, jobs, deadline, recipe, sweep_jobs)
     if job.point is not None:  # the grid point as a recipe of its own, written by the recipe code itself
         recipe = point_recipe(recipe, job.point)
         recipe_file = jdir / "point.toml"
@@ -289,11 +290,14 @@ def _run_record(rd: Path, seed: int | None, wall: float | None = None) -> dict:
 
 
 def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str], cache: Path, device: str | None, jobs: int,
-                    deadline: float | None, recipe) -> dict:
+                    deadline: float | None, recipe, sweep_jobs: int = 1) -> dict:
     """A row whose recipe has `[select]`: the sweep runs whole (grid, choice on its metric, the
-    winner again with `then`); the row's runs are the winner's (its grid run and the `then`
-    runs), and `selection` records every point's value and which won."""
+    winner again with `then`), `sweep_jobs` points at a time (`engram-run --jobs`, which writes
+    what a sequential sweep writes); the row's runs are the winner's (its grid run and the
+    `then` runs), and `selection` records every point's value and which won."""
     cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, "--out", str(jdir / "runs"), "--quiet"]
+    if sweep_jobs > 1:
+        cmd += ["--jobs", str(sweep_jobs)]
     if device:
         cmd += ["--device", device]
     t0 = time.perf_counter()
@@ -404,7 +408,11 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     if any(cache.iterdir()):
         raise EngramError(f"{cache} is not empty: the pipeline runs from an empty cache")
     deadline = time.time() + deadline_s if deadline_s else None
-    print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time, cache {cache}", flush=True)
+    # slots the page's own jobs leave free go to [select] rows' sweeps: one row of four rates
+    # with --jobs 4 runs its four points at once
+    sweep_jobs = max(1, jobs // len(all_jobs))
+    print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time"
+          f"{f' ([select] sweeps {sweep_jobs} points at a time)' if sweep_jobs > 1 else ''}, cache {cache}", flush=True)
     context = {"commit": commit, "dirty": dirty, "forced_device": device, "versions": _versions(), "host": _host()}
     expected = {}
     for j in all_jobs:
@@ -413,7 +421,7 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     written = []
     t0 = time.perf_counter()
     with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline): j for j in all_jobs}
+        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline, sweep_jobs): j for j in all_jobs}
         for fut in futures.as_completed(todo):
             j = todo[fut]
             res = fut.result()
