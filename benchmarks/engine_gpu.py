@@ -86,6 +86,40 @@ type = "completion_accuracy"
 
 # ---- the hand-written loop ------------------------------------------------------------------
 
+def scored_positions_and_targets(labels, n_pairs: int):
+    """(positions, targets), each (N, n_pairs): the positions whose next token is scored, in
+    order, and those tokens (mqar scores n_pairs per sequence; the hand loop knows it)."""
+    scored = labels[:, 1:] != -100
+    pos = scored.int().argsort(dim=1, descending=True, stable=True)[:, :n_pairs].sort(dim=1).values
+    return pos, labels.gather(1, pos + 1)
+
+
+def scored_loss(model, positions, ids, pos, target):
+    """The hand loop's loss: the core CausalTransformer's blocks, logits only at the scored
+    positions `pos`, cross-entropy against `target`."""
+    import torch.nn.functional as F
+
+    x = model.tok(ids) + model.pos(positions)[None]
+    for block in model.blocks:
+        x, _ = block(x, None, None)
+    hidden = model.ln_f(x)
+    h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # only the scored positions
+    logits = model.lm_head(h)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
+
+def hand_train_step(model, opt, loss_fn, ids, pos, target):
+    """One step as a PyTorch user writes it: zero, loss, backward, clip at 1.0, optimiser step."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(ids, pos, target)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
 def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0, precision: str = "fp32", fused: bool = False,
               profile: int = 0) -> dict:
     """steps/s of each log window of a plain PyTorch loop (one process). `precision`: fp32,
@@ -94,7 +128,6 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0, precision: s
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
     if precision == "tf32":
         torch.set_float32_matmul_precision("high")
@@ -110,10 +143,7 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0, precision: s
     data = generate_mqar(cfg, s["n_train"], seed * 2 + 1)
     ids_all = data["input_ids"].to(dev)
     labels_all = data["labels"].to(dev)
-    # the positions whose next token is scored, n_pairs per sequence (known for this task)
-    scored = (labels_all[:, 1:] != -100)
-    pos_all = scored.int().argsort(dim=1, descending=True, stable=True)[:, : s["n_pairs"]].sort(dim=1).values
-    target_all = labels_all.gather(1, pos_all + 1)
+    pos_all, target_all = scored_positions_and_targets(labels_all, s["n_pairs"])
     model = CausalTransformer(CausalTransformerConfig(vocab_size=s["vocab"], dim=s["dim"], n_layers=s["layers"], n_heads=s["heads"],
                                                       max_len=s["seq_len"] + 16 + 64)).to(dev)
     graphed = "graphed" in mode
@@ -127,16 +157,7 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0, precision: s
 
     def loss_fn(ids, pos, target):
         with amp:
-            return _loss(ids, pos, target)
-
-    def _loss(ids, pos, target):
-        x = model.tok(ids) + model.pos(positions)[None]
-        for block in model.blocks:
-            x, _ = block(x, None, None)
-        hidden = model.ln_f(x)
-        h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))  # only the scored positions
-        logits = model.lm_head(h)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+            return scored_loss(model, positions, ids, pos, target)
 
     if "compiled" in mode:
         loss_fn = torch.compile(loss_fn)
@@ -144,12 +165,7 @@ def hand_loop(mode: str, steps: int, log_every: int, seed: int = 0, precision: s
     n = ids_all.shape[0]
 
     def step(ids, pos, target):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(ids, pos, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss.detach()
+        return hand_train_step(model, opt, loss_fn, ids, pos, target)
 
     def batch():
         idx = torch.randint(0, n, (s["batch"],), device=dev, generator=gen)

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
@@ -87,9 +86,7 @@ def main(argv=None) -> int:
     s = setting
     data = generate_mqar(MQARConfig(n_pairs=s["n_pairs"], seq_len=s["seq_len"], vocab_size=s["vocab"], query_spacing="power",
                                     n_train=s["n_train"]), s["n_train"], 1)
-    scored = data["labels"][:, 1:] != -100
-    pos_all = scored.int().argsort(dim=1, descending=True, stable=True)[:, : s["n_pairs"]].sort(dim=1).values
-    target_all = data["labels"].gather(1, pos_all + 1)
+    pos_all, target_all = engine_gpu.scored_positions_and_targets(data["labels"], s["n_pairs"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=s["wd"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
     positions = torch.arange(s["seq_len"])
@@ -97,16 +94,8 @@ def main(argv=None) -> int:
 
     def hand_step():
         idx = torch.randint(0, s["n_train"], (s["batch"],), generator=gen)
-        ids, pos, target = data["input_ids"][idx], pos_all[idx], target_all[idx]
-        opt.zero_grad(set_to_none=True)
-        x = model.tok(ids) + model.pos(positions)[None]
-        for block in model.blocks:
-            x, _ = block(x, None, None)
-        h = model.ln_f(x)
-        logits = model.lm_head(h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1])))
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        engine_gpu.hand_train_step(model, opt, lambda *b: engine_gpu.scored_loss(model, positions, *b),
+                                   data["input_ids"][idx], pos_all[idx], target_all[idx])
         sched.step()
 
     hand_ops = counted(hand_step)
