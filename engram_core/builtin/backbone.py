@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from ..components import BuildContext, Head
 from ..config import ConfigError, field, in_range, non_negative, positive
 from ..nn import CausalTransformer, CausalTransformerConfig
+from ..run import accel
 
 
 @attrs.frozen
@@ -239,7 +240,7 @@ class CausalBackbone(Head):
         """Whether this forward runs the host-side checks (see the class doc)."""
         if torch.compiler.is_compiling():  # a host read would split the graph (the engine runs a compiled stage's first step eagerly)
             return False
-        if tensor.device.type == "cpu":
+        if accel.host_reads_free(tensor.device):
             return True
         if self.training in self._checked_modes:
             return False

@@ -26,6 +26,19 @@ from ..errors import EngramError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# True while `engram_core.testing.host_reads.as_on_an_accelerator()` runs the CPU under the
+# accelerator policy below (how a CPU test checks that a steady-state step reads nothing)
+_cpu_as_accelerator = False
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading a value of a tensor on `device` from the host (`.item()`, `if t:`,
+    `int(t)`, a boolean-mask index) costs nothing: on the CPU it does, so components may check
+    their inputs at every forward; on an accelerator the host would wait for the device to
+    finish every queued kernel, so components check once (the first forward) or never in
+    the steady-state step. One policy for every component, so a test can switch it."""
+    return device.type == "cpu" and not _cpu_as_accelerator
+
 
 class CompileError(EngramError):
     """torch.compile could not compile a component; one line, exit 2."""
