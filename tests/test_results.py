@@ -223,3 +223,17 @@ def test_a_scatter_figure_puts_each_row_at_its_x_metric(tmp_path):
     R.render_figure({"id": "s", "kind": "scatter", "rows": ["*"], "key": "eval/acc", "x": "eval/state_size", "logx": True,
                      "hline": 0.1}, data, out)
     assert out.stat().st_size > 1000
+
+
+def test_a_figure_draws_every_reference_level(tmp_path, monkeypatch):
+    """`hline` and `hlines`: Zoology's figure draws chance and the bag-of-values floor."""
+    import matplotlib.axes
+
+    drawn = []
+    axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: drawn.append((y, kw.get("label"))) or axhline(ax, y, **kw))
+    agg = {"mean": 0.5, "sd": 0.0, "n": 1, "values": [0.5]}
+    data = {"a": {"metrics": {"eval/acc": agg, "eval/state_size": agg}, "runs": []}}
+    R.render_figure({"id": "s", "kind": "scatter", "rows": ["*"], "key": "eval/acc", "x": "eval/state_size", "hline": 0.01,
+                     "hline_label": "chance", "hlines": [[0.25, "floor"], [0.5]]}, data, tmp_path / "f.png")
+    assert drawn == [(0.01, "chance"), (0.25, "floor"), (0.5, None)]

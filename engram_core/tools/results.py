@@ -638,10 +638,13 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
         ax.set_xlabel("step")
         ax.set_ylabel(spec.get("ylabel", keys[0]))
         ax.legend(fontsize=7)
-    if "hline" in spec:  # a reference level, e.g. chance
-        ax.axhline(spec["hline"], color="grey", ls="--", lw=1, label=spec.get("hline_label"))
-        if spec.get("hline_label"):
-            ax.legend(fontsize=7)
+    # reference levels, e.g. chance: `hline` (+ `hline_label`), or `hlines = [[y, "label"], ...]`
+    levels = [(spec["hline"], spec.get("hline_label"))] if "hline" in spec else []
+    levels += [(level[0], level[1] if len(level) > 1 else None) for level in spec.get("hlines", [])]
+    for (y, label), ls in zip(levels, ["--", ":", "-.", (0, (1, 3))] * 4):
+        ax.axhline(y, color="grey", ls=ls, lw=1, label=label)
+    if any(label for _, label in levels):
+        ax.legend(fontsize=7)
     if spec.get("title"):
         ax.set_title(spec["title"], fontsize=10)
     ax.grid(alpha=0.3)
