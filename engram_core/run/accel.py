@@ -36,8 +36,9 @@ def host_reads_free(device: torch.device) -> bool:
     `int(t)`, a boolean-mask index) costs nothing: on the CPU it does, so components may check
     their inputs at every forward; on an accelerator the host would wait for the device to
     finish every queued kernel, so components check once (the first forward) or never in
-    the steady-state step. One policy for every component, so a test can switch it."""
-    return device.type == "cpu" and not _cpu_as_accelerator
+    the steady-state step. Never while torch.compile traces (a read there splits the graph).
+    One policy for every component, so a test can switch it."""
+    return device.type == "cpu" and not _cpu_as_accelerator and not torch.compiler.is_compiling()
 
 
 class CompileError(EngramError):

@@ -143,7 +143,7 @@ class NgramHasher(nn.Module):
         """(B, T, len(orders)) int64 multiply-XOR mix of each order's suffix n-gram.
         `valid` (B, T) or None: 0 marks a position that reads as before the sequence start
         (the sentinel), how packed-out padding is kept out of every n-gram."""
-        if accel.host_reads_free(ids.device) and not torch.compiler.is_compiling():
+        if accel.host_reads_free(ids.device):
             self.check_ids(ids)  # no device synchronisation on CPU
         x = self.canonical[ids]
         if valid is not None:

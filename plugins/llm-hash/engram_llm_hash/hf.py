@@ -33,6 +33,7 @@ from torch import nn
 
 from engram_core.components import BuildContext
 from engram_core.config import ConfigError, structure, unstructure
+from engram_core.run import accel
 from engram_core.tables.rowwise import row_holder
 
 from .blocks import EngramHashConfig, check_layers
@@ -256,7 +257,7 @@ class HFInjector:
             mask = mask[:, : history.shape[1]].to(history.device)
             if mask.shape[1] < history.shape[1]:
                 mask = None
-            elif mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
+            elif accel.host_reads_free(mask.device) and bool(mask.all()):
                 # no padding: the unpadded path. Checked only where it is free: on a GPU it
                 # would be a host sync (and under compile a graph break) every forward, so
                 # there the mask is kept and the fixed-shape padded path runs (same result)
