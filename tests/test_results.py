@@ -209,6 +209,7 @@ columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
     assert sel["chosen"]["value"] == min(v for v in sel["values"].values() if v is not None)
     assert d["point"] == sel["chosen"]["point"] and d["seeds"] == [0, 1, 2]
     assert d["metrics"]["eval/loss"]["n"] == 3
+    assert R._point_cell(d, "point:stages.0.lr") == f"{sel['chosen']['point']['stages.0.lr']:g}"  # the table shows the rate
     assert not [p for p in R.check_page(page) if "does not validate" in p or "another recipe" in p]
 
 
@@ -237,3 +238,34 @@ def test_a_figure_draws_every_reference_level(tmp_path, monkeypatch):
     R.render_figure({"id": "s", "kind": "scatter", "rows": ["*"], "key": "eval/acc", "x": "eval/state_size", "hline": 0.01,
                      "hline_label": "chance", "hlines": [[0.25, "floor"], [0.5]]}, data, tmp_path / "f.png")
     assert drawn == [(0.01, "chance"), (0.25, "floor"), (0.5, None)]
+
+
+def test_a_grid_made_in_parts_renders_and_names_the_rows_still_to_make(tmp_path):
+    """A device session's deadline stops a [select] row's seeds (no summary: status "timeout",
+    no wall time) and leaves other rows unmade: the table still renders, and its provenance
+    line names the rows not made yet."""
+    spec = tmp_path / "grid.toml"
+    spec.write_text('''
+[[rows]]
+id = "g_attention"
+recipe = "recipes/minimal.toml"
+
+[[rows]]
+id = "g_window"
+recipe = "recipes/minimal.toml"
+
+[[tables]]
+id = "main"
+rows = ["g_*"]
+pending = "the next GPU session"
+columns = [{ key = "eval/acc", label = "acc" }]
+''')
+    (tmp_path / "grid.md").write_text("# grid\n\n<!-- results:table main -->\n<!-- results:end -->\n")
+    page = R.load_page(spec)
+    stopped = R._run_record(tmp_path / "never-finished", 1, unfinished="timeout")
+    assert stopped["status"] == "timeout" and stopped["wall_time_s"] is None
+    agg = {"mean": 0.99, "sd": None, "n": 1, "values": [0.99]}
+    data = {"g_attention": {"page": "grid", "status": ["completed", "timeout"], "wall_time_s": [120.0, None],
+                            "device": ["H100"], "commit": "0123456789abcdef", "metrics": {"eval/acc": agg}, "runs": []}}
+    text = R.render_page(page, draw=False, data=data)
+    assert "not made yet: g_window (the next GPU session)" in text and "2.0 min of runs" in text

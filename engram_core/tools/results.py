@@ -272,9 +272,10 @@ def _launch(cmd: list[str], jdir: Path, env: dict[str, str], job: Job, deadline:
             return None
 
 
-def _run_record(rd: Path, seed: int | None, wall: float | None = None) -> dict:
-    """What a row's JSON keeps of one finished run directory."""
-    summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").exists() else {"status": "failed"}
+def _run_record(rd: Path, seed: int | None, wall: float | None = None, unfinished: str = "failed") -> dict:
+    """What a row's JSON keeps of one run directory; a run with no summary gets status
+    `unfinished` ("timeout" when the page's deadline stopped it)."""
+    summary = json.loads((rd / "summary.json").read_text()) if (rd / "summary.json").exists() else {"status": unfinished}
     env_json = json.loads((rd / "env.json").read_text()) if (rd / "env.json").exists() else {}
     curves = _curves(rd / "metrics.jsonl") if (rd / "metrics.jsonl").exists() else {}
     return {
@@ -283,7 +284,8 @@ def _run_record(rd: Path, seed: int | None, wall: float | None = None) -> dict:
         "wall_time_s": summary.get("wall_time_s", wall),
         "device": env_json.get("device_name") or env_json.get("device"),
         "torch_threads": env_json.get("torch_threads"),
-        "metrics": final_metrics(summary) | _last_train_values(rd) | _curve_minima(curves),
+        # a run stopped before it started has no recipe.toml yet
+        "metrics": final_metrics(summary) | (_last_train_values(rd) if (rd / "recipe.toml").exists() else {}) | _curve_minima(curves),
         "curves": curves,
         "resolved_recipe": row_recipe.from_run_dir(rd) if (rd / "recipe.toml").exists() else None,
     }
@@ -314,8 +316,8 @@ def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str
     for d in winners:
         rd = sweep_dir / d
         seed = tomllib.loads((rd / "recipe.toml").read_text())["run"]["seed"] if (rd / "recipe.toml").exists() else None
-        runs.append(_run_record(rd, seed))
-    return {"seed": job.seed, "status": "completed" if rc == 0 else "failed", "wall_time_s": round(time.perf_counter() - t0, 1),
+        runs.append(_run_record(rd, seed, unfinished="timeout" if rc is None else "failed"))
+    return {"seed": job.seed, "status": "completed" if rc == 0 else "timeout" if rc is None else "failed", "wall_time_s": round(time.perf_counter() - t0, 1),
             "select_runs": runs, "selection": selection}
 
 
@@ -561,13 +563,20 @@ def render_table(spec: dict, data: dict[str, dict], labels: dict[str, str] | Non
         for rid in _rows_matching(data, spec["rows"]):
             d = data[rid]
             line = [row_label(rid, d, labels or {})]
-            line += [fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values) for c in cols]
+            line += [_point_cell(d, c["key"]) if c["key"].startswith("point:") else fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values)
+                     for c in cols]
             if spec.get("seeds", True):
                 line.append(str(len([s for s in d["status"] if s == "completed"])))
             body.append(line)
     out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(line) + " |" for line in body]
     return "\n".join(out)
+
+
+def _point_cell(d: dict, key: str) -> str:
+    """`point:<recipe key>`: the row's value of a sweep key, e.g. the rate a [select] row chose."""
+    value = (d.get("point") or {}).get(key.removeprefix("point:"))
+    return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def figure_png(page: Page, spec: dict) -> Path:
@@ -603,12 +612,17 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     elif spec.get("kind") == "scatter":
         # one point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
         # accuracy against state size), labelled by the row; `logx = true` for sizes
+        placed: list[tuple[float, float]] = []
         for rid in rows:
             y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
             if not y or not y["n"] or not x or not x["n"]:
                 continue
             ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3)
-            ax.annotate(row_label(rid, data[rid], labels or {}), (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            # rows at (almost) the same point get their labels stacked, not printed over each other
+            near = sum(abs(math.log10(max(x["mean"], 1e-12) / max(px, 1e-12))) < 0.1 and abs(y["mean"] - py) < 0.05 for px, py in placed)
+            placed.append((x["mean"], y["mean"]))
+            ax.annotate(row_label(rid, data[rid], labels or {}), (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3 + 9 * near),
+                        textcoords="offset points")
         if spec.get("logx"):
             ax.set_xscale("log")
         ax.set_xlabel(spec.get("xlabel", spec["x"]))
@@ -669,7 +683,8 @@ def _blocks(page: Page, data: dict[str, dict], draw: bool) -> dict[tuple[str, st
     out = {}
     for t in page.tables:
         labels = page_labels(page)
-        out[("table", t["id"])] = render_table(t, data, labels) + "\n" + _provenance(t.get("rows") or _cell_rows(t), data, t.get("pending"))
+        patterns = t.get("rows") or _cell_rows(t)
+        out[("table", t["id"])] = render_table(t, data, labels) + "\n" + _provenance(patterns, data, t.get("pending"), _unmade(page, patterns, data))
     for f in page.figures:
         if draw and data:
             render_figure(f, data, figure_png(page, f), page_labels(page))
@@ -681,7 +696,13 @@ def _cell_rows(spec: dict) -> list[str]:
     return sorted({c[1:].partition(":")[0] for line in spec.get("cells", []) for c in line if isinstance(c, str) and c.startswith("@")})
 
 
-def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None = None) -> str:
+def _unmade(page: Page, patterns: list[str], data: dict[str, dict]) -> list[str]:
+    """The page's rows a table's patterns name that have no JSON yet (a grid made in parts)."""
+    named = [r.id for r in page.rows if any(fnmatch.fnmatch(r.id, pat) for pat in patterns)]
+    return [rid for rid in named if not any(d == rid or d.startswith(rid + ".") for d in data)]
+
+
+def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None = None, unmade: list[str] = ()) -> str:
     rows = _rows_matching(data, patterns)
     if not rows and pending:  # a table whose rows are defined but not made yet, and why (the page says so)
         return f"\n*(not made yet: {pending})*\n"
@@ -690,10 +711,12 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
     seeds = sorted({sum(s == "completed" for s in data[r]["status"]) for r in rows})
     devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
     commits = sorted({data[r]["commit"][:10] for r in rows})
-    wall = sum(sum(data[r]["wall_time_s"]) for r in rows)
+    # a run the page's deadline stopped has no wall time
+    wall = sum(w for r in rows for w in data[r]["wall_time_s"] if w is not None)
+    later = f"; not made yet: {', '.join(unmade)}{f' ({pending})' if pending else ''}" if unmade else ""
     return (f"\n<sub>{len(rows)} rows, {'/'.join(map(str, seeds))} completed seeds each (mean ± sd over seeds); "
             f"device {', '.join(devices)}; commit {', '.join(commits)}; {wall / 60:.1f} min of runs; "
-            f"data: `docs/results/data/{data[rows[0]]['page']}/`</sub>\n")
+            f"data: `docs/results/data/{data[rows[0]]['page']}/`{later}</sub>\n")
 
 
 def render_page(page: Page, draw: bool = True, data: dict[str, dict] | None = None) -> str:
