@@ -18,7 +18,10 @@ mqar at Zoology's first setting (vocab 8192, length 64, 4 pairs, batch 512, 100k
   dropped) and over repeats, with every value kept in the JSON.
 * `--concurrent N ...`: N engine runs started together (eager unless `--concurrent-mode`),
   threads left to the engine's default sharing; aggregate steps/s = the sum of each run's
-  median.
+  median. With `--mps`, each N runs twice, alternating which goes first: as plain processes
+  (which time-slice the GPU) and as clients of an NVIDIA MPS server this script starts for
+  them in a private pipe folder and stops after (kernels of several processes then run on
+  the GPU at once; no device setting is changed).
 * `--full-run`: the zoo setting's 3,000 steps in one `engram-run` (graphed), wall time from
   launch to exit and the test accuracy it reaches.
 * `--rollout`: `recipes/rollout_vmf.toml` on CUDA against one CPU core (`OMP_NUM_THREADS=1`).
@@ -29,9 +32,11 @@ Prints and saves JSON to benchmarks/results/engine_gpu-<device>.json. Needs CUDA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -371,19 +376,60 @@ def compare(args, tmp: Path) -> dict:
     return table
 
 
+@contextlib.contextmanager
+def mps_server(folder: Path):
+    """An NVIDIA MPS control daemon for the runs started inside (their environment names its
+    private pipe folder); yields that environment, or raises RuntimeError when MPS cannot start."""
+    pipes, logs = folder / "mps-pipe", folder / "mps-log"
+    pipes.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipes), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise RuntimeError("nvidia-cuda-mps-control is not on PATH")
+    started = subprocess.run([control, "-d"], env=dict(os.environ, **env), capture_output=True, text=True)
+    if started.returncode != 0:
+        raise RuntimeError(f"nvidia-cuda-mps-control -d exited {started.returncode}: {started.stderr.strip()[:200]}")
+    try:
+        yield env
+    finally:
+        subprocess.run([control], input="quit\n", env=dict(os.environ, **env), capture_output=True, text=True)
+        time.sleep(1.0)  # the server exits after its clients; the next measurement must not meet it
+
+
+def concurrent_runs(args, tmp: Path, n: int, extra_env: dict | None = None) -> dict:
+    procs = [engine_run(args.concurrent_mode, args.concurrent_steps, args.log_every, tmp, seed=i, precision=args.precision,
+                        fused=args.fused, extra_env=extra_env) for i in range(n)]
+    each = [steady(engine_result(p)["windows"], args.skip) for p in procs]
+    return {"each_steps_per_s": [round(x, 1) for x in each], "aggregate_steps_per_s": round(sum(each), 1)}
+
+
 def concurrency(args, tmp: Path, save=lambda partial: None) -> dict:
+    """N runs at once, as plain processes and (with --mps) as MPS clients, the order of the two
+    alternating from one N to the next; each figure beside the same kind's one-run figure."""
     out = {}
-    for n in args.concurrent:
-        procs = [engine_run(args.concurrent_mode, args.concurrent_steps, args.log_every, tmp, seed=i, precision=args.precision,
-                            fused=args.fused) for i in range(n)]
-        results = [engine_result(p) for p in procs]
-        each = [steady(r["windows"], args.skip) for r in results]
-        out[str(n)] = {"each_steps_per_s": [round(x, 1) for x in each], "aggregate_steps_per_s": round(sum(each), 1)}
-        print(f"{n:3d} concurrent ({args.concurrent_mode}): aggregate {sum(each):8.1f} steps/s, each {statistics.median(each):.1f}", flush=True)
-        one = out.get("1", {}).get("aggregate_steps_per_s")
-        if one:
-            for v in out.values():
-                v["vs_one_run"] = round(v["aggregate_steps_per_s"] / one, 2)
+    for i, n in enumerate(args.concurrent):
+        kinds = ["processes", "mps"] if args.mps else ["processes"]
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            if kind == "processes":
+                res = concurrent_runs(args, tmp, n)
+            else:
+                try:
+                    with mps_server(tmp / f"mps-{n}") as env:
+                        res = concurrent_runs(args, tmp, n, extra_env=env)
+                except RuntimeError as exc:
+                    res = {"unavailable": str(exc)}
+            out.setdefault(kind, {})[str(n)] = res
+            if "aggregate_steps_per_s" in res:
+                print(f"{n:3d} concurrent ({args.concurrent_mode}, {kind}): aggregate {res['aggregate_steps_per_s']:8.1f} steps/s, "
+                      f"each {statistics.median(res['each_steps_per_s']):.1f}", flush=True)
+            else:
+                print(f"{n:3d} concurrent ({kind}): {res['unavailable']}", flush=True)
+        for runs in out.values():
+            one = runs.get("1", {}).get("aggregate_steps_per_s")
+            for v in runs.values():
+                if one and "aggregate_steps_per_s" in v:
+                    v["vs_one_run"] = round(v["aggregate_steps_per_s"] / one, 2)
         save(out)  # after each N: a larger N stopped by a time limit keeps the smaller ones
     return out
 
@@ -450,6 +496,7 @@ def main(argv=None) -> int:
     p.add_argument("--concurrent", type=int, nargs="*", default=[])
     p.add_argument("--concurrent-mode", default="eager", choices=MODES)
     p.add_argument("--concurrent-steps", type=int, default=1500)
+    p.add_argument("--mps", action="store_true", help="--concurrent also as clients of an MPS server (alternated with plain processes)")
     p.add_argument("--full-run", action="store_true")
     p.add_argument("--full-mode", default="graphed", choices=MODES)
     p.add_argument("--rollout", action="store_true")
