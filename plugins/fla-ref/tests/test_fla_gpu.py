@@ -49,22 +49,22 @@ def built(name: str):
     return MEMORIES[name](build).cuda()
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", sorted(MEMORIES))
-def test_causal_and_reaching_past_the_window(name):
+def test_causal_and_reaching_past_the_window(name, training):
     """Position t's output depends on positions <= t only, and on positions far before it (what
-    the window-2 attention cannot see)."""
-    memory = built(name).eval()
+    the window-2 attention cannot see); in training (fla's chunk kernels, with gradients) and
+    in evaluation (fla picks its fused recurrent kernels for short sequences)."""
+    memory = built(name).train(training)
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(2, 64, 64, device="cuda", generator=g)
     ids = torch.randint(0, 64, (2, 64), device="cuda", generator=g)
-    with torch.no_grad():
-        out = memory.apply_layer(0, hidden, ids)
-        later = hidden.clone()
-        later[:, 40:] = torch.randn(2, 24, 64, device="cuda", generator=g)
-        out_later = memory.apply_layer(0, later, ids)
-        earlier = hidden.clone()
-        earlier[:, 0] = torch.randn(2, 64, device="cuda", generator=g)
-        out_earlier = memory.apply_layer(0, earlier, ids)
+    later = hidden.clone()
+    later[:, 40:] = torch.randn(2, 24, 64, device="cuda", generator=g)
+    earlier = hidden.clone()
+    earlier[:, 0] = torch.randn(2, 64, device="cuda", generator=g)
+    with torch.set_grad_enabled(training):
+        out, out_later, out_earlier = (memory.apply_layer(0, h, ids).detach() for h in (hidden, later, earlier))
     assert out.shape == hidden.shape
     torch.testing.assert_close(out_later[:, :40], out[:, :40], atol=1e-4, rtol=1e-4)
     assert (out_later[:, 40:] - out[:, 40:]).abs().amax() > 1e-3
