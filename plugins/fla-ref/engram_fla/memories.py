@@ -27,6 +27,7 @@ without the KV cache (`use_cache=False`) run the whole sequence and are exact.
 
 from __future__ import annotations
 
+import abc
 import importlib
 import math
 from types import ModuleType
@@ -156,7 +157,6 @@ class FlaLayerMemory(Memory, LayerPoint):
         if outside:
             raise ConfigError("layers", f"block {outside[0]} does not exist: the head has {n_blocks} blocks (0..{n_blocks - 1})")
         self.cfg = cfg
-        self.width = width
         self._state_per_layer = self.state_per_layer(cfg, width)  # every size checked before fla is asked for
         fla_layers = require_fla_on_cuda(build, self.type_name)
         self.norms = nn.ModuleDict({str(i): nn.RMSNorm(width, eps=1e-5) for i in sorted(blocks)})
@@ -164,11 +164,13 @@ class FlaLayerMemory(Memory, LayerPoint):
 
     # what a subclass says
     @staticmethod
+    @abc.abstractmethod
     def state_per_layer(cfg, width: int) -> int:
-        raise NotImplementedError
+        """Numbers one layer of this kind carries per sequence (checks the sizes: ConfigError)."""
 
+    @abc.abstractmethod
     def make_layer(self, fla_layers: ModuleType, width: int, index: int) -> nn.Module:
-        raise NotImplementedError
+        """The fla layer after block `index`, from the module `fla.layers`."""
 
     # Zoology's state size (the head adds its own attention cache: causal_backbone.state_size)
     def state_numbers(self, seq_len: int) -> int:
