@@ -2,10 +2,18 @@
 
 from engram_core import hookimpl
 
-from .memories import GatedDeltaNetConfig, GatedDeltaNetMemory, GatedLinearAttentionConfig, GatedLinearAttentionMemory
+from .memories import (
+    DeltaNetConfig,
+    DeltaNetMemory,
+    GatedDeltaNetConfig,
+    GatedDeltaNetMemory,
+    GatedLinearAttentionConfig,
+    GatedLinearAttentionMemory,
+)
 
 
 @hookimpl
 def engram_memories(register):
     register("gated_deltanet", GatedDeltaNetMemory, GatedDeltaNetConfig, provides=("layer",))
+    register("deltanet", DeltaNetMemory, DeltaNetConfig, provides=("layer",))
     register("gla", GatedLinearAttentionMemory, GatedLinearAttentionConfig, provides=("layer",))
