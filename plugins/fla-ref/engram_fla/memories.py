@@ -231,7 +231,8 @@ def kernel_environment(device: torch.device) -> tuple[tuple[int, int] | None, st
 
 class FlaLayerMemory(Memory, LayerPoint):
     """One fla layer after each chosen decoder block, as a pre-norm residual branch. Subclasses
-    say which layer (`make_layer`) and how much state it keeps (`state_per_layer`)."""
+    say which layer (`make_layer`), how much state it keeps (`state_per_layer`) and, where fla
+    is known to refuse its kernels, that it does (`check_kernels`)."""
 
     independent_batch_items = True
     type_name = "fla"
