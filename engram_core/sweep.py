@@ -139,10 +139,11 @@ def run_sweep(recipe: Recipe, console: Console, quiet: bool, jobs: int = 1) -> i
 def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Console, quiet: bool, device: str | None, jobs: int = 1) -> int:
     dist = distributed.current()
     failures = _run_plan(recipe, sweep_dir, plan, console, quiet, device, jobs)
+    unselected = False  # a failure of the sweep, not of a point: _select said it in its own line
     if recipe.select is not None and not any(e.get("selected") for e in plan):
         chosen = _select(recipe, sweep_dir, plan, console)  # on rank 0, then every rank's
         if chosen is None:
-            failures += 1
+            unselected = True
         elif chosen:
             plan.extend(chosen)
             if dist.is_main:
@@ -161,7 +162,7 @@ def _sweep_loop(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Cons
     console.print(f"review it:       {runnable('tensorboard')} --logdir {sweep_dir}", markup=False, highlight=False, soft_wrap=True)
     if failures:
         console.print(f"{failures} of {len(plan)} points failed (status and error in sweep.csv)", markup=False)
-    return 1 if failures else 0
+    return 1 if failures or unselected else 0
 
 
 def _run_plan(recipe: Recipe, sweep_dir: Path, plan: list[dict], console: Console, quiet: bool, device: str | None, jobs: int) -> int:

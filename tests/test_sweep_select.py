@@ -55,6 +55,15 @@ def test_a_metric_no_point_has_is_one_line_and_a_failure(small_recipe, tmp_path)
     assert not (sweep / "selection.json").exists()
 
 
+def test_a_failed_point_is_counted_once_when_nothing_can_be_selected(small_recipe, tmp_path):
+    """A one-point sweep whose point fails: one point failed (not two: the selection finding no
+    point is its own line), and the sweep fails."""
+    r, out = _sweep(tmp_path, small_recipe, 'metric = "eval/loss"', sweep='"stages.0.train" = [["nothing*"]]')
+    assert r.returncode == 1
+    assert "1 of 1 points failed" in r.stdout and "2 of 1" not in r.stdout
+    assert "select: no completed point has the metric 'eval/loss'" in r.stdout
+
+
 def test_bad_select_tables_are_one_line_each(small_recipe, tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text(small_recipe.read_text() + '\n[select]\nmetric = "eval/loss"\n')

@@ -89,11 +89,13 @@ class HostReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def host_reads_in_training(recipe_file: str | Path, overrides: Sequence[str] = (), steady_after: int = 2, registry=None) -> list[str]:
+def host_reads_in_training(recipe_file: str | Path, overrides: Sequence[str] = (), steady_after: int = 2, registry=None,
+                           device: str = "cpu") -> list[str]:
     """Run the recipe (with `overrides`) on the CPU under the accelerator policy and return the
     host reads in the forward and backward of every training step after the first
     `steady_after`. Keep the recipe short (a few steps, no evaluation needed). `registry`:
-    the engine's (default: every installed plugin)."""
+    the engine's (default: every installed plugin). `device`: "cpu" (the default, what CI has),
+    or "cuda" for a memory whose kernels run only there (the same reads are recorded)."""
     from ..recipe import load_recipe
     from ..train.engine import Engine
 
@@ -102,7 +104,7 @@ def host_reads_in_training(recipe_file: str | Path, overrides: Sequence[str] = (
     with tempfile.TemporaryDirectory() as tmp, as_on_an_accelerator():
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()
-        engine = Engine(recipe, run_dir, registry=registry, device="cpu", show_progress=False)
+        engine = Engine(recipe, run_dir, registry=registry, device=device, show_progress=False)
         engine.build()
         inner = engine.forward_backward_step
         calls = 0
@@ -151,11 +153,11 @@ type = "completion_accuracy"
 """
 
 
-def host_reads_with_memory(memory: str | None, overrides: Sequence[str] = (), registry=None) -> list[str]:
+def host_reads_with_memory(memory: str | None, overrides: Sequence[str] = (), registry=None, device: str = "cpu") -> list[str]:
     """`host_reads_in_training` of `ZOO_PROBE` with `memory` (a TOML inline table, or None
     for the backbone alone) and `overrides`."""
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "zoo_probe.toml"
         recipe.write_text(ZOO_PROBE)
         extra = [f"memory={memory}"] if memory else []
-        return host_reads_in_training(recipe, [*extra, *overrides], registry=registry)
+        return host_reads_in_training(recipe, [*extra, *overrides], registry=registry, device=device)

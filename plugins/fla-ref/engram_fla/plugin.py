@@ -1,0 +1,19 @@
+"""Hook implementations: the whole of the plugin's contact with engram."""
+
+from engram_core import hookimpl
+
+from .memories import (
+    DeltaNetConfig,
+    DeltaNetMemory,
+    GatedDeltaNetConfig,
+    GatedDeltaNetMemory,
+    GatedLinearAttentionConfig,
+    GatedLinearAttentionMemory,
+)
+
+
+@hookimpl
+def engram_memories(register):
+    register("gated_deltanet", GatedDeltaNetMemory, GatedDeltaNetConfig, provides=("layer",))
+    register("deltanet", DeltaNetMemory, DeltaNetConfig, provides=("layer",))
+    register("gla", GatedLinearAttentionMemory, GatedLinearAttentionConfig, provides=("layer",))
