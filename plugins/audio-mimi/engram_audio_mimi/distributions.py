@@ -16,6 +16,11 @@ import math
 import torch
 from torch.distributions import Distribution, constraints
 
+from engram_core.run.accel import host_reads_free
+
+# Wood's sampler on an accelerator: rounds drawn together between host checks
+ROUNDS_AT_ONCE = 16
+
 _LOG_2PI = math.log(2 * math.pi)
 _DEBYE_MIN_ORDER = 20.0  # below this order the 4-term Debye series loses digits
 
@@ -141,7 +146,14 @@ class VonMisesFisher(Distribution):
         return h.to(self.loc.dtype)
 
     def _sample_w(self, shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
-        """Wood's rejection sampler for w = μᵀx, vectorised; float64 on the loc's device."""
+        """Wood's rejection sampler for w = μᵀx, vectorised; float64 on the loc's device.
+
+        On the CPU one round is drawn at a time and every round asks the host whether all
+        draws are accepted (the random stream every published CPU row was made with). On an
+        accelerator that question is a synchronisation, so rounds are drawn
+        `ROUNDS_AT_ONCE` at a time, each draw keeps its first accepted candidate, and the host
+        asks once per batch of rounds: the same distribution (each kept candidate is the first
+        acceptance of independent rounds), one host read per call instead of one a round."""
         d = self.dim
         dev = self.loc.device
         k = self.concentration.detach().to(torch.float64).expand(self.batch_shape).expand(shape)
@@ -151,15 +163,20 @@ class VonMisesFisher(Distribution):
         c = k * x0 + m1 * torch.log1p(-x0 * x0)
         w = torch.zeros_like(k)
         done = torch.zeros_like(k, dtype=torch.bool)
-        half = torch.tensor(m1 / 2, dtype=torch.float64)
-        for _ in range(200):
-            if bool(done.all()):
+        rounds = 1 if host_reads_free(dev) else ROUNDS_AT_ONCE
+        draw_shape = k.shape if rounds == 1 else (rounds, *k.shape)
+        for i in range(-(-200 // rounds)):
+            # nothing is accepted before the first round: no need to ask then (unless empty)
+            if (i > 0 or k.numel() == 0) and bool(done.all()):
                 break
             # Beta((d−1)/2, (d−1)/2) as a ratio of gammas drawn with the generator via inverse-free route
-            e = _beta_symmetric(half, k.shape, generator, dev)
-            u = torch.rand(k.shape, generator=generator, dtype=torch.float64, device=dev)
+            e = _beta_symmetric(m1 / 2, draw_shape, generator, dev)
+            u = torch.rand(draw_shape, generator=generator, dtype=torch.float64, device=dev)
             cand = (1 - (1 + b) * e) / (1 - (1 - b) * e)
             accept = (k * cand + m1 * torch.log1p(-x0 * cand) - c) >= torch.log(u)
+            if rounds > 1:  # each draw's first accepted round (argmax returns the first maximum)
+                first = accept.to(torch.uint8).argmax(0, keepdim=True)
+                cand, accept = cand.gather(0, first).squeeze(0), accept.any(0)
             new = accept & ~done
             w = torch.where(new, cand, w)
             done = done | accept
@@ -190,7 +207,7 @@ class VonMisesFisher(Distribution):
             return self.rsample(sample_shape, generator)
 
 
-def _beta_symmetric(a: torch.Tensor, shape: torch.Size, generator: torch.Generator | None, device) -> torch.Tensor:
+def _beta_symmetric(a: float, shape: torch.Size, generator: torch.Generator | None, device) -> torch.Tensor:
     """Beta(a, a) draws that honour `generator`.
 
     torch's Beta/Gamma samplers take no generator; for a ≥ 1 (every d ≥ 3), the Beta(a, a)
@@ -198,7 +215,7 @@ def _beta_symmetric(a: torch.Tensor, shape: torch.Size, generator: torch.Generat
     draws: the first coordinate x1 of a uniform point on S^{2a} satisfies (1 + x1)/2 ~ Beta(a, a)
     when 2a is an integer (d − 1 = 2a). d = 2 gives a = 1/2: the arcsine law, (1 + cos πU)/2.
     """
-    two_a = int(round(float(a) * 2))
+    two_a = int(round(a * 2))
     if two_a <= 1:
         u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
         return (1 + torch.cos(math.pi * u)) / 2

@@ -98,14 +98,15 @@ class RolloutNLL(Objective):
 
     def sample(self, dataset, split, batch_size, generator):
         batch = dataset.sample_segments(split, batch_size, self.cfg.horizon, generator)
-        # the sampled rollout's noise seed is drawn here so that resume is exact
-        batch["noise_seed"] = torch.randint(0, 2**62, (1,), generator=generator)
+        # the sampled rollout's noise seed is drawn here so that resume is exact; kept a Python
+        # int (batches move only tensors to the device), so reading it never waits for the GPU
+        batch["noise_seed"] = int(torch.randint(0, 2**62, (1,), generator=generator))
         return batch
 
     def _generator(self, batch, device) -> torch.Generator | None:
         if self.cfg.rollout != "sample" and self.cfg.noise_std == 0 and self.cfg.teacher_prob == 0:
             return None
-        seed = int(batch["noise_seed"][0]) if "noise_seed" in batch else 0
+        seed = batch.get("noise_seed", 0)
         return torch.Generator(device=device).manual_seed(seed)
 
     def rollout_loss(self, model, batch) -> tuple[torch.Tensor, dict]:
