@@ -250,6 +250,7 @@ class FlaLayerMemory(Memory, LayerPoint):
         if outside:
             raise ConfigError("layers", f"block {outside[0]} does not exist: the head has {n_blocks} blocks (0..{n_blocks - 1})")
         self.cfg = cfg
+        _fla_layer_runs_eagerly()
         self._state_per_layer = self.state_per_layer(cfg, width)  # every size checked before fla is asked for
         fla_layers = require_fla_on_cuda(build, self.type_name)
         if not build.dry_run:
@@ -295,12 +296,22 @@ class FlaLayerMemory(Memory, LayerPoint):
                                "(engram validate's dry forward runs on the CPU: use engram validate --no-forward)")
         return hidden + self.run_fla_layer(key, self.norms[key](hidden))
 
-    @torch.compiler.disable  # fla launches its own Triton kernels, which inductor fails to compile
     def run_fla_layer(self, key: str, normed: torch.Tensor) -> torch.Tensor:
         """The fla layer after block `key`, outside any compiled graph: under `run.compile`
-        the step graph-breaks here and fla's kernels run as fla launches them."""
+        the step graph-breaks here and fla's kernels run as fla launches them (inductor fails
+        to compile them). `torch.compiler.disable` is applied when the first fla memory is
+        built (`_fla_layer_runs_eagerly`), not as a decorator: the decorator imports
+        torch._dynamo, which `engram plugins` and `engram validate` should not pay."""
         out, _, _ = self.mixers[key](normed)
         return out
+
+
+def _fla_layer_runs_eagerly() -> None:
+    """`torch.compiler.disable` on `FlaLayerMemory.run_fla_layer`, once."""
+    if not getattr(FlaLayerMemory.run_fla_layer, "_engram_eager", False):
+        eager = torch.compiler.disable(FlaLayerMemory.run_fla_layer)
+        eager._engram_eager = True
+        FlaLayerMemory.run_fla_layer = eager
 
 
 class GatedDeltaNetMemory(FlaLayerMemory):
