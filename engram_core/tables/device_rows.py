@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .rowwise import wants_row_gradients
 
 
 class DeviceRowTable(nn.Embedding):
-    """The whole table as one `nn.Embedding` (dense or sparse gradients)."""
+    """The whole table as one `nn.Embedding`. Its gradient is sparse (the rows read) with
+    `sparse=True`, or while a row-wise optimiser updates it in backward
+    (`engram_core.tables.rowwise`: no dense table-sized gradient on CUDA by default);
+    dense otherwise."""
 
     placement = "device"
 
     def __init__(self, num_rows: int, dim: int, sparse: bool = False):
         super().__init__(num_rows, dim, sparse=sparse)
         self.register_load_state_dict_pre_hook(_drop_held_optimizer_state)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.embedding(rows, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.row_gradients)
+
+    @property
+    def row_gradients(self) -> bool:
+        """Whether this forward's gradient is made as rows (sparse)."""
+        return self.sparse or wants_row_gradients(self.weight)
 
     @property
     def full_weight(self) -> torch.Tensor:
