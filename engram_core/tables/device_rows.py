@@ -22,6 +22,8 @@ class DeviceRowTable(nn.Embedding):
         self.register_load_state_dict_pre_hook(_drop_held_optimizer_state)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.row_gradients and torch.compiler.is_compiling():
+            return read_rows_eagerly(rows, self.weight)
         return F.embedding(rows, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
                            self.row_gradients)
 
@@ -50,3 +52,12 @@ def _drop_held_optimizer_state(module, state_dict, prefix, *args) -> None:
     loads here too: the rows load, that state is left out (here it is the optimiser's)."""
     for key in [k for k in state_dict if k.startswith(prefix + "optimizer.")]:
         del state_dict[key]
+
+
+@torch.compiler.disable
+def read_rows_eagerly(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`weight[rows]` with a sparse gradient, outside any compiled graph: inductor cannot
+    lower a sparse gradient ("Cannot access storage of SparseTensorImpl"), so under
+    torch.compile a table read with row gradients is a graph break, and the rest of the
+    forward stays compiled. Cheaper than the alternative, a dense table-sized gradient."""
+    return F.embedding(rows, weight, sparse=True)

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..run import distributed
+from .device_rows import read_rows_eagerly
 from .rowwise import wants_row_gradients
 
 # rows drawn per slice at initialisation: a multiple of 16 values per slice keeps the CPU
@@ -260,6 +261,8 @@ class ShardedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.sharded:
+            if self.row_gradients and torch.compiler.is_compiling():
+                return read_rows_eagerly(ids, self.weight)  # inductor cannot lower a sparse gradient
             return F.embedding(ids, self.weight, sparse=self.row_gradients)
         return self._routed(ids)
 
