@@ -342,3 +342,21 @@ def test_compiled_forward_keeps_row_gradients_and_equals_eager():
         assert seen and all(seen), "row gradients, compiled or not"
         runs[compiled] = table.weight.detach().clone()
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-6, atol=1e-7)
+
+
+def test_a_table_also_read_whole_gets_one_gradient_in_backward():
+    """A memory that reads rows and also scans the whole table (hybrid_hash_content's
+    content retrieval): the two gradients meet as one (dense) before it is accumulated, and
+    the update in backward equals the dense path's."""
+    runs = {}
+    for setting in ("auto", False):
+        table, head = table_and_head(seed=17)
+        opt = RowwiseAdagrad(groups_of(table, head), lr=0.05, fused_backward=setting, auto_policy=on_cuda)
+        query = torch.linspace(-1, 1, DIM)
+        for ids in batches(3, seed=18):
+            opt.zero_grad()
+            (head_loss(table, head, ids) + (table.full_weight @ query).softmax(0).max()).backward()
+            assert table.weight.grad is None or setting is False
+            opt.step()
+        runs[setting] = table.weight.detach().clone()
+    torch.testing.assert_close(runs["auto"], runs[False], rtol=1e-6, atol=1e-7)
