@@ -360,3 +360,14 @@ def test_a_table_also_read_whole_gets_one_gradient_in_backward():
             opt.step()
         runs[setting] = table.weight.detach().clone()
     torch.testing.assert_close(runs["auto"], runs[False], rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_with_a_table_updated_in_backward_still_pickles(tmp_path):
+    """torch.save(model) pickles parameters with their attributes: the mark is saved as no
+    owner (the loaded table makes the gradient it made before)."""
+    table, head = table_and_head(seed=19)
+    opt = RowwiseAdam(groups_of(table, head), lr=0.05, auto_policy=on_cuda)
+    assert table.row_gradients and opt.updates_in_backward
+    torch.save(table, tmp_path / "table.pt")
+    loaded = torch.load(tmp_path / "table.pt", weights_only=False)
+    assert torch.equal(loaded.weight, table.weight) and not loaded.row_gradients

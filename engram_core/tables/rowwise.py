@@ -62,7 +62,7 @@ from typing import Any, Protocol
 import torch
 
 ROW_HOLDER_ATTR = "engram_row_holder"
-IN_BACKWARD_ATTR = "engram_updated_in_backward"  # a weak reference to the optimiser updating the parameter in backward
+IN_BACKWARD_ATTR = "engram_updated_in_backward"  # the optimiser updating the parameter in backward (`_Owner`)
 FUSED_BACKWARD_CHOICES = ("auto", True, False)
 
 
@@ -105,11 +105,25 @@ def in_backward_by_default(device: torch.device) -> bool:
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
+class _Owner:
+    """The optimiser that updates a parameter in backward, held weakly (a discarded one
+    must not live on through its parameters); pickled (`torch.save(model)`) as no owner."""
+
+    def __init__(self, optimizer=None):
+        self._ref = weakref.ref(optimizer) if optimizer is not None else None
+
+    def __call__(self):
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self):
+        return (_Owner, ())
+
+
 def wants_row_gradients(weight: torch.Tensor) -> bool:
     """Whether a row table should make the gradient of `weight` as rows (sparse): a live
     row-wise optimiser updates it in backward. Row tables ask this at each forward."""
-    ref = getattr(weight, IN_BACKWARD_ATTR, None)
-    return ref is not None and ref() is not None
+    owner = getattr(weight, IN_BACKWARD_ATTR, None)
+    return owner is not None and owner() is not None
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -167,7 +181,7 @@ class _Rowwise(torch.optim.Optimizer):
     def _update_in_backward(self, p: torch.Tensor) -> None:
         """Mark `p` (its table makes row gradients) and hook its gradient accumulation. The
         newest optimiser to mark a parameter owns it: an earlier one's hook does nothing."""
-        setattr(p, IN_BACKWARD_ATTR, weakref.ref(self))
+        setattr(p, IN_BACKWARD_ATTR, _Owner(self))
         self._in_backward.append(p)
         me = weakref.ref(self)  # the hook must not keep a discarded optimiser alive
 
