@@ -37,9 +37,12 @@ backward (gradient clipping, a GradScaler, transformers' Trainer) sees a table g
 How many backwards make a step is learnt on the first step: that step's table gradients
 are held (as rows) and applied at `step()`; with one backward per step every later
 update happens inside the backward, with several (gradient accumulation) the rows of
-every backward are summed and applied at `step()`. Either way the result equals the
-update at `step()` of the summed gradient, bit for bit. Element-wise groups
-(``rowwise=False``) are always updated at `step()` (and clipped with everything else).
+every backward are summed and applied at `step()`. Either way the result is bit for bit
+the update at `step()` of the same row gradients (and equals the dense path's to the
+summation order of a row's reads). Element-wise groups (``rowwise=False``) are always
+updated at `step()` (and clipped with everything else). Under torch.compile the table read
+runs eagerly (a graph break: inductor cannot lower a sparse gradient). The newest
+optimiser built over a parameter owns it; `release()` hands it back.
 Under fp16 loss scaling a table update in backward would see scaled gradients (and
 could not be skipped on overflow): pass ``fused_backward=False`` there, or call
 `defer_to_step()` on the built optimiser, which leaves the row gradients in ``p.grad``
