@@ -290,20 +290,26 @@ def test_resume_of_an_in_backward_optimiser_is_exact(cls):
     assert all(torch.equal(a, b) for a, b in zip(head2.parameters(), head.parameters()))
 
 
-def test_defer_to_step_leaves_row_gradients_for_a_grad_scaler():
-    """fp16 loss scaling: `defer_to_step()` keeps the table's sparse gradient in p.grad for
-    the scaler (unscale_, skip on overflow) and applies it at step()."""
+def test_fp16_autocast_falls_back_to_the_dense_path():
+    """Under fp16 autocast (loss scaling: the scaler must unscale the table's gradient and may
+    skip the step) the optimiser gives the table back at its first read: dense gradients in
+    p.grad, updated at step(), equal to fused_backward=False."""
     runs = {}
-    for name in ("deferred", "dense"):
+    for setting in ("auto", False):
         table, head = table_and_head(seed=13)
-        opt = RowwiseAdagrad(groups_of(table, head), lr=0.05, fused_backward="auto" if name == "deferred" else False,
-                             auto_policy=on_cuda)
-        if name == "deferred":
-            opt.defer_to_step()
-        seen, kept = train(table, head, opt, steps=3)
-        assert all(kept) and all(seen) == (name == "deferred")
-        runs[name] = table.weight.detach().clone()
-    torch.testing.assert_close(runs["deferred"], runs["dense"], rtol=1e-6, atol=1e-7)
+        opt = RowwiseAdagrad(groups_of(table, head), lr=0.05, fused_backward=setting, auto_policy=on_cuda)
+        assert opt.updates_in_backward == (setting == "auto")
+        with torch.autocast("cpu", dtype=torch.float16):
+            seen, kept = train(table, head, opt, steps=3)
+        assert not opt.updates_in_backward and not table.row_gradients
+        assert all(kept) and not any(seen)
+        runs[setting] = table.weight.detach().clone()
+    assert torch.equal(runs["auto"], runs[False])
+    table, head = table_and_head(seed=13)
+    opt = RowwiseAdagrad(groups_of(table, head), lr=0.05, auto_policy=on_cuda)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 needs no loss scaling: rows, in backward
+        seen, kept = train(table, head, opt, steps=2)
+    assert all(seen) and not any(kept)
 
 
 def test_a_newer_optimiser_takes_the_table_and_release_gives_it_back():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rowwise import wants_row_gradients
+from .rowwise import reading_rows, wants_row_gradients
 
 
 class DeviceRowTable(nn.Embedding):
@@ -22,10 +22,12 @@ class DeviceRowTable(nn.Embedding):
         self.register_load_state_dict_pre_hook(_drop_held_optimizer_state)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.row_gradients and torch.compiler.is_compiling():
-            return read_rows_eagerly(rows, self.weight)
-        return F.embedding(rows, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                           self.row_gradients)
+        sparse = self.sparse
+        if not sparse and wants_row_gradients(self.weight):
+            if torch.compiler.is_compiling():
+                return read_rows_eagerly(rows, self.weight)
+            sparse = reading_rows(self.weight)
+        return F.embedding(rows, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, sparse)
 
     @property
     def row_gradients(self) -> bool:
@@ -60,4 +62,4 @@ def read_rows_eagerly(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lower a sparse gradient ("Cannot access storage of SparseTensorImpl"), so under
     torch.compile a table read with row gradients is a graph break, and the rest of the
     forward stays compiled. Cheaper than the alternative, a dense table-sized gradient."""
-    return F.embedding(rows, weight, sparse=True)
+    return F.embedding(rows, weight, sparse=reading_rows(weight))

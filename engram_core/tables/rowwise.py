@@ -43,10 +43,10 @@ summation order of a row's reads). Element-wise groups (``rowwise=False``) are a
 updated at `step()` (and clipped with everything else). Under torch.compile the table read
 runs eagerly (a graph break: inductor cannot lower a sparse gradient). The newest
 optimiser built over a parameter owns it; `release()` hands it back.
-Under fp16 loss scaling a table update in backward would see scaled gradients (and
-could not be skipped on overflow): pass ``fused_backward=False`` there, or call
-`defer_to_step()` on the built optimiser, which leaves the row gradients in ``p.grad``
-for the scaler and updates at `step()`.
+Under fp16 autocast (and so a GradScaler's loss scaling, which must unscale the table's
+gradient and may skip the step) a table update in backward would see scaled gradients:
+there the optimiser falls back to the dense path by itself, at the first read
+(`reading_rows`).
 
 Rows that are not a parameter's own data (a table in host memory whose forward reads a
 prefetched device buffer, `engram_core.tables.host_rows`) are reached through a `RowHolder`
@@ -129,6 +129,22 @@ def wants_row_gradients(weight: torch.Tensor) -> bool:
     return owner is not None and owner() is not None
 
 
+def reading_rows(weight: torch.Tensor) -> bool:
+    """A row table reads rows of `weight` eagerly: whether this read makes row (sparse)
+    gradients. Under fp16 autocast the optimiser that would update the table in backward
+    gives it back (`release`): loss scaling must see the table's gradient, so the dense
+    path, as before, runs there."""
+    owner = getattr(weight, IN_BACKWARD_ATTR, None)
+    opt = owner() if owner is not None else None
+    if opt is None:
+        return False
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        opt.release()
+        return False
+    return True
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """A (R, W) view of a parameter: a matrix as it is, a vector as R rows of one, a scalar as one."""
     if t.dim() == 0:
@@ -169,7 +185,7 @@ class _Rowwise(torch.optim.Optimizer):
         self._pending: dict[int, torch.Tensor] = {}  # id(p) -> gradient rows held until step()
         self._backwards: dict[int, int] = {}  # id(p) -> backwards that reached p since the last step()
         # "learn" (the first step), then "backward" (one backward a step) or "accumulate"
-        # (several: rows held until step()); "step": gradients left in p.grad (defer_to_step)
+        # (several: rows held until step())
         self._mode = "learn"
         for group in self.param_groups:
             for p in group["params"]:
@@ -200,16 +216,10 @@ class _Rowwise(torch.optim.Optimizer):
         """Whether some table of this optimiser is updated in backward."""
         return bool(self._in_backward)
 
-    def defer_to_step(self) -> None:
-        """Update every table at `step()` from the gradient in ``p.grad`` from now on, as
-        fp16 loss scaling needs (the scaler unscales it and may skip the step); the tables'
-        gradients stay rows (sparse: torch's clip_grad_norm_ cannot take them, the engine's
-        clipping leaves them out)."""
-        self._mode = "step"
-
     def release(self) -> None:
-        """Stop updating this optimiser's tables in backward (it is being replaced): their
-        tables make the gradients they made before."""
+        """Stop updating this optimiser's tables in backward (it is being replaced, or fp16
+        loss scaling runs): their tables make the gradients they made before, updated at
+        `step()` (the dense path)."""
         for p in self._in_backward:
             ref = getattr(p, IN_BACKWARD_ATTR, None)
             if ref is not None and ref() is self:
@@ -241,8 +251,6 @@ class _Rowwise(torch.optim.Optimizer):
     def _take_gradient(self, p: torch.Tensor) -> None:
         """`p`'s gradient was just accumulated by a backward: apply it now (one backward a
         step) or hold it until `step()` (the first step, gradient accumulation)."""
-        if self._mode == "step":
-            return
         grad, p.grad = p.grad, None
         if grad is None:
             return

@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..run import distributed
 from .device_rows import read_rows_eagerly
-from .rowwise import wants_row_gradients
+from .rowwise import reading_rows, wants_row_gradients
 
 # rows drawn per slice at initialisation: a multiple of 16 values per slice keeps the CPU
 # normal_ stream of the slices identical to one normal_ over the whole table
@@ -261,9 +261,11 @@ class ShardedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.sharded:
-            if self.row_gradients and torch.compiler.is_compiling():
-                return read_rows_eagerly(ids, self.weight)  # inductor cannot lower a sparse gradient
-            return F.embedding(ids, self.weight, sparse=self.row_gradients)
+            if not self.sparse and wants_row_gradients(self.weight):
+                if torch.compiler.is_compiling():
+                    return read_rows_eagerly(ids, self.weight)  # inductor cannot lower a sparse gradient
+                return F.embedding(ids, self.weight, sparse=reading_rows(self.weight))
+            return F.embedding(ids, self.weight, sparse=self.sparse)
         return self._routed(ids)
 
     def _routed(self, ids: torch.Tensor) -> torch.Tensor:  # eager under run.compile: _routed_runs_eagerly
