@@ -157,9 +157,10 @@ def bench_pieces(kernels_choice, args, device, compute) -> dict:
     return res
 
 
-def fits(size, args, device) -> bool:
-    """Table + its dense gradient (fp32) + the gradient being made, with a margin."""
-    need = 3.2 * size * args.slot_dim * 4
+def fits(size, args, device, dense_gradient: bool = True) -> bool:
+    """Table + its dense gradient (fp32) + the gradient being made, with a margin; without
+    a dense gradient (rows, updated in backward), the table and its row-wise state."""
+    need = (3.2 if dense_gradient else 1.3) * size * args.slot_dim * 4
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return need < 0.8 * free
@@ -237,18 +238,24 @@ def main(argv=None) -> dict:
         print(f"{r['kernels']:>8} {r['hash_us']:>9.1f} {r['gather_fwd_us']:>14.1f} {r['gather_fwd_gb_per_s']:>8.1f} "
               f"{100 * r['gather_fraction_of_copy']:>6.1f}% {r['gather_bwd_us']:>14.1f}", flush=True)
 
+    from engram_core.tables.rowwise import in_backward_by_default
+
+    rows_by_default = in_backward_by_default(device)  # the default path makes no dense table gradient
     blocks = []
     print(f"memory block: {args.tokens} tokens, width {args.dim}, slot {args.slot_dim}, {2 * args.heads} heads, {compute}")
     print(f"{'rows':>8} {'kernels':>8} {'mode':>9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'+telemetry ms':>14} {'ns/token':>9}  table path")
     for s in args.sizes.split(","):
         size = int(float(s))
-        if not fits(size, args, device):
-            print(f"{size:>8.0e} skipped: table and gradient do not fit")
+        if not fits(size, args, device, dense_gradient=not rows_by_default):
+            print(f"{size:>8.0e} skipped: the table{'' if rows_by_default else ' and its gradient'} do not fit")
             continue
         for k in chosen:
             for compiled in [False] + ([True] if args.compile else []):
                 variants = [(False, False)] + ([(True, False)] if args.sparse else []) + ([(False, True)] if args.dense_tables else [])
                 for sparse, dense in variants:
+                    if dense and not fits(size, args, device):
+                        print(f"{size:>8.0e} {k:>8} dense path skipped: the table and its dense gradient do not fit")
+                        continue
                     try:
                         r = bench_block(size, k, compiled, sparse, args, device, amp, dense=dense)
                     except Exception as exc:  # noqa: BLE001 - recorded, the other figures still come
