@@ -143,7 +143,7 @@ class RouteRows(torch.autograd.Function):
         got = _answer(weight.detach(), rows, recv_ids, send_counts, recv_counts)
         ctx.save_for_backward(inverse, recv_ids)
         ctx.counts = (send_counts, recv_counts)
-        ctx.meta = (rows, uniq.numel(), table.row_gradients)
+        ctx.meta = (rows, uniq.numel(), table.sparse or reading_rows(weight))
         table.last_unique, table.last_send_counts = uniq.numel(), send_counts
         return got[inverse]
 
