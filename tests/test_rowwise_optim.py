@@ -261,7 +261,7 @@ def test_clipping_sees_no_table_gradient_and_clips_the_rest():
         table, head = table_and_head(seed=9)
         opt = RowwiseAdam(groups_of(table, head), lr=0.05, fused_backward=setting, auto_policy=on_cuda)
         if name == "rest_only":  # the reference: clip only the head's gradient, update the table unclipped
-            for k, ids in enumerate(batches(4, seed=5)):
+            for ids in batches(4, seed=5):
                 opt.zero_grad()
                 head_loss(table, head, ids).backward()
                 torch.nn.utils.clip_grad_norm_(list(head.parameters()), 0.01)
@@ -340,7 +340,7 @@ def test_compiled_forward_keeps_row_gradients_and_equals_eager():
         torch.compiler.reset()
         loss = torch.compile(head_loss) if compiled else head_loss
         seen = []
-        table.weight.register_hook(lambda g: seen.append(g.is_sparse))
+        table.weight.register_hook(lambda g, seen=seen: seen.append(g.is_sparse))
         for ids in batches(3, seed=16):
             opt.zero_grad()
             loss(table, head, ids).backward()
