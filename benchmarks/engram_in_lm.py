@@ -6,8 +6,14 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
 
 - training step (forward, backward, fused AdamW step) on a batch of 4 × 2048 tokens,
   without Engram and with `add_engram` after layers 1 and 12 (the whole model trains in
-  both, so the difference is the memory's cost; the tables go in their own group via
-  `engram_param_groups`, 5× lr, no weight decay);
+  both, so the difference is the memory's cost; the groups of `engram_param_groups`: the
+  tables at 5× lr, no weight decay). `--tables` says how the tables train: `default` a
+  row-wise optimiser (`--table-optimizer`, rowwise_adam) as built by default — on CUDA the
+  tables make sparse row gradients and are updated inside the backward, never a dense
+  table gradient; `dense` the same optimiser with `fused_backward=False` (a dense table
+  gradient, the update at step()); `adamw` the tables in the fused AdamW with the rest
+  (the figure before issue 28). Everything else is in fused AdamW in every case. The
+  path that ran is printed and saved (`table_path`);
 - greedy decoding with the KV cache (`generate(use_cache=True)`), tokens/s, model in bf16,
   with the memory and without it (a copy of the model made before `add_engram`), the two
   alternated `--decode-repeats` times after one untimed generate of each (median, sd and
@@ -64,6 +70,9 @@ def parse(argv=None):
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or aot_eager for a quick CPU check)")
+    p.add_argument("--tables", default="default", choices=["default", "dense", "adamw"],
+                   help="how the tables train: default (row-wise, in backward on CUDA), dense (row-wise, dense gradient, at step), adamw")
+    p.add_argument("--table-optimizer", default="rowwise_adam", choices=["rowwise_adam", "rowwise_adagrad"])
     p.add_argument("--no-decode", action="store_true", help="training steps only")
     p.add_argument("--tiny", action="store_true", help="a tiny model and batch (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/engram_in_lm-<device>.json)")
@@ -100,10 +109,36 @@ def make_optimizer(groups, lr, device):
         return torch.optim.AdamW(groups, lr=lr), False
 
 
+def engram_optimizers(model, args, device) -> tuple[list, dict]:
+    """The optimisers of the model with Engram (`--tables`), and which table path runs."""
+    from engram_llm_hash import engram_param_groups
+
+    from engram_core.tables.rowwise import ROWWISE_OPTIMIZERS
+
+    groups = engram_param_groups(model, lr=args.lr)
+    if args.tables == "adamw":
+        return groups, {"tables": "adamw", "table_gradient": "dense", "table_update": "at step()"}
+    tables = [g for g in groups if g["name"] == "engram_tables"]
+    rest = [g for g in groups if g["name"] != "engram_tables"]
+    opt = ROWWISE_OPTIMIZERS[args.table_optimizer](tables, lr=args.lr, fused_backward="auto" if args.tables == "default" else False)
+    table = next(iter(model.engram.blocks.values())).table
+    path = {"tables": args.table_optimizer, "table_gradient": "rows (sparse)" if getattr(table, "row_gradients", False) else "dense",
+            "table_update": "in backward" if opt.updates_in_backward else "at step()"}
+    return [rest, opt], path
+
+
 def time_training(model, groups, args, device, run=None) -> dict:
-    """`run`: what is called (the compiled model under --compile), `model` what it wraps."""
+    """`run`: what is called (the compiled model under --compile), `model` what it wraps.
+    `groups`: AdamW's parameter groups, or a list of them and built optimisers."""
     run = model if run is None else run
-    opt, fused = make_optimizer(groups, args.lr, device)
+    parts = groups if groups and isinstance(groups[-1], torch.optim.Optimizer) else [groups]
+    opts, fused = [], None
+    for part in parts:
+        if isinstance(part, torch.optim.Optimizer):
+            opts.append(part)
+        else:
+            adamw, fused = make_optimizer(part, args.lr, device)
+            opts.append(adamw)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "autocast" else contextlib.nullcontext()
@@ -115,13 +150,14 @@ def time_training(model, groups, args, device, run=None) -> dict:
         with amp:
             loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync(device)
         if i >= args.warmup:
             times.append(1000 * (time.perf_counter() - t))
             losses.append(float(loss.detach()))
-    del opt
+    del opts, opt
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "step_ms_mean": statistics.mean(times),
@@ -206,7 +242,7 @@ def cache_consistency(model, prompt, n: int, opts: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    from engram_llm_hash import add_engram, engram_param_groups
+    from engram_llm_hash import add_engram
 
     args = parse(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
@@ -227,7 +263,10 @@ def main(argv=None) -> dict:
                slot_dim=args.slot_dim, heads_per_order=args.heads_per_order, kernels=args.kernels)
     n_memory = sum(p.numel() for p in model.engram.parameters())
     tables_before = [b.table.weight.detach().clone() for b in model.engram.blocks.values()]
-    engram_train = time_training(model, engram_param_groups(model, lr=args.lr), args, device, run)
+    optimizers, table_path = engram_optimizers(model, args, device)
+    print(f"  tables: {table_path['tables']}, {table_path['table_gradient']} gradient, updated {table_path['table_update']}", flush=True)
+    engram_train = time_training(model, optimizers, args, device, run)
+    engram_train["table_path"] = table_path
     engram_train["memory_ran"] = all(not torch.equal(a, b.table.weight) for a, b in zip(tables_before, model.engram.blocks.values()))
     del tables_before
     if not engram_train["memory_ran"]:
@@ -268,7 +307,8 @@ def main(argv=None) -> dict:
     }
     decode = "" if base_decode is None else f", decode slowdown {100 * info['decode']['slowdown']:+.1f} %"
     print(f"  train overhead {100 * info['train']['overhead']:+.1f} %{decode}")
-    tag = ("-compiled" if args.compile else "") + (f"-{args.kernels}" if args.kernels != "auto" else "") + ("-tiny" if args.tiny else "")
+    tag = ("-compiled" if args.compile else "") + (f"-{args.kernels}" if args.kernels != "auto" else "") + (
+        f"-tables-{args.tables}" if args.tables != "default" else "") + ("-tiny" if args.tiny else "")
     write_result(info, args.out, f"engram_in_lm-{device.type}{tag}")
     return info
 

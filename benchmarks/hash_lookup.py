@@ -11,6 +11,12 @@ Issue 14's figures, in one run:
   width 1024, slot 64, 16 heads) forward and forward+backward for table sizes 10^5..10^8
   rows where memory allows (table, its dense gradient and a margin must fit), eager and,
   with `--compile`, under torch.compile; time per token should be flat in table size.
+  Forward+backward includes the table's update by its row-wise optimiser
+  (`--table-optimizer`, rowwise_adagrad), built as by default: on CUDA the table makes a
+  sparse gradient of the rows read and is updated inside the backward (no dense
+  table-sized gradient); on a CPU at `step()` from a dense gradient. `--dense-tables` adds
+  rows for the dense path (`fused_backward=False`: dense gradient, update at `step()`);
+  each row says which path ran (`table_path`).
 
     python benchmarks/hash_lookup.py --device cuda --compile --deterministic   # the GPU measurement
     OMP_NUM_THREADS=1 python benchmarks/hash_lookup.py --tiny                  # CPU smoke run (seconds)
@@ -55,6 +61,9 @@ def parse(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the memory block under torch.compile")
     p.add_argument("--deterministic", action="store_true", help="also time the deterministic (sorted segment sum) backward")
     p.add_argument("--sparse", action="store_true", help="also time sparse table gradients (nn.Embedding(sparse=True))")
+    p.add_argument("--dense-tables", action="store_true", help="also time the dense path (row-wise optimiser with fused_backward=False)")
+    p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "rowwise_adam"],
+                   help="the table's optimiser in the memory block's step")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
@@ -148,17 +157,29 @@ def bench_pieces(kernels_choice, args, device, compute) -> dict:
     return res
 
 
-def fits(size, args, device) -> bool:
-    """Table + its dense gradient (fp32) + the gradient being made, with a margin."""
-    need = 3.2 * size * args.slot_dim * 4
+def fits(size, args, device, dense_gradient: bool = True) -> bool:
+    """Table + its dense gradient (fp32) + the gradient being made, with a margin; without
+    a dense gradient (rows, updated in backward), the table and its row-wise state."""
+    need = (3.2 if dense_gradient else 1.3) * size * args.slot_dim * 4
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return need < 0.8 * free
     return need < 4 * 2**30  # a CPU: stay well below a shared machine's memory
 
 
-def bench_block(size, kernels_choice, compiled, sparse, args, device, amp) -> dict:
+def table_optimizer(block, args, dense: bool):
+    """The table's row-wise optimiser (the rest of the block is not stepped: its cost is
+    the same on every path), and which path it takes."""
+    from engram_core.tables.rowwise import ROWWISE_OPTIMIZERS
+
+    opt = ROWWISE_OPTIMIZERS[args.table_optimizer]([block.table.weight], lr=1e-2, fused_backward=False if dense else "auto")
+    gradient = "rows" if getattr(block.table, "row_gradients", False) else "dense"
+    return opt, f"{'dense' if dense else 'default'}: {gradient} gradient, update {'in backward' if opt.updates_in_backward else 'at step'}"
+
+
+def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense=False) -> dict:
     mem, block = make_block(size, kernels_choice, args, device, sparse=sparse)
+    opt, path = table_optimizer(block, args, dense)
     t = args.tokens // args.batch
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, t), generator=g).to(device)
@@ -173,7 +194,9 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp) -> di
 
     def step():
         mem.zero_grad(set_to_none=True)  # the new gradient is assigned, not added to a second table-sized one
+        opt.zero_grad(set_to_none=True)
         forward().float().pow(2).mean().backward()
+        opt.step()  # the table's update (already done inside the backward on the default CUDA path)
 
     fwd_bwd = timed(step, device, args.iters, args.warmup)
     with torch.no_grad():
@@ -185,7 +208,7 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp) -> di
     tokens = args.batch * t
     return {
         "table_size": size, "kernels": kernels_choice, "compiled": compiled, "sparse": sparse, "tokens": tokens,
-        "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
+        "table_path": path, "table_optimizer": args.table_optimizer, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
         "ns_per_token_fwd_bwd": 1e9 * fwd_bwd / tokens,
     }
 
@@ -215,30 +238,37 @@ def main(argv=None) -> dict:
         print(f"{r['kernels']:>8} {r['hash_us']:>9.1f} {r['gather_fwd_us']:>14.1f} {r['gather_fwd_gb_per_s']:>8.1f} "
               f"{100 * r['gather_fraction_of_copy']:>6.1f}% {r['gather_bwd_us']:>14.1f}", flush=True)
 
+    from engram_core.tables.rowwise import in_backward_by_default
+
+    rows_by_default = in_backward_by_default(device)  # the default path makes no dense table gradient
     blocks = []
     print(f"memory block: {args.tokens} tokens, width {args.dim}, slot {args.slot_dim}, {2 * args.heads} heads, {compute}")
-    print(f"{'rows':>8} {'kernels':>8} {'mode':>9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'+telemetry ms':>14} {'ns/token':>9}")
+    print(f"{'rows':>8} {'kernels':>8} {'mode':>9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'+telemetry ms':>14} {'ns/token':>9}  table path")
     for s in args.sizes.split(","):
         size = int(float(s))
-        if not fits(size, args, device):
-            print(f"{size:>8.0e} skipped: table and gradient do not fit")
+        if not fits(size, args, device, dense_gradient=not rows_by_default):
+            print(f"{size:>8.0e} skipped: the table{'' if rows_by_default else ' and its gradient'} do not fit")
             continue
         for k in chosen:
             for compiled in [False] + ([True] if args.compile else []):
-                for sparse in [False] + ([True] if args.sparse else []):
+                variants = [(False, False)] + ([(True, False)] if args.sparse else []) + ([(False, True)] if args.dense_tables else [])
+                for sparse, dense in variants:
+                    if dense and not fits(size, args, device):
+                        print(f"{size:>8.0e} {k:>8} dense path skipped: the table and its dense gradient do not fit")
+                        continue
                     try:
-                        r = bench_block(size, k, compiled, sparse, args, device, amp)
+                        r = bench_block(size, k, compiled, sparse, args, device, amp, dense=dense)
                     except Exception as exc:  # noqa: BLE001 - recorded, the other figures still come
                         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                        blocks.append({"table_size": size, "kernels": k, "compiled": compiled, "sparse": sparse, "error": msg})
+                        blocks.append({"table_size": size, "kernels": k, "compiled": compiled, "sparse": sparse, "dense_tables": dense, "error": msg})
                         print(f"{size:>8.0e} {k:>8} {'compiled' if compiled else 'eager':>9} failed: {msg}", flush=True)
                         continue
                     blocks.append(r)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()  # the block's table and gradient are gone with its frame
-                    mode = ("compiled" if compiled else "eager") + (" sp" if sparse else "")
+                    mode = ("compiled" if compiled else "eager") + (" sp" if sparse else "") + (" dn" if dense else "")
                     print(f"{size:>8.0e} {k:>8} {mode:>9} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
-                          f"{r['fwd_with_telemetry_ms']:>14.3f} {r['ns_per_token_fwd_bwd']:>9.1f}", flush=True)
+                          f"{r['fwd_with_telemetry_ms']:>14.3f} {r['ns_per_token_fwd_bwd']:>9.1f}  {r['table_path']}", flush=True)
     import transformers
 
     info = {

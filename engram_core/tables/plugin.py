@@ -34,15 +34,18 @@ def engram_placements(register):
 
 @hookimpl
 def engram_optimizers(register):
+    # fused_backward "auto": on CUDA in one process the tables make row (sparse) gradients and
+    # are updated inside the backward (several micro-batches: their rows summed, applied at
+    # step()); on the CPU at step() as before (engram_core.tables.rowwise)
     def rowwise_adagrad(groups, st):
         from .rowwise import RowwiseAdagrad
 
-        return RowwiseAdagrad(groups, lr=st.lr)
+        return RowwiseAdagrad(groups, lr=st.lr, fused_backward="auto")
 
     def rowwise_adam(groups, st):
         from .rowwise import RowwiseAdam
 
-        return RowwiseAdam(groups, lr=st.lr, betas=st.betas)
+        return RowwiseAdam(groups, lr=st.lr, betas=st.betas, fused_backward="auto")
 
     register("rowwise_adagrad", rowwise_adagrad, help="row-wise Adagrad: one accumulator per row, touched rows only", holds_rows=True)
     register("rowwise_adam", rowwise_adam, help="row-wise Adam: per-row second moment and step count, touched rows only", holds_rows=True)

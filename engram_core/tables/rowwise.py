@@ -23,11 +23,30 @@ A parameter group with ``rowwise=False`` is updated element-wise over every row 
 Adagrad, or AdamW with decoupled decay): one optimiser can then hold a model's tables and
 its other parameters, which is what transformers' Trainer takes.
 
-``fused_backward=True`` applies a parameter's update the moment its gradient is
-accumulated (`Tensor.register_post_accumulate_grad_hook`) and frees the gradient, so a
-sparse table never holds a gradient across the step and no dense table-sized gradient
-is made. `step()` then has nothing left to do for those parameters. Use it with one
-backward per step (no gradient accumulation over micro-batches, no fp16 GradScaler).
+Where a table's update happens (`fused_backward`, per parameter of a ``rowwise=True`` group):
+
+    "auto" (default)  in backward on CUDA in one process; elsewhere at `step()` as before
+    True              in backward on any device
+    False             at `step()`, from the gradient the table makes (dense unless sparse)
+
+In backward, the optimiser marks the table's weight so a row table makes its gradient as
+rows (`wants_row_gradients`: a sparse gradient of the rows read, never a dense
+table-sized one), takes that gradient out of ``p.grad`` the moment it is accumulated
+(`Tensor.register_post_accumulate_grad_hook`) and applies the rule. Nothing after the
+backward (gradient clipping, a GradScaler, transformers' Trainer) sees a table gradient.
+How many backwards make a step is learnt on the first step: that step's table gradients
+are held (as rows) and applied at `step()`; with one backward per step every later
+update happens inside the backward, with several (gradient accumulation) the rows of
+every backward are summed and applied at `step()`. Either way the result is bit for bit
+the update at `step()` of the same row gradients (and equals the dense path's to the
+summation order of a row's reads). Element-wise groups (``rowwise=False``) are always
+updated at `step()` (and clipped with everything else). Under torch.compile the table read
+runs eagerly (a graph break: inductor cannot lower a sparse gradient). The newest
+optimiser built over a parameter owns it; `release()` hands it back.
+Under fp16 autocast (and so a GradScaler's loss scaling, which must unscale the table's
+gradient and may skip the step) a table update in backward would see scaled gradients:
+there the optimiser falls back to the dense path by itself, at the first read
+(`reading_rows`).
 
 Rows that are not a parameter's own data (a table in host memory whose forward reads a
 prefetched device buffer, `engram_core.tables.host_rows`) are reached through a `RowHolder`
@@ -39,11 +58,15 @@ and tells the holder, which stores rows and state back. Such parameters are upda
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 ROW_HOLDER_ATTR = "engram_row_holder"
+IN_BACKWARD_ATTR = "engram_updated_in_backward"  # the optimiser updating the parameter in backward (`_Owner`)
+FUSED_BACKWARD_CHOICES = ("auto", True, False)
 
 
 class RowHolder(Protocol):
@@ -71,6 +94,55 @@ def attach_row_holder(param: torch.Tensor, holder: RowHolder) -> None:
 
 def row_holder(param: torch.Tensor) -> RowHolder | None:
     return getattr(param, ROW_HOLDER_ATTR, None)
+
+
+def in_backward_by_default(device: torch.device) -> bool:
+    """What ``fused_backward="auto"`` means for a table on `device`: in backward on CUDA
+    in one process. On the CPU the update stays at `step()` (published CPU results are
+    reproduced bit for bit, and there a dense gradient costs little); on several ranks
+    DDP reduces a replicated table's gradient after its accumulation, which an update in
+    backward would pre-empt."""
+    if device.type != "cuda":
+        return False
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+class _Owner:
+    """The optimiser that updates a parameter in backward, held weakly (a discarded one
+    must not live on through its parameters); pickled (`torch.save(model)`) as no owner."""
+
+    def __init__(self, optimizer=None):
+        self._ref = weakref.ref(optimizer) if optimizer is not None else None
+
+    def __call__(self):
+        return self._ref() if self._ref is not None else None
+
+    def __reduce__(self):
+        return (_Owner, ())
+
+
+def wants_row_gradients(weight: torch.Tensor) -> bool:
+    """Whether a row table should make the gradient of `weight` as rows (sparse): a live
+    row-wise optimiser updates it in backward. Row tables ask this at each forward."""
+    owner = getattr(weight, IN_BACKWARD_ATTR, None)
+    return owner is not None and owner() is not None
+
+
+def reading_rows(weight: torch.Tensor) -> bool:
+    """A row table reads rows of `weight` eagerly: whether this read makes row (sparse)
+    gradients. Under fp16 autocast the optimiser that would update the table in backward
+    gives it back (`release`): loss scaling must see the table's gradient, so the dense
+    path, as before, runs there."""
+    owner = getattr(weight, IN_BACKWARD_ATTR, None)
+    opt = owner() if owner is not None else None
+    if opt is None:
+        return False
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        opt.release()
+        return False
+    return True
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -102,19 +174,57 @@ def nonzero_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Rowwise(torch.optim.Optimizer):
     rule = ""
 
-    def __init__(self, params, defaults: dict, fused_backward: bool = False):
+    def __init__(self, params, defaults: dict, fused_backward: bool | str = "auto",
+                 auto_policy: Callable[[torch.device], bool] | None = None):
+        if fused_backward not in FUSED_BACKWARD_CHOICES or not isinstance(fused_backward, (bool, str)):
+            raise ValueError(f"fused_backward must be 'auto', True or False, got {fused_backward!r}")
         super().__init__(params, defaults)
-        self.fused_backward = bool(fused_backward)
+        self.fused_backward = fused_backward
+        policy = auto_policy or in_backward_by_default
+        self._in_backward: list[torch.Tensor] = []  # table parameters updated in backward
+        self._pending: dict[int, torch.Tensor] = {}  # id(p) -> gradient rows held until step()
+        self._backwards: dict[int, int] = {}  # id(p) -> backwards that reached p since the last step()
+        # "learn" (the first step), then "backward" (one backward a step) or "accumulate"
+        # (several: rows held until step())
+        self._mode = "learn"
         for group in self.param_groups:
             for p in group["params"]:
                 holder = row_holder(p)
                 if holder is not None and hasattr(holder, "claim"):
                     holder.claim(self)  # the holder can tell a forward that nothing would train it
-        if self.fused_backward:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if row_holder(p) is None and p.requires_grad:
-                        p.register_post_accumulate_grad_hook(self._fused_update)
+                if holder is not None or not group["rowwise"] or not p.requires_grad:
+                    continue  # held rows are updated at step(); element-wise groups too
+                if policy(p.device) if fused_backward == "auto" else fused_backward:
+                    self._update_in_backward(p)
+
+    def _update_in_backward(self, p: torch.Tensor) -> None:
+        """Mark `p` (its table makes row gradients) and hook its gradient accumulation. The
+        newest optimiser to mark a parameter owns it: an earlier one's hook does nothing."""
+        setattr(p, IN_BACKWARD_ATTR, _Owner(self))
+        self._in_backward.append(p)
+        me = weakref.ref(self)  # the hook must not keep a discarded optimiser alive
+
+        def hook(param: torch.Tensor) -> None:
+            opt = me()
+            if opt is not None and getattr(param, IN_BACKWARD_ATTR, lambda: None)() is opt:
+                opt._take_gradient(param)
+
+        p.register_post_accumulate_grad_hook(hook)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether some table of this optimiser is updated in backward."""
+        return bool(self._in_backward)
+
+    def release(self) -> None:
+        """Stop updating this optimiser's tables in backward (it is being replaced, or fp16
+        loss scaling runs): their tables make the gradients they made before, updated at
+        `step()` (the dense path)."""
+        for p in self._in_backward:
+            ref = getattr(p, IN_BACKWARD_ATTR, None)
+            if ref is not None and ref() is self:
+                delattr(p, IN_BACKWARD_ATTR)
+        self._in_backward = []
 
     # ---- state -------------------------------------------------------------------------
 
@@ -138,12 +248,32 @@ class _Rowwise(torch.optim.Optimizer):
                 return group
         raise KeyError("parameter not in this optimizer")
 
-    def _fused_update(self, p: torch.Tensor) -> None:
-        if p.grad is None:
+    def _take_gradient(self, p: torch.Tensor) -> None:
+        """`p`'s gradient was just accumulated by a backward: apply it now (one backward a
+        step) or hold it until `step()` (the first step, gradient accumulation)."""
+        grad, p.grad = p.grad, None
+        if grad is None:
             return
-        with torch.no_grad():
-            self._update_param(p, p.grad, self._group_of(p))
-        p.grad = None
+        key = id(p)
+        seen = self._backwards.get(key, 0)
+        self._backwards[key] = seen + 1
+        if self._mode == "backward":
+            if seen:
+                raise RuntimeError(
+                    "a row-wise table update in backward saw a second backward before optimizer.step(), after steps of one "
+                    "backward each: keep the number of backwards per step fixed, or build the optimiser with fused_backward=False"
+                )
+            with torch.no_grad():
+                self._update_param(p, grad, self._group_of(p))
+            return
+        held = self._pending.get(key)
+        self._pending[key] = grad if held is None else held + grad  # rows + rows stay rows
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, and the table gradients held for `step()` are dropped too."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._pending.clear()
+        self._backwards.clear()
 
     def _update_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = as_rows(p.data)
@@ -179,9 +309,21 @@ class _Rowwise(torch.optim.Optimizer):
                 holder = row_holder(p)
                 if holder is not None:
                     self._update_holder(p, holder)
-                elif p.grad is not None:
-                    self._update_param(p, p.grad, group)
+                    continue
+                held = self._pending.pop(id(p), None)
+                grad = held if p.grad is None else (p.grad if held is None else held + p.grad)
+                if grad is not None:
+                    self._update_param(p, grad, group)
+        self._learn_backwards_per_step()
         return loss
+
+    def _learn_backwards_per_step(self) -> None:
+        """After the first step that reached a table in backward: one backward each → update
+        in backward from now on; more (gradient accumulation) → keep holding rows until step()."""
+        counts = self._backwards.values()
+        if self._mode == "learn" and counts:
+            self._mode = "backward" if max(counts) == 1 else "accumulate"
+        self._backwards = {}
 
 
 def _decay(w: torch.Tensor, group: dict) -> torch.Tensor:
@@ -193,9 +335,10 @@ class RowwiseAdagrad(_Rowwise):
 
     rule = "rowwise_adagrad"
 
-    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, rowwise: bool = True, fused_backward: bool = False):
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0, rowwise: bool = True,
+                 fused_backward: bool | str = "auto", auto_policy: Callable[[torch.device], bool] | None = None):
         _check(lr, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward)
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward, auto_policy)
 
     def state_specs(self, width, rowwise):
         return [("sum", () if rowwise else (width,))]
@@ -229,12 +372,13 @@ class RowwiseAdam(_Rowwise):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         rowwise: bool = True,
-        fused_backward: bool = False,
+        fused_backward: bool | str = "auto",
+        auto_policy: Callable[[torch.device], bool] | None = None,
     ):
         _check(lr, eps, weight_decay)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rowwise=rowwise), fused_backward, auto_policy)
 
     def state_specs(self, width, rowwise):
         return [("step", ()), ("exp_avg", (width,)), ("exp_avg_sq", () if rowwise else (width,))]

@@ -44,6 +44,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..run import distributed
+from .device_rows import read_rows_eagerly
+from .rowwise import reading_rows, wants_row_gradients
 
 # rows drawn per slice at initialisation: a multiple of 16 values per slice keeps the CPU
 # normal_ stream of the slices identical to one normal_ over the whole table
@@ -141,7 +143,7 @@ class RouteRows(torch.autograd.Function):
         got = _answer(weight.detach(), rows, recv_ids, send_counts, recv_counts)
         ctx.save_for_backward(inverse, recv_ids)
         ctx.counts = (send_counts, recv_counts)
-        ctx.meta = (rows, uniq.numel(), table.sparse)
+        ctx.meta = (rows, uniq.numel(), table.sparse or reading_rows(weight))
         table.last_unique, table.last_send_counts = uniq.numel(), send_counts
         return got[inverse]
 
@@ -211,6 +213,12 @@ class ShardedEmbedding(nn.Module):
         return self.num_rows
 
     @property
+    def row_gradients(self) -> bool:
+        """Whether this forward's gradient is made as rows (sparse): `sparse=True`, or a
+        row-wise optimiser updates the table in backward (engram_core.tables.rowwise)."""
+        return self.sparse or wants_row_gradients(self.weight)
+
+    @property
     def sharded(self) -> bool:
         return self.rows.world > 1
 
@@ -253,6 +261,10 @@ class ShardedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.sharded:
+            if not self.sparse and wants_row_gradients(self.weight):
+                if torch.compiler.is_compiling():
+                    return read_rows_eagerly(ids, self.weight)  # inductor cannot lower a sparse gradient
+                return F.embedding(ids, self.weight, sparse=reading_rows(self.weight))
             return F.embedding(ids, self.weight, sparse=self.sparse)
         return self._routed(ids)
 

@@ -70,7 +70,10 @@ class EngramHashConfig:
     gate_bias: float = field(0.0, help="initial gate bias (the seed's learned gate used -5: memory ignored until trained)")
     conv_kernel: int = field(4, help="short causal depthwise conv kernel over values (0 = off)", validator=non_negative)
     canonical: bool = field(False, help="hash canonical ids (case-folded, normalised token text) instead of raw ids")
-    sparse: bool = field(False, help="sparse table gradients (nn.Embedding(sparse=True)); train the table with sparse_adam")
+    sparse: bool = field(
+        False, help="sparse table gradients always (nn.Embedding(sparse=True)); train the table with sparse_adam or a row-wise optimiser "
+        "(which on CUDA makes them sparse by itself: rowwise_adam / rowwise_adagrad update the rows read inside the backward)",
+    )
     init_std: float = field(0.02, help="std of the table's initial rows", validator=non_negative)
     hash_seed: int = field(0, help="seed of the hash multipliers (layer index is mixed in)")
     placement: str = field(
@@ -181,7 +184,9 @@ class EngramBlock(nn.Module):
         hash_window = kernels.hash_window_triton if fused else kernels.hash_window_torch
         rows, mixes = hash_window(self.hasher, seq, lo, hi, valid)
         compute = self.value_proj.weight.dtype
-        if fused and not self.cfg.sparse and getattr(self.table, "placement", None) == "device":
+        # the fused gather's backward is a dense table gradient: only for tables that make one
+        # (not sparse, not updated row-wise in backward: engram_core.tables.rowwise)
+        if fused and getattr(self.table, "placement", None) == "device" and not getattr(self.table, "row_gradients", self.cfg.sparse):
             e = kernels.gather_rows_triton(self.table.weight, rows, compute)  # one launch, cast fused
         else:
             e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype

@@ -701,10 +701,13 @@ def engram_param_groups(
         Trainer(model, args, ..., optimizers=(opt, None))
 
     Asking for the groups is asking to train the memory: its parameters are made
-    trainable (peft's get_peft_model freezes them). `rowwise_tables=True` marks the
-    groups for the row-wise optimisers of `engram_core.optim` (tables `rowwise=True`,
-    the rest element-wise, i.e. AdamW / Adagrad): see `engram_optimizer`. Sparse tables
-    (`sparse=True`) and host-placed tables need those; with plain AdamW they are refused."""
+    trainable (peft's get_peft_model freezes them). With AdamW every table row moves
+    every step (momentum) and the table gradient is dense: the paper's recipe.
+    `rowwise_tables=True` marks the groups for the row-wise optimisers of
+    `engram_core.tables.rowwise` (tables `rowwise=True`, the rest element-wise, i.e.
+    AdamW / Adagrad), which on CUDA update the tables inside the backward from sparse
+    gradients by default: see `engram_optimizer`. Sparse tables (`sparse=True`) and
+    host-placed tables need those; with plain AdamW they are refused."""
     mem = engram_memory(model.get_base_model() if _is_peft_model(model) else model)
     held = any(row_holder(b.table.weight) is not None for b in mem.blocks.values())  # rows outside the parameter (host)
     if not rowwise_tables and (mem.cfg.sparse or held):
@@ -742,7 +745,7 @@ def engram_optimizer(
     optimizer: str = "rowwise_adam",
     weight_decay: float = 0.0,
     table_lr_scale: float = 5.0,
-    fused_backward: bool = False,
+    fused_backward: bool | str = "auto",
     **options,
 ) -> torch.optim.Optimizer:
     """One optimiser for a model with Engram memory: the tables row-wise (state per row,
@@ -753,13 +756,20 @@ def engram_optimizer(
         opt = engram_optimizer(model, lr=2e-4, optimizer="rowwise_adam")
         Trainer(model, args, ..., optimizers=(opt, None))
 
-    `fused_backward=True` updates each parameter as its gradient is made and frees it (no
-    dense table-sized gradient with `sparse=True`); use it with one backward per step
-    (no gradient accumulation). `options` go to the optimiser (betas, eps)."""
-    from engram_core.tables.rowwise import ROWWISE_OPTIMIZERS
+    `fused_backward` says where the tables are updated: "auto" (default) inside the
+    backward on CUDA — the tables make sparse gradients of the rows read, never a dense
+    table-sized one, and each is applied as soon as it is accumulated, so gradient
+    clipping and Trainer never see a table gradient (with gradient accumulation the rows
+    of every micro-batch are summed and applied at `step()`) — and at `step()` on the CPU;
+    True: in backward on any device; False: at `step()` from the gradient the table makes
+    (dense unless `sparse=True`). With fp16 loss scaling pass False. `options` go to the
+    optimiser (betas, eps, auto_policy)."""
+    from engram_core.tables.rowwise import FUSED_BACKWARD_CHOICES, ROWWISE_OPTIMIZERS
 
     if optimizer not in ROWWISE_OPTIMIZERS:
         raise ConfigError("optimizer", f"must be one of {', '.join(map(repr, ROWWISE_OPTIMIZERS))}, got {optimizer!r}")
+    if not isinstance(fused_backward, (bool, str)) or fused_backward not in FUSED_BACKWARD_CHOICES:
+        raise ConfigError("fused_backward", f"must be 'auto', True or False, got {fused_backward!r}")
     groups = engram_param_groups(model, lr, weight_decay=weight_decay, table_lr_scale=table_lr_scale, rowwise_tables=True)
     return ROWWISE_OPTIMIZERS[optimizer](groups, lr=lr, fused_backward=fused_backward, **options)
 

@@ -17,9 +17,9 @@ before. The Triton path is three operators registered with `torch.library.triton
     engram_llm_hash::scatter_rows   its backward: atomic scatter-add, or a sorted segment
                                     sum when `torch.use_deterministic_algorithms(True)`
 
-Nothing here synchronises with the host. Sparse tables (`sparse = true`) keep
-`nn.Embedding(sparse=True)` for the gather (its sparse gradient is what SparseAdam needs)
-and use the fused hash.
+Nothing here synchronises with the host. Tables whose gradient is made as rows (`sparse =
+true`, or a row-wise optimiser updating them in backward, the CUDA default) keep
+`nn.Embedding`'s gather with its sparse gradient, and use the fused hash.
 """
 
 from __future__ import annotations

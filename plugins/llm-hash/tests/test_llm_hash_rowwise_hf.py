@@ -110,3 +110,64 @@ def test_host_placement_from_the_hf_path(tmp_path):
     assert loaded.engram.cfg.placement == "host"
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=prompt).logits, host(input_ids=prompt).logits)
+
+
+# ---- the CUDA default (tables updated inside the backward), forced on the CPU ---------------
+def _as_on_cuda(device):
+    return True
+
+
+def test_in_backward_default_equals_the_dense_path():
+    """engram_optimizer's "auto" as on CUDA (auto_policy): the table makes sparse gradients,
+    updated inside the backward; every trainable parameter equals the dense path's
+    (fused_backward=False: dense table gradient, update at step()) after 4 steps."""
+    params = {}
+    for setting in ("auto", False):
+        torch.manual_seed(0)
+        model = add_engram(tiny_model("llama"), memory_size=3000, inject_layers=[0, 1], slot_dim=8)
+        opt = engram_optimizer(model, lr=1e-2, optimizer="rowwise_adam", fused_backward=setting, auto_policy=_as_on_cuda)
+        table = model.engram.blocks["0"].table
+        assert table.row_gradients == (setting == "auto")
+        model.train()
+        for seed in range(4):
+            ids = _ids(seed)
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            assert (table.weight.grad is None) == (setting == "auto")
+            opt.step()
+        params[setting] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert params["auto"].keys() == params[False].keys()
+    # the sparse gradient sums a row's reads in another order than the dense one; row-wise
+    # Adam's division carries that rounding (2 of 18,288 table values 2e-6 apart after 4 steps)
+    for n in params[False]:
+        torch.testing.assert_close(params["auto"][n], params[False][n], rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_with_accumulation_and_clipping_under_the_cuda_default(tmp_path):
+    """Trainer with gradient accumulation (2) and the tables updated from row gradients:
+    the rows of both micro-batches are summed and applied at step(), equal to the dense
+    path; with clipping on (max_grad_norm 1.0), clipping never meets a sparse table gradient."""
+    tables = {}
+    for setting, clip in (("auto", 0.0), (False, 0.0), ("auto", 1.0)):
+        torch.manual_seed(0)
+        model = add_engram(tiny_model("llama"), memory_size=3000, inject_layers=[1], slot_dim=8)
+        before = model.engram.blocks["1"].table.weight.detach().clone()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"out{setting}{clip}"), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            learning_rate=1e-2, max_grad_norm=clip, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+            disable_tqdm=True, seed=0,
+        )
+        opt = engram_optimizer(model, lr=args.learning_rate, optimizer="rowwise_adagrad", fused_backward=setting, auto_policy=_as_on_cuda)
+        transformers.Trainer(model=model, args=args, train_dataset=_Rows(), optimizers=(opt, None)).train()
+        assert opt._mode == ("accumulate" if setting == "auto" else "learn")
+        tables[setting, clip] = model.engram.blocks["1"].table.weight.detach().clone()
+        assert not torch.equal(tables[setting, clip], before)
+    torch.testing.assert_close(tables["auto", 0.0], tables[False, 0.0], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_backward_is_checked():
+    from engram_core.config import ConfigError
+
+    model = add_engram(tiny_model("llama"), memory_size=300, inject_layers=[0], slot_dim=8)
+    with pytest.raises(ConfigError, match="fused_backward"):
+        engram_optimizer(model, lr=1e-2, fused_backward="always")
