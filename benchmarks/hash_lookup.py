@@ -64,6 +64,9 @@ def parse(argv=None):
     p.add_argument("--dense-tables", action="store_true", help="also time the dense path (row-wise optimiser with fused_backward=False)")
     p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=["rowwise_adagrad", "rowwise_adam"],
                    help="the table's optimiser in the memory block's step")
+    p.add_argument("--fuse", default="auto",
+                   help="comma-separated fuse settings of the block to time (auto: compiled elementwise regions on CUDA; off; compile), "
+                        "alternating their order from one table size to the next")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
@@ -98,14 +101,14 @@ def copy_bandwidth(args, device) -> dict:
     return {"bytes": 2 * x.numel() * 4, "seconds": dt, "gb_per_s": 2 * x.numel() * 4 / dt / 1e9}
 
 
-def make_block(size, kernels_choice, args, device, sparse=False):
+def make_block(size, kernels_choice, args, device, sparse=False, fuse="auto"):
     from engram_llm_hash.hf import _DimsOnly
     from engram_llm_hash.memories import EngramHashConfig, EngramHashMemory
 
     from engram_core.components import BuildContext
 
     cfg = EngramHashConfig(memory_size=size, layers=[0], orders=[2, 3], heads_per_order=args.heads, slot_dim=args.slot_dim,
-                           sparse=sparse, conv_kernel=4, kernels=kernels_choice)
+                           sparse=sparse, conv_kernel=4, kernels=kernels_choice, fuse=fuse)
     torch.manual_seed(0)
     with device:
         mem = EngramHashMemory(cfg, BuildContext(head=_DimsOnly(args.dim, args.vocab, 1)))
@@ -177,8 +180,8 @@ def table_optimizer(block, args, dense: bool):
     return opt, f"{'dense' if dense else 'default'}: {gradient} gradient, update {'in backward' if opt.updates_in_backward else 'at step'}"
 
 
-def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense=False) -> dict:
-    mem, block = make_block(size, kernels_choice, args, device, sparse=sparse)
+def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense=False, fuse="auto") -> dict:
+    mem, block = make_block(size, kernels_choice, args, device, sparse=sparse, fuse=fuse)
     opt, path = table_optimizer(block, args, dense)
     t = args.tokens // args.batch
     g = torch.Generator().manual_seed(1)
@@ -208,6 +211,7 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense
     tokens = args.batch * t
     return {
         "table_size": size, "kernels": kernels_choice, "compiled": compiled, "sparse": sparse, "tokens": tokens,
+        "fuse": fuse, "fused_regions": block.fused(device) and not compiled,
         "table_path": path, "table_optimizer": args.table_optimizer, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
         "ns_per_token_fwd_bwd": 1e9 * fwd_bwd / tokens,
     }
@@ -244,7 +248,8 @@ def main(argv=None) -> dict:
     blocks = []
     print(f"memory block: {args.tokens} tokens, width {args.dim}, slot {args.slot_dim}, {2 * args.heads} heads, {compute}")
     print(f"{'rows':>8} {'kernels':>8} {'mode':>9} {'fwd ms':>8} {'fwd+bwd ms':>11} {'+telemetry ms':>14} {'ns/token':>9}  table path")
-    for s in args.sizes.split(","):
+    fuses = [f for f in args.fuse.split(",") if f]
+    for i, s in enumerate(args.sizes.split(",")):
         size = int(float(s))
         if not fits(size, args, device, dense_gradient=not rows_by_default):
             print(f"{size:>8.0e} skipped: the table{'' if rows_by_default else ' and its gradient'} do not fit")
@@ -252,21 +257,24 @@ def main(argv=None) -> dict:
         for k in chosen:
             for compiled in [False] + ([True] if args.compile else []):
                 variants = [(False, False)] + ([(True, False)] if args.sparse else []) + ([(False, True)] if args.dense_tables else [])
-                for sparse, dense in variants:
+                order = fuses if i % 2 == 0 else fuses[::-1]  # which fuse setting goes first alternates
+                for (sparse, dense), fuse in [(v, f) for v in variants for f in order]:
                     if dense and not fits(size, args, device):
                         print(f"{size:>8.0e} {k:>8} dense path skipped: the table and its dense gradient do not fit")
                         continue
                     try:
-                        r = bench_block(size, k, compiled, sparse, args, device, amp, dense=dense)
+                        r = bench_block(size, k, compiled, sparse, args, device, amp, dense=dense, fuse=fuse)
                     except Exception as exc:  # noqa: BLE001 - recorded, the other figures still come
                         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                        blocks.append({"table_size": size, "kernels": k, "compiled": compiled, "sparse": sparse, "dense_tables": dense, "error": msg})
+                        blocks.append({"table_size": size, "kernels": k, "compiled": compiled, "sparse": sparse, "dense_tables": dense,
+                                       "fuse": fuse, "error": msg})
                         print(f"{size:>8.0e} {k:>8} {'compiled' if compiled else 'eager':>9} failed: {msg}", flush=True)
                         continue
                     blocks.append(r)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()  # the block's table and gradient are gone with its frame
-                    mode = ("compiled" if compiled else "eager") + (" sp" if sparse else "") + (" dn" if dense else "")
+                    mode = ("compiled" if compiled else "eager") + (" sp" if sparse else "") + (" dn" if dense else "") + \
+                        (" fused" if r["fused_regions"] else "")
                     print(f"{size:>8.0e} {k:>8} {mode:>9} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
                           f"{r['fwd_with_telemetry_ms']:>14.3f} {r['ns_per_token_fwd_bwd']:>9.1f}  {r['table_path']}", flush=True)
     import transformers

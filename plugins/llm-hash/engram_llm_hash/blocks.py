@@ -41,6 +41,7 @@ from .hashing import NgramHasher, byte_token_texts, canonical_map
 from .telemetry import BlockTelemetry
 
 GATES = ("context", "learned", "fixed")
+FUSE = ("auto", "compile", "off")
 
 
 def _orders_ok(inst, attribute, value):
@@ -85,6 +86,13 @@ class EngramHashConfig:
         "auto", help="'auto' fused Triton kernels on CUDA where triton imports, else torch; 'torch' always; 'triton' always",
         validator=one_of(*kernels.KERNELS),
     )
+    fuse: str = field(
+        "auto",
+        help="the block's elementwise work (the conv path's RMSNorm, SiLU and sum; the context gate's fp32 RMSNorms, signed "
+        "square root and sigmoid; the residual) as torch.compile'd regions: 'auto' on CUDA unless the step is compiled "
+        "already, 'compile' on any device, 'off' never",
+        validator=one_of(*FUSE),
+    )
 
 
 @attrs.frozen
@@ -106,6 +114,58 @@ class RMSNorm(nn.Module):
         # in fp32 whatever the compute dtype (as transformers' own RMSNorms): bf16 squares lose too much
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm.forward as a function (the same operations, for the compiled regions)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
+
+
+def conv_mix(v, norm_weight, eps: float, conv_weight, valid, receptive: int, dilation: int):
+    """v + SiLU(conv(RMSNorm(v))): the block's short causal depthwise conv over (B, W, d)
+    values; `valid` (B, W) or None zeroes packed-out padding before the conv."""
+    x = _rms_norm(v, norm_weight, eps)
+    if valid is not None:
+        x = x * valid[..., None].to(x.dtype)
+    x = F.pad(x.transpose(1, 2), (receptive, 0))
+    return v + F.silu(F.conv1d(x, conv_weight, None, 1, 0, dilation, conv_weight.shape[0])).transpose(1, 2)
+
+
+def context_gate_residual(hidden, v, k, norm_h_weight, eps_h: float, norm_k_weight, eps_k: float, bias, dim: int):
+    """(h + g·v, g) with the context gate g = σ(signed_sqrt(RMSNorm(h)·RMSNorm(k)/√d) + b)."""
+    h = hidden.to(v.dtype)
+    s = (_rms_norm(h, norm_h_weight, eps_h) * _rms_norm(k, norm_k_weight, eps_k)).sum(-1, keepdim=True) / math.sqrt(dim)
+    s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
+    g = torch.sigmoid(s + bias)
+    return hidden + (g * v).to(hidden.dtype), g
+
+
+_COMPILED: dict = {}
+_COMPILE_FAILED: list[str] = []  # 'auto' falls back to eager for the process after a compile failure
+
+
+def _fused_call(fn, strict: bool, *args):
+    """`fn` compiled (once per function; torch.compile recompiles for new shapes itself). A
+    compile failure under 'auto' warns once and runs `fn` eagerly from then on; under
+    'compile' it is raised."""
+    from engram_core.run.accel import is_compile_failure
+
+    if _COMPILE_FAILED and not strict:
+        return fn(*args)
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    try:
+        return _COMPILED[fn](*args)
+    except Exception as exc:
+        if strict or not is_compile_failure(exc):
+            raise
+        import warnings
+
+        _COMPILE_FAILED.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+        warnings.warn(f"engram_hash: fuse='auto' could not compile the block's elementwise regions ({_COMPILE_FAILED[0]}); "
+                      "running them eagerly (set fuse = 'off' to silence, 'compile' to see the error)", stacklevel=2)
+        return fn(*args)
 
 
 class EngramBlock(nn.Module):
@@ -168,6 +228,13 @@ class EngramBlock(nn.Module):
         """Gate values of the real positions of the last recorded forward (flat)."""
         return self.telemetry.gates()
 
+    def fused(self, device: torch.device) -> bool:
+        """Whether the elementwise regions run compiled here (`fuse`): never inside a step
+        torch.compile is tracing already (it fuses them itself)."""
+        if self.cfg.fuse == "off" or torch.compiler.is_compiling():
+            return False
+        return self.cfg.fuse == "compile" or device.type == "cuda"
+
     @property
     def receptive(self) -> int:
         """Earlier positions whose values the conv reads."""
@@ -191,7 +258,10 @@ class EngramBlock(nn.Module):
         else:
             e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
         v = self.value_proj(e)
-        if self.conv_kernel > 0:
+        if self.conv_kernel > 0 and self.fused(v.device):
+            v = _fused_call(conv_mix, self.cfg.fuse == "compile", v, self.conv_norm.weight, self.conv_norm.eps, self.conv.weight,
+                            None if valid is None else valid[:, lo:hi], self.receptive, self.dilation)
+        elif self.conv_kernel > 0:
             x = self.conv_norm(v)
             if valid is not None:
                 x = x * valid[:, lo:hi, None].to(x.dtype)  # packed-out padding reads as the zeros before the start
@@ -253,11 +323,15 @@ class EngramBlock(nn.Module):
         of a forward that was already counted)."""
         t = hidden.shape[1]
         v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask)
-        dtype = v.dtype
-        g = self.gate(hidden.to(dtype), v, k)
+        if self.cfg.gate == "context" and self.fused(hidden.device):
+            out, g = _fused_call(context_gate_residual, self.cfg.fuse == "compile", hidden, v, k, self.norm_h.weight, self.norm_h.eps,
+                                 self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim)
+        else:
+            g = self.gate(hidden.to(v.dtype), v, k)
+            out = hidden + (g * v).to(hidden.dtype)
         if self.track and record:
             self.telemetry.record(rows, mixes, real, g.reshape(-1, 1))
-        return hidden + (g * v).to(hidden.dtype)
+        return out
 
 
 class HybridBlock(EngramBlock):
