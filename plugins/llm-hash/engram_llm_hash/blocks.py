@@ -69,6 +69,10 @@ class EngramHashConfig:
     slot_dim: int = field(32, help="width of one table row; a position reads len(orders)*heads rows", validator=positive)
     gate: str = field("context", help="'context' σ(RMSNorm(h)·RMSNorm(k)/√d), 'learned' σ(w·(h, v) + b) (seed), 'fixed' σ(b)", validator=one_of(*GATES))
     gate_bias: float = field(0.0, help="initial gate bias (the seed's learned gate used -5: memory ignored until trained)")
+    gate_signed_sqrt: bool = field(
+        True, help="the context gate takes the signed square root of its score (the paper's); false: the score itself, whose "
+        "gradient stays bounded near 0, where the square root's (1/(2√|s|)) amplifies bf16 rounding (docs/plugins/llm-hash.md)",
+    )
     conv_kernel: int = field(4, help="short causal depthwise conv kernel over values (0 = off)", validator=non_negative)
     canonical: bool = field(False, help="hash canonical ids (case-folded, normalised token text) instead of raw ids")
     sparse: bool = field(
@@ -132,11 +136,13 @@ def conv_mix(v, norm_weight, eps: float, conv_weight, valid, receptive: int, dil
     return v + F.silu(F.conv1d(x, conv_weight, None, 1, 0, dilation, conv_weight.shape[0])).transpose(1, 2)
 
 
-def context_gate_residual(hidden, v, k, norm_h_weight, eps_h: float, norm_k_weight, eps_k: float, bias, dim: int):
+def context_gate_residual(hidden, v, k, norm_h_weight, eps_h: float, norm_k_weight, eps_k: float, bias, dim: int,
+                          signed_sqrt: bool = True):
     """(h + g·v, g) with the context gate g = σ(signed_sqrt(RMSNorm(h)·RMSNorm(k)/√d) + b)."""
     h = hidden.to(v.dtype)
     s = (_rms_norm(h, norm_h_weight, eps_h) * _rms_norm(k, norm_k_weight, eps_k)).sum(-1, keepdim=True) / math.sqrt(dim)
-    s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
+    if signed_sqrt:
+        s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
     g = torch.sigmoid(s + bias)
     return hidden + (g * v).to(hidden.dtype), g
 
@@ -312,7 +318,8 @@ class EngramBlock(nn.Module):
     def gate(self, hidden: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
         if self.cfg.gate == "context":
             s = (self.norm_h(hidden) * self.norm_k(k)).sum(-1, keepdim=True) / math.sqrt(self.dim)
-            s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
+            if self.cfg.gate_signed_sqrt:
+                s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
             return torch.sigmoid(s + self.gate_bias)
         if self.cfg.gate == "learned":
             return torch.sigmoid(self.gate_proj(torch.cat([hidden, v], -1)) + self.gate_bias)
@@ -325,7 +332,7 @@ class EngramBlock(nn.Module):
         v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask)
         if self.cfg.gate == "context" and self.fused(hidden.device):
             out, g = _fused_call(context_gate_residual, self.cfg.fuse == "compile", hidden, v, k, self.norm_h.weight, self.norm_h.eps,
-                                 self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim)
+                                 self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim, self.cfg.gate_signed_sqrt)
         else:
             g = self.gate(hidden.to(v.dtype), v, k)
             out = hidden + (g * v).to(hidden.dtype)

@@ -3,8 +3,9 @@
 The failure the issue found on a GPU: a model compiled and run before `add_engram` kept
 replaying its memory-less graph (torch.compile does not guard on module hooks), so the
 memory silently never ran. These tests compile with dynamo's "eager" and "aot_eager" backends
-(dynamo, and AOTAutograd as inductor uses it, without code generation: seconds on a CPU); the GPU variant uses
-inductor under bf16 autocast.
+(dynamo, and AOTAutograd as inductor uses it, without code generation: seconds on a CPU); the
+bf16 tests use inductor (CPU code generation here, the GPU variant at the issue's size) under
+bf16 autocast and compare with the fp32 step.
 """
 
 import pytest
@@ -45,18 +46,6 @@ def step(model, ids, amp=None, owner=None, mask=None):
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in owner.named_parameters() if p.grad is not None}
     return out.logits.detach().float(), grads
-
-
-def assert_near(a, b, tol):
-    """Under bf16 autocast the two graphs round differently: each tensor (logits, every
-    gradient) within `tol` of eager's in relative norm, which elementwise tolerances on
-    gradients of 1e-5 scale would not test."""
-    logits_a, grads_a = a
-    logits_b, grads_b = b
-    assert grads_a.keys() == grads_b.keys()
-    for name, x, y in [("logits", logits_a, logits_b)] + [(n, grads_a[n], grads_b[n]) for n in grads_a]:
-        err = float((y.float() - x.float()).norm() / x.float().norm().clamp_min(1e-30))
-        assert err < tol, f"{name}: relative error {err:.3g}"
 
 
 def assert_same(a, b, rtol, atol):
@@ -128,16 +117,49 @@ def test_memory_forward_has_no_host_synchronisation():
         torch.testing.assert_close(forward(hidden[:, -1:], ids, m), block(hidden[:, -1:], ids, m))  # a decode step
 
 
+def assert_as_close_to_fp32(reference, eager, got, factor: float, floor: float = 1e-2):
+    """Under bf16 autocast the memory's gradients are ill-conditioned: the context gate's
+    signed square root has the derivative 1/(2√|s|), which amplifies rounding where the score
+    is near 0, so eager bf16 itself is far from fp32 (0.2-0.3 in relative norm on the tables,
+    benchmarks/engram_bf16_compile.py) and two bf16 graphs that round differently disagree as
+    much. The test a compiler must pass is therefore not "equal to eager bf16" but "as close
+    to fp32 as eager bf16 is": each tensor's distance to the fp32 step at most `factor` times
+    eager bf16's (or `floor`, a few bf16 epsilons, where eager bf16 is closer than that)."""
+    for name, ref, e, g in [("logits", reference[0], eager[0], got[0])] + [
+        (n, reference[1][n], eager[1][n], got[1][n]) for n in reference[1]
+    ]:
+        d_got, d_eager = _distance(ref, g), _distance(ref, e)
+        assert d_got <= factor * max(d_eager, floor), f"{name}: compiled bf16 {d_got:.3g} from fp32, eager bf16 {d_eager:.3g}"
+
+
+def _distance(ref, x) -> float:
+    return float((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def _bf16_triple(layers, vocab, rows, device, **kw):
+    model = qwen2(layers=layers, vocab=vocab, device=device)
+    add_engram(model, memory_size=rows, inject_layers=[1, min(12, layers - 1)], freeze_base=False, slot_dim=64, heads_per_order=8,
+               fuse="off", **kw)  # the reference runs eagerly: no compiled regions inside it
+    open_memory(model)
+    ids = torch.randint(3, vocab, (2, 256), generator=torch.Generator().manual_seed(0)).to(device)
+    reference = step(model, ids, amp=False)
+    eager = step(model, ids, amp=True)
+    got = step(torch.compile(model), ids, amp=True, owner=model)
+    assert {f"engram.blocks.{k}.table.weight" for k in model.engram.blocks} <= got[1].keys()
+    return reference, eager, got
+
+
+def test_inductor_bf16_is_as_close_to_fp32_as_eager_bf16():
+    """Inductor (CPU code generation) under bf16 autocast, 4 layers: the compiled step's
+    logits and gradients are as close to the fp32 step as eager bf16's (at most 4x as far;
+    the worst here is about 1.3x, at 14 layers on the CPU about 3.2x, on attention biases)."""
+    assert_as_close_to_fp32(*_bf16_triple(4, 151_936, 10**5, "cpu"), factor=4.0)
+
+
 @cuda
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 def test_gpu_compiled_equals_eager_inductor_bf16(kernels):
     """The issue's setting at small width: 14 layers, memory after 1 and 12, Qwen2's
-    vocabulary, inductor, bf16 autocast; the Triton operators inside the compiled graph."""
-    model = qwen2(layers=14, vocab=151_936, device="cuda")
-    add_engram(model, memory_size=10**6, inject_layers=[1, 12], freeze_base=False, slot_dim=64, heads_per_order=8, kernels=kernels)
-    open_memory(model)
-    ids = torch.randint(3, 151_936, (2, 256), device="cuda")
-    eager = step(model, ids, amp=True)
-    got = step(torch.compile(model), ids, amp=True, owner=model)
-    assert {"engram.blocks.1.table.weight", "engram.blocks.12.table.weight"} <= got[1].keys()
-    assert_near(eager, got, tol=3e-2)
+    vocabulary, inductor, bf16 autocast; the Triton operators inside the compiled graph.
+    Compared with the fp32 step, not with eager bf16 (`assert_as_close_to_fp32` says why)."""
+    assert_as_close_to_fp32(*_bf16_triple(14, 151_936, 10**6, "cuda", kernels=kernels), factor=4.0)
