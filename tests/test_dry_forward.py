@@ -90,3 +90,20 @@ def test_validate_cli_reports_it_in_one_line_and_no_forward_skips(tmp_path):
     assert "dry forward ok" in r.stdout
     r = run_cli("validate", recipe, "--no-forward", tool="engram")
     assert r.returncode == 0 and "dry forward skipped (--no-forward)" in r.stdout
+
+
+class GpuOnlyMemory(FixedWidthMemory):
+    cpu_forward = False  # its forward would fail on the CPU (here: the wrong width, as above)
+
+
+def test_a_memory_without_a_cpu_forward_is_skipped_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGRAM_PLUGINS", "")
+
+    @hookimpl
+    def engram_memories(register):
+        register("gpu_only", GpuOnlyMemory, FixedWidthConfig, points=("layer",))
+
+    registry = load_registry(extra={"probe": types.SimpleNamespace(engram_memories=engram_memories, __name__="probe")})
+    recipe = load_recipe(_zoo_recipe(tmp_path, "gpu_only"), registry=registry)
+    note = dry_forward(recipe, check_recipe(recipe))
+    assert note == "dry forward skipped: the memory 'gpu_only' has no CPU forward (it declares cpu_forward = False)"

@@ -14,7 +14,9 @@ forward catches it, cheaply and only where it is safe to try:
   full data set is made for the check alone;
 - only when no `fit` stage comes before the first train stage (a memory fitted by k-means
   need not answer before its fit);
-- in eval mode, without gradients.
+- in eval mode, without gradients;
+- not for a head or memory that declares it has no CPU forward (`cpu_forward = False`: its
+  kernels run only on a GPU, e.g. flash-linear-attention's Triton layers).
 
 A failure is one line naming the stage, its objective and the exception (exit status 1;
 ``--traceback`` shows the stack); ``engram validate --no-forward`` skips the check.
@@ -47,6 +49,9 @@ def skip_reason(recipe) -> str | None:
         return "dry forward skipped: the data set gives its spec without data"
     if first_train_stage(recipe) is None:
         return "dry forward skipped: no train stage, or a fit stage comes first"
+    for role, spec in (("head", recipe.head), ("memory", recipe.memory)):
+        if spec is not None and getattr(spec.component.factory, "cpu_forward", True) is False:
+            return f"dry forward skipped: the {role} '{spec.type_as_written}' has no CPU forward (it declares cpu_forward = False)"
     return None
 
 

@@ -237,6 +237,7 @@ class FlaLayerMemory(Memory, LayerPoint):
     independent_batch_items = True
     type_name = "fla"
     kernel_device = "cuda"  # where fla's Triton kernels run (a test's stand-in layer may say "cpu")
+    cpu_forward = False  # engram validate's dry forward (on the CPU) skips these memories, saying why
 
     def __init__(self, cfg, build: BuildContext):
         super().__init__()
@@ -293,7 +294,7 @@ class FlaLayerMemory(Memory, LayerPoint):
                                "answered; generate with use_cache=False (exact: the whole sequence is run again)")
         if hidden.device.type != self.kernel_device:
             raise RuntimeError(f"{self.type_name} runs fla's Triton kernels, which need a CUDA tensor, got one on '{hidden.device}' "
-                               "(engram validate's dry forward runs on the CPU: use engram validate --no-forward)")
+                               "(fla has no CPU path)")
         return hidden + self.run_fla_layer(key, self.norms[key](hidden))
 
     def run_fla_layer(self, key: str, normed: torch.Tensor) -> torch.Tensor:

@@ -216,14 +216,16 @@ def test_a_cpu_run_is_one_line_and_exit_2(tmp_path):
 
 def test_the_layer_refuses_a_cached_step_and_a_cpu_tensor():
     """Built for a CUDA run (construction needs no GPU), the memory still says in words why it
-    cannot answer a KV-cached generation step, or a CPU tensor (validate's dry forward)."""
+    cannot answer a KV-cached generation step, or a CPU tensor; validate's dry forward skips it
+    (`cpu_forward = False`)."""
     fla_layers()
     memory = GatedLinearAttentionMemory(GatedLinearAttentionConfig(layers=[1]), on_cuda(backbone_build(width=64)))
     hidden, ids = torch.randn(2, 1, 64), torch.randint(0, 64, (2, 9))
     with pytest.raises(RuntimeError, match="generate with use_cache=False"):
         memory.apply_layer(1, hidden, ids)
-    with pytest.raises(RuntimeError, match="need a CUDA tensor.*--no-forward"):
+    with pytest.raises(RuntimeError, match="need a CUDA tensor.*no CPU path"):
         memory.apply_layer(1, torch.randn(2, 9, 64), ids)
+    assert type(memory).cpu_forward is False
     assert memory.apply_layer(0, hidden, ids) is hidden  # a block it does not act after passes through
 
 
