@@ -211,7 +211,7 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense
     tokens = args.batch * t
     return {
         "table_size": size, "kernels": kernels_choice, "compiled": compiled, "sparse": sparse, "tokens": tokens,
-        "fuse": fuse, "fused_regions": block.fused(device) and not compiled,
+        "fuse": fuse, "fused_regions": block.fused(device, tokens * args.dim) and not compiled,
         "table_path": path, "table_optimizer": args.table_optimizer, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
         "ns_per_token_fwd_bwd": 1e9 * fwd_bwd / tokens,
     }

@@ -42,6 +42,9 @@ from .telemetry import BlockTelemetry
 
 GATES = ("context", "learned", "fixed")
 FUSE = ("auto", "compile", "off")
+# fuse = "auto" compiles the block's elementwise regions from this many (tokens x width)
+# numbers up: 2^20, e.g. 1,024 tokens at width 1,024 (the issue's block: 16,384 x 1,024)
+FUSE_MIN_ELEMENTS = 1 << 20
 
 
 def _orders_ok(inst, attribute, value):
@@ -93,8 +96,8 @@ class EngramHashConfig:
     fuse: str = field(
         "auto",
         help="the block's elementwise work (the conv path's RMSNorm, SiLU and sum; the context gate's fp32 RMSNorms, signed "
-        "square root and sigmoid; the residual) as torch.compile'd regions: 'auto' on CUDA unless the step is compiled "
-        "already, 'compile' on any device, 'off' never",
+        "square root and sigmoid; the residual) as torch.compile'd regions: 'auto' on CUDA for (tokens x width) >= 2^20 "
+        "unless the step is compiled already, 'compile' on any device and size, 'off' never",
         validator=one_of(*FUSE),
     )
 
@@ -234,12 +237,15 @@ class EngramBlock(nn.Module):
         """Gate values of the real positions of the last recorded forward (flat)."""
         return self.telemetry.gates()
 
-    def fused(self, device: torch.device) -> bool:
-        """Whether the elementwise regions run compiled here (`fuse`): never inside a step
-        torch.compile is tracing already (it fuses them itself)."""
+    def fused(self, device: torch.device, elements: int) -> bool:
+        """Whether the elementwise regions run compiled for a (tokens x width) tensor of
+        `elements` numbers on `device` (`fuse`): never inside a step torch.compile is tracing
+        already (it fuses them itself); under "auto" only on CUDA and only from
+        `FUSE_MIN_ELEMENTS` up, where the elementwise traffic is what the block's time goes to
+        (a small model or a one-token decode step stays eager and pays no compilation)."""
         if self.cfg.fuse == "off" or torch.compiler.is_compiling():
             return False
-        return self.cfg.fuse == "compile" or device.type == "cuda"
+        return self.cfg.fuse == "compile" or (device.type == "cuda" and elements >= FUSE_MIN_ELEMENTS)
 
     @property
     def receptive(self) -> int:
@@ -264,7 +270,7 @@ class EngramBlock(nn.Module):
         else:
             e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
         v = self.value_proj(e)
-        if self.conv_kernel > 0 and self.fused(v.device):
+        if self.conv_kernel > 0 and self.fused(v.device, v.numel()):
             v = _fused_call(conv_mix, self.cfg.fuse == "compile", v, self.conv_norm.weight, self.conv_norm.eps, self.conv.weight,
                             None if valid is None else valid[:, lo:hi], self.receptive, self.dilation)
         elif self.conv_kernel > 0:
@@ -330,7 +336,7 @@ class EngramBlock(nn.Module):
         of a forward that was already counted)."""
         t = hidden.shape[1]
         v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask)
-        if self.cfg.gate == "context" and self.fused(hidden.device):
+        if self.cfg.gate == "context" and self.fused(hidden.device, hidden.numel()):
             out, g = _fused_call(context_gate_residual, self.cfg.fuse == "compile", hidden, v, k, self.norm_h.weight, self.norm_h.eps,
                                  self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim, self.cfg.gate_signed_sqrt)
         else:

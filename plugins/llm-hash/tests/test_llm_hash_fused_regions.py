@@ -1,5 +1,5 @@
 """`fuse`: the block's elementwise work (conv path, context gate, residual) as torch.compile'd
-regions, on by default on CUDA only. Compiled here on the CPU (`fuse = "compile"`), the block
+regions, on by default on CUDA only, for tensors of 2^20 numbers and more. Compiled here on the CPU (`fuse = "compile"`), the block
 gives the eager block's outputs and gradients, with and without padding; 'auto' compiles
 nothing on the CPU, so the CPU numbers stay the eager ones bit for bit."""
 
@@ -37,7 +37,7 @@ def test_compiled_regions_equal_the_eager_block(padded):
     if padded:
         mask = torch.ones(3, 12, dtype=torch.long)
         mask[1, :4] = 0  # left padding in one row
-    assert fused.blocks["0"].fused(torch.device("cpu")) and not eager.blocks["0"].fused(torch.device("cpu"))
+    assert fused.blocks["0"].fused(torch.device("cpu"), 1) and not eager.blocks["0"].fused(torch.device("cpu"), 1)
     out_e, dh_e, grads_e = _run(eager, hidden, ids, mask)
     out_f, dh_f, grads_f = _run(fused, hidden, ids, mask)
     torch.testing.assert_close(out_f, out_e, rtol=1e-5, atol=1e-5)
@@ -47,10 +47,14 @@ def test_compiled_regions_equal_the_eager_block(padded):
         torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_auto_compiles_only_on_cuda():
+def test_auto_compiles_only_on_cuda_and_only_large_tensors():
+    from engram_llm_hash.blocks import FUSE_MIN_ELEMENTS
+
     block = memory().blocks["0"]
     assert block.cfg.fuse == "auto"
-    assert not block.fused(torch.device("cpu"))  # the CPU keeps the eager operations (published rows)
-    assert block.fused(torch.device("cuda"))
+    big, small = FUSE_MIN_ELEMENTS, FUSE_MIN_ELEMENTS - 1
+    assert not block.fused(torch.device("cpu"), big)  # the CPU keeps the eager operations (published rows)
+    assert block.fused(torch.device("cuda"), big)
+    assert not block.fused(torch.device("cuda"), small)  # a small model, a decode step: no compilation to pay for
     block.cfg = attrs.evolve(block.cfg, fuse="off")
-    assert not block.fused(torch.device("cuda"))
+    assert not block.fused(torch.device("cuda"), big)
