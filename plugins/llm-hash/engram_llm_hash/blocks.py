@@ -118,13 +118,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # in fp32 whatever the compute dtype (as transformers' own RMSNorms): bf16 squares lose too much
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm.forward as a function (the same operations, for the compiled regions)."""
+    """RMSNorm in fp32 whatever the compute dtype (as transformers' own RMSNorms: bf16 squares
+    lose too much); a function, so the block's regions below can be compiled whole."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
 
@@ -247,6 +246,13 @@ class EngramBlock(nn.Module):
             return False
         return self.cfg.fuse == "compile" or (device.type == "cuda" and elements >= FUSE_MIN_ELEMENTS)
 
+    def _region(self, fn, sized: torch.Tensor, *args):
+        """`fn(*args)`, compiled where `fused` says so for a tensor like `sized`, else as it is
+        (the same operations: the CPU's numbers do not depend on `fuse`)."""
+        if self.fused(sized.device, sized.numel()):
+            return _fused_call(fn, self.cfg.fuse == "compile", *args)
+        return fn(*args)
+
     @property
     def receptive(self) -> int:
         """Earlier positions whose values the conv reads."""
@@ -270,16 +276,9 @@ class EngramBlock(nn.Module):
         else:
             e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
         v = self.value_proj(e)
-        if self.conv_kernel > 0 and self.fused(v.device, v.numel()):
-            v = _fused_call(conv_mix, self.cfg.fuse == "compile", v, self.conv_norm.weight, self.conv_norm.eps, self.conv.weight,
-                            None if valid is None else valid[:, lo:hi], self.receptive, self.dilation)
-        elif self.conv_kernel > 0:
-            x = self.conv_norm(v)
-            if valid is not None:
-                x = x * valid[:, lo:hi, None].to(x.dtype)  # packed-out padding reads as the zeros before the start
-            x = x.transpose(1, 2)
-            x = F.pad(x, (self.receptive, 0))
-            v = v + F.silu(self.conv(x)).transpose(1, 2)
+        if self.conv_kernel > 0:  # packed-out padding (valid = 0) reads as the zeros before the start
+            v = self._region(conv_mix, v, v, self.conv_norm.weight, self.conv_norm.eps, self.conv.weight,
+                             None if valid is None else valid[:, lo:hi], self.receptive, self.dilation)
         k = self.key_proj(e) if self.key_proj is not None else None
         return rows, mixes, v, k
 
@@ -322,11 +321,7 @@ class EngramBlock(nn.Module):
         return v, k, take(rows).flatten(0, 1), take(mixes).flatten(0, 1), kept.reshape(-1)
 
     def gate(self, hidden: torch.Tensor, v: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.gate == "context":
-            s = (self.norm_h(hidden) * self.norm_k(k)).sum(-1, keepdim=True) / math.sqrt(self.dim)
-            if self.cfg.gate_signed_sqrt:
-                s = s.abs().clamp_min(1e-6).sqrt() * s.sign()
-            return torch.sigmoid(s + self.gate_bias)
+        """The 'learned' and 'fixed' gates (the 'context' gate is `context_gate_residual`)."""
         if self.cfg.gate == "learned":
             return torch.sigmoid(self.gate_proj(torch.cat([hidden, v], -1)) + self.gate_bias)
         return torch.sigmoid(self.gate_bias).expand(hidden.shape[:-1] + (1,))
@@ -336,9 +331,9 @@ class EngramBlock(nn.Module):
         of a forward that was already counted)."""
         t = hidden.shape[1]
         v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask)
-        if self.cfg.gate == "context" and self.fused(hidden.device, hidden.numel()):
-            out, g = _fused_call(context_gate_residual, self.cfg.fuse == "compile", hidden, v, k, self.norm_h.weight, self.norm_h.eps,
-                                 self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim, self.cfg.gate_signed_sqrt)
+        if self.cfg.gate == "context":
+            out, g = self._region(context_gate_residual, hidden, hidden, v, k, self.norm_h.weight, self.norm_h.eps,
+                                  self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim, self.cfg.gate_signed_sqrt)
         else:
             g = self.gate(hidden.to(v.dtype), v, k)
             out = hidden + (g * v).to(hidden.dtype)
