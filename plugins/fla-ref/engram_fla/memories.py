@@ -236,6 +236,7 @@ class FlaLayerMemory(Memory, LayerPoint):
 
     independent_batch_items = True
     type_name = "fla"
+    fla_layer_class: str  # the layer class in fla.layers (a subclass says which)
     kernel_device = "cuda"  # where fla's Triton kernels run (a test's stand-in layer may say "cpu")
     cpu_forward = False  # engram validate's dry forward (on the CPU) skips these memories, saying why
 
@@ -265,9 +266,11 @@ class FlaLayerMemory(Memory, LayerPoint):
     def state_per_layer(cfg, width: int) -> int:
         """Numbers one layer of this kind carries per sequence (checks the sizes: ConfigError)."""
 
-    @abc.abstractmethod
     def make_layer(self, fla_layers: ModuleType, width: int, index: int) -> nn.Module:
-        """The fla layer after block `index`, from the module `fla.layers`."""
+        """The fla layer after block `index`: the class `fla_layer_class` of the module
+        `fla.layers`, in chunk mode, given the config's fields (each named as fla's argument)."""
+        options = {k: v for k, v in attrs.asdict(self.cfg).items() if k != "layers"}
+        return getattr(fla_layers, self.fla_layer_class)(hidden_size=width, mode="chunk", layer_idx=index, **options)
 
     def check_kernels(self, device: torch.device) -> None:
         """ConfigError where fla is known to refuse this layer's kernels on `device` (said at
@@ -320,6 +323,7 @@ class GatedDeltaNetMemory(FlaLayerMemory):
     head_k x head_v) with a data-dependent decay, written at every position."""
 
     type_name = "fla:gated_deltanet"
+    fla_layer_class = "GatedDeltaNet"
 
     @staticmethod
     def state_per_layer(cfg: GatedDeltaNetConfig, width: int) -> int:
@@ -330,12 +334,6 @@ class GatedDeltaNetMemory(FlaLayerMemory):
         if refusal:
             raise ConfigError("type", f"{self.type_name}: {refusal}")
 
-    def make_layer(self, fla_layers, width, index):
-        cfg = self.cfg
-        return fla_layers.GatedDeltaNet(
-            hidden_size=width, num_heads=cfg.num_heads, head_dim=cfg.head_dim, expand_v=cfg.expand_v, mode="chunk",
-            use_gate=cfg.use_gate, use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
-            allow_neg_eigval=cfg.allow_neg_eigval, layer_idx=index)
 
 
 class DeltaNetMemory(FlaLayerMemory):
@@ -344,17 +342,12 @@ class DeltaNetMemory(FlaLayerMemory):
     backward has no gate, so fla's Hopper refusal of Gated DeltaNet does not concern it."""
 
     type_name = "fla:deltanet"
+    fla_layer_class = "DeltaNet"
 
     @staticmethod
     def state_per_layer(cfg: DeltaNetConfig, width: int) -> int:
         return deltanet_state(cfg, width)
 
-    def make_layer(self, fla_layers, width, index):
-        cfg = self.cfg
-        return fla_layers.DeltaNet(
-            mode="chunk", hidden_size=width, expand_k=cfg.expand_k, expand_v=cfg.expand_v, num_heads=cfg.num_heads,
-            use_gate=cfg.use_gate, use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size,
-            allow_neg_eigval=cfg.allow_neg_eigval, layer_idx=index)
 
 
 class GatedLinearAttentionMemory(FlaLayerMemory):
@@ -362,14 +355,9 @@ class GatedLinearAttentionMemory(FlaLayerMemory):
     state (per head head_k x head_v) with a data-dependent, per-key-channel forget gate."""
 
     type_name = "fla:gla"
+    fla_layer_class = "GatedLinearAttention"
 
     @staticmethod
     def state_per_layer(cfg: GatedLinearAttentionConfig, width: int) -> int:
         return gla_state(cfg, width)
 
-    def make_layer(self, fla_layers, width, index):
-        cfg = self.cfg
-        return fla_layers.GatedLinearAttention(
-            mode="chunk", hidden_size=width, expand_k=cfg.expand_k, expand_v=cfg.expand_v, num_heads=cfg.num_heads,
-            use_short_conv=cfg.use_short_conv, conv_size=cfg.conv_size, gate_low_rank_dim=cfg.gate_low_rank_dim,
-            gate_logit_normalizer=cfg.gate_logit_normalizer, layer_idx=index)
