@@ -14,6 +14,6 @@ from .memories import (
 
 @hookimpl
 def engram_memories(register):
-    register("gated_deltanet", GatedDeltaNetMemory, GatedDeltaNetConfig, provides=("layer",))
-    register("deltanet", DeltaNetMemory, DeltaNetConfig, provides=("layer",))
-    register("gla", GatedLinearAttentionMemory, GatedLinearAttentionConfig, provides=("layer",))
+    register("gated_deltanet", GatedDeltaNetMemory, GatedDeltaNetConfig, points=("layer",))
+    register("deltanet", DeltaNetMemory, DeltaNetConfig, points=("layer",))
+    register("gla", GatedLinearAttentionMemory, GatedLinearAttentionConfig, points=("layer",))
