@@ -442,13 +442,20 @@ def full_run(args, tmp: Path) -> dict:
     return {"mode": args.full_mode, "wall_s": res["wall_s"], "eval_acc": acc, "final": res["final"]}
 
 
+ROLLOUT_KINDS = {"cuda": ["--device", "cuda"], "cpu": ["--device", "cpu"], "cuda+graphs": ["--device", "cuda", "run.cuda_graphs=true"]}
+
+
 def rollout(args, tmp: Path) -> dict:
+    """recipes/rollout_vmf.toml launch to exit on CUDA and on one CPU core (and, with
+    --rollout-graphs, on CUDA with each training step replayed as a CUDA graph), the order
+    reversed on every other repeat."""
     out = {}
+    kinds = ["cuda", "cpu"] + (["cuda+graphs"] if args.rollout_graphs else [])
     for r in range(args.rollout_repeats):
-        for dev in (("cuda", "cpu") if r % 2 == 0 else ("cpu", "cuda")):
+        for dev in (kinds if r % 2 == 0 else kinds[::-1]):
             env = dict(os.environ, OMP_NUM_THREADS="1") if dev == "cpu" else dict(os.environ)
             t = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "engram_core.run", "recipes/rollout_vmf.toml", "--device", dev, "--out",
+            p = subprocess.run([sys.executable, "-m", "engram_core.run", "recipes/rollout_vmf.toml", *ROLLOUT_KINDS[dev], "--out",
                                 str(tmp / f"rollout_{dev}_{r}")], env=env, capture_output=True, text=True, cwd=HERE.parent)
             if p.returncode != 0:
                 raise SystemExit(f"rollout_vmf on {dev} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
@@ -501,6 +508,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-mode", default="graphed", choices=MODES)
     p.add_argument("--rollout", action="store_true")
     p.add_argument("--rollout-repeats", type=int, default=2)
+    p.add_argument("--rollout-graphs", action="store_true", help="--rollout also with run.cuda_graphs = true")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="both sides: fp32, TF32 matmuls (engine: run.matmul_precision = 'high') or bf16 autocast (run.precision = 'bf16')")
     p.add_argument("--fused", action="store_true", help="both sides: AdamW(fused=True) (engine: optimizer_impl = 'fused')")

@@ -86,8 +86,10 @@ def test_ctrl_c_exits_130_with_one_line(fake_venv, cmd):
     for name in ("python", "engram-run"):
         (fake_venv / "bin" / name).write_text("#!/bin/sh\necho started\nexec sleep 30\n")
     env = {**os.environ, "ENGRAM_VENV": str(fake_venv)}
+    # SIGINT back to its default in the child: a test session started in the background by a
+    # non-interactive shell (nohup, `cmd &`) ignores it, and children inherit an ignored signal
     proc = subprocess.Popen([sys.executable, str(DEV), cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().startswith("+ ")  # the echoed command: the child is starting
     assert proc.stdout.readline() == "started\n"
     os.killpg(proc.pid, signal.SIGINT)

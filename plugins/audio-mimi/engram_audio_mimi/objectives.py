@@ -18,6 +18,7 @@ import torch
 
 from engram_core.components import BuildContext, Objective
 from engram_core.config import ConfigError, field, in_range, non_negative, one_of
+from engram_core.run.accel import host_reads_free
 
 from .generation import rollout
 from .heads import step_nll
@@ -98,16 +99,24 @@ class RolloutNLL(Objective):
 
     def sample(self, dataset, split, batch_size, generator):
         batch = dataset.sample_segments(split, batch_size, self.cfg.horizon, generator)
-        # the sampled rollout's noise seed is drawn here so that resume is exact; kept a Python
-        # int (batches move only tensors to the device), so reading it never waits for the GPU
-        batch["noise_seed"] = int(torch.randint(0, 2**62, (1,), generator=generator))
+        # the sampled rollout's noise seed, drawn here so that resume is exact: a 0-d tensor (kept
+        # whole when a batch is cut into micro-batches or rank shards; a batch of tensors only,
+        # as a CUDA-graphed step needs), read only where reading is free (`_generator`)
+        batch["noise_seed"] = torch.randint(0, 2**62, (1,), generator=generator)[0]
         return batch
 
     def _generator(self, batch, device) -> torch.Generator | None:
+        """The rollout's noise: on the CPU a generator seeded by the batch's `noise_seed` (the
+        stream every published CPU row was made with); on an accelerator the device's default
+        generator, because reading the seed there waits for the device and a CUDA graph cannot
+        take a generator seeded anew each step. The default generator is seeded by
+        `run.seed`, saved in checkpoints (resume stays exact) and advanced by a replayed graph."""
         if self.cfg.rollout != "sample" and self.cfg.noise_std == 0 and self.cfg.teacher_prob == 0:
             return None
+        if not host_reads_free(torch.device(device)):
+            return None
         seed = batch.get("noise_seed", 0)
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(int(seed))
 
     def rollout_loss(self, model, batch) -> tuple[torch.Tensor, dict]:
         true_next = None
