@@ -47,6 +47,11 @@ def counted(step) -> collections.Counter:
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
+    return outermost_aten(prof)
+
+
+def outermost_aten(prof) -> collections.Counter:
+    """The aten operators a profiled region asked for: events with no aten parent."""
     ops = collections.Counter()
     for ev in prof.events():
         parent = ev.cpu_parent

@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_common import write_result  # noqa: E402
-from engine_step_ops import NO_KERNEL, launching  # noqa: E402
+from engine_step_ops import NO_KERNEL, launching, outermost_aten  # noqa: E402
 
 RECIPE = HERE.parent / "recipes" / "rollout_vmf.toml"
 READS = ("item", "_local_scalar_dense", "is_nonzero")
@@ -39,12 +39,7 @@ def run_ops(overrides: list[str]) -> collections.Counter:
         rc = run_main([str(RECIPE), "--quiet", "--out", tempfile.mkdtemp(), "metrics=[]", *overrides])
     if rc != 0:
         raise SystemExit(f"rollout_vmf exited {rc}")
-    ops = collections.Counter()
-    for ev in prof.events():
-        parent = ev.cpu_parent
-        if ev.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::")):
-            ops[ev.name.removeprefix("aten::")] += 1
-    return ops
+    return outermost_aten(prof)
 
 
 def main(argv=None) -> int:
