@@ -210,6 +210,10 @@ columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
     assert d["point"] == sel["chosen"]["point"] and d["seeds"] == [0, 1, 2]
     assert d["metrics"]["eval/loss"]["n"] == 3
     assert R._point_cell(d, "point:stages.0.lr") == f"{sel['chosen']['point']['stages.0.lr']:g}"  # the table shows the rate
+    lost = next(label for label in sel["values"] if label != sel["chosen"]["label"])  # every point's value, the winner marked
+    assert R._selection_cell(d, f"selection:{sel['chosen']['label']}", ".4f") == f"**{sel['chosen']['value']:.4f}** (chosen)"
+    assert R._selection_cell(d, f"selection:{lost}", ".4f") == format(sel["values"][lost], ".4f")
+    assert R._selection_cell(d, "selection:no such point", ".4f") == "—"
     assert not [p for p in R.check_page(page) if "does not validate" in p or "another recipe" in p]
 
 

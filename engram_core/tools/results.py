@@ -563,7 +563,8 @@ def render_table(spec: dict, data: dict[str, dict], labels: dict[str, str] | Non
         for rid in _rows_matching(data, spec["rows"]):
             d = data[rid]
             line = [row_label(rid, d, labels or {})]
-            line += [_point_cell(d, c["key"]) if c["key"].startswith("point:") else fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values)
+            line += [_point_cell(d, c["key"]) if c["key"].startswith("point:") else _selection_cell(d, c["key"], c.get("fmt", fmt))
+                     if c["key"].startswith("selection:") else fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values)
                      for c in cols]
             if spec.get("seeds", True):
                 line.append(str(len([s for s in d["status"] if s == "completed"])))
@@ -577,6 +578,18 @@ def _point_cell(d: dict, key: str) -> str:
     """`point:<recipe key>`: the row's value of a sweep key, e.g. the rate a [select] row chose."""
     value = (d.get("point") or {}).get(key.removeprefix("point:"))
     return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _selection_cell(d: dict, key: str, fmt: str) -> str:
+    """`selection:<point label>`: what a [select] row's grid point scored on the selection
+    metric (one run each, on validation), marked when it is the point the row chose."""
+    selection = d.get("selection") or {}
+    label = key.removeprefix("selection:")
+    value = (selection.get("values") or {}).get(label)
+    if value is None:
+        return "—"
+    chosen = (selection.get("chosen") or {}).get("label") == label
+    return f"**{format(value, fmt)}** (chosen)" if chosen else format(value, fmt)
 
 
 def figure_png(page: Page, spec: dict) -> Path:

@@ -85,7 +85,8 @@ class NeedleConfig:
     n_fillers: int = field(32, help="distinct filler tokens", validator=positive)
     n_train: int = field(4096, help="training sequences", validator=positive)
     n_eval: int = field(512, help="evaluation sequences (the reported split)", validator=positive)
-    n_val: int = field(0, help="validation sequences, split 'val', for choices (steps, lengths, β); 0: none",
+    n_val: int = field(0, help="validation sequences, split 'val' (and 'val@L' for each of train_lengths), for "
+                               "choices (steps, lengths, β) and in-training evaluation; 0: none",
                        validator=in_range(0, None))
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
     train_lengths: tuple[int, ...] = field((), help="extra training splits `train@L` at these lengths (a length "
@@ -135,6 +136,10 @@ def _length_seed(seed: int, length: int, which: int) -> int:
     return (seed * 2 + which) * 1_000_003 + length
 
 
+# val@L streams start here: above every train/eval seed above, below the main val's 2**62 + seed
+_VAL_AT_LENGTH = 2**61
+
+
 class NeedleDataset(_TensorSplits):
     """Needle retrieval: `n_pairs` key/value pairs, the query key at the end, label = its value."""
 
@@ -149,6 +154,8 @@ class NeedleDataset(_TensorSplits):
             # each extra length has its own generator seed, distinct from the main splits'
             for length in cfg.train_lengths:
                 splits[f"train@{length}"] = generate_needle(cfg, cfg.n_train, _length_seed(cfg.seed, length, 1), length)
+                if cfg.n_val:  # a curriculum stage is watched on its own length, not on a test split
+                    splits[f"val@{length}"] = generate_needle(cfg, cfg.n_val, _VAL_AT_LENGTH + _length_seed(cfg.seed, length, 0), length)
             for length in cfg.eval_lengths:
                 splits[f"eval@{length}"] = generate_needle(cfg, cfg.n_eval, _length_seed(cfg.seed, length, 2), length)
             return splits
@@ -259,6 +266,8 @@ class ListOpsRecallConfig:
     n_fillers: int = field(32, help="distinct filler tokens", validator=positive)
     n_train: int = field(4096, help="training sequences", validator=positive)
     n_eval: int = field(512, help="evaluation sequences", validator=positive)
+    n_val: int = field(0, help="validation sequences, split 'val', for choices and in-training evaluation; 0: none",
+                       validator=in_range(0, None))
     seed: int = field(0, help="seed of the generator (independent of run.seed)")
 
     def __attrs_post_init__(self):
@@ -315,10 +324,16 @@ class ListOpsRecallDataset(_TensorSplits):
 
     def __init__(self, cfg: ListOpsRecallConfig, build: BuildContext | None = None):
         self.cfg = cfg
-        self._splits = _load_or_make(build, "listops_recall", cfg, lambda: {
-            "train": generate_listops_recall(cfg, cfg.n_train, cfg.seed * 2 + 1),
-            "eval": generate_listops_recall(cfg, cfg.n_eval, cfg.seed * 2 + 2),
-        })
+
+        def make() -> dict:
+            splits = {"train": generate_listops_recall(cfg, cfg.n_train, cfg.seed * 2 + 1),
+                      "eval": generate_listops_recall(cfg, cfg.n_eval, cfg.seed * 2 + 2)}
+            if cfg.n_val:  # a stream of its own: adding it changes neither train nor eval
+                splits["val"] = generate_listops_recall(cfg, cfg.n_val, 2**62 + cfg.seed)
+            return splits
+
+        self._splits = _load_or_make(build, "listops_recall", cfg, make)
+        self.splits = tuple(self._splits)
         self.spec = DataSpec("listops_recall", vocab_size=fill0_of(cfg) + cfg.n_fillers, n_classes=10,
                              seq_len=cfg.seq_len, n_pairs=cfg.n_defs, task="listops_recall")
 

@@ -6,6 +6,8 @@ from engram_deq_hrr.data import (
     QUERY,
     ListOpsLiteConfig,
     ListOpsLiteDataset,
+    ListOpsRecallConfig,
+    ListOpsRecallDataset,
     NeedleConfig,
     NeedleDataset,
     generate_listops,
@@ -77,6 +79,8 @@ def test_listops_dataset_and_errors(tmp_path):
         structure({"seq_len": 16, "max_depth": 3, "max_args": 4}, ListOpsLiteConfig)
     with pytest.raises(ConfigError, match="unknown split"):
         ds.sample("test", 2, torch.Generator())
+    with_val = ListOpsRecallDataset(ListOpsRecallConfig(seq_len=40, n_train=10, n_eval=5, n_val=4), BuildContext(cache_dir=tmp_path))
+    assert with_val.splits == ("train", "eval", "val") and with_val.sample("val", 2, torch.Generator())["tokens"].shape == (2, 40)
 
 
 def _evaluate(toks, pos, names):
@@ -106,6 +110,19 @@ def test_needle_length_splits():
     assert not torch.equal(ds._splits["eval@16"]["tokens"], ds._splits["train@16"]["tokens"][:4])
     with pytest.raises(ConfigError, match="eval_lengths"):
         structure({"n_pairs": 4, "eval_lengths": [6]}, NeedleConfig)
+
+
+def test_needle_validation_splits_leave_train_and_eval_unchanged():
+    from engram_deq_hrr.data import NeedleDataset as ND
+
+    cfg = dict(seq_len=32, n_pairs=2, n_train=8, n_eval=4, train_lengths=(16,), eval_lengths=(16,))
+    plain, with_val = ND(NeedleConfig(**cfg)), ND(NeedleConfig(**cfg, n_val=6))
+    assert set(with_val.splits) == set(plain.splits) | {"val", "val@16"}
+    for name in plain.splits:  # a validation split is a stream of its own
+        assert torch.equal(plain._splits[name]["tokens"], with_val._splits[name]["tokens"])
+    assert with_val._splits["val@16"]["tokens"].shape == (6, 16) and with_val._splits["val"]["tokens"].shape == (6, 32)
+    rows = {tuple(r) for name in ("train@16", "eval@16") for r in with_val._splits[name]["tokens"].tolist()}
+    assert not any(tuple(r) in rows for r in with_val._splits["val@16"]["tokens"].tolist())
 
 
 def test_listops_recall_layout_and_labels():
