@@ -445,11 +445,21 @@ def full_run(args, tmp: Path) -> dict:
 ROLLOUT_KINDS = {"cuda": ["--device", "cuda"], "cpu": ["--device", "cpu"], "cuda+graphs": ["--device", "cuda", "run.cuda_graphs=true"]}
 
 
+def rollout_phases(log: str) -> dict:
+    """Where a rollout_vmf run's time went, from its console: each train stage's last
+    steps/s and each evaluation's seconds (start-up is the wall time the two leave over)."""
+    import re
+
+    stages = {m[0]: float(m[1]) for m in re.findall(r"\[(\w+)\] step \d+/\d+ .*?([\d.]+) it/s", log)}
+    evals = [float(m) for m in re.findall(r"eval @ \d+ \(([\d.]+)s\)", log)]
+    return {"steps_per_s": stages, "eval_s": evals}
+
+
 def rollout(args, tmp: Path) -> dict:
     """recipes/rollout_vmf.toml launch to exit on CUDA and on one CPU core (and, with
     --rollout-graphs, on CUDA with each training step replayed as a CUDA graph), the order
     reversed on every other repeat."""
-    out = {}
+    out, phases = {}, {}
     kinds = ["cuda", "cpu"] + (["cuda+graphs"] if args.rollout_graphs else [])
     for r in range(args.rollout_repeats):
         for dev in (kinds if r % 2 == 0 else kinds[::-1]):
@@ -460,8 +470,9 @@ def rollout(args, tmp: Path) -> dict:
             if p.returncode != 0:
                 raise SystemExit(f"rollout_vmf on {dev} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
             out.setdefault(dev, []).append(round(time.perf_counter() - t, 2))
-            print(f"rollout_vmf {dev}: {out[dev][-1]:.1f} s", flush=True)
-    return {k: {"wall_s": v, "median_s": statistics.median(v)} for k, v in out.items()}
+            phases.setdefault(dev, []).append(rollout_phases(p.stdout + p.stderr))
+            print(f"rollout_vmf {dev}: {out[dev][-1]:.1f} s; {phases[dev][-1]}", flush=True)
+    return {k: {"wall_s": v, "median_s": statistics.median(v), "phases": phases[k]} for k, v in out.items()}
 
 
 def profiles(args, tmp: Path) -> dict:
