@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -448,8 +449,6 @@ ROLLOUT_KINDS = {"cuda": ["--device", "cuda"], "cpu": ["--device", "cpu"], "cuda
 def rollout_phases(log: str) -> dict:
     """Where a rollout_vmf run's time went, from its console: each train stage's last
     steps/s and each evaluation's seconds (start-up is the wall time the two leave over)."""
-    import re
-
     stages = {m[0]: float(m[1]) for m in re.findall(r"\[(\w+)\] step \d+/\d+ .*?([\d.]+) it/s", log)}
     evals = [float(m) for m in re.findall(r"eval @ \d+ \(([\d.]+)s\)", log)]
     return {"steps_per_s": stages, "eval_s": evals}

@@ -563,15 +563,24 @@ def render_table(spec: dict, data: dict[str, dict], labels: dict[str, str] | Non
         for rid in _rows_matching(data, spec["rows"]):
             d = data[rid]
             line = [row_label(rid, d, labels or {})]
-            line += [_point_cell(d, c["key"]) if c["key"].startswith("point:") else _selection_cell(d, c["key"], c.get("fmt", fmt))
-                     if c["key"].startswith("selection:") else fmt_cell(d["metrics"].get(c["key"]), c.get("fmt", fmt), values)
-                     for c in cols]
+            line += [_column_cell(d, c, fmt, values) for c in cols]
             if spec.get("seeds", True):
                 line.append(str(len([s for s in d["status"] if s == "completed"])))
             body.append(line)
     out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     out += ["| " + " | ".join(line) + " |" for line in body]
     return "\n".join(out)
+
+
+def _column_cell(d: dict, column: dict, fmt: str, values: bool) -> str:
+    """One cell of a `rows` × `columns` table: a swept key's value (`point:`), a grid point's
+    selection value (`selection:`) or a metric aggregated over the row's seeds."""
+    key, fmt = column["key"], column.get("fmt", fmt)
+    if key.startswith("point:"):
+        return _point_cell(d, key)
+    if key.startswith("selection:"):
+        return _selection_cell(d, key, fmt)
+    return fmt_cell(d["metrics"].get(key), fmt, values)
 
 
 def _point_cell(d: dict, key: str) -> str:
