@@ -169,6 +169,13 @@ def _strict_bool(v, _):
     return v
 
 
+def _bool_or_str(v, _):
+    """A switch with a word beside true and false (`run.cuda_graphs = "auto"`)."""
+    if not isinstance(v, (bool, str)):
+        raise TypeError(f"expected true, false or a string, got {_show(v)}")
+    return v
+
+
 def _strict_dict(v, _):
     if not isinstance(v, dict):
         raise TypeError(f"expected a table ({{ key = value, ... }}), got {_show(v)}")
@@ -239,6 +246,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(float, _strict_float)
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(bool | str, _bool_or_str)
     conv.register_structure_hook(Any, lambda v, _: v)
     conv.register_structure_hook_func(lambda t: t is dict or typing.get_origin(t) is dict, _strict_dict)
     conv.register_structure_hook_factory(_is_array_type, _array_hook_factory)

@@ -79,8 +79,30 @@ def test_cuda_graphs_on_the_cpu_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_cuda_graphs_auto_on_the_cpu_trains_eagerly(tmp_path):
+    """"auto" is a no-op off CUDA: the same losses as a run without it, no note."""
+    def losses(*overrides):
+        out = tmp_path / ("out" + str(len(overrides)))
+        r = run_cli(MINIMAL, *overrides, "--device", "cpu", "stages.0.steps=20", "stages.0.log_every=5", "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert "eager steps" not in r.stdout + r.stderr
+        (run_dir,) = run_dirs(out)
+        return json.loads((run_dir / "summary.json").read_text())["final"]
+    assert losses('run.cuda_graphs="auto"') == losses()
+
+
+@pytest.mark.parametrize("value, expected", [("3", "expected true, false or a string, got integer 3"),
+                                             ('"Auto"', "must be true, false or 'auto', got 'Auto' (did you mean 'auto'?)"),
+                                             ('"yes"', "must be true, false or 'auto', got 'yes'")])
+def test_cuda_graphs_takes_true_false_or_auto(tmp_path, value, expected):
+    r = run_cli(MINIMAL, f"run.cuda_graphs={value}", "--device", "cpu", "--out", str(tmp_path), "--quiet")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "run.cuda_graphs" in lines[0] and expected in lines[0], r.stderr
+
+
 @cuda
-@pytest.mark.parametrize("mode", [["run.cuda_graphs=true"], ["run.compile=true"], ["run.compile=true", "run.cuda_graphs=true"],
+@pytest.mark.parametrize("mode", [["run.cuda_graphs=true"], ['run.cuda_graphs="auto"'], ["run.compile=true"], ["run.compile=true", "run.cuda_graphs=true"],
                                   ["run.cuda_graphs=true", 'stages.0.optimizer_impl="fused"'], ['stages.0.optimizer_impl="fused"']])
 def test_compiled_and_graphed_steps_follow_eager(tmp_path, mode):
     eager = _train_losses(tmp_path)
@@ -140,3 +162,12 @@ def test_graphed_run_needs_a_capturable_optimiser(tmp_path):
     assert r.returncode == 2
     assert "run.cuda_graphs needs an optimiser whose step can be captured" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@cuda
+def test_graphs_auto_runs_a_stage_it_cannot_capture_eagerly(tmp_path):
+    recipe = tmp_path / "zoo.toml"
+    recipe.write_text(ZOO)
+    r = run_cli(recipe, 'run.cuda_graphs="auto"', 'stages.0.optimizer="sgd"', "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "stage train: eager steps (run.cuda_graphs = \"auto\": it needs an optimiser whose step can be captured" in r.stdout + r.stderr

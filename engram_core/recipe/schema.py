@@ -51,6 +51,12 @@ def _run_name(inst, attribute, value):
         raise ConfigError(attribute.name, problem)
 
 
+def _graphs_mode(inst, attribute, value):
+    if not (isinstance(value, bool) or value == "auto"):
+        hint = " (did you mean 'auto'?)" if isinstance(value, str) and value.strip().lower() == "auto" else ""
+        raise ConfigError(attribute.name, f"must be true, false or 'auto', got {value!r}{hint}")
+
+
 @attrs.frozen
 class RunConfig:
     name: str = field("", help="run name (one folder name); default: the recipe file's stem", validator=_run_name)
@@ -65,7 +71,9 @@ class RunConfig:
         "highest", help="float32 matmuls on CUDA (torch.set_float32_matmul_precision): 'highest' (fp32), 'high' (TF32) or 'medium' (bf16)",
         validator=one_of("highest", "high", "medium"))
     compile: bool = field(False, help="torch.compile the training forward (objective, head, memory); evaluation stays eager")
-    cuda_graphs: bool = field(False, help="replay each training step as one CUDA graph after 3 eager steps (CUDA, one process)")
+    cuda_graphs: bool | str = field(
+        False, help="replay each training step as one CUDA graph after 3 eager steps (CUDA, one process); 'auto': in the "
+                    "stages that allow it, eager in the others and off CUDA", validator=_graphs_mode)
     loggers: tuple[str, ...] = field((), help="trackers beside TensorBoard: 'wandb', 'mlflow' (extras of engram-core) or a plugin's")
     threads: int = field(0, help="CPU threads (torch intra-op) of this run; 0 = auto: the cores shared out between the engram runs of the machine (OMP_NUM_THREADS, when set, wins over auto)", validator=non_negative)
 

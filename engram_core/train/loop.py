@@ -292,9 +292,8 @@ class TrainLoop:
             raise RecipeError([(f"stages.{index}.param_groups", f"{unclaimed[0]} is a table whose rows live outside the model's parameters (its placement) and only a "
                                 f"row-wise optimiser trains it: add {{ params = [\"{unclaimed[0]}\"], optimizer = \"rowwise_adam\" }} (or \"rowwise_adagrad\"), "
                                 f"or freeze it")], self.recipe.file)
-        graphs = self.recipe.run.cuda_graphs
+        graphs = self._graphs_for(index, st, held, opts)
         if graphs:
-            self._check_graphable(index, st, held)
             make_capturable(opts, self.device, f"stages.{index}")
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor(st)) for o in opts]
         scaler = grad_scaler(self.recipe.run.precision, self.device)
@@ -347,21 +346,40 @@ class TrainLoop:
         self._restore_rng(state)
         return state["stage_step"]
 
-    def _check_graphable(self, index: int, st: TrainStage, held) -> None:
-        """What `run.cuda_graphs` cannot capture, said before the stage starts."""
-        why = None
+    def _graphs_for(self, index: int, st: TrainStage, held, opts) -> bool:
+        """Whether this stage's steps are replayed as a CUDA graph. `run.cuda_graphs = true`
+        makes what cannot be captured a one-line error before the stage starts; "auto" runs
+        such a stage eagerly (saying why on CUDA, where graphs were possible at all)."""
+        mode = self.recipe.run.cuda_graphs
+        if mode is False:
+            return False
+        why = self._graph_obstacle(index, st, held, opts)
+        if why is None:
+            return True
+        if mode == "auto":
+            if self.device.type == "cuda":
+                self.progress.note(f"stage {st.name}: eager steps (run.cuda_graphs = \"auto\": it {why})")
+            return False
+        raise RecipeError([("run.cuda_graphs", f"{why}; set run.cuda_graphs = false")], self.recipe.file)
+
+    def _graph_obstacle(self, index: int, st: TrainStage, held, opts) -> str | None:
+        """What keeps `run.cuda_graphs` from capturing this stage's step, known before it starts
+        (what only the capture can find, a host read inside the step, stays an error there)."""
         if self.device.type != "cuda":
-            why = f"needs CUDA (this run is on {self.device})"
-        elif self.dist.enabled:
-            why = f"runs in one process (this run has {self.dist.world_size} ranks)"
-        elif st.grad_accum > 1:
-            why = f"needs grad_accum = 1 (stages.{index}.grad_accum = {st.grad_accum})"
-        elif self.recipe.run.precision == "fp16":
-            why = "cannot capture fp16 loss scaling (use run.precision = \"bf16\")"
-        elif held or self._prefetchers(self.objectives[index]):
-            why = "cannot capture tables whose rows are fetched between steps (memory.placement)"
-        if why:
-            raise RecipeError([("run.cuda_graphs", f"{why}; set run.cuda_graphs = false")], self.recipe.file)
+            return f"needs CUDA (this run is on {self.device})"
+        if self.dist.enabled:
+            return f"runs in one process (this run has {self.dist.world_size} ranks)"
+        if st.grad_accum > 1:
+            return f"needs grad_accum = 1 (stages.{index}.grad_accum = {st.grad_accum})"
+        if self.recipe.run.precision == "fp16":
+            return "cannot capture fp16 loss scaling (use run.precision = \"bf16\")"
+        if held or self._prefetchers(self.objectives[index]):
+            return "cannot capture tables whose rows are fetched between steps (memory.placement)"
+        if self.recipe.run.cuda_graphs == "auto":  # with true, make_capturable names the optimiser
+            plain = next((type(o).__name__ for o in opts if "capturable" not in o.defaults), None)
+            if plain:
+                return f"needs an optimiser whose step can be captured (capturable: adam, adamw), got {plain}"
+        return None
 
     def _next_batch(self, run: StageRun, s: int) -> dict:
         """The step's global batch. With prefetching components, the next step's batch is
