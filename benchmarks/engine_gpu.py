@@ -443,7 +443,8 @@ def full_run(args, tmp: Path) -> dict:
     return {"mode": args.full_mode, "wall_s": res["wall_s"], "eval_acc": acc, "final": res["final"]}
 
 
-ROLLOUT_KINDS = {"cuda": ["--device", "cuda"], "cpu": ["--device", "cpu"], "cuda+graphs": ["--device", "cuda", "run.cuda_graphs=true"]}
+ROLLOUT_KINDS = {"cuda": ["--device", "cuda"], "cpu": ["--device", "cpu"], "cuda+graphs": ["--device", "cuda", "run.cuda_graphs=true"],
+                 "cuda+auto": ["--device", "cuda", 'run.cuda_graphs="auto"']}
 
 
 def rollout_phases(log: str) -> dict:
@@ -459,7 +460,7 @@ def rollout(args, tmp: Path) -> dict:
     --rollout-graphs, on CUDA with each training step replayed as a CUDA graph), the order
     reversed on every other repeat."""
     out, phases = {}, {}
-    kinds = ["cuda", "cpu"] + (["cuda+graphs"] if args.rollout_graphs else [])
+    kinds = ["cuda", "cpu"] + (["cuda+graphs", "cuda+auto"] if args.rollout_graphs else [])
     for r in range(args.rollout_repeats):
         for dev in (kinds if r % 2 == 0 else kinds[::-1]):
             env = dict(os.environ, OMP_NUM_THREADS="1") if dev == "cpu" else dict(os.environ)
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-mode", default="graphed", choices=MODES)
     p.add_argument("--rollout", action="store_true")
     p.add_argument("--rollout-repeats", type=int, default=2)
-    p.add_argument("--rollout-graphs", action="store_true", help="--rollout also with run.cuda_graphs = true")
+    p.add_argument("--rollout-graphs", action="store_true", help="--rollout also with run.cuda_graphs = true and = \"auto\"")
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
                    help="both sides: fp32, TF32 matmuls (engine: run.matmul_precision = 'high') or bf16 autocast (run.precision = 'bf16')")
     p.add_argument("--fused", action="store_true", help="both sides: AdamW(fused=True) (engine: optimizer_impl = 'fused')")
