@@ -67,6 +67,8 @@ def parse(argv=None):
     p.add_argument("--fuse", default="auto",
                    help="comma-separated fuse settings of the block to time (auto: compiled elementwise regions on CUDA; off; compile), "
                         "alternating their order from one table size to the next")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS forward+backward steps of each block (torch.profiler) and save its top operations")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run); explicit flags still win")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
@@ -202,6 +204,7 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense
         opt.step()  # the table's update (already done inside the backward on the default CUDA path)
 
     fwd_bwd = timed(step, device, args.iters, args.warmup)
+    top = profile_steps(step, device, args.profile) if args.profile else None
     with torch.no_grad():
         fwd = timed(forward, device, args.iters, args.warmup)
     # telemetry on: what recording costs per forward (usage counts + the collision sample)
@@ -214,7 +217,23 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense
         "fuse": fuse, "fused_regions": block.fused(device, tokens * args.dim) and not compiled,
         "table_path": path, "table_optimizer": args.table_optimizer, "fwd_ms": 1e3 * fwd, "fwd_bwd_ms": 1e3 * fwd_bwd, "fwd_with_telemetry_ms": 1e3 * fwd_tracked,
         "ns_per_token_fwd_bwd": 1e9 * fwd_bwd / tokens,
+        **({"profile_top_ops": top, "profile_steps": args.profile} if top is not None else {}),
     }
+
+
+def profile_steps(step, device, steps: int, top: int = 15) -> list[dict]:
+    """Where a step's time goes: `steps` steps under torch.profiler, the operations with the
+    most self time on the device (on the CPU where there is no device), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [{"name": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps} for e in events]
 
 
 def main(argv=None) -> dict:
@@ -277,6 +296,8 @@ def main(argv=None) -> dict:
                         (" fused" if r["fused_regions"] else "")
                     print(f"{size:>8.0e} {k:>8} {mode:>9} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
                           f"{r['fwd_with_telemetry_ms']:>14.3f} {r['ns_per_token_fwd_bwd']:>9.1f}  {r['table_path']}", flush=True)
+                    for op in r.get("profile_top_ops", []):
+                        print(f"{'':>10}{op['self_ms_per_step']:>8.3f} ms {op['calls_per_step']:>6.1f}×  {op['name'][:90]}")
     import transformers
 
     info = {
