@@ -24,6 +24,8 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
     python benchmarks/engram_in_lm.py --device cuda                     # the measurement (one H200: ~2 min)
     python benchmarks/engram_in_lm.py --device cuda --compile           # the same under torch.compile
     python benchmarks/engram_in_lm.py --device cuda --kernels torch     # without the fused Triton kernels
+    python benchmarks/engram_in_lm.py --device cuda --decode-cache static --steps 2 --warmup 1   # decoding with a StaticCache,
+                                                                        # the step compiled by generate (CUDA graphs)
     OMP_NUM_THREADS=1 python benchmarks/engram_in_lm.py --tiny          # CPU smoke run (seconds)
 
 `--compile` times `torch.compile(model)` for both: the base is compiled and run first,
@@ -66,6 +68,8 @@ def parse(argv=None):
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens before decoding")
     p.add_argument("--new-tokens", type=int, default=256, help="greedy tokens decoded")
     p.add_argument("--check-tokens", type=int, default=32, help="tokens compared cached vs uncached")
+    p.add_argument("--decode-cache", default="dynamic", choices=["dynamic", "static"],
+                   help="the KV cache generate uses; static: transformers' StaticCache, whose decode step generate compiles on CUDA")
     p.add_argument("--decode-repeats", type=int, default=5, help="timed generates of each model, alternated (after one untimed each)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
@@ -173,6 +177,13 @@ def time_training(model, groups, args, device, run=None) -> dict:
 DECODE_OPTS = dict(do_sample=False, pad_token_id=2)
 
 
+def decode_opts(args) -> dict:
+    """generate's options: greedy, and the KV cache asked for (`--decode-cache static`:
+    transformers then compiles the decode step itself on CUDA, mode "reduce-overhead",
+    i.e. CUDA graphs; the memory's bookkeeping runs eagerly before it, hf.HFInjector)."""
+    return {**DECODE_OPTS, **({"cache_implementation": "static"} if args.decode_cache == "static" else {})}
+
+
 def decode_prompt(args, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(2)
     return torch.randint(3, args.vocab, (args.decode_batch, args.prompt), generator=g).to(device)
@@ -184,7 +195,7 @@ def decode_once(model, prompt, args, device) -> float:
     sync(device)
     t = time.perf_counter()
     out = model.generate(input_ids=prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
-                         **DECODE_OPTS)
+                         **decode_opts(args))
     sync(device)
     assert out.shape[1] - prompt.shape[1] == args.new_tokens
     return time.perf_counter() - t
@@ -198,7 +209,10 @@ def time_decodes(models: dict, args, device) -> dict:
     prompt = decode_prompt(args, device)
     for m in models.values():
         m.eval()
-        m.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, use_cache=True, **DECODE_OPTS)  # warm-up, dropped
+        # warm-up, dropped; a static cache is sized by the generate's length, so its warm-up
+        # (which compiles the step on CUDA) has the timed length
+        n = args.new_tokens if args.decode_cache == "static" else 4
+        m.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=True, **decode_opts(args))
     seconds: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     for r in range(args.decode_repeats):
@@ -225,7 +239,8 @@ def cache_consistency(model, prompt, n: int, opts: dict) -> dict:
     runs = {}
     for use_cache in (True, False):
         out = model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=use_cache,
-                             output_scores=True, return_dict_in_generate=True, **opts)
+                             output_scores=True, return_dict_in_generate=True,
+                             **{k: v for k, v in opts.items() if use_cache or k != "cache_implementation"})
         runs[use_cache] = (out.sequences[:, prompt.shape[1]:], torch.stack(out.scores, 1).float())  # (B, n), (B, n, V)
     (tok_c, sc_c), (tok_u, sc_u) = runs[True], runs[False]
     same = (tok_c == tok_u).all(0)  # (n,) every batch row agrees at that step
@@ -279,10 +294,11 @@ def main(argv=None) -> dict:
     model.to(decode_dtype)  # the memory follows the model
     if args.no_decode:
         engram_decode = base_decode = None
-    else:  # eager decoding (generate's own compile is another topic), the two models alternated
+    else:  # the two models alternated; with --decode-cache static generate compiles the step on CUDA
         timed = time_decodes({"with_engram": model, "without_engram": base_for_decode.to(decode_dtype)}, args, device)
         engram_decode, base_decode = timed["with_engram"], timed["without_engram"]
-        engram_decode.update(cache_consistency(model, decode_prompt(args, device), args.check_tokens, DECODE_OPTS))
+        engram_decode.update(cache_consistency(model, decode_prompt(args, device), args.check_tokens, decode_opts(args)))
+        engram_decode["cache"] = base_decode["cache"] = args.decode_cache
         for name, d in timed.items():
             print(f"  greedy decode {name.replace('_', ' ')}: {d['tokens_per_s']:.1f} ± {d['tokens_per_s_sd']:.1f} tokens/s "
                   f"(median of {args.decode_repeats}, alternated)", flush=True)
@@ -307,7 +323,7 @@ def main(argv=None) -> dict:
     }
     decode = "" if base_decode is None else f", decode slowdown {100 * info['decode']['slowdown']:+.1f} %"
     print(f"  train overhead {100 * info['train']['overhead']:+.1f} %{decode}")
-    tag = ("-compiled" if args.compile else "") + (f"-{args.kernels}" if args.kernels != "auto" else "") + (
+    tag = ("-compiled" if args.compile else "") + ("-static" if args.decode_cache == "static" else "") + (f"-{args.kernels}" if args.kernels != "auto" else "") + (
         f"-tables-{args.tables}" if args.tables != "default" else "") + ("-tiny" if args.tiny else "")
     write_result(info, args.out, f"engram_in_lm-{device.type}{tag}")
     return info

@@ -162,6 +162,7 @@ class HFInjector:
         self.held = memory
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
+        self.window: tuple = (None, None)  # (ids, mask) the memory reads: `_memory_window`
         self.pending = None  # (ids, mask) that generate's prepare_inputs_for_generation saw last
         self.live = 0  # > 0 while the model's forward runs
         self.recompute: OrderedDict = OrderedDict()  # (layer, input data_ptr, shape) -> (ids, mask)
@@ -204,13 +205,20 @@ class HFInjector:
         return prepare_inputs_for_generation
 
     def __call__(self, *args, **kwargs):
-        self._keep_memory_trainable()
-        self.see_inputs(args, kwargs)
+        self._see_call(args, kwargs)
         self.live += 1
         try:
             return self.inner_forward(*args, **kwargs)
         finally:
             self.live -= 1
+
+    @torch.compiler.disable
+    def _see_call(self, args, kwargs):
+        """The injector's bookkeeping, always eager: under a compiled forward (generate's
+        static-cache decode step, `torch.compile(model)`) it is one graph break at the top
+        and the model and memory after it compile with fixed shapes (`window`)."""
+        self._keep_memory_trainable()
+        self.see_inputs(args, kwargs)
 
     def _keep_memory_trainable(self):
         """A peft wrapping that `_watch_peft` did not see (peft's `inject_adapter_in_model`,
@@ -231,7 +239,7 @@ class HFInjector:
         ids = kwargs.get("input_ids", args[0] if args else None)
         pending, self.pending = self.pending, None
         if not isinstance(ids, torch.Tensor):
-            self.ids = self.mask = None  # embeddings only: the memory cannot address, apply_layer says so
+            self.ids = self.mask = None; self.window = (None, None)  # embeddings only: the memory cannot address, apply_layer says so
             return
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # a 4-D mask says nothing of padding
@@ -263,6 +271,29 @@ class HFInjector:
                 # there the mask is kept and the fixed-shape padded path runs (same result)
                 mask = None
         self.ids, self.mask = history, mask
+        self.window = self._memory_window(history, mask, t)
+
+    def _memory_window(self, ids: torch.Tensor, mask: torch.Tensor | None, t: int):
+        """(ids, mask) the memory is given. A forward over the whole sequence gets it all. A
+        KV-cached step (t new positions after a history) gets the last t positions and the
+        `reach` ids before them that their n-grams and conv read, always exactly that many
+        columns (a short history is padded on the left, where padding acts as before the
+        sequence start): it hashes O(1) ids however long the sequence, and a compiled decode
+        step keeps one shape from token to token. Equal to the whole history wherever
+        padding is on the left, as generate pads (the dropped positions are all before the
+        window); on a CPU a history with padding after real tokens is given whole."""
+        total = ids.shape[1]
+        if t >= total:
+            return ids, mask
+        width = t + self.active().reach
+        if total < width:
+            short = width - total
+            kept = mask if mask is not None else torch.ones_like(ids)
+            return (torch.cat([ids.new_zeros(ids.shape[0], short), ids], 1),
+                    torch.cat([kept.new_zeros(kept.shape[0], short), kept], 1))
+        if mask is not None and accel.host_reads_free(mask.device) and bool(((mask[:, -width:] == 0).any(1) & (mask[:, :-width] != 0).any(1)).any()):
+            return ids, mask  # real tokens before padding in the window: only the whole history packs it correctly
+        return ids[:, -width:].contiguous(), (mask[:, -width:].contiguous() if mask is not None else None)
 
     def _layer_hook(self, layer: int, module, args, kwargs, output):
         mem = self.held if self.held is not None else self.model.engram
@@ -272,7 +303,7 @@ class HFInjector:
         inp = args[0] if args else kwargs.get("hidden_states")
         slot = (layer, inp.data_ptr(), tuple(inp.shape)) if isinstance(inp, torch.Tensor) and not torch.compiler.is_compiling() else None
         if self.live:
-            ids, mask, record = self.ids, self.mask, True
+            (ids, mask), record = self.window, True
             # gradient checkpointing may re-run this layer in backward (eager only: under
             # torch.compile the recomputation happens inside the compiled backward graph,
             # and `data_ptr` would break the graph)

@@ -106,3 +106,69 @@ def test_padding_never_enters_the_memory():
         b = model(input_ids=other, attention_mask=mask, position_ids=positions(mask)).logits
     keep = mask.bool()
     assert torch.allclose(a[keep], b[keep], atol=1e-6)
+
+
+def test_cached_step_hands_the_memory_a_fixed_window():
+    """A KV-cached step hashes the new token and the `reach` ids before it, not the history:
+    the memory sees 1 + reach columns at every decode step, the whole prompt at prefill."""
+    model = engram_model("llama")
+    reach = model.engram.reach
+    seen = []
+    model.engram.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[1].shape)))
+    ids = torch.randint(3, 100, (2, 3 * reach), generator=torch.Generator().manual_seed(4))
+    generate(model, ids, None, True)
+    layers = len(model.engram.blocks)
+    assert seen[:layers] == [(2, 3 * reach)] * layers
+    assert set(seen[layers:]) == {(2, 1 + reach)}, seen
+    assert len(seen) == 8 * layers
+
+
+def test_window_keeps_the_whole_history_where_padding_follows_real_tokens():
+    """Only padding on the left can be dropped with the history before the window; a row
+    with real tokens before padding inside the window is handed whole (checked on a CPU)."""
+    model = engram_model("llama")
+    injector = model._engram_injector
+    reach = model.engram.reach
+    ids = torch.randint(3, 100, (2, 2 * reach), generator=torch.Generator().manual_seed(5))
+    left = torch.ones_like(ids)
+    left[0, : reach + 3] = 0
+    got_ids, got_mask = injector._memory_window(ids, left, 1)
+    assert got_ids.shape[1] == 1 + reach and torch.equal(got_mask, left[:, -(1 + reach):])
+    middle = torch.ones_like(ids)
+    middle[0, -3] = 0
+    got_ids, got_mask = injector._memory_window(ids, middle, 1)
+    assert torch.equal(got_ids, ids) and torch.equal(got_mask, middle)
+    short_ids, short_mask = injector._memory_window(ids[:, :4], None, 1)  # a short history: padded on the left
+    assert short_ids.shape[1] == 1 + reach and torch.equal(short_ids[:, -4:], ids[:, :4])
+    assert short_mask[:, : reach - 3].sum() == 0 and bool(short_mask[:, -4:].all())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compiled_static_cache_decode_equals_uncached_without_recompiling(family):
+    """torch.compile of the model decoding into a StaticCache: the memory's bookkeeping runs
+    eagerly before the compiled region and the memory's window keeps one shape, so after the
+    first decode steps nothing recompiles (torch.compiler's fail_on_recompile stance), and
+    the greedy tokens are those of uncached generation."""
+    model = engram_model(family)
+    prompt = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(6))
+    seq = prompt
+    with torch.no_grad():  # greedy by whole-sequence forwards, no cache (plain argmax: no logits processors)
+        for _ in range(8):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    reference = seq[:, prompt.shape[1]:]
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=40)
+    tokens = []
+    try:
+        with torch.no_grad():
+            out = compiled(input_ids=prompt, past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            for step in range(7):
+                if step == 2:  # prefill and the first decode step compiled: nothing more may
+                    torch.compiler.set_stance("fail_on_recompile")
+                out = compiled(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+                tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    finally:
+        torch.compiler.set_stance("default")
+        torch.compiler.reset()
+    assert torch.equal(torch.cat(tokens, 1), reference)

@@ -54,6 +54,12 @@ class EngramHashMemory(Memory):
         parameter, not state). Whatever the sequence's length."""
         return sum(max(b.cfg.orders) - 1 + b.receptive for b in self.blocks.values())
 
+    @property
+    def reach(self) -> int:
+        """Ids before a position that its value depends on (its n-grams and the conv), the
+        most over the blocks: what a KV-cached step needs besides its own ids."""
+        return max(max(b.cfg.orders) - 1 + b.receptive for b in self.blocks.values())
+
     # -- the injection point (engram_core.points.LayerPoint) ------------------------
     def layer_indices(self) -> tuple[int, ...]:
         return tuple(int(k) for k in self.blocks)
