@@ -239,7 +239,8 @@ class HFInjector:
         ids = kwargs.get("input_ids", args[0] if args else None)
         pending, self.pending = self.pending, None
         if not isinstance(ids, torch.Tensor):
-            self.ids = self.mask = None; self.window = (None, None)  # embeddings only: the memory cannot address, apply_layer says so
+            self.ids = self.mask = None  # embeddings only: the memory cannot address, apply_layer says so
+            self.window = (None, None)
             return
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # a 4-D mask says nothing of padding
