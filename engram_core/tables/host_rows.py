@@ -92,14 +92,23 @@ class HostRowTable(nn.Module):
     @torch.no_grad()
     def _init_rows(self) -> None:
         """N(0, 1) as nn.Embedding initialises: one call (the device placement's random
-        stream, so both start from the same rows) up to INIT_CHUNK elements, in chunks of
-        rows beyond (no second table-sized buffer)."""
+        stream, so both start from the same rows) up to INIT_CHUNK elements. Beyond, chunks
+        of rows filled by as many threads as torch uses (a CPU's normal_ is serial: a
+        4 × 10⁸-row table took minutes on one thread), each chunk from its own generator,
+        whose seeds are one draw from the default one (so `torch.manual_seed` still fixes
+        the rows, whatever the number of threads); no second table-sized buffer."""
         per = max(1, self.INIT_CHUNK // self.embedding_dim)
         if self.num_embeddings <= per:
             nn.init.normal_(self.rows)
             return
-        for lo in range(0, self.num_embeddings, per):
-            nn.init.normal_(self.rows[lo : lo + per])
+        starts = range(0, self.num_embeddings, per)
+        seeds = torch.randint(0, 2**62, (len(starts),), dtype=torch.int64).tolist()
+
+        def fill(lo: int, seed: int) -> None:
+            self.rows[lo : lo + per].normal_(generator=torch.Generator().manual_seed(seed))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), len(starts)))) as pool:
+            list(pool.map(fill, starts, seeds))
 
     # ---- the row-table protocol ----------------------------------------------------------
 
