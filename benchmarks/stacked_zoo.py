@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -82,8 +83,12 @@ class Stack:
     def step(self, ids, pos, target, loss_fn=None) -> torch.Tensor:
         """ids, pos, target: (K, batch, ...) — each member's own batch. Returns the K losses."""
         self.opt.zero_grad(set_to_none=True)
-        losses = (loss_fn or self.losses)(self.params, self.buffers, ids, pos, target)
-        losses.sum().backward()  # members share nothing: each gets its own loss's gradient
+        # the math attention: under vmap, the memory-efficient kernel's backward fails on the
+        # batched layout ("LSE is not correctly aligned (strideH)", torch 2.11, H100); at
+        # length 64 the math path costs little, and K = 1 runs the same code
+        with sdpa_kernel(SDPBackend.MATH):
+            losses = (loss_fn or self.losses)(self.params, self.buffers, ids, pos, target)
+            losses.sum().backward()  # members share nothing: each gets its own loss's gradient
         self.clip_(1.0)
         self.opt.step()
         return losses.detach()
