@@ -89,8 +89,14 @@ class HostRowTable(nn.Module):
         self.register_state_dict_post_hook(_save_rows)
         self.register_load_state_dict_pre_hook(_load_rows)
 
+    def init_normal_(self, std: float = 1.0) -> None:
+        """The rows drawn again from N(0, std²), as `nn.init.normal_(full_weight, std=std)`
+        (the same numbers up to INIT_CHUNK elements) but in parallel chunks beyond."""
+        self.drain()
+        self._init_rows(std)
+
     @torch.no_grad()
-    def _init_rows(self) -> None:
+    def _init_rows(self, std: float = 1.0) -> None:
         """N(0, 1) as nn.Embedding initialises: one call (the device placement's random
         stream, so both start from the same rows) up to INIT_CHUNK elements. Beyond, chunks
         of rows filled by as many threads as torch uses (a CPU's normal_ is serial: a
@@ -99,13 +105,13 @@ class HostRowTable(nn.Module):
         the rows, whatever the number of threads); no second table-sized buffer."""
         per = max(1, self.INIT_CHUNK // self.embedding_dim)
         if self.num_embeddings <= per:
-            nn.init.normal_(self.rows)
+            nn.init.normal_(self.rows, std=std)
             return
         starts = range(0, self.num_embeddings, per)
         seeds = torch.randint(0, 2**62, (len(starts),), dtype=torch.int64).tolist()
 
         def fill(lo: int, seed: int) -> None:
-            self.rows[lo : lo + per].normal_(generator=torch.Generator().manual_seed(seed))
+            self.rows[lo : lo + per].normal_(std=std, generator=torch.Generator().manual_seed(seed))
 
         with ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), len(starts)))) as pool:
             list(pool.map(fill, starts, seeds))

@@ -190,7 +190,7 @@ class EngramBlock(nn.Module):
         h = self.hasher.n_heads
         # rows are read only through the row-table protocol (engram_core.tables.row_tables)
         self.table = make_row_table(cfg.placement, self.hasher.total_rows, cfg.slot_dim, sparse=cfg.sparse)
-        if hasattr(self.table, "init_normal_"):  # a sharded table draws only the rows it owns
+        if hasattr(self.table, "init_normal_"):  # a table that draws its own rows: sharded (those it owns), host (parallel chunks)
             self.table.init_normal_(cfg.init_std)
         else:
             with torch.no_grad():
