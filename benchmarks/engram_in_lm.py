@@ -152,7 +152,11 @@ def time_training(model, groups, args, device, run=None) -> dict:
         sync(device)
         t = time.perf_counter()
         with amp:
-            loss = run(input_ids=ids, labels=ids).loss
+            # no KV cache in training (as Trainer and the engine's heads): under torch.compile a cache made
+            # each forward guards every layer's frame on its lazily built cache layer, and the
+            # graph breaks at the memory's table reads split the model into per-layer frames,
+            # which recompile past dynamo's limit and run eagerly (H100, 2026-12-06)
+            loss = run(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         for opt in opts:
             opt.step()

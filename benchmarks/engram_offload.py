@@ -155,7 +155,7 @@ def time_part(model, args, device, prefetch: bool, sync) -> dict:
             mem.prefetch(nxt)  # the next step's rows move while this one runs
         ids = ids.to(device, non_blocking=True)
         with amp:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache in training
         loss.backward()
         for o in opts:
             o.step()

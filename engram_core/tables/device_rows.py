@@ -23,7 +23,9 @@ class DeviceRowTable(nn.Embedding):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         sparse = self.sparse
-        if not sparse and wants_row_gradients(self.weight):
+        # no gradient (generate, evaluation): a plain read, which a compiled decode step keeps
+        # in its graph instead of breaking it at every layer with a memory
+        if not sparse and torch.is_grad_enabled() and self.weight.requires_grad and wants_row_gradients(self.weight):
             if torch.compiler.is_compiling():
                 return read_rows_eagerly(rows, self.weight)
             sparse = reading_rows(self.weight)
