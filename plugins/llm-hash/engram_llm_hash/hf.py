@@ -163,6 +163,7 @@ class HFInjector:
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
         self.window: tuple = (None, None)  # (ids, mask) the memory reads: `_memory_window`
+        self._see_call = torch.compiler.disable(self._bookkeeping)
         self.pending = None  # (ids, mask) that generate's prepare_inputs_for_generation saw last
         self.live = 0  # > 0 while the model's forward runs
         self.recompute: OrderedDict = OrderedDict()  # (layer, input data_ptr, shape) -> (ids, mask)
@@ -212,11 +213,11 @@ class HFInjector:
         finally:
             self.live -= 1
 
-    @torch.compiler.disable
-    def _see_call(self, args, kwargs):
-        """The injector's bookkeeping, always eager: under a compiled forward (generate's
-        static-cache decode step, `torch.compile(model)`) it is one graph break at the top
-        and the model and memory after it compile with fixed shapes (`window`)."""
+    def _bookkeeping(self, args, kwargs):
+        """The injector's bookkeeping, always eager (`_see_call`, made in __init__: the
+        decorator would import torch._dynamo with the plugin): under a compiled forward
+        (generate's static-cache decode step, `torch.compile(model)`) it is one graph break
+        at the top and the model and memory after it compile with fixed shapes (`window`)."""
         self._keep_memory_trainable()
         self.see_inputs(args, kwargs)
 
