@@ -3,6 +3,9 @@
 Issue 14's figures, in one run:
 
 - device copy bandwidth (`y.copy_(x)`, bytes read + written per second): the roof;
+- each piece below twice on CUDA: the wall time of a call as a caller sees it (Python,
+  dispatch, launch, sync) and the device time (`*_device_us`: 50 calls captured in one CUDA
+  graph and replayed, so no host dispatch is in the figure; the kernel goals are about this);
 - the n-gram hash of all orders and heads (16,384 tokens, orders 2-3 x 8 heads): µs;
 - the gather of all heads' rows into the concatenated row vector (262,144 row reads of
   slot 64), forward and backward (scatter-add; `--deterministic` adds the sorted segment
@@ -95,6 +98,49 @@ def timed(fn, device, iters, warmup) -> float:
     return statistics.median(times)
 
 
+def device_time(fn, device, reps: int) -> float | None:
+    """Device seconds per call, without the host's dispatch: `reps` calls captured in one
+    CUDA graph and the graph replayed (median of 5 replays). `timed` measures a call as a
+    caller sees it (Python, the operator's dispatch, the launch, then a sync): for a kernel
+    of a few µs that is mostly the host. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    del graph
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def device_times(pieces: dict, device, reps: int) -> dict:
+    """`device_time` of each named piece; a piece that cannot be captured says why."""
+    out = {}
+    for name, (fn, n) in pieces.items():
+        try:
+            out[name] = device_time(fn, device, n or reps)
+        except Exception as exc:  # noqa: BLE001 - recorded; the wall-clock figures still stand
+            out[name] = None
+            out[name + "_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return out
+
+
 def copy_bandwidth(args, device) -> dict:
     n = args.copy_mib * 2**20 // 4
     x = torch.empty(n, dtype=torch.float32, device=device).normal_()
@@ -148,6 +194,10 @@ def bench_pieces(kernels_choice, args, device, compute) -> dict:
             return kernels.scatter_rows_triton(grad, rows, table.shape[0], table.dtype, deterministic)
         return torch.autograd.grad(out, table, grad, retain_graph=True)[0]
 
+    def gather_nograd():
+        with torch.no_grad():
+            return gather()
+
     bwd_s = timed(backward, device, args.iters, args.warmup)
     reads = rows.numel()
     elem = table.element_size()
@@ -159,6 +209,15 @@ def bench_pieces(kernels_choice, args, device, compute) -> dict:
     }
     if args.deterministic and fused:
         res["gather_bwd_deterministic_us"] = 1e6 * timed(lambda: backward(True), device, args.iters, args.warmup)
+    if device.type == "cuda":  # the same pieces as device time (CUDA graph replay): what the kernels cost
+        dev = device_times({"hash": (lambda: hash_window(h, ids, 0, t), 50), "gather_fwd": (lambda: gather_nograd(), 50),
+                            "gather_bwd": (backward, 10)}, device, 50)
+        for name in ("hash", "gather_fwd", "gather_bwd"):
+            res[f"{name}_device_us"] = None if dev[name] is None else 1e6 * dev[name]
+            if f"{name}_error" in dev:
+                res[f"{name}_device_error"] = dev[f"{name}_error"]
+        if dev["gather_fwd"]:
+            res["gather_fwd_device_gb_per_s"] = moved / dev["gather_fwd"] / 1e9
     return res
 
 
@@ -232,8 +291,16 @@ def profile_steps(step, device, steps: int, top: int = 15) -> list[dict]:
             step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    return [{"name": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps} for e in events]
+    averages = prof.key_averages()
+    events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:top]
+    rows = [{"name": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps} for e in events]
+    if device.type == "cuda":  # the kernels alone (an operator's row repeats its kernels' time): the step's device time
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+        rows.append({"name": "all kernels (device time of a step)", "self_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+                     "calls_per_step": sum(e.count for e in kernels) / steps})
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -255,11 +322,17 @@ def main(argv=None) -> dict:
     copy = copy_bandwidth(args, device)
     print(f"device copy bandwidth: {copy['gb_per_s']:.1f} GB/s ({device})")
     pieces = [bench_pieces(k, args, device, compute) for k in chosen]
-    print(f"{'kernels':>8} {'hash µs':>9} {'gather fwd µs':>14} {'GB/s':>8} {'% copy':>7} {'gather bwd µs':>14}")
+    print(f"{'kernels':>8} {'hash µs':>9} {'gather fwd µs':>14} {'GB/s':>8} {'% copy':>7} {'gather bwd µs':>14}   (wall per call)")
     for r in pieces:
         r["gather_fraction_of_copy"] = r["gather_fwd_gb_per_s"] / copy["gb_per_s"]
         print(f"{r['kernels']:>8} {r['hash_us']:>9.1f} {r['gather_fwd_us']:>14.1f} {r['gather_fwd_gb_per_s']:>8.1f} "
               f"{100 * r['gather_fraction_of_copy']:>6.1f}% {r['gather_bwd_us']:>14.1f}", flush=True)
+        if r.get("gather_fwd_device_gb_per_s"):
+            r["gather_device_fraction_of_copy"] = r["gather_fwd_device_gb_per_s"] / copy["gb_per_s"]
+            fmt = lambda v: f"{v:.1f}" if v is not None else "n/a"  # noqa: E731
+            print(f"{r['kernels']:>8} {fmt(r['hash_device_us']):>9} {fmt(r['gather_fwd_device_us']):>14} "
+                  f"{r['gather_fwd_device_gb_per_s']:>8.1f} {100 * r['gather_device_fraction_of_copy']:>6.1f}% "
+                  f"{fmt(r['gather_bwd_device_us']):>14}   (device time, CUDA graph replay)", flush=True)
 
     from engram_core.tables.rowwise import in_backward_by_default
 
