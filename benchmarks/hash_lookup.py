@@ -209,7 +209,9 @@ def bench_pieces(kernels_choice, args, device, compute) -> dict:
     }
     if args.deterministic and fused:
         res["gather_bwd_deterministic_us"] = 1e6 * timed(lambda: backward(True), device, args.iters, args.warmup)
-    if device.type == "cuda":  # the same pieces as device time (CUDA graph replay): what the kernels cost
+    # the Triton pieces as device time (CUDA graph replay): what the kernels cost. Not the
+    # torch path: its hash reads the device on the host, which a capture refuses
+    if device.type == "cuda" and fused:
         dev = device_times({"hash": (lambda: hash_window(h, ids, 0, t), 50), "gather_fwd": (lambda: gather_nograd(), 50),
                             "gather_bwd": (backward, 10)}, device, 50)
         for name in ("hash", "gather_fwd", "gather_bwd"):
