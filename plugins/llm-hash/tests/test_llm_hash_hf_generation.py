@@ -192,3 +192,17 @@ def test_compiled_static_cache_decode_equals_uncached_without_recompiling(family
     # the prefill and the decode step: one graph each after the bookkeeping's break (a break
     # at every memory layer made 23 graphs of the ten-layer model)
     assert len(graphs) <= 4, len(graphs)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam3"])
+def test_long_cached_generation_through_the_window_equals_uncached(mode):
+    """Histories far longer than the window (1 + reach ids), left-padded rows of mixed
+    lengths: most steps read through the window, and the tokens are still uncached ones."""
+    model = engram_model("qwen2")
+    ids, mask, _ = padded_batch([20, 9], side="left", seed=7)
+    opts = dict(MODES[mode], max_new_tokens=24, min_new_tokens=24, pad_token_id=PAD)
+    assert ids.shape[1] + 24 > 3 * (1 + model.engram.reach)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **opts)
+        uncached = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **opts)
+    assert torch.equal(cached, uncached)
