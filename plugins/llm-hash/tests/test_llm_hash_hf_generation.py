@@ -4,6 +4,8 @@ Every comparison uses trained (non-zero, large) memory, so a wrong history would
 tokens. Five tiny random families: Llama, Qwen2, Mistral, Gemma-style, Phi-3-style.
 """
 
+import inspect
+
 import pytest
 import torch
 from engram_llm_hash import add_engram
@@ -174,7 +176,8 @@ def test_compiled_static_cache_decode_equals_uncached_without_recompiling(family
         return gm.forward
 
     compiled = torch.compile(model, backend=counting_backend, dynamic=False)
-    cache = transformers.StaticCache(config=model.config, max_cache_len=40)
+    sized = "batch_size" in inspect.signature(transformers.StaticCache.__init__).parameters  # transformers < 5 sizes the batch
+    cache = transformers.StaticCache(config=model.config, max_cache_len=40, **({"batch_size": prompt.shape[0]} if sized else {}))
     tokens = []
     try:
         with torch.no_grad():
@@ -189,9 +192,10 @@ def test_compiled_static_cache_decode_equals_uncached_without_recompiling(family
         torch.compiler.set_stance("default")
         torch.compiler.reset()
     assert torch.equal(torch.cat(tokens, 1), reference)
-    # the prefill and the decode step: one graph each after the bookkeeping's break (a break
-    # at every memory layer made 23 graphs of the ten-layer model)
-    assert len(graphs) <= 4, len(graphs)
+    # the prefill and the decode step, split only by the bookkeeping's break and the
+    # library's own (2 graphs on transformers 5.25, 6 on 4.45); a break at every memory
+    # layer split the ten-layer model into per-layer frames (23 graphs on 5.25)
+    assert len(graphs) < 8, len(graphs)
 
 
 @pytest.mark.parametrize("mode", ["greedy", "beam3"])
