@@ -163,7 +163,6 @@ class HFInjector:
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
         self.window: tuple = (None, None)  # (ids, mask) the memory reads: `_memory_window`
-        self._see_call = torch.compiler.disable(self._bookkeeping)
         self.pending = None  # (ids, mask) that generate's prepare_inputs_for_generation saw last
         self.live = 0  # > 0 while the model's forward runs
         self.recompute: OrderedDict = OrderedDict()  # (layer, input data_ptr, shape) -> (ids, mask)
@@ -206,7 +205,7 @@ class HFInjector:
         return prepare_inputs_for_generation
 
     def __call__(self, *args, **kwargs):
-        self._see_call(args, kwargs)
+        _eager_bookkeeping()(self, args, kwargs)
         self.live += 1
         try:
             return self.inner_forward(*args, **kwargs)
@@ -214,10 +213,10 @@ class HFInjector:
             self.live -= 1
 
     def _bookkeeping(self, args, kwargs):
-        """The injector's bookkeeping, always eager (`_see_call`, made in __init__: the
-        decorator would import torch._dynamo with the plugin): under a compiled forward
-        (generate's static-cache decode step, `torch.compile(model)`) it is one graph break
-        at the top and the model and memory after it compile with fixed shapes (`window`)."""
+        """The injector's bookkeeping, always run eagerly (`_eager_bookkeeping`): under a
+        compiled forward (generate's static-cache decode step, `torch.compile(model)`) it is
+        one graph break at the top, and the model and memory after it compile with fixed
+        shapes (`window`)."""
         self._keep_memory_trainable()
         self.see_inputs(args, kwargs)
 
@@ -337,6 +336,18 @@ class HFInjector:
                 model.__dict__.pop(name, None)
         model.__dict__.pop("_engram_injector", None)
         forget_compiled_graphs()
+
+
+_EAGER_BOOKKEEPING = []
+
+
+def _eager_bookkeeping():
+    """`HFInjector._bookkeeping` under `torch.compiler.disable`, made on first use (the
+    decorator at import would import torch._dynamo with the plugin; a per-injector wrapper
+    would not follow a deepcopy of the model)."""
+    if not _EAGER_BOOKKEEPING:
+        _EAGER_BOOKKEEPING.append(torch.compiler.disable(HFInjector._bookkeeping))
+    return _EAGER_BOOKKEEPING[0]
 
 
 def forget_compiled_graphs() -> None:
