@@ -377,3 +377,50 @@ def test_a_model_with_a_table_updated_in_backward_still_pickles(tmp_path):
     torch.save(table, tmp_path / "table.pt")
     loaded = torch.load(tmp_path / "table.pt", weights_only=False)
     assert torch.equal(loaded.weight, table.weight) and not loaded.row_gradients
+
+
+@pytest.mark.parametrize("cls", [RowwiseAdagrad, RowwiseAdam])
+def test_sparse_reads_summing_to_zero_leave_the_row_and_its_state(cls):
+    """Rows read with gradients that cancel (and rows read many times) in a sparse gradient:
+    the cancelled rows, their weight decay and their state stay bit-identical, as the dense
+    path leaves them; the others equal the dense path."""
+    torch.manual_seed(0)
+    runs = {}
+    for sparse in (False, True):
+        emb = nn.Embedding(ROWS, DIM, sparse=sparse)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1)))
+        opt = cls(emb.parameters(), lr=0.05, weight_decay=0.1, fused_backward=False)
+        ids = torch.tensor([[3, 3, 7, 7, 7, 9], [9, 9, 11, 3, 7, 12]])
+        sign = torch.tensor([[1.0, -1.0, 1.0, 1.0, 1.0, 2.0], [-1.0, -1.0, 1.0, 0.0, 1.0, 1.0]])  # row 3 and row 9 cancel
+        for _ in range(3):
+            opt.zero_grad()
+            (emb(ids) * sign[..., None]).sum().backward()
+            opt.step()
+        runs[sparse] = (emb.weight.detach().clone(), {k: v.clone() for k, v in opt.state[emb.weight].items()})
+    (dense_w, dense_state), (sparse_w, sparse_state) = runs[False], runs[True]
+    start = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(1))
+    for row in (3, 9):  # summed gradient exactly zero: never updated, no decay
+        assert torch.equal(sparse_w[row], start[row]) and torch.equal(dense_w[row], start[row])
+        assert all(float(v[row].abs().sum()) == 0.0 for v in sparse_state.values())
+    torch.testing.assert_close(sparse_w, dense_w, rtol=1e-6, atol=1e-7)
+    for k in dense_state:
+        torch.testing.assert_close(sparse_state[k], dense_state[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_sparse_gradient_is_summed_without_reading_the_device():
+    """`summed_reads` keeps every shape fixed by the number of reads: no coalesce, no
+    nonzero, no scalar read (each a host synchronisation on a GPU, mid-backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engram_core.tables.rowwise import summed_reads
+
+    emb = nn.Embedding(ROWS, DIM, sparse=True)
+    emb(torch.tensor([[1, 4, 4, 2, 1, 1]])).pow(2).sum().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rows, g, keep = summed_reads(emb.weight.grad)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::coalesce", "aten::_coalesce", "aten::nonzero", "aten::item", "aten::_local_scalar_dense"}, names
+    assert rows.shape == (6,) and g.shape == (6, DIM) and bool(keep.all())
+    dense = emb.weight.grad.to_dense()
+    assert torch.allclose(g, dense.index_select(0, rows))  # every read carries its row's whole gradient

@@ -154,15 +154,44 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(t.shape[0], -1)
 
 
-def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows (U,), summed gradient rows (U, W)) of a sparse or dense gradient."""
+def touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(rows, summed gradient rows, keep) of a sparse or dense gradient: the rows to update
+    and the whole gradient of each; `keep` None, or a bool per entry that is False where a
+    row's summed gradient is all zero (left as it is, as the dense path leaves it)."""
     if grad.is_sparse:
-        g = grad.coalesce()
-        values = g.values()
-        values = values.reshape(values.shape[0], -1)
-        keep = values.ne(0).any(dim=1).nonzero().squeeze(1)
-        return g.indices()[0].index_select(0, keep), values.index_select(0, keep)
-    return nonzero_rows(as_rows(grad.contiguous()))
+        return summed_reads(grad)
+    rows, g = nonzero_rows(as_rows(grad.contiguous()))
+    return rows, g, None
+
+
+def summed_reads(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sparse row gradient (one entry per read, rows repeated) summed per row without a
+    host synchronisation: the N reads sorted by row, each run of equal rows summed into
+    its segment (`index_add_`), and every read given its row's total. So the result has N
+    entries, not one per distinct row (that count is data-dependent: `coalesce` and
+    `nonzero` read it on the host, a stall in the middle of backward on a GPU); entries of
+    one row carry the same gradient, so the update computes the same new values for each
+    and the repeated `index_copy_` writes agree. The uncoalesced entries are read with
+    `Tensor._indices()` / `_values()`, the methods torch's sparse documentation gives for
+    uncoalesced tensors (`indices()` requires a coalesced one)."""
+    rows = grad._indices()[0]
+    values = grad._values()
+    values = values.reshape(values.shape[0], -1)
+    order = torch.argsort(rows)
+    rows, values = rows.index_select(0, order), values.index_select(0, order)
+    starts = torch.ones_like(rows, dtype=torch.bool)
+    starts[1:] = rows[1:] != rows[:-1]
+    segment = starts.cumsum(0) - 1
+    sums = torch.zeros_like(values).index_add_(0, segment, values)
+    g = sums.index_select(0, segment)
+    return rows, g, g.ne(0).any(dim=1)
+
+
+def _kept(new: torch.Tensor, old: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """`new` where `keep` (per entry), `old` elsewhere; `new` when keep is None."""
+    if keep is None:
+        return new
+    return torch.where(keep.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
 def nonzero_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,12 +306,13 @@ class _Rowwise(torch.optim.Optimizer):
 
     def _update_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         weight = as_rows(p.data)
+        keep = None
         if group["rowwise"]:
-            rows, g = touched(grad)
+            rows, g, keep = touched(grad)
         else:  # element-wise over every row: plain Adagrad / AdamW
             g = as_rows((grad.to_dense() if grad.is_sparse else grad).contiguous())
             rows = torch.arange(weight.shape[0], device=weight.device)
-        self.update_rows(weight, self._state_of(p, weight, group), rows, g, group)
+        self.update_rows(weight, self._state_of(p, weight, group), rows, g, group, keep)
 
     def _update_holder(self, p: torch.Tensor, holder: RowHolder) -> None:
         group = dict(self._group_of(p), rowwise=True)  # a holder's rows are always updated row-wise
@@ -294,8 +324,11 @@ class _Rowwise(torch.optim.Optimizer):
             self.update_rows(values, state, index, grad, group)
         holder.rows_updated()
 
-    def update_rows(self, weight: torch.Tensor, state: dict, rows: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        """Apply the rule to `rows` of `weight` (R, W) with their summed gradients (U, W)."""
+    def update_rows(self, weight: torch.Tensor, state: dict, rows: torch.Tensor, grad: torch.Tensor, group: dict,
+                    keep: torch.Tensor | None = None) -> None:
+        """Apply the rule to `rows` of `weight` (R, W) with their summed gradients (U, W);
+        `keep` (U,) bool or None: entries to leave as they are where False. `rows` may
+        repeat a row only with the same gradient (`summed_reads`): its writes then agree."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -343,19 +376,21 @@ class RowwiseAdagrad(_Rowwise):
     def state_specs(self, width, rowwise):
         return [("sum", () if rowwise else (width,))]
 
-    def update_rows(self, weight, state, rows, grad, group):
+    def update_rows(self, weight, state, rows, grad, group, keep=None):
         if rows.numel() == 0:
             return
         g = grad.float()
         gsq = g.square().mean(dim=1) if group["rowwise"] else g.square()
-        s = state["sum"].index_select(0, rows).add_(gsq)
-        state["sum"].index_copy_(0, rows, s)
+        s_old = state["sum"].index_select(0, rows)
+        s = s_old + gsq
+        state["sum"].index_copy_(0, rows, _kept(s, s_old, keep))
         denom = s.sqrt().add_(group["eps"])
         if group["rowwise"]:
             denom = denom.unsqueeze(1)
-        w = _decay(weight.index_select(0, rows).float(), group)
+        w_old = weight.index_select(0, rows)
+        w = _decay(w_old.to(torch.float32, copy=True), group)  # a copy: w_old stays for `keep`
         w.addcdiv_(g, denom, value=-group["lr"])
-        weight.index_copy_(0, rows, w.to(weight.dtype))
+        weight.index_copy_(0, rows, _kept(w.to(weight.dtype), w_old, keep))
 
 
 class RowwiseAdam(_Rowwise):
@@ -383,18 +418,21 @@ class RowwiseAdam(_Rowwise):
     def state_specs(self, width, rowwise):
         return [("step", ()), ("exp_avg", (width,)), ("exp_avg_sq", () if rowwise else (width,))]
 
-    def update_rows(self, weight, state, rows, grad, group):
+    def update_rows(self, weight, state, rows, grad, group, keep=None):
         if rows.numel() == 0:
             return
         b1, b2 = group["betas"]
         g = grad.float()
-        t = state["step"].index_select(0, rows).add_(1.0)
-        state["step"].index_copy_(0, rows, t)
-        m = state["exp_avg"].index_select(0, rows).mul_(b1).add_(g, alpha=1.0 - b1)
-        state["exp_avg"].index_copy_(0, rows, m)
+        t_old = state["step"].index_select(0, rows)
+        t = t_old + 1.0
+        state["step"].index_copy_(0, rows, _kept(t, t_old, keep))
+        m_old = state["exp_avg"].index_select(0, rows)
+        m = (m_old * b1).add_(g, alpha=1.0 - b1)
+        state["exp_avg"].index_copy_(0, rows, _kept(m, m_old, keep))
         gsq = g.square().mean(dim=1) if group["rowwise"] else g.square()
-        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).add_(gsq, alpha=1.0 - b2)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
+        v_old = state["exp_avg_sq"].index_select(0, rows)
+        v = (v_old * b2).add_(gsq, alpha=1.0 - b2)
+        state["exp_avg_sq"].index_copy_(0, rows, _kept(v, v_old, keep))
         t64 = t.double()  # 1 - β^t in float32 loses ~1e-5 of itself (β = 0.999, t = 1)
         bias1 = (1.0 - b1**t64).float()
         bias2 = (1.0 - b2**t64).float()
@@ -402,9 +440,10 @@ class RowwiseAdam(_Rowwise):
             denom = (v / bias2).sqrt_().add_(group["eps"]).unsqueeze(1)
         else:
             denom = (v / bias2.unsqueeze(1)).sqrt_().add_(group["eps"])
-        w = _decay(weight.index_select(0, rows).float(), group)
+        w_old = weight.index_select(0, rows)
+        w = _decay(w_old.to(torch.float32, copy=True), group)  # a copy: w_old stays for `keep`
         w.sub_(group["lr"] * (m / bias1.unsqueeze(1)) / denom)
-        weight.index_copy_(0, rows, w.to(weight.dtype))
+        weight.index_copy_(0, rows, _kept(w.to(weight.dtype), w_old, keep))
 
 
 def _check(lr: float, eps: float, weight_decay: float) -> None:
