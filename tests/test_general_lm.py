@@ -143,6 +143,10 @@ def test_pretrained_head_beats_its_untrained_self(tmp_path, tiny_size):
     report = _evaluate(PretrainReport(PretrainReportConfig(), build), Model(head), data, "test")
     assert report["pretrain/parameters"] == sum(p.numel() for p in head.parameters()) and report["pretrain/tokens_per_s"] > 0
     assert "pretrain/mfu" not in report  # CPU: no peak to compare with
+    curve = head.pretrain_report["curve"]
+    best = min(curve, key=lambda row: row["val_loss"])
+    assert report["pretrain/best_val_loss"] == best["val_loss"] <= report["pretrain/val_loss"] == curve[-1]["val_loss"]
+    assert report["pretrain/best_val_step"] == best["step"] and report["pretrain/steps"] == curve[-1]["step"] > 0
     assert _evaluate(PretrainReport(PretrainReportConfig(), build), Model(fresh), data, "test") == {}
 
 

@@ -311,8 +311,10 @@ class PretrainReportConfig:
 
 class PretrainReport(Metric):
     """``pretrain/tokens_per_s``, ``pretrain/mfu`` (CUDA only), ``pretrain/train_seconds``,
-    ``pretrain/parameters``, ``pretrain/epochs`` and the last ``pretrain/val_loss`` of the
-    `pretrained_lm` head's model (nothing for a model that was not pretrained here)."""
+    ``pretrain/parameters``, ``pretrain/epochs``, the last ``pretrain/val_loss`` and the best
+    (``pretrain/best_val_loss`` at ``pretrain/best_val_step`` of ``pretrain/steps``: the
+    overfitting check) of the `pretrained_lm` head's model (nothing for a model that was not
+    pretrained here)."""
 
     groups = {"pretrain/*": "cost"}
     directions = {"pretrain/tokens_per_s": "higher", "pretrain/mfu": "higher"}
@@ -332,6 +334,10 @@ class PretrainReport(Metric):
         out = {f"pretrain/{k}": float(r[k]) for k in ("tokens_per_s", "train_seconds", "parameters", "epochs") if r.get(k) is not None}
         if r.get("mfu") is not None:
             out["pretrain/mfu"] = float(r["mfu"])
-        if r.get("curve"):
+        if r.get("curve"):  # the last validation loss, and the best one with its step: a fall after the best is overfitting
+            best = min(r["curve"], key=lambda row: row["val_loss"])
             out["pretrain/val_loss"] = float(r["curve"][-1]["val_loss"])
+            out["pretrain/best_val_loss"] = float(best["val_loss"])
+            out["pretrain/best_val_step"] = float(best["step"])
+            out["pretrain/steps"] = float(r["curve"][-1]["step"])
         return out
