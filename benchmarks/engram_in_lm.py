@@ -24,6 +24,7 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
     python benchmarks/engram_in_lm.py --device cuda                     # the measurement (one H200: ~2 min)
     python benchmarks/engram_in_lm.py --device cuda --compile           # the same under torch.compile
     python benchmarks/engram_in_lm.py --device cuda --kernels torch     # without the fused Triton kernels
+    python benchmarks/engram_in_lm.py --device cuda --profile-decode 32   # also where a decode step's time goes
     python benchmarks/engram_in_lm.py --device cuda --decode-cache static --steps 2 --warmup 1   # decoding with a StaticCache,
                                                                         # the step compiled by generate (CUDA graphs)
     OMP_NUM_THREADS=1 python benchmarks/engram_in_lm.py --tiny          # CPU smoke run (seconds)
@@ -70,6 +71,8 @@ def parse(argv=None):
     p.add_argument("--check-tokens", type=int, default=32, help="tokens compared cached vs uncached")
     p.add_argument("--decode-cache", default="dynamic", choices=["dynamic", "static"],
                    help="the KV cache generate uses; static: transformers' StaticCache, whose decode step generate compiles on CUDA")
+    p.add_argument("--profile-decode", type=int, default=0, metavar="TOKENS",
+                   help="also profile a generate of TOKENS tokens of each model (torch.profiler): where a decode step's host and device time go")
     p.add_argument("--decode-repeats", type=int, default=5, help="timed generates of each model, alternated (after one untimed each)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
@@ -232,6 +235,35 @@ def time_decodes(models: dict, args, device) -> dict:
 
 
 @torch.no_grad()
+def profile_decode(model, args, device, top: int = 20) -> dict:
+    """One generate of `--profile-decode` tokens under torch.profiler: per new token, the
+    host time and calls of the operators with the most host self time, the device kernels
+    with the most device time, and the number of kernel launches — what tells a launch- or
+    host-bound step from a device-bound one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = decode_prompt(args, device)
+    n = args.profile_decode
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        model.generate(input_ids=prompt, max_new_tokens=n, min_new_tokens=n, use_cache=True, **decode_opts(args))
+        sync(device)
+    averages = prof.key_averages()
+    per = lambda v: v / n  # noqa: E731
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out = {"tokens": n, "host_ops": [{"name": e.key, "self_cpu_ms_per_token": per(e.self_cpu_time_total) / 1e3, "calls_per_token": per(e.count)} for e in host]}
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+        out["device_ms_per_token"] = per(sum(e.self_device_time_total for e in kernels)) / 1e3
+        out["kernels_per_token"] = per(sum(e.count for e in kernels))
+        out["device_kernels"] = [{"name": e.key[:120], "device_ms_per_token": per(e.self_device_time_total) / 1e3, "calls_per_token": per(e.count)}
+                                 for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]]
+    return out
+
+
+@torch.no_grad()
 def cache_consistency(model, prompt, n: int, opts: dict) -> dict:
     """Cached vs uncached greedy decoding, token by token, with the scores that explain a difference.
 
@@ -303,6 +335,13 @@ def main(argv=None) -> dict:
         engram_decode, base_decode = timed["with_engram"], timed["without_engram"]
         engram_decode.update(cache_consistency(model, decode_prompt(args, device), args.check_tokens, decode_opts(args)))
         engram_decode["cache"] = base_decode["cache"] = args.decode_cache
+        if args.profile_decode:
+            for name, m, d in (("with engram", model, engram_decode), ("without engram", base_for_decode, base_decode)):
+                d["profile"] = profile_decode(m, args, device)
+                prof = d["profile"]
+                line = f"  profile, {name}: per token " + (f"{prof['kernels_per_token']:.0f} kernels, {prof['device_ms_per_token']:.2f} ms of device time; "
+                                                           if "kernels_per_token" in prof else "")
+                print(line + "most host time: " + ", ".join(f"{o['name']} {o['self_cpu_ms_per_token']:.2f} ms" for o in prof["host_ops"][:6]), flush=True)
         for name, d in timed.items():
             print(f"  greedy decode {name.replace('_', ' ')}: {d['tokens_per_s']:.1f} ± {d['tokens_per_s_sd']:.1f} tokens/s "
                   f"(median of {args.decode_repeats}, alternated)", flush=True)
