@@ -52,3 +52,11 @@ def write_result(info: dict, out: str | None, name: str) -> Path:
     path.write_text(json.dumps(info, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def cuda_kernels(averages) -> list:
+    """The kernel rows of a torch.profiler `key_averages()` (an operator's row repeats the
+    time of the kernels it launched, so a step's device time is the sum over these only)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]

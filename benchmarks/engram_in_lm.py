@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when a test loads this file
-from bench_common import add_lm_args, apply_tiny, write_result  # noqa: E402
+from bench_common import add_lm_args, apply_tiny, cuda_kernels, write_result  # noqa: E402
 
 TINY = dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vocab=512, batch=2, seq=64, engram_layers=[1, 2],
             memory_size=5000, slot_dim=8, steps=2, warmup=1, decode_batch=2, prompt=8, new_tokens=8, check_tokens=4)
@@ -253,9 +253,7 @@ def profile_decode(model, args, device, top: int = 20) -> dict:
     host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     out = {"tokens": n, "host_ops": [{"name": e.key, "self_cpu_ms_per_token": per(e.self_cpu_time_total) / 1e3, "calls_per_token": per(e.count)} for e in host]}
     if device.type == "cuda":
-        from torch.autograd import DeviceType
-
-        kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+        kernels = cuda_kernels(averages)
         out["device_ms_per_token"] = per(sum(e.self_device_time_total for e in kernels)) / 1e3
         out["kernels_per_token"] = per(sum(e.count for e in kernels))
         out["device_kernels"] = [{"name": e.key[:120], "device_ms_per_token": per(e.self_device_time_total) / 1e3, "calls_per_token": per(e.count)}

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, also when a test loads this file
-from bench_common import apply_tiny, write_result  # noqa: E402
+from bench_common import apply_tiny, cuda_kernels, write_result  # noqa: E402
 
 TINY = dict(tokens=256, batch=2, dim=64, slot_dim=16, heads=4, vocab=1000, sizes="1e3,1e4", iters=3, warmup=1, copy_mib=8)
 
@@ -297,9 +297,7 @@ def profile_steps(step, device, steps: int, top: int = 15) -> list[dict]:
     events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:top]
     rows = [{"name": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps} for e in events]
     if device.type == "cuda":  # the kernels alone (an operator's row repeats its kernels' time): the step's device time
-        from torch.autograd import DeviceType
-
-        kernels = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+        kernels = cuda_kernels(averages)
         rows.append({"name": "all kernels (device time of a step)", "self_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
                      "calls_per_step": sum(e.count for e in kernels) / steps})
     return rows

@@ -258,6 +258,11 @@ class EngramBlock(nn.Module):
         """Earlier positions whose values the conv reads."""
         return (self.conv_kernel - 1) * self.dilation if self.conv_kernel > 0 else 0
 
+    @property
+    def reach(self) -> int:
+        """Earlier ids a position's value depends on: its longest n-gram's and the conv's."""
+        return max(self.cfg.orders) - 1 + self.receptive
+
     def _window(self, seq: torch.Tensor, lo: int, hi: int, valid: torch.Tensor | None = None):
         """Rows, n-gram mixes, values and keys of positions [lo, hi) of the id sequence `seq`.
 

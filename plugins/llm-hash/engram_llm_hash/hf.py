@@ -292,8 +292,11 @@ class HFInjector:
             kept = mask if mask is not None else torch.ones_like(ids)
             return (torch.cat([ids.new_zeros(ids.shape[0], short), ids], 1),
                     torch.cat([kept.new_zeros(kept.shape[0], short), kept], 1))
-        if mask is not None and accel.host_reads_free(mask.device) and bool(((mask[:, -width:] == 0).any(1) & (mask[:, :-width] != 0).any(1)).any()):
-            return ids, mask  # real tokens before padding in the window: only the whole history packs it correctly
+        if mask is not None and accel.host_reads_free(mask.device):
+            padded_in_window = (mask[:, -width:] == 0).any(1)
+            real_before = (mask[:, :-width] != 0).any(1)
+            if bool((padded_in_window & real_before).any()):
+                return ids, mask  # real tokens before padding in the window: only the whole history packs it correctly
         return ids[:, -width:].contiguous(), (mask[:, -width:].contiguous() if mask is not None else None)
 
     def _layer_hook(self, layer: int, module, args, kwargs, output):
@@ -338,16 +341,12 @@ class HFInjector:
         forget_compiled_graphs()
 
 
-_EAGER_BOOKKEEPING = []
-
-
+@functools.cache
 def _eager_bookkeeping():
     """`HFInjector._bookkeeping` under `torch.compiler.disable`, made on first use (the
     decorator at import would import torch._dynamo with the plugin; a per-injector wrapper
     would not follow a deepcopy of the model)."""
-    if not _EAGER_BOOKKEEPING:
-        _EAGER_BOOKKEEPING.append(torch.compiler.disable(HFInjector._bookkeeping))
-    return _EAGER_BOOKKEEPING[0]
+    return torch.compiler.disable(HFInjector._bookkeeping)
 
 
 def forget_compiled_graphs() -> None:

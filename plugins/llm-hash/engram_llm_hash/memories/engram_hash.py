@@ -52,13 +52,13 @@ class EngramHashMemory(Memory):
         """What decoding carries from token to token: each block's last max_order - 1 + its
         conv's reach token ids (the rows and values are recomputed from them; the table is a
         parameter, not state). Whatever the sequence's length."""
-        return sum(max(b.cfg.orders) - 1 + b.receptive for b in self.blocks.values())
+        return sum(b.reach for b in self.blocks.values())
 
     @property
     def reach(self) -> int:
         """Ids before a position that its value depends on (its n-grams and the conv), the
         most over the blocks: what a KV-cached step needs besides its own ids."""
-        return max(max(b.cfg.orders) - 1 + b.receptive for b in self.blocks.values())
+        return max(b.reach for b in self.blocks.values())
 
     # -- the injection point (engram_core.points.LayerPoint) ------------------------
     def layer_indices(self) -> tuple[int, ...]:
