@@ -31,7 +31,8 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
 
 `--compile` times `torch.compile(model)` for both: the base is compiled and run first,
 then `add_engram` (which drops compiled graphs, so the memory is traced in; before issue
-14's fix the old graph kept running and the memory never ran). `memory_ran` in the JSON
+14's fix the old graph kept running and the memory never ran; `--recompile` wraps the model
+with Engram in a new `torch.compile` instead). `memory_ran` in the JSON
 says whether the tables changed over the training steps: it must be true for the
 "with Engram" figure to mean anything. `--kernels` is the memory's `kernels` key (auto:
 Triton on CUDA).
@@ -76,6 +77,9 @@ def parse(argv=None):
     p.add_argument("--decode-repeats", type=int, default=5, help="timed generates of each model, alternated (after one untimed each)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
+    p.add_argument("--recompile", action="store_true",
+                   help="with --compile: wrap the model with Engram in a new torch.compile (as a user who adds the memory first would) "
+                        "instead of calling the base's compiled wrapper again")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (inductor; eager or aot_eager for a quick CPU check)")
     p.add_argument("--tables", default="default", choices=["default", "dense", "adamw"],
                    help="how the tables train: default (row-wise, in backward on CUDA), dense (row-wise, dense gradient, at step), adamw")
@@ -310,16 +314,19 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     add_engram(model, memory_size=args.memory_size, inject_layers=args.engram_layers, freeze_base=False,
                slot_dim=args.slot_dim, heads_per_order=args.heads_per_order, kernels=args.kernels)
+    if args.compile and args.recompile:
+        run = torch.compile(model, backend=args.compile_backend)
     n_memory = sum(p.numel() for p in model.engram.parameters())
     tables_before = [b.table.weight.detach().clone() for b in model.engram.blocks.values()]
     optimizers, table_path = engram_optimizers(model, args, device)
     print(f"  tables: {table_path['tables']}, {table_path['table_gradient']} gradient, updated {table_path['table_update']}", flush=True)
     engram_train = time_training(model, optimizers, args, device, run)
     engram_train["table_path"] = table_path
-    engram_train["memory_ran"] = all(not torch.equal(a, b.table.weight) for a, b in zip(tables_before, model.engram.blocks.values()))
+    engram_train["tables_changed"] = {name: not torch.equal(a, b.table.weight) for a, (name, b) in zip(tables_before, model.engram.blocks.items())}
+    engram_train["memory_ran"] = all(engram_train["tables_changed"].values())
     del tables_before
     if not engram_train["memory_ran"]:
-        print("  WARNING: the tables did not change: the memory did not run", flush=True)
+        print(f"  WARNING: not every table changed (by layer: {engram_train['tables_changed']}): the memory did not run", flush=True)
     print(f"  train with Engram after layers {args.engram_layers}: {engram_train['step_ms_mean']:.1f} ± {engram_train['step_ms_sd']:.1f} ms/step", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -160,6 +160,7 @@ class HFInjector:
         """`memory`: a memory held elsewhere (the hf_causal_lm head's); None: `model.engram`,
         looked up at each call, so a wrapper peft put there (modules_to_save) is what runs."""
         self.held = memory
+        _make_eager_bookkeeping()
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
         self.window: tuple = (None, None)  # (ids, mask) the memory reads: `_memory_window`
@@ -205,7 +206,7 @@ class HFInjector:
         return prepare_inputs_for_generation
 
     def __call__(self, *args, **kwargs):
-        _eager_bookkeeping()(self, args, kwargs)
+        _EAGER["bookkeeping"](self, args, kwargs)
         self.live += 1
         try:
             return self.inner_forward(*args, **kwargs)
@@ -213,7 +214,7 @@ class HFInjector:
             self.live -= 1
 
     def _bookkeeping(self, args, kwargs):
-        """The injector's bookkeeping, always run eagerly (`_eager_bookkeeping`): under a
+        """The injector's bookkeeping, always run eagerly (`_make_eager_bookkeeping`): under a
         compiled forward (generate's static-cache decode step, `torch.compile(model)`) it is
         one graph break at the top, and the model and memory after it compile with fixed
         shapes (`window`)."""
@@ -297,7 +298,7 @@ class HFInjector:
             real_before = (mask[:, :-width] != 0).any(1)
             if bool((padded_in_window & real_before).any()):
                 return ids, mask  # real tokens before padding in the window: only the whole history packs it correctly
-        return ids[:, -width:].contiguous(), (mask[:, -width:].contiguous() if mask is not None else None)
+        return _fresh(ids[:, -width:]), (_fresh(mask[:, -width:]) if mask is not None else None)
 
     def _layer_hook(self, layer: int, module, args, kwargs, output):
         mem = self.held if self.held is not None else self.model.engram
@@ -341,12 +342,25 @@ class HFInjector:
         forget_compiled_graphs()
 
 
-@functools.cache
-def _eager_bookkeeping():
-    """`HFInjector._bookkeeping` under `torch.compiler.disable`, made on first use (the
-    decorator at import would import torch._dynamo with the plugin; a per-injector wrapper
-    would not follow a deepcopy of the model)."""
-    return torch.compiler.disable(HFInjector._bookkeeping)
+def _fresh(window: torch.Tensor) -> torch.Tensor:
+    """A copy of `window` with its own row-major strides. `.contiguous()` would return a
+    batch-1 slice of the growing history as it is (a size-1 dimension's stride does not
+    count for contiguity), with a stride that grows each token, and torch.compile guards
+    on strides: generate's compiled decode step then recompiled at every token, with
+    dynamic strides and a CUDA graph per size (H100, 2026-12-06)."""
+    return window.clone(memory_format=torch.contiguous_format)
+
+
+_EAGER: dict = {}  # "bookkeeping": HFInjector._bookkeeping under torch.compiler.disable
+
+
+def _make_eager_bookkeeping() -> None:
+    """Wrap `HFInjector._bookkeeping` in `torch.compiler.disable` once, when the first
+    injector is built (always eagerly): the decorator at import would import torch._dynamo
+    with the plugin, a per-injector wrapper would not follow a deepcopy of the model, and a
+    cached factory called from `__call__` makes dynamo warn on every compile."""
+    if "bookkeeping" not in _EAGER:
+        _EAGER["bookkeeping"] = torch.compiler.disable(HFInjector._bookkeeping)
 
 
 def forget_compiled_graphs() -> None:
