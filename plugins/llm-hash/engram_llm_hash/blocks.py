@@ -176,6 +176,13 @@ def _fused_call(fn, strict: bool, *args):
         return fn(*args)
 
 
+def pack_kept(ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept ids (keep (B, L) bool) moved to its end, in order, padding first:
+    (packed ids, packed keep)."""
+    order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices
+    return ids.gather(1, order), keep.gather(1, order)
+
+
 class EngramBlock(nn.Module):
     """The memory after one layer: hash → gather → project → conv → gate → residual."""
 
@@ -222,9 +229,8 @@ class EngramBlock(nn.Module):
         ids = ids.cpu()
         if attention_mask is None:
             return hasher.addresses(ids)
-        keep = attention_mask.cpu().bool()
-        order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices  # padding first, kept in order
-        return hasher.addresses_from_mixes(hasher.mixes(ids.gather(1, order), keep.gather(1, order)))
+        packed, valid = pack_kept(ids, attention_mask.cpu().bool())
+        return hasher.addresses_from_mixes(hasher.mixes(packed, valid))
 
     @property
     def usage(self) -> torch.Tensor:
@@ -263,23 +269,31 @@ class EngramBlock(nn.Module):
         """Earlier ids a position's value depends on: its longest n-gram's and the conv's."""
         return max(self.cfg.orders) - 1 + self.receptive
 
-    def _window(self, seq: torch.Tensor, lo: int, hi: int, valid: torch.Tensor | None = None):
+    def _hash(self, seq: torch.Tensor, lo: int, hi: int, valid: torch.Tensor | None = None):
+        """Rows (B, hi-lo, H) and n-gram mixes of positions [lo, hi) of the id sequence `seq`."""
+        hash_window = kernels.hash_window_triton if kernels.use_triton(self.cfg.kernels, seq.device) else kernels.hash_window_torch
+        return hash_window(self.hasher, seq, lo, hi, valid)
+
+    def _read(self, rows: torch.Tensor) -> torch.Tensor:
+        """The table's rows (B, W, H) → (B, W, H*slot) in the projections' dtype."""
+        compute = self.value_proj.weight.dtype
+        # the fused gather's backward is a dense table gradient: only for tables that make one
+        # (not sparse, not updated row-wise in backward: engram_core.tables.rowwise)
+        fused = kernels.use_triton(self.cfg.kernels, rows.device)
+        if fused and getattr(self.table, "placement", None) == "device" and not getattr(self.table, "row_gradients", self.cfg.sparse):
+            return kernels.gather_rows_triton(self.table.weight, rows, compute)  # one launch, cast fused
+        return self.table(rows).flatten(2).to(compute)  # a master table may be kept in another dtype
+
+    def _window(self, seq: torch.Tensor, lo: int, hi: int, valid: torch.Tensor | None = None, read: torch.Tensor | None = None):
         """Rows, n-gram mixes, values and keys of positions [lo, hi) of the id sequence `seq`.
 
         Each position's n-gram reaches max_order-1 ids back and the conv `receptive`
         positions back; callers pass lo early enough for the positions they keep, so
         generation costs O(1) per token however long the history. `valid` (B, L) or None:
-        0 = a position that acts as before the sequence start (no n-gram, zero conv input)."""
-        fused = kernels.use_triton(self.cfg.kernels, seq.device)
-        hash_window = kernels.hash_window_triton if fused else kernels.hash_window_torch
-        rows, mixes = hash_window(self.hasher, seq, lo, hi, valid)
-        compute = self.value_proj.weight.dtype
-        # the fused gather's backward is a dense table gradient: only for tables that make one
-        # (not sparse, not updated row-wise in backward: engram_core.tables.rowwise)
-        if fused and getattr(self.table, "placement", None) == "device" and not getattr(self.table, "row_gradients", self.cfg.sparse):
-            e = kernels.gather_rows_triton(self.table.weight, rows, compute)  # one launch, cast fused
-        else:
-            e = self.table(rows).flatten(2).to(compute)  # (B, W, H*slot): a master table may be kept in another dtype
+        0 = a position that acts as before the sequence start (no n-gram, zero conv input).
+        `read`: these positions' table rows, read already (`read_ahead`)."""
+        rows, mixes = self._hash(seq, lo, hi, valid)
+        e = read if read is not None else self._read(rows)
         v = self.value_proj(e)
         if self.conv_kernel > 0:  # packed-out padding (valid = 0) reads as the zeros before the start
             v = self._region(conv_mix, v, v, self.conv_norm.weight, self.conv_norm.eps, self.conv.weight,
@@ -287,7 +301,24 @@ class EngramBlock(nn.Module):
         k = self.key_proj(e) if self.key_proj is not None else None
         return rows, mixes, v, k
 
-    def values_and_keys(self, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None):
+    def read_ahead(self, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The table read that `values_and_keys(ids, t, attention_mask)` makes, made now; handed
+        back to it as `read`, that forward then reads nothing from the table.
+
+        Why: a table whose gradient is made as rows (a row-wise optimiser updating it in
+        backward) cannot be read inside a torch.compile'd graph (inductor cannot lower a
+        sparse gradient), so each memory layer's read was a graph break in the middle of the
+        model's forward, inside a decoder layer's hook. Read ahead, eagerly, before the
+        compiled forward starts (`HFInjector`), the model compiles with no break inside it:
+        on an H100 (torch 2.11) a compiled training step with the breaks inside left the
+        tables without gradient (benchmarks/compiled_memory_check.py)."""
+        total = ids.shape[1]
+        lo = max(0, total - t - self.receptive)
+        seq, valid = (ids, None) if attention_mask is None else pack_kept(ids, attention_mask.bool())
+        rows, _ = self._hash(seq, lo, total, valid)
+        return self._read(rows)
+
+    def values_and_keys(self, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None, read: torch.Tensor | None = None):
         """Values/keys of the last t positions from ids only: (B, t, d) each (keys None if
         unused), plus what telemetry needs: rows (N, H) and mixes (N, O) of the kept
         positions among those t.
@@ -298,11 +329,12 @@ class EngramBlock(nn.Module):
         there and each kept position takes its value back; padded positions get 0.
 
         Also returned: `real` (N,) bool, which of the N = B*t telemetry positions are kept
-        (None without a mask). Nothing here waits for the device."""
+        (None without a mask). Nothing here waits for the device. `read`: the table read
+        `read_ahead` made for the same arguments."""
         total = ids.shape[1]
         lo = max(0, total - t - self.receptive)  # first position whose value is needed
         if attention_mask is None:
-            rows, mixes, v, k = self._window(ids, lo, total)
+            rows, mixes, v, k = self._window(ids, lo, total, read=read)
             v, k = v[:, -t:], (k[:, -t:] if k is not None else None)
             return v, k, rows[:, -t:].flatten(0, 1), mixes[:, -t:].flatten(0, 1), None
         # Pack each row's kept ids to its END, in order (padding first). A kept position
@@ -311,13 +343,11 @@ class EngramBlock(nn.Module):
         # fixed shapes, no host synchronisation. The packed-out padding in front acts as
         # "before the sequence start" (`valid`), exactly as the unpadded sequence sees it.
         keep = attention_mask.bool()
-        order = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices  # padding first, kept in order
-        packed = ids.gather(1, order)
-        valid = keep.gather(1, order)
+        packed, valid = pack_kept(ids, keep)
         n_kept = keep.sum(1, keepdim=True)
         where = (total - n_kept + keep.long().cumsum(1) - 1).clamp(min=0)[:, -t:]  # packed index of each of the last t
         kept = keep[:, -t:]
-        rows, mixes, v, k = self._window(packed, lo, total, valid)
+        rows, mixes, v, k = self._window(packed, lo, total, valid, read=read)
         at = (where - lo).clamp(min=0)[..., None]  # a padded position points anywhere in range: its value is zeroed
         take = lambda x: x.gather(1, at.expand(-1, -1, x.shape[-1]))  # noqa: E731
         zero = kept[..., None].to(v.dtype)
@@ -331,11 +361,12 @@ class EngramBlock(nn.Module):
             return torch.sigmoid(self.gate_proj(torch.cat([hidden, v], -1)) + self.gate_bias)
         return torch.sigmoid(self.gate_bias).expand(hidden.shape[:-1] + (1,))
 
-    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record: bool = True) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record: bool = True,
+                read: torch.Tensor | None = None) -> torch.Tensor:
         """`record=False` leaves the telemetry alone (a gradient-checkpointing recomputation
-        of a forward that was already counted)."""
+        of a forward that was already counted); `read`: the table read made ahead (`read_ahead`)."""
         t = hidden.shape[1]
-        v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask)
+        v, k, rows, mixes, real = self.values_and_keys(ids, t, attention_mask, read)
         if self.cfg.gate == "context":
             out, g = self._region(context_gate_residual, hidden, hidden, v, k, self.norm_h.weight, self.norm_h.eps,
                                   self.norm_k.weight, self.norm_k.eps, self.gate_bias, self.dim, self.cfg.gate_signed_sqrt)
@@ -359,10 +390,10 @@ class HybridBlock(EngramBlock):
         self.tau = cfg.tau
         self.last_content_gate: torch.Tensor | None = None
 
-    def forward(self, hidden, ids, attention_mask=None, record=True):
+    def forward(self, hidden, ids, attention_mask=None, record=True, read=None):
         from engram_core.nn import soft_topk
 
-        out = super().forward(hidden, ids, attention_mask, record)
+        out = super().forward(hidden, ids, attention_mask, record, read)
         h = hidden.to(self.query.weight.dtype)
         q = self.query(h)
         table = self.table.full_weight.to(q.dtype)

@@ -164,6 +164,8 @@ class HFInjector:
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # None: no padding anywhere in the history
         self.window: tuple = (None, None)  # (ids, mask) the memory reads: `_memory_window`
+        self.new_positions = 0  # positions the current forward adds (its input's length)
+        self.reads_ahead: dict = {}  # layer -> its table read, made before a compiled forward
         self.pending = None  # (ids, mask) that generate's prepare_inputs_for_generation saw last
         self.live = 0  # > 0 while the model's forward runs
         self.recompute: OrderedDict = OrderedDict()  # (layer, input data_ptr, shape) -> (ids, mask)
@@ -206,20 +208,36 @@ class HFInjector:
         return prepare_inputs_for_generation
 
     def __call__(self, *args, **kwargs):
-        _EAGER["bookkeeping"](self, args, kwargs)
+        # where dynamo traces this call, is_compiling() is the constant True: the eager
+        # bookkeeping learns that the forward after it is compiled
+        _EAGER["bookkeeping"](self, args, kwargs, torch.compiler.is_compiling())
         self.live += 1
         try:
             return self.inner_forward(*args, **kwargs)
         finally:
             self.live -= 1
 
-    def _bookkeeping(self, args, kwargs):
+    def _bookkeeping(self, args, kwargs, compiled: bool = False):
         """The injector's bookkeeping, always run eagerly (`_make_eager_bookkeeping`): under a
         compiled forward (generate's static-cache decode step, `torch.compile(model)`) it is
         one graph break at the top, and the model and memory after it compile with fixed
-        shapes (`window`)."""
+        shapes (`window`) and no break inside (`reads_ahead`)."""
         self._keep_memory_trainable()
         self.see_inputs(args, kwargs)
+        self.reads_ahead = self._read_tables_ahead() if compiled else {}
+
+    def _read_tables_ahead(self) -> dict:
+        """Under a compiled forward that makes gradients: each memory layer whose table makes
+        its gradient as rows (a row-wise optimiser updates it in backward) has its table read
+        here, eagerly, and the layer's hook hands it to the block. Inductor cannot compile
+        such a read, so inside the forward it would be a graph break in every memory layer's
+        hook (`EngramBlock.read_ahead` says what that did on an H100)."""
+        ids, mask = self.window
+        mem = self.active()
+        if ids is None or not torch.is_grad_enabled() or not mem.enabled:
+            return {}
+        return {int(key): mem.read_ahead(int(key), ids, self.new_positions, mask)
+                for key, block in mem.blocks.items() if getattr(block.table, "row_gradients", False)}
 
     def _keep_memory_trainable(self):
         """A peft wrapping that `_watch_peft` did not see (peft's `inject_adapter_in_model`,
@@ -241,7 +259,7 @@ class HFInjector:
         pending, self.pending = self.pending, None
         if not isinstance(ids, torch.Tensor):
             self.ids = self.mask = None  # embeddings only: the memory cannot address, apply_layer says so
-            self.window = (None, None)
+            self.window, self.new_positions = (None, None), 0
             return
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # a 4-D mask says nothing of padding
@@ -273,7 +291,7 @@ class HFInjector:
                 # there the mask is kept and the fixed-shape padded path runs (same result)
                 mask = None
         self.ids, self.mask = history, mask
-        self.window = self._memory_window(history, mask, t)
+        self.window, self.new_positions = self._memory_window(history, mask, t), t
 
     def _memory_window(self, ids: torch.Tensor, mask: torch.Tensor | None, t: int):
         """(ids, mask) the memory is given. A forward over the whole sequence gets it all. A
@@ -307,8 +325,9 @@ class HFInjector:
         hidden = output[0] if isinstance(output, tuple) else output
         inp = args[0] if args else kwargs.get("hidden_states")
         slot = (layer, inp.data_ptr(), tuple(inp.shape)) if isinstance(inp, torch.Tensor) and not torch.compiler.is_compiling() else None
+        read = None
         if self.live:
-            (ids, mask), record = self.window, True
+            (ids, mask), record, read = self.window, True, self.reads_ahead.get(layer)
             # gradient checkpointing may re-run this layer in backward (eager only: under
             # torch.compile the recomputation happens inside the compiled backward graph,
             # and `data_ptr` would break the graph)
@@ -323,7 +342,7 @@ class HFInjector:
                 "engram: a decoder layer ran outside the model's forward, so its token ids are unknown; "
                 "call the model itself (model(...) or model.generate)"
             )
-        new = mem(hidden, ids, layer=layer, attention_mask=mask, record=record)
+        new = mem(hidden, ids, layer=layer, attention_mask=mask, record=record, read=read)
         if isinstance(output, tuple):
             return (new,) + tuple(output[1:])
         return new

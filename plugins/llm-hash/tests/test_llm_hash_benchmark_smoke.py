@@ -42,6 +42,22 @@ def test_engram_in_lm_benchmark_tiny_compiled(tmp_path):
     assert saved["train"]["with_engram"]["memory_ran"]
 
 
+def test_compiled_memory_check_tiny(tmp_path):
+    """The compile diagnosis: with tables updated in backward, a compiled step gives them
+    row gradients and trains them, and reads no table inside the compiled forward (the
+    reads are made ahead); the library's functions it watches are restored afterwards."""
+    from engram_llm_hash import hf
+
+    hook = hf.HFInjector._layer_hook
+    out = tmp_path / "m.json"
+    assert load("compiled_memory_check").main(["--device", "cpu", "--rowwise", "--backend", "aot_eager", "--kernels", "torch", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["tables_changed"] == [True, True] and saved["table_gradients"] == ["torch.sparse_coo"] * 2
+    path = [s[0] for s in saved["seen"]]
+    assert path.count("layer hook") == 2 and path.count("block output") == 2 and "eager table read" not in path
+    assert hf.HFInjector._layer_hook is hook
+
+
 def test_hash_lookup_benchmark_tiny(tmp_path):
     out = tmp_path / "h.json"
     load("hash_lookup").main(["--tiny", "--device", "cpu", "--kernels", "torch", "--iters", "1", "--warmup", "0", "--out", str(out)])

@@ -101,6 +101,56 @@ def test_compiled_equals_eager_with_padding_and_autocast():
     assert "engram.blocks.1.table.weight" in got[1]
 
 
+def test_compiled_training_with_tables_updated_in_backward_breaks_only_at_the_top(monkeypatch):
+    """Tables updated in backward by a row-wise optimiser make row (sparse) gradients, which
+    inductor cannot compile: each memory layer's read was a graph break inside its decoder
+    layer's hook (on an H100, torch 2.11, such a step left the tables without gradient).
+    The injector now reads them ahead, eagerly, at its one break before the forward: the
+    model after it is one graph, no read happens inside it, and one step updates the
+    tables (and the rest) as the eager step does."""
+    import engram_core.tables.device_rows as device_rows
+    from engram_core.tables.rowwise import RowwiseAdam
+
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: the packed path
+
+    def trained(compile_with=None):
+        model = qwen2(layers=4)
+        torch.manual_seed(1)
+        add_engram(model, memory_size=5000, inject_layers=[1, 2], freeze_base=False, slot_dim=8, heads_per_order=2)
+        open_memory(model)
+        tables = [b.table.weight for b in model.engram.blocks.values()]
+        optimizer = RowwiseAdam(tables, lr=1e-2, fused_backward=True)
+        run = torch.compile(model, backend=compile_with) if compile_with else model
+        loss = run(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        return float(loss), [t.detach().clone() for t in tables], optimizer
+
+    loss_eager, tables_eager, _ = trained()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # each graph run as traced (autograd as eager)
+        graphs.append(gm)
+        return gm.forward
+
+    def no_read_inside(*args):
+        raise AssertionError("a table was read inside the compiled forward")
+
+    monkeypatch.setattr(device_rows, "read_rows_eagerly", no_read_inside)
+    try:
+        loss_compiled, tables_compiled, optimizer = trained(counting_backend)
+    finally:
+        torch.compiler.reset()
+    assert optimizer.updates_in_backward
+    assert loss_compiled == pytest.approx(loss_eager, rel=1e-6)
+    for got, want in zip(tables_compiled, tables_eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the bookkeeping's break, then the model: one graph (transformers may add its own break)
+    assert len(graphs) <= 2, len(graphs)
+
+
 def test_memory_forward_has_no_host_synchronisation():
     """fullgraph=True fails on any graph break: a .tolist(), an .item(), a data-dependent
     branch (all host synchronisations on a GPU) in the memory's forward, padded or not."""

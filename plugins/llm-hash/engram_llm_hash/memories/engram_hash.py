@@ -65,24 +65,38 @@ class EngramHashMemory(Memory):
         return tuple(int(k) for k in self.blocks)
 
     def apply_layer(
-        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record: bool = True
+        self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, record: bool = True,
+        read: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far;
-        attention_mask (B, L) or None, 0 = a padded position (never hashed, never convolved)."""
-        # compared as ints, not looked up by str(layer): torch.compile may trace `layer` as
-        # a symbolic int, which str() cannot take without a graph break
-        block = next((b for k, b in self.blocks.items() if int(k) == layer), None)
+        attention_mask (B, L) or None, 0 = a padded position (never hashed, never convolved);
+        `read`: this layer's table read made ahead (`read_ahead`), or None."""
+        block = self._block(layer)
         if not self.enabled or block is None:
             return hidden
         if ids is None:
             raise RuntimeError("engram memory needs token ids (the forward was given only embeddings)")
-        return block(hidden, ids, attention_mask, record)
+        return block(hidden, ids, attention_mask, record, read)
+
+    def read_ahead(self, layer: int, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Layer `layer`'s table read for a forward of the last t positions of ids, made now
+        (`EngramBlock.read_ahead`); None where the layer has no block or the memory is off."""
+        block = self._block(layer)
+        if not self.enabled or block is None:
+            return None
+        return block.read_ahead(ids, t, attention_mask)
+
+    def _block(self, layer: int):
+        # compared as ints, not looked up by str(layer): torch.compile may trace `layer` as
+        # a symbolic int, which str() cannot take without a graph break
+        return next((b for k, b in self.blocks.items() if int(k) == layer), None)
 
     def forward(
-        self, hidden: torch.Tensor, ids: torch.Tensor, layer: int | None = None, attention_mask: torch.Tensor | None = None, record: bool = True
+        self, hidden: torch.Tensor, ids: torch.Tensor, layer: int | None = None, attention_mask: torch.Tensor | None = None, record: bool = True,
+        read: torch.Tensor | None = None,
     ) -> torch.Tensor:
         layer = int(next(iter(self.blocks))) if layer is None else layer
-        return self.apply_layer(layer, hidden, ids, attention_mask, record)
+        return self.apply_layer(layer, hidden, ids, attention_mask, record, read)
 
     # -- prefetch (the engine's `prefetch(batch)` hook; placement "host") ------------------
     @property
