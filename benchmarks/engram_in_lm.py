@@ -13,7 +13,12 @@ vocabulary 151,936, tied embeddings, ~494M parameters):
   table gradient; `dense` the same optimiser with `fused_backward=False` (a dense table
   gradient, the update at step()); `adamw` the tables in the fused AdamW with the rest
   (the figure before issue 28). Everything else is in fused AdamW in every case. The
-  path that ran is printed and saved (`table_path`);
+  path that ran is printed and saved (`table_path`). The base is timed first, then the
+  model with Engram; then, because the two figures drift between runs by more than the
+  goal (an H100 gave −0.1 %, +3.5 % and +8.9 % for the same command), the model with
+  Engram is timed again with its memory on and off (`enabled = False`: its hooks return at
+  once, everything else identical) in `--alternations` alternating blocks (on off, off on,
+  ...) of about `--steps` / `--alternations` steps each: `train.alternated`, the figure to quote;
 - greedy decoding with the KV cache (`generate(use_cache=True)`), tokens/s, model in bf16,
   with the memory and without it (a copy of the model made before `add_engram`), the two
   alternated `--decode-repeats` times after one untimed generate of each (median, sd and
@@ -74,6 +79,8 @@ def parse(argv=None):
                    help="the KV cache generate uses; static: transformers' StaticCache, whose decode step generate compiles on CUDA")
     p.add_argument("--profile-decode", type=int, default=0, metavar="TOKENS",
                    help="also profile a generate of TOKENS tokens of each model (torch.profiler): where a decode step's host and device time go")
+    p.add_argument("--alternations", type=int, default=6,
+                   help="blocks of training steps with the memory on and off, alternated (0: skip); each side gets about --steps steps")
     p.add_argument("--decode-repeats", type=int, default=5, help="timed generates of each model, alternated (after one untimed each)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"], help="the memory's kernels (auto: Triton on CUDA)")
     p.add_argument("--compile", action="store_true", help="time torch.compile(model) instead of the eager model")
@@ -138,24 +145,17 @@ def engram_optimizers(model, args, device) -> tuple[list, dict]:
     return [rest, opt], path
 
 
-def time_training(model, groups, args, device, run=None) -> dict:
-    """`run`: what is called (the compiled model under --compile), `model` what it wraps.
-    `groups`: AdamW's parameter groups, or a list of them and built optimisers."""
-    run = model if run is None else run
-    parts = groups if groups and isinstance(groups[-1], torch.optim.Optimizer) else [groups]
-    opts, fused = [], None
-    for part in parts:
-        if isinstance(part, torch.optim.Optimizer):
-            opts.append(part)
-        else:
-            adamw, fused = make_optimizer(part, args.lr, device)
-            opts.append(adamw)
+def training_batch(args, device):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "autocast" else contextlib.nullcontext()
-    model.train()
+    return ids, amp
+
+
+def train_steps(run, opts, ids, amp, n: int, device) -> tuple[list[float], list[float]]:
+    """`n` training steps of `run` (ms each, losses)."""
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
+    for _ in range(n):
         sync(device)
         t = time.perf_counter()
         with amp:
@@ -169,20 +169,71 @@ def time_training(model, groups, args, device, run=None) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         sync(device)
-        if i >= args.warmup:
-            times.append(1000 * (time.perf_counter() - t))
-            losses.append(float(loss.detach()))
-    del opts, opt
+        times.append(1000 * (time.perf_counter() - t))
+        losses.append(float(loss.detach()))
+    return times, losses
+
+
+def summary(times: list[float], args) -> dict:
+    return {"step_ms_mean": statistics.mean(times), "step_ms_sd": statistics.stdev(times) if len(times) > 1 else 0.0,
+            "step_ms": times, "tokens_per_s": args.batch * args.seq / (statistics.mean(times) / 1000)}
+
+
+def time_training(model, groups, args, device, run=None) -> dict:
+    """`run`: what is called (the compiled model under --compile), `model` what it wraps.
+    `groups`: AdamW's parameter groups, or a list of them and built optimisers."""
+    run = model if run is None else run
+    opts, fused = optimizers_of(groups, args, device)
+    ids, amp = training_batch(args, device)
+    model.train()
+    train_steps(run, opts, ids, amp, args.warmup, device)
+    times, losses = train_steps(run, opts, ids, amp, args.steps, device)
+    del opts
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {
-        "step_ms_mean": statistics.mean(times),
-        "step_ms_sd": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "step_ms": times,
-        "tokens_per_s": args.batch * args.seq / (statistics.mean(times) / 1000),
-        "fused_adamw": fused,
-        "last_loss": losses[-1],
-        "peak_gib": peak,
-    }
+    return {**summary(times, args), "fused_adamw": fused, "last_loss": losses[-1], "peak_gib": peak}
+
+
+def optimizers_of(groups, args, device) -> tuple[list, bool | None]:
+    parts = groups if groups and isinstance(groups[-1], torch.optim.Optimizer) else [groups]
+    opts, fused = [], None
+    for part in parts:
+        if isinstance(part, torch.optim.Optimizer):
+            opts.append(part)
+        else:
+            adamw, fused = make_optimizer(part, args.lr, device)
+            opts.append(adamw)
+    return opts, fused
+
+
+def time_alternated(model, groups, args, device, run) -> dict:
+    """The model with Engram timed with its memory on and off in alternating blocks
+    (on off, off on, ...), one untimed step of each first; the same model, optimisers
+    and batch, so the difference is the memory's work. Step time per side as the mean
+    over its steps, and the ratio of the two medians of block means (robust to a slow
+    block)."""
+    memory = model.engram
+    opts, _ = optimizers_of(groups, args, device)
+    ids, amp = training_batch(args, device)
+    model.train()
+    per_block = max(1, round(args.steps / args.alternations))
+    blocks: dict[str, list[float]] = {"memory_on": [], "memory_off": []}
+    times: dict[str, list[float]] = {"memory_on": [], "memory_off": []}
+    try:
+        for on in (True, False):  # the off path's first step (under compile: its own graph)
+            memory.enabled = on
+            train_steps(run, opts, ids, amp, 1, device)
+        for r in range(args.alternations):
+            for name in (("memory_on", "memory_off") if r % 2 == 0 else ("memory_off", "memory_on")):
+                memory.enabled = name == "memory_on"
+                ms, _ = train_steps(run, opts, ids, amp, per_block, device)
+                times[name] += ms
+                blocks[name].append(statistics.mean(ms))
+    finally:
+        memory.enabled = True
+    out = {name: {**summary(t, args), "block_means_ms": blocks[name]} for name, t in times.items()}
+    out["overhead"] = statistics.median(blocks["memory_on"]) / statistics.median(blocks["memory_off"]) - 1
+    out["blocks"], out["steps_per_block"] = args.alternations, per_block
+    return out
 
 
 DECODE_OPTS = dict(do_sample=False, pad_token_id=2)
@@ -328,6 +379,13 @@ def main(argv=None) -> dict:
     if not engram_train["memory_ran"]:
         print(f"  WARNING: not every table changed (by layer: {engram_train['tables_changed']}): the memory did not run", flush=True)
     print(f"  train with Engram after layers {args.engram_layers}: {engram_train['step_ms_mean']:.1f} ± {engram_train['step_ms_sd']:.1f} ms/step", flush=True)
+    alternated = None
+    if args.alternations > 0:
+        alternated = time_alternated(model, optimizers, args, device, run)
+        on, off = alternated["memory_on"], alternated["memory_off"]
+        print(f"  alternated ({args.alternations} blocks of {alternated['steps_per_block']} steps): memory on {on['step_ms_mean']:.1f} ± "
+              f"{on['step_ms_sd']:.1f}, off {off['step_ms_mean']:.1f} ± {off['step_ms_sd']:.1f} ms/step, "
+              f"overhead {100 * alternated['overhead']:+.1f} % (medians of block means)", flush=True)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -364,7 +422,7 @@ def main(argv=None) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "train": {"without_engram": base_train, "with_engram": engram_train,
-                  "overhead": engram_train["step_ms_mean"] / base_train["step_ms_mean"] - 1},
+                  "overhead": engram_train["step_ms_mean"] / base_train["step_ms_mean"] - 1, "alternated": alternated},
         "decode": None if base_decode is None else {
             "without_engram": base_decode, "with_engram": engram_decode,
             "slowdown": 1 - engram_decode["tokens_per_s"] / base_decode["tokens_per_s"]},

@@ -22,6 +22,10 @@ def test_engram_in_lm_benchmark_tiny(tmp_path):
         assert saved["train"][part]["step_ms_mean"] > 0 and saved["decode"][part]["tokens_per_s"] > 0
         assert saved["decode"][part]["new_tokens"] == 8
     assert saved["decode"]["with_engram"]["cached_equals_uncached"]  # fp32: the memory keeps cached decoding exact
+    alternated = saved["train"]["alternated"]  # memory on and off in alternating blocks of steps
+    for side in ("memory_on", "memory_off"):
+        assert len(alternated[side]["block_means_ms"]) == alternated["blocks"] == 6
+        assert len(alternated[side]["step_ms"]) == 6 * alternated["steps_per_block"]
     assert info["model_params"] == saved["model_params"]
 
 
