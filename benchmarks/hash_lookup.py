@@ -284,18 +284,28 @@ def bench_block(size, kernels_choice, compiled, sparse, args, device, amp, dense
 
 def profile_steps(step, device, steps: int, top: int = 15) -> list[dict]:
     """Where a step's time goes: `steps` steps under torch.profiler, the operations with the
-    most self time on the device (on the CPU where there is no device), per step."""
+    most self time on the device (on the CPU where there is no device), per step; for each
+    operator the input shapes of its three largest groups of calls (which call it is)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
     events = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:top]
-    rows = [{"name": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps} for e in events]
+    sites: dict[str, list] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        sites.setdefault(e.key, []).append(e)
+
+    def where(e) -> dict:
+        return {"input_shapes": [list(s) for s in e.input_shapes if s], "self_ms_per_step": getattr(e, key) / 1e3 / steps}
+
+    rows = [{"name": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "calls_per_step": e.count / steps,
+             "sites": [where(x) for x in sorted(sites.get(e.key, []), key=lambda x: getattr(x, key), reverse=True)[:3]]}
+            for e in events]
     if device.type == "cuda":  # the kernels alone (an operator's row repeats its kernels' time): the step's device time
         kernels = cuda_kernels(averages)
         rows.append({"name": "all kernels (device time of a step)", "self_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
