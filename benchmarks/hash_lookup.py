@@ -70,6 +70,8 @@ def parse(argv=None):
     p.add_argument("--fuse", default="auto",
                    help="comma-separated fuse settings of the block to time (auto: compiled elementwise regions on CUDA; off; compile), "
                         "alternating their order from one table size to the next")
+    p.add_argument("--conv-impl", default="auto", choices=["auto", "conv1d", "taps"],
+                   help="the block's conv_impl (auto: shifted taps inside compiled code, torch's conv1d eagerly)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS forward+backward steps of each block (torch.profiler) and save its top operations")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke run); explicit flags still win")
@@ -156,7 +158,7 @@ def make_block(size, kernels_choice, args, device, sparse=False, fuse="auto"):
     from engram_core.components import BuildContext
 
     cfg = EngramHashConfig(memory_size=size, layers=[0], orders=[2, 3], heads_per_order=args.heads, slot_dim=args.slot_dim,
-                           sparse=sparse, conv_kernel=4, kernels=kernels_choice, fuse=fuse)
+                           sparse=sparse, conv_kernel=4, kernels=kernels_choice, fuse=fuse, conv_impl=args.conv_impl)
     torch.manual_seed(0)
     with device:
         mem = EngramHashMemory(cfg, BuildContext(head=_DimsOnly(args.dim, args.vocab, 1)))

@@ -42,6 +42,7 @@ from .telemetry import BlockTelemetry
 
 GATES = ("context", "learned", "fixed")
 FUSE = ("auto", "compile", "off")
+CONV_IMPLS = ("auto", "conv1d", "taps")
 # fuse = "auto" compiles the block's elementwise regions from this many (tokens x width)
 # numbers up: 2^20, e.g. 1,024 tokens at width 1,024 (the issue's block: 16,384 x 1,024)
 FUSE_MIN_ELEMENTS = 1 << 20
@@ -100,6 +101,13 @@ class EngramHashConfig:
         "unless the step is compiled already, 'compile' on any device and size, 'off' never",
         validator=one_of(*FUSE),
     )
+    conv_impl: str = field(
+        "auto",
+        help="how the causal depthwise conv is computed: 'conv1d' (torch's convolution), 'taps' (conv_kernel shifted "
+        "multiply-adds: elementwise work a compiler fuses with the norm and SiLU around it), 'auto' taps inside compiled "
+        "code (the fused regions, a compiled step) and conv1d eagerly; the same numbers up to summation order",
+        validator=one_of(*CONV_IMPLS),
+    )
 
 
 @attrs.frozen
@@ -128,12 +136,26 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight.to(x.dtype)
 
 
-def conv_mix(v, norm_weight, eps: float, conv_weight, valid, receptive: int, dilation: int):
+def conv_mix(v, norm_weight, eps: float, conv_weight, valid, receptive: int, dilation: int, impl: str = "conv1d"):
     """v + SiLU(conv(RMSNorm(v))): the block's short causal depthwise conv over (B, W, d)
-    values; `valid` (B, W) or None zeroes packed-out padding before the conv."""
+    values; `valid` (B, W) or None zeroes packed-out padding before the conv. `impl`
+    (`conv_impl`): "taps" sums the kernel's shifted taps, w[:, k] · x[t - receptive + k·dilation],
+    elementwise work that inductor fuses with the norm and SiLU (forward and backward)
+    where a convolution is a library call of its own with its own passes over the tensor;
+    "auto" takes the taps inside compiled code and the convolution eagerly."""
     x = _rms_norm(v, norm_weight, eps)
     if valid is not None:
         x = x * valid[..., None].to(x.dtype)
+    if impl == "taps" or (impl == "auto" and torch.compiler.is_compiling()):
+        width = x.shape[1]
+        # summed in fp32 and rounded once, as a convolution accumulates (bf16 sums per tap
+        # would round K times)
+        xf = F.pad(x.float(), (0, 0, receptive, 0))  # (B, receptive + W, d): zeros before the start
+        w = conv_weight[:, 0, :].to(x.dtype).float()  # (d, K), rounded as the convolution's operand is
+        y = xf[:, 0:width] * w[:, 0]
+        for k in range(1, conv_weight.shape[-1]):
+            y = y + xf[:, k * dilation : k * dilation + width] * w[:, k]
+        return v + F.silu(y.to(x.dtype))
     x = F.pad(x.transpose(1, 2), (receptive, 0))
     return v + F.silu(F.conv1d(x, conv_weight, None, 1, 0, dilation, conv_weight.shape[0])).transpose(1, 2)
 
@@ -297,7 +319,7 @@ class EngramBlock(nn.Module):
         v = self.value_proj(e)
         if self.conv_kernel > 0:  # packed-out padding (valid = 0) reads as the zeros before the start
             v = self._region(conv_mix, v, v, self.conv_norm.weight, self.conv_norm.eps, self.conv.weight,
-                             None if valid is None else valid[:, lo:hi], self.receptive, self.dilation)
+                             None if valid is None else valid[:, lo:hi], self.receptive, self.dilation, self.cfg.conv_impl)
         k = self.key_proj(e) if self.key_proj is not None else None
         return rows, mixes, v, k
 

@@ -90,7 +90,9 @@ def test_memory_added_after_the_first_compiled_call_runs(what):
 
 def test_compiled_equals_eager_with_padding_and_autocast():
     model = qwen2(layers=2)
-    add_engram(model, memory_size=5000, inject_layers=[1], freeze_base=False, slot_dim=8, heads_per_order=2)
+    # conv1d compiled too, so both runs take the same kernels ('auto' sums the conv's taps
+    # in compiled code: the fused-regions tests compare those)
+    add_engram(model, memory_size=5000, inject_layers=[1], freeze_base=False, slot_dim=8, heads_per_order=2, conv_impl="conv1d")
     open_memory(model)
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 12, dtype=torch.long)
@@ -147,8 +149,9 @@ def test_compiled_training_with_tables_updated_in_backward_breaks_only_at_the_to
     assert loss_compiled == pytest.approx(loss_eager, rel=1e-6)
     for got, want in zip(tables_compiled, tables_eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # the bookkeeping's break, then the model: one graph (transformers may add its own break)
-    assert len(graphs) <= 2, len(graphs)
+    # the bookkeeping's break, then the model: 1 graph on transformers 5.25, 5 on 4.45 (its
+    # own breaks); 16 on 5.25 while each memory layer's read broke the graph
+    assert len(graphs) < 8, len(graphs)
 
 
 def test_memory_forward_has_no_host_synchronisation():

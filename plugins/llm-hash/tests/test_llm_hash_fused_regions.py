@@ -58,3 +58,45 @@ def test_auto_compiles_only_on_cuda_and_only_large_tensors():
     assert not block.fused(torch.device("cuda"), small)  # a small model, a decode step: no compilation to pay for
     block.cfg = attrs.evolve(block.cfg, fuse="off")
     assert not block.fused(torch.device("cuda"), big)
+
+
+@pytest.mark.parametrize("kernel,dilation", [(4, 3), (3, 1), (1, 2)])
+def test_conv_taps_equal_the_convolution(kernel, dilation):
+    """`conv_impl`: the shifted taps (what compiled code runs under 'auto') give the
+    convolution's values and gradients, with a padding mask, for any kernel and dilation."""
+    from engram_llm_hash.blocks import conv_mix
+
+    g = torch.Generator().manual_seed(kernel * 10 + dilation)
+    v = torch.randn(2, 9, 6, generator=g)
+    norm_weight = 1 + 0.1 * torch.randn(6, generator=g)
+    conv_weight = torch.randn(6, 1, kernel, generator=g)
+    valid = torch.ones(2, 9)
+    valid[1, :3] = 0
+    receptive = (kernel - 1) * dilation
+    results = []
+    for impl in ("conv1d", "taps"):
+        leaves = [t.clone().requires_grad_(True) for t in (v, norm_weight, conv_weight)]
+        out = conv_mix(leaves[0], leaves[1], 1e-6, leaves[2], valid, receptive, dilation, impl)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), [t.grad for t in leaves]))
+    (out_c, grads_c), (out_t, grads_t) = results
+    torch.testing.assert_close(out_t, out_c, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_t, grads_c):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_taps_in_bf16_are_as_close_to_fp32_as_the_convolution():
+    """In bf16 the taps are summed in fp32 and rounded once, as the convolution accumulates:
+    their distance from the fp32 result is the convolution's, not K roundings more."""
+    from engram_llm_hash.blocks import conv_mix
+
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(2, 64, 32, generator=g)
+    norm_weight = 1 + 0.1 * torch.randn(32, generator=g)
+    conv_weight = torch.randn(32, 1, 4, generator=g)
+    args = (1e-6, conv_weight, None, 9, 3)
+    reference = conv_mix(v, norm_weight, *args, "conv1d")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        errors = {impl: (conv_mix(v.bfloat16(), norm_weight, *args, impl).float() - reference).norm() / reference.norm()
+                  for impl in ("conv1d", "taps")}
+    assert errors["taps"] <= 1.05 * errors["conv1d"], errors  # summed in bf16 per tap: 1.11×
