@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .rowwise import attach_row_holder, nonzero_rows
+from .rowwise import attach_row_holder
 
 
 class _Segment:
@@ -240,15 +240,20 @@ class HostRowTable(nn.Module):
         for seg in step:
             if seg.values.grad is None:
                 continue
-            sel, _ = nonzero_rows(seg.values.grad)  # the touched rows (engram_core.tables.rowwise)
-            state = {name: _state_rows(seg, name, shape).index_select(0, sel) for name, shape in specs}
-            parts.append((seg.rows.index_select(0, sel), seg.values.detach().index_select(0, sel), state, seg.values.grad.index_select(0, sel)))
+            # every row of a segment was fetched for this step's reads; one whose gradient is
+            # all zero (reads that cancelled) is left as it is by `keep`, decided on the
+            # device: selecting the touched rows instead would read the device on the host
+            # (a synchronisation in the middle of the backward on CUDA)
+            grad = seg.values.grad
+            state = {name: _state_rows(seg, name, shape) for name, shape in specs}
+            parts.append((seg.rows, seg.values.detach(), state, grad, grad.ne(0).any(dim=1)))
         rows = torch.cat([p[0] for p in parts])
         values = torch.cat([p[1] for p in parts])
         state = {name: torch.cat([p[2][name] for p in parts]) for name, _ in specs}
         grad = torch.cat([p[3] for p in parts])
+        keep = torch.cat([p[4] for p in parts])
         self._taken = (rows, values, state)
-        return values, state, torch.arange(rows.shape[0], device=rows.device), grad
+        return values, state, torch.arange(rows.shape[0], device=rows.device), grad, keep
 
     def rows_updated(self) -> None:
         with self._timed("update"):

@@ -79,10 +79,11 @@ class RowHolder(Protocol):
     embedding_dim: int  # W, the width of a row
 
     def take_update(self, specs: list[tuple[str, tuple[int, ...]]]):
-        """None when no gradient arrived this step; else ``(values, state, index, grad)``:
+        """None when no gradient arrived this step; else ``(values, state, index, grad, keep)``:
         `values` (n, W) and `state` {name: (n, *shape)} (one entry per `specs` item, a
         zero row where the row has none yet), the rows to update `index` (U,) into them,
-        and their summed gradients (U, W). Clears the step's gradients."""
+        their summed gradients (U, W), and `keep` (U,) bool or None: rows to leave as they
+        are where False (a zero gradient). Clears the step's gradients."""
 
     def rows_updated(self) -> None:
         """The working set of the last `take_update` was written: store it back."""
@@ -320,8 +321,8 @@ class _Rowwise(torch.optim.Optimizer):
             got = holder.take_update(self.state_specs(holder.embedding_dim, True))
             if got is None:
                 return
-            values, state, index, grad = got
-            self.update_rows(values, state, index, grad, group)
+            values, state, index, grad, keep = got
+            self.update_rows(values, state, index, grad, group, keep)
         holder.rows_updated()
 
     def update_rows(self, weight: torch.Tensor, state: dict, rows: torch.Tensor, grad: torch.Tensor, group: dict,
