@@ -335,10 +335,13 @@ class EngramBlock(nn.Module):
         on an H100 (torch 2.11) a compiled training step with the breaks inside left the
         tables without gradient (benchmarks/compiled_memory_check.py)."""
         total = ids.shape[1]
-        lo = max(0, total - t - self.receptive)
         seq, valid = (ids, None) if attention_mask is None else pack_kept(ids, attention_mask.bool())
-        rows, _ = self._hash(seq, lo, total, valid)
+        rows, _ = self._hash(seq, self._first_needed(total, t), total, valid)
         return self._read(rows)
+
+    def _first_needed(self, total: int, t: int) -> int:
+        """First position whose value the last t of `total` positions need (the conv reaches back)."""
+        return max(0, total - t - self.receptive)
 
     def values_and_keys(self, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None, read: torch.Tensor | None = None):
         """Values/keys of the last t positions from ids only: (B, t, d) each (keys None if
@@ -354,7 +357,7 @@ class EngramBlock(nn.Module):
         (None without a mask). Nothing here waits for the device. `read`: the table read
         `read_ahead` made for the same arguments."""
         total = ids.shape[1]
-        lo = max(0, total - t - self.receptive)  # first position whose value is needed
+        lo = self._first_needed(total, t)
         if attention_mask is None:
             rows, mixes, v, k = self._window(ids, lo, total, read=read)
             v, k = v[:, -t:], (k[:, -t:] if k is not None else None)

@@ -233,11 +233,9 @@ class HFInjector:
         such a read, so inside the forward it would be a graph break in every memory layer's
         hook (`EngramBlock.read_ahead` says what that did on an H100)."""
         ids, mask = self.window
-        mem = self.active()
-        if ids is None or not torch.is_grad_enabled() or not mem.enabled:
+        if ids is None or not torch.is_grad_enabled():
             return {}
-        return {int(key): mem.read_ahead(int(key), ids, self.new_positions, mask)
-                for key, block in mem.blocks.items() if getattr(block.table, "row_gradients", False)}
+        return self.active().reads_ahead(ids, self.new_positions, mask)
 
     def _keep_memory_trainable(self):
         """A peft wrapping that `_watch_peft` did not see (peft's `inject_adapter_in_model`,

@@ -70,7 +70,7 @@ class EngramHashMemory(Memory):
     ) -> torch.Tensor:
         """hidden (B, t, d) after decoder layer `layer`; ids (B, L) every id so far;
         attention_mask (B, L) or None, 0 = a padded position (never hashed, never convolved);
-        `read`: this layer's table read made ahead (`read_ahead`), or None."""
+        `read`: this layer's table read made ahead (`reads_ahead`), or None."""
         block = self._block(layer)
         if not self.enabled or block is None:
             return hidden
@@ -78,13 +78,14 @@ class EngramHashMemory(Memory):
             raise RuntimeError("engram memory needs token ids (the forward was given only embeddings)")
         return block(hidden, ids, attention_mask, record, read)
 
-    def read_ahead(self, layer: int, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Layer `layer`'s table read for a forward of the last t positions of ids, made now
-        (`EngramBlock.read_ahead`); None where the layer has no block or the memory is off."""
-        block = self._block(layer)
-        if not self.enabled or block is None:
-            return None
-        return block.read_ahead(ids, t, attention_mask)
+    def reads_ahead(self, ids: torch.Tensor, t: int, attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """layer -> its table read for a forward of the last t positions of ids, made now
+        (`EngramBlock.read_ahead`), for each block whose table makes its gradient as rows
+        (the reads a compiled forward cannot hold); empty while the memory is off."""
+        if not self.enabled:
+            return {}
+        return {int(key): block.read_ahead(ids, t, attention_mask)
+                for key, block in self.blocks.items() if getattr(block.table, "row_gradients", False)}
 
     def _block(self, layer: int):
         # compared as ints, not looked up by str(layer): torch.compile may trace `layer` as
