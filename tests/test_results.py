@@ -273,3 +273,25 @@ columns = [{ key = "eval/acc", label = "acc" }]
                             "device": ["H100"], "commit": "0123456789abcdef", "metrics": {"eval/acc": agg}, "runs": []}}
     text = R.render_page(page, draw=False, data=data)
     assert "not made yet: g_window (the next GPU session)" in text and "2.0 min of runs" in text
+
+
+def test_a_sweep_stopped_before_its_choice_records_how_far_each_point_got(tmp_path):
+    """A device session's deadline can stop a [select] row mid-sweep; its JSON then keeps each
+    started point's last step, steps/s and eval curve (what the next session sizes its
+    deadline from), and a point that never started is left out."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    subprocess.run([sys.executable, "-m", "engram_core.run", "recipes/minimal.toml", "stages.0.steps=20", "stages.0.eval_every=10",
+                    "stages.0.warmup_steps=2", 'sweep."stages.0.lr"=[1e-5, 3e-3]', "--out", str(runs), "--quiet"],
+                   cwd=R.checkout(), check=True, capture_output=True)
+    (sweep_dir,) = runs.glob("*/*-sweep")
+    (sweep_dir / "001" / "recipe.toml").unlink()  # as if the deadline came before the second point began
+    reached = R.sweep_reached(runs)
+    assert [p["label"] for p in reached] == ["stages.0.lr=1e-05"]
+    (point,) = reached
+    assert point["step"] == 20 and point["steps_per_s"] > 0
+    assert [s for s, _ in point["curves"]["train:eval/loss"]] == [10, 20]
+    assert "stages.0.lr=1e-05 at step 20 (" in R._reached_text(reached)
+    assert R.sweep_reached(tmp_path / "nothing") == []

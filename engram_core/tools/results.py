@@ -307,7 +307,8 @@ def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str
     sweeps = sorted((jdir / "runs").glob("*/*-sweep/selection.json"))
     if not sweeps:
         return {"seed": job.seed, "status": "timeout" if rc is None else "failed", "returncode": rc,
-                "wall_time_s": round(time.perf_counter() - t0, 1), "log_tail": (jdir / "log.txt").read_text()[-1500:]}
+                "wall_time_s": round(time.perf_counter() - t0, 1), "log_tail": (jdir / "log.txt").read_text()[-1500:],
+                "points_reached": sweep_reached(jdir / "runs")}
     sweep_dir = sweeps[-1].parent
     selection = json.loads(sweeps[-1].read_text())
     plan = json.loads((sweep_dir / "sweep.json").read_text())["points"]
@@ -319,6 +320,34 @@ def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str
         runs.append(_run_record(rd, seed, unfinished="timeout" if rc is None else "failed"))
     return {"seed": job.seed, "status": "completed" if rc == 0 else "timeout" if rc is None else "failed", "wall_time_s": round(time.perf_counter() - t0, 1),
             "select_runs": runs, "selection": selection}
+
+
+def sweep_reached(runs: Path) -> list[dict]:
+    """How far each started point of a sweep got, for a sweep stopped before its choice (a
+    device session's deadline): the point's label, the last step it logged, its steps/s
+    and its eval curves so far. The next session can size its deadline from it, and a
+    point that had already learned shows in its curve."""
+    plans = sorted(runs.glob("*/*-sweep/sweep.json"))
+    if not plans:
+        return []
+    sweep_dir = plans[-1].parent
+    reached = []
+    for entry in json.loads(plans[-1].read_text())["points"]:
+        rd = sweep_dir / entry["dir"]
+        if not (rd / "recipe.toml").exists():
+            continue  # not started
+        scalars = load_scalars(rd)
+        steps = [step for points in scalars.values() for step, _ in points]
+        speed = scalars.get("throughput/steps_per_s", [])
+        reached.append({"label": entry["label"], "step": max(steps, default=0),
+                        "steps_per_s": speed[-1][1] if speed else None, "curves": _curves(rd / "metrics.jsonl")})
+    return reached
+
+
+def _reached_text(reached: list[dict]) -> str:
+    """One line for the console: each started point's last step and speed."""
+    return "; ".join(f"{p['label']} at step {p['step']}"
+                     + (f" ({p['steps_per_s']:.1f} steps/s)" if p["steps_per_s"] is not None else "") for p in reached)
 
 
 def _last_train_values(run_dir: Path) -> dict[str, float]:
@@ -434,8 +463,9 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
                 written.append(_write_row(page, chosen, res["select_runs"], {**context, "selection": res["selection"]}))
                 continue
             results.setdefault(j.row_id, []).append(res)
+            reached = f"; reached {_reached_text(res['points_reached'])}" if res.get("points_reached") else ""
             print(f"  {j.row_id} seed {j.seed}: {res['status']} in {res['wall_time_s']} s "
-                  f"({time.perf_counter() - t0:.0f} s elapsed)", flush=True)
+                  f"({time.perf_counter() - t0:.0f} s elapsed){reached}", flush=True)
             if len(results[j.row_id]) == expected[j.row_id]:
                 written.append(_write_row(page, j, results[j.row_id], context))
     print(f"{page.name}: wrote {len(written)} JSON files in {time.perf_counter() - t0:.0f} s")
