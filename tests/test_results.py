@@ -4,6 +4,7 @@ and a page runs from an empty cache into JSON, tables and figures."""
 import json
 import shutil
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -166,6 +167,8 @@ def test_engram_results_cli(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no results page spec" in r.stderr
     r = run_cli("results", "list", tool="engram", plugins=None)
     assert r.returncode == 0 and "qwen-compressor" in r.stdout
+    r = run_cli("results", "run", "memory-zoo", "--resume", tool="engram")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--keep DIR --resume" in r.stderr
 
 
 def test_a_failed_run_is_recorded_not_hidden(tmp_path):
@@ -295,3 +298,105 @@ def test_a_sweep_stopped_before_its_choice_records_how_far_each_point_got(tmp_pa
     assert [s for s, _ in point["curves"]["train:eval/loss"]] == [10, 20]
     assert "stages.0.lr=1e-05 at step 20 (" in R._reached_text(reached)
     assert R.sweep_reached(tmp_path / "nothing") == []
+
+
+def test_a_page_run_goes_on_where_an_earlier_call_stopped(tmp_path, capsys, monkeypatch):
+    """A grid larger than one device session: `--keep DIR` then `--keep DIR --resume` at the
+    same commit keeps the sweep points and runs an earlier call finished, runs the rest, and
+    writes the row an uninterrupted run writes; another commit, or a folder that is not a
+    kept page run, is refused with nothing changed."""
+    spec = tmp_path / "sel.toml"
+    spec.write_text('''
+[[rows]]
+id = "chosen_lr"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=20", "stages.0.eval_every=10", "stages.0.warmup_steps=2",
+             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1] } }']
+
+[[rows]]
+id = "plain"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=10"]
+
+[[tables]]
+id = "main"
+rows = ["*"]
+columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
+''')
+    (tmp_path / "sel.md").write_text("# sel\n\n<!-- results:table main -->\n<!-- results:end -->\n")
+    page = R.load_page(spec)
+    work = tmp_path / "work"
+    first = {p.name: json.loads(p.read_text()) for p in R.run_page(page, allow_dirty=True, keep=work)}
+    # as if the deadline had stopped the first call after the sweep's first point: the second
+    # point, the choice and the winner's seed not made, the plain row's run not finished
+    (sweep_dir,) = (work / "chosen_lr" / "seed0" / "runs").glob("*/*-sweep")
+    (sweep_dir / "selection.json").unlink()
+    kept = sweep_dir / "000" / "summary.json"
+    kept_before = kept.read_text()
+    for d in ("001", "002"):
+        shutil.rmtree(sweep_dir / d)
+    plan = json.loads((sweep_dir / "sweep.json").read_text())
+    (sweep_dir / "sweep.json").write_text(json.dumps({**plan, "points": plan["points"][:2]}))
+    (plain_run,) = (work / "plain" / "seed0" / "runs").glob("*/*/summary.json")
+    plain_run.write_text(json.dumps({**json.loads(plain_run.read_text()), "status": "running"}))
+
+    second = {p.name: json.loads(p.read_text()) for p in R.run_page(page, allow_dirty=True, keep=work, resume=True)}
+    assert kept.read_text() == kept_before  # the finished point was not run again
+    assert len(list((work / "plain" / "seed0" / "runs").glob("*/*/summary.json"))) == 2  # the unfinished run ran anew
+    for name, row in second.items():
+        assert row["page_run_calls"] == 2 and "made in 2 calls" in row["cache"]
+        assert row["metrics"]["eval/loss"]["values"] == first[name]["metrics"]["eval/loss"]["values"]
+        if "selection" in row:
+            assert row["selection"] == first[name]["selection"]
+
+    marker = (work / R.PAGE_RUN_FILE).read_text()
+    monkeypatch.setattr(R, "source_commit", lambda: ("f" * 40, []))
+    with pytest.raises(R.EngramError, match="goes on only at the commit it began"):
+        R.run_page(page, allow_dirty=True, keep=work, resume=True)
+    with pytest.raises(R.EngramError, match="already holds a page run"):
+        R.run_page(page, allow_dirty=True, keep=work)
+    assert (work / R.PAGE_RUN_FILE).read_text() == marker
+    with pytest.raises(R.EngramError, match="not a page run's folder"):
+        R.run_page(page, allow_dirty=True, keep=tmp_path / "elsewhere", resume=True)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads live processes from /proc")
+def test_a_deadline_stops_a_sweep_and_every_point_it_started(tmp_path, capsys):
+    """The page's deadline reaches a [select] row mid-sweep, its points in processes of their
+    own: none goes on running after the pipeline returns (a SIGKILL of the sweep alone left
+    them as orphans), and the row's record says how far each point got."""
+    spec = tmp_path / "slow.toml"
+    spec.write_text('''
+[[rows]]
+id = "slow"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=1000000", "stages.0.eval_every=20", "stages.0.log_every=20",
+             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1] } }']
+
+[[tables]]
+id = "main"
+rows = ["*"]
+columns = [{ key = "eval/loss", label = "eval loss" }]
+''')
+    (tmp_path / "slow.md").write_text("# slow\n\n<!-- results:table main -->\n<!-- results:end -->\n")
+    work = tmp_path / "work"
+    (written,) = R.run_page(R.load_page(spec), jobs=2, allow_dirty=True, keep=work, deadline_s=25)
+    assert _processes_naming(str(work)) == []
+    (run,) = json.loads(written.read_text())["runs"]
+    assert run["status"] == "timeout"
+    assert sorted(p["label"] for p in run["points_reached"]) == ["stages.0.lr=0.003", "stages.0.lr=1e-05"]
+    assert all(p["step"] >= 20 for p in run["points_reached"])
+    assert "reached stages.0.lr=" in capsys.readouterr().out

@@ -225,7 +225,7 @@ def _on_cuda(device: str) -> bool:
 
 
 def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None,
-             sweep_jobs: int = 1) -> dict:
+             sweep_jobs: int = 1, resume: bool = False) -> dict:
     from ..recipe import load_recipe, point_recipe
     from ..run.rundir import atomic_write_text  # torch: only when writing
 
@@ -235,7 +235,11 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     overrides = list(job.row.overrides)
     recipe = load_recipe(recipe_file, overrides)
     if recipe.select is not None:
-        return _run_select_job(job, jdir, recipe_file, overrides, cache, device, jobs, deadline, recipe, sweep_jobs)
+        return _run_select_job(job, jdir, recipe_file, overrides, cache, device, jobs, deadline, recipe, sweep_jobs, resume)
+    finished = [p.parent for p in sorted((jdir / "runs").glob("*/*/summary.json"))
+                if json.loads(p.read_text()).get("status") == "completed"] if resume else []
+    if finished:  # made by an earlier call of this page run
+        return _run_record(finished[-1], job.seed)
     if job.point is not None:  # the grid point as a recipe of its own, written by the recipe code itself
         recipe = point_recipe(recipe, job.point)
         recipe_file = jdir / "point.toml"
@@ -267,9 +271,22 @@ def _launch(cmd: list[str], jdir: Path, env: dict[str, str], job: Job, deadline:
         try:
             return proc.wait(timeout=max(1.0, min(limits)) if limits else None)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             return None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a run past its time: SIGTERM first, which a sweep passes on to its points (each in
+    its own process group, so a SIGKILL of the sweep alone left them running as orphans) and
+    which gives them the sweep's grace to record `interrupted`; SIGKILL after that."""
+    from ..sweep import STOP_GRACE_S
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_GRACE_S + 10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _run_record(rd: Path, seed: int | None, wall: float | None = None, unfinished: str = "failed") -> dict:
@@ -292,12 +309,18 @@ def _run_record(rd: Path, seed: int | None, wall: float | None = None, unfinishe
 
 
 def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str], cache: Path, device: str | None, jobs: int,
-                    deadline: float | None, recipe, sweep_jobs: int = 1) -> dict:
+                    deadline: float | None, recipe, sweep_jobs: int = 1, resume: bool = False) -> dict:
     """A row whose recipe has `[select]`: the sweep runs whole (grid, choice on its metric, the
     winner again with `then`), `sweep_jobs` points at a time (`engram-run --jobs`, which writes
     what a sequential sweep writes); the row's runs are the winner's (its grid run and the
-    `then` runs), and `selection` records every point's value and which won."""
-    cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, "--out", str(jdir / "runs"), "--quiet"]
+    `then` runs), and `selection` records every point's value and which won. With `resume`, a
+    sweep an earlier call of the page run began is resumed (`engram-run --resume`: its finished
+    points are kept, the others run)."""
+    begun = sorted((jdir / "runs").glob("*/*-sweep/sweep.json")) if resume else []
+    if begun:
+        cmd = [sys.executable, "-m", "engram_core.run", "--resume", str(begun[-1].parent), "--quiet"]
+    else:
+        cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, "--out", str(jdir / "runs"), "--quiet"]
     if sweep_jobs > 1:
         cmd += ["--jobs", str(sweep_jobs)]
     if device:
@@ -423,9 +446,12 @@ def _host() -> dict:
 
 
 def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: str | None = None,
-             allow_dirty: bool = False, keep: Path | None = None, deadline_s: float | None = None) -> list[Path]:
+             allow_dirty: bool = False, keep: Path | None = None, deadline_s: float | None = None,
+             resume: bool = False) -> list[Path]:
     """Run the page's rows from an empty cache and write each row's JSON as soon as its seeds are
-    done. Runs still going at `deadline_s` are stopped and recorded as "timeout"."""
+    done. Runs still going at `deadline_s` are stopped and recorded as "timeout". With `resume`,
+    go on with the page run kept in `keep` (same page and commit): finished runs and sweep
+    points are kept, the rest run (a grid larger than one device session, made in parts)."""
     commit, dirty = source_commit()
     if dirty and not allow_dirty:
         raise EngramError(f"the work tree has uncommitted changes outside docs/results/ ({', '.join(dirty[:5])}): results "
@@ -434,9 +460,10 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     if not all_jobs:
         raise RecipeError([("rows", f"no row of {page.spec_file} matches {only}")])
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=f"engram-results-{page.name}-"))
-    cache = work / "cache"  # empty: nothing made by other code can be picked up
+    calls = _open_work(page, work, commit, resume)
+    cache = work / "cache"  # empty at the page run's start: nothing made by other code can be picked up
     cache.mkdir(parents=True, exist_ok=True)
-    if any(cache.iterdir()):
+    if calls == 1 and any(cache.iterdir()):
         raise EngramError(f"{cache} is not empty: the pipeline runs from an empty cache")
     deadline = time.time() + deadline_s if deadline_s else None
     # slots the page's own jobs leave free go to [select] rows' sweeps: one row of four rates
@@ -444,7 +471,8 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     sweep_jobs = max(1, jobs // len(all_jobs))
     print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time"
           f"{f' ([select] sweeps {sweep_jobs} points at a time)' if sweep_jobs > 1 else ''}, cache {cache}", flush=True)
-    context = {"commit": commit, "dirty": dirty, "forced_device": device, "versions": _versions(), "host": _host()}
+    context = {"commit": commit, "dirty": dirty, "forced_device": device, "versions": _versions(), "host": _host(),
+               **({"page_run_calls": calls} if calls > 1 else {})}
     expected = {}
     for j in all_jobs:
         expected[j.row_id] = expected.get(j.row_id, 0) + 1
@@ -452,7 +480,7 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     written = []
     t0 = time.perf_counter()
     with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline, sweep_jobs): j for j in all_jobs}
+        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline, sweep_jobs, calls > 1): j for j in all_jobs}
         for fut in futures.as_completed(todo):
             j = todo[fut]
             res = fut.result()
@@ -472,6 +500,35 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     return written
 
 
+PAGE_RUN_FILE = "page_run.json"
+
+
+def _open_work(page: Page, work: Path, commit: str, resume: bool) -> int:
+    """Which call of its page run this is (1: a new one). A new run marks its work folder with
+    the page and commit; `resume` goes on only in a folder so marked, at the same page and
+    commit (rows are products of one commit)."""
+    from ..run.rundir import atomic_write_json  # torch: only when writing
+
+    marker = work / PAGE_RUN_FILE
+    calls = 1
+    if resume:
+        if not marker.is_file():
+            raise EngramError(f"--resume: {work} has no {PAGE_RUN_FILE}: it is not a page run's folder kept with --keep; "
+                              f"nothing was changed (start one: engram results run {page.name} --keep {work})")
+        began = json.loads(marker.read_text())
+        if (began.get("page"), began.get("commit")) != (page.name, commit):
+            raise EngramError(f"--resume: {work} holds a run of page {began.get('page')} at commit {str(began.get('commit'))[:10]}, "
+                              f"not {page.name} at {commit[:10]}: a page run goes on only at the commit it began "
+                              "(check that commit out, or start a new run in a new --keep folder)")
+        calls = int(began.get("calls", 1)) + 1
+    elif marker.exists():
+        raise EngramError(f"--keep: {work} already holds a page run ({PAGE_RUN_FILE}); nothing was changed "
+                          f"(go on with it: --keep {work} --resume, or give a new folder)")
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"page": page.name, "commit": commit, "calls": calls})
+    return calls
+
+
 def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
     from ..run.rundir import atomic_write_json  # torch: only when writing
 
@@ -488,7 +545,8 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
         "point": j.point,
         "seeds": [r["seed"] for r in runs],
         **context,
-        "cache": "empty at the start of the page run (a new ENGRAM_CACHE folder)",
+        "cache": "empty at the start of the page run (a new ENGRAM_CACHE folder)"
+                 + (f"; the page run made in {context['page_run_calls']} calls (--resume)" if "page_run_calls" in context else ""),
         "device": sorted({r.get("device") or "?" for r in runs}),
         "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": f"python -m engram_core.tools.results run {page.name} --rows {j.row.id}",
@@ -844,7 +902,8 @@ def configure(p: argparse.ArgumentParser):
     r.add_argument("--jobs", type=int, default=1, help="runs at a time; when > 1 a GPU run gets cores // N CPU threads, a CPU run one (as the published CPU rows)")
     r.add_argument("--device", help="force run.device (cpu, cuda)")
     r.add_argument("--allow-dirty", action="store_true", help="run from uncommitted code (the JSON says so)")
-    r.add_argument("--keep", metavar="DIR", help="work folder to keep run directories and logs in (must be new)")
+    r.add_argument("--keep", metavar="DIR", help="work folder to keep run directories and logs in (must be new, unless --resume)")
+    r.add_argument("--resume", action="store_true", help="go on with the page run kept in --keep DIR (same commit): finished runs and sweep points are kept")
     r.add_argument("--deadline", type=float, metavar="SECONDS", help="stop runs still going after this long (recorded as timeout)")
     r.add_argument("--no-render", action="store_true")
     d = sub.add_parser("render", help="fill a page's tables and figures from its JSON")
@@ -863,7 +922,11 @@ def _handle(args, console=None) -> int:
 
     if args.results_cmd == "run":
         page = load_page(args.page)
-        run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline)
+        if args.resume and not args.keep:
+            raise EngramError("--resume goes on with a page run kept by --keep DIR; give that folder: "
+                              f"engram results run {args.page} --keep DIR --resume")
+        run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline,
+                 args.resume)
         if not args.no_render:
             atomic_write_text(page.md_file, render_page(page))
         return 0
