@@ -12,12 +12,17 @@ Before the engine grows that, this script measures it with the hand-written loop
   `torch.func.vmap`, summed and backpropagated once, each member's gradient clipped by its own
   norm, one AdamW over the stacked tensors (elementwise, so each member's update is its own).
 
-Each figure is member-steps/s (K × steps/s for a stack), eager or compiled, alternating which
-runs first and repeating `--repeats` times; "vs_one" is the stack's member-steps/s over one
-model's. `--check` (also on a CPU) trains K = 2 stacked and two separate models for a few
-steps and prints the largest difference of their parameters.
+Each figure is member-steps/s (K × steps/s for a stack), eager, compiled, graphed (the whole
+stacked step recorded once as a CUDA graph and replayed, with a capturable AdamW: the PyTorch
+docs' whole-step capture, as `engine_gpu.py`'s hand loop) or compiled and graphed,
+alternating which K runs first and repeating `--repeats` times; "vs_one" is the stack's
+member-steps/s over one model's through the same code. The fair baseline for a stack is the
+fastest single run, the hand loop compiled and graphed (`engine_gpu.py --modes
+compiled+graphed`). `--check` (also on a CPU) trains K = 2 stacked and two separate models
+for a few steps and prints the largest difference of their parameters; on a GPU it also
+compares the graphed stack with the eager one.
 
-    python benchmarks/stacked_zoo.py [--k 1 2 4 8 16] [--modes eager compiled] [--steps 300]
+    python benchmarks/stacked_zoo.py [--k 1 2 4 8 16] [--modes eager compiled graphed compiled+graphed] [--steps 300]
 
 Prints and saves JSON to benchmarks/results/stacked_zoo-<device>.json.
 """
@@ -65,7 +70,7 @@ def make_model(seed: int, device, setting) -> nn.Module:
 class Stack:
     """K members' parameters stacked along a new first dimension, trained as one."""
 
-    def __init__(self, members: list[nn.Module], lr: float, wd: float, fused: bool = False):
+    def __init__(self, members: list[nn.Module], lr: float, wd: float, fused: bool = False, capturable: bool = False):
         self.k = len(members)
         params, buffers = torch.func.stack_module_state(members)
         self.params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
@@ -73,7 +78,8 @@ class Stack:
         # the module whose code runs with the stacked parameters (not moved to "meta": that
         # would untie the embedding and the output projection, which functional_call keeps tied)
         self.base = copy.deepcopy(members[0])
-        self.opt = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=wd, **({"fused": True} if fused else {}))
+        self.opt = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=wd, capturable=capturable,
+                                     **({"fused": True} if fused else {}))
 
         def one(p, b, ids, pos, target):
             return torch.func.functional_call(self.base, (p, b), (ids, pos, target))
@@ -130,20 +136,72 @@ def check(setting, device, k: int = 2, steps: int = 3) -> float:
     return max(float((stack.params[n][i] - p).detach().abs().max()) for i, m in enumerate(alone) for n, p in m.named_parameters())
 
 
+class Stepper:
+    """A stack's training step as the mode runs it: called as is (eager, compiled) or, graphed,
+    the first `WARM_STEPS` steps on a side stream, then the step recorded once as a CUDA graph
+    whose input buffers each later batch is copied into."""
+
+    WARM_STEPS = 3
+
+    def __init__(self, stack: Stack, mode: str):
+        self.stack, self.graphed = stack, "graphed" in mode
+        self.loss_fn = torch.compile(stack.losses) if "compiled" in mode else None
+        self.calls, self.graph, self.inputs, self.losses = 0, None, None, None
+
+    def __call__(self, ids, pos, target) -> torch.Tensor:
+        self.calls += 1
+        if not self.graphed:
+            return self.stack.step(ids, pos, target, self.loss_fn)
+        if self.calls <= self.WARM_STEPS:  # the docs' warm-up on a side stream before capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                losses = self.stack.step(ids, pos, target, self.loss_fn)
+            torch.cuda.current_stream().wait_stream(side)
+            return losses
+        if self.graph is None:
+            self.inputs = [x.clone() for x in (ids, pos, target)]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.losses = self.stack.step(*self.inputs, self.loss_fn)
+        else:
+            for dst, src in zip(self.inputs, (ids, pos, target)):
+                dst.copy_(src)
+        self.graph.replay()
+        return self.losses
+
+
+def check_graphed(setting, device, k: int = 2, steps: int = 6) -> float:
+    """Largest |difference| of parameters between a stack trained eagerly and the same stack
+    trained with its step replayed as a CUDA graph, on the same batches (CUDA only)."""
+    ids, pos, target = data(setting, device)
+    stacks = [Stack([make_model(s, device, setting) for s in range(k)], setting["lr"], setting["wd"], capturable=True)
+              for _ in range(2)]
+    steppers = [Stepper(stacks[0], "eager"), Stepper(stacks[1], "graphed")]
+    gen = torch.Generator(device=device).manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, ids.shape[0], (k, setting["batch"]), device=device, generator=gen)
+        for step in steppers:
+            step(ids[idx], pos[idx], target[idx])
+    torch.cuda.synchronize()
+    return max(float((stacks[0].params[n] - stacks[1].params[n]).abs().max()) for n in stacks[0].params)
+
+
 def timed_run(k: int, mode: str, setting, device, steps: int, fused: bool) -> float:
     """Member-steps/s of K stacked members (K = 1: one model through the same code)."""
     ids, pos, target = data(setting, device)
-    stack = Stack([make_model(s, device, setting) for s in range(k)], setting["lr"], setting["wd"], fused=fused)
-    loss_fn = torch.compile(stack.losses) if mode == "compiled" else None
+    stack = Stack([make_model(s, device, setting) for s in range(k)], setting["lr"], setting["wd"], fused=fused,
+                  capturable="graphed" in mode)
+    step = Stepper(stack, mode)
     gen = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    warm = max(3, steps // 10)
+    warm = max(Stepper.WARM_STEPS + 2, steps // 10)  # the capture and a first replay happen before the clock starts
     for i in range(steps + warm):
         if i == warm:
             sync()
             t0 = time.perf_counter()
         idx = torch.randint(0, ids.shape[0], (k, setting["batch"]), device=device, generator=gen)
-        stack.step(ids[idx], pos[idx], target[idx], loss_fn)
+        step(ids[idx], pos[idx], target[idx])
     sync()
     return k * steps / (time.perf_counter() - t0)
 
@@ -151,7 +209,7 @@ def timed_run(k: int, mode: str, setting, device, steps: int, fused: bool) -> fl
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=list(engine_gpu.MODES))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--precision", default="tf32", choices=["fp32", "tf32"])
@@ -166,9 +224,17 @@ def main(argv=None) -> int:
         setting.update(vocab=64, seq_len=16, n_pairs=2, batch=8, n_train=256)
     if args.precision == "tf32":
         torch.set_float32_matmul_precision("high")
+    if any("graphed" in m for m in args.modes) and device.type != "cuda" and not args.check:
+        print("error: --modes graphed / compiled+graphed record the step as a CUDA graph and need a CUDA GPU; "
+              "on this machine use --modes eager compiled", file=sys.stderr)
+        return 2
     if args.check:
         diff = check(setting, device)
         print(f"stacked K = 2 against two models trained alone, 3 steps: largest parameter difference {diff:.3g}")
+        if device.type == "cuda":
+            graphed = check_graphed(setting, device)
+            print(f"stacked K = 2 graphed against eager, 6 steps: largest parameter difference {graphed:.3g}")
+            diff = max(diff, graphed)
         return 0 if diff < 1e-4 else 1
     info = {"benchmark": "stacked_zoo", "command": "python benchmarks/stacked_zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "setting": setting, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
