@@ -1,5 +1,6 @@
-"""benchmarks/stacked_zoo.py trains K stacked members (torch.func) as K models alone would
-be trained: its correctness check, on the CPU at a tiny setting (the timings are the GPU's)."""
+"""The benchmarks' own checks on the CPU at tiny sizes (their timings are the GPU's):
+stacked_zoo.py trains K stacked members (torch.func) as K models alone would be trained, and
+soft_topk.py times both retrieval formulations."""
 
 import sys
 from pathlib import Path
@@ -48,3 +49,17 @@ def test_the_timed_stack_trains_and_graphed_modes_ask_for_a_gpu(stacked, capsys)
         assert stacked.main(["--tiny", "--modes", "graphed", "--k", "1"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "need a CUDA GPU" in err
+
+
+def test_the_soft_topk_benchmark_runs_and_writes_both_timings(tmp_path, monkeypatch):
+    """benchmarks/soft_topk.py at a tiny size: both formulations timed, the ratio saved."""
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import soft_topk
+
+    out = tmp_path / "s.json"
+    assert soft_topk.main(["--batch", "2", "--seq", "8", "--rows", "64", "--iters", "1", "--repeats", "2", "--out", str(out)]) == 0
+    info = json.loads(out.read_text())
+    assert set(info["median_ms"]) == {"soft_topk", "dense"} and all(len(v) == 2 for v in info["ms_fwd_bwd"].values())
+    sys.modules.pop("soft_topk", None)

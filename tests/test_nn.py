@@ -33,6 +33,30 @@ def test_soft_topk_weights_sum_to_one_and_pick_nearest(q, keys, k, tau):
     assert torch.allclose(picked, nearest, rtol=1e-3, atol=1e-2)
 
 
+def test_soft_topk_equals_the_dense_top_k_in_value_and_gradient():
+    """Choosing the k nearest without gradient and recomputing their distances gives what a
+    differentiable top-k over every pair's distance gives: the same picks, retrieved values
+    and gradients for the queries and for a table used as keys and values (the hybrid
+    memory's case)."""
+    torch.manual_seed(0)
+    query = torch.randn(3, 40, 8, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(300, 8, dtype=torch.float64, requires_grad=True)
+    ref_q, ref_t = query.detach().clone().requires_grad_(True), table.detach().clone().requires_grad_(True)
+    out, w = soft_topk(query, table, table, k=5, tau=0.7)
+    flat = ref_q.reshape(-1, 8)
+    d2 = (flat[:, None, :] - ref_t[None]).pow(2).sum(-1)  # every pair, differentiable
+    neg, idx = torch.topk(-d2, 5, dim=-1)
+    ref_w = torch.softmax(neg / 0.7, dim=-1)
+    ref = (ref_w.unsqueeze(-1) * ref_t[idx]).sum(-2).reshape(3, 40, 8)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(w, ref_w.reshape(3, 40, 5))
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref.backward(grad_out)
+    torch.testing.assert_close(query.grad, ref_q.grad)
+    torch.testing.assert_close(table.grad, ref_t.grad)
+
+
 def test_soft_topk_with_one_neighbour_returns_its_value():
     keys = torch.eye(3)
     values = torch.tensor([[1.0], [2.0], [3.0]])
