@@ -184,26 +184,33 @@ def test_a_failed_run_is_recorded_not_hidden(tmp_path):
 
 
 
+def select_page(tmp_path, row_id: str, train: str, then_seeds: str, more_rows: str = ""):
+    """A page whose row `row_id` sweeps the minimal recipe's rate over [1e-5, 3e-3] and
+    selects on eval/loss, then runs `then_seeds`; `train` is its stage overrides (TOML list
+    items), `more_rows` further [[rows]] tables."""
+    spec = tmp_path / "sel.toml"
+    spec.write_text(f'''
+[[rows]]
+id = "{row_id}"
+recipe = "recipes/minimal.toml"
+overrides = [{train},
+             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={{ metric = "eval/loss", mode = "min", then = {{ "run.seed" = {then_seeds} }} }}']
+{more_rows}
+[[tables]]
+id = "main"
+rows = ["*"]
+columns = [{{ key = "eval/loss", label = "eval loss", fmt = ".4f" }}]
+''')
+    (tmp_path / "sel.md").write_text("# sel\n\n<!-- results:table main -->\n<!-- results:end -->\n")
+    return R.load_page(spec)
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_select_row_records_the_choice_and_the_winners_seeds(tmp_path, capsys, jobs):
     """A row whose recipe has [select] runs its sweep whole: the JSON records which point won on
     the selection metric, and its metrics are the winner's seeds. With --jobs 2 and one row,
     the sweep runs its two points at once and the row is the same."""
-    spec = tmp_path / "sel.toml"
-    spec.write_text('''
-[[rows]]
-id = "chosen_lr"
-recipe = "recipes/minimal.toml"
-overrides = ["stages.0.steps=30", "stages.0.eval_every=15", "stages.0.warmup_steps=5",
-             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1, 2] } }']
-
-[[tables]]
-id = "main"
-rows = ["chosen_lr"]
-columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
-''')
-    (tmp_path / "sel.md").write_text("# sel\n\n<!-- results:table main -->\n<!-- results:end -->\n")
-    page = R.load_page(spec)
+    page = select_page(tmp_path, "chosen_lr", '"stages.0.steps=30", "stages.0.eval_every=15", "stages.0.warmup_steps=5"', "[1, 2]")
     (written,) = R.run_page(page, allow_dirty=True, jobs=jobs)
     assert ("[select] sweeps 2 points at a time" in capsys.readouterr().out) == (jobs == 2)
     d = json.loads(written.read_text())
@@ -305,26 +312,14 @@ def test_a_page_run_goes_on_where_an_earlier_call_stopped(tmp_path, capsys, monk
     same commit keeps the sweep points and runs an earlier call finished, runs the rest, and
     writes the row an uninterrupted run writes; another commit, or a folder that is not a
     kept page run, is refused with nothing changed."""
-    spec = tmp_path / "sel.toml"
-    spec.write_text('''
-[[rows]]
-id = "chosen_lr"
-recipe = "recipes/minimal.toml"
-overrides = ["stages.0.steps=20", "stages.0.eval_every=10", "stages.0.warmup_steps=2",
-             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1] } }']
-
+    plain = '''
 [[rows]]
 id = "plain"
 recipe = "recipes/minimal.toml"
 overrides = ["stages.0.steps=10"]
-
-[[tables]]
-id = "main"
-rows = ["*"]
-columns = [{ key = "eval/loss", label = "eval loss", fmt = ".4f" }]
-''')
-    (tmp_path / "sel.md").write_text("# sel\n\n<!-- results:table main -->\n<!-- results:end -->\n")
-    page = R.load_page(spec)
+'''
+    page = select_page(tmp_path, "chosen_lr", '"stages.0.steps=20", "stages.0.eval_every=10", "stages.0.warmup_steps=2"', "[1]",
+                       more_rows=plain)
     work = tmp_path / "work"
     first = {p.name: json.loads(p.read_text()) for p in R.run_page(page, allow_dirty=True, keep=work)}
     # as if the deadline had stopped the first call after the sweep's first point: the second
@@ -378,22 +373,9 @@ def test_a_deadline_stops_a_sweep_and_every_point_it_started(tmp_path, capsys):
     """The page's deadline reaches a [select] row mid-sweep, its points in processes of their
     own: none goes on running after the pipeline returns (a SIGKILL of the sweep alone left
     them as orphans), and the row's record says how far each point got."""
-    spec = tmp_path / "slow.toml"
-    spec.write_text('''
-[[rows]]
-id = "slow"
-recipe = "recipes/minimal.toml"
-overrides = ["stages.0.steps=1000000", "stages.0.eval_every=20", "stages.0.log_every=20",
-             'sweep."stages.0.lr"=[1e-5, 3e-3]', 'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1] } }']
-
-[[tables]]
-id = "main"
-rows = ["*"]
-columns = [{ key = "eval/loss", label = "eval loss" }]
-''')
-    (tmp_path / "slow.md").write_text("# slow\n\n<!-- results:table main -->\n<!-- results:end -->\n")
+    page = select_page(tmp_path, "slow", '"stages.0.steps=1000000", "stages.0.eval_every=20", "stages.0.log_every=20"', "[1]")
     work = tmp_path / "work"
-    (written,) = R.run_page(R.load_page(spec), jobs=2, allow_dirty=True, keep=work, deadline_s=25)
+    (written,) = R.run_page(page, jobs=2, allow_dirty=True, keep=work, deadline_s=25)
     assert _processes_naming(str(work)) == []
     (run,) = json.loads(written.read_text())["runs"]
     assert run["status"] == "timeout"
