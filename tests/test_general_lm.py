@@ -81,6 +81,28 @@ def test_pretrained_model_is_cached_and_loads_like_a_checkpoint(tmp_path, tiny_s
     assert resolve_model(tiny_size, tmp_path, "cpu") != folder
 
 
+def test_pretraining_keeps_the_weights_of_the_lowest_validation_loss(tmp_path, monkeypatch):
+    """Early stopping on validation: with the validation loss lowest at the middle evaluation
+    (step 3 of 6), the returned model holds the weights it had at that evaluation, and the
+    report names that step; when the last evaluation is the lowest, nothing is reloaded."""
+    from engram_core.lm.tokens import load_tokens
+
+    corpus = load_tokens(TINY.tokens, tmp_path)
+    for losses, kept in (([5.0, 3.0, 4.0], 3), ([5.0, 4.0, 3.0], 6)):
+        seen = []
+
+        def scripted_loss(model, stream, cfg, device, autocast):
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return losses[len(seen) - 1]
+
+        monkeypatch.setattr(pretrain_module, "mean_loss", scripted_loss)
+        model, report = pretrain_module.pretrain(TINY, corpus, torch.device("cpu"), log=lambda *_: None)
+        assert [r["step"] for r in report["curve"]] == [0, 3, 6] and report["best_val_step"] == kept
+        expected = seen[[0, 3, 6].index(kept)]
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+        assert not all(torch.equal(a, b) for a, b in zip(seen[1].values(), seen[2].values()))  # training moved them
+
+
 def test_unknown_engram_model_is_one_line():
     with pytest.raises(ConfigError, match="stdlib-lm-cpu"):
         resolve_model("engram:gpt-5", "/tmp/unused")
