@@ -91,7 +91,7 @@ def test_pretraining_keeps_the_weights_of_the_lowest_validation_loss(tmp_path, m
     for losses, kept in (([5.0, 3.0, 4.0], 3), ([5.0, 4.0, 3.0], 6)):
         seen = []
 
-        def scripted_loss(model, stream, cfg, device, autocast):
+        def scripted_loss(model, stream, cfg, device, autocast, seen=seen, losses=losses):
             seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             return losses[len(seen) - 1]
 
