@@ -217,3 +217,21 @@ def test_engram_lm_unknown_name_is_one_line_exit_2():
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "engram:stdlib-lm-cpu" in lines[0], lines
+
+
+def test_engram_lm_pretrain_prints_the_kept_weights(tmp_path, tiny_size, monkeypatch, capsys):
+    """`engram lm pretrain NAME` reports the validation loss of the weights it saved (the
+    lowest) beside the last step's."""
+    import argparse
+
+    from rich.console import Console
+
+    from engram_core.lm import plugin
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
+    losses = iter([5.0, 3.0, 4.0])
+    monkeypatch.setattr(pretrain_module, "mean_loss", lambda *a, **k: next(losses))
+    args = argparse.Namespace(name="stdlib-lm-tiny", lm_cmd="pretrain", device="cpu", json=False)
+    assert plugin._lm(args, Console(width=200)) == 0
+    out = capsys.readouterr().out
+    assert "val loss 3.000 at step 3, the weights kept (the last step's: 4.000 at step 6)" in out, out

@@ -84,7 +84,9 @@ def _lm(args, console) -> int:
                       f"({report['epochs']:.2f} epochs of {report['train_tokens']:,})", markup=False)
         console.print(f"  on {report['device']}: {report['tokens_per_s']:,.0f} tokens/s, MFU {mfu}", markup=False)
         last = report["curve"][-1]
-        console.print(f"  val loss {last['val_loss']:.3f} at step {last['step']} (best at step {report['best_val_step']})", markup=False)
+        best = min(report["curve"], key=lambda r: r["val_loss"])
+        console.print(f"  val loss {best['val_loss']:.3f} at step {best['step']}, the weights kept "
+                      f"(the last step's: {last['val_loss']:.3f} at step {last['step']})", markup=False)
         return 0
     for prompt, text in zip(args.prompt or SAMPLE_PROMPTS, greedy_samples(folder, args.prompt or SAMPLE_PROMPTS, args.tokens, args.device)):
         console.print(f"--- {prompt!r}\n{prompt}{text}", markup=False)
