@@ -301,9 +301,30 @@ class Registry:
                         f"(ENGRAM_PLUGINS={enabled!r}); add {ep_name} to ENGRAM_PLUGINS, or unset it to load every plugin")
         plugin = name.split(":", 1)[0] if ":" in name else None
         if plugin is not None and plugin not in self.plugins and plugin not in self.filtered:
+            folder = checkout_folder_of(plugin)
+            how = f"pip install -e {folder}" if folder else f"install the package that declares the entry point '{plugin}'"
             return (f"it comes from plugin '{plugin}', which is not installed (no entry point '{plugin}' in the group "
-                    f"'{ENTRY_POINT_GROUP}'): install its package (in an engram checkout: pip install -e plugins/{plugin})")
+                    f"'{ENTRY_POINT_GROUP}'): {how}")
         return ""
+
+
+def checkout_folder_of(plugin: str) -> str | None:
+    """In an engram checkout, the package folder (relative, e.g. `plugins/fla-ref`) whose
+    pyproject.toml declares the entry point `plugin` in the engram group; None elsewhere (an
+    installed engram_core has no plugin folders beside it). Read from the folders' own
+    pyproject files, so the core keeps no list of plugins."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for pyproject in sorted([*root.glob("plugins/*/pyproject.toml"), *root.glob("examples/*/pyproject.toml")]):
+        try:
+            declared = tomllib.loads(pyproject.read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if plugin in declared:
+            return pyproject.parent.relative_to(root).as_posix()
+    return None
 
 
 def _points_of(kind: str, what: str, provides: tuple, points: tuple, offers: tuple) -> tuple[tuple, tuple]:

@@ -52,6 +52,10 @@ def test_component_of_a_filtered_or_missing_plugin_names_it():
     reg = registry.Registry()  # as if nothing but the core were installed: a qualified name says which plugin
     assert "not installed" in reg.provider_hint("memories", "llm-hash:engram_hash")
     assert "pip install -e plugins/llm-hash" in reg.provider_hint("memories", "llm-hash:engram_hash")
+    # the folder is the one whose pyproject declares the entry point, not the plugin's name
+    assert reg.provider_hint("memories", "fla:gla").endswith("pip install -e plugins/fla-ref")
+    assert reg.provider_hint("memories", "example-slots:outer_product_trace").endswith("pip install -e examples/engram-example-slots")
+    assert "install the package that declares the entry point 'nowhere'" in reg.provider_hint("memories", "nowhere:x")
     assert reg.provider_hint("memories", "engram_hash") == ""  # no list of plugins' contents in the core to ask
 
 
