@@ -3,9 +3,9 @@
 The loop is nanoGPT's: random windows of the train stream, AdamW, linear warm-up then
 cosine decay, gradient clipping, bf16 autocast on CUDA, the validation loss every
 `eval_every` steps; the weights kept are those of the lowest validation loss (early stopping
-on validation, as `load_best_model_at_end` in transformers' Trainer). The result is what a downloaded checkpoint is — a folder written by
-`save_pretrained` (weights, config, tokenizer) that `AutoModelForCausalLM.from_pretrained`
-loads — plus `pretrain_report.json` (the validation curve, tokens/s, MFU on CUDA). It is one
+on validation, as `load_best_model_at_end` in transformers' Trainer). The result is what a
+downloaded checkpoint is — a folder written by `save_pretrained` (weights, config, tokenizer)
+that `AutoModelForCausalLM.from_pretrained` loads — plus `pretrain_report.json` (the validation curve, tokens/s, MFU on CUDA). It is one
 cache entry (plugin "lm", kind "general_lm") keyed by the full `PretrainConfig`, the seed,
 the tokenised corpus's key and this module's source: the same config never trains twice.
 """
@@ -58,8 +58,8 @@ class PretrainConfig:
 SIZES: dict[str, PretrainConfig] = {
     # about 1M parameters: a few minutes on 2 CPU cores (tests and default recipes)
     "stdlib-lm-cpu": PretrainConfig(),
-    # about 30M parameters on about 3x the text (the test suites too): about a minute on one
-    # H100 in bf16. 1000 x 32 x 512 tokens are 7 epochs of it: a 2000-step schedule reached its
+    # about 30M parameters on about 3x the text (the test suites too), bf16 on one GPU (2000
+    # steps took 61 s on an H100). 1000 x 32 x 512 tokens are 7 epochs of it: a 2000-step schedule reached its
     # lowest validation loss at step 750 (5 epochs) and over-fitted after it (3.10 -> 3.90 at 2000)
     "stdlib-lm-gpu": PretrainConfig(
         tokens=TokensConfig(vocab_size=8192, corpus=tokens_module.CorpusConfig(include_tests=True)),
