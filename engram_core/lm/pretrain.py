@@ -5,8 +5,8 @@ cosine decay, gradient clipping, bf16 autocast on CUDA, the validation loss ever
 `eval_every` steps; the weights kept are those of the lowest validation loss (early stopping
 on validation, as `load_best_model_at_end` in transformers' Trainer). The result is what a
 downloaded checkpoint is — a folder written by `save_pretrained` (weights, config, tokenizer)
-that `AutoModelForCausalLM.from_pretrained` loads — plus `pretrain_report.json` (the validation curve, tokens/s, MFU on CUDA). It is one
-cache entry (plugin "lm", kind "general_lm") keyed by the full `PretrainConfig`, the seed,
+that `AutoModelForCausalLM.from_pretrained` loads — plus `pretrain_report.json` (the
+validation curve, tokens/s, MFU on CUDA). It is one cache entry (plugin "lm", kind "general_lm") keyed by the full `PretrainConfig`, the seed,
 the tokenised corpus's key and this module's source: the same config never trains twice.
 """
 
