@@ -1,13 +1,14 @@
 """Pretrain a small general causal LM (a transformers Llama) on the standard-library corpus.
 
-The loop is nanoGPT's: random windows of the train stream, AdamW, linear warm-up then
-cosine decay, gradient clipping, bf16 autocast on CUDA, the validation loss every
-`eval_every` steps; the weights kept are those of the lowest validation loss (early stopping
-on validation, as `load_best_model_at_end` in transformers' Trainer). The result is what a
-downloaded checkpoint is — a folder written by `save_pretrained` (weights, config, tokenizer)
-that `AutoModelForCausalLM.from_pretrained` loads — plus `pretrain_report.json` (the
-validation curve, tokens/s, MFU on CUDA). It is one cache entry (plugin "lm", kind "general_lm") keyed by the full `PretrainConfig`, the seed,
-the tokenised corpus's key and this module's source: the same config never trains twice.
+The loop is nanoGPT's: random windows of the train stream, AdamW, linear warm-up then cosine
+decay, gradient clipping, bf16 autocast on CUDA, the validation loss every `eval_every`
+steps; the weights kept are those of the lowest validation loss (early stopping on
+validation, as `load_best_model_at_end` in transformers' Trainer). The result is what a
+downloaded checkpoint is — a folder written by `save_pretrained` (weights, config,
+tokenizer) that `AutoModelForCausalLM.from_pretrained` loads — plus `pretrain_report.json`
+(the validation curve, tokens/s, MFU on CUDA). It is one cache entry (plugin "lm", kind
+"general_lm") keyed by the full `PretrainConfig`, the seed, the tokenised corpus's key and
+this module's source: the same config never trains twice.
 """
 
 from __future__ import annotations
