@@ -285,6 +285,31 @@ columns = [{ key = "eval/acc", label = "acc" }]
     assert "not made yet: g_window (the next GPU session)" in text and "2.0 min of runs" in text
 
 
+def test_a_winner_seed_stopped_before_it_began_keeps_its_seed(tmp_path):
+    """The deadline can stop a [select] row after its choice, before a `then` seed wrote its
+    recipe: the row still records that seed (from the sweep's plan) as not finished, and the
+    row's JSON is written (on the H100 this sorted None against ints and lost the row)."""
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    subprocess.run([sys.executable, "-m", "engram_core.run", "recipes/minimal.toml", "stages.0.steps=10", "stages.0.eval_every=5",
+                    "stages.0.warmup_steps=2", 'sweep."stages.0.lr"=[1e-5, 3e-3]',
+                    'select={ metric = "eval/loss", mode = "min", then = { "run.seed" = [1, 2] } }', "--out", str(runs), "--quiet"],
+                   cwd=R.checkout(), check=True, capture_output=True)
+    (sweep_dir,) = runs.glob("*/*-sweep")
+    plan = json.loads((sweep_dir / "sweep.json").read_text())["points"]
+    last = next(e for e in plan if e.get("selected") and e["point"]["run.seed"] == 2)
+    for name in ("recipe.toml", "summary.json"):  # as if the deadline came before seed 2 began
+        (sweep_dir / last["dir"] / name).unlink()
+    records = R.winner_runs(sweep_dir, unfinished="timeout")
+    assert [(r["seed"], r["status"]) for r in records] == [(0, "completed"), (1, "completed"), (2, "timeout")]
+    page = select_page(tmp_path, "w", '"stages.0.steps=10"', "[1, 2]")
+    job = R.Job(row_id="w", row=page.rows[0], point=None, point_label="", seed=0)
+    d = json.loads(R._write_row(page, job, list(reversed(records)), {"commit": "0" * 40}).read_text())
+    assert d["seeds"] == [0, 1, 2] and d["status"] == ["completed", "completed", "timeout"]
+
+
 def test_a_sweep_stopped_before_its_choice_records_how_far_each_point_got(tmp_path):
     """A device session's deadline can stop a [select] row mid-sweep; its JSON then keeps each
     started point's last step, steps/s and eval curve (what the next session sizes its
