@@ -3,7 +3,9 @@
 tests/resolved_recipes/<stem>.toml is the resolved recipe (`to_toml`) written from main
 before the rewrite (tests/snapshot_recipes.py). To rewrite another recipe: snapshot it
 first, rewrite it, add its stem here. Both sides are loaded by today's code, so a default
-added to a config later changes both alike.
+added to a config later changes both alike. A change meant to change what a recipe does
+updates its snapshot in the same commit, by those keys only (the deq-hrr recipes' validation
+split: `data.n_val`, the stages' `eval_split`).
 """
 
 from pathlib import Path
