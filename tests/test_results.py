@@ -288,7 +288,7 @@ columns = [{ key = "eval/acc", label = "acc" }]
 def test_a_winner_seed_stopped_before_it_began_keeps_its_seed(tmp_path):
     """The deadline can stop a [select] row after its choice, before a `then` seed wrote its
     recipe: the row still records that seed (from the sweep's plan) as not finished, and the
-    row's JSON is written (on the H100 this sorted None against ints and lost the row)."""
+    row's JSON is written (on the H100 a seed None failed the rows' sort and lost the row)."""
     import subprocess
     import sys
 
@@ -302,7 +302,7 @@ def test_a_winner_seed_stopped_before_it_began_keeps_its_seed(tmp_path):
     last = next(e for e in plan if e.get("selected") and e["point"]["run.seed"] == 2)
     for name in ("recipe.toml", "summary.json"):  # as if the deadline came before seed 2 began
         (sweep_dir / last["dir"] / name).unlink()
-    records = R.winner_runs(sweep_dir, unfinished="timeout")
+    records = R.winner_runs(sweep_dir, json.loads((sweep_dir / "selection.json").read_text()), unfinished="timeout")
     assert [(r["seed"], r["status"]) for r in records] == [(0, "completed"), (1, "completed"), (2, "timeout")]
     page = select_page(tmp_path, "w", '"stages.0.steps=10"', "[1, 2]")
     job = R.Job(row_id="w", row=page.rows[0], point=None, point_label="", seed=0)

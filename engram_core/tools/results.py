@@ -333,16 +333,16 @@ def _run_select_job(job: Job, jdir: Path, recipe_file: Path, overrides: list[str
                 "wall_time_s": round(time.perf_counter() - t0, 1), "log_tail": (jdir / "log.txt").read_text()[-1500:],
                 "points_reached": sweep_reached(jdir / "runs")}
     selection = json.loads(sweeps[-1].read_text())
-    runs = winner_runs(sweeps[-1].parent, unfinished="timeout" if rc is None else "failed")
+    runs = winner_runs(sweeps[-1].parent, selection, unfinished="timeout" if rc is None else "failed")
     return {"seed": job.seed, "status": "completed" if rc == 0 else "timeout" if rc is None else "failed", "wall_time_s": round(time.perf_counter() - t0, 1),
             "select_runs": runs, "selection": selection}
 
 
-def winner_runs(sweep_dir: Path, unfinished: str) -> list[dict]:
-    """The records of a chosen sweep's winner: its grid run and the `then` runs (other seeds).
-    A `then` run the deadline stopped before it wrote recipe.toml takes its seed from the
-    sweep's plan, so the row still knows which seed is missing."""
-    selection = json.loads((sweep_dir / "selection.json").read_text())
+def winner_runs(sweep_dir: Path, selection: dict, unfinished: str) -> list[dict]:
+    """The records of a chosen sweep's winner (`selection`: its selection.json): its grid run
+    and the `then` runs (other seeds). A `then` run the deadline stopped before it wrote
+    recipe.toml takes its seed from the sweep's plan, so the row still knows which seed is
+    missing."""
     plan = json.loads((sweep_dir / "sweep.json").read_text())["points"]
     winners = [(selection["chosen"]["dir"], None), *((e["dir"], e["point"].get("run.seed")) for e in plan if e.get("selected"))]
     runs = []
@@ -540,7 +540,7 @@ def _open_work(page: Page, work: Path, commit: str, resume: bool) -> int:
 def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
     from ..run.rundir import atomic_write_json  # torch: only when writing
 
-    runs.sort(key=lambda r: (r["seed"] is None, r["seed"] or 0))  # a seed never known goes last, not a crash
+    runs.sort(key=lambda r: r["seed"])
     ok = [r for r in runs if r["status"] == "completed"]
     resolved = _row_resolved_recipe(runs)
     label = j.row.label + (f" ({j.point_label})" if j.point_label and j.row.label else j.point_label)
