@@ -240,6 +240,32 @@ def test_a_scatter_figure_puts_each_row_at_its_x_metric(tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_labels_of_nearby_points_do_not_overlap(monkeypatch):
+    """Rows at nearby points (the zoo's memories at similar state sizes, all near 1.0) get
+    labels whose drawn boxes do not overlap, whatever the labels' lengths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 3.6), dpi=110)
+    ax.set_xscale("log")
+    points = [(1536, 0.995), (2560, 0.984), (4608, 0.984), (6144, 0.997), (16384, 0.994), (512, 0.045), (513, 0.045)]
+    notes = [ax.annotate(f"a long entrant label number {i} (window 2)", xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
+             for i, xy in enumerate(points)]
+    for x, y in points:
+        ax.plot(x, y, "o")
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    boxes = lambda: [n.get_window_extent(renderer) for n in notes]  # noqa: E731
+    assert any(a.overlaps(b) for i, a in enumerate(boxes()) for b in boxes()[i + 1:])  # the case the placement is for
+    R.place_labels(notes, renderer)
+    placed = boxes()
+    assert not any(a.overlaps(b) for i, a in enumerate(placed) for b in placed[i + 1:])
+    assert notes[0].xyann == (4, 3)  # the first label keeps its place
+    plt.close(fig)
+
+
 def test_a_figure_draws_every_reference_level(tmp_path, monkeypatch):
     """`hline` and `hlines`: Zoology's figure draws chance and the bag-of-values floor."""
     import matplotlib.axes

@@ -730,21 +730,20 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     elif spec.get("kind") == "scatter":
         # one point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
         # accuracy against state size), labelled by the row; `logx = true` for sizes
-        placed: list[tuple[float, float]] = []
+        notes = []
         for rid in rows:
             y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
             if not y or not y["n"] or not x or not x["n"]:
                 continue
             ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3)
-            # rows at (almost) the same point get their labels stacked, not printed over each other
-            near = sum(abs(math.log10(max(x["mean"], 1e-12) / max(px, 1e-12))) < 0.1 and abs(y["mean"] - py) < 0.05 for px, py in placed)
-            placed.append((x["mean"], y["mean"]))
-            ax.annotate(row_label(rid, data[rid], labels or {}), (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3 + 9 * near),
-                        textcoords="offset points")
+            notes.append(ax.annotate(row_label(rid, data[rid], labels or {}), (x["mean"], y["mean"]), fontsize=7,
+                                     xytext=(4, 3), textcoords="offset points"))
         if spec.get("logx"):
             ax.set_xscale("log")
         ax.set_xlabel(spec.get("xlabel", spec["x"]))
         ax.set_ylabel(spec.get("ylabel", spec["key"]))
+        fig.tight_layout()  # the axes' final place, so the labels' extents below are the drawn ones
+        place_labels(notes, fig.canvas.get_renderer())
     elif spec.get("kind", "bars") == "bars":
         key = spec["key"]
         for i, rid in enumerate(rows):
@@ -784,6 +783,25 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, metadata={"Software": None})  # no timestamp/version: same data, same file
     plt.close(fig)
+
+
+def place_labels(notes: list, renderer, step: float = 9.0, tries: int = 12) -> None:
+    """Move point labels (matplotlib annotations, offsets in points) up or down, a line at a
+    time, until no two labels' drawn boxes overlap: rows at nearby points (members of one
+    family at similar state sizes) stay readable. A label that finds no free place within
+    `tries` lines keeps its first offset."""
+    placed = []
+    for note in notes:
+        dx, dy = note.xyann
+        for k in [0, *[s * i for i in range(1, tries + 1) for s in (-1, 1)]]:
+            note.xyann = (dx, dy + k * step)
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        else:
+            note.xyann = (dx, dy)
+            box = note.get_window_extent(renderer)
+        placed.append(box)
 
 
 BLOCK = re.compile(r"(<!-- results:(table|figure) ([\w.-]+) -->\n)(.*?)(<!-- results:end -->)", re.S)
