@@ -240,7 +240,7 @@ def test_a_scatter_figure_puts_each_row_at_its_x_metric(tmp_path):
     assert out.stat().st_size > 1000
 
 
-def test_labels_of_nearby_points_do_not_overlap(monkeypatch):
+def test_labels_of_nearby_points_do_not_overlap():
     """Rows at nearby points (the zoo's memories at similar state sizes, all near 1.0) get
     labels whose drawn boxes do not overlap, whatever the labels' lengths."""
     import matplotlib

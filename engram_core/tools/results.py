@@ -718,6 +718,7 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     import matplotlib.pyplot as plt
 
     rows = _rows_matching(data, spec["rows"])
+    notes = []  # the scatter's point labels, placed once the layout is final
     fig, ax = plt.subplots(figsize=(spec.get("width", 7.0), spec.get("height", 3.6)), dpi=110)
     if spec.get("kind") == "lines":
         from .report import draw_lines, line_series
@@ -730,7 +731,6 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     elif spec.get("kind") == "scatter":
         # one point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
         # accuracy against state size), labelled by the row; `logx = true` for sizes
-        notes = []
         for rid in rows:
             y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
             if not y or not y["n"] or not x or not x["n"]:
@@ -742,8 +742,6 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
             ax.set_xscale("log")
         ax.set_xlabel(spec.get("xlabel", spec["x"]))
         ax.set_ylabel(spec.get("ylabel", spec["key"]))
-        fig.tight_layout()  # the axes' final place, so the labels' extents below are the drawn ones
-        place_labels(notes, fig.canvas.get_renderer())
     elif spec.get("kind", "bars") == "bars":
         key = spec["key"]
         for i, rid in enumerate(rows):
@@ -780,6 +778,7 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
         ax.set_title(spec["title"], fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    place_labels(notes, fig.canvas.get_renderer())  # after the layout: the labels' extents are the drawn ones
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, metadata={"Software": None})  # no timestamp/version: same data, same file
     plt.close(fig)
