@@ -281,3 +281,27 @@ def test_an_option_added_at_its_default_is_not_a_difference():
         recorded = tomli_w.dumps(tables)
         assert [k for k, _, _ in row_recipe.differences(recorded, today, r)] == expected
         assert [k for k, _, _ in row_recipe.differences(recorded, today)] == ["stages.0.momentum"]  # without the recipe: strict
+
+
+def test_the_core_lm_plugin_is_on_the_path_only_of_rows_that_use_it(checkout, monkeypatch):
+    """engram_core/lm is a plugin of engram-core's own that the kernel never imports: a row
+    that uses none of its components does not go stale when the general LM's code changes."""
+    root, _ = checkout
+    recipe = row_recipe.resolve_today(root / "recipes/r.toml", OVERRIDES, None)
+    plain = stale.code_path(root, root / "recipes/r.toml", recipe)
+    assert not plain.holds("engram_core/lm/pretrain.py") and not plain.holds("engram_core/lm/plugin.py")
+    assert plain.holds("engram_core/registry.py") and plain.holds("engram_core/tables/rowwise.py")
+    modules = stale.used_modules(recipe, core_registry())
+    monkeypatch.setattr(stale, "used_modules", lambda recipe, registry: modules | {"engram_core.lm.components"})
+    using = stale.code_path(root, root / "recipes/r.toml", recipe)
+    assert "engram_core/lm" in using.include
+    assert using.holds("engram_core/lm/pretrain.py") and using.holds("engram_core/registry.py")
+    assert not using.holds("engram_core/tools/results.py")
+
+
+def test_a_general_lm_recipe_has_the_core_lm_plugin_on_its_path():
+    pytest.importorskip("transformers")
+    root = R.checkout()
+    recipe = row_recipe.resolve_today(root / "recipes/general_lm.toml", [], None)
+    path = stale.code_path(root, root / "recipes/general_lm.toml", recipe)
+    assert "engram_core/lm" in path.include and path.holds("engram_core/lm/components.py")

@@ -4,7 +4,10 @@ A row's JSON names the commit it was made at. The code on the row's path is:
 
 - the kernel and engram-core's optional parts that every run imports: everything under
   `engram_core/` except `engram_core/tools/` (the commands, the results pipeline itself:
-  they read runs, they do not make them) and `engram_core/testing/` (test helpers);
+  they read runs, they do not make them), `engram_core/testing/` (test helpers) and
+  engram-core's own plugin packages that the kernel never imports (`engram_core/lm/`, the
+  general LM: its entry point registers components and a command), which are on the path
+  of a row that uses their components, as any plugin's folder is;
 - the package folder of every plugin whose components, optimisers, loggers or row-table
   placements the row's recipe uses, found through the registry: the module of each
   component's factory (and of its plugin's entry point) → its top-level package → that
@@ -33,6 +36,9 @@ from . import row_recipe
 
 KERNEL = "engram_core"
 KERNEL_LEFT_OUT = ("engram_core/tools", "engram_core/testing")
+# engram-core's own plugins (entry points in its pyproject) that no kernel module imports: a
+# row's path holds one only when the row uses its components, like any plugin's folder
+CORE_PLUGINS = ("engram_core/lm",)
 SHOWN_FILES = 3
 NOT_RECORDED = "made before resolved recipes were recorded"
 COMMIT_NOT_FOUND = "commit not found"
@@ -137,13 +143,26 @@ def code_path(root: Path, recipe_file: Path, recipe=None, registry=None) -> Code
     if recipe is not None:
         for module in sorted(used_modules(recipe, registry or load_registry())):
             if module.split(".", 1)[0] == KERNEL:
+                core_plugin = _core_plugin_of(module)
+                if core_plugin is not None and core_plugin not in include:
+                    include.append(core_plugin)
                 continue
             folder = package_folder(module)
             if folder is not None:
                 add(folder)
     for path in recipe_files(recipe_file):
         add(path)
-    return CodePath(tuple(include), KERNEL_LEFT_OUT, tuple(sorted(set(outside))))
+    unused_core_plugins = tuple(p for p in CORE_PLUGINS if p not in include)
+    return CodePath(tuple(include), KERNEL_LEFT_OUT + unused_core_plugins, tuple(sorted(set(outside))))
+
+
+def _core_plugin_of(module: str) -> str | None:
+    """The folder of the engram-core plugin package `module` belongs to, if any."""
+    for folder in CORE_PLUGINS:
+        package = folder.replace("/", ".")
+        if module == package or module.startswith(package + "."):
+            return folder
+    return None
 
 
 class Git:
