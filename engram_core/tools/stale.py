@@ -158,11 +158,7 @@ def code_path(root: Path, recipe_file: Path, recipe=None, registry=None) -> Code
 
 def _core_plugin_of(module: str) -> str | None:
     """The folder of the engram-core plugin package `module` belongs to, if any."""
-    for folder in CORE_PLUGINS:
-        package = folder.replace("/", ".")
-        if module == package or module.startswith(package + "."):
-            return folder
-    return None
+    return next((folder for folder in CORE_PLUGINS if _under(module.replace(".", "/"), folder)), None)
 
 
 class Git:
