@@ -171,3 +171,51 @@ def test_graphs_auto_runs_a_stage_it_cannot_capture_eagerly(tmp_path):
     r = run_cli(recipe, 'run.cuda_graphs="auto"', 'stages.0.optimizer="sgd"', "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     assert "stage train: eager steps (run.cuda_graphs = \"auto\": it needs an optimiser whose step can be captured" in r.stdout + r.stderr
+
+
+def _losses_of(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+@cuda
+@pytest.mark.parametrize("mode", [["run.cuda_graphs=true", 'stages.0.optimizer_impl="fused"'],
+                                  ["run.compile=true", "run.cuda_graphs=true", 'stages.0.optimizer_impl="fused"']])
+def test_a_graphed_run_killed_after_a_checkpoint_resumes_on_its_schedule(tmp_path, mode):
+    """A run stopped mid-stage (a device session's deadline) and resumed from its checkpoint
+    follows the uninterrupted run: the captured step reads the learning rate the schedule
+    sets after the resume too (the optimiser's rate a device tensor again, not the
+    checkpoint's CPU copy that a replayed graph would read once)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "zoo.toml"
+    recipe.write_text(ZOO)
+    args = ["stages.0.steps=1200", "stages.0.checkpoint_every=400", "stages.0.log_every=20", *mode]
+    ref_out = tmp_path / "ref"
+    assert run_cli(recipe, *args, "--out", str(ref_out), "--quiet").returncode == 0
+    (ref_dir,) = run_dirs(ref_out)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "engram_core.run", str(recipe), *args, "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/*/checkpoints/last.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = run_dirs(out)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert not state["stage_done"] and state["stage_step"] < 1200, "the run ended before it could be stopped"
+    r = run_cli("--resume", str(run_dir), "--quiet")
+    assert r.returncode == 0, r.stderr
+    ref, resumed = _losses_of(ref_dir), _losses_of(run_dir)
+    after = [s for s in sorted(ref) if s > state["stage_step"]]
+    assert after and all(s in resumed for s in after)
+    print("resumed at", state["stage_step"], [(s, round(ref[s], 5), round(resumed[s], 5)) for s in after[-5:]])
+    for s in after:
+        assert abs(ref[s] - resumed[s]) <= 10 * TOLERANCE * max(abs(ref[s]), 1.0), (s, ref[s], resumed[s])

@@ -385,10 +385,11 @@ overrides = ["stages.0.steps=10"]
     (sweep_dir / "sweep.json").write_text(json.dumps({**plan, "points": plan["points"][:2]}))
     (plain_run,) = (work / "plain" / "seed0" / "runs").glob("*/*/summary.json")
     plain_run.write_text(json.dumps({**json.loads(plain_run.read_text()), "status": "running"}))
+    shutil.rmtree(plain_run.parent / "checkpoints")  # stopped before its first checkpoint
 
     second = {p.name: json.loads(p.read_text()) for p in R.run_page(page, allow_dirty=True, keep=work, resume=True)}
     assert kept.read_text() == kept_before  # the finished point was not run again
-    assert len(list((work / "plain" / "seed0" / "runs").glob("*/*/summary.json"))) == 2  # the unfinished run ran anew
+    assert len(list((work / "plain" / "seed0" / "runs").glob("*/*/summary.json"))) == 2  # the unfinished run, with no checkpoint, ran anew
     for name, row in second.items():
         assert row["page_run_calls"] == 2 and "made in 2 calls" in row["cache"]
         assert row["metrics"]["eval/loss"]["values"] == first[name]["metrics"]["eval/loss"]["values"]
@@ -433,3 +434,45 @@ def test_a_deadline_stops_a_sweep_and_every_point_it_started(tmp_path, capsys):
     assert sorted(p["label"] for p in run["points_reached"]) == ["stages.0.lr=0.003", "stages.0.lr=1e-05"]
     assert all(p["step"] >= 20 for p in run["points_reached"])
     assert "reached stages.0.lr=" in capsys.readouterr().out
+
+
+def test_checkpointed_runs_go_on_from_their_checkpoint_and_record_the_rows_recipe(tmp_path):
+    """`--checkpoint-every N` makes every train stage save every N steps (the cadence is not
+    part of the row's recorded recipe: it does not change what a run computes, so the row
+    still checks against its page); a run an earlier call stopped after a checkpoint goes on
+    from it on --resume instead of starting again."""
+    plain = '''
+[[rows]]
+id = "plain"
+recipe = "recipes/minimal.toml"
+overrides = ["stages.0.steps=40", "stages.0.eval_every=20"]
+'''
+    page = select_page(tmp_path, "chosen_lr", '"stages.0.steps=20", "stages.0.eval_every=10", "stages.0.warmup_steps=2"', "[1]",
+                       more_rows=plain)
+    work = tmp_path / "work"
+    first = {p.name: json.loads(p.read_text()) for p in R.run_page(page, allow_dirty=True, keep=work, checkpoint_every=5)}
+    for row in first.values():
+        assert row["checkpoint_every"] == 5
+        assert "checkpoint_every" not in row["resolved_recipe"]
+    ran = [tomllib.loads(p.read_text()) for p in work.glob("**/recipe.toml") if (p.parent / "summary.json").exists()]
+    assert ran and all(r["stages"][0]["checkpoint_every"] == 5 and r["stages"][1]["kind"] == "eval" for r in ran)
+    assert not [p for p in R.check_page(page) if "resolves to" in p or "does not validate" in p]
+
+    # as if the deadline had stopped the plain row's run after its last checkpoint
+    (summary,) = (work / "plain" / "seed0" / "runs").glob("*/*/summary.json")
+    assert (summary.parent / "checkpoints" / "last.pt").is_file()
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "status": "interrupted"}))
+    second = {p.name: json.loads(p.read_text()) for p in R.run_page(page, allow_dirty=True, keep=work, resume=True, checkpoint_every=5)}
+    assert list((work / "plain" / "seed0" / "runs").glob("*/*/summary.json")) == [summary]  # resumed, not run anew
+    assert set(second["plain.json"]["status"]) == {"completed"}
+    assert second["plain.json"]["metrics"]["eval/loss"]["values"] == first["plain.json"]["metrics"]["eval/loss"]["values"]
+
+
+def test_the_recorded_recipe_leaves_out_the_checkpoint_cadence():
+    from engram_core.tools import row_recipe
+
+    recorded = '[run]\nname = "x"\n\n[[stages]]\nname = "train"\nsteps = 10\ncheckpoint_every = 0\n'
+    today = '[run]\nname = "x"\n\n[[stages]]\nname = "train"\nsteps = 10\n'
+    assert row_recipe.differences(recorded, today) == []
+    assert row_recipe.differences(recorded, today.replace("steps = 10", "steps = 11")) == [("stages.0.steps", 10, 11)]
+    assert "checkpoint_every" not in row_recipe.normalised(tomllib.loads(recorded))

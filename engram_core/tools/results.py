@@ -225,7 +225,7 @@ def _on_cuda(device: str) -> bool:
 
 
 def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, deadline: float | None,
-             sweep_jobs: int = 1, resume: bool = False) -> dict:
+             sweep_jobs: int = 1, resume: bool = False, checkpoint_every: int | None = None) -> dict:
     from ..recipe import load_recipe, point_recipe
     from ..run.rundir import atomic_write_text  # torch: only when writing
 
@@ -234,8 +234,10 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     recipe_file = checkout() / job.row.recipe
     overrides = list(job.row.overrides)
     recipe = load_recipe(recipe_file, overrides)
+    cadence = checkpoint_overrides(recipe, checkpoint_every)
     if recipe.select is not None:
-        return _run_select_job(job, jdir, recipe_file, overrides, cache, device, jobs, deadline, recipe, sweep_jobs, resume)
+        return _run_select_job(job, jdir, recipe_file, [*overrides, *cadence], cache, device, jobs, deadline, recipe, sweep_jobs,
+                               resume)
     finished = [p.parent for p in sorted((jdir / "runs").glob("*/*/summary.json"))
                 if json.loads(p.read_text()).get("status") == "completed"] if resume else []
     if finished:  # made by an earlier call of this page run
@@ -245,8 +247,12 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
         recipe_file = jdir / "point.toml"
         atomic_write_text(recipe_file, recipe.to_toml())
         overrides = []
-    cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, f"run.seed={job.seed}",
-           "--out", str(jdir / "runs"), "--quiet"]
+    stopped = _resumable_runs(jdir / "runs") if resume else []
+    if stopped:  # an earlier call's deadline stopped it after a checkpoint: it goes on from there
+        cmd = [sys.executable, "-m", "engram_core.run", "--resume", str(stopped[-1]), "--quiet"]
+    else:
+        cmd = [sys.executable, "-m", "engram_core.run", str(recipe_file), *overrides, *cadence, f"run.seed={job.seed}",
+               "--out", str(jdir / "runs"), "--quiet"]
     if device:
         cmd += ["--device", device]
     t0 = time.perf_counter()
@@ -260,6 +266,31 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
                 "wall_time_s": round(wall, 1), "log_tail": tail,
                 "resolved_recipe": row_recipe.from_run_dir(started[-1].parent) if started else None}
     return _run_record(run_dirs[-1].parent, job.seed, round(wall, 1))
+
+
+def checkpoint_overrides(recipe, every: int | None) -> list[str]:
+    """`stages.N.checkpoint_every=EVERY` for each train stage of `recipe` (`--checkpoint-every`):
+    a run the page's deadline stops then goes on from its last checkpoint when the page run
+    resumes, instead of from its first step. The cadence does not change what a run computes
+    (a resumed run ends as the uninterrupted one: tests/test_engine.py), so it is not part of
+    a row's recorded recipe (row_recipe.CADENCE_KEYS)."""
+    from ..recipe.schema import TrainStage
+
+    if not every:
+        return []
+    return [f"stages.{i}.checkpoint_every={every}" for i, st in enumerate(recipe.stages) if isinstance(st, TrainStage)]
+
+
+def _resumable_runs(runs: Path) -> list[Path]:
+    """Run directories under `runs` that stopped before completing and hold a checkpoint."""
+    out = []
+    for ckpt in sorted(runs.glob("*/*/checkpoints/last.pt")):
+        rd = ckpt.parents[1]
+        summary = rd / "summary.json"
+        status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+        if status != "completed" and (rd / "recipe.toml").is_file():
+            out.append(rd)
+    return out
 
 
 def _launch(cmd: list[str], jdir: Path, env: dict[str, str], job: Job, deadline: float | None) -> int | None:
@@ -455,11 +486,13 @@ def _host() -> dict:
 
 def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: str | None = None,
              allow_dirty: bool = False, keep: Path | None = None, deadline_s: float | None = None,
-             resume: bool = False) -> list[Path]:
+             resume: bool = False, checkpoint_every: int | None = None) -> list[Path]:
     """Run the page's rows from an empty cache and write each row's JSON as soon as its seeds are
     done. Runs still going at `deadline_s` are stopped and recorded as "timeout". With `resume`,
     go on with the page run kept in `keep` (same page and commit): finished runs and sweep
-    points are kept, the rest run (a grid larger than one device session, made in parts)."""
+    points are kept, the rest run (a grid larger than one device session, made in parts). With
+    `checkpoint_every`, train stages save a checkpoint that often, and a run stopped by an
+    earlier call's deadline goes on from its last one."""
     commit, dirty = source_commit()
     if dirty and not allow_dirty:
         raise EngramError(f"the work tree has uncommitted changes outside docs/results/ ({', '.join(dirty[:5])}): results "
@@ -480,7 +513,7 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     print(f"{page.name}: {len(all_jobs)} runs, {jobs} at a time"
           f"{f' ([select] sweeps {sweep_jobs} points at a time)' if sweep_jobs > 1 else ''}, cache {cache}", flush=True)
     context = {"commit": commit, "dirty": dirty, "forced_device": device, "versions": _versions(), "host": _host(),
-               **({"page_run_calls": calls} if calls > 1 else {})}
+               **({"page_run_calls": calls} if calls > 1 else {}), **({"checkpoint_every": checkpoint_every} if checkpoint_every else {})}
     expected = {}
     for j in all_jobs:
         expected[j.row_id] = expected.get(j.row_id, 0) + 1
@@ -488,7 +521,8 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
     written = []
     t0 = time.perf_counter()
     with futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline, sweep_jobs, calls > 1): j for j in all_jobs}
+        todo = {pool.submit(_run_job, j, work, cache, device, jobs, deadline, sweep_jobs, calls > 1, checkpoint_every): j
+                for j in all_jobs}
         for fut in futures.as_completed(todo):
             j = todo[fut]
             res = fut.result()
@@ -918,6 +952,16 @@ def check_page(page: Page) -> list[str]:
 # ---- command line -----------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps >= 1, got {text!r}")
+    return value
+
+
 def configure(p: argparse.ArgumentParser):
     """`engram results`' arguments on `p`; returns the handler `handler(args, console) -> int`."""
     sub = p.add_subparsers(dest="results_cmd", required=True)
@@ -930,6 +974,8 @@ def configure(p: argparse.ArgumentParser):
     r.add_argument("--keep", metavar="DIR", help="work folder to keep run directories and logs in (must be new, unless --resume)")
     r.add_argument("--resume", action="store_true", help="go on with the page run kept in --keep DIR (same commit): finished runs and sweep points are kept")
     r.add_argument("--deadline", type=float, metavar="SECONDS", help="stop runs still going after this long (recorded as timeout)")
+    r.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
+                   help="train stages checkpoint every STEPS steps, so a run a deadline stopped goes on from its last checkpoint on --resume")
     r.add_argument("--no-render", action="store_true")
     d = sub.add_parser("render", help="fill a page's tables and figures from its JSON")
     d.add_argument("pages", nargs="*")
@@ -951,7 +997,7 @@ def _handle(args, console=None) -> int:
             raise EngramError("--resume goes on with a page run kept by --keep DIR; give that folder: "
                               f"engram results run {args.page} --keep DIR --resume")
         run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline,
-                 args.resume)
+                 args.resume, args.checkpoint_every)
         if not args.no_render:
             atomic_write_text(page.md_file, render_page(page))
         return 0

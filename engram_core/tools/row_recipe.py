@@ -3,8 +3,12 @@
 The record is the `recipe.toml` of the row's run directory — the engine writes it from the
 recipe it built, defaults included, so it is exactly what ran — with the keys the pipeline
 itself sets per run removed (`PIPELINE_KEYS`): `run.seed` (each seed is its own run; the
-row's seeds are in the JSON beside it) and `run.out_dir` (the pipeline's temporary folder).
-What is left is the same for every seed of a row and the same on every machine.
+row's seeds are in the JSON beside it) and `run.out_dir` (the pipeline's temporary folder);
+and each stage's checkpoint cadence (`CADENCE_KEYS`: `engram results run --checkpoint-every`
+sets it so that a page run made across device sessions resumes runs mid-way; when and how
+often a run saves does not change what it computes — a resumed run ends as the
+uninterrupted one). What is left is the same for every seed of a row and the same on every
+machine.
 
 `engram results check` resolves the row's recipe again from today's code and files (the
 JSON's recipe, overrides, sweep point and the pipeline's `--device`), removes the same keys,
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 PIPELINE_KEYS = (("run", "seed"), ("run", "out_dir"))  # set by the pipeline per run, not by the row
+CADENCE_KEYS = ("checkpoint_every",)  # of every stage: when a run saves, not what it computes
 SHOWN_DIFFERENCES = 3
 MISSING = object()
 
@@ -32,6 +37,10 @@ def normalised(tables: dict) -> str:
     for section, key in PIPELINE_KEYS:
         if isinstance(tables.get(section), dict):
             tables[section].pop(key, None)
+    for stage in tables.get("stages", []) if isinstance(tables.get("stages"), list) else []:
+        if isinstance(stage, dict):
+            for key in CADENCE_KEYS:
+                stage.pop(key, None)
     return to_toml(tables)
 
 
@@ -85,7 +94,8 @@ def differences(recorded: str, today: str, recipe=None) -> list[tuple[str, Any, 
     resolved `recipe`, a key the record lacks whose value today is its config field's default
     is not a difference: an option added since the row was made, at the default that keeps the
     earlier behaviour (whether the code under it changed is what `engram results stale` says)."""
-    old, new = _leaves(tomllib.loads(recorded)), _leaves(tomllib.loads(today))
+    # the record normalised as today's is (a row recorded before a key left the record)
+    old, new = _leaves(tomllib.loads(normalised(tomllib.loads(recorded)))), _leaves(tomllib.loads(today))
     keys = list(old) + [k for k in new if k not in old]
     return [(k, old.get(k, MISSING), new.get(k, MISSING)) for k in keys if old.get(k, MISSING) != new.get(k, MISSING)
             and not (k not in old and recipe is not None and added_at_default(recipe, k, new[k]))]
