@@ -157,3 +157,40 @@ def test_where_fla_refuses_gated_deltanet_the_run_is_one_line_and_exit_2(tmp_pat
     assert "memory.type: fla:gated_deltanet: fla 0.6 refuses Gated DeltaNet's backward on Hopper GPUs" in errors[0]
     assert REFUSAL in errors[0]
     assert not any((tmp_path / "memory_zoo").glob("*/checkpoints")), "nothing should have trained"
+
+
+@pytest.mark.skipif(REFUSAL is not None, reason=f"this machine: {REFUSAL}")
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+def test_gated_deltanet_gradients_follow_fla_s_own_naive_recurrence(tf32):
+    """Where fla runs Gated DeltaNet's backward (with tilelang on Hopper), its chunked kernels'
+    output and gradients follow fla's plain-torch recurrence (`naive.py`): the check that the
+    backend which took over from the refused Triton kernel (fla issue #640) computes the same
+    gradients. The error is fla's own test measure, the RMS of the difference over the RMS of
+    the reference."""
+    import torch.nn.functional as F
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        B, T, H, K = 2, 192, 2, 32  # three chunks of 64, the zoo rows' heads
+        q = torch.randn(B, T, H, K, device="cuda", generator=gen)
+        k = F.normalize(torch.randn(B, T, H, K, device="cuda", generator=gen), dim=-1)
+        v = torch.randn(B, T, H, K, device="cuda", generator=gen)
+        beta = torch.rand(B, T, H, device="cuda", generator=gen)
+        g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
+        do = torch.randn(B, T, H, K, device="cuda", generator=gen)
+        inputs = [t.requires_grad_() for t in (q, k, v, beta, g)]
+
+        def output_and_grads(fn):
+            o = fn()
+            return [o.detach(), *torch.autograd.grad((o * do).sum(), inputs)]
+
+        fast = output_and_grads(lambda: chunk_gated_delta_rule(q, k, v, g, beta)[0])
+        ref = output_and_grads(lambda: naive_recurrent_gated_delta_rule(q, k, v, beta, g)[0])
+        for name, a, b in zip(("o", "dq", "dk", "dv", "dbeta", "dg"), fast, ref):
+            ratio = ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+            assert ratio < 0.02, (name, ratio)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
