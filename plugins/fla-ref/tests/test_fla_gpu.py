@@ -171,7 +171,7 @@ def test_gated_deltanet_gradients_follow_fla_s_own_naive_recurrence(tf32):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    saved, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, tf32
     try:
         gen = torch.Generator(device="cuda").manual_seed(0)
         B, T, H, K = 2, 192, 2, 32  # three chunks of 64, the zoo rows' heads
@@ -193,4 +193,4 @@ def test_gated_deltanet_gradients_follow_fla_s_own_naive_recurrence(tf32):
             ratio = ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
             assert ratio < 0.02, (name, ratio)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = saved
