@@ -337,6 +337,11 @@ class TrainLoop:
                 # scaling a component applied (deq-hrr's warm restarts), so plain resume is exact
                 if fresh["initial_lr"] != g["initial_lr"]:
                     g["lr"] = g["lr"] * fresh["initial_lr"] / g["initial_lr"]
+                if isinstance(fresh["lr"], torch.Tensor) and isinstance(g["lr"], torch.Tensor) and g["lr"] is not fresh["lr"]:
+                    # run.cuda_graphs: the captured step must read the rate from the device tensor
+                    # the schedule fills in place; the checkpoint's copy was loaded to the CPU, and a
+                    # fused CUDA optimiser reads a CPU rate once, when the step is captured, and keeps it
+                    g["lr"] = fresh["lr"].copy_(g["lr"])
                 for k, v in fresh.items():
                     if k != "lr" and g.get(k) != v:
                         g[k] = v
