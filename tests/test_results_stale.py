@@ -305,3 +305,33 @@ def test_a_general_lm_recipe_has_the_core_lm_plugin_on_its_path():
     recipe = row_recipe.resolve_today(root / "recipes/general_lm.toml", [], None)
     path = stale.code_path(root, root / "recipes/general_lm.toml", recipe)
     assert "engram_core/lm" in path.include and path.holds("engram_core/lm/components.py")
+
+
+def test_a_change_declared_results_neutral_leaves_the_row_current_until_another_commit_touches_it(checkout):
+    root, first = checkout
+    row_json(root, first)
+    write(root / "engram_core/registry.py", "# kernel, a fix on a path no row took\n")
+    fix = commit_all(root, "fix")
+    assert [r["row"] for r in stale_report(root)["rows"]] == ["r"]
+    write(root / "docs/results/neutral.toml",
+          f'[[commits]]\ncommit = "{fix[:10]}"\nfiles = ["engram_core/registry.py"]\nwhy = "runs only on a path no row took"\n')
+    commit_all(root, "declare")
+    report = stale_report(root)
+    assert report["rows"] == [] and report["neutral_rows"] == 1
+    assert "declared results-neutral" in stale.format_report(report)[-1]
+    write(root / "engram_core/registry.py", "# kernel, changed again\n")
+    commit_all(root, "another change")
+    (row,) = stale_report(root)["rows"]
+    assert row["changed"] == ["engram_core/registry.py"] and row["neutral"] == []
+
+
+def test_a_neutral_declaration_must_name_a_file_its_commit_changed(checkout):
+    root, first = checkout
+    row_json(root, first)
+    write(root / "docs/results/neutral.toml",
+          f'[[commits]]\ncommit = "{first}"\nfiles = ["engram_core/nothing.py"]\nwhy = "x"\n')
+    with pytest.raises(R.RecipeError, match="does not change engram_core/nothing.py"):
+        stale_report(root)
+    write(root / "docs/results/neutral.toml", '[[commits]]\ncommit = "0123456789abcdef"\nfiles = ["a"]\nwhy = "x"\n')
+    with pytest.raises(R.RecipeError, match="is not a commit of this repository"):
+        stale_report(root)

@@ -18,6 +18,14 @@ A row's JSON names the commit it was made at. The code on the row's path is:
 `git diff --name-only --no-renames ROW_COMMIT HEAD` lists what changed; a renamed file appears
 under both its names, so a move counts as a change. Files the row was made with uncommitted
 (the JSON's `dirty`) count as changed too when they are on its path.
+
+A commit can be declared to leave every row's numbers alone in `docs/results/neutral.toml`
+(`NEUTRAL_FILE`): its commit, the files of it the declaration covers, and why (the argument a
+reviewer checks, e.g. "the changed lines run only when a CUDA-graphed stage resumes mid-way,
+which no published row did"). A changed file then does not make a row stale when every commit
+since the row's that touched it is declared for it; it is still reported (`neutral` in
+`--json`, and a count in the line of a row that is stale for another reason). A declaration
+names files one by one, so anything else the commit changed counts as usual.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ KERNEL_LEFT_OUT = ("engram_core/tools", "engram_core/testing")
 # row's path holds one only when the row uses its components, like any plugin's folder
 CORE_PLUGINS = ("engram_core/lm",)
 SHOWN_FILES = 3
+NEUTRAL_FILE = "docs/results/neutral.toml"
 NOT_RECORDED = "made before resolved recipes were recorded"
 COMMIT_NOT_FOUND = "commit not found"
 
@@ -172,6 +181,7 @@ class Git:
                               "`engram results stale` compares each row's commit with HEAD")
         self.head = head.strip()
         self._changed: dict[str, list[str]] = {}
+        self._touched: dict[str, dict[str, set[str]]] = {}
 
     def _run(self, *args: str) -> tuple[int, str]:
         try:
@@ -191,12 +201,71 @@ class Git:
             self._changed[commit] = out.splitlines()
         return self._changed[commit]
 
+    def touched_since(self, commit: str) -> dict[str, set[str]]:
+        """{file: the commits after `commit` up to HEAD that changed it}."""
+        if commit not in self._touched:
+            rc, out = self._run("log", "--format=@%H", "--name-only", "--no-renames", f"{commit}..{self.head}")
+            if rc != 0:
+                raise EngramError(f"git log {commit}..{self.head} failed in {self.root}")
+            touched: dict[str, set[str]] = {}
+            current = ""
+            for line in out.splitlines():
+                if line.startswith("@"):
+                    current = line[1:]
+                elif line:
+                    touched.setdefault(line, set()).add(current)
+            self._touched[commit] = touched
+        return self._touched[commit]
 
-def stale_row(root: Path, git: Git, page: str, rid: str, d: dict) -> dict:
+    def full_hash(self, commit: str) -> str | None:
+        rc, out = self._run("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+        return out.strip() if rc == 0 else None
+
+    def files_of(self, commit: str) -> set[str]:
+        rc, out = self._run("show", "--format=", "--name-only", "--no-renames", commit)
+        return set(out.splitlines()) if rc == 0 else set()
+
+
+def neutral_declarations(root: Path, git: Git) -> dict[str, set[str]]:
+    """{full commit hash: the files it is declared to change without changing any row's
+    numbers}, from `NEUTRAL_FILE` (none when it is absent). A declaration whose commit or
+    file is not what the history says is one line, exit 2 (a declaration must be checkable)."""
+    import tomllib
+
+    path = root / NEUTRAL_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([("", f"not valid TOML ({exc})")], str(path)) from None
+    out: dict[str, set[str]] = {}
+    for i, entry in enumerate(data.get("commits", [])):
+        where = f"commits.{i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("commit"), str) or not entry.get("why"):
+            raise RecipeError([(where, "expected { commit = \"<hash>\", files = [\"path\", ...], why = \"...\" }")], str(path))
+        files = entry.get("files")
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise RecipeError([(f"{where}.files", "expected the list of the files this commit changes without changing any row")],
+                              str(path))
+        full = git.full_hash(entry["commit"])
+        if full is None:
+            raise RecipeError([(f"{where}.commit", f"{entry['commit']!r} is not a commit of this repository "
+                                                   "(a shallow clone? git fetch --unshallow)")], str(path))
+        not_changed = sorted(set(files) - git.files_of(full))
+        if not_changed:
+            raise RecipeError([(f"{where}.files", f"commit {full[:9]} does not change {', '.join(not_changed)}: "
+                                                  "list only files it changes")], str(path))
+        out.setdefault(full, set()).update(files)
+    return out
+
+
+def stale_row(root: Path, git: Git, page: str, rid: str, d: dict, neutral: dict[str, set[str]] | None = None) -> dict:
     """One row's report: its commit, the files on its path changed since, and why it is stale
-    (an empty `reasons` when it is current)."""
+    (an empty `reasons` when it is current). A changed file whose every commit since the
+    row's is declared neutral for it (`neutral`) is listed under `neutral`, not `changed`."""
     commit = d.get("commit") or ""
-    out: dict[str, Any] = {"page": page, "row": rid, "commit": commit, "reasons": [], "changed": [], "path": [],
+    out: dict[str, Any] = {"page": page, "row": rid, "commit": commit, "reasons": [], "changed": [], "neutral": [], "path": [],
                            "not_compared": [], "remake": f"engram results run {page} --rows {row_recipe.spec_row_id(rid, d)}"}
     recipe_file = root / d["recipe"]
     recipe = None
@@ -208,6 +277,10 @@ def stale_row(root: Path, git: Git, page: str, rid: str, d: dict) -> dict:
     out["path"], out["not_compared"] = [*path.include, *(f":!{p}" for p in path.exclude)], list(path.outside)
     if git.has_commit(commit):
         changed = [f for f in git.changed_since(commit) if path.holds(f)]
+        if neutral:
+            touched = git.touched_since(commit)
+            out["neutral"] = [f for f in changed if touched.get(f) and all(f in neutral.get(c, ()) for c in touched[f])]
+            changed = [f for f in changed if f not in out["neutral"]]
         changed += [f for f in d.get("dirty") or [] if path.holds(f) and f not in changed]
         out["changed"] = changed = path.most_specific_first(changed)
         if changed:
@@ -233,8 +306,10 @@ def _first_line(exc: EngramError) -> str:
 def stale_rows(root: Path, pages: dict[str, dict[str, dict]]) -> dict:
     """{"head", "checked", "rows": [the report of every stale row]} over {page: {row id: JSON}}."""
     git = Git(root)
-    reports = [stale_row(root, git, page, rid, d) for page, data in pages.items() for rid, d in sorted(data.items())]
-    return {"head": git.head, "checked": len(reports), "rows": [r for r in reports if r["reasons"]]}
+    neutral = neutral_declarations(root, git)
+    reports = [stale_row(root, git, page, rid, d, neutral) for page, data in pages.items() for rid, d in sorted(data.items())]
+    return {"head": git.head, "checked": len(reports), "rows": [r for r in reports if r["reasons"]],
+            "neutral_rows": sum(1 for r in reports if r["neutral"])}
 
 
 def format_report(report: dict) -> list[str]:
@@ -249,4 +324,7 @@ def format_report(report: dict) -> list[str]:
     lines.append(f"{len(report['rows'])} of {report['checked']} rows stale at {report['head'][:9]}"
                  + (":" if by_page else ""))
     lines += [f"  engram results run {page} --rows {' '.join(rows)}" for page, rows in by_page.items()]
+    if report.get("neutral_rows"):
+        lines.append(f"{report['neutral_rows']} rows have changed files on their path that are declared results-neutral in "
+                     f"{NEUTRAL_FILE} (not counted; --json lists them)")
     return lines
