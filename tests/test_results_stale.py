@@ -313,7 +313,7 @@ def test_a_change_declared_results_neutral_leaves_the_row_current_until_another_
     write(root / "engram_core/registry.py", "# kernel, a fix on a path no row took\n")
     fix = commit_all(root, "fix")
     assert [r["row"] for r in stale_report(root)["rows"]] == ["r"]
-    write(root / "docs/results/neutral.toml",
+    write(root / "docs/results-neutral.toml",
           f'[[commits]]\ncommit = "{fix[:10]}"\nfiles = ["engram_core/registry.py"]\nwhy = "runs only on a path no row took"\n')
     commit_all(root, "declare")
     report = stale_report(root)
@@ -328,10 +328,10 @@ def test_a_change_declared_results_neutral_leaves_the_row_current_until_another_
 def test_a_neutral_declaration_must_name_a_file_its_commit_changed(checkout):
     root, first = checkout
     row_json(root, first)
-    write(root / "docs/results/neutral.toml",
+    write(root / "docs/results-neutral.toml",
           f'[[commits]]\ncommit = "{first}"\nfiles = ["engram_core/nothing.py"]\nwhy = "x"\n')
     with pytest.raises(R.RecipeError, match="does not change engram_core/nothing.py"):
         stale_report(root)
-    write(root / "docs/results/neutral.toml", '[[commits]]\ncommit = "0123456789abcdef"\nfiles = ["a"]\nwhy = "x"\n')
+    write(root / "docs/results-neutral.toml", '[[commits]]\ncommit = "0123456789abcdef"\nfiles = ["a"]\nwhy = "x"\n')
     with pytest.raises(R.RecipeError, match="is not a commit of this repository"):
         stale_report(root)

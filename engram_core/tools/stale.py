@@ -19,7 +19,7 @@ A row's JSON names the commit it was made at. The code on the row's path is:
 under both its names, so a move counts as a change. Files the row was made with uncommitted
 (the JSON's `dirty`) count as changed too when they are on its path.
 
-A commit can be declared to leave every row's numbers alone in `docs/results/neutral.toml`
+A commit can be declared to leave every row's numbers alone in `docs/results-neutral.toml`
 (`NEUTRAL_FILE`): its commit, the files of it the declaration covers, and why (the argument a
 reviewer checks, e.g. "the changed lines run only when a CUDA-graphed stage resumes mid-way,
 which no published row did"). A changed file then does not make a row stale when every commit
@@ -48,7 +48,7 @@ KERNEL_LEFT_OUT = ("engram_core/tools", "engram_core/testing")
 # row's path holds one only when the row uses its components, like any plugin's folder
 CORE_PLUGINS = ("engram_core/lm",)
 SHOWN_FILES = 3
-NEUTRAL_FILE = "docs/results/neutral.toml"
+NEUTRAL_FILE = "docs/results-neutral.toml"
 NOT_RECORDED = "made before resolved recipes were recorded"
 COMMIT_NOT_FOUND = "commit not found"
 
