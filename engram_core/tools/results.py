@@ -282,15 +282,12 @@ def checkpoint_overrides(recipe, every: int | None) -> list[str]:
 
 
 def _resumable_runs(runs: Path) -> list[Path]:
-    """Run directories under `runs` that stopped before completing and hold a checkpoint."""
-    out = []
-    for ckpt in sorted(runs.glob("*/*/checkpoints/last.pt")):
-        rd = ckpt.parents[1]
-        summary = rd / "summary.json"
-        status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
-        if status != "completed" and (rd / "recipe.toml").is_file():
-            out.append(rd)
-    return out
+    """Run directories under `runs` that stopped before completing and hold a checkpoint (a
+    missing or torn summary.json is a run that did not complete)."""
+    from ..run.rundir import read_summary
+
+    dirs = [ckpt.parents[1] for ckpt in sorted(runs.glob("*/*/checkpoints/last.pt"))]
+    return [rd for rd in dirs if (rd / "recipe.toml").is_file() and (read_summary(rd / "summary.json") or {}).get("status") != "completed"]
 
 
 def _launch(cmd: list[str], jdir: Path, env: dict[str, str], job: Job, deadline: float | None) -> int | None:

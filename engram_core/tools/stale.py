@@ -24,7 +24,7 @@ A commit can be declared to leave every row's numbers alone in `docs/results-neu
 reviewer checks, e.g. "the changed lines run only when a CUDA-graphed stage resumes mid-way,
 which no published row did"). A changed file then does not make a row stale when every commit
 since the row's that touched it is declared for it; it is still reported (`neutral` in
-`--json`, and a count in the line of a row that is stale for another reason). A declaration
+`--json`, and the report's last line counts the rows that have such files). A declaration
 names files one by one, so anything else the commit changed counts as usual.
 """
 
