@@ -230,15 +230,12 @@ def neutral_declarations(root: Path, git: Git) -> dict[str, set[str]]:
     """{full commit hash: the files it is declared to change without changing any row's
     numbers}, from `NEUTRAL_FILE` (none when it is absent). A declaration whose commit or
     file is not what the history says is one line, exit 2 (a declaration must be checkable)."""
-    import tomllib
+    from ..recipe.toml import read_toml  # the one TOML reader, with its one-line errors
 
     path = root / NEUTRAL_FILE
     if not path.is_file():
         return {}
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError([("", f"not valid TOML ({exc})")], str(path)) from None
+    data = read_toml(path)
     out: dict[str, set[str]] = {}
     for i, entry in enumerate(data.get("commits", [])):
         where = f"commits.{i}"
