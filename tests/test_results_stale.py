@@ -157,6 +157,18 @@ def test_a_row_made_before_resolved_recipes_is_not_a_check_failure_but_is_listed
     assert row["reasons"] == [stale.NOT_RECORDED] and row["changed"] == []
 
 
+def test_a_row_no_run_of_which_finished_is_listed_as_not_finished(checkout):
+    # a sweep a device call's deadline stopped: the JSON records how far each point got, no
+    # resolved recipe, and the row is still to be made (not an old row)
+    root, first = checkout
+    row_json(root, first, resolved=None, status=["timeout"], seeds=[0],
+             runs=[{"seed": 0, "status": "timeout", "wall_time_s": 9.0, "points_reached": []}])
+    assert page_problems(root) == []
+    (row,) = stale_report(root)["rows"]
+    assert row["reasons"] == [f"{stale.NOT_FINISHED} (status: timeout)"] and row["changed"] == []
+    assert row["remake"] == "engram results run fake --rows r"
+
+
 def test_the_pipeline_keeps_one_record_per_row_and_any_seed_that_differs():
     runs = [{"seed": 1, "status": "failed", "resolved_recipe": "b = 1\n"},
             {"seed": 0, "status": "completed", "resolved_recipe": "a = 1\n"},

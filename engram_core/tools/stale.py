@@ -50,6 +50,7 @@ CORE_PLUGINS = ("engram_core/lm",)
 SHOWN_FILES = 3
 NEUTRAL_FILE = "docs/results-neutral.toml"
 NOT_RECORDED = "made before resolved recipes were recorded"
+NOT_FINISHED = "no run of it finished"  # a row a deadline stopped: nothing to compare, still to be made
 COMMIT_NOT_FOUND = "commit not found"
 
 
@@ -286,7 +287,10 @@ def stale_row(root: Path, git: Git, page: str, rid: str, d: dict, neutral: dict[
     else:
         out["reasons"].append(COMMIT_NOT_FOUND if commit else "no commit recorded")
     recorded = d.get("resolved_recipe")
-    if not recorded:
+    if "completed" not in (d.get("status") or []):
+        statuses = ", ".join(sorted(set(d.get("status") or []))) or "none"
+        out["reasons"].append(f"{NOT_FINISHED} (status: {statuses})")
+    elif not recorded:
         out["reasons"].append(NOT_RECORDED)
     elif recipe is not None:
         diffs = row_recipe.differences(recorded, row_recipe.text_today(recipe), recipe)
