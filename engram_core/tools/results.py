@@ -881,7 +881,7 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
     wall = sum(w for r in rows for w in data[r]["wall_time_s"] if w is not None)
     later = f"; not made yet: {', '.join(unmade)}{f' ({pending})' if pending else ''}" if unmade else ""
     # a row every run of which a deadline stopped (a sweep that has not chosen): its JSON says how far it got
-    unfinished = [f"{r} ({', '.join(sorted(set(data[r]['status'])))})" for r in rows if "completed" not in data[r]["status"]]
+    unfinished = [f"{r} ({s})" for r in rows if (s := row_recipe.unfinished_statuses(data[r]))]
     stopped = f"; no run finished yet: {', '.join(unfinished)}, how far each got in its JSON's `points_reached`" if unfinished else ""
     return (f"\n<sub>{len(rows)} rows, {'/'.join(map(str, seeds))} completed seeds each (mean ± sd over seeds); "
             f"device {', '.join(devices)}; commit {', '.join(commits)}; {wall / 60:.1f} min of runs; "

@@ -155,3 +155,11 @@ def spec_row_id(rid: str, d: dict) -> str:
     """The page spec's id of a JSON row (a sweep point `<id>.<NN>`, its point {} when the
     sweep is over seeds only, belongs to row `<id>`)."""
     return rid.rsplit(".", 1)[0] if d.get("point") is not None else rid
+
+
+def unfinished_statuses(d: dict) -> str | None:
+    """For a JSON row no run of which completed (a sweep a page run's deadline stopped before
+    its choice: the JSON has no resolved recipe and no value, only how far each point got),
+    its runs' statuses, e.g. "timeout"; None for a row with a completed run."""
+    statuses = d.get("status") or []
+    return None if "completed" in statuses else ", ".join(sorted(set(statuses))) or "none"

@@ -287,8 +287,8 @@ def stale_row(root: Path, git: Git, page: str, rid: str, d: dict, neutral: dict[
     else:
         out["reasons"].append(COMMIT_NOT_FOUND if commit else "no commit recorded")
     recorded = d.get("resolved_recipe")
-    if "completed" not in (d.get("status") or []):
-        statuses = ", ".join(sorted(set(d.get("status") or []))) or "none"
+    statuses = row_recipe.unfinished_statuses(d)
+    if statuses is not None:
         out["reasons"].append(f"{NOT_FINISHED} (status: {statuses})")
     elif not recorded:
         out["reasons"].append(NOT_RECORDED)
