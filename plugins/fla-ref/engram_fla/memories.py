@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from engram_core import BuildContext, Memory, field
-from engram_core.config import ConfigError, positive
+from engram_core.config import ConfigError, one_of, positive
 from engram_core.points import LayerPoint
 
 INSTALL = "pip install 'engram-fla[fla]' (flash-linear-attention 0.6 with Triton; transformers >= 5.6.2)"
@@ -101,6 +101,12 @@ class DeltaNetConfig:
     conv_size: int = field(4, help="kernel of the short convolutions", validator=positive)
     use_gate: bool = field(False, help="output gate (off in fla's default)")
     allow_neg_eigval: bool = field(False, help="beta in (0, 2): negative eigenvalues of the transition")
+    mode: str = field(
+        "fused_recurrent",
+        help="fla's kernels: 'fused_recurrent' (exact in float32 at every length) or 'chunk' (bfloat16 or float16 "
+             "inputs only: run.precision = 'bf16'; fla 0.6's chunk delta rule refuses float32)",
+        validator=one_of("fused_recurrent", "chunk"),
+    )
 
 
 @attrs.frozen
@@ -268,9 +274,10 @@ class FlaLayerMemory(Memory, LayerPoint):
 
     def make_layer(self, fla_layers: ModuleType, width: int, index: int) -> nn.Module:
         """The fla layer after block `index`: the class `fla_layer_class` of the module
-        `fla.layers`, in chunk mode, given the config's fields (each named as fla's argument)."""
-        options = {k: v for k, v in attrs.asdict(self.cfg).items() if k != "layers"}
-        return getattr(fla_layers, self.fla_layer_class)(hidden_size=width, mode="chunk", layer_idx=index, **options)
+        `fla.layers`, given the config's fields (each named as fla's argument), in chunk mode
+        unless the config names its `mode`."""
+        options = {"mode": "chunk", **{k: v for k, v in attrs.asdict(self.cfg).items() if k != "layers"}}
+        return getattr(fla_layers, self.fla_layer_class)(hidden_size=width, layer_idx=index, **options)
 
     def check_kernels(self, device: torch.device) -> None:
         """ConfigError where fla is known to refuse this layer's kernels on `device` (said at
@@ -337,9 +344,13 @@ class GatedDeltaNetMemory(FlaLayerMemory):
 
 
 class DeltaNetMemory(FlaLayerMemory):
-    """DeltaNet (fla.layers.DeltaNet, chunk mode; fla's fused recurrent kernels for sequences of
-    64 or fewer): a delta-rule state S (per head head_k x head_v) without a decay. Its chunk
-    backward has no gate, so fla's Hopper refusal of Gated DeltaNet does not concern it."""
+    """DeltaNet (fla.layers.DeltaNet): a delta-rule state S (per head head_k x head_v) without a
+    decay. fla's fused recurrent kernels by default (`mode`): fla 0.6's layer picks them for
+    sequences of 64 or fewer whatever its mode, and its chunk kernels, which it picks beyond 64
+    in chunk mode, assert on float32 inputs ("ChunkDeltaRuleFunction does not support float32"),
+    so a float32 run (the engine's default precision) of 65 positions or more needs the fused
+    recurrent ones; `mode = "chunk"` is for bf16 runs. The chunk backward has no gate, so fla's
+    Hopper refusal of Gated DeltaNet does not concern it."""
 
     type_name = "fla:deltanet"
     fla_layer_class = "DeltaNet"

@@ -91,6 +91,27 @@ def test_causal_and_reaching_past_the_window(name, training, length):
     assert (out_earlier[:, 50:] - out[:, 50:]).abs().amax() > 0, "position 0 should reach position 50 through the state"
 
 
+def test_deltanet_chunk_mode_is_for_bf16_runs_and_computes_the_same_layer():
+    """fla 0.6's chunk delta rule asserts on float32 inputs, so DeltaNet's default is the fused
+    recurrent mode (a float32 run of more than 64 positions, as the zoo's (128, 8) rows, would
+    stop there). Under bf16 autocast (run.precision = "bf16") mode = "chunk" runs, and it is
+    the same layer: the outputs agree to bf16's precision."""
+    torch.manual_seed(0)
+    recurrent = DeltaNetMemory(DeltaNetConfig(num_heads=2), cuda_build()).cuda()
+    chunk = DeltaNetMemory(DeltaNetConfig(num_heads=2, mode="chunk"), cuda_build()).cuda()
+    chunk.load_state_dict(recurrent.state_dict())
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(2, 160, 64, device="cuda", generator=g)
+    ids = torch.randint(0, 64, (2, 160), device="cuda", generator=g)
+    with torch.no_grad():
+        want = recurrent.apply_layer(0, hidden, ids)
+        with pytest.raises(AssertionError, match="does not support float32"):
+            chunk.apply_layer(0, hidden, ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = chunk.apply_layer(0, hidden, ids)
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+
+
 def _numbers(value) -> int:
     if value is None:
         return 0

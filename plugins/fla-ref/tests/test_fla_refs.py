@@ -353,6 +353,30 @@ def test_gated_deltanet_is_refused_at_build_where_fla_would_refuse_its_backward(
     assert seen == []
 
 
+@pytest.mark.parametrize("memory_cls, cfg, mode", [
+    (DeltaNetMemory, DeltaNetConfig(), "fused_recurrent"),  # fla's chunk delta rule refuses float32
+    (DeltaNetMemory, DeltaNetConfig(mode="chunk"), "chunk"),
+    (GatedDeltaNetMemory, GatedDeltaNetConfig(), "chunk"),
+    (GatedLinearAttentionMemory, GatedLinearAttentionConfig(), "chunk"),
+])
+def test_each_layer_is_built_in_the_mode_its_config_says(monkeypatch, stand_in_fla, memory_cls, cfg, mode):
+    """fla 0.6's DeltaNet picks its fused recurrent kernels for 64 positions or fewer and its mode
+    beyond; its chunk kernels assert on float32, so the default (a float32 run at any length) is
+    the fused recurrent mode. Gated DeltaNet and GLA train in chunk mode (float32 included)."""
+    asked = []
+    for name in ("DeltaNet", "GatedDeltaNet", "GatedLinearAttention"):
+        monkeypatch.setattr(stand_in_fla, name, lambda hidden_size, mode, layer_idx, **kw: asked.append((mode, layer_idx)) or nn.Identity())
+    monkeypatch.setattr(fla_memories, "kernel_environment", lambda device: (None, None, True))
+    memory_cls(cfg, on_cuda(backbone_build(width=64)))
+    assert asked == [(mode, 0), (mode, 1)]
+
+
+def test_deltanet_mode_is_one_of_fla_s_two():
+    assert structure({"mode": "chunk"}, DeltaNetConfig).mode == "chunk"
+    with pytest.raises(ConfigError, match="mode: must be one of 'fused_recurrent', 'chunk', got 'fused_chunk'"):
+        structure({"mode": "fused_chunk"}, DeltaNetConfig)
+
+
 def _stand_in_model(width: int = 32):
     from engram_core.components import Model
 
