@@ -315,7 +315,7 @@ columns = [{ key = "eval/acc", label = "acc" }]
                         "commit": "0123456789abcdef", "metrics": {}, "runs": [{"seed": 0, "status": "timeout", "points_reached": []}]}
     text = R.render_page(page, draw=False, data=data)
     assert "no run finished yet: g_window (timeout), how far each got in its JSON's `points_reached`" in text
-    assert "not made yet" not in text and "2 rows, 0/1 completed seeds each" in text
+    assert "not made yet" not in text and "2 rows: 1 with 1 completed seeds, 1 with 0 (mean" in text
 
 
 def test_a_winner_seed_stopped_before_it_began_keeps_its_seed(tmp_path):

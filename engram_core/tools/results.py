@@ -33,6 +33,7 @@ over `run.seed` becomes the rows' seeds instead.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as futures
 import fnmatch
 import json
@@ -874,7 +875,12 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
         return f"\n*(not made yet: {pending})*\n"
     if not rows:
         return "\n*(no data yet: `python -m engram_core.tools.results run` writes it)*\n"
-    seeds = sorted({sum(s == "completed" for s in data[r]["status"]) for r in rows})
+    completed = collections.Counter(sum(s == "completed" for s in data[r]["status"]) for r in rows)
+    if len(completed) == 1:
+        seeds = f"{len(rows)} rows, {next(iter(completed))} completed seeds each"
+    else:  # a grid made in parts: how many rows have how many seeds, most first
+        seeds = f"{len(rows)} rows: " + ", ".join(
+            f"{n} with {k}{' completed seeds' if i == 0 else ''}" for i, (k, n) in enumerate(sorted(completed.items(), reverse=True)))
     devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
     commits = sorted({data[r]["commit"][:10] for r in rows})
     # a run the page's deadline stopped has no wall time
@@ -883,7 +889,7 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
     # a row every run of which a deadline stopped (a sweep that has not chosen): its JSON says how far it got
     unfinished = [f"{r} ({s})" for r in rows if (s := row_recipe.unfinished_statuses(data[r]))]
     stopped = f"; no run finished yet: {', '.join(unfinished)}, how far each got in its JSON's `points_reached`" if unfinished else ""
-    return (f"\n<sub>{len(rows)} rows, {'/'.join(map(str, seeds))} completed seeds each (mean ± sd over seeds); "
+    return (f"\n<sub>{seeds} (mean ± sd over seeds); "
             f"device {', '.join(devices)}; commit {', '.join(commits)}; {wall / 60:.1f} min of runs; "
             f"data: `docs/results/data/{data[rows[0]]['page']}/`{stopped}{later}</sub>\n")
 
