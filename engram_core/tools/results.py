@@ -879,8 +879,8 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
     if len(completed) == 1:
         seeds = f"{len(rows)} rows, {next(iter(completed))} completed seeds each"
     else:  # a grid made in parts: how many rows have how many seeds, most first
-        seeds = f"{len(rows)} rows: " + ", ".join(
-            f"{n} with {k}{' completed seeds' if i == 0 else ''}" for i, (k, n) in enumerate(sorted(completed.items(), reverse=True)))
+        most, *fewer = (f"{n} with {k}" for k, n in sorted(completed.items(), reverse=True))
+        seeds = f"{len(rows)} rows: {', '.join([most + ' completed seeds', *fewer])}"
     devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
     commits = sorted({data[r]["commit"][:10] for r in rows})
     # a run the page's deadline stopped has no wall time
