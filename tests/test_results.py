@@ -309,13 +309,13 @@ columns = [{ key = "eval/acc", label = "acc" }]
                             "device": ["H100"], "commit": "0123456789abcdef", "metrics": {"eval/acc": agg}, "runs": []}}
     text = R.render_page(page, draw=False, data=data)
     assert "not made yet: g_window (the next GPU session)" in text and "2.0 min of runs" in text
-    assert "no run finished yet" not in text
+    assert "no run finished yet" not in text and "<sub>1 row, 1 completed seed (mean" in text
     # the next call's deadline stops every run of g_window's sweep: the row has a JSON, no value
     data["g_window"] = {"page": "grid", "status": ["timeout"], "wall_time_s": [None], "device": ["H100"],
                         "commit": "0123456789abcdef", "metrics": {}, "runs": [{"seed": 0, "status": "timeout", "points_reached": []}]}
     text = R.render_page(page, draw=False, data=data)
     assert "no run finished yet: g_window (timeout), how far each got in its JSON's `points_reached`" in text
-    assert "not made yet" not in text and "2 rows: 1 with 1 completed seeds, 1 with 0 (mean" in text
+    assert "not made yet" not in text and "2 rows: 1 with 1 completed seed, 1 with 0 (mean" in text
 
 
 def test_a_winner_seed_stopped_before_it_began_keeps_its_seed(tmp_path):

@@ -876,11 +876,17 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
     if not rows:
         return "\n*(no data yet: `python -m engram_core.tools.results run` writes it)*\n"
     completed = collections.Counter(sum(s == "completed" for s in data[r]["status"]) for r in rows)
+
+    def plural(n: int, noun: str) -> str:
+        return f"{n} {noun}{'' if n == 1 else 's'}"
+
     if len(completed) == 1:
-        seeds = f"{len(rows)} rows, {next(iter(completed))} completed seeds each"
+        k = next(iter(completed))
+        seeds = f"{plural(len(rows), 'row')}, {plural(k, 'completed seed')}{' each' if len(rows) > 1 else ''}"
     else:  # a grid made in parts: how many rows have how many seeds, most first
-        most, *fewer = (f"{n} with {k}" for k, n in sorted(completed.items(), reverse=True))
-        seeds = f"{len(rows)} rows: {', '.join([most + ' completed seeds', *fewer])}"
+        (k, n), *fewer = sorted(completed.items(), reverse=True)
+        counts = [f"{n} with {plural(k, 'completed seed')}", *(f"{n} with {k}" for k, n in fewer)]
+        seeds = f"{len(rows)} rows: {', '.join(counts)}"
     devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
     commits = sorted({data[r]["commit"][:10] for r in rows})
     # a run the page's deadline stopped has no wall time
