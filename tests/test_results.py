@@ -240,6 +240,26 @@ def test_a_scatter_figure_puts_each_row_at_its_x_metric(tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_a_scatter_marks_a_row_made_in_part(tmp_path, monkeypatch):
+    """A row with fewer completed seeds than it runs (a deadline stopped the rest) is drawn
+    hollow and its label says how many seeds its point is, so one seed is not read as a mean."""
+    import matplotlib.axes
+
+    drawn, labels = [], []
+    errorbar, annotate = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, *a, **kw: drawn.append(kw.get("mfc")) or errorbar(ax, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda ax, text, *a, **kw: labels.append(text) or annotate(ax, text, *a, **kw))
+
+    def row(label, values):
+        agg = lambda v: {"mean": v[0], "sd": 0.0, "n": len(v), "values": v}  # noqa: E731
+        return {"label": label, "seeds": [0, 1, 2], "metrics": {"eval/acc": agg(values), "eval/state_size": agg([576.0] * len(values))}, "runs": []}
+
+    data = {"a": row("attention", [0.99, 0.99, 0.99]), "h": row("hrr", [0.2])}
+    R.render_figure({"id": "s", "kind": "scatter", "rows": ["*"], "key": "eval/acc", "x": "eval/state_size"}, data, tmp_path / "f.png")
+    assert drawn == [None, "none"]
+    assert labels == ["attention", "hrr, 1 of 3 seeds"]
+
+
 def test_labels_of_nearby_points_do_not_overlap():
     """Rows at nearby points (the zoo's memories at similar state sizes, all near 1.0) get
     labels whose drawn boxes do not overlap, whatever the labels' lengths."""

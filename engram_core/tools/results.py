@@ -748,6 +748,7 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = _rows_matching(data, spec["rows"])
     notes = []  # the scatter's point labels, placed once the layout is final
@@ -762,16 +763,24 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
         draw_lines(ax, line_series(pts, spec["x"], ["row", *spec.get("series", [])]), spec.get("xlabel", spec["x"]), spec.get("ylabel", spec["key"]))
     elif spec.get("kind") == "scatter":
         # one point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
-        # accuracy against state size), labelled by the row; `logx = true` for sizes
+        # accuracy against state size), labelled by the row; `logx = true` for sizes. A row
+        # made in part (fewer completed seeds than it runs) is drawn hollow and says so, so a
+        # single seed is not read as the table's mean of three
         for rid in rows:
             y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
             if not y or not y["n"] or not x or not x["n"]:
                 continue
-            ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3)
-            notes.append(ax.annotate(row_label(rid, data[rid], labels or {}), (x["mean"], y["mean"]), fontsize=7,
-                                     xytext=(4, 3), textcoords="offset points"))
+            planned = len(data[rid].get("seeds") or [])
+            partial = y["n"] < planned
+            ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3,
+                        **({"mfc": "none"} if partial else {}))
+            label = row_label(rid, data[rid], labels or {}) + (f", {y['n']} of {planned} seeds" if partial else "")
+            notes.append(ax.annotate(label, (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points"))
         if spec.get("logx"):
             ax.set_xscale("log")
+            # over less than about a decade and a half matplotlib labels the minor ticks too,
+            # and "3 × 10³" runs into "4 × 10³": the powers of ten alone
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(spec.get("xlabel", spec["x"]))
         ax.set_ylabel(spec.get("ylabel", spec["key"]))
     elif spec.get("kind", "bars") == "bars":
