@@ -748,66 +748,25 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     rows = _rows_matching(data, spec["rows"])
+    labels = labels or {}
     notes = []  # the scatter's point labels, placed once the layout is final
     fig, ax = plt.subplots(figsize=(spec.get("width", 7.0), spec.get("height", 3.6)), dpi=110)
-    if spec.get("kind") == "lines":
+    kind = spec.get("kind", "bars")
+    if kind == "lines":
         from .report import draw_lines, line_series
 
         # each line is named by its row's label (two rows may sweep the same points) and the series keys
-        names = labels or {}
-        pts = [({"row": names.get(r.rsplit(".", 1)[0], r.rsplit(".", 1)[0]), **(data[r].get("point") or {})}, data[r]["metrics"].get(spec["key"]))
+        pts = [({"row": labels.get(r.rsplit(".", 1)[0], r.rsplit(".", 1)[0]), **(data[r].get("point") or {})}, data[r]["metrics"].get(spec["key"]))
                for r in rows]
         draw_lines(ax, line_series(pts, spec["x"], ["row", *spec.get("series", [])]), spec.get("xlabel", spec["x"]), spec.get("ylabel", spec["key"]))
-    elif spec.get("kind") == "scatter":
-        # one point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
-        # accuracy against state size), labelled by the row; `logx = true` for sizes. A row
-        # made in part (fewer completed seeds than it runs) is drawn hollow and says so, so a
-        # single seed is not read as the table's mean of three
-        for rid in rows:
-            y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
-            if not y or not y["n"] or not x or not x["n"]:
-                continue
-            planned = len(data[rid].get("seeds") or [])
-            partial = y["n"] < planned
-            ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3,
-                        **({"mfc": "none"} if partial else {}))
-            label = row_label(rid, data[rid], labels or {}) + (f", {y['n']} of {planned} seeds" if partial else "")
-            notes.append(ax.annotate(label, (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points"))
-        if spec.get("logx"):
-            ax.set_xscale("log")
-            # over less than about a decade and a half matplotlib labels the minor ticks too,
-            # and "3 × 10³" runs into "4 × 10³": the powers of ten alone
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(spec.get("xlabel", spec["x"]))
-        ax.set_ylabel(spec.get("ylabel", spec["key"]))
-    elif spec.get("kind", "bars") == "bars":
-        key = spec["key"]
-        for i, rid in enumerate(rows):
-            agg = data[rid]["metrics"].get(key)
-            if not agg or not agg["n"]:
-                continue
-            ax.bar(i, agg["mean"], yerr=agg["sd"] if agg["n"] > 1 else None, color="#8fb3d9", capsize=4)
-            ax.scatter([i] * agg["n"], agg["values"], color="#1f3b5c", s=12, zorder=3)
-        ax.set_xticks(range(len(rows)), [row_label(r, data[r], labels or {}) for r in rows], rotation=spec.get("rotation", 20), ha="right", fontsize=8)
-        ax.set_ylabel(spec.get("ylabel", key))
+    elif kind == "scatter":
+        notes = _draw_scatter(ax, spec, data, rows, labels)
+    elif kind == "bars":
+        _draw_bars(ax, spec, data, rows, labels)
     else:
-        keys = [spec["key"]] if isinstance(spec["key"], str) else list(spec["key"])  # first one a row has
-        for rid in rows:
-            runs = [r for r in data[rid]["runs"] if r.get("status") == "completed"]
-            key = next((k for k in keys if runs and k in runs[0]["curves"]), keys[0])
-            per_seed = [r["curves"].get(key, []) for r in runs]
-            if not per_seed or not per_seed[0]:
-                continue
-            steps = [s for s, _ in per_seed[0]]
-            n = min(len(c) for c in per_seed)
-            mean = [sum(c[i][1] for c in per_seed) / len(per_seed) for i in range(n)]
-            ax.plot(steps[:n], mean, marker="o", ms=3, label=row_label(rid, data[rid], labels or {}))
-        ax.set_xlabel("step")
-        ax.set_ylabel(spec.get("ylabel", keys[0]))
-        ax.legend(fontsize=7)
+        _draw_curves(ax, spec, data, rows, labels)
     # reference levels, e.g. chance: `hline` (+ `hline_label`), or `hlines = [[y, "label"], ...]`
     levels = [(spec["hline"], spec.get("hline_label"))] if "hline" in spec else []
     levels += [(level[0], level[1] if len(level) > 1 else None) for level in spec.get("hlines", [])]
@@ -823,6 +782,66 @@ def render_figure(spec: dict, data: dict[str, dict], out_png: Path, labels: dict
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, metadata={"Software": None})  # no timestamp/version: same data, same file
     plt.close(fig)
+
+
+def _draw_scatter(ax, spec: dict, data: dict[str, dict], rows: list[str], labels: dict[str, str]) -> list:
+    """One point per row: `key` (mean ± sd over seeds) against the metric `x` (Zoology's
+    accuracy against state size), labelled by the row; `logx = true` for sizes. A row made in
+    part (fewer completed seeds than it runs) is drawn hollow and says so, so a single seed is
+    not read as the table's mean of three. Returns the labels, to be placed after the layout."""
+    import matplotlib.ticker
+
+    notes = []
+    for rid in rows:
+        y, x = data[rid]["metrics"].get(spec["key"]), data[rid]["metrics"].get(spec["x"])
+        if not y or not y["n"] or not x or not x["n"]:
+            continue
+        planned = len(data[rid].get("seeds") or [])
+        partial = y["n"] < planned
+        ax.errorbar(x["mean"], y["mean"], yerr=y["sd"] if y["n"] > 1 else None, fmt="o", ms=5, capsize=3,
+                    **({"mfc": "none"} if partial else {}))
+        label = row_label(rid, data[rid], labels) + (f", {y['n']} of {planned} seeds" if partial else "")
+        notes.append(ax.annotate(label, (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points"))
+    if spec.get("logx"):
+        ax.set_xscale("log")
+        # over less than about a decade and a half matplotlib labels the minor ticks too,
+        # and "3 × 10³" runs into "4 × 10³": the powers of ten alone
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(spec.get("xlabel", spec["x"]))
+    ax.set_ylabel(spec.get("ylabel", spec["key"]))
+    return notes
+
+
+def _draw_bars(ax, spec: dict, data: dict[str, dict], rows: list[str], labels: dict[str, str]) -> None:
+    """One bar per row: `key`'s mean ± sd over seeds, the single seeds as dots."""
+    key = spec["key"]
+    for i, rid in enumerate(rows):
+        agg = data[rid]["metrics"].get(key)
+        if not agg or not agg["n"]:
+            continue
+        ax.bar(i, agg["mean"], yerr=agg["sd"] if agg["n"] > 1 else None, color="#8fb3d9", capsize=4)
+        ax.scatter([i] * agg["n"], agg["values"], color="#1f3b5c", s=12, zorder=3)
+    ax.set_xticks(range(len(rows)), [row_label(r, data[r], labels) for r in rows], rotation=spec.get("rotation", 20), ha="right", fontsize=8)
+    ax.set_ylabel(spec.get("ylabel", key))
+
+
+def _draw_curves(ax, spec: dict, data: dict[str, dict], rows: list[str], labels: dict[str, str]) -> None:
+    """An eval curve per row, the mean over its completed seeds against the step; `key` may
+    list several curve names, the first one a row has is drawn."""
+    keys = [spec["key"]] if isinstance(spec["key"], str) else list(spec["key"])
+    for rid in rows:
+        runs = [r for r in data[rid]["runs"] if r.get("status") == "completed"]
+        key = next((k for k in keys if runs and k in runs[0]["curves"]), keys[0])
+        per_seed = [r["curves"].get(key, []) for r in runs]
+        if not per_seed or not per_seed[0]:
+            continue
+        steps = [s for s, _ in per_seed[0]]
+        n = min(len(c) for c in per_seed)
+        mean = [sum(c[i][1] for c in per_seed) / len(per_seed) for i in range(n)]
+        ax.plot(steps[:n], mean, marker="o", ms=3, label=row_label(rid, data[rid], labels))
+    ax.set_xlabel("step")
+    ax.set_ylabel(spec.get("ylabel", keys[0]))
+    ax.legend(fontsize=7)
 
 
 def place_labels(notes: list, renderer, step: float = 9.0, tries: int = 12) -> None:
