@@ -503,3 +503,56 @@ def test_the_recorded_recipe_leaves_out_the_checkpoint_cadence():
     assert row_recipe.differences(recorded, today) == []
     assert row_recipe.differences(recorded, today.replace("steps = 10", "steps = 11")) == [("stages.0.steps", 10, 11)]
     assert "checkpoint_every" not in row_recipe.normalised(tomllib.loads(recorded))
+
+
+def test_a_row_stopped_after_its_choice_is_completed_from_its_json(tmp_path, capsys, monkeypatch):
+    """A deadline stops a [select] row in its `then` seeds and its kept work folder is gone with
+    the machine: `--complete` runs only the chosen point's missing seeds, from the row's JSON,
+    and the row is the one an uninterrupted page run writes (same choice, same values), with
+    the commit of the seeds it added recorded. A row `engram results stale` would list, or one
+    asked for on another device, is refused with its JSON untouched."""
+    from engram_core.tools import stale
+
+    head = R._git("rev-parse", "HEAD")
+    monkeypatch.setattr(R, "source_commit", lambda: (head, []))  # the rows' commit is the checkout's HEAD
+    page = select_page(tmp_path, "chosen_lr", '"stages.0.steps=20", "stages.0.eval_every=10", "stages.0.warmup_steps=2"', "[1, 2]")
+    (path,) = R.run_page(page, allow_dirty=True)
+    whole = json.loads(path.read_text())
+    # as if the deadline had stopped seeds 1 and 2: the JSON keeps the choice and seed 0
+    stopped = {**whole, "status": ["completed", "timeout", "timeout"], "wall_time_s": [whole["wall_time_s"][0], None, None],
+               "metrics": R.aggregate([whole["runs"][0]["metrics"]]),
+               "runs": [whole["runs"][0], *({"seed": s, "status": "timeout", "wall_time_s": None, "metrics": {}} for s in (1, 2))]}
+    path.write_text(json.dumps(stopped))
+
+    for device, refusal in [("cpu", "made with no --device, not --device cpu")]:
+        with pytest.raises(R.EngramError, match=refusal):
+            R.run_page(page, allow_dirty=True, complete=True, device=device)
+    path.write_text(json.dumps({**stopped, "commit": "f" * 40}))
+    with pytest.raises(R.EngramError, match="cannot be completed: commit not found .*re-make it whole"):
+        R.run_page(page, allow_dirty=True, complete=True)
+    assert json.loads(path.read_text())["commit"] == "f" * 40  # refused before anything ran: the JSON as it was
+    path.write_text(json.dumps(stopped))
+
+    capsys.readouterr()
+    (again,) = R.run_page(page, allow_dirty=True, complete=True)
+    assert "chosen_lr seed 1: completed" in capsys.readouterr().out
+    d = json.loads(again.read_text())
+    assert d["selection"] == whole["selection"] and d["point"] == whole["point"] and d["commit"] == whole["commit"]
+    assert d["seeds"] == [0, 1, 2] and d["status"] == ["completed"] * 3
+    assert d["metrics"]["eval/loss"]["values"] == whole["metrics"]["eval/loss"]["values"]  # what the sweep's own seeds gave
+    (entry,) = d["completed"]
+    assert entry["seeds"] == [1, 2] and entry["commit"] == head and "--complete" in entry["command"]
+    assert [r.get("commit") for r in d["runs"]] == [None, head, head]
+    assert not any("resolved_recipe" in r for r in d["runs"])  # the added seeds ran the row's recipe
+    assert not [p for p in R.check_page(page) if "another recipe" in p or "does not validate" in p]
+    git = stale.Git(R.checkout())
+    assert stale.stale_row(R.checkout(), git, page.name, "chosen_lr", d)["reasons"] == []
+    later = {**d, "completed": [{**entry, "commit": "e" * 40}]}  # every commit a row was made at is compared
+    assert stale.stale_row(R.checkout(), git, page.name, "chosen_lr", later)["reasons"][0] == stale.COMMIT_NOT_FOUND
+    assert "chosen_lr: all 3 seeds completed, nothing to add" in _complete_refusal(page, capsys)
+
+
+def _complete_refusal(page, capsys) -> str:
+    with pytest.raises(R.RecipeError, match="has seeds to complete"):
+        R.run_page(page, allow_dirty=True, complete=True)
+    return capsys.readouterr().out

@@ -12,6 +12,8 @@ The commands (`engram results …`, or `python -m engram_core.tools.results …`
     run PAGE [--rows ID ...] [--jobs N]   run the page's rows from an EMPTY cache (a new
                                           ENGRAM_CACHE folder), write one JSON per row
                                           under docs/results/data/<page>/
+    run PAGE --rows ID --complete         add the missing seeds of [select] rows whose sweep
+                                          chose before a deadline stopped them
     render PAGE                           fill the page's tables and figures from its JSON
     check [PAGE ...]                      every generated block equals what its JSON renders,
                                           every JSON names a recipe that exists and validates,
@@ -139,6 +141,7 @@ class Job:
     point: dict | None
     point_label: str
     seed: int
+    completes: bool = False  # a missing seed of a [select] row whose sweep has chosen (--complete)
 
 
 def expand(row: Row) -> list[tuple[str, dict | None, str, tuple[int, ...]]]:
@@ -236,7 +239,7 @@ def _run_job(job: Job, work: Path, cache: Path, device: str | None, jobs: int, d
     overrides = list(job.row.overrides)
     recipe = load_recipe(recipe_file, overrides)
     cadence = checkpoint_overrides(recipe, checkpoint_every)
-    if recipe.select is not None:
+    if recipe.select is not None and not job.completes:
         return _run_select_job(job, jdir, recipe_file, [*overrides, *cadence], cache, device, jobs, deadline, recipe, sweep_jobs,
                                resume)
     finished = [p.parent for p in sorted((jdir / "runs").glob("*/*/summary.json"))
@@ -382,6 +385,108 @@ def winner_runs(sweep_dir: Path, selection: dict, unfinished: str) -> list[dict]
     return runs
 
 
+# ---- completing a row a deadline stopped after its choice -------------------------------------
+
+
+def completion_jobs(page: Page, only: list[str] | None, device: str | None) -> tuple[list[Job], dict[str, dict]]:
+    """`--complete`: the jobs that add the missing seeds of the page's [select] rows whose sweep
+    has chosen, and those rows' JSON. A device session's deadline often stops a row in its
+    `then` seeds, after the choice, and the kept work folder with the seeds' checkpoints may go
+    with the machine; the row's JSON still holds the choice, every point's validation value and
+    the seeds that finished. The chosen point's missing seeds are what the sweep would run next
+    (its point recipe with `run.seed`), so running them alone gives the row an uninterrupted
+    page run writes, but for the later seeds' commit: allowed only while `engram results stale`
+    counts the row current (the code on its path unchanged since its commit, or changed only by
+    commits declared results-neutral, and its recipe resolving as it did) and the device is the
+    one it was made on. A row that cannot be completed is refused in one line before anything
+    runs; a row with nothing to add (all its seeds done, no JSON, a sweep that has not chosen)
+    is passed over with a line saying what makes it."""
+    from ..recipe import load_recipe, then_points
+    from . import stale
+
+    root = checkout()
+    git = stale.Git(root)
+    neutral = stale.neutral_declarations(root, git)
+    jobs: list[Job] = []
+    rows: dict[str, dict] = {}
+    for row in page.rows:
+        if only and not any(fnmatch.fnmatch(row.id, pat) for pat in only):
+            continue
+        recipe = load_recipe(root / row.recipe, list(row.overrides))
+        remake = f"engram results run {page.name} --rows {row.id}"
+        if recipe.select is None:
+            raise EngramError(f"{page.spec_file}: row {row.id} has no [select]: --complete adds the missing seeds of a row whose "
+                              f"sweep has chosen (run it: {remake})")
+        if set(recipe.select.then) - {SEED_KEY}:
+            raise EngramError(f"{page.spec_file}: row {row.id}'s [select] then varies {', '.join(sorted(set(recipe.select.then) - {SEED_KEY}))}: "
+                              f"--complete adds seeds only (run it whole: {remake})")
+        path = page.data_dir / f"{row.id}.json"
+        d = json.loads(path.read_text()) if path.is_file() else None
+        chosen = ((d or {}).get("selection") or {}).get("chosen")
+        if chosen is None:
+            print(f"  {row.id}: {'no JSON yet' if d is None else 'its sweep has not chosen'}, nothing to complete (make it: {remake})",
+                  flush=True)
+            continue
+        if (d["recipe"], list(d["overrides"])) != (row.recipe, list(row.overrides)):
+            raise EngramError(f"{path}: made from {d['recipe']} with other overrides than the page's row {row.id} has now: "
+                              f"it cannot be completed (re-make it whole: {remake})")
+        if d.get("forced_device") != device:
+            made_on = f"--device {d['forced_device']}" if d.get("forced_device") else "no --device"
+            raise EngramError(f"{path}: made with {made_on}, not {f'--device {device}' if device else 'none'}: complete it as it "
+                              f"was made ({made_on})")
+        report = stale.stale_row(root, git, page.name, row.id, d, neutral)
+        if report["reasons"]:
+            raise EngramError(f"{path}: row {row.id} (made at {str(d.get('commit'))[:9]}) cannot be completed: "
+                              f"{'; '.join(report['reasons'])} (re-make it whole: {remake})")
+        point = chosen["point"]
+        wanted = [int(point.get(SEED_KEY, recipe.run.seed))]
+        wanted += [int(p.get(SEED_KEY, recipe.run.seed)) for _, p in then_points(recipe, point) if int(p.get(SEED_KEY, recipe.run.seed)) not in wanted]
+        done = {r["seed"] for r in d["runs"] if r.get("status") == "completed"}
+        missing = [s for s in wanted if s not in done]
+        if not missing:
+            print(f"  {row.id}: all {len(wanted)} seeds completed, nothing to add", flush=True)
+            continue
+        rows[row.id] = d
+        jobs += [Job(row.id, row, {k: v for k, v in point.items() if k != SEED_KEY}, "", s, completes=True) for s in missing]
+    return jobs, rows
+
+
+def _write_completed_row(page: Page, d: dict, new_runs: list[dict], context: dict) -> Path | None:
+    """The row's JSON with what `--complete` made: a completed new run takes its seed's place
+    (the record of the run a deadline stopped goes), one that did not complete leaves the row
+    as it was (None when none completed: the JSON is not touched); `completed` lists each
+    completing call's commit, seeds, machine and versions, and each new run names its commit."""
+    from ..run.rundir import atomic_write_json  # torch: only when writing
+
+    done = sorted((r for r in new_runs if r["status"] == "completed"), key=lambda r: r["seed"])
+    if not done:
+        return None
+    for r in done:  # as _row_resolved_recipe: a run keeps its own record only where it differs from the row's
+        text = r.pop("resolved_recipe", None)
+        if text is not None and text != d.get("resolved_recipe"):
+            r["resolved_recipe"] = text
+        r["commit"] = context["commit"]
+    added = {r["seed"] for r in done}
+    runs = sorted([r for r in d["runs"] if r["seed"] not in added] + done, key=lambda r: r["seed"])
+    entry = {"commit": context["commit"], "dirty": context["dirty"], "seeds": sorted(added), "forced_device": context["forced_device"],
+             "versions": context["versions"], "host": context["host"], "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "command": f"python -m engram_core.tools.results run {page.name} --rows {d['row']} --complete",
+             **{k: context[k] for k in ("page_run_calls", "checkpoint_every") if k in context}}
+    data = {k: v for k, v in d.items() if k not in ("runs", "completed")}
+    data |= {
+        "seeds": [r["seed"] for r in runs],
+        "device": sorted({r.get("device") or "?" for r in runs}),
+        "wall_time_s": [r["wall_time_s"] for r in runs],
+        "status": [r["status"] for r in runs],
+        "metrics": dict(sorted(aggregate([r["metrics"] for r in runs if r["status"] == "completed"]).items())),
+        "completed": [*d.get("completed", []), entry],
+        "runs": runs,
+    }
+    path = page.data_dir / f"{d['row']}.json"
+    atomic_write_json(path, data)
+    return path
+
+
 def sweep_reached(runs: Path) -> list[dict]:
     """How far each started point of a sweep got, for a sweep stopped before its choice (a
     device session's deadline): the point's label, the last step it logged, its steps/s
@@ -484,20 +589,23 @@ def _host() -> dict:
 
 def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: str | None = None,
              allow_dirty: bool = False, keep: Path | None = None, deadline_s: float | None = None,
-             resume: bool = False, checkpoint_every: int | None = None) -> list[Path]:
+             resume: bool = False, checkpoint_every: int | None = None, complete: bool = False) -> list[Path]:
     """Run the page's rows from an empty cache and write each row's JSON as soon as its seeds are
     done. Runs still going at `deadline_s` are stopped and recorded as "timeout". With `resume`,
     go on with the page run kept in `keep` (same page and commit): finished runs and sweep
     points are kept, the rest run (a grid larger than one device session, made in parts). With
     `checkpoint_every`, train stages save a checkpoint that often, and a run stopped by an
-    earlier call's deadline goes on from its last one."""
+    earlier call's deadline goes on from its last one. With `complete`, only the missing seeds
+    of [select] rows whose sweep has chosen run, and are added to the rows' JSON
+    (`completion_jobs`)."""
     commit, dirty = source_commit()
     if dirty and not allow_dirty:
         raise EngramError(f"the work tree has uncommitted changes outside docs/results/ ({', '.join(dirty[:5])}): results "
                           "come from a commit (commit first, or --allow-dirty for a trial run whose JSON lists them)")
-    all_jobs = jobs_of(page, only)
+    all_jobs, completing = completion_jobs(page, only, device) if complete else (jobs_of(page, only), {})
     if not all_jobs:
-        raise RecipeError([("rows", f"no row of {page.spec_file} matches {only}")])
+        raise RecipeError([("rows", f"no row of {page.spec_file} matches {only}" if not complete else
+                            f"no row of {page.spec_file} matching {only} has seeds to complete")])
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=f"engram-results-{page.name}-"))
     calls = _open_work(page, work, commit, resume)
     cache = work / "cache"  # empty at the page run's start: nothing made by other code can be picked up
@@ -534,8 +642,14 @@ def run_page(page: Page, only: list[str] | None = None, jobs: int = 1, device: s
             reached = f"; reached {_reached_text(res['points_reached'])}" if res.get("points_reached") else ""
             print(f"  {j.row_id} seed {j.seed}: {res['status']} in {res['wall_time_s']} s "
                   f"({time.perf_counter() - t0:.0f} s elapsed){reached}", flush=True)
-            if len(results[j.row_id]) == expected[j.row_id]:
+            if len(results[j.row_id]) < expected[j.row_id]:
+                continue
+            if not j.completes:
                 written.append(_write_row(page, j, results[j.row_id], context))
+            elif path := _write_completed_row(page, completing[j.row_id], results[j.row_id], context):
+                written.append(path)
+            else:
+                print(f"  {j.row_id}: no added seed completed; its JSON is as it was", flush=True)
     print(f"{page.name}: wrote {len(written)} JSON files in {time.perf_counter() - t0:.0f} s")
     return written
 
@@ -916,7 +1030,8 @@ def _provenance(patterns: list[str], data: dict[str, dict], pending: str | None 
         counts = [f"{n} with {plural(k, 'completed seed')}", *(f"{n} with {k}" for k, n in fewer)]
         seeds = f"{len(rows)} rows: {', '.join(counts)}"
     devices = sorted({d for r in rows for d in data[r]["device"] if d != "?"})
-    commits = sorted({data[r]["commit"][:10] for r in rows})
+    # a row completed later (--complete) was made at more than one commit
+    commits = sorted({c[:10] for r in rows for c in (data[r]["commit"], *(e["commit"] for e in data[r].get("completed", ())))})
     # a run the page's deadline stopped has no wall time
     wall = sum(w for r in rows for w in data[r]["wall_time_s"] if w is not None)
     later = f"; not made yet: {', '.join(unmade)}{f' ({pending})' if pending else ''}" if unmade else ""
@@ -1016,6 +1131,9 @@ def configure(p: argparse.ArgumentParser):
     r.add_argument("--deadline", type=float, metavar="SECONDS", help="stop runs still going after this long (recorded as timeout)")
     r.add_argument("--checkpoint-every", type=_positive_int, metavar="STEPS",
                    help="train stages checkpoint every STEPS steps, so a run a deadline stopped goes on from its last checkpoint on --resume")
+    r.add_argument("--complete", action="store_true",
+                   help="run only the missing seeds of [select] rows whose sweep has chosen (a deadline stopped the rest) and add them "
+                        "to the rows' JSON; refused for a row `engram results stale` lists")
     r.add_argument("--no-render", action="store_true")
     d = sub.add_parser("render", help="fill a page's tables and figures from its JSON")
     d.add_argument("pages", nargs="*")
@@ -1037,7 +1155,7 @@ def _handle(args, console=None) -> int:
             raise EngramError("--resume goes on with a page run kept by --keep DIR; give that folder: "
                               f"engram results run {args.page} --keep DIR --resume")
         run_page(page, args.rows, args.jobs, args.device, args.allow_dirty, Path(args.keep) if args.keep else None, args.deadline,
-                 args.resume, args.checkpoint_every)
+                 args.resume, args.checkpoint_every, args.complete)
         if not args.no_render:
             atomic_write_text(page.md_file, render_page(page))
         return 0

@@ -1,6 +1,8 @@
 """`engram results stale`: the published rows whose code has changed since they were made.
 
-A row's JSON names the commit it was made at. The code on the row's path is:
+A row's JSON names the commit it was made at (a row `engram results run --complete` added
+seeds to also names, under `completed`, the commit of each; the row is compared from every one).
+The code on the row's path is:
 
 - the kernel and engram-core's optional parts that every run imports: everything under
   `engram_core/` except `engram_core/tools/` (the commands, the results pipeline itself:
@@ -273,19 +275,26 @@ def stale_row(root: Path, git: Git, page: str, rid: str, d: dict, neutral: dict[
         out["reasons"].append(f"its recipe does not resolve today ({_first_line(exc)})")
     path = code_path(root, recipe_file, recipe)
     out["path"], out["not_compared"] = [*path.include, *(f":!{p}" for p in path.exclude)], list(path.outside)
-    if git.has_commit(commit):
-        changed = [f for f in git.changed_since(commit) if path.holds(f)]
-        if neutral:
-            touched = git.touched_since(commit)
-            out["neutral"] = [f for f in changed if touched.get(f) and all(f in neutral.get(c, ()) for c in touched[f])]
-            changed = [f for f in changed if f not in out["neutral"]]
-        changed += [f for f in d.get("dirty") or [] if path.holds(f) and f not in changed]
+    # a row `--complete` added seeds to was made at each of its commits: compare from every one
+    made_at = [commit, *(e.get("commit") or "" for e in d.get("completed", ()))]
+    if all(git.has_commit(c) for c in made_at):
+        changed, dirty = [], [*(d.get("dirty") or []), *(f for e in d.get("completed", ()) for f in e.get("dirty") or [])]
+        for c in made_at:
+            since = [f for f in git.changed_since(c) if path.holds(f)]
+            if neutral:
+                touched = git.touched_since(c)
+                declared = [f for f in since if touched.get(f) and all(f in neutral.get(t, ()) for t in touched[f])]
+                out["neutral"] += [f for f in declared if f not in out["neutral"]]
+                since = [f for f in since if f not in declared]
+            changed += [f for f in since if f not in changed]
+        out["neutral"] = [f for f in out["neutral"] if f not in changed]
+        changed += [f for f in dirty if path.holds(f) and f not in changed]
         out["changed"] = changed = path.most_specific_first(changed)
         if changed:
             shown = ", ".join(changed[:SHOWN_FILES]) + (f", +{len(changed) - SHOWN_FILES} more" if len(changed) > SHOWN_FILES else "")
             out["reasons"].append(f"{len(changed)} file{'s' * (len(changed) != 1)} on its path changed ({shown})")
     else:
-        out["reasons"].append(COMMIT_NOT_FOUND if commit else "no commit recorded")
+        out["reasons"].append(COMMIT_NOT_FOUND if commit and all(made_at) else "no commit recorded")
     recorded = d.get("resolved_recipe")
     statuses = row_recipe.unfinished_statuses(d)
     if statuses is not None:
