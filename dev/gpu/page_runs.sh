@@ -56,7 +56,7 @@ check_site() {
     (cd "$1" && PYTHONPATH=$2 $PY - <<'PYEOF'
 import importlib, importlib.metadata as md, torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-for dist in ("engram-core", "engram-fla-ref", "attrs", "cattrs", "zarr", "fla-core", "flash-linear-attention", "transformers", "tilelang"):
+for dist in ("engram-core", "engram-fla", "engram-example-slots", "attrs", "cattrs", "zarr", "fla-core", "flash-linear-attention", "transformers", "tilelang"):
     try:
         print(f"  {dist} {md.version(dist)}")
     except md.PackageNotFoundError:
