@@ -439,8 +439,9 @@ def completion_jobs(page: Page, only: list[str] | None, device: str | None) -> t
             raise EngramError(f"{path}: row {row.id} (made at {str(d.get('commit'))[:9]}) cannot be completed: "
                               f"{'; '.join(report['reasons'])} (re-make it whole: {remake})")
         point = chosen["point"]
-        wanted = [int(point.get(SEED_KEY, recipe.run.seed))]
-        wanted += [int(p.get(SEED_KEY, recipe.run.seed)) for _, p in then_points(recipe, point) if int(p.get(SEED_KEY, recipe.run.seed)) not in wanted]
+        # the seeds the row has when whole: the chosen grid run's, then those `then` asks for
+        seeds = [int(p.get(SEED_KEY, recipe.run.seed)) for p in (point, *(p for _, p in then_points(recipe, point)))]
+        wanted = list(dict.fromkeys(seeds))
         done = {r["seed"] for r in d["runs"] if r.get("status") == "completed"}
         missing = [s for s in wanted if s not in done]
         if not missing:
