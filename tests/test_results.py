@@ -549,6 +549,8 @@ def test_a_row_stopped_after_its_choice_is_completed_from_its_json(tmp_path, cap
     assert stale.stale_row(R.checkout(), git, page.name, "chosen_lr", d)["reasons"] == []
     later = {**d, "completed": [{**entry, "commit": "e" * 40}]}  # every commit a row was made at is compared
     assert stale.stale_row(R.checkout(), git, page.name, "chosen_lr", later)["reasons"][0] == stale.COMMIT_NOT_FOUND
+    footer = R._provenance(["*"], {"chosen_lr": later})
+    assert f"commit {', '.join(sorted([head[:10], 'e' * 10]))};" in footer  # the table names both commits
     assert "chosen_lr: all 3 seeds completed, nothing to add" in _complete_refusal(page, capsys)
 
 
