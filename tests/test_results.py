@@ -6,6 +6,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import attrs
 import pytest
 
 from engram_core.testing.cli import run_cli
@@ -552,9 +553,13 @@ def test_a_row_stopped_after_its_choice_is_completed_from_its_json(tmp_path, cap
     footer = R._provenance(["*"], {"chosen_lr": later})
     assert f"commit {', '.join(sorted([head[:10], 'e' * 10]))};" in footer  # the table names both commits
     assert "chosen_lr: all 3 seeds completed, nothing to add" in _complete_refusal(page, capsys)
+    page = attrs.evolve(page, rows=(*page.rows, R.Row(id="plain", recipe="recipes/minimal.toml", overrides=("stages.0.steps=10",))))
+    with pytest.raises(R.EngramError, match="row plain has no \\[select\\]"):  # named: refused
+        R.run_page(page, ["plain"], allow_dirty=True, complete=True)
+    assert "plain: no [select], nothing to complete" in _complete_refusal(page, capsys, ["*"])  # matched by a glob: passed over
 
 
-def _complete_refusal(page, capsys) -> str:
+def _complete_refusal(page, capsys, only=None) -> str:
     with pytest.raises(R.RecipeError, match="has seeds to complete"):
-        R.run_page(page, allow_dirty=True, complete=True)
+        R.run_page(page, only, allow_dirty=True, complete=True)
     return capsys.readouterr().out

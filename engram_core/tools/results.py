@@ -415,8 +415,11 @@ def completion_jobs(page: Page, only: list[str] | None, device: str | None) -> t
         recipe = load_recipe(root / row.recipe, list(row.overrides))
         remake = f"engram results run {page.name} --rows {row.id}"
         if recipe.select is None:
-            raise EngramError(f"{page.spec_file}: row {row.id} has no [select]: --complete adds the missing seeds of a row whose "
-                              f"sweep has chosen (run it: {remake})")
+            if only and row.id in only:  # named, not only matched by a glob: the user meant this row
+                raise EngramError(f"{page.spec_file}: row {row.id} has no [select]: --complete adds the missing seeds of a row "
+                                  f"whose sweep has chosen (run it: {remake})")
+            print(f"  {row.id}: no [select], nothing to complete (run it: {remake})", flush=True)
+            continue
         if set(recipe.select.then) - {SEED_KEY}:
             raise EngramError(f"{page.spec_file}: row {row.id}'s [select] then varies {', '.join(sorted(set(recipe.select.then) - {SEED_KEY}))}: "
                               f"--complete adds seeds only (run it whole: {remake})")
