@@ -477,15 +477,7 @@ def _write_completed_row(page: Page, d: dict, new_runs: list[dict], context: dic
              "command": f"python -m engram_core.tools.results run {page.name} --rows {d['row']} --complete",
              **{k: context[k] for k in ("page_run_calls", "checkpoint_every") if k in context}}
     data = {k: v for k, v in d.items() if k not in ("runs", "completed")}
-    data |= {
-        "seeds": [r["seed"] for r in runs],
-        "device": sorted({r.get("device") or "?" for r in runs}),
-        "wall_time_s": [r["wall_time_s"] for r in runs],
-        "status": [r["status"] for r in runs],
-        "metrics": dict(sorted(aggregate([r["metrics"] for r in runs if r["status"] == "completed"]).items())),
-        "completed": [*d.get("completed", []), entry],
-        "runs": runs,
-    }
+    data |= {"seeds": [r["seed"] for r in runs], **_over_runs(runs), "completed": [*d.get("completed", []), entry], "runs": runs}
     path = page.data_dir / f"{d['row']}.json"
     atomic_write_json(path, data)
     return path
@@ -691,7 +683,6 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
     from ..run.rundir import atomic_write_json  # torch: only when writing
 
     runs.sort(key=lambda r: r["seed"])
-    ok = [r for r in runs if r["status"] == "completed"]
     resolved = _row_resolved_recipe(runs)
     label = j.row.label + (f" ({j.point_label})" if j.point_label and j.row.label else j.point_label)
     data = {
@@ -705,12 +696,9 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
         **context,
         "cache": "empty at the start of the page run (a new ENGRAM_CACHE folder)"
                  + (f"; the page run made in {context['page_run_calls']} calls (--resume)" if "page_run_calls" in context else ""),
-        "device": sorted({r.get("device") or "?" for r in runs}),
         "made": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": f"python -m engram_core.tools.results run {page.name} --rows {j.row.id}",
-        "wall_time_s": [r["wall_time_s"] for r in runs],
-        "status": [r["status"] for r in runs],
-        "metrics": dict(sorted(aggregate([r["metrics"] for r in ok]).items())),
+        **_over_runs(runs),
         "resolved_recipe": resolved,
         "runs": runs,
     }
@@ -718,6 +706,17 @@ def _write_row(page: Page, j: Job, runs: list[dict], context: dict) -> Path:
     path = page.data_dir / f"{j.row_id}.json"
     atomic_write_json(path, data)
     return path
+
+
+def _over_runs(runs: list[dict]) -> dict:
+    """What a row's JSON derives from its runs (sorted by seed): devices, wall times, statuses
+    and the metrics aggregated over the completed ones."""
+    return {
+        "device": sorted({r.get("device") or "?" for r in runs}),
+        "wall_time_s": [r["wall_time_s"] for r in runs],
+        "status": [r["status"] for r in runs],
+        "metrics": dict(sorted(aggregate([r["metrics"] for r in runs if r["status"] == "completed"]).items())),
+    }
 
 
 def _row_resolved_recipe(runs: list[dict]) -> str | None:
