@@ -388,18 +388,21 @@ def _own_process_group() -> dict:
 
 
 def _interrupt(running: dict) -> None:
-    """SIGINT to every running point, then wait for them to record `interrupted`; SIGKILL what
-    is still there after STOP_GRACE_S."""
-    for proc in running:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + STOP_GRACE_S
+    """SIGINT to every running point, which finishes its step, checkpoints it and records
+    `interrupted` (engram_core.train.stopping); halfway through STOP_GRACE_S a second SIGINT to
+    those still running (in a long step: compiling, evaluating), which stops them at once;
+    SIGKILL what is still there at the end."""
     try:
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        for _ in range(2):
+            for proc in running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + STOP_GRACE_S / 2
+            for proc in running:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
     except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
         pass
     finally:

@@ -118,6 +118,57 @@ def test_kill_and_resume_ends_with_the_same_metrics(tmp_path):
     assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1  # one eval per point, plus the eval stage
 
 
+def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_ends_as_the_uninterrupted_run(tmp_path):
+    # no periodic checkpoint: all that a resume has is the one the signal made
+    args = ["stages.0.steps=600", "stages.0.eval_every=150", "stages.0.checkpoint_every=0"]
+    ref = tmp_path / "ref"
+    assert run_cli(MINIMAL, *args, "--out", ref, "--quiet").returncode == 0
+    expected = json.loads((only_run(ref) / "summary.json").read_text())
+
+    out = tmp_path / "stopped"
+    env = {**os.environ, "ENGRAM_PLUGINS": ""}
+    cmd = [sys.executable, "-c", "from engram_core.cli import run_main; raise SystemExit(run_main())", str(MINIMAL), *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any(f.stat().st_size for f in out.glob("minimal/*/metrics.jsonl")):
+            time.sleep(0.05)  # until the first evaluation (step 150) is logged: training is under way
+        proc.send_signal(signal.SIGTERM)  # what the results pipeline's deadline sends a run
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, output
+    assert "SIGTERM: stopping after this step with a checkpoint" in output
+    run = only_run(out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    ck = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert not ck["stage_done"] and 150 <= ck["stage_step"] < 600 and ck["global_step"] == summary["steps"] == ck["stage_step"]
+    r = run_cli("--resume", run, "--quiet")
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["status"] == "completed"
+    assert resumed["final"] == expected["final"] and resumed["stages"] == expected["stages"]
+
+
+def test_a_second_signal_stops_at_once_and_the_handlers_come_back():
+    from engram_core.train.stopping import StopBetweenSteps
+
+    notes, before = [], signal.getsignal(signal.SIGINT)
+    with StopBetweenSteps(notes.append) as signalled:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in the main thread, between two bytecodes
+        assert signalled.requested and notes == ["SIGINT: stopping after this step with a checkpoint (send it again to stop now)"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    with StopBetweenSteps(notes.append, active=False) as off:  # a torchrun rank: the default stays
+        assert signal.getsignal(signal.SIGINT) is before and not off.requested
+
+
 def test_resume_of_a_completed_run_changes_nothing(small_recipe, tmp_path):
     out = tmp_path / "runs"
     assert run_cli(small_recipe, "--out", out, "--quiet").returncode == 0

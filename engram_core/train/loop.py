@@ -19,6 +19,7 @@ from ..run import distributed, threads
 from ..run.accel import autocast, compile_failure, grad_scaler, is_compile_failure
 from .graphs import CapturedStep, make_capturable
 from .meter import StepMeter
+from .stopping import StopBetweenSteps
 from .validate import blame
 
 
@@ -156,6 +157,14 @@ class TrainLoop:
     def _train(self, index: int, st: TrainStage, state: dict | None) -> None:
         run = self._start_stage(index, st, state)
         self.progress.start(st.name, st.steps, run.start)
+        with StopBetweenSteps(self.progress.note, active=not self.dist.enabled) as signalled:
+            self._train_steps(index, st, run, signalled)
+        if signalled.requested:
+            raise KeyboardInterrupt
+
+    def _train_steps(self, index: int, st: TrainStage, run: StageRun, signalled: StopBetweenSteps) -> None:
+        """The stage's steps and its end; a signal (`signalled`) stops it after a whole step,
+        checkpointed, or after the stage's end if it came in the last step."""
         stopped = None  # the evaluation that reached `stop_at`, if one did
         for s in range(run.start, st.steps):
             batch = self._next_batch(run, s)
@@ -176,9 +185,12 @@ class TrainLoop:
                     self.stopped_at[st.name], stopped = done, results
                     self.progress.note(f"stage {st.name}: {st.stop_at.metric} reached {st.stop_at.threshold:g} at step {done}; stopping (stop_at)")
                     break
-            if st.checkpoint_every and done % st.checkpoint_every == 0 and done != st.steps:
+            periodic = bool(st.checkpoint_every) and done % st.checkpoint_every == 0
+            if (periodic or signalled.requested) and done != st.steps:
                 self._check_finite(run)
                 self._checkpoint(index, done, False, run.opts, run.scheds, run.scaler)
+            if signalled.requested and done != st.steps:
+                return
         self._check_finite(run)
         self.progress.finish()
         if stopped is not None:  # the evaluation that stopped it is the stage's last: the model has not changed since
