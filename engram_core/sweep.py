@@ -287,6 +287,9 @@ def point_main(argv: list[str]) -> int:
     p.add_argument("--file", help="the recipe file the sweep was started from (what errors name)")
     p.add_argument("--argv", help="the launching command line, as JSON (what env.json records)")
     args = p.parse_args(argv)
+    # SIGINT is how the sweep stops its points (_interrupt): a sweep started as a background
+    # job, whose children inherit SIGINT ignored, must still be able to stop them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.argv:
         sys.argv = json.loads(args.argv)
     sweep_dir = Path(args.sweep_dir)

@@ -156,17 +156,26 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_ends_as_the_un
 def test_a_second_signal_stops_at_once_and_the_handlers_come_back():
     from engram_core.train.stopping import StopBetweenSteps
 
-    notes, before = [], signal.getsignal(signal.SIGINT)
-    with StopBetweenSteps(notes.append) as signalled:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs in the main thread, between two bytecodes
-        assert signalled.requested and notes == ["SIGINT: stopping after this step with a checkpoint (send it again to stop now)"]
-        with pytest.raises(KeyboardInterrupt):
+    # this process's SIGINT as a shell's foreground job has it, whatever the suite was started
+    # from (a background job starts with SIGINT ignored, which StopBetweenSteps leaves alone)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        notes = []
+        with StopBetweenSteps(notes.append) as signalled:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is before
-    with StopBetweenSteps(notes.append, active=False) as off:  # a torchrun rank: the default stays
-        assert signal.getsignal(signal.SIGINT) is before and not off.requested
+            time.sleep(0.05)  # the handler runs in the main thread, between two bytecodes
+            assert signalled.requested and notes == ["SIGINT: stopping after this step with a checkpoint (send it again to stop now)"]
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with StopBetweenSteps(notes.append, active=False) as off:  # a torchrun rank: the default stays
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and not off.requested
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with StopBetweenSteps(notes.append):  # an ignored signal stays ignored
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_resume_of_a_completed_run_changes_nothing(small_recipe, tmp_path):

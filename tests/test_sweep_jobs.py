@@ -176,16 +176,20 @@ def test_jobs_without_a_sweep_is_a_note_and_one_run(tmp_path):
     assert len(list((tmp_path / "runs" / "minimal").iterdir())) == 1
 
 
-def test_ctrl_c_interrupts_every_point_and_leaves_a_resumable_sweep(tmp_path):
+@pytest.mark.parametrize("started_with, stopped_by", [
+    (signal.SIG_DFL, signal.SIGINT),  # a shell's foreground job, kill -INT
+    (signal.SIG_IGN, signal.SIGTERM),  # a background job (SIGINT ignored, inherited), the results pipeline's deadline
+], ids=["foreground-sigint", "background-sigterm"])
+def test_ctrl_c_interrupts_every_point_and_leaves_a_resumable_sweep(tmp_path, started_with, stopped_by):
     p = sweep_recipe(tmp_path, steps=1_000_000)
     out = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "engram_core.run", str(p), "--out", str(out), "--quiet", "--jobs", "2"],
                             env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, started_with))
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("minimal/*/*/checkpoints/last.pt"))) < 2:
         time.sleep(0.2)  # both points are training
-    proc.send_signal(signal.SIGINT)  # the sweep's process only, as kill -INT does
+    proc.send_signal(stopped_by)  # the sweep's process only, as kill does
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     sweep = only_sweep(out)
